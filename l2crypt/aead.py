@@ -1,0 +1,74 @@
+"""AEAD ciphers, per-direction key derivation and nonces.
+
+Why a (key, nonce) pair is never used twice:
+
+1. Pair keys.  The key server hands both hosts of a pair the same 32-byte
+   pair key.  Each *direction* gets its own key:
+   ``HKDF(pair_key, info = "l2crypt v1 pair" | sender MAC | receiver MAC | PW_ID)``.
+   A -> B and B -> A therefore never share a key, whatever their counters.
+2. The multicast key.  Every sender derives its own sending key:
+   ``HKDF(multicast_key, info = "l2crypt v1 group" | sender MAC | PW_ID)``;
+   receivers derive the same key from the frame's source MAC.
+3. Restarts.  Under one derived key the nonce is the 64-bit packet number,
+   which only grows.  A sender starts each key at
+   ``initial_packet_number(wall_s)`` = wall-clock seconds * 2**30.  It cannot
+   send 2**30 frames a second, so every number it used before a crash is below
+   the start value it picks after the restart (the agent also keeps a floor on
+   the wall clock across restarts, see ``agent.py``).
+
+The nonce is 4 zero bytes followed by the packet number, big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+AES_256_GCM = "aes-256-gcm"
+CHACHA20_POLY1305 = "chacha20-poly1305"
+CIPHERS = {AES_256_GCM: AESGCM, CHACHA20_POLY1305: ChaCha20Poly1305}
+KEY_LEN = 32
+
+_PAIR_INFO = b"l2crypt v1 pair"
+_GROUP_INFO = b"l2crypt v1 group"
+_NONCE = struct.Struct("!IQ")
+PN_PER_SECOND = 2**30
+
+
+def check_cipher(name: str) -> str:
+    """Return ``name`` if it is a supported cipher, else raise ValueError."""
+    if name not in CIPHERS:
+        raise ValueError(f"unknown cipher {name!r} (supported: {', '.join(CIPHERS)})")
+    return name
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=info).derive(secret)
+
+
+def pair_direction_key(pair_key: bytes, pw_id: int, sender_mac: bytes, receiver_mac: bytes) -> bytes:
+    """The key one host uses to send to the other under one pair-key version."""
+    return _hkdf(pair_key, _PAIR_INFO + sender_mac + receiver_mac + pw_id.to_bytes(4, "big"))
+
+
+def group_sender_key(multicast_key: bytes, pw_id: int, sender_mac: bytes) -> bytes:
+    """The key one host uses to send broadcast and multicast frames."""
+    return _hkdf(multicast_key, _GROUP_INFO + sender_mac + pw_id.to_bytes(4, "big"))
+
+
+def make_aead(cipher: str, key: bytes):
+    """An AEAD object with ``encrypt(nonce, data, aad)`` and ``decrypt(...)``."""
+    return CIPHERS[cipher](key)
+
+
+def nonce(packet_number: int) -> bytes:
+    """The 12-byte nonce of a packet number."""
+    return _NONCE.pack(0, packet_number)
+
+
+def initial_packet_number(wall_s: float) -> int:
+    """The first packet number of a key installed at wall-clock time ``wall_s``."""
+    return int(wall_s * PN_PER_SECOND)

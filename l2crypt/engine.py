@@ -1,0 +1,366 @@
+"""The sans-I/O frame engine of one agent.
+
+It takes frames and a clock value and returns frames; it never touches a
+socket, a file or the clock itself, and it never raises on a frame.
+
+Sending (a plain frame read from the TAP):
+1. ``seal_from_tap``: drop runts and frames not from our own MAC;
+2. a group destination (I/G bit set) is sealed with the multicast key;
+3. a unicast destination is sealed with the peer's current pair key;
+4. with no key the frame is held (bounded) and one key request is queued.
+
+Receiving (a frame read from the wire port):
+1. ``open_from_wire``: parse the header (``frame_wire.decode_header``);
+2. drop frames for another host, and our own frames coming back;
+3. find the key by *source* MAC and PW_ID (pair) or by PW_ID (multicast);
+   with no key, hold the frame and queue a key request;
+4. check the replay window, open the AEAD, and only then move the window.
+
+Control (called by the agent's key client):
+* ``take_key_requests(now)`` -> MACs to ask the key server about (new and retries);
+* ``install_pair_key(...)`` / ``install_multicast_key(...)`` -> held frames,
+  now sealed for the wire or opened for the TAP;
+* ``mark_unknown(mac, now)`` when the server says no host holds that MAC;
+* ``on_timer(now)`` ages held frames; ``next_deadline()`` says when to call it.
+
+Every drop is counted in ``drops`` under a reason name.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+
+from . import aead, frame_wire
+from .constants import (
+    DEFAULT_ETHERTYPE,
+    DEFAULT_HOLD_AGE_S,
+    DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_RETRY_MAX_S,
+    DEFAULT_KEY_RETRY_S,
+    DEFAULT_REPLAY_WINDOW_FRAMES,
+    DEFAULT_UNKNOWN_CACHE_S,
+    KEY_ID_MULTICAST,
+    KEY_ID_PAIR,
+    MAC_HEADER_LEN,
+    MAX_PACKET_NUMBER,
+    MIN_PLAIN_FRAME,
+)
+from .frame_wire import AAD_LEN, HEADER
+from .hold_queue import RX, TX, HoldTable
+from .peer_keys import GroupKey, KeySlot, PeerState
+
+# Drop reasons (the names users see in status and metrics).
+RUNT = "runt"
+FOREIGN_SOURCE = "foreign_source"
+NO_KEY = "no_key"
+NOT_FOR_US = "not_for_us"
+OWN_FRAME = "own_frame"
+UNKNOWN_SENDER = "unknown_sender"
+UNKNOWN_KEY_ID = "unknown_key_id"
+STALE_KEY = "stale_key"
+REPLAYED = "replayed"
+BAD_TAG = "bad_tag"
+HOLD_OVERFLOW = "hold_overflow"
+HOLD_EXPIRED = "hold_expired"
+PN_EXHAUSTED = "pn_exhausted"
+CIPHER_MISMATCH = "cipher_mismatch"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Tuning of one engine.  Units are in the names."""
+
+    cipher: str = aead.AES_256_GCM
+    ethertype: int = DEFAULT_ETHERTYPE
+    replay_window_frames: int = DEFAULT_REPLAY_WINDOW_FRAMES
+    hold_frames: int = DEFAULT_HOLD_FRAMES
+    hold_age_s: float = DEFAULT_HOLD_AGE_S
+    key_retry_s: float = DEFAULT_KEY_RETRY_S
+    key_retry_max_s: float = DEFAULT_KEY_RETRY_MAX_S
+    unknown_cache_s: float = DEFAULT_UNKNOWN_CACHE_S
+
+
+@dataclass
+class Delivered:
+    """Frames released by a key install: to send on the wire, to write to the TAP."""
+
+    to_wire: list
+    to_tap: list
+
+
+class FrameEngine:
+    def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings()):
+        self.my_mac = bytes(my_mac)
+        self.settings = settings
+        self.cipher = settings.cipher
+        self.ethertype = settings.ethertype
+        self.peers: dict[bytes, PeerState] = {}
+        self.group: GroupKey | None = None
+        self.previous_group: GroupKey | None = None
+        self.holds = HoldTable(
+            settings.hold_frames, settings.hold_age_s, settings.key_retry_s, settings.key_retry_max_s
+        )
+        self.unknown_until: dict[bytes, float] = {}
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+        self._header = HEADER
+        self._window = settings.replay_window_frames
+
+    # ------------------------------------------------------------------ sending
+
+    def seal_from_tap(self, frame: bytes, now: float) -> bytes | None:
+        """Seal one plain frame from the TAP; None means dropped or held."""
+        if len(frame) < MIN_PLAIN_FRAME:
+            self.drops[RUNT] += 1
+            return None
+        if frame[6:12] != self.my_mac:
+            self.drops[FOREIGN_SOURCE] += 1
+            return None
+        dst = frame[0:6]
+        if dst[0] & 1:
+            group = self.group
+            if group is None:
+                self.drops[NO_KEY] += 1
+                return None
+            pn = group.send_pn
+            if pn > MAX_PACKET_NUMBER:
+                self.drops[PN_EXHAUSTED] += 1
+                return None
+            group.send_pn = pn + 1
+            aad = frame[:MAC_HEADER_LEN] + self._header.pack(
+                self.ethertype, 1, KEY_ID_MULTICAST, group.pw_id, pn
+            )
+            self.counters["sealed"] += 1
+            return aad + group.send_aead.encrypt(aead.nonce(pn), frame[MAC_HEADER_LEN:], aad)
+        peer = self.peers.get(dst)
+        if peer is None:
+            self._hold(dst, TX, frame, now)
+            return None
+        return self._seal_pair(peer, frame)
+
+    def _seal_pair(self, peer: PeerState, frame: bytes) -> bytes | None:
+        slot = peer.current
+        pn = slot.send_pn
+        if pn > MAX_PACKET_NUMBER:
+            self.drops[PN_EXHAUSTED] += 1
+            return None
+        slot.send_pn = pn + 1
+        slot.frames_sealed += 1
+        aad = frame[:MAC_HEADER_LEN] + self._header.pack(self.ethertype, 1, KEY_ID_PAIR, slot.pw_id, pn)
+        peer.frames_out += 1
+        peer.bytes_out += len(frame)
+        self.counters["sealed"] += 1
+        return aad + slot.send_aead.encrypt(aead.nonce(pn), frame[MAC_HEADER_LEN:], aad)
+
+    # ---------------------------------------------------------------- receiving
+
+    def open_from_wire(self, frame: bytes, now: float) -> bytes | None:
+        """Open one sealed frame from the wire; None means dropped or held."""
+        header = frame_wire.decode_header(frame, self.ethertype)
+        if isinstance(header, str):
+            self.drops[header] += 1
+            return None
+        dst, src, key_id, pw_id, pn = header
+        if src == self.my_mac:
+            self.drops[OWN_FRAME] += 1
+            return None
+        if key_id == KEY_ID_PAIR:
+            if dst != self.my_mac:
+                self.drops[NOT_FOR_US] += 1
+                return None
+            return self._open_pair(frame, src, pw_id, pn, now)
+        if key_id == KEY_ID_MULTICAST and dst[0] & 1:
+            return self._open_group(frame, src, pw_id, pn, now)
+        self.drops[UNKNOWN_KEY_ID] += 1
+        return None
+
+    def _open_pair(self, frame: bytes, src: bytes, pw_id: int, pn: int, now: float) -> bytes | None:
+        peer = self.peers.get(src)
+        if peer is None:
+            if self.unknown_until.get(src, 0.0) > now:
+                self.drops[UNKNOWN_SENDER] += 1
+                return None
+            self._hold(src, RX, frame, now)
+            return None
+        slot = peer.slot(pw_id)
+        if slot is None:
+            if pw_id > peer.current.pw_id:
+                # The peer already holds a newer version: ask for it (race a).
+                self._hold(src, RX, frame, now)
+            else:
+                self.drops[STALE_KEY] += 1
+            return None
+        if not slot.replay.check(pn):
+            self.drops[REPLAYED] += 1
+            return None
+        try:
+            plain = slot.recv_aead.decrypt(aead.nonce(pn), frame[AAD_LEN:], frame[:AAD_LEN])
+        except InvalidTag:
+            self.drops[BAD_TAG] += 1
+            return None
+        slot.replay.update(pn)
+        peer.frames_in += 1
+        peer.bytes_in += len(plain) + MAC_HEADER_LEN
+        self.counters["opened"] += 1
+        return frame[:MAC_HEADER_LEN] + plain
+
+    def _open_group(self, frame: bytes, src: bytes, pw_id: int, pn: int, now: float) -> bytes | None:
+        group = self.group
+        if group is None or group.pw_id != pw_id:
+            previous = self.previous_group
+            if previous is not None and previous.pw_id == pw_id:
+                group = previous
+            else:
+                self.drops[NO_KEY] += 1
+                return None
+        sender = group.sender(src)
+        if not sender.replay.check(pn):
+            self.drops[REPLAYED] += 1
+            return None
+        try:
+            plain = sender.recv_aead.decrypt(aead.nonce(pn), frame[AAD_LEN:], frame[:AAD_LEN])
+        except InvalidTag:
+            self.drops[BAD_TAG] += 1
+            return None
+        sender.replay.update(pn)
+        group.keep(src, sender)
+        self.counters["opened"] += 1
+        return frame[:MAC_HEADER_LEN] + plain
+
+    # ----------------------------------------------------------------- holding
+
+    def _hold(self, mac: bytes, direction: int, frame: bytes, now: float) -> None:
+        if direction == TX and self.unknown_until.get(mac, 0.0) > now:
+            self.drops[NO_KEY] += 1
+            return
+        new, pushed_out = self.holds.hold(mac, direction, frame, now)
+        self.counters["held"] += 1
+        if pushed_out:
+            self.drops[HOLD_OVERFLOW] += pushed_out
+
+    def take_key_requests(self, now: float) -> list[bytes]:
+        """MACs to request a key for now (first requests and backed-off retries)."""
+        due = self.holds.due_requests(now)
+        self.counters["key_requests"] += len(due)
+        return due
+
+    def on_timer(self, now: float) -> None:
+        """Age out held frames and stale negative answers.  Call at ``next_deadline()``."""
+        expired = self.holds.expire(now)
+        if expired:
+            self.drops[HOLD_EXPIRED] += expired
+        if self.unknown_until:
+            for mac in [m for m, t in self.unknown_until.items() if t <= now]:
+                del self.unknown_until[mac]
+
+    def next_deadline(self) -> float | None:
+        """When ``take_key_requests``/``on_timer`` next have work, in engine time."""
+        return self.holds.next_deadline()
+
+    # --------------------------------------------------------------- installing
+
+    def install_pair_key(
+        self, peer_mac: bytes, peer_id: str, pair_key: bytes, pw_id: int, pn_start: int, now: float
+    ) -> Delivered:
+        """Install (or refresh) a peer's pair key; returns the released held frames.
+
+        Re-installing the version already held keeps its counter and window, so
+        a repeated answer never resets a packet number under a live key.
+        """
+        self.counters["key_answers"] += 1
+        self.unknown_until.pop(peer_mac, None)
+        peer = self.peers.get(peer_mac)
+        if peer is None:
+            slot = KeySlot.from_pair_key(
+                self.cipher, pair_key, pw_id, self.my_mac, peer_mac, pn_start, self._window, now
+            )
+            peer = PeerState(peer_mac, peer_id, slot)
+            self.peers[peer_mac] = peer
+        elif peer.slot(pw_id) is None and pw_id > peer.current.pw_id:
+            peer.previous = peer.current
+            peer.current = KeySlot.from_pair_key(
+                self.cipher, pair_key, pw_id, self.my_mac, peer_mac, pn_start, self._window, now
+            )
+            peer.peer_id = peer_id
+        return self._release(peer_mac, now)
+
+    def install_multicast_key(self, key: bytes, pw_id: int, pn_start: int, now: float) -> None:
+        """Install the multicast key version ``pw_id`` (older or equal versions are ignored)."""
+        if self.group is not None and pw_id <= self.group.pw_id:
+            return
+        self.previous_group = self.group
+        self.group = GroupKey.create(
+            self.cipher, key, pw_id, self.my_mac, pn_start, self._window, now
+        )
+
+    def mark_unknown(self, mac: bytes, now: float) -> None:
+        """The key server says no host holds ``mac``: drop its held frames, stop asking."""
+        held = self.holds.take(mac)
+        if held:
+            self.drops[NO_KEY] += sum(1 for d, _, _ in held if d == TX)
+            self.drops[UNKNOWN_SENDER] += sum(1 for d, _, _ in held if d == RX)
+        self.unknown_until[mac] = now + self.settings.unknown_cache_s
+
+    def forget_peer(self, mac: bytes) -> None:
+        """Drop a peer's keys (revocation): its frames are refused from now on."""
+        self.peers.pop(mac, None)
+
+    def _release(self, mac: bytes, now: float) -> Delivered:
+        out = Delivered([], [])
+        for direction, frame, _ in self.holds.take(mac):
+            self.counters["hold_flushed"] += 1
+            if direction == TX:
+                sealed = self.seal_from_tap(frame, now)
+                if sealed is not None:
+                    out.to_wire.append(sealed)
+            else:
+                plain = self.open_from_wire(frame, now)
+                if plain is not None:
+                    out.to_tap.append(plain)
+        return out
+
+    # ------------------------------------------------------------------ status
+
+    def snapshot(self, now: float) -> dict:
+        """Counters and per-peer state for ``l2crypt status`` (no key material)."""
+        peers = []
+        for peer in self.peers.values():
+            peers.append({
+                "mac": frame_wire.format_mac(peer.mac),
+                "id": peer.peer_id,
+                "pw_id": peer.current.pw_id,
+                "key_age_s": round(now - peer.current.created_at, 1),
+                "frames_in": peer.frames_in,
+                "frames_out": peer.frames_out,
+                "bytes_in": peer.bytes_in,
+                "bytes_out": peer.bytes_out,
+            })
+        return {
+            "cipher": self.cipher,
+            "multicast_pw_id": self.group.pw_id if self.group else None,
+            "peers": peers,
+            "pending_keys": [frame_wire.format_mac(m) for m in self.holds.pending],
+            "drops": dict(self.drops),
+            "counters": {
+                k: self.counters.get(k, 0)
+                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed")
+            },
+        }
+
+
+def use_cipher(engine: FrameEngine, cipher: str) -> bool:
+    """Switch ``engine`` to the segment's cipher (told by the key server).
+
+    Keys derived for another cipher are dropped, since they would not open
+    anything.  Returns True if the cipher changed.
+    """
+    aead.check_cipher(cipher)
+    if cipher == engine.cipher:
+        return False
+    engine.cipher = cipher
+    engine.peers.clear()
+    engine.group = engine.previous_group = None
+    return True

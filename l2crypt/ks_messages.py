@@ -1,0 +1,203 @@
+"""Wire format of the key-server protocol (client <-> keyserverd, over TLS 1.3).
+
+Framing: every message is a 4-byte big-endian body length followed by the
+body, a msgpack map.  Bodies larger than ``MAX_MESSAGE_BYTES`` are refused
+before they are read.  Every map has ``t`` (the type).  Requests that expect
+an answer carry ``rid`` (a positive int chosen by the client); the answer
+echoes it.  Pushes from the server carry ``rid`` 0.
+
+Types and fields (bytes fields are raw bytes, MACs are 6 bytes, keys 32):
+
+client -> server
+    ca        rid                                  fetch the CA certificate (no client cert needed)
+    enroll    rid id token csr                     csr is PEM; no client cert needed
+    hello     rid mac                              bind (certificate ID, mac) in the ID-MAC table
+    key_req   rid peer_mac [my_mac]                pair key for (me, owner of peer_mac)
+    ping      rid                                  liveness probe
+server -> client
+    ca_cert   rid cert                             PEM of the CA
+    enrolled  rid cert ca                          signed client certificate and CA, PEM
+    welcome   rid id mac cipher multicast_key multicast_pw_id server
+    key       rid peer_mac peer_id key pw_id       answer to key_req, or a push (rid 0)
+    unknown   rid peer_mac                         no host holds that MAC
+    multicast rid key pw_id                        a new multicast key (push)
+    pong      rid
+    error     rid code msg                         request refused; code is a stable name
+
+1. ``encode_message`` turns a dict into a framed message (raises LocalError
+   on our own bad dict).
+2. ``FrameReader.feed`` takes received bytes and returns whole decoded,
+   validated messages; a bad one raises ``RemoteProtocolError`` and the
+   caller closes that one connection.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from .constants import MAX_MESSAGE_BYTES
+from .errors import LocalError, RemoteProtocolError
+
+LENGTH = struct.Struct("!I")
+
+_B = bytes
+# field -> (type, exact length or None)
+_FIELDS: dict[str, tuple[type, int | None]] = {
+    "rid": (int, None),
+    "id": (str, None),
+    "token": (str, None),
+    "csr": (_B, None),
+    "cert": (_B, None),
+    "ca": (_B, None),
+    "mac": (_B, 6),
+    "my_mac": (_B, 6),
+    "peer_mac": (_B, 6),
+    "peer_id": (str, None),
+    "key": (_B, 32),
+    "pw_id": (int, None),
+    "cipher": (str, None),
+    "multicast_key": (_B, 32),
+    "multicast_pw_id": (int, None),
+    "server": (str, None),
+    "code": (str, None),
+    "msg": (str, None),
+}
+
+# type -> (required fields, optional fields)
+SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "ca": (frozenset({"rid"}), frozenset()),
+    "enroll": (frozenset({"rid", "id", "token", "csr"}), frozenset()),
+    "hello": (frozenset({"rid", "mac"}), frozenset()),
+    "key_req": (frozenset({"rid", "peer_mac"}), frozenset({"my_mac"})),
+    "ping": (frozenset({"rid"}), frozenset()),
+    "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
+    "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
+    "welcome": (
+        frozenset({"rid", "id", "mac", "cipher", "multicast_key", "multicast_pw_id", "server"}),
+        frozenset(),
+    ),
+    "key": (frozenset({"rid", "peer_mac", "peer_id", "key", "pw_id"}), frozenset()),
+    "unknown": (frozenset({"rid", "peer_mac"}), frozenset()),
+    "multicast": (frozenset({"rid", "key", "pw_id"}), frozenset()),
+    "pong": (frozenset({"rid"}), frozenset()),
+    "error": (frozenset({"rid", "code", "msg"}), frozenset()),
+}
+
+MAX_ID_LEN = 64
+MAX_STR_LEN = 1024
+U32_MAX = 2**32 - 1
+
+
+def validate(msg: Any) -> dict:
+    """Check a decoded message against SCHEMA; return it or raise ValueError."""
+    if not isinstance(msg, dict):
+        raise ValueError("message is not a map")
+    t = msg.get("t")
+    if t not in SCHEMA:
+        raise ValueError(f"unknown message type {t!r}")
+    required, optional = SCHEMA[t]
+    keys = set(msg) - {"t"}
+    missing = required - keys
+    if missing:
+        raise ValueError(f"{t}: missing field(s) {', '.join(sorted(missing))}")
+    extra = keys - required - optional
+    if extra:
+        raise ValueError(f"{t}: unexpected field(s) {', '.join(sorted(map(str, extra)))}")
+    for name in keys:
+        typ, length = _FIELDS[name]
+        value = msg[name]
+        if typ is int:
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U32_MAX:
+                raise ValueError(f"{t}.{name}: not an unsigned 32-bit integer")
+        elif not isinstance(value, typ):
+            raise ValueError(f"{t}.{name}: wrong type {type(value).__name__}")
+        elif length is not None and len(value) != length:
+            raise ValueError(f"{t}.{name}: length {len(value)}, want {length}")
+        elif typ is str and len(value) > MAX_STR_LEN:
+            raise ValueError(f"{t}.{name}: too long")
+        elif typ is _B and len(value) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"{t}.{name}: too long")
+    if "id" in msg and not valid_host_id(msg["id"]):
+        raise ValueError(f"{t}.id: not a valid host ID")
+    return msg
+
+
+def valid_host_id(host_id: str) -> bool:
+    """Host IDs: 1-64 chars of letters, digits, '.', '-', '_'; not starting with '.' or '-'."""
+    if not 1 <= len(host_id) <= MAX_ID_LEN or host_id[0] in ".-":
+        return False
+    return all(c.isascii() and (c.isalnum() or c in ".-_") for c in host_id)
+
+
+def encode_body(msg: dict) -> bytes:
+    """Validate and pack a message body (no length prefix)."""
+    try:
+        validate(msg)
+    except ValueError as exc:
+        raise LocalError(f"refusing to send a bad message: {exc}") from None
+    body = msgpack.packb(msg, use_bin_type=True)
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise LocalError(f"refusing to send a {len(body)}-byte message (limit {MAX_MESSAGE_BYTES})")
+    return body
+
+
+def encode_message(msg: dict) -> bytes:
+    """Validate, pack and frame one message."""
+    body = encode_body(msg)
+    return LENGTH.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict:
+    """Unpack and validate one body; raise RemoteProtocolError with a reason."""
+    try:
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise RemoteProtocolError(f"undecodable message: {type(exc).__name__}", "malformed") from None
+    try:
+        return validate(msg)
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc), "malformed") from None
+
+
+def decode_message(data: bytes) -> dict:
+    """Decode exactly one framed message (length prefix included)."""
+    reader = FrameReader()
+    msgs = reader.feed(data)
+    if len(msgs) != 1 or reader.buffered:
+        raise RemoteProtocolError("not exactly one whole message", "malformed")
+    return msgs[0]
+
+
+class FrameReader:
+    """Incremental deframer: feed bytes, get whole messages.
+
+    Owned by one connection.  Raises RemoteProtocolError on an oversized length
+    (before buffering the body) or on a malformed body.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES):
+        self._buf = bytearray()
+        self._max = max_bytes
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[dict]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= LENGTH.size:
+            (length,) = LENGTH.unpack_from(self._buf)
+            if length > self._max:
+                raise RemoteProtocolError(
+                    f"message of {length} bytes exceeds the {self._max}-byte limit", "oversized"
+                )
+            if len(self._buf) < LENGTH.size + length:
+                break
+            body = bytes(self._buf[LENGTH.size : LENGTH.size + length])
+            del self._buf[: LENGTH.size + length]
+            out.append(decode_body(body))
+        return out

@@ -1,0 +1,105 @@
+"""Key state you can see in the types (compare wireguard-go's keypair.go).
+
+* ``KeySlot``: one version (PW_ID) of a pair key as one host holds it: the
+  sending AEAD (me -> peer) with its packet counter, and the receiving AEAD
+  (peer -> me) with its replay window.
+* ``PeerState``: one peer MAC: its ID, the current and previous slots, and the
+  per-peer traffic counters.  The previous slot is kept so that frames sealed
+  just before a key change still open (make before break).
+* ``GroupKey``: one version of the multicast key: my own sending AEAD and
+  counter, and a bounded cache of per-sender receiving AEADs and windows.
+
+Everything here is owned by the ``FrameEngine`` of one agent; nothing in it is
+shared between threads.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from . import aead
+from .replay import ReplayWindow
+
+
+@dataclass(slots=True, eq=False)
+class KeySlot:
+    pw_id: int
+    send_aead: object
+    recv_aead: object
+    send_pn: int          # next packet number to use; only grows
+    replay: ReplayWindow
+    created_at: float     # engine clock (monotonic) at install
+    frames_sealed: int = 0
+
+    @classmethod
+    def from_pair_key(
+        cls, cipher: str, pair_key: bytes, pw_id: int, my_mac: bytes, peer_mac: bytes,
+        pn_start: int, window_frames: int, now: float,
+    ) -> "KeySlot":
+        send = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, my_mac, peer_mac))
+        recv = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, peer_mac, my_mac))
+        return cls(pw_id, send, recv, pn_start, ReplayWindow(window_frames), now)
+
+
+@dataclass(slots=True, eq=False)
+class PeerState:
+    mac: bytes
+    peer_id: str
+    current: KeySlot
+    previous: KeySlot | None = None
+    frames_in: int = 0
+    frames_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def slot(self, pw_id: int) -> KeySlot | None:
+        if self.current.pw_id == pw_id:
+            return self.current
+        if self.previous is not None and self.previous.pw_id == pw_id:
+            return self.previous
+        return None
+
+
+@dataclass(slots=True, eq=False)
+class SenderWindow:
+    recv_aead: object
+    replay: ReplayWindow
+
+
+@dataclass(slots=True, eq=False)
+class GroupKey:
+    cipher: str
+    key: bytes
+    pw_id: int
+    send_aead: object
+    send_pn: int
+    created_at: float
+    window_frames: int
+    max_senders: int
+    senders: "OrderedDict[bytes, SenderWindow]" = field(default_factory=OrderedDict)
+
+    @classmethod
+    def create(
+        cls, cipher: str, key: bytes, pw_id: int, my_mac: bytes, pn_start: int,
+        window_frames: int, now: float, max_senders: int = 4096,
+    ) -> "GroupKey":
+        send = aead.make_aead(cipher, aead.group_sender_key(key, pw_id, my_mac))
+        return cls(cipher, key, pw_id, send, pn_start, now, window_frames, max_senders)
+
+    def sender(self, sender_mac: bytes) -> SenderWindow:
+        """The receiving state for one sender; a new one is not cached until ``keep``."""
+        state = self.senders.get(sender_mac)
+        if state is None:
+            derived = aead.group_sender_key(self.key, self.pw_id, sender_mac)
+            state = SenderWindow(aead.make_aead(self.cipher, derived), ReplayWindow(self.window_frames))
+        return state
+
+    def keep(self, sender_mac: bytes, state: SenderWindow) -> None:
+        """Cache a sender's state once one of its frames verified (bounded, LRU)."""
+        if sender_mac in self.senders:
+            self.senders.move_to_end(sender_mac)
+            return
+        self.senders[sender_mac] = state
+        if len(self.senders) > self.max_senders:
+            self.senders.popitem(last=False)

@@ -1,0 +1,62 @@
+"""Anti-replay window in the style of RFC 6479.
+
+The window is a ring of 64-bit blocks.  Sliding forward clears whole blocks
+instead of shifting a bitmap, so the cost of a jump does not depend on its
+size.  With ``n`` blocks the window tolerates reordering by ``(n - 1) * 64``
+frames.
+
+Use it in two steps, so that a forged frame can never move the window:
+
+1. ``check(pn)`` before decrypting: False means "replayed or too old";
+2. ``update(pn)`` only after the frame's tag has verified.
+"""
+
+from __future__ import annotations
+
+_BLOCK_BITS = 64
+_BLOCK_SHIFT = 6
+_BIT_MASK = 63
+
+
+class ReplayWindow:
+    """Receive-side replay state of one (key, direction).  Owned by its KeySlot."""
+
+    __slots__ = ("_blocks", "_n", "_last", "window_frames")
+
+    def __init__(self, window_frames: int = 2048):
+        if window_frames < _BLOCK_BITS:
+            raise ValueError("replay window must be at least 64 frames")
+        self._n = -(-window_frames // _BLOCK_BITS) + 1
+        self.window_frames = (self._n - 1) * _BLOCK_BITS
+        self._blocks = [0] * self._n
+        self._last = -1  # highest accepted packet number; -1: none yet
+
+    @property
+    def highest(self) -> int:
+        return self._last
+
+    def check(self, pn: int) -> bool:
+        """Would ``pn`` be accepted?  Does not change the window."""
+        if pn > self._last:
+            return True
+        if pn + self.window_frames <= self._last:
+            return False
+        block = (pn >> _BLOCK_SHIFT) % self._n
+        return not (self._blocks[block] >> (pn & _BIT_MASK)) & 1
+
+    def update(self, pn: int) -> bool:
+        """Record ``pn`` as received.  Call only after the tag verified.
+
+        Returns False (and changes nothing) if ``pn`` is replayed or too old.
+        """
+        if not self.check(pn):
+            return False
+        if pn > self._last:
+            current = self._last >> _BLOCK_SHIFT if self._last >= 0 else -1
+            target = pn >> _BLOCK_SHIFT
+            steps = min(target - current, self._n)
+            for i in range(1, steps + 1):
+                self._blocks[(current + i) % self._n] = 0
+            self._last = pn
+        self._blocks[(pn >> _BLOCK_SHIFT) % self._n] |= 1 << (pn & _BIT_MASK)
+        return True

@@ -1,0 +1,245 @@
+"""The host agent: TAP <-> frame engine <-> wire port, with the key client.
+
+1. Read the host identity from the state directory (``l2crypt enroll``).
+2. Guard the wire port (only l2crypt frames may leave), open the TAP with
+   MTU = wire MTU - 32, open the packet socket.
+3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
+   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
+4. The key client runs beside it; every key request the engine raises is
+   sent at once, answers and pushes install keys and release held frames.
+5. A tick every ``TICK_S`` retries requests, ages held frames, persists the
+   packet clock and logs drops (once per reason per ``DROP_LOG_S``).
+6. SIGINT/SIGTERM stop it; the TAP goes away, the port guard stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import engine as engine_mod
+from .config import AgentConfig
+from .constants import FRAME_OVERHEAD
+from .control import serve_control
+from .engine import EngineSettings, FrameEngine
+from .errors import LocalError
+from .frame_wire import format_mac, parse_mac
+from .keyclient import KeyClient
+from .linux_tap import LinuxTap
+from .linux_wire import LinuxWire
+from .logs import fields
+from .packet_clock import PERSIST_INTERVAL_S, PacketClock
+from .port_guard import egress_drops, guard_port
+from .tls_files import client_context, host_identity
+
+log = logging.getLogger("l2crypt.agent")
+
+BATCH_FRAMES = 64
+TICK_S = 0.1
+DROP_LOG_S = 10.0
+MIN_TAP_MTU = 576
+
+
+def wire_mtu_of(port: str) -> int:
+    try:
+        return int(Path(f"/sys/class/net/{port}/mtu").read_text())
+    except (OSError, ValueError):
+        raise LocalError(f"wire port {port!r} does not exist") from None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.host_id = host_identity(self.state_dir)
+        self.ssl_ctx = client_context(self.state_dir)
+        self.wire_mtu = config.wire_mtu or wire_mtu_of(config.port)
+        self.tap_mtu = self.wire_mtu - FRAME_OVERHEAD
+        if self.tap_mtu < MIN_TAP_MTU:
+            raise LocalError(f"wire_mtu: {self.wire_mtu} leaves a TAP MTU of {self.tap_mtu}, below {MIN_TAP_MTU}")
+        self.tap: LinuxTap | None = None
+        self.wire: LinuxWire | None = None
+        self.engine: FrameEngine | None = None
+        self.client: KeyClient | None = None
+        self.clock = PacketClock(self.state_dir)
+        self.started_at = time.monotonic()
+        self._logged_drops: Counter = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------- data path
+
+    def _on_tap_readable(self) -> None:
+        frames = self.tap.read_frames(BATCH_FRAMES)
+        if not frames:
+            return
+        now = self._loop.time()
+        seal = self.engine.seal_from_tap
+        send = self.wire.write_frame
+        for frame in frames:
+            sealed = seal(frame, now)
+            if sealed is not None and not send(sealed):
+                self.engine.drops["tx_error"] += 1
+        if self.engine.holds.pending:
+            self._send_key_requests(now)
+
+    def _on_wire_readable(self) -> None:
+        frames = self.wire.read_frames(BATCH_FRAMES)
+        if not frames:
+            return
+        now = self._loop.time()
+        open_ = self.engine.open_from_wire
+        write = self.tap.write_frame
+        for frame in frames:
+            plain = open_(frame, now)
+            if plain is not None and not write(plain):
+                self.engine.drops["tap_write_error"] += 1
+        if self.engine.holds.pending:
+            self._send_key_requests(now)
+
+    def _deliver(self, delivered: engine_mod.Delivered) -> None:
+        for frame in delivered.to_wire:
+            if not self.wire.write_frame(frame):
+                self.engine.drops["tx_error"] += 1
+        for frame in delivered.to_tap:
+            if not self.tap.write_frame(frame):
+                self.engine.drops["tap_write_error"] += 1
+
+    # ------------------------------------------------------------ key events
+
+    def _send_key_requests(self, now: float) -> None:
+        for mac in self.engine.take_key_requests(now):
+            if self.client.request_key(mac):
+                log.debug("key_requested", extra=fields(peer_mac=format_mac(mac)))
+
+    def on_welcome(self, msg: dict) -> None:
+        if engine_mod.use_cipher(self.engine, msg["cipher"]):
+            log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
+        self.engine.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], self.clock.pn_start(), self._loop.time())
+        # Anything pending gets asked again right away on the new connection.
+        for entry in self.engine.holds.pending.values():
+            entry.next_request_at = 0.0
+        self._send_key_requests(self._loop.time())
+
+    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
+        delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self.clock.pn_start(), self._loop.time())
+        log.info("key_installed", extra=fields(peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id,
+                                               released=len(delivered.to_wire) + len(delivered.to_tap)))
+        self._deliver(delivered)
+
+    def on_unknown(self, peer_mac: bytes) -> None:
+        log.info("peer_unknown", extra=fields(peer_mac=format_mac(peer_mac)))
+        self.engine.mark_unknown(peer_mac, self._loop.time())
+
+    def on_key_refused(self, peer_mac: bytes, code: str, text: str) -> None:
+        log.warning("key_refused", extra=fields(peer_mac=format_mac(peer_mac), code=code, reason=text))
+        self.engine.mark_unknown(peer_mac, self._loop.time())
+
+    def on_multicast(self, key: bytes, pw_id: int) -> None:
+        self.engine.install_multicast_key(key, pw_id, self.clock.pn_start(), self._loop.time())
+        log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
+
+    def on_disconnect(self) -> None:
+        log.warning("keyserver_disconnected", extra=fields(keys_kept=len(self.engine.peers)))
+
+    # --------------------------------------------------------------- status
+
+    def snapshot(self) -> dict:
+        now = self._loop.time()
+        doc = self.engine.snapshot(now)
+        doc.update({
+            "id": self.host_id,
+            "mac": format_mac(self.engine.my_mac),
+            "tap": self.tap.name,
+            "port": self.config.port,
+            "mtu": self.tap_mtu,
+            "wire_mtu": self.wire_mtu,
+            "keyserver": self.client.server,
+            "keyservers": list(self.config.servers),
+            "connected": self.client.connected,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "egress_blocked": egress_drops(self.config.port),
+        })
+        return doc
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _tick(self, now: float) -> None:
+        self._send_key_requests(now)
+        self.engine.on_timer(now)
+
+    def _log_drops(self) -> None:
+        new = self.engine.drops - self._logged_drops
+        if new:
+            log.warning("frames_dropped", extra=fields(**dict(new)))
+            self._logged_drops = Counter(self.engine.drops)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        guard_port(cfg.port, cfg.ethertype)
+        mac = parse_mac(cfg.tap_mac) if cfg.tap_mac else None
+        self.tap = LinuxTap(cfg.tap, self.tap_mtu, mac)
+        try:
+            self.wire = LinuxWire(cfg.port, cfg.ethertype)
+            settings = EngineSettings(
+                ethertype=cfg.ethertype,
+                replay_window_frames=cfg.replay_window_frames,
+                hold_frames=cfg.hold_frames,
+                hold_age_s=cfg.hold_age_s,
+                key_retry_s=cfg.key_retry_s,
+                key_retry_max_s=cfg.key_retry_max_s,
+                unknown_cache_s=cfg.unknown_cache_s,
+            )
+            self.engine = FrameEngine(self.tap.mac, settings)
+            self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self)
+            await self._serve()
+        finally:
+            if self.wire is not None:
+                self.wire.close()
+            self.tap.close()
+
+    async def _serve(self) -> None:
+        loop = self._loop
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        control = await serve_control(self.config.socket_path, self.snapshot)
+        loop.add_reader(self.tap.fileno(), self._on_tap_readable)
+        loop.add_reader(self.wire.fileno(), self._on_wire_readable)
+        client_task = asyncio.ensure_future(self.client.run(stop))
+        log.info("agent_started", extra=fields(
+            id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
+            mtu=self.tap_mtu, servers=",".join(self.config.servers)))
+        last_persist = last_drop_log = loop.time()
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), TICK_S)
+                except asyncio.TimeoutError:
+                    pass
+                now = loop.time()
+                self._tick(now)
+                if now - last_persist >= PERSIST_INTERVAL_S:
+                    self.clock.persist()
+                    last_persist = now
+                if now - last_drop_log >= DROP_LOG_S:
+                    self._log_drops()
+                    last_drop_log = now
+                if client_task.done() and not stop.is_set():
+                    client_task.result()  # surface a bug in the client
+        finally:
+            loop.remove_reader(self.tap.fileno())
+            loop.remove_reader(self.wire.fileno())
+            stop.set()
+            client_task.cancel()
+            control.close()
+            self.clock.persist()
+            try:
+                self.config.socket_path.unlink()
+            except OSError:
+                pass
+            log.info("agent_stopped", extra=fields(**{k: v for k, v in self.engine.counters.items()}))

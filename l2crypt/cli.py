@@ -1,0 +1,146 @@
+"""``l2crypt``: enroll a host, run its agent, show its status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import click
+
+from . import __version__
+from .config import DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
+from .errors import L2cryptError
+
+PROG = "l2crypt"
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"{PROG}: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
+def cli() -> None:
+    """l2crypt: a layer-2 encrypting switch agent.
+
+    Enroll the host once with the token from `keyserverd host add`, then run
+    the agent: every Ethernet frame the host sends through the TAP leaves the
+    wire port sealed with a key for the pair of hosts (or the multicast key).
+    """
+
+
+@cli.command()
+@click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with.")
+@click.option("--id", "host_id", required=True, help="The host ID the operator created.")
+@click.option("--token", required=True, help="One-time token from `keyserverd host add`.")
+@click.option("--ca-fingerprint", required=True, metavar="sha256:HEX",
+              help="SHA-256 fingerprint of the key server's CA, printed by `keyserverd host add`.")
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True,
+              help="Where the key, certificate and CA are stored.")
+@click.option("--force", is_flag=True, help="Replace an existing enrollment.")
+def enroll(server, host_id, token, ca_fingerprint, state_dir, force) -> None:
+    """Trade a one-time token for this host's certificate.
+
+    The CA is pinned by fingerprint before the token is sent.
+    """
+    from .enroll import enroll as do_enroll
+
+    try:
+        path = do_enroll(server, host_id, token, ca_fingerprint, state_dir, force)
+    except L2cryptError as exc:
+        fail(str(exc))
+    click.echo(f"enrolled as {host_id}; certificate stored in {path}")
+
+
+def _agent_options(fn):
+    docs = config_keys(AgentConfig)
+    opts = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="TOML config file (every key can be overridden below)."),
+        click.option("--port", help=docs["port"]),
+        click.option("--tap", help=docs["tap"] + " [default: l2c0]"),
+        click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
+                     help=docs["servers"] + " (repeat for several)."),
+        click.option("--state-dir", help=docs["state_dir"] + f" [default: {DEFAULT_STATE_DIR}]"),
+        click.option("--tap-mac", help=docs["tap_mac"]),
+        click.option("--wire-mtu", type=int, help=docs["wire_mtu"]),
+        click.option("--ethertype", type=lambda s: int(s, 0), help=docs["ethertype"] + " [default: 0x88b5]"),
+        click.option("--replay-window-frames", type=int, help=docs["replay_window_frames"] + " [default: 2048]"),
+        click.option("--hold-frames", type=int, help=docs["hold_frames"] + " [default: 16]"),
+        click.option("--hold-age-s", type=float, help=docs["hold_age_s"] + " [default: 2.0]"),
+        click.option("--key-retry-s", type=float, help=docs["key_retry_s"] + " [default: 0.5]"),
+        click.option("--key-retry-max-s", type=float, help=docs["key_retry_max_s"] + " [default: 8.0]"),
+        click.option("--unknown-cache-s", type=float, help=docs["unknown_cache_s"] + " [default: 5.0]"),
+        click.option("--log-level", help=docs["log_level"] + " [default: info]"),
+        click.option("--log-format", help=docs["log_format"] + " [default: text]"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@_agent_options
+def agent(config_path, servers, **overrides) -> None:
+    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it)."""
+    from .agent import Agent
+    from .logs import setup_logging
+
+    overrides["servers"] = list(servers) if servers else None
+    try:
+        config = load_agent_config(config_path, overrides)
+    except L2cryptError as exc:
+        fail(str(exc), 2)
+    setup_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(Agent(config).run())
+    except L2cryptError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="The agent's state directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(state_dir, as_json) -> None:
+    """Show the running agent's key server, peers, key versions, counters and MTU."""
+    from pathlib import Path
+
+    from .control import query_status
+    from .status_view import render_status
+
+    try:
+        doc = query_status(Path(state_dir) / "agent.sock")
+    except L2cryptError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        render_status(doc)
+
+
+def run_click(group: click.Group, prog: str, argv=None) -> None:
+    """Run a click group so that usage errors are one line and exit 2, never a traceback."""
+    try:
+        rv = group.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.UsageError as exc:
+        if type(exc).__name__.startswith("NoArgsIsHelp") and exc.ctx is not None:
+            click.echo(exc.ctx.get_help())
+            sys.exit(2)
+        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def main(argv=None) -> None:
+    """Console entry point."""
+    run_click(cli, PROG, argv)

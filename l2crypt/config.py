@@ -1,0 +1,214 @@
+"""Agent configuration: one frozen dataclass, loaded from one TOML file.
+
+Every field can be overridden on the command line (``l2crypt agent --help``).
+Errors name the key: ``agent.toml: hold_frames: want an integer, got 'many'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import aead
+from .constants import (
+    DEFAULT_ETHERTYPE,
+    DEFAULT_HOLD_AGE_S,
+    DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_RETRY_MAX_S,
+    DEFAULT_KEY_RETRY_S,
+    DEFAULT_KEYSERVER_PORT,
+    DEFAULT_REPLAY_WINDOW_FRAMES,
+    DEFAULT_UNKNOWN_CACHE_S,
+)
+from .errors import ConfigError
+from .frame_wire import parse_mac
+
+DEFAULT_CONFIG_PATH = "/etc/l2crypt/agent.toml"
+DEFAULT_STATE_DIR = "/var/lib/l2crypt"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_KEYSERVER_PORT) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``HOST``; raises ValueError."""
+    if not isinstance(text, str) or not text or any(c.isspace() for c in text):
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"not HOST:PORT: {text!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise ValueError(f"not HOST:PORT: {text!r} (write IPv6 as [addr]:port)")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def _iface(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 15 or "/" in value or any(c.isspace() for c in value):
+        raise ValueError(f"not an interface name (1-15 characters): {value!r}")
+    return value
+
+
+def _servers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError("want a list of HOST:PORT strings")
+    for item in value:
+        parse_hostport(item)
+    return tuple(value)
+
+
+def _mac(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"want a MAC address string, got {value!r}")
+    mac = parse_mac(value)
+    if mac[0] & 1:
+        raise ValueError(f"{value} is a group address; a host needs a unicast MAC")
+    return value
+
+
+def _ethertype(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0x0600 <= value <= 0xFFFF:
+        raise ValueError(f"want an EtherType 0x0600-0xffff, got {value!r}")
+    return value
+
+
+def _choice(options):
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"want one of {', '.join(options)}, got {value!r}")
+        return value
+    return check
+
+
+def _cipher(value: Any) -> str:
+    return aead.check_cipher(value)
+
+
+def _int_range(lo: int, hi: int):
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"want an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"want {lo}..{hi}, got {value}")
+        return value
+    return check
+
+
+def _seconds(lo: float, hi: float):
+    def check(value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"want a number of seconds, got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"want {lo}..{hi} seconds, got {value}")
+        return float(value)
+    return check
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"want a path, got {value!r}")
+    return value
+
+
+def _f(default, check, doc):
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of one host agent (one wire port, one TAP)."""
+
+    port: str = _f(None, _iface, "wire port: the physical interface toward the switch")
+    tap: str = _f("l2c0", _iface, "name of the TAP device the host's stack uses")
+    servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
+    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, clock floor and control socket")
+    tap_mac: str | None = _f(None, _mac, "MAC of the TAP (default: random, kept by the kernel)")
+    wire_mtu: int = _f(0, _int_range(0, 65535), "MTU of the wire port in bytes; 0 = use the port's")
+    ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
+    replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),
+                                   "frames of reordering the replay window accepts")
+    hold_frames: int = _f(DEFAULT_HOLD_FRAMES, _int_range(0, 1024),
+                          "frames held per MAC while its key is requested")
+    hold_age_s: float = _f(DEFAULT_HOLD_AGE_S, _seconds(0.0, 60.0), "longest a frame is held, seconds")
+    key_retry_s: float = _f(DEFAULT_KEY_RETRY_S, _seconds(0.05, 60.0), "first key request retry, seconds")
+    key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
+    unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
+                                "how long an 'unknown MAC' answer is believed, seconds")
+    log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
+    log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.state_dir) / "agent.sock"
+
+
+REQUIRED = ("port", "servers")
+
+
+def config_keys(cls=AgentConfig) -> dict[str, str]:
+    """Every config key with its one-line description (used by the docs test)."""
+    return {f.name: f.metadata["doc"] for f in dataclasses.fields(cls)}
+
+
+def read_toml(path: str | Path) -> dict:
+    """Read a TOML file; a missing or broken file is a ConfigError naming it."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+
+
+def build_config(cls, values: dict, source: str, required=()):
+    """Check ``values`` against ``cls``'s fields; raise ConfigError naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: {key}: unknown key")
+        if value is None:
+            continue
+        try:
+            out[key] = fields[key].metadata["check"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+    for key in required:
+        if out.get(key) is None:
+            raise ConfigError(f"{source}: {key}: missing (set it in the file or on the command line)")
+    return cls(**out)
+
+
+def load_agent_config(path: str | None, overrides: dict) -> AgentConfig:
+    """File values first, then CLI overrides (None means 'not given')."""
+    values: dict = {}
+    source = "command line"
+    if path:
+        values = read_toml(path)
+        source = str(path)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given and path:
+        source = f"{path} (+ command line)"
+    values.update(given)
+    return build_config(AgentConfig, values, source, REQUIRED)

@@ -1,0 +1,65 @@
+"""The agent's control socket: ``state_dir/agent.sock`` (mode 0600).
+
+Protocol: the client sends one line (``status``), the agent answers one JSON
+document and closes.  ``l2crypt status`` is the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+from .errors import LocalError
+
+MAX_REQUEST = 256
+CLIENT_TIMEOUT_S = 5.0
+
+
+async def serve_control(path: Path, snapshot: Callable[[], dict]) -> asyncio.AbstractServer:
+    """Start answering status requests at ``path``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), CLIENT_TIMEOUT_S)
+            if line.strip() == b"status":
+                writer.write(json.dumps(snapshot()).encode() + b"\n")
+            else:
+                writer.write(json.dumps({"error": "unknown command"}).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    server = await asyncio.start_unix_server(handle, path=str(path), limit=MAX_REQUEST)
+    os.chmod(path, 0o600)
+    return server
+
+
+def query_status(path: Path) -> dict:
+    """Ask a running agent for its status; LocalError if none answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CLIENT_TIMEOUT_S)
+            sock.connect(str(path))
+            sock.sendall(b"status\n")
+            chunks = []
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+    except FileNotFoundError:
+        raise LocalError(f"no agent is running here: {path} does not exist") from None
+    except OSError as exc:
+        raise LocalError(f"cannot reach the agent at {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        raise LocalError(f"the agent at {path} sent an unreadable answer") from None

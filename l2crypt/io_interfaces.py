@@ -1,0 +1,31 @@
+"""The narrow interfaces between the agent's loop and the outside world.
+
+The agent only needs these; the Linux implementations live in
+``linux_tap`` and ``linux_wire``, the in-memory ones in ``fakes``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class FramePort(Protocol):
+    """A place Ethernet frames come from and go to (a TAP, a wire port)."""
+
+    name: str
+
+    def fileno(self) -> int:
+        """A file descriptor that polls readable when ``read_frames`` has work."""
+
+    def read_frames(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` whole frames, without blocking; [] when none is waiting.
+
+        Never raises for a transient error (EAGAIN, EINTR); returns what it has.
+        """
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Send one whole frame without blocking.  False if the kernel refused
+        it (queue full, link down); never raises for that."""
+
+    def close(self) -> None:
+        """Release the descriptor.  Idempotent."""

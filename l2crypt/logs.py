@@ -1,0 +1,60 @@
+"""Structured logging: ``event key=value`` text lines, or one JSON object a line.
+
+Callers log an event name and fields: ``log.info("key_installed", extra=fields(peer=..))``.
+No caller passes key material or tokens; the tests grep logs for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+
+def fields(**kv) -> dict:
+    """Attach structured fields to a log call."""
+    return {"fields": kv}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        kv = getattr(record, "fields", None) or {}
+        extra = "".join(f" {k}={v}" for k, v in kv.items())
+        return f"{record.name}: {record.levelname.lower()} {record.getMessage()}{extra}"
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", None) or {})
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class RateLimiter:
+    """At most one event per ``key`` every ``interval_s`` seconds."""
+
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic):
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict = {}
+
+    def allow(self, key) -> bool:
+        now = self._clock()
+        if now - self._last.get(key, -1e18) >= self.interval_s:
+            self._last[key] = now
+            return True
+        return False

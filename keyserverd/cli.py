@@ -1,0 +1,295 @@
+"""The ``keyserverd`` command.
+
+    keyserverd [--config FILE] [--state-dir DIR] [--listen HOST:PORT] ...   serve
+    keyserverd serve [same options]
+    keyserverd host add ID [--mac MAC] [--role host|gateway] [--ttl S] [--server HOST:PORT] [--json]
+    keyserverd host list [--json]
+    keyserverd host revoke ID
+
+``--config`` and ``--state-dir`` are accepted on the group and on every
+subcommand (the subcommand's value wins).  A bad argument or config value
+prints one line ``keyserverd: error: ...`` on stderr and exits 2; a refused
+operation (unknown host, duplicate ID) exits 1.  Never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from l2crypt.constants import KEYSERVER_TLS_NAME
+from l2crypt.errors import ConfigError, L2cryptError
+from l2crypt.frame_wire import format_mac, is_group_address, parse_mac
+from l2crypt.ks_messages import valid_host_id
+
+from .ca import ROLES, CertificateAuthority
+from .config import KeyServerConfig, load_config
+from .server import KeyServer, make_server_ssl_context
+from .service import CIPHERS, KeyService
+from .store import SqliteStore
+from .tokens import hash_token, new_token
+
+DB_FILE = "keyserver.db"
+#: click >= 8.2 raises this for a group called without a subcommand.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+PROG = "keyserverd"
+
+log = logging.getLogger("keyserverd")
+
+
+# --- options ---------------------------------------------------------------
+
+def _common_options(f):
+    f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="State directory (CA, server certificate, database).")(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="TOML config file.")(f)
+    return f
+
+
+def _serve_options(f):
+    f = click.option("--unauth-idle-s", type=float, help="Seconds a client without a certificate may stay silent.")(f)
+    f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")(f)
+    f = click.option("--server-name", "server_names", multiple=True,
+                     help="Extra DNS name or IP for the server certificate (repeatable).")(f)
+    f = click.option("--token-ttl", "token_ttl_s", type=int, help="Default token lifetime, seconds.")(f)
+    f = click.option("--cert-days", type=int, help="Validity of host certificates, days.")(f)
+    f = click.option("--cipher", type=click.Choice(CIPHERS), help="Frame AEAD the agents use.")(f)
+    f = click.option("--listen", help="HOST:PORT to listen on.")(f)
+    return f
+
+
+def _merged(ctx: click.Context, opts: dict) -> dict:
+    """Group options under subcommand options (a subcommand value wins)."""
+    merged = dict(ctx.find_root().obj or {})
+    for key, value in opts.items():
+        if value is not None and value != ():
+            merged[key] = value
+    return merged
+
+
+def _config(opts: dict) -> KeyServerConfig:
+    overrides = {
+        key: (tuple(value) if key == "server_names" else value)
+        for key, value in opts.items()
+        if key != "config_path" and value is not None and value != ()
+    }
+    return load_config(opts.get("config_path"), overrides)
+
+
+# --- commands --------------------------------------------------------------
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_common_options
+@_serve_options
+@click.pass_context
+def cli(ctx: click.Context, **opts) -> None:
+    """l2crypt key server: enrollment, ID-MAC binding and pair keys over TLS 1.3."""
+    ctx.obj = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if ctx.invoked_subcommand is None:
+        _serve(_config(ctx.obj))
+
+
+@cli.command()
+@_common_options
+@_serve_options
+@click.pass_context
+def serve(ctx: click.Context, **opts) -> None:
+    """Run the key server (the default)."""
+    _serve(_config(_merged(ctx, opts)))
+
+
+@cli.group()
+@_common_options
+@click.pass_context
+def host(ctx: click.Context, **opts) -> None:
+    """Manage hosts: add (with a one-time token), list, revoke."""
+    ctx.find_root().obj = _merged(ctx, opts)
+
+
+@host.command("add")
+@click.argument("host_id", metavar="ID")
+@click.option("--mac", help="Pin the host to this MAC (otherwise its first hello binds one).")
+@click.option("--role", type=click.Choice(ROLES), default="host", show_default=True)
+@click.option("--ttl", "ttl_s", type=click.IntRange(min=1), help="Token lifetime in seconds (default: token_ttl_s).")
+@click.option("--server", help="HOST:PORT the host should enroll against (for the printed join line).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common_options
+@click.pass_context
+def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
+    """Create a host and print its one-time enrollment token."""
+    config = _config(_merged(ctx, opts))
+    if not valid_host_id(host_id) or host_id == KEYSERVER_TLS_NAME:
+        raise click.BadParameter(
+            f"{host_id!r}: 1-64 letters, digits, '.', '-', '_', not starting with '.' or '-'",
+            param_hint="ID")
+    mac_bytes = None
+    if mac is not None:
+        try:
+            mac_bytes = parse_mac(mac)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--mac") from None
+        if is_group_address(mac_bytes):
+            raise click.BadParameter(f"{mac} is a multicast/broadcast address", param_hint="--mac")
+    if server is None:
+        server = _default_server(config)
+    ca = CertificateAuthority.open(config.state_dir)
+    now = time.time()
+    expires = now + (ttl_s if ttl_s is not None else config.token_ttl_s)
+    token = new_token()
+    store = SqliteStore.open(config.state_dir / DB_FILE, now)
+    try:
+        store.add_host(host_id, mac_bytes, role, hash_token(token), expires, now)
+    finally:
+        store.close()
+    fingerprint = ca.ca_fingerprint()
+    expires_text = _rfc3339(expires)
+    if as_json:
+        click.echo(json.dumps({"id": host_id, "token": token, "ca_fingerprint": fingerprint,
+                               "expires": expires_text}))
+        return
+    click.echo(f"host {host_id} added (role {role}{', mac ' + format_mac(mac_bytes) if mac_bytes else ''})")
+    click.echo(f"token:          {token}")
+    click.echo(f"expires:        {expires_text}")
+    click.echo(f"ca fingerprint: {fingerprint}")
+    click.echo("join with:")
+    click.echo(f"  l2crypt enroll --server {server} --id {host_id} --token {token} --ca-fingerprint {fingerprint}")
+
+
+@host.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common_options
+@click.pass_context
+def host_list(ctx, as_json, **opts) -> None:
+    """List hosts: ID, MAC, role, enrolled, revoked."""
+    config = _config(_merged(ctx, opts))
+    store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
+    try:
+        hosts = store.list_hosts()
+    finally:
+        store.close()
+    rows = [
+        {"id": h.id, "mac": format_mac(h.mac) if h.mac else None, "role": h.role,
+         "enrolled": h.enrolled, "revoked": h.revoked}
+        for h in hosts
+    ]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    header = ("ID", "MAC", "ROLE", "ENROLLED", "REVOKED")
+    table = [header] + [
+        (r["id"], r["mac"] or "-", r["role"], "yes" if r["enrolled"] else "no", "yes" if r["revoked"] else "no")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@host.command("revoke")
+@click.argument("host_id", metavar="ID")
+@_common_options
+@click.pass_context
+def host_revoke(ctx, host_id, **opts) -> None:
+    """Revoke a host: its certificate is refused from its next request on."""
+    config = _config(_merged(ctx, opts))
+    store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
+    try:
+        changed = store.revoke_host(host_id, time.time())
+    finally:
+        store.close()
+    click.echo(f"host {host_id} revoked" if changed else f"host {host_id} was already revoked")
+
+
+# --- serving ---------------------------------------------------------------
+
+def _serve(config: KeyServerConfig) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ca = CertificateAuthority.open(config.state_dir, config.server_names)
+    store = SqliteStore.open(config.state_dir / DB_FILE, time.time())
+    try:
+        server_name = config.server_names[0] if config.server_names else socket.gethostname()
+        service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days)
+        asyncio.run(_run(config, service, ca))
+    finally:
+        store.close()
+
+
+async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority) -> None:
+    server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
+                       unauth_idle_s=config.unauth_idle_s)
+    host, port = await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    line = f"{PROG}: listening on {shown} ca-fingerprint {ca.ca_fingerprint()} cipher {config.cipher}"
+    click.echo(line)
+    sys.stdout.flush()
+    log.info("%s", line.removeprefix(f"{PROG}: "))
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await server.close()
+
+
+def _default_server(config: KeyServerConfig) -> str:
+    host = config.listen_host
+    if host in ("0.0.0.0", "::"):
+        host = config.server_names[0] if config.server_names else socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{config.listen_port}"
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.datetime.fromtimestamp(int(t), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"{PROG}: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except _NO_ARGS_IS_HELP as exc:  # "keyserverd host": show its help
+        click.echo(exc.ctx.get_help())
+        sys.exit(0)
+    except click.UsageError as exc:
+        _fail(exc.format_message(), 2)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code or 1)
+    except click.Abort:
+        _fail("aborted", 130)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except L2cryptError as exc:
+        _fail(str(exc), 1)
+    except sqlite3.Error as exc:
+        _fail(f"database: {exc}", 1)
+    except OSError as exc:
+        _fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""keyserverd configuration: one frozen dataclass, loaded from one TOML file.
+
+1. ``load_config(path, overrides)`` reads the TOML file (top-level keys, no
+   tables), applies CLI overrides on top, and checks every value.
+2. A wrong value raises ``ConfigError`` naming where it came from and the key,
+   e.g. ``keyserver.toml: listen: not HOST:PORT: 'abc'`` or
+   ``--listen: not HOST:PORT: 'abc'``.
+
+Example ``/etc/l2crypt/keyserver.toml``::
+
+    listen = "0.0.0.0:7788"
+    state_dir = "/var/lib/l2crypt/keyserver"
+    cipher = "aes-256-gcm"
+    cert_days = 365
+    token_ttl_s = 86400
+    server_names = ["ks1.example.net", "192.0.2.10"]
+    log_level = "info"
+    unauth_idle_s = 10.0
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from l2crypt.constants import DEFAULT_KEYSERVER_PORT
+from l2crypt.errors import ConfigError
+
+from .service import CIPHERS, DEFAULT_CIPHER
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_STATE_DIR = Path("/var/lib/l2crypt/keyserver")
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class KeyServerConfig:
+    """Settings of one keyserverd.  Every field has a CLI override."""
+
+    #: HOST:PORT to listen on (``[v6addr]:port`` for IPv6; port 0 picks a free one).
+    listen: str = f"0.0.0.0:{DEFAULT_KEYSERVER_PORT}"
+    #: Directory of the CA, the server certificate and the SQLite database.
+    state_dir: Path = DEFAULT_STATE_DIR
+    #: AEAD the agents use for frames: "aes-256-gcm" or "chacha20-poly1305".
+    cipher: str = DEFAULT_CIPHER
+    #: Validity of issued host certificates, in days.
+    cert_days: int = 365
+    #: Lifetime of a ``host add`` token, in seconds.
+    token_ttl_s: int = 86400
+    #: Extra DNS names / IP addresses in the server certificate's SAN.
+    server_names: tuple[str, ...] = ()
+    #: Logging level: debug, info, warning or error.
+    log_level: str = "info"
+    #: Seconds a connection without a client certificate may stay silent.
+    unauth_idle_s: float = 10.0
+
+    @property
+    def listen_host(self) -> str:
+        return parse_hostport(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return parse_hostport(self.listen)[1]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError with the reason."""
+    if not isinstance(text, str):
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
+    if not m:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ValueError(f"port out of range: {text!r}")
+    if m.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address: {text!r}") from None
+    return host, port
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"not a string: {name!r}")
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.rstrip(".").split(".")):
+        raise ValueError(f"not a DNS name or IP address: {name!r}")
+    return name.rstrip(".").lower()
+
+
+def _check(key: str, value: Any) -> Any:
+    """Check and normalise one field; ValueError with the reason."""
+    if key == "listen":
+        parse_hostport(value)
+        return value
+    if key == "state_dir":
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise ValueError(f"not a path: {value!r}")
+        return Path(value)
+    if key == "cipher":
+        if value not in CIPHERS:
+            raise ValueError(f"must be one of {', '.join(CIPHERS)}, not {value!r}")
+        return value
+    if key in ("cert_days", "token_ttl_s"):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"not a positive integer: {value!r}")
+        return value
+    if key == "unauth_idle_s":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"not a positive number: {value!r}")
+        return float(value)
+    if key == "server_names":
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"not a list of names: {value!r}")
+        return tuple(_check_name(n) for n in value)
+    if key == "log_level":
+        if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return value.lower()
+    raise KeyError(key)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(KeyServerConfig))
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> KeyServerConfig:
+    """Read ``path`` (if given), apply ``overrides`` (field name -> value; None
+    means "not given"), check everything and return the config."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        where = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        for key, value in data.items():
+            if key not in FIELD_NAMES:
+                raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(FIELD_NAMES)})")
+            try:
+                values[key] = _check(key, value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: {exc}") from None
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in FIELD_NAMES:
+            raise ConfigError(f"unknown setting {key!r}")
+        try:
+            values[key] = _check(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
+    return KeyServerConfig(**values)

@@ -1,0 +1,211 @@
+"""The TLS 1.3 front of the key server: sockets in, ``KeyService`` calls out.
+
+1. ``make_server_ssl_context(ca)`` builds a TLS 1.3-only server context that
+   presents ``server.crt`` and asks for (but does not require) a client
+   certificate signed by our CA.
+2. ``KeyServer.start()`` listens.  Each connection gets a ``Session`` (identity
+   = CN of the verified client certificate, or None) and a ``FrameReader``.
+3. Every whole message goes to ``KeyService.handle``; its actions are a reply
+   on this connection, a push to every live connection of a host, or a close.
+4. A malformed or oversized message, a silent unauthenticated client (after
+   ``unauth_idle_s``), a client that does not read its pushes, or any error in
+   one connection closes that connection only, with a logged reason.  The
+   server keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+
+from l2crypt.errors import LocalError, RemoteProtocolError
+from l2crypt.ks_messages import FrameReader, encode_message
+
+from .ca import CertificateAuthority
+from .service import KeyService, Session
+
+log = logging.getLogger("keyserverd")
+
+READ_CHUNK = 65536
+#: A connection whose unsent output grows past this is closed (it is not reading).
+MAX_WRITE_BUFFER_BYTES = 1 << 20
+HANDSHAKE_TIMEOUT_S = 10.0
+#: A client that leaves our replies unread this long is dropped.
+DRAIN_TIMEOUT_S = 30.0
+
+
+def make_server_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_cert_chain(ca.server_cert_path, ca.server_key_path)
+    ctx.load_verify_locations(cafile=str(ca.ca_cert_path))
+    return ctx
+
+
+def identity_of(peercert: dict | None) -> str | None:
+    """The CN of a verified peer certificate (``SSLSocket.getpeercert()``), or None."""
+    if not peercert:
+        return None
+    for rdn in peercert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return value
+    return None
+
+
+class _Conn:
+    """One client connection.  Owned by its ``KeyServer._serve`` task."""
+
+    def __init__(self, session: Session, writer: asyncio.StreamWriter):
+        self.session = session
+        self.writer = writer
+        self.reader = FrameReader()
+
+    def send(self, msg: dict) -> bool:
+        """Queue one message; False (and the connection is closed) if it cannot be sent."""
+        if self.writer.is_closing():
+            return False
+        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
+            log.warning("closing connection of %s: it does not read its messages", self.session.who)
+            self.writer.close()
+            return False
+        self.writer.write(encode_message(msg))
+        return True
+
+
+class KeyServer:
+    """Accepts TLS connections and runs the key service for them."""
+
+    def __init__(self, service: KeyService, ssl_context: ssl.SSLContext, host: str, port: int,
+                 unauth_idle_s: float = 10.0):
+        self.service = service
+        self._ssl = ssl_context
+        self._host, self._port = host, port
+        self.unauth_idle_s = unauth_idle_s
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[_Conn] = set()
+        #: host ID -> its live connections, for pushes.  Owned by ``_serve``.
+        self._by_host: dict[str, set[_Conn]] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; return the bound (host, port) (useful with port 0)."""
+        try:
+            self._server = await asyncio.start_server(
+                self._accept, self._host, self._port, ssl=self._ssl,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, reuse_address=True,
+            )
+        except OSError as exc:
+            raise LocalError(f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}") from None
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
+        identity = identity_of(writer.get_extra_info("peercert"))
+        conn = _Conn(Session(identity=identity, peer=peer), writer)
+        self._conns.add(conn)
+        if identity is not None:
+            self._by_host.setdefault(identity, set()).add(conn)
+        log.debug("connection from %s as %s", peer, identity or "unauthenticated")
+        reason = "closed by client"
+        try:
+            while True:
+                timeout = self.unauth_idle_s if identity is None else None
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+                except asyncio.TimeoutError:
+                    reason = f"unauthenticated and idle for {self.unauth_idle_s:g} s"
+                    log.info("closing connection of %s: %s", conn.session.who, reason)
+                    break
+                if not data:
+                    break
+                try:
+                    msgs = conn.reader.feed(data)
+                except RemoteProtocolError as exc:
+                    reason = f"{exc.code}: {exc}"
+                    log.warning("closing connection of %s: %s", conn.session.who, reason)
+                    break
+                keep_open = self._dispatch(conn, msgs)
+                await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
+                if not keep_open:
+                    reason = "closed by server"
+                    break
+        except asyncio.CancelledError:
+            reason = "server shutting down"
+        except asyncio.TimeoutError:
+            reason = "client does not read"
+            log.warning("closing connection of %s: %s", conn.session.who, reason)
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        except Exception:  # a bug must not take the server down
+            log.exception("closing connection of %s after an internal error", conn.session.who)
+            reason = "internal error"
+        finally:
+            self._forget(conn)
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, ssl.SSLError, OSError):
+                pass
+            log.debug("connection of %s ended: %s", conn.session.who, reason)
+
+    def _dispatch(self, conn: _Conn, msgs: list[dict]) -> bool:
+        """Run each message through the service; False when the connection must close."""
+        for msg in msgs:
+            try:
+                actions = self.service.handle(conn.session, msg, now=time.time())
+            except Exception:
+                log.exception("internal error on %s from %s", msg.get("t"), conn.session.who)
+                actions = [("reply", {"t": "error", "rid": msg.get("rid", 0), "code": "internal",
+                                      "msg": "internal error; see the key server log"})]
+            for target, out in actions:
+                if target == "reply":
+                    conn.send(out)
+                elif target == "close":
+                    return False
+                elif isinstance(target, tuple) and target[0] == "push":
+                    for other in list(self._by_host.get(target[1], ())):
+                        other.send(out)
+        return True
+
+    def _forget(self, conn: _Conn) -> None:
+        self._conns.discard(conn)
+        if conn.session.identity is not None:
+            conns = self._by_host.get(conn.session.identity)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self._by_host[conn.session.identity]

@@ -1,0 +1,334 @@
+"""The key server's durable state: hosts (the ID-MAC table), pair keys
+(the ID-ID-KEY table) and multicast keys.
+
+1. ``SqliteStore.open(path)`` opens (or creates, mode 0600) the database in WAL
+   mode with ``synchronous=FULL`` and applies any pending migrations from
+   ``MIGRATIONS``; the first start also creates multicast key PW_ID 1.
+2. Every write runs in its own ``BEGIN IMMEDIATE`` transaction and is
+   committed before the method returns, so a caller that answers a client
+   after the call never acknowledges something a crash could lose.
+3. Tokens are stored only as their SHA-256 (``tokens.hash_token``); keys are
+   32 bytes from ``secrets.token_bytes``.
+
+``KeyStore`` is the narrow interface the service uses; a PostgreSQL store for
+several keyserverd instances implements the same methods later.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from l2crypt.errors import LocalError, RefusedError
+from l2crypt.frame_wire import format_mac
+
+KEY_BYTES = 32
+FIRST_PW_ID = 1
+
+#: Schema migrations; ``schema_version.version`` is how many have run.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE hosts (
+        id            TEXT PRIMARY KEY,
+        mac           BLOB UNIQUE,
+        role          TEXT NOT NULL CHECK (role IN ('host', 'gateway')),
+        token_hash    BLOB,
+        token_expires REAL,
+        token_used    INTEGER NOT NULL DEFAULT 0,
+        enrolled_at   REAL,
+        revoked_at    REAL,
+        created_at    REAL NOT NULL
+    );
+    CREATE TABLE pair_keys (
+        id1        TEXT NOT NULL,
+        id2        TEXT NOT NULL,
+        pw_id      INTEGER NOT NULL,
+        key        BLOB NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (id1, id2, pw_id),
+        CHECK (id1 < id2)
+    );
+    CREATE TABLE multicast_keys (
+        pw_id      INTEGER PRIMARY KEY,
+        key        BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """One row of the ID-MAC table.  Times are Unix seconds, None when unset."""
+
+    id: str
+    mac: bytes | None
+    role: str
+    token_expires: float | None
+    token_used: bool
+    enrolled_at: float | None
+    revoked_at: float | None
+    created_at: float
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def enrolled(self) -> bool:
+        return self.enrolled_at is not None
+
+
+class KeyStore(Protocol):
+    """What the key service needs from a store.  Every write is durable on return."""
+
+    def add_host(self, host_id: str, mac: bytes | None, role: str, token_hash: bytes,
+                 token_expires: float, now: float) -> None:
+        """Create a host waiting for enrollment; LocalError if the ID or MAC is taken."""
+
+    def get_host(self, host_id: str) -> HostRecord | None:
+        """The host's record, or None."""
+
+    def list_hosts(self) -> list[HostRecord]:
+        """All hosts, ordered by ID."""
+
+    def revoke_host(self, host_id: str, now: float) -> bool:
+        """Mark revoked; False if it already was.  LocalError for an unknown ID."""
+
+    def consume_token(self, host_id: str, token_hash: bytes, now: float) -> HostRecord:
+        """Spend the host's one-time token atomically, or raise RefusedError with
+        code bad_token (unknown ID or wrong token), token_used, token_expired or revoked."""
+
+    def mark_enrolled(self, host_id: str, now: float) -> None:
+        """Record that a certificate was issued."""
+
+    def bind_mac(self, host_id: str, mac: bytes) -> None:
+        """Bind ``mac`` to ``host_id``, or raise RefusedError code mac_conflict."""
+
+    def host_by_mac(self, mac: bytes) -> HostRecord | None:
+        """The host bound to ``mac``, or None."""
+
+    def get_or_create_pair_key(self, id_a: str, id_b: str, now: float) -> tuple[bytes, int]:
+        """The newest (key, pw_id) of the pair, created atomically on first use."""
+
+    def current_multicast_key(self) -> tuple[bytes, int]:
+        """The newest (key, pw_id) of the multicast key."""
+
+    def is_revoked(self, host_id: str) -> bool:
+        """True if the host is revoked or unknown (fail closed)."""
+
+    def close(self) -> None:
+        """Release the store."""
+
+
+_HOST_COLUMNS = "id, mac, role, token_expires, token_used, enrolled_at, revoked_at, created_at"
+
+
+def _host(row) -> HostRecord | None:
+    if row is None:
+        return None
+    return HostRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
+
+
+class SqliteStore:
+    """SQLite implementation of ``KeyStore``.  One connection, one thread (the
+    event loop, or the CLI); other processes may open the same file."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path):
+        self._db = db
+        self.path = path
+
+    # --- 1. open and migrate -------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | str, now: float, create: bool = True) -> "SqliteStore":
+        """Open the database; with ``create=False`` a missing file is a LocalError."""
+        path = Path(path)
+        try:
+            if not path.exists():
+                if not create:
+                    raise LocalError(
+                        f"no key server database at {path} (wrong --state-dir? 'keyserverd host add' creates it)"
+                    )
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            store = cls(db, path)
+            store._migrate()
+            store._ensure_multicast_key(now)
+        except sqlite3.Error as exc:
+            raise LocalError(f"database {path}: {exc}") from None
+        except OSError as exc:
+            raise LocalError(f"database {path}: {exc.strerror or exc}") from None
+        return store
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self):
+        return _Transaction(self._db)
+
+    def schema_version(self) -> int:
+        return self._db.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        with self._write():
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            if self._db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
+                self._db.execute("INSERT INTO schema_version VALUES (0)")
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise LocalError(
+                f"database {self.path} has schema version {version}; this keyserverd knows "
+                f"up to {SCHEMA_VERSION}"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._write():
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("UPDATE schema_version SET version = ?", (number + 1,))
+
+    def _ensure_multicast_key(self, now: float) -> None:
+        with self._write():
+            self._db.execute(
+                "INSERT OR IGNORE INTO multicast_keys (pw_id, key, created_at) "
+                "SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM multicast_keys)",
+                (FIRST_PW_ID, secrets.token_bytes(KEY_BYTES), now),
+            )
+
+    # --- hosts ---------------------------------------------------------------
+    def add_host(self, host_id, mac, role, token_hash, token_expires, now) -> None:
+        with self._write():
+            if self._db.execute("SELECT 1 FROM hosts WHERE id = ?", (host_id,)).fetchone():
+                raise LocalError(f"host {host_id!r} already exists")
+            if mac is not None:
+                other = self._db.execute("SELECT id FROM hosts WHERE mac = ?", (mac,)).fetchone()
+                if other:
+                    raise LocalError(f"MAC {format_mac(mac)} is already bound to host {other[0]!r}")
+            self._db.execute(
+                "INSERT INTO hosts (id, mac, role, token_hash, token_expires, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (host_id, mac, role, token_hash, token_expires, now),
+            )
+
+    def get_host(self, host_id) -> HostRecord | None:
+        row = self._db.execute(f"SELECT {_HOST_COLUMNS} FROM hosts WHERE id = ?", (host_id,)).fetchone()
+        return _host(row)
+
+    def list_hosts(self) -> list[HostRecord]:
+        rows = self._db.execute(f"SELECT {_HOST_COLUMNS} FROM hosts ORDER BY id").fetchall()
+        return [_host(r) for r in rows]
+
+    def revoke_host(self, host_id, now) -> bool:
+        with self._write():
+            row = self._db.execute("SELECT revoked_at FROM hosts WHERE id = ?", (host_id,)).fetchone()
+            if row is None:
+                raise LocalError(f"no host {host_id!r}")
+            if row[0] is not None:
+                return False
+            self._db.execute("UPDATE hosts SET revoked_at = ? WHERE id = ?", (now, host_id))
+            return True
+
+    def is_revoked(self, host_id) -> bool:
+        row = self._db.execute("SELECT revoked_at FROM hosts WHERE id = ?", (host_id,)).fetchone()
+        return row is None or row[0] is not None
+
+    # --- enrollment ----------------------------------------------------------
+    def consume_token(self, host_id, token_hash, now) -> HostRecord:
+        with self._write():
+            row = self._db.execute(
+                "SELECT token_hash, token_expires, token_used, revoked_at FROM hosts WHERE id = ?",
+                (host_id,),
+            ).fetchone()
+            if row is None or row[0] is None:
+                raise RefusedError(f"no host {host_id!r} is waiting for enrollment", "bad_token")
+            stored_hash, expires, used, revoked_at = row
+            if revoked_at is not None:
+                raise RefusedError(f"host {host_id!r} is revoked", "revoked")
+            if not hmac.compare_digest(stored_hash, token_hash):
+                raise RefusedError(f"wrong token for host {host_id!r}", "bad_token")
+            if used:
+                raise RefusedError(f"the token for host {host_id!r} was already used", "token_used")
+            if expires is not None and now >= expires:
+                raise RefusedError(f"the token for host {host_id!r} has expired", "token_expired")
+            self._db.execute("UPDATE hosts SET token_used = 1 WHERE id = ?", (host_id,))
+        return self.get_host(host_id)
+
+    def mark_enrolled(self, host_id, now) -> None:
+        with self._write():
+            self._db.execute("UPDATE hosts SET enrolled_at = ? WHERE id = ?", (now, host_id))
+
+    # --- ID-MAC table --------------------------------------------------------
+    def bind_mac(self, host_id, mac) -> None:
+        with self._write():
+            row = self._db.execute("SELECT mac FROM hosts WHERE id = ?", (host_id,)).fetchone()
+            if row is None:
+                raise RefusedError(f"no host {host_id!r}", "revoked")
+            if row[0] == mac:
+                return
+            if row[0] is not None:
+                raise RefusedError(
+                    f"host {host_id!r} is bound to {format_mac(row[0])}, not {format_mac(mac)}", "mac_conflict"
+                )
+            other = self._db.execute("SELECT id FROM hosts WHERE mac = ?", (mac,)).fetchone()
+            if other is not None:
+                raise RefusedError(f"MAC {format_mac(mac)} is bound to another host", "mac_conflict")
+            self._db.execute("UPDATE hosts SET mac = ? WHERE id = ?", (mac, host_id))
+
+    def host_by_mac(self, mac) -> HostRecord | None:
+        row = self._db.execute(f"SELECT {_HOST_COLUMNS} FROM hosts WHERE mac = ?", (mac,)).fetchone()
+        return _host(row)
+
+    # --- ID-ID-KEY table and multicast key -----------------------------------
+    def get_or_create_pair_key(self, id_a, id_b, now) -> tuple[bytes, int]:
+        if id_a == id_b:
+            raise LocalError("a pair key needs two different host IDs")
+        id1, id2 = sorted((id_a, id_b))
+        with self._write():
+            row = self._newest_pair_key(id1, id2)
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO pair_keys (id1, id2, pw_id, key, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (id1, id2, FIRST_PW_ID, secrets.token_bytes(KEY_BYTES), now),
+                )
+                row = self._newest_pair_key(id1, id2)
+        return bytes(row[0]), row[1]
+
+    def _newest_pair_key(self, id1, id2):
+        return self._db.execute(
+            "SELECT key, pw_id FROM pair_keys WHERE id1 = ? AND id2 = ? ORDER BY pw_id DESC LIMIT 1",
+            (id1, id2),
+        ).fetchone()
+
+    def current_multicast_key(self) -> tuple[bytes, int]:
+        row = self._db.execute(
+            "SELECT key, pw_id FROM multicast_keys ORDER BY pw_id DESC LIMIT 1"
+        ).fetchone()
+        return bytes(row[0]), row[1]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK`` on any exception)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+        return False

@@ -1,0 +1,204 @@
+"""keyserverd over real TLS 1.3 on 127.0.0.1: enrollment with a real CSR, then
+hello, key_req and the push to the peer; bad clients only hurt themselves.
+
+    client (no cert) --ca--> keyserverd          check the fingerprint
+    client (verifies CA) --enroll(CSR)-->         get host.crt
+    host a (cert) --hello, key_req(b)-->          key; host b gets the push
+"""
+
+import asyncio
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from keyserverd.ca import CertificateAuthority, fingerprint_of
+from keyserverd.server import KeyServer, make_server_ssl_context
+from keyserverd.service import KeyService
+from keyserverd.store import SqliteStore
+from keyserverd.tokens import hash_token, new_token
+from l2crypt.constants import KEYSERVER_TLS_NAME
+from l2crypt.ks_messages import LENGTH, FrameReader, encode_message
+
+STEP_S = 5.0  # bound on every network wait
+MAC_A = bytes.fromhex("020000000001")
+MAC_B = bytes.fromhex("020000000002")
+
+
+class Client:
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.frames = FrameReader()
+        self.pending: list[dict] = []
+
+    @classmethod
+    async def connect(cls, port, ca_pem=None, cert_files=None):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        if ca_pem is None:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx.load_verify_locations(cadata=ca_pem.decode())
+        if cert_files:
+            ctx.load_cert_chain(*cert_files)
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME), STEP_S)
+        return cls(r, w)
+
+    async def send(self, msg):
+        self.writer.write(encode_message(msg))
+        await self.writer.drain()
+
+    async def recv(self):
+        while not self.pending:
+            data = await asyncio.wait_for(self.reader.read(65536), STEP_S)
+            if not data:
+                raise EOFError
+            self.pending += self.frames.feed(data)
+        return self.pending.pop(0)
+
+    async def call(self, msg):
+        await self.send(msg)
+        return await self.recv()
+
+    async def closed_by_server(self) -> bool:
+        try:
+            while True:
+                if not await asyncio.wait_for(self.reader.read(65536), STEP_S):
+                    return True
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self):
+        self.writer.close()
+
+
+def new_identity(tmp_path, name):
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_path = tmp_path / f"{name}.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+           .sign(key, hashes.SHA256()))
+    return key_path, csr.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def keyserver(tmp_path):
+    """(state, run) where run(coro_fn) starts a server on an ephemeral port and awaits coro_fn(port)."""
+    state = tmp_path / "ks"
+    ca = CertificateAuthority.open(state, ())
+    store = SqliteStore.open(state / "keyserver.db", 0)
+    tokens = {}
+    for host_id in ("a", "b"):
+        tokens[host_id] = new_token()
+        store.add_host(host_id, None, "host", hash_token(tokens[host_id]), 4e9, 0)
+    service = KeyService(store, "aes-256-gcm", "ks-test", ca)
+
+    def run(body):
+        async def main():
+            server = KeyServer(service, make_server_ssl_context(ca), "127.0.0.1", 0, unauth_idle_s=0.5)
+            _, port = await server.start()
+            try:
+                await asyncio.wait_for(body(port), 30)
+            finally:
+                await server.close()
+
+        asyncio.run(main())
+
+    yield ca, store, tokens, run
+    store.close()
+
+
+async def enroll(tmp_path, port, host_id, token, expected_fp):
+    """What the agent does: fetch the CA unverified, pin it, then enroll verified."""
+    c = await Client.connect(port)
+    ca_msg = await c.call({"t": "ca", "rid": 1})
+    c.close()
+    assert fingerprint_of(ca_msg["cert"]) == expected_fp
+    key_path, csr = new_identity(tmp_path, host_id)
+    c = await Client.connect(port, ca_pem=ca_msg["cert"])
+    out = await c.call({"t": "enroll", "rid": 2, "id": host_id, "token": token, "csr": csr})
+    c.close()
+    assert out["t"] == "enrolled", out
+    cert_path = tmp_path / f"{host_id}.crt"
+    cert_path.write_bytes(out["cert"])
+    return ca_msg["cert"], (cert_path, key_path)
+
+
+def test_enroll_hello_key_req_and_push(tmp_path, keyserver):
+    ca, store, tokens, run = keyserver
+
+    async def body(port):
+        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
+        _, files_b = await enroll(tmp_path, port, "b", tokens["b"], ca.ca_fingerprint())
+        a = await Client.connect(port, ca_pem, files_a)
+        b = await Client.connect(port, ca_pem, files_b)
+        welcome = await a.call({"t": "hello", "rid": 1, "mac": MAC_A})
+        assert welcome["t"] == "welcome" and welcome["id"] == "a" and welcome["cipher"] == "aes-256-gcm"
+        assert (await b.call({"t": "hello", "rid": 1, "mac": MAC_B}))["t"] == "welcome"
+        key = await a.call({"t": "key_req", "rid": 2, "peer_mac": MAC_B, "my_mac": MAC_A})
+        assert key["t"] == "key" and key["peer_id"] == "b" and key["pw_id"] == 1
+        push = await b.recv()
+        assert push == {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a",
+                        "key": key["key"], "pw_id": 1}
+        # a claims b's MAC as its own: refused, connection kept
+        bad = await a.call({"t": "key_req", "rid": 3, "peer_mac": MAC_B, "my_mac": MAC_B})
+        assert bad["code"] == "forbidden"
+        assert (await a.call({"t": "ping", "rid": 4})) == {"t": "pong", "rid": 4}
+        # an unauthenticated client cannot say hello
+        anon = await Client.connect(port, ca_pem)
+        assert (await anon.call({"t": "hello", "rid": 1, "mac": MAC_A}))["code"] == "unauthenticated"
+        anon.close()
+        # revocation: the next request is refused and the connection closed
+        store.revoke_host("b", 1)
+        assert (await b.call({"t": "ping", "rid": 5}))["code"] == "revoked"
+        assert await b.closed_by_server()
+        for c in (a, b):
+            c.close()
+
+    run(body)
+
+
+def test_malformed_and_idle_clients_do_not_hurt_others(tmp_path, keyserver):
+    ca, store, tokens, run = keyserver
+
+    async def body(port):
+        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
+        good = await Client.connect(port, ca_pem, files_a)
+        assert (await good.call({"t": "hello", "rid": 1, "mac": MAC_A}))["t"] == "welcome"
+
+        garbage = await Client.connect(port, ca_pem)
+        garbage.writer.write(LENGTH.pack(5) + b"\xc1\xc1\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
+        assert await garbage.closed_by_server()
+
+        huge = await Client.connect(port, ca_pem, files_a)
+        huge.writer.write(LENGTH.pack(10_000_000))
+        assert await huge.closed_by_server()
+
+        silent = await Client.connect(port, ca_pem)
+        assert await silent.closed_by_server()  # unauth_idle_s = 0.5
+
+        # a certificate from some other CA never gets in
+        other = CertificateAuthority.open(tmp_path / "other", ())
+        key_path, csr = new_identity(tmp_path, "mallory")
+        (tmp_path / "mallory.crt").write_bytes(other.sign_csr(csr, "a"))
+        try:
+            intruder = await Client.connect(port, ca_pem, (tmp_path / "mallory.crt", key_path))
+            await intruder.send({"t": "ping", "rid": 1})
+            assert await intruder.closed_by_server()
+        except (ssl.SSLError, ConnectionError):
+            pass
+
+        assert (await good.call({"t": "ping", "rid": 2})) == {"t": "pong", "rid": 2}
+        fresh = await Client.connect(port)
+        assert (await fresh.call({"t": "ca", "rid": 1}))["t"] == "ca_cert"
+        for c in (good, garbage, huge, silent, fresh):
+            c.close()
+
+    run(body)

@@ -1,0 +1,103 @@
+"""Key-server message framing: round trips, truncation, wrong lengths, limits, fuzz."""
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from l2crypt import ks_messages as km
+from l2crypt.constants import MAX_MESSAGE_BYTES
+from l2crypt.errors import LocalError, RemoteProtocolError
+
+MAC = bytes.fromhex("020000000001")
+KEY = bytes(range(32))
+
+EXAMPLES = [
+    {"t": "ca", "rid": 1},
+    {"t": "enroll", "rid": 2, "id": "h1", "token": "abcdef.0123456789abcdef", "csr": b"-----BEGIN"},
+    {"t": "hello", "rid": 3, "mac": MAC},
+    {"t": "key_req", "rid": 4, "peer_mac": MAC},
+    {"t": "key_req", "rid": 4, "peer_mac": MAC, "my_mac": MAC},
+    {"t": "ping", "rid": 5},
+    {"t": "ca_cert", "rid": 1, "cert": b"pem"},
+    {"t": "enrolled", "rid": 2, "cert": b"pem", "ca": b"pem"},
+    {"t": "welcome", "rid": 3, "id": "h1", "mac": MAC, "cipher": "aes-256-gcm",
+     "multicast_key": KEY, "multicast_pw_id": 1, "server": "ks1"},
+    {"t": "key", "rid": 0, "peer_mac": MAC, "peer_id": "h2", "key": KEY, "pw_id": 7},
+    {"t": "unknown", "rid": 4, "peer_mac": MAC},
+    {"t": "multicast", "rid": 0, "key": KEY, "pw_id": 2},
+    {"t": "pong", "rid": 5},
+    {"t": "error", "rid": 4, "code": "forbidden", "msg": "no"},
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m["t"])
+def test_round_trip(msg):
+    assert km.decode_message(km.encode_message(msg)) == msg
+
+
+def test_stream_split_anywhere():
+    data = b"".join(km.encode_message(m) for m in EXAMPLES)
+    for cut in range(0, len(data), 7):
+        reader = km.FrameReader()
+        got = reader.feed(data[:cut]) + reader.feed(data[cut:])
+        assert got == EXAMPLES
+
+
+def test_truncated_is_not_a_message():
+    data = km.encode_message(EXAMPLES[2])
+    with pytest.raises(RemoteProtocolError):
+        km.decode_message(data[:-1])
+
+
+@pytest.mark.parametrize("bad", [
+    {"t": "hello", "rid": 1, "mac": b"\x00" * 5},               # wrong MAC length
+    {"t": "key", "rid": 1, "peer_mac": MAC, "peer_id": "h", "key": b"k" * 31, "pw_id": 1},
+    {"t": "hello", "rid": -1, "mac": MAC},                      # negative rid
+    {"t": "hello", "rid": True, "mac": MAC},                    # bool is not an int here
+    {"t": "hello", "rid": 1},                                   # missing field
+    {"t": "hello", "rid": 1, "mac": MAC, "id": "x"},            # extra field
+    {"t": "teleport", "rid": 1},                                # unknown type
+    {"t": "enroll", "rid": 1, "id": "../etc", "token": "t", "csr": b""},  # bad ID
+    [1, 2, 3],                                                  # not a map
+])
+def test_wrong_shapes_are_refused(bad):
+    body = msgpack.packb(bad, use_bin_type=True)
+    with pytest.raises(RemoteProtocolError):
+        km.decode_message(km.LENGTH.pack(len(body)) + body)
+    if isinstance(bad, dict):
+        with pytest.raises(LocalError):
+            km.encode_message(bad)
+
+
+def test_oversized_length_is_refused_before_the_body_arrives():
+    reader = km.FrameReader()
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.feed(km.LENGTH.pack(MAX_MESSAGE_BYTES + 1))
+    assert info.value.code == "oversized"
+
+
+def test_garbage_body():
+    with pytest.raises(RemoteProtocolError):
+        km.decode_message(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_reader_only_raises_protocol_errors(data):
+    reader = km.FrameReader()
+    try:
+        for msg in reader.feed(data):
+            assert msg["t"] in km.SCHEMA
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["t", "rid", "mac", "peer_mac", "id", "key", "x"]),
+                       st.one_of(st.integers(-2**63, 2**64 - 1), st.binary(max_size=40), st.text(max_size=10), st.none())))
+def test_fuzz_maps_only_raise_protocol_errors(msg):
+    body = msgpack.packb(msg, use_bin_type=True)
+    try:
+        km.decode_message(km.LENGTH.pack(len(body)) + body)
+    except RemoteProtocolError:
+        pass

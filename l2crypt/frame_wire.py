@@ -1,4 +1,4 @@
-"""Wire format of an l2crypt data frame.
+r"""Wire format of an l2crypt data frame.
 
 Layout (offsets in bytes)::
 

@@ -1,0 +1,33 @@
+"""The lab fixture shared by the namespace tests (see test_segment.py for the drawing)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import skip_reason  # noqa: E402
+
+from l2crypt import lab as L  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A running lab (key server, switch, h1-h3, intruder), captured from before the agents."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # SIGINT, SIGTERM and SIGHUP become KeyboardInterrupt (in this process only,
+    # never in a forked child), so this finalizer runs; an atexit hook in
+    # l2crypt.lab is the last resort.
+    L.install_signal_cleanup()
+    the_lab = L.Lab(state_dir=tmp_path_factory.mktemp("lab"), capture_from_start=True)
+    try:
+        the_lab.up(timeout_s=90)
+        the_lab.add_intruder()
+        yield the_lab
+    finally:
+        the_lab.down()

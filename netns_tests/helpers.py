@@ -1,0 +1,172 @@
+"""Small helpers for the namespace tests: waits, pcaps, frames, iperf3, a raw key-server client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pyroute2 import netns
+
+from l2crypt import lab as L
+from l2crypt.constants import KEYSERVER_TLS_NAME
+from l2crypt.frame_wire import parse_mac
+from l2crypt.ks_messages import FrameReader, encode_message
+
+T = TypeVar("T")
+
+REQUIRED_TOOLS = ("ip", "tcpdump", "iperf3", "ping")
+
+
+def skip_reason() -> str | None:
+    """Why the lab tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the namespace tests need root (they create netns, veth, bridges and TAPs)"
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
+    bin_dir = Path(os.sys.executable).parent
+    for cmd in ("l2crypt", "keyserverd"):
+        if not (bin_dir / cmd).exists():
+            return f"{bin_dir / cmd} is missing: install the project (pip install -e .)"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "no network namespace support"
+    return None
+
+
+def wait_for(what: str, probe: Callable[[], T], timeout_s: float = 10.0, every_s: float = 0.2) -> T:
+    """Call ``probe`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+# --- status ------------------------------------------------------------------------
+
+
+def drops_total(status: dict) -> int:
+    return sum(status.get("drops", {}).values())
+
+
+def drop(status: dict, reason: str) -> int:
+    return status.get("drops", {}).get(reason, 0)
+
+
+def peer(status: dict, mac: str) -> dict | None:
+    return next((p for p in status.get("peers", []) if p["mac"].lower() == mac.lower()), None)
+
+
+# --- frames ------------------------------------------------------------------------
+
+
+def mac_bytes(mac: str) -> bytes:
+    return parse_mac(mac)
+
+
+def l2c_frames(frames: list[bytes], src: str | None = None, dst: str | None = None) -> list[bytes]:
+    """The l2crypt frames among ``frames``, optionally from/to the given MACs."""
+    out = []
+    for f in frames:
+        if len(f) < 14 or int.from_bytes(f[12:14], "big") != L.L2C_ETHERTYPE:
+            continue
+        if dst is not None and f[0:6] != mac_bytes(dst):
+            continue
+        if src is not None and f[6:12] != mac_bytes(src):
+            continue
+        out.append(f)
+    return out
+
+
+def forged_frame(dst: str, src: str, pw_id: int, body: bytes) -> bytes:
+    """An l2crypt-shaped frame (version 1, pair key id) whose body is not sealed by any key."""
+    header = (L.L2C_ETHERTYPE.to_bytes(2, "big") + bytes([1, 1]) + pw_id.to_bytes(4, "big")
+              + (0xFFFF_0000_0000_0000 | int.from_bytes(os.urandom(4), "big")).to_bytes(8, "big"))
+    return mac_bytes(dst) + mac_bytes(src) + header + body
+
+
+# --- traffic -----------------------------------------------------------------------
+
+
+def ping(lab: L.Lab, src: str, dst_addr: str, count: int = 3, extra: list[str] | None = None,
+         timeout: float = 20.0):
+    v6 = ":" in dst_addr
+    argv = ["ping", "-6" if v6 else "-4", "-c", str(count), "-i", "0.2", "-W", "2",
+            *(extra or []), dst_addr]
+    return lab.exec(src, argv, timeout=timeout)
+
+
+def listening(pid: int, port: int) -> bool:
+    """True when ``pid`` (in its own netns) has a TCP socket listening on ``port``."""
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for ln in lines:
+            f = ln.split()
+            if f[1].endswith(f":{port:04X}") and f[3] == "0A":
+                return True
+    return False
+
+
+def iperf3(lab: L.Lab, client: str, server: str, seconds: float = 3, port: int = 5201) -> dict:
+    """One TCP stream client -> server for ``seconds``; returns iperf3's JSON."""
+    import json
+
+    srv = lab.popen(server, ["iperf3", "-s", "-1", "-B", L.tap_ipv4(server), "-p", str(port)],
+                    name=f"iperf3-server-{server}-{port}")
+    try:
+        wait_for("iperf3 server", lambda: listening(srv.pid, port), timeout_s=10)
+        res = lab.exec(client, ["iperf3", "-c", L.tap_ipv4(server), "-p", str(port),
+                                "-t", str(seconds), "-J"], timeout=seconds + 20)
+        assert res.returncode == 0, f"iperf3 {client}->{server} failed: {res.stdout[-1500:]}{res.stderr}"
+        return json.loads(res.stdout)
+    finally:
+        lab.stop(srv)
+
+
+# --- a raw key-server client ---------------------------------------------------------
+
+
+class KeyServerClient:
+    """Speaks the key-server protocol with a host's certificate, from inside a netns."""
+
+    def __init__(self, ns: str, server: str, cert_dir: Path, timeout_s: float = 10.0):
+        host, port = server.rsplit(":", 1)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(cert_dir / "ca.crt")
+        ctx.load_cert_chain(cert_dir / "host.crt", cert_dir / "host.key")
+        raw = netns.create_socket(ns, socket.AF_INET, socket.SOCK_STREAM, flags=0)
+        raw.settimeout(timeout_s)
+        raw.connect((host, int(port)))
+        self.sock = ctx.wrap_socket(raw, server_hostname=KEYSERVER_TLS_NAME)
+        self.reader = FrameReader()
+        self.pending: list[dict] = []
+
+    def request(self, msg: dict, timeout_s: float = 10.0) -> dict:
+        """Send ``msg`` and return the answer with the same rid (pushes are skipped)."""
+        self.sock.sendall(encode_message(msg))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for m in self.pending:
+                if m.get("rid") == msg["rid"]:
+                    self.pending.remove(m)
+                    return m
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("the key server closed the connection")
+            self.pending += self.reader.feed(data)
+        raise AssertionError(f"no answer to {msg['t']} within {timeout_s} s")
+
+    def close(self) -> None:
+        self.sock.close()

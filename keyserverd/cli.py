@@ -5,6 +5,7 @@
     keyserverd host add ID [--mac MAC] [--role host|gateway] [--ttl S] [--server HOST:PORT] [--json]
     keyserverd host list [--json]
     keyserverd host revoke ID
+    keyserverd rekey (--pair ID1 ID2 | --all | --multicast)
 
 ``--config`` and ``--state-dir`` are accepted on the group and on every
 subcommand (the subcommand's value wins).  A bad argument or config value
@@ -35,7 +36,7 @@ from l2crypt.ks_messages import valid_host_id
 from .ca import ROLES, CertificateAuthority
 from .config import KeyServerConfig, load_config
 from .server import KeyServer, make_server_ssl_context
-from .service import CIPHERS, KeyService
+from .service import CIPHERS, KeyService, revoke_and_rotate
 from .store import SqliteStore
 from .tokens import hash_token, new_token
 
@@ -58,6 +59,9 @@ def _common_options(f):
 
 
 def _serve_options(f):
+    f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
+    f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
+    f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
     f = click.option("--unauth-idle-s", type=float, help="Seconds a client without a certificate may stay silent.")(f)
     f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")(f)
     f = click.option("--server-name", "server_names", multiple=True,
@@ -201,14 +205,48 @@ def host_list(ctx, as_json, **opts) -> None:
 @_common_options
 @click.pass_context
 def host_revoke(ctx, host_id, **opts) -> None:
-    """Revoke a host: its certificate is refused from its next request on."""
+    """Revoke a host: rotate every pair key it is part of and the multicast key,
+    tell every other host to drop it, and refuse its certificate from now on."""
     config = _config(_merged(ctx, opts))
     store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
     try:
-        changed = store.revoke_host(host_id, time.time())
+        changed, rotated = revoke_and_rotate(store, host_id, time.time())
     finally:
         store.close()
-    click.echo(f"host {host_id} revoked" if changed else f"host {host_id} was already revoked")
+    if changed:
+        click.echo(f"host {host_id} revoked; {rotated} pair key(s) and the multicast key rotated")
+    else:
+        click.echo(f"host {host_id} was already revoked; {rotated} pair key(s) and the multicast key rotated")
+
+
+@cli.command()
+@click.option("--pair", nargs=2, metavar="ID1 ID2", help="Rotate the pair key of these two hosts.")
+@click.option("--all", "all_pairs", is_flag=True, help="Rotate every pair key and the multicast key.")
+@click.option("--multicast", is_flag=True, help="Rotate the multicast key.")
+@_common_options
+@click.pass_context
+def rekey(ctx, pair, all_pairs, multicast, **opts) -> None:
+    """Rotate keys to a new PW_ID now.  A running keyserverd pushes the new
+    versions to the hosts; old versions stay valid while they overlap."""
+    if not (pair or all_pairs or multicast):
+        raise click.UsageError("say what to rotate: --pair ID1 ID2, --all or --multicast")
+    config = _config(_merged(ctx, opts))
+    now = time.time()
+    store = SqliteStore.open(config.state_dir / DB_FILE, now, create=False)
+    try:
+        if pair:
+            id1, id2 = pair
+            pw_id = store.rotate_pair_key(id1, id2, now)
+            if pw_id is None:
+                raise L2cryptError(f"hosts {id1!r} and {id2!r} have no pair key yet (nothing to rotate)")
+            click.echo(f"pair {id1} <-> {id2} rotated to pw_id {pw_id}")
+        if all_pairs:
+            count = sum(1 for a, b in store.pairs() if store.rotate_pair_key(a, b, now) is not None)
+            click.echo(f"{count} pair key(s) rotated")
+        if all_pairs or multicast:
+            click.echo(f"multicast key rotated to pw_id {store.rotate_multicast_key(now)}")
+    finally:
+        store.close()
 
 
 # --- serving ---------------------------------------------------------------
@@ -222,7 +260,10 @@ def _serve(config: KeyServerConfig) -> None:
     store = SqliteStore.open(config.state_dir / DB_FILE, time.time())
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
-        service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days)
+        service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,
+                             rekey_after_s=config.rekey_after_s,
+                             multicast_rekey_after_s=config.multicast_rekey_after_s,
+                             retire_after_s=config.retire_after_s)
         asyncio.run(_run(config, service, ca))
     finally:
         store.close()
@@ -241,10 +282,12 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     click.echo(line)
     sys.stdout.flush()
     log.info("%s", line.removeprefix(f"{PROG}: "))
+    events = asyncio.ensure_future(server.run_events())
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        events.cancel()
         await server.close()
 
 

@@ -16,6 +16,9 @@ Example ``/etc/l2crypt/keyserver.toml``::
     server_names = ["ks1.example.net", "192.0.2.10"]
     log_level = "info"
     unauth_idle_s = 10.0
+    rekey_after_s = 3600
+    multicast_rekey_after_s = 3600
+    retire_after_s = 300
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ class KeyServerConfig:
     log_level: str = "info"
     #: Seconds a connection without a client certificate may stay silent.
     unauth_idle_s: float = 10.0
+    #: Seconds after which a pair key is rotated to a new PW_ID.
+    rekey_after_s: float = 3600.0
+    #: Seconds after which the multicast key is rotated to a new PW_ID.
+    multicast_rekey_after_s: float = 3600.0
+    #: Seconds a superseded key version is kept on the server before it is deleted.
+    retire_after_s: float = 300.0
 
     @property
     def listen_host(self) -> str:
@@ -115,6 +124,10 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive integer: {value!r}")
         return value
+    if key in ("rekey_after_s", "multicast_rekey_after_s", "retire_after_s"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"not a number of seconds >= 1: {value!r}")
+        return float(value)
     if key == "unauth_idle_s":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive number: {value!r}")

@@ -7,7 +7,10 @@
    = CN of the verified client certificate, or None) and a ``FrameReader``.
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
-4. A malformed or oversized message, a silent unauthenticated client (after
+4. ``run_events`` polls the store's event log (rotations and revocations made
+   by this server, another one on the same store, or the CLI) and sends the
+   pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
+5. A malformed or oversized message, a silent unauthenticated client (after
    ``unauth_idle_s``), a client that does not read its pushes, or any error in
    one connection closes that connection only, with a logged reason.  The
    server keeps serving everyone else.
@@ -35,6 +38,9 @@ MAX_WRITE_BUFFER_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
 #: A client that leaves our replies unread this long is dropped.
 DRAIN_TIMEOUT_S = 30.0
+#: How often the event log is read, and the rotation timers run.
+EVENT_POLL_S = 0.2
+PERIODIC_S = 5.0
 
 
 def make_server_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
@@ -191,15 +197,48 @@ class KeyServer:
                 log.exception("internal error on %s from %s", msg.get("t"), conn.session.who)
                 actions = [("reply", {"t": "error", "rid": msg.get("rid", 0), "code": "internal",
                                       "msg": "internal error; see the key server log"})]
-            for target, out in actions:
-                if target == "reply":
-                    conn.send(out)
-                elif target == "close":
-                    return False
-                elif isinstance(target, tuple) and target[0] == "push":
-                    for other in list(self._by_host.get(target[1], ())):
-                        other.send(out)
+            if not self._act(conn, actions):
+                return False
         return True
+
+    def _act(self, conn: _Conn | None, actions: list) -> bool:
+        """Carry out service actions; False when ``conn`` must close."""
+        keep_open = True
+        for target, out in actions:
+            if target == "reply" and conn is not None:
+                conn.send(out)
+            elif target == "close":
+                keep_open = False
+            elif isinstance(target, tuple) and target[0] == "push":
+                for other in list(self._by_host.get(target[1], ())):
+                    other.send(out)
+            elif isinstance(target, tuple) and target[0] == "broadcast":
+                for other in list(self._conns):
+                    if other.session.bound_mac is not None:
+                        other.send(out)
+            elif isinstance(target, tuple) and target[0] == "disconnect":
+                for other in list(self._by_host.get(target[1], ())):
+                    log.info("disconnecting revoked host %s", target[1])
+                    other.writer.close()
+        return keep_open
+
+    async def run_events(self) -> None:
+        """Push what the event log announces; run the rotation timers.  Runs until cancelled."""
+        store = self.service.store
+        seq = store.last_event_seq()
+        last_periodic = 0.0
+        while True:
+            await asyncio.sleep(EVENT_POLL_S)
+            try:
+                now = time.time()
+                if now - last_periodic >= PERIODIC_S:
+                    last_periodic = now
+                    self.service.periodic(now)
+                for event in store.events_since(seq):
+                    seq = event.seq
+                    self._act(None, self.service.on_event(event))
+            except Exception:  # a store hiccup must not stop the pushes for good
+                log.exception("event processing failed; retrying")
 
     def _forget(self, conn: _Conn) -> None:
         self._conns.discard(conn)

@@ -6,7 +6,9 @@
    and gets back a list of ``(target, message)`` actions:
      ``"reply"``              send on this connection;
      ``("push", host_id)``    send to every connection of that host (rid 0);
-     ``"close"``              close this connection after the replies (message {}).
+     ``"close"``              close this connection after the replies (message {});
+     ``("broadcast", None)``  send to every connection that said hello;
+     ``("disconnect", id)``   close every connection of that host.
 3. The rules, in the order a request meets them:
    - without a certificate only ``ca`` and ``enroll`` are allowed (``unauthenticated``);
    - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
@@ -15,6 +17,16 @@
      that is the requester's bound MAC (``forbidden``), and a peer MAC that is
      not its own (``bad_request``); an unknown or revoked peer gets ``unknown``.
      The pair key goes to the requester and is pushed to the peer.
+4. Rotations (PW_ID) and revocations are written to the store as events, by
+   this server, another keyserverd on the same store, or the CLI.  The server
+   polls ``store.events_since`` and turns each event into pushes with
+   ``on_event``: a new pair version goes to both ends, a new multicast version
+   and a revocation go to every bound host (``("broadcast", None)``), and the
+   revoked host is disconnected (``("disconnect", host_id)``).
+5. ``periodic(now)`` rotates what is older than ``rekey_after_s`` /
+   ``multicast_rekey_after_s`` and drops versions superseded more than
+   ``retire_after_s`` ago.  The rotations are conditional in the store, so
+   several servers running it rotate once.
 Every refusal is logged at WARNING with its code and the requester.  Key bytes
 and tokens are never logged.  This module imports no socket, asyncio or time.
 """
@@ -28,7 +40,7 @@ from typing import TYPE_CHECKING, Union
 from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
 
-from .store import KeyStore
+from .store import KeyEvent, KeyStore
 from .tokens import hash_token
 
 if TYPE_CHECKING:
@@ -65,7 +77,8 @@ class KeyService:
     """Answers key-server requests.  One per keyserverd, shared by all sessions."""
 
     def __init__(self, store: KeyStore, cipher: str, server_name: str, ca: "CertificateAuthority",
-                 cert_days: int = 365):
+                 cert_days: int = 365, rekey_after_s: float = 3600.0,
+                 multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
@@ -73,6 +86,9 @@ class KeyService:
         self.server_name = server_name
         self.ca = ca
         self.cert_days = cert_days
+        self.rekey_after_s = rekey_after_s
+        self.multicast_rekey_after_s = multicast_rekey_after_s
+        self.retire_after_s = retire_after_s
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -158,6 +174,98 @@ class KeyService:
 
     def _on_ping(self, session: Session, msg: dict, now: float) -> list[Action]:
         return [("reply", {"t": "pong", "rid": msg["rid"]})]
+
+    def _pair_peer(self, session: Session, msg: dict):
+        """The peer host of a pair request by this session, or raise RefusedError."""
+        if session.bound_mac is None:
+            raise RefusedError(f"{msg['t']} before hello on this connection", "not_bound")
+        peer = self.store.host_by_mac(msg["peer_mac"])
+        if peer is None or peer.revoked or peer.id == session.identity:
+            raise RefusedError(f"no pair with {format_mac(msg['peer_mac'])}", "bad_request")
+        return peer
+
+    def _key_msg(self, rid: int, peer, key: bytes, pw_id: int) -> dict:
+        return {"t": "key", "rid": rid, "peer_mac": peer.mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
+
+    def _on_rekey_req(self, session: Session, msg: dict, now: float) -> list[Action]:
+        """The sender reached its data-volume limit under ``pw_id``: rotate once."""
+        peer = self._pair_peer(session, msg)
+        new = self.store.rotate_pair_key(session.identity, peer.id, now, if_pw_id=msg["pw_id"])
+        if new is not None:
+            log.info("pair key %s <-> %s rotated to pw_id %d (data volume)", session.identity, peer.id, new)
+        key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
+        return [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
+
+    def _on_key_report(self, session: Session, msg: dict, now: float) -> list[Action]:
+        """The requester holds ``pw_id`` but its peer still sends with an older
+        version.  If ``pw_id`` is the newest, push it again to both ends (the
+        patent's race b); if it is older, the requester gets the newest."""
+        peer = self._pair_peer(session, msg)
+        key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
+        if msg["pw_id"] > pw_id:
+            raise RefusedError(f"pw_id {msg['pw_id']} does not exist (newest is {pw_id})", "bad_request")
+        actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
+        if msg["pw_id"] == pw_id:
+            me = self.store.get_host(session.identity)
+            log.info("host %s reports %s lagging behind pw_id %d; pushing again", session.identity, peer.id, pw_id)
+            actions.append((("push", peer.id), self._key_msg(PUSH_RID, me, key, pw_id)))
+        return actions
+
+    def _on_mcast_req(self, session: Session, msg: dict, now: float) -> list[Action]:
+        if session.bound_mac is None:
+            raise RefusedError("mcast_req before hello on this connection", "not_bound")
+        key, pw_id = self.store.current_multicast_key()
+        return [("reply", {"t": "multicast", "rid": msg["rid"], "key": key, "pw_id": pw_id})]
+
+    # --- events and timers -----------------------------------------------------
+    def on_event(self, event: KeyEvent) -> list[Action]:
+        """Pushes for one rotation or revocation event (see the module docstring)."""
+        if event.kind == "pair":
+            key = self.store.pair_key(event.id1, event.id2, event.pw_id)
+            a, b = self.store.get_host(event.id1), self.store.get_host(event.id2)
+            if key is None or a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
+                return []
+            return [
+                (("push", a.id), self._key_msg(PUSH_RID, b, key, event.pw_id)),
+                (("push", b.id), self._key_msg(PUSH_RID, a, key, event.pw_id)),
+            ]
+        if event.kind == "multicast":
+            key = self.store.multicast_key(event.pw_id)
+            if key is None:
+                return []
+            return [(("broadcast", None), {"t": "multicast", "rid": PUSH_RID, "key": key, "pw_id": event.pw_id})]
+        if event.kind == "revoke":
+            host = self.store.get_host(event.id1)
+            actions: list[Action] = [(("disconnect", event.id1), {})]
+            if host is not None and host.mac is not None:
+                actions.append((("broadcast", None), {"t": "peer_revoked", "rid": PUSH_RID, "peer_mac": host.mac}))
+            return actions
+        return []
+
+    def periodic(self, now: float) -> None:
+        """Timed rotations and retirement.  Call every few seconds."""
+        for id1, id2, _ in self.store.stale_pairs(now - self.rekey_after_s):
+            if self.store.is_revoked(id1) or self.store.is_revoked(id2):
+                continue
+            pw_id = self.store.rotate_pair_key(id1, id2, now, if_created_before=now - self.rekey_after_s)
+            if pw_id is not None:
+                log.info("pair key %s <-> %s rotated to pw_id %d (timer)", id1, id2, pw_id)
+        pw_id = self.store.rotate_multicast_key(now, if_created_before=now - self.multicast_rekey_after_s)
+        if pw_id is not None:
+            log.info("multicast key rotated to pw_id %d (timer)", pw_id)
+        self.store.retire_old_versions(now - self.retire_after_s)
+
+
+def revoke_and_rotate(store: KeyStore, host_id: str, now: float) -> tuple[bool, int]:
+    """Revoke a host, rotate every pair key that includes it and the multicast
+    key.  Returns (newly revoked, pair keys rotated)."""
+    newly = store.revoke_host(host_id, now)
+    rotated = 0
+    for id1, id2 in store.pairs(host_id):
+        if store.rotate_pair_key(id1, id2, now) is not None:
+            rotated += 1
+    store.rotate_multicast_key(now)
+    return newly, rotated
 
 
 def _error(rid: int, code: str, text: str) -> dict:

@@ -59,6 +59,18 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 2: key versions are rotated; every rotation and revocation is an event that
+    #    every keyserverd sharing the store pushes to its connected hosts.
+    """
+    CREATE TABLE key_events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind       TEXT NOT NULL CHECK (kind IN ('pair', 'multicast', 'revoke')),
+        id1        TEXT,
+        id2        TEXT,
+        pw_id      INTEGER,
+        created_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -83,6 +95,18 @@ class HostRecord:
     @property
     def enrolled(self) -> bool:
         return self.enrolled_at is not None
+
+
+@dataclass(frozen=True)
+class KeyEvent:
+    """A rotation or revocation to announce.  ``kind`` is pair (id1, id2, pw_id),
+    multicast (pw_id) or revoke (id1 = the revoked host)."""
+
+    seq: int
+    kind: str
+    id1: str | None
+    id2: str | None
+    pw_id: int | None
 
 
 class KeyStore(Protocol):
@@ -122,6 +146,35 @@ class KeyStore(Protocol):
 
     def is_revoked(self, host_id: str) -> bool:
         """True if the host is revoked or unknown (fail closed)."""
+
+    def rotate_pair_key(self, id_a: str, id_b: str, now: float, if_pw_id: int | None = None,
+                        if_created_before: float | None = None) -> int | None:
+        """Add the next version of an existing pair key and an event; return its
+        PW_ID, or None when the condition does not hold (someone rotated first)."""
+
+    def pair_key(self, id_a: str, id_b: str, pw_id: int) -> bytes | None:
+        """One version of a pair key, if still held."""
+
+    def pairs(self, host_id: str | None = None) -> list[tuple[str, str]]:
+        """Every pair with a key (only those including ``host_id`` if given)."""
+
+    def stale_pairs(self, created_before: float) -> list[tuple[str, str, int]]:
+        """Pairs whose newest version was created before the time: (id1, id2, pw_id)."""
+
+    def rotate_multicast_key(self, now: float, if_created_before: float | None = None) -> int | None:
+        """Add the next multicast key version and an event; PW_ID or None."""
+
+    def multicast_key(self, pw_id: int) -> bytes | None:
+        """One version of the multicast key, if still held."""
+
+    def events_since(self, seq: int) -> list[KeyEvent]:
+        """Events after ``seq``, oldest first."""
+
+    def last_event_seq(self) -> int:
+        """The newest event's seq (0 if none)."""
+
+    def retire_old_versions(self, superseded_before: float) -> int:
+        """Delete key versions superseded before the time; return how many."""
 
     def close(self) -> None:
         """Release the store."""
@@ -236,6 +289,7 @@ class SqliteStore:
             if row[0] is not None:
                 return False
             self._db.execute("UPDATE hosts SET revoked_at = ? WHERE id = ?", (now, host_id))
+            self._event("revoke", host_id, None, None, now)
             return True
 
     def is_revoked(self, host_id) -> bool:
@@ -314,6 +368,103 @@ class SqliteStore:
             "SELECT key, pw_id FROM multicast_keys ORDER BY pw_id DESC LIMIT 1"
         ).fetchone()
         return bytes(row[0]), row[1]
+
+    # --- rotation (PW_ID) and the event log ------------------------------------
+    def _event(self, kind, id1, id2, pw_id, now) -> None:
+        self._db.execute(
+            "INSERT INTO key_events (kind, id1, id2, pw_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            (kind, id1, id2, pw_id, now),
+        )
+
+    def rotate_pair_key(self, id_a, id_b, now, if_pw_id=None, if_created_before=None) -> int | None:
+        id1, id2 = sorted((id_a, id_b))
+        with self._write():
+            row = self._db.execute(
+                "SELECT pw_id, created_at FROM pair_keys WHERE id1 = ? AND id2 = ? "
+                "ORDER BY pw_id DESC LIMIT 1", (id1, id2),
+            ).fetchone()
+            if row is None:
+                return None
+            if if_pw_id is not None and row[0] != if_pw_id:
+                return None
+            if if_created_before is not None and row[1] >= if_created_before:
+                return None
+            pw_id = row[0] + 1
+            self._db.execute(
+                "INSERT INTO pair_keys (id1, id2, pw_id, key, created_at) VALUES (?, ?, ?, ?, ?)",
+                (id1, id2, pw_id, secrets.token_bytes(KEY_BYTES), now),
+            )
+            self._event("pair", id1, id2, pw_id, now)
+        return pw_id
+
+    def pair_key(self, id_a, id_b, pw_id) -> bytes | None:
+        id1, id2 = sorted((id_a, id_b))
+        row = self._db.execute(
+            "SELECT key FROM pair_keys WHERE id1 = ? AND id2 = ? AND pw_id = ?", (id1, id2, pw_id)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def pairs(self, host_id=None) -> list[tuple[str, str]]:
+        if host_id is None:
+            rows = self._db.execute("SELECT DISTINCT id1, id2 FROM pair_keys ORDER BY id1, id2")
+        else:
+            rows = self._db.execute(
+                "SELECT DISTINCT id1, id2 FROM pair_keys WHERE id1 = ? OR id2 = ? ORDER BY id1, id2",
+                (host_id, host_id),
+            )
+        return [(r[0], r[1]) for r in rows.fetchall()]
+
+    def stale_pairs(self, created_before) -> list[tuple[str, str, int]]:
+        rows = self._db.execute(
+            "SELECT id1, id2, MAX(pw_id), MAX(created_at) FROM pair_keys GROUP BY id1, id2"
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows if r[3] < created_before]
+
+    def rotate_multicast_key(self, now, if_created_before=None) -> int | None:
+        with self._write():
+            pw_id, created_at = self._db.execute(
+                "SELECT pw_id, created_at FROM multicast_keys ORDER BY pw_id DESC LIMIT 1"
+            ).fetchone()
+            if if_created_before is not None and created_at >= if_created_before:
+                return None
+            self._db.execute(
+                "INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (?, ?, ?)",
+                (pw_id + 1, secrets.token_bytes(KEY_BYTES), now),
+            )
+            self._event("multicast", None, None, pw_id + 1, now)
+        return pw_id + 1
+
+    def multicast_key(self, pw_id) -> bytes | None:
+        row = self._db.execute("SELECT key FROM multicast_keys WHERE pw_id = ?", (pw_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def events_since(self, seq) -> list[KeyEvent]:
+        rows = self._db.execute(
+            "SELECT seq, kind, id1, id2, pw_id FROM key_events WHERE seq > ? ORDER BY seq", (seq,)
+        ).fetchall()
+        return [KeyEvent(*r) for r in rows]
+
+    def last_event_seq(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM key_events").fetchone()[0]
+
+    def retire_old_versions(self, superseded_before) -> int:
+        """A version is superseded when the next one was created; drop those
+        superseded before the time (their key material is gone for good)."""
+        with self._write():
+            cur = self._db.execute(
+                "DELETE FROM pair_keys WHERE EXISTS (SELECT 1 FROM pair_keys AS newer "
+                "WHERE newer.id1 = pair_keys.id1 AND newer.id2 = pair_keys.id2 "
+                "AND newer.pw_id = pair_keys.pw_id + 1 AND newer.created_at < ?)",
+                (superseded_before,),
+            )
+            pairs = cur.rowcount
+            cur = self._db.execute(
+                "DELETE FROM multicast_keys WHERE EXISTS (SELECT 1 FROM multicast_keys AS newer "
+                "WHERE newer.pw_id = multicast_keys.pw_id + 1 AND newer.created_at < ?)",
+                (superseded_before,),
+            )
+            self._db.execute("DELETE FROM key_events WHERE created_at < ?", (superseded_before - 86400,))
+        return pairs + cur.rowcount
 
 
 class _Transaction:

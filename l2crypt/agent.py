@@ -112,22 +112,33 @@ class Agent:
 
     def _send_key_requests(self, now: float) -> None:
         for mac in self.engine.take_key_requests(now):
-            if self.client.request_key(mac):
+            if mac == engine_mod.GROUP_MAC:
+                self.client.request_multicast()
+            elif self.client.request_key(mac):
                 log.debug("key_requested", extra=fields(peer_mac=format_mac(mac)))
+
+    def _send_notices(self) -> None:
+        for kind, mac, pw_id in self.engine.take_notices():
+            log.info("key_notice", extra=fields(kind=kind, peer_mac=format_mac(mac), pw_id=pw_id))
+            self.client.send_notice(kind, mac, pw_id)
 
     def on_welcome(self, msg: dict) -> None:
         if engine_mod.use_cipher(self.engine, msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
-        self.engine.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], self.clock.pn_start(), self._loop.time())
+        self._deliver(self.engine.install_multicast_key(
+            msg["multicast_key"], msg["multicast_pw_id"], self.clock.pn_start(), self._loop.time()))
         # Anything pending gets asked again right away on the new connection.
         for entry in self.engine.holds.pending.values():
             entry.next_request_at = 0.0
         self._send_key_requests(self._loop.time())
 
     def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
+        peer = self.engine.peers.get(peer_mac)
+        held = peer.keys.newest_pw_id() if peer is not None else 0
         delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self.clock.pn_start(), self._loop.time())
-        log.info("key_installed", extra=fields(peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id,
-                                               released=len(delivered.to_wire) + len(delivered.to_tap)))
+        if pw_id > held:
+            log.info("key_installed", extra=fields(peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id,
+                                                   released=len(delivered.to_wire) + len(delivered.to_tap)))
         self._deliver(delivered)
 
     def on_unknown(self, peer_mac: bytes) -> None:
@@ -139,8 +150,14 @@ class Agent:
         self.engine.mark_unknown(peer_mac, self._loop.time())
 
     def on_multicast(self, key: bytes, pw_id: int) -> None:
-        self.engine.install_multicast_key(key, pw_id, self.clock.pn_start(), self._loop.time())
-        log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
+        held = self.engine.group.newest_pw_id()
+        self._deliver(self.engine.install_multicast_key(key, pw_id, self.clock.pn_start(), self._loop.time()))
+        if pw_id > held:
+            log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
+
+    def on_peer_revoked(self, peer_mac: bytes) -> None:
+        log.warning("peer_revoked", extra=fields(peer_mac=format_mac(peer_mac)))
+        self.engine.revoke_peer(peer_mac)
 
     def on_disconnect(self) -> None:
         log.warning("keyserver_disconnected", extra=fields(keys_kept=len(self.engine.peers)))
@@ -170,6 +187,8 @@ class Agent:
     def _tick(self, now: float) -> None:
         self._send_key_requests(now)
         self.engine.on_timer(now)
+        if self.engine.notices:
+            self._send_notices()
 
     def _log_drops(self) -> None:
         new = self.engine.drops - self._logged_drops
@@ -193,6 +212,9 @@ class Agent:
                 key_retry_s=cfg.key_retry_s,
                 key_retry_max_s=cfg.key_retry_max_s,
                 unknown_cache_s=cfg.unknown_cache_s,
+                switch_after_s=cfg.switch_after_s,
+                retire_after_s=cfg.retire_after_s,
+                rekey_after_frames=cfg.rekey_after_frames,
             )
             self.engine = FrameEngine(self.tap.mac, settings)
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self)

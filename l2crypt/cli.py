@@ -73,6 +73,9 @@ def _agent_options(fn):
         click.option("--key-retry-s", type=float, help=docs["key_retry_s"] + " [default: 0.5]"),
         click.option("--key-retry-max-s", type=float, help=docs["key_retry_max_s"] + " [default: 8.0]"),
         click.option("--unknown-cache-s", type=float, help=docs["unknown_cache_s"] + " [default: 5.0]"),
+        click.option("--switch-after-s", type=float, help=docs["switch_after_s"] + " [default: 2.0]"),
+        click.option("--retire-after-s", type=float, help=docs["retire_after_s"] + " [default: 30.0]"),
+        click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"] + " [default: 2^32]"),
         click.option("--log-level", help=docs["log_level"] + " [default: info]"),
         click.option("--log-format", help=docs["log_format"] + " [default: text]"),
     ]

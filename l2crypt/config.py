@@ -20,7 +20,10 @@ from .constants import (
     DEFAULT_KEY_RETRY_MAX_S,
     DEFAULT_KEY_RETRY_S,
     DEFAULT_KEYSERVER_PORT,
+    DEFAULT_REKEY_AFTER_FRAMES,
     DEFAULT_REPLAY_WINDOW_FRAMES,
+    DEFAULT_RETIRE_AFTER_S,
+    DEFAULT_SWITCH_AFTER_S,
     DEFAULT_UNKNOWN_CACHE_S,
 )
 from .errors import ConfigError
@@ -151,6 +154,12 @@ class AgentConfig:
     key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
     unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
                                 "how long an 'unknown MAC' answer is believed, seconds")
+    switch_after_s: float = _f(DEFAULT_SWITCH_AFTER_S, _seconds(0.0, 600.0),
+                               "longest a sender keeps the old key after a new version arrives, seconds")
+    retire_after_s: float = _f(DEFAULT_RETIRE_AFTER_S, _seconds(0.0, 3600.0),
+                               "how long an old key version is still accepted after the switch, seconds")
+    rekey_after_frames: int = _f(DEFAULT_REKEY_AFTER_FRAMES, _int_range(16, 2**62),
+                                 "frames sent under one pair key before the agent asks for a new one")
     log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
     log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
 

@@ -16,8 +16,23 @@ Receiving (a frame read from the wire port):
    with no key, hold the frame and queue a key request;
 4. check the replay window, open the AEAD, and only then move the window.
 
+Key versions (PW_ID, make before break; see ``key_ring``):
+* a newer version offered by the server is held as ``next``; receiving accepts
+  every version held; sending moves to ``next`` once the peer is seen using it,
+  or ``switch_after_s`` later; the old version is dropped ``retire_after_s``
+  after that;
+* a frame under a newer version we lack is held and the key requested (the
+  patent's race a); a frame under an older version than ours, once the peer
+  should have switched, is reported to the server, which pushes the newest
+  version to both ends again (race b);
+* after ``rekey_after_frames`` frames under one pair key the sender asks the
+  server for a new version, long before the packet number could wrap.
+
 Control (called by the agent's key client):
-* ``take_key_requests(now)`` -> MACs to ask the key server about (new and retries);
+* ``take_key_requests(now)`` -> MACs to ask the key server about (new and
+  retries); ``GROUP_MAC`` means "the current multicast key";
+* ``take_notices()`` -> (kind, MAC, PW_ID) to tell the server: ``"rekey"``
+  (data volume reached) and ``"report"`` (the peer lags behind);
 * ``install_pair_key(...)`` / ``install_multicast_key(...)`` -> held frames,
   now sealed for the wire or opened for the TAP;
 * ``mark_unknown(mac, now)`` when the server says no host holds that MAC;
@@ -41,6 +56,9 @@ from .constants import (
     DEFAULT_KEY_RETRY_MAX_S,
     DEFAULT_KEY_RETRY_S,
     DEFAULT_REPLAY_WINDOW_FRAMES,
+    DEFAULT_REKEY_AFTER_FRAMES,
+    DEFAULT_RETIRE_AFTER_S,
+    DEFAULT_SWITCH_AFTER_S,
     DEFAULT_UNKNOWN_CACHE_S,
     KEY_ID_MULTICAST,
     KEY_ID_PAIR,
@@ -50,6 +68,7 @@ from .constants import (
 )
 from .frame_wire import AAD_LEN, HEADER
 from .hold_queue import RX, TX, HoldTable
+from .key_ring import KeyRing
 from .peer_keys import GroupKey, KeySlot, PeerState
 
 # Drop reasons (the names users see in status and metrics).
@@ -66,7 +85,12 @@ BAD_TAG = "bad_tag"
 HOLD_OVERFLOW = "hold_overflow"
 HOLD_EXPIRED = "hold_expired"
 PN_EXHAUSTED = "pn_exhausted"
-CIPHER_MISMATCH = "cipher_mismatch"
+REVOKED_SENDER = "revoked_sender"
+
+#: Pseudo-MAC of the multicast key in the hold table and in key requests.
+GROUP_MAC = b"\xff" * 6
+REKEY = "rekey"
+REPORT = "report"
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,10 @@ class EngineSettings:
     key_retry_s: float = DEFAULT_KEY_RETRY_S
     key_retry_max_s: float = DEFAULT_KEY_RETRY_MAX_S
     unknown_cache_s: float = DEFAULT_UNKNOWN_CACHE_S
+    switch_after_s: float = DEFAULT_SWITCH_AFTER_S
+    retire_after_s: float = DEFAULT_RETIRE_AFTER_S
+    rekey_after_frames: int = DEFAULT_REKEY_AFTER_FRAMES
+    report_interval_s: float = 1.0
 
 
 @dataclass
@@ -98,8 +126,10 @@ class FrameEngine:
         self.cipher = settings.cipher
         self.ethertype = settings.ethertype
         self.peers: dict[bytes, PeerState] = {}
-        self.group: GroupKey | None = None
-        self.previous_group: GroupKey | None = None
+        self.group: KeyRing[GroupKey] = KeyRing()
+        self.revoked: set[bytes] = set()
+        self.notices: list[tuple[str, bytes, int]] = []
+        self._draining: dict[bytes, KeyRing] = {}  # rings with a next or previous version
         self.holds = HoldTable(
             settings.hold_frames, settings.hold_age_s, settings.key_retry_s, settings.key_retry_max_s
         )
@@ -121,7 +151,10 @@ class FrameEngine:
             return None
         dst = frame[0:6]
         if dst[0] & 1:
-            group = self.group
+            ring = self.group
+            if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
+                ring.promote(now, self.settings.retire_after_s)
+            group = ring.current
             if group is None:
                 self.drops[NO_KEY] += 1
                 return None
@@ -130,6 +163,7 @@ class FrameEngine:
                 self.drops[PN_EXHAUSTED] += 1
                 return None
             group.send_pn = pn + 1
+            group.frames_sealed += 1
             aad = frame[:MAC_HEADER_LEN] + self._header.pack(
                 self.ethertype, 1, KEY_ID_MULTICAST, group.pw_id, pn
             )
@@ -139,16 +173,22 @@ class FrameEngine:
         if peer is None:
             self._hold(dst, TX, frame, now)
             return None
-        return self._seal_pair(peer, frame)
+        return self._seal_pair(peer, frame, now)
 
-    def _seal_pair(self, peer: PeerState, frame: bytes) -> bytes | None:
-        slot = peer.current
+    def _seal_pair(self, peer: PeerState, frame: bytes, now: float) -> bytes | None:
+        ring = peer.keys
+        if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
+            ring.promote(now, self.settings.retire_after_s)
+        slot = ring.current
         pn = slot.send_pn
         if pn > MAX_PACKET_NUMBER:
             self.drops[PN_EXHAUSTED] += 1
             return None
         slot.send_pn = pn + 1
         slot.frames_sealed += 1
+        if slot.frames_sealed >= self.settings.rekey_after_frames and not slot.rekey_asked:
+            slot.rekey_asked = True
+            self.notices.append((REKEY, peer.mac, slot.pw_id))
         aad = frame[:MAC_HEADER_LEN] + self._header.pack(self.ethertype, 1, KEY_ID_PAIR, slot.pw_id, pn)
         peer.frames_out += 1
         peer.bytes_out += len(frame)
@@ -166,6 +206,9 @@ class FrameEngine:
         dst, src, key_id, pw_id, pn = header
         if src == self.my_mac:
             self.drops[OWN_FRAME] += 1
+            return None
+        if src in self.revoked:
+            self.drops[REVOKED_SENDER] += 1
             return None
         if key_id == KEY_ID_PAIR:
             if dst != self.my_mac:
@@ -185,13 +228,15 @@ class FrameEngine:
                 return None
             self._hold(src, RX, frame, now)
             return None
-        slot = peer.slot(pw_id)
+        ring = peer.keys
+        slot = ring.lookup(pw_id)
         if slot is None:
-            if pw_id > peer.current.pw_id:
+            if pw_id > ring.newest_pw_id():
                 # The peer already holds a newer version: ask for it (race a).
                 self._hold(src, RX, frame, now)
             else:
                 self.drops[STALE_KEY] += 1
+                self._report_lag(peer, now)
             return None
         if not slot.replay.check(pn):
             self.drops[REPLAYED] += 1
@@ -202,20 +247,30 @@ class FrameEngine:
             self.drops[BAD_TAG] += 1
             return None
         slot.replay.update(pn)
+        if slot is not ring.current:
+            if slot is ring.next:
+                ring.peer_used(pw_id, now, self.settings.retire_after_s)
+                self._draining[src] = ring
+            elif now - ring.current.created_at >= self.settings.switch_after_s:
+                self._report_lag(peer, now)  # the peer still sends with an old version (race b)
         peer.frames_in += 1
         peer.bytes_in += len(plain) + MAC_HEADER_LEN
         self.counters["opened"] += 1
         return frame[:MAC_HEADER_LEN] + plain
 
+    def _report_lag(self, peer: PeerState, now: float) -> None:
+        if now - peer.reported_at >= self.settings.report_interval_s:
+            peer.reported_at = now
+            self.notices.append((REPORT, peer.mac, peer.keys.newest_pw_id()))
+
     def _open_group(self, frame: bytes, src: bytes, pw_id: int, pn: int, now: float) -> bytes | None:
-        group = self.group
-        if group is None or group.pw_id != pw_id:
-            previous = self.previous_group
-            if previous is not None and previous.pw_id == pw_id:
-                group = previous
+        group = self.group.lookup(pw_id)
+        if group is None:
+            if pw_id > self.group.newest_pw_id():
+                self._hold(GROUP_MAC, RX, frame, now)  # a newer multicast key exists: ask for it
             else:
                 self.drops[NO_KEY] += 1
-                return None
+            return None
         sender = group.sender(src)
         if not sender.replay.check(pn):
             self.drops[REPLAYED] += 1
@@ -233,7 +288,7 @@ class FrameEngine:
     # ----------------------------------------------------------------- holding
 
     def _hold(self, mac: bytes, direction: int, frame: bytes, now: float) -> None:
-        if direction == TX and self.unknown_until.get(mac, 0.0) > now:
+        if direction == TX and (mac in self.revoked or self.unknown_until.get(mac, 0.0) > now):
             self.drops[NO_KEY] += 1
             return
         new, pushed_out = self.holds.hold(mac, direction, frame, now)
@@ -255,46 +310,63 @@ class FrameEngine:
         if self.unknown_until:
             for mac in [m for m, t in self.unknown_until.items() if t <= now]:
                 del self.unknown_until[mac]
+        if self._draining:
+            switch_after_s, retire_after_s = self.settings.switch_after_s, self.settings.retire_after_s
+            for mac, ring in list(self._draining.items()):
+                if ring.next is not None and ring.due_switch(now, switch_after_s):
+                    ring.promote(now, retire_after_s)
+                ring.expire(now)
+                if ring.next is None and ring.previous is None:
+                    del self._draining[mac]
+
+    def take_notices(self) -> list[tuple[str, bytes, int]]:
+        """Rekey requests and lag reports for the key server, oldest first."""
+        notices, self.notices = self.notices, []
+        return notices
 
     def next_deadline(self) -> float | None:
         """When ``take_key_requests``/``on_timer`` next have work, in engine time."""
-        return self.holds.next_deadline()
+        deadlines = [d for d in (self.holds.next_deadline(),) if d is not None]
+        for ring in self._draining.values():
+            if ring.next is not None:
+                deadlines.append(ring.next_since + self.settings.switch_after_s)
+            if ring.previous is not None:
+                deadlines.append(ring.previous_until)
+        return min(deadlines) if deadlines else None
 
     # --------------------------------------------------------------- installing
 
     def install_pair_key(
         self, peer_mac: bytes, peer_id: str, pair_key: bytes, pw_id: int, pn_start: int, now: float
     ) -> Delivered:
-        """Install (or refresh) a peer's pair key; returns the released held frames.
+        """Install a version of a peer's pair key; returns the released held frames.
 
-        Re-installing the version already held keeps its counter and window, so
-        a repeated answer never resets a packet number under a live key.
+        A version not newer than every version held is ignored, so a repeated
+        answer never resets a packet number under a live key.
         """
         self.counters["key_answers"] += 1
         self.unknown_until.pop(peer_mac, None)
+        if peer_mac in self.revoked:
+            return Delivered([], [])
         peer = self.peers.get(peer_mac)
+        slot = KeySlot.from_pair_key(
+            self.cipher, pair_key, pw_id, self.my_mac, peer_mac, pn_start, self._window, now
+        )
         if peer is None:
-            slot = KeySlot.from_pair_key(
-                self.cipher, pair_key, pw_id, self.my_mac, peer_mac, pn_start, self._window, now
-            )
-            peer = PeerState(peer_mac, peer_id, slot)
-            self.peers[peer_mac] = peer
-        elif peer.slot(pw_id) is None and pw_id > peer.current.pw_id:
-            peer.previous = peer.current
-            peer.current = KeySlot.from_pair_key(
-                self.cipher, pair_key, pw_id, self.my_mac, peer_mac, pn_start, self._window, now
-            )
+            self.peers[peer_mac] = PeerState(peer_mac, peer_id, KeyRing(slot))
+        elif peer.keys.offer(slot, now):
             peer.peer_id = peer_id
+            self._draining[peer_mac] = peer.keys
+            self.counters["rekeys"] += 1
         return self._release(peer_mac, now)
 
-    def install_multicast_key(self, key: bytes, pw_id: int, pn_start: int, now: float) -> None:
-        """Install the multicast key version ``pw_id`` (older or equal versions are ignored)."""
-        if self.group is not None and pw_id <= self.group.pw_id:
-            return
-        self.previous_group = self.group
-        self.group = GroupKey.create(
-            self.cipher, key, pw_id, self.my_mac, pn_start, self._window, now
-        )
+    def install_multicast_key(self, key: bytes, pw_id: int, pn_start: int, now: float) -> Delivered:
+        """Install a multicast key version (not newer than held: ignored); releases held frames."""
+        group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, pn_start, self._window, now)
+        if self.group.offer(group, now) and self.group.next is not None:
+            self._draining[GROUP_MAC] = self.group
+            self.counters["rekeys"] += 1
+        return self._release(GROUP_MAC, now)
 
     def mark_unknown(self, mac: bytes, now: float) -> None:
         """The key server says no host holds ``mac``: drop its held frames, stop asking."""
@@ -304,9 +376,12 @@ class FrameEngine:
             self.drops[UNKNOWN_SENDER] += sum(1 for d, _, _ in held if d == RX)
         self.unknown_until[mac] = now + self.settings.unknown_cache_s
 
-    def forget_peer(self, mac: bytes) -> None:
-        """Drop a peer's keys (revocation): its frames are refused from now on."""
+    def revoke_peer(self, mac: bytes) -> None:
+        """The server revoked the host at ``mac``: drop its keys and refuse its frames."""
         self.peers.pop(mac, None)
+        self._draining.pop(mac, None)
+        self.holds.take(mac)
+        self.revoked.add(mac)
 
     def _release(self, mac: bytes, now: float) -> Delivered:
         out = Delivered([], [])
@@ -328,11 +403,13 @@ class FrameEngine:
         """Counters and per-peer state for ``l2crypt status`` (no key material)."""
         peers = []
         for peer in self.peers.values():
+            ring = peer.keys
             peers.append({
                 "mac": frame_wire.format_mac(peer.mac),
                 "id": peer.peer_id,
-                "pw_id": peer.current.pw_id,
-                "key_age_s": round(now - peer.current.created_at, 1),
+                "pw_id": ring.current.pw_id,
+                "pw_ids_held": sorted(s.pw_id for s in (ring.previous, ring.current, ring.next) if s),
+                "key_age_s": round(now - ring.current.created_at, 1),
                 "frames_in": peer.frames_in,
                 "frames_out": peer.frames_out,
                 "bytes_in": peer.bytes_in,
@@ -340,13 +417,14 @@ class FrameEngine:
             })
         return {
             "cipher": self.cipher,
-            "multicast_pw_id": self.group.pw_id if self.group else None,
+            "multicast_pw_id": self.group.current.pw_id if self.group.current else None,
+            "revoked_peers": [frame_wire.format_mac(m) for m in self.revoked],
             "peers": peers,
             "pending_keys": [frame_wire.format_mac(m) for m in self.holds.pending],
             "drops": dict(self.drops),
             "counters": {
                 k: self.counters.get(k, 0)
-                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed")
+                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed", "rekeys")
             },
         }
 
@@ -362,5 +440,6 @@ def use_cipher(engine: FrameEngine, cipher: str) -> bool:
         return False
     engine.cipher = cipher
     engine.peers.clear()
-    engine.group = engine.previous_group = None
+    engine._draining.clear()
+    engine.group = KeyRing()
     return True

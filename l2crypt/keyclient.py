@@ -2,8 +2,10 @@
 
 1. Connect to the first configured server that answers; say ``hello`` with
    our MAC and wait for ``welcome`` (cipher and multicast key).
-2. Forward ``key_req`` for MACs the engine asks about; match answers by rid.
-3. Hand answers and server pushes (``key``, ``multicast``) to the agent.
+2. Forward ``key_req`` for MACs the engine asks about, ``mcast_req``, and the
+   engine's notices (``rekey_req``, ``key_report``); match answers by rid.
+3. Hand answers and server pushes (``key``, ``multicast``, ``peer_revoked``)
+   to the agent.
 4. Probe with ``ping``; on a lost connection reconnect on its own, with
    backoff, going through the servers again in order.
 
@@ -41,6 +43,7 @@ class KeyEvents(Protocol):
     def on_unknown(self, peer_mac: bytes) -> None: ...
     def on_key_refused(self, peer_mac: bytes, code: str, text: str) -> None: ...
     def on_multicast(self, key: bytes, pw_id: int) -> None: ...
+    def on_peer_revoked(self, peer_mac: bytes) -> None: ...
     def on_disconnect(self) -> None: ...
 
 
@@ -64,11 +67,27 @@ class KeyClient:
 
     def request_key(self, peer_mac: bytes) -> bool:
         """Send a key request now if connected; False if it could not be sent."""
-        if not self.connected or self._writer is None:
+        if not self.connected:
             return False
         rid = self._next_rid()
         self._key_rids[rid] = peer_mac
-        self._writer.write(ks_messages.encode_message({"t": "key_req", "rid": rid, "peer_mac": peer_mac}))
+        return self._send({"t": "key_req", "rid": rid, "peer_mac": peer_mac})
+
+    def request_multicast(self) -> bool:
+        """Ask for the current multicast key (a frame under a newer one arrived)."""
+        return self._send({"t": "mcast_req", "rid": self._next_rid()})
+
+    def send_notice(self, kind: str, peer_mac: bytes, pw_id: int) -> bool:
+        """``rekey`` (data volume reached) or ``report`` (the peer lags) for a pair."""
+        msg_type = {"rekey": "rekey_req", "report": "key_report"}[kind]
+        rid = self._next_rid()
+        self._key_rids[rid] = peer_mac
+        return self._send({"t": msg_type, "rid": rid, "peer_mac": peer_mac, "pw_id": pw_id})
+
+    def _send(self, msg: dict) -> bool:
+        if not self.connected or self._writer is None:
+            return False
+        self._writer.write(ks_messages.encode_message(msg))
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -159,6 +178,8 @@ class KeyClient:
             self.events.on_unknown(msg["peer_mac"])
         elif t == "multicast":
             self.events.on_multicast(msg["key"], msg["pw_id"])
+        elif t == "peer_revoked":
+            self.events.on_peer_revoked(msg["peer_mac"])
         elif t == "pong":
             self._pong.set()
         elif t == "error":

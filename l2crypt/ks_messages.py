@@ -13,6 +13,9 @@ client -> server
     enroll    rid id token csr                     csr is PEM; no client cert needed
     hello     rid mac                              bind (certificate ID, mac) in the ID-MAC table
     key_req   rid peer_mac [my_mac]                pair key for (me, owner of peer_mac)
+    rekey_req rid peer_mac pw_id                   rotate our pair key, now at pw_id (data volume)
+    key_report rid peer_mac pw_id                  I hold pw_id but the peer still sends older
+    mcast_req rid                                  the current multicast key
     ping      rid                                  liveness probe
 server -> client
     ca_cert   rid cert                             PEM of the CA
@@ -20,7 +23,8 @@ server -> client
     welcome   rid id mac cipher multicast_key multicast_pw_id server
     key       rid peer_mac peer_id key pw_id       answer to key_req, or a push (rid 0)
     unknown   rid peer_mac                         no host holds that MAC
-    multicast rid key pw_id                        a new multicast key (push)
+    multicast rid key pw_id                        a multicast key (answer or push)
+    peer_revoked rid peer_mac                      the host at peer_mac is revoked: forget it (push)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
 
@@ -72,6 +76,9 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "enroll": (frozenset({"rid", "id", "token", "csr"}), frozenset()),
     "hello": (frozenset({"rid", "mac"}), frozenset()),
     "key_req": (frozenset({"rid", "peer_mac"}), frozenset({"my_mac"})),
+    "rekey_req": (frozenset({"rid", "peer_mac", "pw_id"}), frozenset()),
+    "key_report": (frozenset({"rid", "peer_mac", "pw_id"}), frozenset()),
+    "mcast_req": (frozenset({"rid"}), frozenset()),
     "ping": (frozenset({"rid"}), frozenset()),
     "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
@@ -82,6 +89,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "key": (frozenset({"rid", "peer_mac", "peer_id", "key", "pw_id"}), frozenset()),
     "unknown": (frozenset({"rid", "peer_mac"}), frozenset()),
     "multicast": (frozenset({"rid", "key", "pw_id"}), frozenset()),
+    "peer_revoked": (frozenset({"rid", "peer_mac"}), frozenset()),
     "pong": (frozenset({"rid"}), frozenset()),
     "error": (frozenset({"rid", "code", "msg"}), frozenset()),
 }

@@ -3,9 +3,8 @@
 * ``KeySlot``: one version (PW_ID) of a pair key as one host holds it: the
   sending AEAD (me -> peer) with its packet counter, and the receiving AEAD
   (peer -> me) with its replay window.
-* ``PeerState``: one peer MAC: its ID, the current and previous slots, and the
-  per-peer traffic counters.  The previous slot is kept so that frames sealed
-  just before a key change still open (make before break).
+* ``PeerState``: one peer MAC: its ID, a ``KeyRing`` of slots (current, next,
+  previous; see ``key_ring``), and the per-peer traffic counters.
 * ``GroupKey``: one version of the multicast key: my own sending AEAD and
   counter, and a bounded cache of per-sender receiving AEADs and windows.
 
@@ -19,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import aead
+from .key_ring import KeyRing
 from .replay import ReplayWindow
 
 
@@ -31,6 +31,7 @@ class KeySlot:
     replay: ReplayWindow
     created_at: float     # engine clock (monotonic) at install
     frames_sealed: int = 0
+    rekey_asked: bool = False  # the data-volume rekey request went out
 
     @classmethod
     def from_pair_key(
@@ -46,19 +47,12 @@ class KeySlot:
 class PeerState:
     mac: bytes
     peer_id: str
-    current: KeySlot
-    previous: KeySlot | None = None
+    keys: KeyRing
     frames_in: int = 0
     frames_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-
-    def slot(self, pw_id: int) -> KeySlot | None:
-        if self.current.pw_id == pw_id:
-            return self.current
-        if self.previous is not None and self.previous.pw_id == pw_id:
-            return self.previous
-        return None
+    reported_at: float = -1e18  # last time we told the server this peer lags
 
 
 @dataclass(slots=True, eq=False)
@@ -78,6 +72,7 @@ class GroupKey:
     window_frames: int
     max_senders: int
     senders: "OrderedDict[bytes, SenderWindow]" = field(default_factory=OrderedDict)
+    frames_sealed: int = 0
 
     @classmethod
     def create(

@@ -9,12 +9,13 @@ Why a (key, nonce) pair is never used twice:
 2. The multicast key.  Every sender derives its own sending key:
    ``HKDF(multicast_key, info = "l2crypt v1 group" | sender MAC | PW_ID)``;
    receivers derive the same key from the frame's source MAC.
-3. Restarts.  Under one derived key the nonce is the 64-bit packet number,
-   which only grows.  A sender starts each key at
-   ``initial_packet_number(wall_s)`` = wall-clock seconds * 2**30.  It cannot
-   send 2**30 frames a second, so every number it used before a crash is below
-   the start value it picks after the restart (the agent also keeps a floor on
-   the wall clock across restarts, see ``agent.py``).
+3. Restarts.  The nonce is the 64-bit packet number.  A host has one packet
+   counter for all the keys it sends with, so (sender, packet number) never
+   repeats at all.  The agent starts it at ``initial_packet_number(wall_s)`` =
+   wall-clock seconds * 2**30.  A host cannot send 2**30 frames a second, so
+   every number it used before a crash is below the start value it picks after
+   the restart (the agent also keeps a floor on the wall clock across
+   restarts, see ``packet_clock.py``).
 
 The nonce is 4 zero bytes followed by the packet number, big-endian.
 """

@@ -126,7 +126,7 @@ class Agent:
         if engine_mod.use_cipher(self.engine, msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
         self._deliver(self.engine.install_multicast_key(
-            msg["multicast_key"], msg["multicast_pw_id"], self.clock.pn_start(), self._loop.time()))
+            msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))
         # Anything pending gets asked again right away on the new connection.
         for entry in self.engine.holds.pending.values():
             entry.next_request_at = 0.0
@@ -135,7 +135,7 @@ class Agent:
     def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
         peer = self.engine.peers.get(peer_mac)
         held = peer.keys.newest_pw_id() if peer is not None else 0
-        delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self.clock.pn_start(), self._loop.time())
+        delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time())
         if pw_id > held:
             log.info("key_installed", extra=fields(peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id,
                                                    released=len(delivered.to_wire) + len(delivered.to_tap)))
@@ -151,7 +151,7 @@ class Agent:
 
     def on_multicast(self, key: bytes, pw_id: int) -> None:
         held = self.engine.group.newest_pw_id()
-        self._deliver(self.engine.install_multicast_key(key, pw_id, self.clock.pn_start(), self._loop.time()))
+        self._deliver(self.engine.install_multicast_key(key, pw_id, self._loop.time()))
         if pw_id > held:
             log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
 
@@ -216,7 +216,7 @@ class Agent:
                 retire_after_s=cfg.retire_after_s,
                 rekey_after_frames=cfg.rekey_after_frames,
             )
-            self.engine = FrameEngine(self.tap.mac, settings)
+            self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start())
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self)
             await self._serve()
         finally:

@@ -120,8 +120,12 @@ class Delivered:
 
 
 class FrameEngine:
-    def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings()):
+    def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings(), pn_start: int = 1):
         self.my_mac = bytes(my_mac)
+        #: The next packet number.  One counter for every key this host sends
+        #: with, so (sender, packet number) never repeats; the agent seeds it
+        #: from ``aead.initial_packet_number`` (safe across restarts).
+        self.send_pn = pn_start
         self.settings = settings
         self.cipher = settings.cipher
         self.ethertype = settings.ethertype
@@ -155,14 +159,14 @@ class FrameEngine:
             if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
                 ring.promote(now, self.settings.retire_after_s)
             group = ring.current
-            if group is None:
-                self.drops[NO_KEY] += 1
+            if group is None:  # not welcomed yet: hold it until the multicast key arrives
+                self._hold(GROUP_MAC, TX, frame, now)
                 return None
-            pn = group.send_pn
+            pn = self.send_pn
             if pn > MAX_PACKET_NUMBER:
                 self.drops[PN_EXHAUSTED] += 1
                 return None
-            group.send_pn = pn + 1
+            self.send_pn = pn + 1
             group.frames_sealed += 1
             aad = frame[:MAC_HEADER_LEN] + self._header.pack(
                 self.ethertype, 1, KEY_ID_MULTICAST, group.pw_id, pn
@@ -180,11 +184,11 @@ class FrameEngine:
         if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
             ring.promote(now, self.settings.retire_after_s)
         slot = ring.current
-        pn = slot.send_pn
+        pn = self.send_pn
         if pn > MAX_PACKET_NUMBER:
             self.drops[PN_EXHAUSTED] += 1
             return None
-        slot.send_pn = pn + 1
+        self.send_pn = pn + 1
         slot.frames_sealed += 1
         if slot.frames_sealed >= self.settings.rekey_after_frames and not slot.rekey_asked:
             slot.rekey_asked = True
@@ -322,6 +326,8 @@ class FrameEngine:
     def take_notices(self) -> list[tuple[str, bytes, int]]:
         """Rekey requests and lag reports for the key server, oldest first."""
         notices, self.notices = self.notices, []
+        for kind, _, _ in notices:
+            self.counters["rekey_requests" if kind == REKEY else "lag_reports"] += 1
         return notices
 
     def next_deadline(self) -> float | None:
@@ -337,7 +343,7 @@ class FrameEngine:
     # --------------------------------------------------------------- installing
 
     def install_pair_key(
-        self, peer_mac: bytes, peer_id: str, pair_key: bytes, pw_id: int, pn_start: int, now: float
+        self, peer_mac: bytes, peer_id: str, pair_key: bytes, pw_id: int, now: float
     ) -> Delivered:
         """Install a version of a peer's pair key; returns the released held frames.
 
@@ -350,7 +356,7 @@ class FrameEngine:
             return Delivered([], [])
         peer = self.peers.get(peer_mac)
         slot = KeySlot.from_pair_key(
-            self.cipher, pair_key, pw_id, self.my_mac, peer_mac, pn_start, self._window, now
+            self.cipher, pair_key, pw_id, self.my_mac, peer_mac, self._window, now
         )
         if peer is None:
             self.peers[peer_mac] = PeerState(peer_mac, peer_id, KeyRing(slot))
@@ -360,9 +366,9 @@ class FrameEngine:
             self.counters["rekeys"] += 1
         return self._release(peer_mac, now)
 
-    def install_multicast_key(self, key: bytes, pw_id: int, pn_start: int, now: float) -> Delivered:
+    def install_multicast_key(self, key: bytes, pw_id: int, now: float) -> Delivered:
         """Install a multicast key version (not newer than held: ignored); releases held frames."""
-        group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, pn_start, self._window, now)
+        group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, self._window, now)
         if self.group.offer(group, now) and self.group.next is not None:
             self._draining[GROUP_MAC] = self.group
             self.counters["rekeys"] += 1
@@ -424,7 +430,8 @@ class FrameEngine:
             "drops": dict(self.drops),
             "counters": {
                 k: self.counters.get(k, 0)
-                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed", "rekeys")
+                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed",
+                          "rekeys", "rekey_requests", "lag_reports")
             },
         }
 

@@ -1,6 +1,6 @@
-"""Where each new key's packet numbers start, safe across restarts.
+"""Where the agent's packet counter starts, safe across restarts.
 
-A key's first packet number is ``aead.initial_packet_number(wall_s)``.  For
+The counter starts at ``aead.initial_packet_number(wall_s)``.  For
 that to be above every number used before a crash, the wall clock must not
 have gone back.  The agent therefore writes the wall clock to
 ``state_dir/clock`` every ``PERSIST_INTERVAL_S`` and, after a restart, never
@@ -35,7 +35,7 @@ class PacketClock:
         return max(self._wall(), self.floor_s)
 
     def pn_start(self) -> int:
-        """The first packet number for a key installed now."""
+        """The first packet number for an engine started now."""
         return aead.initial_packet_number(self.now_s())
 
     def persist(self) -> None:

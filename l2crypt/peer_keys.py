@@ -1,12 +1,11 @@
 """Key state you can see in the types (compare wireguard-go's keypair.go).
 
 * ``KeySlot``: one version (PW_ID) of a pair key as one host holds it: the
-  sending AEAD (me -> peer) with its packet counter, and the receiving AEAD
-  (peer -> me) with its replay window.
+  sending AEAD (me -> peer) and the receiving AEAD (peer -> me) with its
+  replay window.  Packet numbers come from the engine's one counter.
 * ``PeerState``: one peer MAC: its ID, a ``KeyRing`` of slots (current, next,
   previous; see ``key_ring``), and the per-peer traffic counters.
-* ``GroupKey``: one version of the multicast key: my own sending AEAD and
-  counter, and a bounded cache of per-sender receiving AEADs and windows.
+* ``GroupKey``: one version of the multicast key: my own sending AEAD, and a bounded cache of per-sender receiving AEADs and windows.
 
 Everything here is owned by the ``FrameEngine`` of one agent; nothing in it is
 shared between threads.
@@ -27,7 +26,6 @@ class KeySlot:
     pw_id: int
     send_aead: object
     recv_aead: object
-    send_pn: int          # next packet number to use; only grows
     replay: ReplayWindow
     created_at: float     # engine clock (monotonic) at install
     frames_sealed: int = 0
@@ -36,11 +34,11 @@ class KeySlot:
     @classmethod
     def from_pair_key(
         cls, cipher: str, pair_key: bytes, pw_id: int, my_mac: bytes, peer_mac: bytes,
-        pn_start: int, window_frames: int, now: float,
+        window_frames: int, now: float,
     ) -> "KeySlot":
         send = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, my_mac, peer_mac))
         recv = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, peer_mac, my_mac))
-        return cls(pw_id, send, recv, pn_start, ReplayWindow(window_frames), now)
+        return cls(pw_id, send, recv, ReplayWindow(window_frames), now)
 
 
 @dataclass(slots=True, eq=False)
@@ -67,7 +65,6 @@ class GroupKey:
     key: bytes
     pw_id: int
     send_aead: object
-    send_pn: int
     created_at: float
     window_frames: int
     max_senders: int
@@ -76,11 +73,11 @@ class GroupKey:
 
     @classmethod
     def create(
-        cls, cipher: str, key: bytes, pw_id: int, my_mac: bytes, pn_start: int,
+        cls, cipher: str, key: bytes, pw_id: int, my_mac: bytes,
         window_frames: int, now: float, max_senders: int = 4096,
     ) -> "GroupKey":
         send = aead.make_aead(cipher, aead.group_sender_key(key, pw_id, my_mac))
-        return cls(cipher, key, pw_id, send, pn_start, now, window_frames, max_senders)
+        return cls(cipher, key, pw_id, send, now, window_frames, max_senders)
 
     def sender(self, sender_mac: bytes) -> SenderWindow:
         """The receiving state for one sender; a new one is not cached until ``keep``."""

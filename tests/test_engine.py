@@ -35,7 +35,7 @@ class Segment:
         self.requests = []
         for i, mac in enumerate(macs):
             host = EngineHost(mac, settings)
-            host.engine.install_multicast_key(MCAST_KEY, 1, 1_000 * (i + 1), 0.0)
+            host.engine.install_multicast_key(MCAST_KEY, 1, 0.0)
             self.switch.attach(host.wire)
             self.hosts[mac] = host
         self.ids = {mac: f"h{i + 1}" for i, mac in enumerate(macs)}
@@ -58,7 +58,7 @@ class Segment:
                     continue
                 pair = tuple(sorted((mac, peer)))
                 key = self.pair_keys.setdefault(pair, os.urandom(32))
-                host.deliver(host.engine.install_pair_key(peer, self.ids[peer], key, 1, 10**9, now))
+                host.deliver(host.engine.install_pair_key(peer, self.ids[peer], key, 1, now))
 
 
 def test_unicast_flows_and_wire_never_holds_plaintext():
@@ -127,7 +127,7 @@ def test_receiver_without_key_holds_and_opens_after_answer():
     seg = Segment()
     key = os.urandom(32)
     h1, h2 = seg.hosts[H1], seg.hosts[H2]
-    h1.engine.install_pair_key(H2, "h2", key, 1, 5_000, 0.0)
+    h1.engine.install_pair_key(H2, "h2", key, 1, 0.0)
     seg.pair_keys[(H1, H2)] = key
     h1.tap.inbox.append(ip_frame(H2, H1))
     seg.pump(0.0)
@@ -214,21 +214,37 @@ def test_runts_and_foreign_sources_are_not_sent():
     assert host.engine.drops[engine_mod.FOREIGN_SOURCE] == 1
 
 
-def test_no_multicast_key_means_no_broadcast():
-    host = EngineHost(H1)
+def test_broadcast_waits_for_the_multicast_key():
+    host = EngineHost(H1, EngineSettings(hold_age_s=2.0))
+    arp = BCAST + H1 + b"\x08\x06" + b"\x00" * 28
+    host.tap.inbox.extend([arp, arp])
+    host.pump(0.0)
+    assert not host.wire.outbox                                   # never in clear
+    assert host.key_requests == [engine_mod.GROUP_MAC]            # asks for the multicast key
+    host.deliver(host.engine.install_multicast_key(MCAST_KEY, 1, 0.5))
+    assert len(host.wire.outbox) == 2 and all(f[15] == 2 for f in host.wire.outbox)
+    host.tap.inbox.append(arp)
+    host.pump(10.0)                                               # too late for nobody: nothing dropped
+    assert not host.engine.drops
+
+
+def test_broadcast_held_too_long_is_dropped_and_counted():
+    host = EngineHost(H1, EngineSettings(hold_age_s=2.0))
     host.tap.inbox.append(BCAST + H1 + b"\x08\x06" + b"\x00" * 28)
     host.pump(0.0)
+    host.pump(3.0)
     assert not host.wire.outbox
-    assert host.engine.drops[engine_mod.NO_KEY] == 1
+    assert host.engine.drops[engine_mod.HOLD_EXPIRED] == 1
 
 
 def test_reinstalling_the_same_version_keeps_the_counter():
     host = EngineHost(H1)
+    host.engine.send_pn = 100
     key = os.urandom(32)
-    host.engine.install_pair_key(H2, "h2", key, 1, 100, 0.0)
+    host.engine.install_pair_key(H2, "h2", key, 1, 0.0)
     host.tap.inbox.append(ip_frame(H2, H1))
     host.pump(0.0)
-    host.engine.install_pair_key(H2, "h2", key, 1, 0, 1.0)  # a repeated answer
+    host.engine.install_pair_key(H2, "h2", key, 1, 1.0)  # a repeated answer
     host.tap.inbox.append(ip_frame(H2, H1))
     host.pump(1.0)
     pns = [int.from_bytes(f[20:28], "big") for f in host.wire.outbox]
@@ -247,7 +263,7 @@ def test_snapshot_holds_no_key_material():
 
 def test_cipher_switch_drops_old_keys():
     host = EngineHost(H1)
-    host.engine.install_pair_key(H2, "h2", os.urandom(32), 1, 1, 0.0)
+    host.engine.install_pair_key(H2, "h2", os.urandom(32), 1, 0.0)
     assert engine_mod.use_cipher(host.engine, "chacha20-poly1305")
     assert not host.engine.peers
     with pytest.raises(ValueError):

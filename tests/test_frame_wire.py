@@ -74,8 +74,8 @@ def test_wrong_ethertype_and_version():
 
 
 def test_engine_output_matches_vector_layout():
-    engine = FrameEngine(SA)
-    engine.install_pair_key(DA, "h2", VECTOR_PAIR_KEY, 7, 0x0102030405060708, 0.0)
+    engine = FrameEngine(SA, pn_start=0x0102030405060708)
+    engine.install_pair_key(DA, "h2", VECTOR_PAIR_KEY, 7, 0.0)
     assert engine.seal_from_tap(VECTOR_PLAIN, 0.0) == seal_vector()
 
 

@@ -36,10 +36,10 @@ def frame(dst, src, i):
 
 
 def test_two_directions_of_a_pair_never_share_key_and_nonce():
-    a, b = FrameEngine(H1), FrameEngine(H2)
     # Same pair key, same PW_ID, and deliberately the *same* starting counter.
-    a.install_pair_key(H2, "h2", PAIR_KEY, 1, 1000, 0.0)
-    b.install_pair_key(H1, "h1", PAIR_KEY, 1, 1000, 0.0)
+    a, b = FrameEngine(H1, pn_start=1000), FrameEngine(H2, pn_start=1000)
+    a.install_pair_key(H2, "h2", PAIR_KEY, 1, 0.0)
+    b.install_pair_key(H1, "h1", PAIR_KEY, 1, 0.0)
     sent = [a.seal_from_tap(frame(H2, H1, i), 0.0) for i in range(100)]
     sent += [b.seal_from_tap(frame(H1, H2, i), 0.0) for i in range(100)]
     pairs = used(sent, derive)
@@ -49,9 +49,9 @@ def test_two_directions_of_a_pair_never_share_key_and_nonce():
 
 
 def test_many_senders_of_the_multicast_key_never_share_key_and_nonce():
-    engines = [FrameEngine(m) for m in (H1, H2, H3)]
+    engines = [FrameEngine(m, pn_start=5000) for m in (H1, H2, H3)]  # same start on purpose
     for e in engines:
-        e.install_multicast_key(MCAST_KEY, 1, 5000, 0.0)  # same start on purpose
+        e.install_multicast_key(MCAST_KEY, 1, 0.0)
     sent = [e.seal_from_tap(frame(b"\xff" * 6, e.my_mac, i), 0.0) for e in engines for i in range(50)]
     pairs = used(sent, derive)
     assert len(set(pairs)) == len(pairs) == 150
@@ -60,15 +60,15 @@ def test_many_senders_of_the_multicast_key_never_share_key_and_nonce():
 def test_restart_never_reuses_a_packet_number(tmp_path):
     wall = [1_700_000_000.0]
     clock = PacketClock(tmp_path, wall=lambda: wall[0])
-    first = FrameEngine(H1)
-    first.install_pair_key(H2, "h2", PAIR_KEY, 1, clock.pn_start(), 0.0)
+    first = FrameEngine(H1, pn_start=clock.pn_start())
+    first.install_pair_key(H2, "h2", PAIR_KEY, 1, 0.0)
     sent = [first.seal_from_tap(frame(H2, H1, i), 0.0) for i in range(1000)]
     clock.persist()
     # Crash, and the wall clock even steps back by a few seconds over the restart.
     wall[0] -= 3.0
     clock2 = PacketClock(tmp_path, wall=lambda: wall[0])
-    second = FrameEngine(H1)
-    second.install_pair_key(H2, "h2", PAIR_KEY, 1, clock2.pn_start(), 0.0)
+    second = FrameEngine(H1, pn_start=clock2.pn_start())
+    second.install_pair_key(H2, "h2", PAIR_KEY, 1, 0.0)
     sent += [second.seal_from_tap(frame(H2, H1, i), 0.0) for i in range(1000)]
     pairs = used(sent, derive)
     assert len(set(pairs)) == len(pairs) == 2000
@@ -81,3 +81,19 @@ def test_start_value_outruns_any_sending_rate():
     # Frames sent in one second at any rate below 2**30/s stay below the next second's start.
     assert aead.initial_packet_number(101.0) - aead.initial_packet_number(100.0) == 2**30
     assert aead.initial_packet_number(4_000_000_000.0) < 2**64
+
+
+def test_one_counter_for_every_key_of_a_sender():
+    """(sender, packet number) is unique across peers, key versions and the multicast key."""
+    e = FrameEngine(H1, pn_start=77)
+    e.install_pair_key(H2, "h2", PAIR_KEY, 1, 0.0)
+    e.install_pair_key(H3, "h3", os.urandom(32), 4, 0.0)
+    e.install_multicast_key(MCAST_KEY, 1, 0.0)
+    sent = []
+    for i in range(60):
+        dst = (H2, H3, b"\xff" * 6)[i % 3]
+        sent.append(e.seal_from_tap(frame(dst, H1, i), 0.0))
+    e.install_pair_key(H2, "h2", os.urandom(32), 2, 0.0)
+    sent += [e.seal_from_tap(frame(H2, H1, i), 5.0) for i in range(20)]
+    pns = [int.from_bytes(f[20:28], "big") for f in sent]
+    assert pns == list(range(77, 77 + 80))

@@ -25,8 +25,8 @@ def pw_of(sealed):
 
 def pair(settings=SETTINGS):
     a, b = FrameEngine(A, settings), FrameEngine(B, settings)
-    a.install_pair_key(B, "b", K1, 1, 1_000, 0.0)
-    b.install_pair_key(A, "a", K1, 1, 9_000, 0.0)
+    a.install_pair_key(B, "b", K1, 1, 0.0)
+    b.install_pair_key(A, "a", K1, 1, 0.0)
     return a, b
 
 
@@ -51,9 +51,9 @@ def test_rotation_loses_nothing_in_either_direction():
     for step in range(400):
         t = step * 0.05
         if step == 100:  # the server pushes version 2 to both ends "at once"
-            a.install_pair_key(B, "b", K2, 2, 2_000, t)
+            a.install_pair_key(B, "b", K2, 2, t)
         if step == 103:
-            b.install_pair_key(A, "a", K2, 2, 8_000, t)
+            b.install_pair_key(A, "a", K2, 2, t)
         for src, dst in ((a, b), (b, a)):
             sealed = src.seal_from_tap(frame(dst.my_mac, src.my_mac), t)
             assert dst.open_from_wire(sealed, t) is not None, (step, dict(dst.drops))
@@ -69,8 +69,8 @@ def test_rotation_loses_nothing_in_either_direction():
 
 def test_sender_switches_when_the_peer_is_seen_using_the_new_key():
     a, b = pair()
-    a.install_pair_key(B, "b", K2, 2, 2_000, 1.0)
-    b.install_pair_key(A, "a", K2, 2, 8_000, 1.0)
+    a.install_pair_key(B, "b", K2, 2, 1.0)
+    b.install_pair_key(A, "a", K2, 2, 1.0)
     assert pw_of(a.seal_from_tap(frame(B, A), 1.1)) == 1       # before the switch delay
     b.peers[A].keys.promote(1.2, 10.0)                          # b moves first
     assert a.open_from_wire(b.seal_from_tap(frame(A, B), 1.2), 1.2)
@@ -79,25 +79,25 @@ def test_sender_switches_when_the_peer_is_seen_using_the_new_key():
 
 def test_race_a_receiver_lacks_the_newer_version():
     a, b = pair()
-    a.install_pair_key(B, "b", K2, 2, 2_000, 1.0)               # the push to b is lost
+    a.install_pair_key(B, "b", K2, 2, 1.0)               # the push to b is lost
     sealed = a.seal_from_tap(frame(B, A, b"n"), 4.0)            # a switched after 2 s
     assert pw_of(sealed) == 2
     assert b.open_from_wire(sealed, 4.0) is None                # held, not dropped
     assert b.take_key_requests(4.0) == [A]                      # b asks the server
-    out = b.install_pair_key(A, "a", K2, 2, 8_000, 4.1)         # the server answers the newest
+    out = b.install_pair_key(A, "a", K2, 2, 4.1)         # the server answers the newest
     assert out.to_tap == [frame(B, A, b"n")]
     assert not b.drops
 
 
 def test_race_b_peer_still_sends_with_the_old_version():
     a, b = pair()
-    a.install_pair_key(B, "b", K2, 2, 2_000, 1.0)               # b never got the push
+    a.install_pair_key(B, "b", K2, 2, 1.0)               # b never got the push
     a.seal_from_tap(frame(B, A), 3.5)                           # a has switched to v2
     for t in (4.0, 4.1, 4.2, 5.5):
         assert a.open_from_wire(b.seal_from_tap(frame(A, B), t), t) is not None  # still opens (overlap)
     notices = a.take_notices()
     assert notices == [(E.REPORT, B, 2), (E.REPORT, B, 2)]      # reported, once a second
-    b.install_pair_key(A, "a", K2, 2, 8_000, 5.6)               # the server pushed again
+    b.install_pair_key(A, "a", K2, 2, 5.6)               # the server pushed again
     b.peers[A].keys.promote(5.6, 10.0)
     assert a.open_from_wire(b.seal_from_tap(frame(A, B), 5.7), 5.7) is not None
 
@@ -105,7 +105,7 @@ def test_race_b_peer_still_sends_with_the_old_version():
 def test_frames_under_a_retired_version_are_refused_and_reported():
     a, b = pair()
     old = b.seal_from_tap(frame(A, B), 0.5)
-    a.install_pair_key(B, "b", K2, 2, 2_000, 1.0)
+    a.install_pair_key(B, "b", K2, 2, 1.0)
     a.seal_from_tap(frame(B, A), 3.5)                           # switch at 3.5, retire at 13.5
     a.on_timer(14.0)
     assert a.peers[B].keys.previous is None
@@ -121,8 +121,8 @@ def test_data_volume_rekey_is_asked_once():
     for i in range(12):
         b.open_from_wire(a.seal_from_tap(frame(B, A), 0.1 * i), 0.1 * i)
     assert a.take_notices() == [(E.REKEY, B, 1)]
-    a.install_pair_key(B, "b", K2, 2, 2_000, 2.0)
-    b.install_pair_key(A, "a", K2, 2, 8_000, 2.0)
+    a.install_pair_key(B, "b", K2, 2, 2.0)
+    b.install_pair_key(A, "a", K2, 2, 2.0)
     for i in range(12):
         t = 4.0 + 0.1 * i
         assert b.open_from_wire(a.seal_from_tap(frame(B, A), t), t) is not None
@@ -132,16 +132,16 @@ def test_data_volume_rekey_is_asked_once():
 def test_multicast_rotation_make_before_break_and_refresh():
     a, b, c = (FrameEngine(m, SETTINGS) for m in (A, B, C))
     for i, e in enumerate((a, b, c)):
-        e.install_multicast_key(K1, 1, 1000 * (i + 1), 0.0)
-    a.install_multicast_key(K2, 2, 5000, 1.0)
-    b.install_multicast_key(K2, 2, 6000, 1.0)                   # c misses the push
+        e.install_multicast_key(K1, 1, 0.0)
+    a.install_multicast_key(K2, 2, 1.0)
+    b.install_multicast_key(K2, 2, 1.0)                   # c misses the push
     assert b.open_from_wire(a.seal_from_tap(frame(BCAST, A), 1.5), 1.5)  # a still sends v1
     late = a.seal_from_tap(frame(BCAST, A, b"z"), 3.5)          # switched to v2
     assert pw_of(late) == 2
     assert b.open_from_wire(late, 3.5) == frame(BCAST, A, b"z")
     assert c.open_from_wire(late, 3.5) is None                  # c lacks v2: held, asks
     assert c.take_key_requests(3.5) == [E.GROUP_MAC]
-    assert c.install_multicast_key(K2, 2, 7000, 3.6).to_tap == [frame(BCAST, A, b"z")]
+    assert c.install_multicast_key(K2, 2, 3.6).to_tap == [frame(BCAST, A, b"z")]
     assert b.open_from_wire(c.seal_from_tap(frame(BCAST, C), 3.7), 3.7)  # v1 still accepted
 
 
@@ -151,7 +151,7 @@ def test_revoked_peer_is_cut_off():
     a.revoke_peer(B)
     assert a.open_from_wire(good, 0.2) is None
     assert a.drops[E.REVOKED_SENDER] == 1
-    a.install_pair_key(B, "b", K3, 3, 1, 0.3)                   # a late answer changes nothing
+    a.install_pair_key(B, "b", K3, 3, 0.3)                   # a late answer changes nothing
     assert B not in a.peers
     assert a.seal_from_tap(frame(B, A), 0.4) is None
     assert a.take_key_requests(0.4) == []                       # and nothing is asked for it

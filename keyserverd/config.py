@@ -15,6 +15,8 @@ Example ``/etc/l2crypt/keyserver.toml``::
     token_ttl_s = 86400
     server_names = ["ks1.example.net", "192.0.2.10"]
     log_level = "info"
+    log_format = "text"
+    metrics_listen = "127.0.0.1:9479"
     unauth_idle_s = 10.0
     rekey_after_s = 3600
     multicast_rekey_after_s = 3600
@@ -32,10 +34,15 @@ from typing import Any
 
 from l2crypt.constants import DEFAULT_KEYSERVER_PORT
 from l2crypt.errors import ConfigError
+from l2crypt.metrics import parse_listen
 
 from .service import CIPHERS, DEFAULT_CIPHER
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9479"
+#: The admin socket (``keyserverd status``) in the state directory, mode 0600.
+ADMIN_SOCKET = "keyserverd.sock"
 DEFAULT_STATE_DIR = Path("/var/lib/l2crypt/keyserver")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -66,6 +73,10 @@ class KeyServerConfig:
     multicast_rekey_after_s: float = 3600.0
     #: Seconds a superseded key version is kept on the server before it is deleted.
     retire_after_s: float = 300.0
+    #: Log line format: "text" (``event key=value``) or "json" (one object a line).
+    log_format: str = "text"
+    #: Prometheus endpoint HOST:PORT (``GET /metrics``), loopback by default; "" turns it off.
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
 
     @property
     def listen_host(self) -> str:
@@ -110,12 +121,25 @@ def _check_name(name: Any) -> str:
 def _check(key: str, value: Any) -> Any:
     """Check and normalise one field; ValueError with the reason."""
     if key == "listen":
+        if value == "":
+            raise ValueError("missing (empty); want HOST:PORT")
         parse_hostport(value)
         return value
+    if key == "metrics_listen":
+        if not isinstance(value, str):
+            raise ValueError(f'not "HOST:PORT" or "" (off): {value!r}')
+        parse_listen(value)
+        return value
     if key == "state_dir":
-        if not isinstance(value, (str, Path)) or not str(value):
+        if value == "":
+            raise ValueError("missing (empty); want a directory")
+        if not isinstance(value, (str, Path)):
             raise ValueError(f"not a path: {value!r}")
         return Path(value)
+    if key == "log_format":
+        if value not in LOG_FORMATS:
+            raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
+        return value
     if key == "cipher":
         if value not in CIPHERS:
             raise ValueError(f"must be one of {', '.join(CIPHERS)}, not {value!r}")
@@ -146,33 +170,52 @@ def _check(key: str, value: Any) -> Any:
 FIELD_NAMES = tuple(f.name for f in fields(KeyServerConfig))
 
 
-def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> KeyServerConfig:
-    """Read ``path`` (if given), apply ``overrides`` (field name -> value; None
-    means "not given"), check everything and return the config."""
+def config_problems(path: Path | str | None, overrides: dict[str, Any] | None = None
+                    ) -> tuple[dict[str, Any], list[str]]:
+    """Check a file and overrides: (checked values, every problem, one line each
+    ``FILE: KEY: reason`` or ``--option: reason``)."""
     values: dict[str, Any] = {}
+    problems: list[str] = []
     if path is not None:
         where = str(path)
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except OSError as exc:
-            raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+            return values, [f"{where}: cannot read: {exc.strerror or exc}"]
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+            return values, [f"{where}: not valid TOML: {exc}"]
         for key, value in data.items():
             if key not in FIELD_NAMES:
-                raise ConfigError(f"{where}: {key}: unknown key (known: {', '.join(FIELD_NAMES)})")
+                problems.append(f"{where}: {key}: unknown key (known: {', '.join(FIELD_NAMES)})")
+                continue
             try:
                 values[key] = _check(key, value)
             except ValueError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
+                problems.append(f"{where}: {key}: {exc}")
     for key, value in (overrides or {}).items():
         if value is None:
             continue
         if key not in FIELD_NAMES:
-            raise ConfigError(f"unknown setting {key!r}")
+            problems.append(f"unknown setting {key!r}")
+            continue
         try:
             values[key] = _check(key, value)
         except ValueError as exc:
-            raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
+            problems.append(f"--{key.replace('_', '-')}: {exc}")
+    return values, problems
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> KeyServerConfig:
+    """Read ``path`` (if given), apply ``overrides`` (field name -> value; None
+    means "not given"), check everything and return the config.  A ConfigError
+    names every bad key (the first in full, the others after "; ")."""
+    values, problems = config_problems(path, overrides)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return KeyServerConfig(**values)
+
+
+def check_file(path: Path | str) -> list[str]:
+    """Every problem of a keyserverd config file (``keyserverd check-config``); [] when valid."""
+    return config_problems(path)[1]

@@ -27,18 +27,21 @@
    ``multicast_rekey_after_s`` and drops versions superseded more than
    ``retire_after_s`` ago.  The rotations are conditional in the store, so
    several servers running it rotate once.
-Every refusal is logged at WARNING with its code and the requester.  Key bytes
-and tokens are never logged.  This module imports no socket, asyncio or time.
+Every refusal is counted and logged at WARNING with its code and the
+requester, once per (requester, code) every ``REFUSAL_LOG_S`` with the count of
+lines skipped (a flood makes one line).  Key bytes and tokens are never logged.  This module imports no socket, asyncio or time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
+from l2crypt.logs import RateLimiter, fields
 
 from .store import KeyEvent, KeyStore
 from .tokens import hash_token
@@ -54,6 +57,10 @@ PUSH_RID = 0
 
 Target = Union[str, tuple[str, str]]
 Action = tuple[Target, dict]
+
+#: Refusals (and unknown-MAC answers) are logged once per (requester, code)
+#: this often; the lines skipped in between are counted in the next one.
+REFUSAL_LOG_S = 10.0
 
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
@@ -89,11 +96,19 @@ class KeyService:
         self.rekey_after_s = rekey_after_s
         self.multicast_rekey_after_s = multicast_rekey_after_s
         self.retire_after_s = retire_after_s
+        #: Requests by message type, refusals by code, pushes by event kind
+        #: (read by ``keyserverd status`` and the metrics collector).
+        self.requests: Counter = Counter()
+        self.refusals: Counter = Counter()
+        self.events: Counter = Counter()
+        self.rotations: Counter = Counter()
+        self._log_limit = RateLimiter(REFUSAL_LOG_S)
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
         kind = msg["t"]
         rid = msg.get("rid", 0)
+        self.requests[kind] += 1
         try:
             if session.identity is None and kind not in UNAUTHENTICATED_TYPES:
                 raise RefusedError(f"{kind} needs a client certificate", "unauthenticated")
@@ -105,7 +120,9 @@ class KeyService:
                 raise RefusedError(f"{kind} is not a request", "bad_request")
             return handler(session, msg, now)
         except RefusedError as exc:
-            log.warning("refused %s from %s: %s: %s", kind, session.who, exc.code, exc)
+            self.refusals[exc.code] += 1
+            self._limited(logging.WARNING, "request_refused", (session.who, exc.code), now,
+                          type=kind, host=session.who, code=exc.code, reason=str(exc))
             actions: list[Action] = [("reply", _error(rid, exc.code, str(exc)))]
             if exc.code == "revoked":
                 actions.append(("close", {}))
@@ -122,7 +139,7 @@ class KeyService:
         host = self.store.consume_token(host_id, hash_token(msg["token"]), now)
         cert = self.ca.sign_csr(msg["csr"], host_id, role=host.role, days=self.cert_days)
         self.store.mark_enrolled(host_id, now)
-        log.info("enrolled host %s (role %s) from %s", host_id, host.role, session.peer)
+        log.info("host_enrolled", extra=fields(host=host_id, role=host.role, peer=session.peer))
         return [("reply", {"t": "enrolled", "rid": msg["rid"], "cert": cert, "ca": self.ca.ca_cert_pem})]
 
     # --- with a certificate --------------------------------------------------
@@ -133,7 +150,7 @@ class KeyService:
         self.store.bind_mac(session.identity, mac)
         session.bound_mac = mac
         key, pw_id = self.store.current_multicast_key()
-        log.info("host %s bound to %s", session.identity, format_mac(mac))
+        log.info("host_bound", extra=fields(host=session.identity, mac=format_mac(mac)))
         return [
             (
                 "reply",
@@ -161,10 +178,11 @@ class KeyService:
             raise RefusedError(f"{format_mac(peer_mac)} is a group address", "bad_request")
         peer = self.store.host_by_mac(peer_mac)
         if peer is None or peer.revoked:
-            log.info("key_req from %s for unknown MAC %s", session.identity, format_mac(peer_mac))
+            self._limited(logging.INFO, "key_req_unknown_mac", (session.identity, "unknown"), now,
+                          host=session.identity, peer_mac=format_mac(peer_mac))
             return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
-        log.info("pair key %s <-> %s pw_id %d handed out", session.identity, peer.id, pw_id)
+        log.info("pair_key_sent", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
         answer = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
         push = {
             "t": "key", "rid": PUSH_RID, "peer_mac": session.bound_mac, "peer_id": session.identity,
@@ -192,7 +210,9 @@ class KeyService:
         peer = self._pair_peer(session, msg)
         new = self.store.rotate_pair_key(session.identity, peer.id, now, if_pw_id=msg["pw_id"])
         if new is not None:
-            log.info("pair key %s <-> %s rotated to pw_id %d (data volume)", session.identity, peer.id, new)
+            self.rotations["data_volume"] += 1
+            log.info("pair_key_rotated", extra=fields(host=session.identity, peer=peer.id, pw_id=new,
+                                                      cause="data_volume"))
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         return [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
 
@@ -207,7 +227,7 @@ class KeyService:
         actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
         if msg["pw_id"] == pw_id:
             me = self.store.get_host(session.identity)
-            log.info("host %s reports %s lagging behind pw_id %d; pushing again", session.identity, peer.id, pw_id)
+            log.info("peer_lagging", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
             actions.append((("push", peer.id), self._key_msg(PUSH_RID, me, key, pw_id)))
         return actions
 
@@ -220,6 +240,7 @@ class KeyService:
     # --- events and timers -----------------------------------------------------
     def on_event(self, event: KeyEvent) -> list[Action]:
         """Pushes for one rotation or revocation event (see the module docstring)."""
+        self.events[event.kind] += 1
         if event.kind == "pair":
             key = self.store.pair_key(event.id1, event.id2, event.pw_id)
             a, b = self.store.get_host(event.id1), self.store.get_host(event.id2)
@@ -249,11 +270,22 @@ class KeyService:
                 continue
             pw_id = self.store.rotate_pair_key(id1, id2, now, if_created_before=now - self.rekey_after_s)
             if pw_id is not None:
-                log.info("pair key %s <-> %s rotated to pw_id %d (timer)", id1, id2, pw_id)
+                self.rotations["timer"] += 1
+                log.info("pair_key_rotated", extra=fields(host=id1, peer=id2, pw_id=pw_id, cause="timer"))
         pw_id = self.store.rotate_multicast_key(now, if_created_before=now - self.multicast_rekey_after_s)
         if pw_id is not None:
-            log.info("multicast key rotated to pw_id %d (timer)", pw_id)
+            self.rotations["multicast_timer"] += 1
+            log.info("multicast_key_rotated", extra=fields(pw_id=pw_id, cause="timer"))
         self.store.retire_old_versions(now - self.retire_after_s)
+
+
+    def _limited(self, level: int, event: str, key: tuple, now: float, **kv) -> None:
+        """Log ``event`` at most once per ``key`` every ``REFUSAL_LOG_S``."""
+        if self._log_limit.allow(key, now):
+            suppressed = self._log_limit.take_suppressed(key)
+            if suppressed:
+                kv["suppressed"] = suppressed
+            log.log(level, event, extra=fields(**kv))
 
 
 def revoke_and_rotate(store: KeyStore, host_id: str, now: float) -> tuple[bool, int]:

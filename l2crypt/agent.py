@@ -32,6 +32,7 @@ from .keyclient import KeyClient
 from .linux_tap import LinuxTap
 from .linux_wire import LinuxWire
 from .logs import fields
+from .metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
 from .packet_clock import PERSIST_INTERVAL_S, PacketClock
 from .port_guard import egress_drops, guard_port
 from .tls_files import client_context, host_identity
@@ -229,13 +230,17 @@ class Agent:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        registry = new_registry()
+        registry.register(FunctionCollector(lambda: agent_metrics(self, loop.time())))
+        metrics = await serve_metrics(self.config.metrics_listen, registry)
         control = await serve_control(self.config.socket_path, self.snapshot)
         loop.add_reader(self.tap.fileno(), self._on_tap_readable)
         loop.add_reader(self.wire.fileno(), self._on_wire_readable)
         client_task = asyncio.ensure_future(self.client.run(stop))
         log.info("agent_started", extra=fields(
             id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
-            mtu=self.tap_mtu, servers=",".join(self.config.servers)))
+            mtu=self.tap_mtu, servers=",".join(self.config.servers),
+            metrics=self.config.metrics_listen or "off"))
         last_persist = last_drop_log = loop.time()
         try:
             while not stop.is_set():
@@ -259,6 +264,8 @@ class Agent:
             stop.set()
             client_task.cancel()
             control.close()
+            if metrics is not None:
+                metrics.close()
             self.clock.persist()
             try:
                 self.config.socket_path.unlink()

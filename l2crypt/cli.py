@@ -9,7 +9,7 @@ import sys
 import click
 
 from . import __version__
-from .config import DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
+from .config import DEFAULT_METRICS_LISTEN, DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
 from .errors import L2cryptError
 
 PROG = "l2crypt"
@@ -78,6 +78,8 @@ def _agent_options(fn):
         click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"] + " [default: 2^32]"),
         click.option("--log-level", help=docs["log_level"] + " [default: info]"),
         click.option("--log-format", help=docs["log_format"] + " [default: text]"),
+        click.option("--metrics-listen", metavar="HOST:PORT",
+                     help=docs["metrics_listen"] + f" [default: {DEFAULT_METRICS_LISTEN}]"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -107,22 +109,69 @@ def agent(config_path, servers, **overrides) -> None:
 
 @cli.command()
 @click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="The agent's state directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(state_dir, as_json) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (with --watch: one line of rates each time).")
+@click.option("--watch", is_flag=True, help="Show live rates (frames/s, bytes/s per peer) until Ctrl-C.")
+@click.option("--interval", "interval_s", type=click.FloatRange(0.2, 3600), default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop --watch after this many refreshes (0: at Ctrl-C).")
+def status(state_dir, as_json, watch, interval_s, count) -> None:
     """Show the running agent's key server, peers, key versions, counters and MTU."""
     from pathlib import Path
 
     from .control import query_status
     from .status_view import render_status
+    from .status_view import watch as watch_rates
 
+    path = Path(state_dir) / "agent.sock"
     try:
-        doc = query_status(Path(state_dir) / "agent.sock")
+        if watch:
+            watch_rates(lambda: query_status(path), interval_s, count, as_json)
+            return
+        doc = query_status(path)
     except L2cryptError as exc:
         fail(str(exc))
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         render_status(doc)
+
+
+@cli.command("check-config")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+def check_config(path) -> None:
+    """Check an agent config file; name every problem with its key (exit 2 if any)."""
+    from .config import check_agent_file
+
+    problems = check_agent_file(path)
+    for problem in problems:
+        click.echo(f"{PROG}: {problem}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"{path}: ok")
+
+
+@cli.command("install-units")
+@click.option("--prefix", type=click.Path(file_okay=False), default="/", show_default=True,
+              help="Install under PREFIX/etc/systemd/system.")
+@click.option("--bin-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the l2crypt commands are (default: where this one runs from).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be written.")
+def install_units_cmd(prefix, bin_dir, dry_run) -> None:
+    """Install the systemd units (agent per port, key server, gateway)."""
+    from pathlib import Path
+
+    from .units import default_bin_dir, install_units
+
+    bin_path = Path(bin_dir) if bin_dir else default_bin_dir()
+    try:
+        paths = install_units(Path(prefix), bin_path, dry_run)
+    except L2cryptError as exc:
+        fail(str(exc))
+    for path in paths:
+        click.echo(f"{'would write' if dry_run else 'wrote'} {path} (commands in {bin_path})")
+    if not dry_run:
+        click.echo("next: systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT (or keyserverd)")
 
 
 def run_click(group: click.Group, prog: str, argv=None) -> None:

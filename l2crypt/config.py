@@ -31,6 +31,7 @@ from .frame_wire import parse_mac
 
 DEFAULT_CONFIG_PATH = "/etc/l2crypt/agent.toml"
 DEFAULT_STATE_DIR = "/var/lib/l2crypt"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9478"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -130,6 +131,15 @@ def _path(value: Any) -> str:
     return value
 
 
+def _metrics_listen(value: Any) -> str:
+    from .metrics import parse_listen
+
+    if not isinstance(value, str):
+        raise ValueError(f'want "HOST:PORT" or "" (off), got {value!r}')
+    parse_listen(value)
+    return value
+
+
 def _f(default, check, doc):
     return field(default=default, metadata={"check": check, "doc": doc})
 
@@ -162,6 +172,8 @@ class AgentConfig:
                                  "frames sent under one pair key before the agent asks for a new one")
     log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
     log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
+    metrics_listen: str = _f(DEFAULT_METRICS_LISTEN, _metrics_listen,
+                             'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
 
     @property
     def socket_path(self) -> Path:
@@ -190,23 +202,48 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
 
 
-def build_config(cls, values: dict, source: str, required=()):
-    """Check ``values`` against ``cls``'s fields; raise ConfigError naming the key."""
+def config_problems(cls, values: dict, source: str, required=()) -> tuple[dict, list[str]]:
+    """Check ``values`` against ``cls``'s fields: (checked values, every problem).
+
+    Each problem is one line ``SOURCE: KEY: what is wrong``: unknown keys,
+    wrong types or values, and required keys that are missing or empty.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
+    out, problems = {}, []
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"{source}: {key}: unknown key")
+            problems.append(f"{source}: {key}: unknown key")
+            continue
         if value is None:
             continue
         try:
             out[key] = fields[key].metadata["check"](value)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {key}: {exc}") from None
+            if value in ("", []) and key in required:
+                problems.append(f"{source}: {key}: missing (empty)")
+            else:
+                problems.append(f"{source}: {key}: {exc}")
     for key in required:
-        if out.get(key) is None:
-            raise ConfigError(f"{source}: {key}: missing (set it in the file or on the command line)")
+        if key not in values or values[key] is None:
+            problems.append(f"{source}: {key}: missing (set it in the file or on the command line)")
+    return out, problems
+
+
+def build_config(cls, values: dict, source: str, required=()):
+    """Check ``values`` against ``cls``'s fields; one ConfigError naming every bad key."""
+    out, problems = config_problems(cls, values, source, required)
+    if problems:
+        raise ConfigError(problems[0] + "".join(f"; {p.removeprefix(source + ': ')}" for p in problems[1:]))
     return cls(**out)
+
+
+def check_agent_file(path: str) -> list[str]:
+    """Every problem of an agent config file (``l2crypt check-config``); [] when valid."""
+    try:
+        values = read_toml(path)
+    except ConfigError as exc:
+        return [str(exc)]
+    return config_problems(AgentConfig, values, str(path), REQUIRED)[1]
 
 
 def load_agent_config(path: str | None, overrides: dict) -> AgentConfig:

@@ -172,6 +172,7 @@ class FrameEngine:
                 self.ethertype, 1, KEY_ID_MULTICAST, group.pw_id, pn
             )
             self.counters["sealed"] += 1
+            self.counters["bytes_sealed"] += len(frame)
             return aad + group.send_aead.encrypt(aead.nonce(pn), frame[MAC_HEADER_LEN:], aad)
         peer = self.peers.get(dst)
         if peer is None:
@@ -197,6 +198,7 @@ class FrameEngine:
         peer.frames_out += 1
         peer.bytes_out += len(frame)
         self.counters["sealed"] += 1
+        self.counters["bytes_sealed"] += len(frame)
         return aad + slot.send_aead.encrypt(aead.nonce(pn), frame[MAC_HEADER_LEN:], aad)
 
     # ---------------------------------------------------------------- receiving
@@ -260,6 +262,7 @@ class FrameEngine:
         peer.frames_in += 1
         peer.bytes_in += len(plain) + MAC_HEADER_LEN
         self.counters["opened"] += 1
+        self.counters["bytes_opened"] += len(plain) + MAC_HEADER_LEN
         return frame[:MAC_HEADER_LEN] + plain
 
     def _report_lag(self, peer: PeerState, now: float) -> None:
@@ -287,6 +290,7 @@ class FrameEngine:
         sender.replay.update(pn)
         group.keep(src, sender)
         self.counters["opened"] += 1
+        self.counters["bytes_opened"] += len(plain) + MAC_HEADER_LEN
         return frame[:MAC_HEADER_LEN] + plain
 
     # ----------------------------------------------------------------- holding
@@ -430,8 +434,8 @@ class FrameEngine:
             "drops": dict(self.drops),
             "counters": {
                 k: self.counters.get(k, 0)
-                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed",
-                          "rekeys", "rekey_requests", "lag_reports")
+                for k in ("sealed", "opened", "bytes_sealed", "bytes_opened", "key_requests", "key_answers",
+                          "held", "hold_flushed", "rekeys", "rekey_requests", "lag_reports")
             },
         }
 

@@ -24,6 +24,7 @@ from . import ks_messages
 from .config import parse_hostport
 from .errors import RemoteProtocolError
 from .logs import fields
+from .metrics import LatencyHistogram
 from .tls_files import SERVER_NAME
 
 log = logging.getLogger("l2crypt.keyclient")
@@ -56,6 +57,12 @@ class KeyClient:
         self.server: str | None = None      # the server in use, when connected
         self.connected = False
         self.connects = 0
+        #: Sessions established with another server than the previous one (issue 5 refines this).
+        self.failovers = 0
+        #: Request -> answer times of key requests; read by the metrics collector.
+        self.latency = LatencyHistogram("l2crypt_key_request_duration_seconds",
+                                        "Time from a key request to its answer.")
+        self._sent_at: dict[int, float] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._rid = 0
         self._key_rids: dict[int, bytes] = {}
@@ -71,7 +78,13 @@ class KeyClient:
             return False
         rid = self._next_rid()
         self._key_rids[rid] = peer_mac
+        self._sent_at[rid] = asyncio.get_running_loop().time()
         return self._send({"t": "key_req", "rid": rid, "peer_mac": peer_mac})
+
+    def _answered(self, rid: int) -> None:
+        sent = self._sent_at.pop(rid, None)
+        if sent is not None:
+            self.latency.observe(asyncio.get_running_loop().time() - sent)
 
     def request_multicast(self) -> bool:
         """Ask for the current multicast key (a frame under a newer one arrived)."""
@@ -107,6 +120,7 @@ class KeyClient:
                         self.events.on_disconnect()
                     self._writer = None
                     self._key_rids.clear()
+                    self._sent_at.clear()
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
@@ -128,6 +142,8 @@ class KeyClient:
                 raise RemoteProtocolError(f"hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
             if welcome["t"] != "welcome":
                 raise RemoteProtocolError(f"expected welcome, got {welcome['t']}")
+            if self.server is not None and self.server != server:
+                self.failovers += 1
             self.server = server
             self.connected = True
             self.connects += 1
@@ -170,6 +186,8 @@ class KeyClient:
 
     def _dispatch(self, msg: dict) -> None:
         t = msg["t"]
+        if t in ("key", "unknown", "error"):
+            self._answered(msg["rid"])
         if t == "key":
             self._key_rids.pop(msg["rid"], None)
             self.events.on_key(msg["peer_mac"], msg["peer_id"], msg["key"], msg["pw_id"])

@@ -45,16 +45,36 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 class RateLimiter:
-    """At most one event per ``key`` every ``interval_s`` seconds."""
+    """At most one event per ``key`` every ``interval_s`` seconds.
 
-    def __init__(self, interval_s: float = 10.0, clock=time.monotonic):
+    ``allow(key, now)`` says whether to log now; the events it refused since
+    the last allowed one are counted, and ``take_suppressed(key)`` returns
+    that count (to log it as ``suppressed=N`` on the next line).  ``now``
+    comes from the caller (sans-I/O code) or from ``clock``.
+    """
+
+    def __init__(self, interval_s: float = 10.0, clock=time.monotonic, max_keys: int = 4096):
         self.interval_s = interval_s
         self._clock = clock
+        self._max_keys = max_keys
         self._last: dict = {}
+        self._suppressed: dict = {}
 
-    def allow(self, key) -> bool:
-        now = self._clock()
+    def allow(self, key, now: float | None = None) -> bool:
+        now = self._clock() if now is None else now
         if now - self._last.get(key, -1e18) >= self.interval_s:
+            if key not in self._last and len(self._last) >= self._max_keys:
+                self._forget(now)
             self._last[key] = now
             return True
+        self._suppressed[key] = self._suppressed.get(key, 0) + 1
         return False
+
+    def take_suppressed(self, key) -> int:
+        return self._suppressed.pop(key, 0)
+
+    def _forget(self, now: float) -> None:
+        """Bound the memory: drop keys quiet for a whole interval."""
+        for key in [k for k, t in self._last.items() if now - t >= self.interval_s]:
+            del self._last[key]
+            self._suppressed.pop(key, None)

@@ -35,3 +35,89 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     console.print("drops: " + ("  ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
     if doc.get("egress_blocked") is not None:
         console.print(f"frames blocked by the port guard: {doc['egress_blocked']}")
+
+
+# --- live rates (``l2crypt status --watch``) -------------------------------------------
+
+RATE_FIELDS = ("frames_in", "frames_out", "bytes_in", "bytes_out")
+
+
+def rates(before: dict, after: dict, seconds: float) -> dict:
+    """Per-second rates between two status documents: totals and per peer MAC."""
+    seconds = max(seconds, 1e-6)
+    old_peers = {p["mac"]: p for p in before.get("peers", [])}
+    peers = {}
+    for p in after.get("peers", []):
+        old = old_peers.get(p["mac"], {})
+        peers[p["mac"]] = {
+            "id": p["id"],
+            **{f"{k}_per_s": max(0, p[k] - old.get(k, p[k])) / seconds for k in RATE_FIELDS},
+        }
+    c0, c1 = before.get("counters", {}), after.get("counters", {})
+    total = {f"{k}_per_s": max(0, c1.get(k, 0) - c0.get(k, 0)) / seconds
+             for k in ("sealed", "opened", "bytes_sealed", "bytes_opened")}
+    drops = sum(after.get("drops", {}).values()) - sum(before.get("drops", {}).values())
+    total["drops_per_s"] = max(0, drops) / seconds
+    return {"interval_s": round(seconds, 3), "total": total, "peers": peers}
+
+
+def _si(value: float, unit: str) -> str:
+    for prefix in ("", "k", "M", "G"):
+        if abs(value) < 1000 or prefix == "G":
+            return f"{value:.1f} {prefix}{unit}"
+        value /= 1000
+    return f"{value:.1f} {unit}"
+
+
+def rates_table(doc: dict, r: dict) -> Table:
+    t = r["total"]
+    table = Table(title=(f"{doc['id']} {doc['mac']}  key server {doc.get('keyserver') or 'none'}"
+                         f"{'' if doc.get('connected') else ' (DISCONNECTED)'}  every {r['interval_s']:g} s   "
+                         f"sealed {_si(t['sealed_per_s'], 'f/s')} ({_si(t['bytes_sealed_per_s'] * 8, 'b/s')})  "
+                         f"opened {_si(t['opened_per_s'], 'f/s')} ({_si(t['bytes_opened_per_s'] * 8, 'b/s')})  "
+                         f"drops {t['drops_per_s']:.1f}/s"),
+                  title_justify="left")
+    for column in ("MAC", "ID", "PW_ID", "key age", "frames/s in", "frames/s out", "bits/s in", "bits/s out"):
+        table.add_column(column, justify="left" if column in ("MAC", "ID") else "right")
+    for p in doc.get("peers", []):
+        pr = r["peers"].get(p["mac"])
+        if pr is None:
+            continue
+        table.add_row(p["mac"], p["id"], str(p["pw_id"]), _age(p["key_age_s"]),
+                      f"{pr['frames_in_per_s']:.1f}", f"{pr['frames_out_per_s']:.1f}",
+                      _si(pr["bytes_in_per_s"] * 8, "b/s"), _si(pr["bytes_out_per_s"] * 8, "b/s"))
+    return table
+
+
+def watch(query, interval_s: float, count: int, as_json: bool, console: Console | None = None) -> None:
+    """Show rates every ``interval_s`` until ``count`` refreshes (0: until Ctrl-C).
+
+    ``query()`` returns a status document.  Ctrl-C ends it quietly.
+    """
+    import json
+    import time
+
+    from rich.live import Live
+
+    console = console or Console()
+    before, t0 = query(), time.monotonic()
+    shown = 0
+    live = None if as_json else Live(console=console, auto_refresh=False, transient=False)
+    try:
+        if live is not None:
+            live.start()
+        while count == 0 or shown < count:
+            time.sleep(interval_s)
+            after, t1 = query(), time.monotonic()
+            r = rates(before, after, t1 - t0)
+            if as_json:
+                print(json.dumps(r, sort_keys=True), flush=True)
+            else:
+                live.update(rates_table(after, r), refresh=True)
+            before, t0 = after, t1
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()

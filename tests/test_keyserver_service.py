@@ -16,6 +16,12 @@ from keyserverd.service import KeyService, Session
 from keyserverd.store import SqliteStore
 from keyserverd.tokens import hash_token
 from l2crypt.ks_messages import encode_message
+from l2crypt.logs import JsonFormatter, TextFormatter
+
+
+def logged(records) -> list[str]:
+    """The log lines as an operator reads them, in both formats."""
+    return [f.format(r) for r in records for f in (TextFormatter(), JsonFormatter())]
 
 NOW = 1_700_000_000.0
 MAC_A = bytes.fromhex("020000000001")
@@ -149,7 +155,7 @@ def test_hello_mac_conflict_is_logged(env, caplog):
         out = reply(call(service, s, {"t": "hello", "rid": 5, "mac": MAC_A}))
     assert out["code"] == "mac_conflict"
     assert s.bound_mac is None
-    assert any("mac_conflict" in r.getMessage() and "b" in r.getMessage() for r in caplog.records)
+    assert any("code=mac_conflict" in ln and "host=b" in ln for ln in logged(caplog.records))
 
 
 def test_revoked_is_refused_and_closed(env):
@@ -183,8 +189,7 @@ def test_key_req_forbidden_my_mac_is_logged(env, caplog):
     assert reply(actions)["code"] == "forbidden"
     assert len(actions) == 1  # nothing pushed
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("forbidden" in r.getMessage() and " a:" in r.getMessage() and "02:00:00:00:00:03" in r.getMessage()
-               for r in warnings)
+    assert any("code=forbidden" in ln and "host=a " in ln and "02:00:00:00:00:03" in ln for ln in logged(warnings))
 
 
 def test_key_req_own_mac(env):
@@ -219,7 +224,8 @@ def test_key_req_answers_and_pushes_to_peer(env, caplog):
     # the other direction gets the same key
     sb = Session(identity="b", bound_mac=MAC_B)
     assert reply(call(service, sb, {"t": "key_req", "rid": 1, "peer_mac": MAC_A}))["key"] == key
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    text = "\n".join(logged(caplog.records))
+    assert "pair_key_sent" in text
     assert key.hex() not in text and repr(key) not in text and TOKEN_A not in text
 
 

@@ -6,6 +6,8 @@
     keyserverd host list [--json]
     keyserverd host revoke ID
     keyserverd rekey (--pair ID1 ID2 | --all | --multicast)
+    keyserverd status [--json]                 ask the running server (admin socket)
+    keyserverd check-config FILE               name every problem of a config file
 
 ``--config`` and ``--state-dir`` are accepted on the group and on every
 subcommand (the subcommand's value wins).  A bad argument or config value
@@ -34,7 +36,14 @@ from l2crypt.frame_wire import format_mac, is_group_address, parse_mac
 from l2crypt.ks_messages import valid_host_id
 
 from .ca import ROLES, CertificateAuthority
-from .config import KeyServerConfig, load_config
+from l2crypt.control import query_status, serve_control
+from l2crypt.logs import fields, setup_logging
+from l2crypt.metrics import serve_metrics
+
+from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config
+from .metrics import KeyServerMetrics
+from .status import render as render_status
+from .status import snapshot as status_snapshot
 from .server import KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .store import SqliteStore
@@ -63,6 +72,9 @@ def _serve_options(f):
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
     f = click.option("--unauth-idle-s", type=float, help="Seconds a client without a certificate may stay silent.")(f)
+    f = click.option("--metrics-listen", metavar="HOST:PORT",
+                     help='Prometheus endpoint (GET /metrics) [default: 127.0.0.1:9479]; "" turns it off.')(f)
+    f = click.option("--log-format", type=click.Choice(["text", "json"]), help="Log line format [default: text].")(f)
     f = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log level.")(f)
     f = click.option("--server-name", "server_names", multiple=True,
                      help="Extra DNS name or IP for the server certificate (repeatable).")(f)
@@ -249,13 +261,36 @@ def rekey(ctx, pair, all_pairs, multicast, **opts) -> None:
         store.close()
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common_options
+@click.pass_context
+def status(ctx, as_json, **opts) -> None:
+    """Show the running key server: hosts, connections, keys and their ages, event seq."""
+    config = _config(_merged(ctx, opts))
+    doc = query_status(config.state_dir / ADMIN_SOCKET, who="keyserverd")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        render_status(doc)
+
+
+@cli.command("check-config")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(path) -> None:
+    """Check a config file; name every problem with its key (exit 2 if any)."""
+    problems = check_file(path)
+    for problem in problems:
+        click.echo(f"{PROG}: {problem}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"{path}: ok")
+
+
 # --- serving ---------------------------------------------------------------
 
 def _serve(config: KeyServerConfig) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(config.log_level, config.log_format)
     ca = CertificateAuthority.open(config.state_dir, config.server_names)
     store = SqliteStore.open(config.state_dir / DB_FILE, time.time())
     try:
@@ -272,6 +307,7 @@ def _serve(config: KeyServerConfig) -> None:
 async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority) -> None:
     server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
                        unauth_idle_s=config.unauth_idle_s)
+    metrics = await serve_metrics(config.metrics_listen, KeyServerMetrics(server).registry)
     host, port = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -281,13 +317,23 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     line = f"{PROG}: listening on {shown} ca-fingerprint {ca.ca_fingerprint()} cipher {config.cipher}"
     click.echo(line)
     sys.stdout.flush()
-    log.info("%s", line.removeprefix(f"{PROG}: "))
+    log.info("keyserverd_started", extra=fields(listen=shown, ca_fingerprint=ca.ca_fingerprint(),
+                                                 cipher=config.cipher, metrics=config.metrics_listen or "off"))
+    admin_path = config.state_dir / ADMIN_SOCKET
+    admin = await serve_control(admin_path, lambda: status_snapshot(server, config, shown))
     events = asyncio.ensure_future(server.run_events())
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        log.info("keyserverd_stopping")
         events.cancel()
+        admin.close()
+        if metrics is not None:
+            metrics.close()
+        try:
+            admin_path.unlink()
+        except OSError:
+            pass
         await server.close()
 
 

@@ -26,6 +26,7 @@ import time
 
 from l2crypt.errors import LocalError, RemoteProtocolError
 from l2crypt.ks_messages import FrameReader, encode_message
+from l2crypt.logs import RateLimiter, fields
 
 from .ca import CertificateAuthority
 from .service import KeyService, Session
@@ -41,6 +42,8 @@ DRAIN_TIMEOUT_S = 30.0
 #: How often the event log is read, and the rotation timers run.
 EVENT_POLL_S = 0.2
 PERIODIC_S = 5.0
+#: A closed-connection warning is logged once per (client, reason) this often.
+CLOSE_LOG_S = 10.0
 
 
 def make_server_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
@@ -76,7 +79,7 @@ class _Conn:
         if self.writer.is_closing():
             return False
         if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
-            log.warning("closing connection of %s: it does not read its messages", self.session.who)
+            log.warning("connection_closed", extra=fields(host=self.session.who, reason="does not read"))
             self.writer.close()
             return False
         self.writer.write(encode_message(msg))
@@ -97,6 +100,13 @@ class KeyServer:
         #: host ID -> its live connections, for pushes.  Owned by ``_serve``.
         self._by_host: dict[str, set[_Conn]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._close_log = RateLimiter(CLOSE_LOG_S)
+        self.connections_total = 0
+        #: The last key event pushed (``run_events``).
+        self.event_seq = 0
+        self.started_at = time.time()
+        #: Seconds each request took in ``KeyService.handle`` (set by the metrics module).
+        self.observe_request = None
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
@@ -145,7 +155,8 @@ class KeyServer:
         self._conns.add(conn)
         if identity is not None:
             self._by_host.setdefault(identity, set()).add(conn)
-        log.debug("connection from %s as %s", peer, identity or "unauthenticated")
+        self.connections_total += 1
+        log.debug("connection_opened", extra=fields(peer=peer, host=identity or "unauthenticated"))
         reason = "closed by client"
         try:
             while True:
@@ -154,7 +165,7 @@ class KeyServer:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
                     reason = f"unauthenticated and idle for {self.unauth_idle_s:g} s"
-                    log.info("closing connection of %s: %s", conn.session.who, reason)
+                    self._log_close(logging.INFO, conn, "idle", reason)
                     break
                 if not data:
                     break
@@ -162,7 +173,7 @@ class KeyServer:
                     msgs = conn.reader.feed(data)
                 except RemoteProtocolError as exc:
                     reason = f"{exc.code}: {exc}"
-                    log.warning("closing connection of %s: %s", conn.session.who, reason)
+                    self._log_close(logging.WARNING, conn, exc.code, reason)
                     break
                 keep_open = self._dispatch(conn, msgs)
                 await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
@@ -173,11 +184,11 @@ class KeyServer:
             reason = "server shutting down"
         except asyncio.TimeoutError:
             reason = "client does not read"
-            log.warning("closing connection of %s: %s", conn.session.who, reason)
+            self._log_close(logging.WARNING, conn, "no_read", reason)
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
         except Exception:  # a bug must not take the server down
-            log.exception("closing connection of %s after an internal error", conn.session.who)
+            log.exception("connection_internal_error", extra=fields(host=conn.session.who))
             reason = "internal error"
         finally:
             self._forget(conn)
@@ -186,20 +197,42 @@ class KeyServer:
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
             except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, ssl.SSLError, OSError):
                 pass
-            log.debug("connection of %s ended: %s", conn.session.who, reason)
+            log.debug("connection_ended", extra=fields(host=conn.session.who, reason=reason))
 
     def _dispatch(self, conn: _Conn, msgs: list[dict]) -> bool:
         """Run each message through the service; False when the connection must close."""
         for msg in msgs:
+            started = time.perf_counter()
             try:
                 actions = self.service.handle(conn.session, msg, now=time.time())
             except Exception:
-                log.exception("internal error on %s from %s", msg.get("t"), conn.session.who)
+                log.exception("request_internal_error", extra=fields(type=msg.get("t"), host=conn.session.who))
                 actions = [("reply", {"t": "error", "rid": msg.get("rid", 0), "code": "internal",
                                       "msg": "internal error; see the key server log"})]
+            if self.observe_request is not None:
+                self.observe_request(msg.get("t"), time.perf_counter() - started)
             if not self._act(conn, actions):
                 return False
         return True
+
+    def _log_close(self, level: int, conn: _Conn, code: str, reason: str) -> None:
+        """A closed connection, logged once per (client, code) every ``CLOSE_LOG_S``."""
+        who = conn.session.identity or conn.session.peer.rsplit(":", 1)[0]
+        key = (who, code)
+        if self._close_log.allow(key):
+            kv = {"host": conn.session.who, "reason": reason}
+            suppressed = self._close_log.take_suppressed(key)
+            if suppressed:
+                kv["suppressed"] = suppressed
+            log.log(level, "connection_closed", extra=fields(**kv))
+
+    def connected_hosts(self) -> dict[str, int]:
+        """Host ID -> number of live authenticated connections."""
+        return {host: len(conns) for host, conns in self._by_host.items()}
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
 
     def _act(self, conn: _Conn | None, actions: list) -> bool:
         """Carry out service actions; False when ``conn`` must close."""
@@ -218,14 +251,14 @@ class KeyServer:
                         other.send(out)
             elif isinstance(target, tuple) and target[0] == "disconnect":
                 for other in list(self._by_host.get(target[1], ())):
-                    log.info("disconnecting revoked host %s", target[1])
+                    log.info("revoked_host_disconnected", extra=fields(host=target[1]))
                     other.writer.close()
         return keep_open
 
     async def run_events(self) -> None:
         """Push what the event log announces; run the rotation timers.  Runs until cancelled."""
         store = self.service.store
-        seq = store.last_event_seq()
+        seq = self.event_seq = store.last_event_seq()
         last_periodic = 0.0
         while True:
             await asyncio.sleep(EVENT_POLL_S)
@@ -235,10 +268,10 @@ class KeyServer:
                     last_periodic = now
                     self.service.periodic(now)
                 for event in store.events_since(seq):
-                    seq = event.seq
+                    seq = self.event_seq = event.seq
                     self._act(None, self.service.on_event(event))
             except Exception:  # a store hiccup must not stop the pushes for good
-                log.exception("event processing failed; retrying")
+                log.exception("event_processing_failed")
 
     def _forget(self, conn: _Conn) -> None:
         self._conns.discard(conn)

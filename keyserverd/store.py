@@ -176,6 +176,12 @@ class KeyStore(Protocol):
     def retire_old_versions(self, superseded_before: float) -> int:
         """Delete key versions superseded before the time; return how many."""
 
+    def key_summary(self) -> dict:
+        """For status and metrics, no key bytes: ``pairs`` [(id1, id2, newest
+        pw_id, its created_at)], ``pair_versions`` (rows held), ``multicast``
+        (pw_id, created_at) of the newest multicast key."""
+        ...
+
     def close(self) -> None:
         """Release the store."""
 
@@ -465,6 +471,20 @@ class SqliteStore:
             )
             self._db.execute("DELETE FROM key_events WHERE created_at < ?", (superseded_before - 86400,))
         return pairs + cur.rowcount
+
+
+    def key_summary(self) -> dict:
+        rows = self._db.execute(
+            "SELECT p.id1, p.id2, p.pw_id, p.created_at FROM pair_keys AS p "
+            "WHERE p.pw_id = (SELECT MAX(pw_id) FROM pair_keys WHERE id1 = p.id1 AND id2 = p.id2) "
+            "ORDER BY p.id1, p.id2"
+        ).fetchall()
+        versions = self._db.execute("SELECT COUNT(*) FROM pair_keys").fetchone()[0]
+        mc = self._db.execute(
+            "SELECT pw_id, created_at FROM multicast_keys ORDER BY pw_id DESC LIMIT 1"
+        ).fetchone()
+        return {"pairs": [tuple(r) for r in rows], "pair_versions": versions,
+                "multicast": tuple(mc) if mc else None}
 
 
 class _Transaction:

@@ -1,7 +1,8 @@
 """The agent's control socket: ``state_dir/agent.sock`` (mode 0600).
 
 Protocol: the client sends one line (``status``), the agent answers one JSON
-document and closes.  ``l2crypt status`` is the client.
+document and closes.  ``l2crypt status`` is the client.  keyserverd serves
+its admin socket (``keyserverd status``) with the same two functions.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ async def serve_control(path: Path, snapshot: Callable[[], dict]) -> asyncio.Abs
     return server
 
 
-def query_status(path: Path) -> dict:
-    """Ask a running agent for its status; LocalError if none answers."""
+def query_status(path: Path, who: str = "agent") -> dict:
+    """Ask a running daemon (``who``: the agent, or keyserverd) for its status;
+    LocalError if none answers."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CLIENT_TIMEOUT_S)
@@ -56,10 +58,10 @@ def query_status(path: Path) -> dict:
                     break
                 chunks.append(data)
     except FileNotFoundError:
-        raise LocalError(f"no agent is running here: {path} does not exist") from None
+        raise LocalError(f"no {who} is running here: {path} does not exist") from None
     except OSError as exc:
-        raise LocalError(f"cannot reach the agent at {path}: {exc.strerror or exc}") from None
+        raise LocalError(f"cannot reach the {who} at {path}: {exc.strerror or exc}") from None
     try:
         return json.loads(b"".join(chunks))
     except ValueError:
-        raise LocalError(f"the agent at {path} sent an unreadable answer") from None
+        raise LocalError(f"the {who} at {path} sent an unreadable answer") from None

@@ -1,0 +1,73 @@
+"""docs/configuration.md documents every config key, and names no key that does not exist.
+
+The keys are the fields of the config dataclasses; the docs' keys are the
+first cells of the tables in the daemon's section (``| `key` | ...``).
+"""
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+#: Section title -> "module:Class" of its config dataclass.  The gateway's
+#: section is checked against its dataclass once ``gateway.config`` exists.
+SECTIONS = {
+    "Agent": "l2crypt.config:AgentConfig",
+    "Key server": "keyserverd.config:KeyServerConfig",
+    "Gateway": "gateway.config:GatewayConfig",
+}
+ROW = re.compile(r"^\|\s*`([a-z0-9_]+)`\s*\|")
+
+
+def sections(text: str) -> dict[str, str]:
+    parts = re.split(r"^## +(.+?)\s*$", text, flags=re.M)
+    return {title: body for title, body in zip(parts[1::2], parts[2::2])}
+
+
+def documented(body: str) -> list[str]:
+    return [m.group(1) for line in body.splitlines() if (m := ROW.match(line))]
+
+
+def config_fields(target: str) -> set[str] | None:
+    module, cls = target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError:
+        return None
+    return {f.name for f in dataclasses.fields(getattr(mod, cls))}
+
+
+@pytest.mark.parametrize("title", SECTIONS)
+def test_every_key_documented_and_no_other(title):
+    body = sections(DOC.read_text()).get(title)
+    assert body is not None, f"docs/configuration.md has no '## {title}' section"
+    keys = config_fields(SECTIONS[title])
+    named = documented(body)
+    if keys is None:  # the daemon does not exist yet: its section must name no key
+        assert named == [], f"{title}: the docs name keys of a config that does not exist: {named}"
+        return
+    assert len(named) == len(set(named)), f"{title}: a key is documented twice: {named}"
+    assert sorted(keys - set(named)) == [], f"{title}: undocumented config keys"
+    assert sorted(set(named) - keys) == [], f"{title}: the docs name keys that do not exist"
+
+
+def test_the_checker_sees_a_missing_and_an_extra_key():
+    body = "| key | x |\n|---|---|\n| `port` | a |\n| `colour` | b |\n"
+    assert documented(body) == ["port", "colour"]
+    keys = config_fields(SECTIONS["Agent"])
+    assert "colour" not in keys and "servers" in keys and "servers" not in documented(body)
+
+
+def test_metrics_table_names_metrics_the_daemons_export():
+    """Every metric the docs name in backquotes exists in the collectors' source."""
+    text = sections(DOC.read_text())["Metrics"]
+    names = set(re.findall(r"`((?:l2crypt|keyserverd)_[a-z_]+)", text))
+    root = DOC.parent.parent
+    source = (root / "l2crypt" / "metrics.py").read_text() + (root / "keyserverd" / "metrics.py").read_text() \
+        + (root / "l2crypt" / "keyclient.py").read_text()
+    for name in names:
+        base = re.sub(r"_total$", "", name)
+        assert f'"{base}"' in source, f"docs name metric {name}, no collector makes it"

@@ -108,22 +108,32 @@ def agent(config_path, servers, **overrides) -> None:
 
 
 @cli.command()
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="The agent's state directory.")
+@click.option("--state-dir", default=None, help=f"The agent's state directory [default: {DEFAULT_STATE_DIR}].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Take the state directory from this agent config file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (with --watch: one line of rates each time).")
 @click.option("--watch", is_flag=True, help="Show live rates (frames/s, bytes/s per peer) until Ctrl-C.")
 @click.option("--interval", "interval_s", type=click.FloatRange(0.2, 3600), default=1.0, show_default=True,
               help="Seconds between refreshes with --watch.")
 @click.option("--count", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop --watch after this many refreshes (0: at Ctrl-C).")
-def status(state_dir, as_json, watch, interval_s, count) -> None:
+def status(state_dir, config_path, as_json, watch, interval_s, count) -> None:
     """Show the running agent's key server, peers, key versions, counters and MTU."""
     from pathlib import Path
 
+    from .config import read_toml
     from .control import query_status
     from .status_view import render_status
     from .status_view import watch as watch_rates
 
-    path = Path(state_dir) / "agent.sock"
+    try:
+        if state_dir is None and config_path is not None:
+            state_dir = read_toml(config_path).get("state_dir")
+            if state_dir is not None and not isinstance(state_dir, str):
+                fail(f"{config_path}: state_dir: want a path, got {state_dir!r}", 2)
+    except L2cryptError as exc:
+        fail(str(exc), 2)
+    path = Path(state_dir or DEFAULT_STATE_DIR) / "agent.sock"
     try:
         if watch:
             watch_rates(lambda: query_status(path), interval_s, count, as_json)

@@ -98,7 +98,8 @@ def test_duplicate_host(capsys, tmp_path):
 def test_serve_prints_one_line_and_stops_on_sigterm(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", "from keyserverd.cli import main; main()",
-         "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--log-level", "warning"],
+         "--state-dir", str(tmp_path), "--listen", "127.0.0.1:0", "--log-level", "warning",
+         "--metrics-listen", ""],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

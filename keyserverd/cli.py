@@ -37,7 +37,7 @@ from .ca import ROLES, CertificateAuthority
 from .config import KeyServerConfig, load_config
 from .server import KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
-from .store import SqliteStore
+from .stores import open_store
 from .tokens import hash_token, new_token
 
 DB_FILE = "keyserver.db"
@@ -51,6 +51,8 @@ log = logging.getLogger("keyserverd")
 # --- options ---------------------------------------------------------------
 
 def _common_options(f):
+    f = click.option("--store", help="Store URL: postgresql://... (shared by several instances) or "
+                                      "sqlite:///PATH; default: SQLite in the state directory.")(f)
     f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="State directory (CA, server certificate, database).")(f)
     f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -151,7 +153,7 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
     now = time.time()
     expires = now + (ttl_s if ttl_s is not None else config.token_ttl_s)
     token = new_token()
-    store = SqliteStore.open(config.state_dir / DB_FILE, now)
+    store = open_store(config.store, config.state_dir, now)
     try:
         store.add_host(host_id, mac_bytes, role, hash_token(token), expires, now)
     finally:
@@ -177,7 +179,7 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
 def host_list(ctx, as_json, **opts) -> None:
     """List hosts: ID, MAC, role, enrolled, revoked."""
     config = _config(_merged(ctx, opts))
-    store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
+    store = open_store(config.store, config.state_dir, time.time(), create=False)
     try:
         hosts = store.list_hosts()
     finally:
@@ -208,7 +210,7 @@ def host_revoke(ctx, host_id, **opts) -> None:
     """Revoke a host: rotate every pair key it is part of and the multicast key,
     tell every other host to drop it, and refuse its certificate from now on."""
     config = _config(_merged(ctx, opts))
-    store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
+    store = open_store(config.store, config.state_dir, time.time(), create=False)
     try:
         changed, rotated = revoke_and_rotate(store, host_id, time.time())
     finally:
@@ -232,7 +234,7 @@ def rekey(ctx, pair, all_pairs, multicast, **opts) -> None:
         raise click.UsageError("say what to rotate: --pair ID1 ID2, --all or --multicast")
     config = _config(_merged(ctx, opts))
     now = time.time()
-    store = SqliteStore.open(config.state_dir / DB_FILE, now, create=False)
+    store = open_store(config.store, config.state_dir, now, create=False)
     try:
         if pair:
             id1, id2 = pair
@@ -257,7 +259,7 @@ def _serve(config: KeyServerConfig) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     ca = CertificateAuthority.open(config.state_dir, config.server_names)
-    store = SqliteStore.open(config.state_dir / DB_FILE, time.time())
+    store = open_store(config.store, config.state_dir, time.time())
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
         service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,
@@ -331,6 +333,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # psycopg errors (PostgreSQL store), without importing psycopg here
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        _fail(f"database: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", 1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -19,6 +19,7 @@ Example ``/etc/l2crypt/keyserver.toml``::
     rekey_after_s = 3600
     multicast_rekey_after_s = 3600
     retire_after_s = 300
+    store = "postgresql://keyserverd@db.example.net/l2crypt"   # default: SQLite in state_dir
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from l2crypt.constants import DEFAULT_KEYSERVER_PORT
 from l2crypt.errors import ConfigError
 
 from .service import CIPHERS, DEFAULT_CIPHER
+from .stores import check_store_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_STATE_DIR = Path("/var/lib/l2crypt/keyserver")
@@ -66,6 +68,9 @@ class KeyServerConfig:
     multicast_rekey_after_s: float = 3600.0
     #: Seconds a superseded key version is kept on the server before it is deleted.
     retire_after_s: float = 300.0
+    #: Where hosts and keys live: "" = SQLite ``keyserver.db`` in state_dir,
+    #: ``sqlite:///PATH``, or ``postgresql://...`` shared by several instances.
+    store: str = ""
 
     @property
     def listen_host(self) -> str:
@@ -136,6 +141,8 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"not a list of names: {value!r}")
         return tuple(_check_name(n) for n in value)
+    if key == "store":
+        return check_store_url(value)
     if key == "log_level":
         if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")

@@ -61,6 +61,9 @@ def _common_options(f):
 
 
 def _serve_options(f):
+    f = click.option("--peer", "peers", multiple=True, metavar="sha256:FP@HOST:PORT",
+                     help="A peered key server and its CA fingerprint (repeatable).")(f)
+    f = click.option("--peer-listen", help="HOST:PORT where peered key servers reach this one.")(f)
     f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
@@ -86,7 +89,7 @@ def _merged(ctx: click.Context, opts: dict) -> dict:
 
 def _config(opts: dict) -> KeyServerConfig:
     overrides = {
-        key: (tuple(value) if key == "server_names" else value)
+        key: (tuple(value) if key in ("server_names", "peers") else value)
         for key, value in opts.items()
         if key != "config_path" and value is not None and value != ()
     }
@@ -284,12 +287,23 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     click.echo(line)
     sys.stdout.flush()
     log.info("%s", line.removeprefix(f"{PROG}: "))
+    peering = None
+    if config.peer_listen or config.peers:
+        from .peering import Peering, PeerSpec
+        peering = Peering(ca, tuple(PeerSpec.parse(p) for p in config.peers), config.peer_listen or None)
+        peering.register("resolve", lambda msg: service.resolve_for_peer(msg["mac"], msg["from_id"], time.time())
+                         or {"t": "unknown", "mac": msg["mac"]})
+        bound = await peering.start()
+        server.peering, service.peering_enabled = peering, bool(config.peers)
+        log.info("peering on %s with %d peer(s)", bound, len(config.peers))
     events = asyncio.ensure_future(server.run_events())
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         events.cancel()
+        if peering is not None:
+            await peering.close()
         await server.close()
 
 

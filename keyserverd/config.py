@@ -71,6 +71,10 @@ class KeyServerConfig:
     #: Where hosts and keys live: "" = SQLite ``keyserver.db`` in state_dir,
     #: ``sqlite:///PATH``, or ``postgresql://...`` shared by several instances.
     store: str = ""
+    #: HOST:PORT where peered key servers (cascaded switches) reach us; "" = not listening.
+    peer_listen: str = ""
+    #: Peered key servers, each ``sha256:<their CA fingerprint>@HOST:PORT``.
+    peers: tuple[str, ...] = ()
 
     @property
     def listen_host(self) -> str:
@@ -141,6 +145,17 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"not a list of names: {value!r}")
         return tuple(_check_name(n) for n in value)
+    if key == "peer_listen":
+        if value:
+            parse_hostport(value)
+        return value
+    if key == "peers":
+        from .peering import PeerSpec
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"not a list of sha256:FINGERPRINT@HOST:PORT: {value!r}")
+        for item in value:
+            PeerSpec.parse(item)
+        return tuple(value)
     if key == "store":
         return check_store_url(value)
     if key == "log_level":

@@ -46,7 +46,7 @@ from .status import render as render_status
 from .status import snapshot as status_snapshot
 from .server import KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
-from .store import SqliteStore
+from .stores import open_store
 from .tokens import hash_token, new_token
 
 DB_FILE = "keyserver.db"
@@ -60,6 +60,8 @@ log = logging.getLogger("keyserverd")
 # --- options ---------------------------------------------------------------
 
 def _common_options(f):
+    f = click.option("--store", help="Store URL: postgresql://... (shared by several instances) or "
+                                      "sqlite:///PATH; default: SQLite in the state directory.")(f)
     f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="State directory (CA, server certificate, database).")(f)
     f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -68,6 +70,9 @@ def _common_options(f):
 
 
 def _serve_options(f):
+    f = click.option("--peer", "peers", multiple=True, metavar="sha256:FP@HOST:PORT",
+                     help="A peered key server and its CA fingerprint (repeatable).")(f)
+    f = click.option("--peer-listen", help="HOST:PORT where peered key servers reach this one.")(f)
     f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
@@ -96,7 +101,7 @@ def _merged(ctx: click.Context, opts: dict) -> dict:
 
 def _config(opts: dict) -> KeyServerConfig:
     overrides = {
-        key: (tuple(value) if key == "server_names" else value)
+        key: (tuple(value) if key in ("server_names", "peers") else value)
         for key, value in opts.items()
         if key != "config_path" and value is not None and value != ()
     }
@@ -163,7 +168,7 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
     now = time.time()
     expires = now + (ttl_s if ttl_s is not None else config.token_ttl_s)
     token = new_token()
-    store = SqliteStore.open(config.state_dir / DB_FILE, now)
+    store = open_store(config.store, config.state_dir, now)
     try:
         store.add_host(host_id, mac_bytes, role, hash_token(token), expires, now)
     finally:
@@ -189,7 +194,7 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
 def host_list(ctx, as_json, **opts) -> None:
     """List hosts: ID, MAC, role, enrolled, revoked."""
     config = _config(_merged(ctx, opts))
-    store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
+    store = open_store(config.store, config.state_dir, time.time(), create=False)
     try:
         hosts = store.list_hosts()
     finally:
@@ -220,7 +225,7 @@ def host_revoke(ctx, host_id, **opts) -> None:
     """Revoke a host: rotate every pair key it is part of and the multicast key,
     tell every other host to drop it, and refuse its certificate from now on."""
     config = _config(_merged(ctx, opts))
-    store = SqliteStore.open(config.state_dir / DB_FILE, time.time(), create=False)
+    store = open_store(config.store, config.state_dir, time.time(), create=False)
     try:
         changed, rotated = revoke_and_rotate(store, host_id, time.time())
     finally:
@@ -244,7 +249,7 @@ def rekey(ctx, pair, all_pairs, multicast, **opts) -> None:
         raise click.UsageError("say what to rotate: --pair ID1 ID2, --all or --multicast")
     config = _config(_merged(ctx, opts))
     now = time.time()
-    store = SqliteStore.open(config.state_dir / DB_FILE, now, create=False)
+    store = open_store(config.store, config.state_dir, now, create=False)
     try:
         if pair:
             id1, id2 = pair
@@ -292,7 +297,7 @@ def check_config(path) -> None:
 def _serve(config: KeyServerConfig) -> None:
     setup_logging(config.log_level, config.log_format)
     ca = CertificateAuthority.open(config.state_dir, config.server_names)
-    store = SqliteStore.open(config.state_dir / DB_FILE, time.time())
+    store = open_store(config.store, config.state_dir, time.time())
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
         service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,
@@ -321,6 +326,15 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
                                                  cipher=config.cipher, metrics=config.metrics_listen or "off"))
     admin_path = config.state_dir / ADMIN_SOCKET
     admin = await serve_control(admin_path, lambda: status_snapshot(server, config, shown))
+    peering = None
+    if config.peer_listen or config.peers:
+        from .peering import Peering, PeerSpec
+        peering = Peering(ca, tuple(PeerSpec.parse(p) for p in config.peers), config.peer_listen or None)
+        peering.register("resolve", lambda msg: service.resolve_for_peer(msg["mac"], msg["from_id"], time.time())
+                         or {"t": "unknown", "mac": msg["mac"]})
+        bound = await peering.start()
+        server.peering, service.peering_enabled = peering, bool(config.peers)
+        log.info("peering_started", extra=fields(listen=bound, peers=len(config.peers)))
     events = asyncio.ensure_future(server.run_events())
     try:
         await stop.wait()
@@ -334,6 +348,8 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
             admin_path.unlink()
         except OSError:
             pass
+        if peering is not None:
+            await peering.close()
         await server.close()
 
 
@@ -377,6 +393,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # psycopg errors (PostgreSQL store), without importing psycopg here
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        _fail(f"database: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", 1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

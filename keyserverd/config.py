@@ -21,6 +21,7 @@ Example ``/etc/l2crypt/keyserver.toml``::
     rekey_after_s = 3600
     multicast_rekey_after_s = 3600
     retire_after_s = 300
+    store = "postgresql://keyserverd@db.example.net/l2crypt"   # default: SQLite in state_dir
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from l2crypt.errors import ConfigError
 from l2crypt.metrics import parse_listen
 
 from .service import CIPHERS, DEFAULT_CIPHER
+from .stores import check_store_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -77,6 +79,13 @@ class KeyServerConfig:
     log_format: str = "text"
     #: Prometheus endpoint HOST:PORT (``GET /metrics``), loopback by default; "" turns it off.
     metrics_listen: str = DEFAULT_METRICS_LISTEN
+    #: Where hosts and keys live: "" = SQLite ``keyserver.db`` in state_dir,
+    #: ``sqlite:///PATH``, or ``postgresql://...`` shared by several instances.
+    store: str = ""
+    #: HOST:PORT where peered key servers (cascaded switches) reach us; "" = not listening.
+    peer_listen: str = ""
+    #: Peered key servers, each ``sha256:<their CA fingerprint>@HOST:PORT``.
+    peers: tuple[str, ...] = ()
 
     @property
     def listen_host(self) -> str:
@@ -160,6 +169,19 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"not a list of names: {value!r}")
         return tuple(_check_name(n) for n in value)
+    if key == "peer_listen":
+        if value:
+            parse_hostport(value)
+        return value
+    if key == "peers":
+        from .peering import PeerSpec
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"not a list of sha256:FINGERPRINT@HOST:PORT: {value!r}")
+        for item in value:
+            PeerSpec.parse(item)
+        return tuple(value)
+    if key == "store":
+        return check_store_url(value)
     if key == "log_level":
         if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")

@@ -107,6 +107,8 @@ class KeyServer:
         self.started_at = time.time()
         #: Seconds each request took in ``KeyService.handle`` (set by the metrics module).
         self.observe_request = None
+        #: ``peering.Peering`` when key servers are peered (set by the CLI), else None.
+        self.peering = None
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
@@ -249,11 +251,29 @@ class KeyServer:
                 for other in list(self._conns):
                     if other.session.bound_mac is not None:
                         other.send(out)
+            elif isinstance(target, tuple) and target[0] == "peer_resolve" and conn is not None:
+                self._peer_resolve(conn, out)
             elif isinstance(target, tuple) and target[0] == "disconnect":
                 for other in list(self._by_host.get(target[1], ())):
                     log.info("revoked_host_disconnected", extra=fields(host=target[1]))
                     other.writer.close()
         return keep_open
+
+    def _peer_resolve(self, conn: _Conn, req: dict) -> None:
+        """Ask the peers about ``req["peer_mac"]`` without holding up this connection."""
+        async def run() -> None:
+            found = None
+            try:
+                if self.peering is not None:
+                    found = await self.peering.resolve(req["peer_mac"], conn.session.identity)
+            except Exception:
+                log.exception("peer lookup failed")
+            self._act(conn, self.service.answer_from_peer(conn.session, req["rid"], req["peer_mac"],
+                                                          found, time.time()))
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def run_events(self) -> None:
         """Push what the event log announces; run the rotation timers.  Runs until cancelled."""

@@ -8,7 +8,9 @@
      ``("push", host_id)``    send to every connection of that host (rid 0);
      ``"close"``              close this connection after the replies (message {});
      ``("broadcast", None)``  send to every connection that said hello;
-     ``("disconnect", id)``   close every connection of that host.
+     ``("disconnect", id)``   close every connection of that host;
+     ``("peer_resolve", None)`` ask the peered key servers who holds ``peer_mac``
+                              and then answer with ``answer_from_peer``.
 3. The rules, in the order a request meets them:
    - without a certificate only ``ca`` and ``enroll`` are allowed (``unauthenticated``);
    - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
@@ -103,6 +105,8 @@ class KeyService:
         self.events: Counter = Counter()
         self.rotations: Counter = Counter()
         self._log_limit = RateLimiter(REFUSAL_LOG_S)
+        #: Set by the server when key servers of cascaded switches are peered.
+        self.peering_enabled = False
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -177,6 +181,8 @@ class KeyService:
         if is_group_address(peer_mac):
             raise RefusedError(f"{format_mac(peer_mac)} is a group address", "bad_request")
         peer = self.store.host_by_mac(peer_mac)
+        if peer is None and self.peering_enabled:
+            return [(("peer_resolve", None), {"rid": rid, "peer_mac": peer_mac})]
         if peer is None or peer.revoked:
             self._limited(logging.INFO, "key_req_unknown_mac", (session.identity, "unknown"), now,
                           host=session.identity, peer_mac=format_mac(peer_mac))
@@ -236,6 +242,36 @@ class KeyService:
             raise RefusedError("mcast_req before hello on this connection", "not_bound")
         key, pw_id = self.store.current_multicast_key()
         return [("reply", {"t": "multicast", "rid": msg["rid"], "key": key, "pw_id": pw_id})]
+
+    # --- peering (cascaded switches) --------------------------------------------
+    def resolve_for_peer(self, mac: bytes, from_id: str, now: float) -> dict | None:
+        """A peer's host ``from_id`` wants a pair key with whoever holds ``mac`` here.
+        The pair key lives with the server of min(id, from_id): we create it
+        only when that host is ours; the asking server creates it otherwise."""
+        host = self.store.host_by_mac(mac)
+        if host is None or host.revoked or host.id == from_id or self.store.get_host(from_id) is not None:
+            return None
+        answer = {"t": "resolved", "id": host.id, "mac": mac}
+        if host.id < from_id:
+            key, pw_id = self.store.get_or_create_pair_key(host.id, from_id, now)
+            answer.update(key=key, pw_id=pw_id)
+        log.info("peer lookup for %s (from %s): %s", format_mac(mac), from_id, host.id)
+        return answer
+
+    def answer_from_peer(self, session: Session, rid: int, peer_mac: bytes, found: dict | None,
+                         now: float) -> list[Action]:
+        """Finish a ``key_req`` that the peers were asked about."""
+        if found is None or self.store.get_host(found["id"]) is not None or found["id"] == session.identity:
+            log.info("key_req from %s for MAC %s: unknown here and at the peers", session.identity,
+                     format_mac(peer_mac))
+            return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
+        if "key" in found:
+            key, pw_id = found["key"], found["pw_id"]
+        else:
+            key, pw_id = self.store.get_or_create_pair_key(session.identity, found["id"], now)
+        log.info("pair key %s <-> %s (at a peer) pw_id %d handed out", session.identity, found["id"], pw_id)
+        return [("reply", {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": found["id"],
+                           "key": key, "pw_id": pw_id})]
 
     # --- events and timers -----------------------------------------------------
     def on_event(self, event: KeyEvent) -> list[Action]:

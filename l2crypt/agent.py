@@ -175,12 +175,11 @@ class Agent:
             "port": self.config.port,
             "mtu": self.tap_mtu,
             "wire_mtu": self.wire_mtu,
-            "keyserver": self.client.server,
-            "keyservers": list(self.config.servers),
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "egress_blocked": egress_drops(self.config.port),
         })
+        doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
 
     # ------------------------------------------------------------- lifecycle
@@ -218,7 +217,9 @@ class Agent:
                 rekey_after_frames=cfg.rekey_after_frames,
             )
             self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start())
-            self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self)
+            self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,
+                                    probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
+                                    failback_holddown_s=cfg.failback_holddown_s)
             await self._serve()
         finally:
             if self.wire is not None:

@@ -170,6 +170,11 @@ class AgentConfig:
                                "how long an old key version is still accepted after the switch, seconds")
     rekey_after_frames: int = _f(DEFAULT_REKEY_AFTER_FRAMES, _int_range(16, 2**62),
                                  "frames sent under one pair key before the agent asks for a new one")
+    probe_interval_s: float = _f(5.0, _seconds(0.05, 600.0),
+                                 "seconds between pings of the key server in use (and of better ones)")
+    probe_failures: int = _f(3, _int_range(1, 100), "missed pongs in a row before failing over to the next server")
+    failback_holddown_s: float = _f(30.0, _seconds(0.0, 86400.0),
+                                    "seconds a higher-priority server must answer before the agent returns to it")
     log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
     log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
     metrics_listen: str = _f(DEFAULT_METRICS_LISTEN, _metrics_listen,

@@ -1,13 +1,18 @@
 """The agent's connection to the key server (asyncio, TLS 1.3, mutual auth).
 
-1. Connect to the first configured server that answers; say ``hello`` with
-   our MAC and wait for ``welcome`` (cipher and multicast key).
+1. Connect to the best server ``failover.FailoverSelector`` names (the list
+   is in priority order); say ``hello`` with our MAC and wait for ``welcome``
+   (cipher and multicast key).
 2. Forward ``key_req`` for MACs the engine asks about, ``mcast_req``, and the
    engine's notices (``rekey_req``, ``key_report``); match answers by rid.
 3. Hand answers and server pushes (``key``, ``multicast``, ``peer_revoked``)
    to the agent.
-4. Probe with ``ping``; on a lost connection reconnect on its own, with
-   backoff, going through the servers again in order.
+4. Ping the server in use every ``probe_interval_s``; after
+   ``probe_failures`` missed pongs, or at once when the connection drops, fail
+   over to the next server by priority.  Servers of higher priority are pinged
+   in the background on their own connections; one that has answered for
+   ``failback_holddown_s`` gets the agent back.  On every new connection the
+   agent asks again for the keys it is waiting for.
 
 The data path never waits for this: keys already installed keep working
 while the client is disconnected.
@@ -23,6 +28,7 @@ from typing import Protocol
 from . import ks_messages
 from .config import parse_hostport
 from .errors import RemoteProtocolError
+from .failover import FailoverSelector
 from .logs import fields
 from .metrics import LatencyHistogram
 from .tls_files import SERVER_NAME
@@ -30,8 +36,6 @@ from .tls_files import SERVER_NAME
 log = logging.getLogger("l2crypt.keyclient")
 
 CONNECT_TIMEOUT_S = 5.0
-PING_INTERVAL_S = 5.0
-PING_TIMEOUT_S = 5.0
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
 
@@ -49,8 +53,11 @@ class KeyEvents(Protocol):
 
 
 class KeyClient:
-    def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_mac: bytes, events: KeyEvents):
+    def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_mac: bytes, events: KeyEvents,
+                 probe_interval_s: float = 5.0, probe_failures: int = 3, failback_holddown_s: float = 30.0):
         self.servers = servers
+        self.selector = FailoverSelector(servers, probe_failures, failback_holddown_s)
+        self.probe_interval_s = probe_interval_s
         self.ssl_ctx = ssl_ctx
         self.my_mac = my_mac
         self.events = events
@@ -104,35 +111,51 @@ class KeyClient:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
         delay = RECONNECT_MIN_S
         while not stop.is_set():
-            for server in self.servers:
+            had_session = False
+            for index in self.selector.order():
                 if stop.is_set():
                     return
+                server = self.selector.servers[index].address
                 try:
-                    await self._session(server, stop)
-                    delay = RECONNECT_MIN_S
+                    await self._session(index, stop)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError) as exc:
-                    log.warning("keyserver_unreachable", extra=fields(server=server, reason=str(exc) or type(exc).__name__))
+                    log.warning("keyserver_unreachable" if not self.connected else "keyserver_lost",
+                                extra=fields(server=server, reason=str(exc) or type(exc).__name__))
                 finally:
                     if self.connected:
+                        had_session = True
                         self.connected = False
+                        self.selector.lost(loop.time())
                         self.events.on_disconnect()
+                    else:
+                        self.selector.connect_failed(index, loop.time())
                     self._writer = None
                     self._key_rids.clear()
                     self._sent_at.clear()
+                if had_session:
+                    break  # choose again from the top: fail over, or fail back
+            if had_session:
+                delay = RECONNECT_MIN_S
+                continue
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
                 pass
             delay = min(delay * 2, RECONNECT_MAX_S)
 
-    async def _session(self, server: str, stop: asyncio.Event) -> None:
+    async def _open(self, server: str):
         host, port = parse_hostport(server)
-        reader, writer = await asyncio.wait_for(
+        return await asyncio.wait_for(
             asyncio.open_connection(host, port, ssl=self.ssl_ctx, server_hostname=SERVER_NAME),
             CONNECT_TIMEOUT_S,
         )
+
+    async def _session(self, index: int, stop: asyncio.Event) -> None:
+        server = self.selector.servers[index].address
+        reader, writer = await self._open(server)
         self._writer = writer
         messages = self._messages(reader)
         try:
@@ -147,9 +170,11 @@ class KeyClient:
             self.server = server
             self.connected = True
             self.connects += 1
-            log.info("keyserver_connected", extra=fields(server=server, id=welcome["id"]))
+            self.selector.connected(index, asyncio.get_running_loop().time())
+            log.info("keyserver_connected", extra=fields(server=server, id=welcome["id"], priority=index + 1))
             self.events.on_welcome(welcome)
             pinger = asyncio.ensure_future(self._probe(writer))
+            watcher = asyncio.ensure_future(self._watch_higher(writer))
             try:
                 async for msg in messages:
                     self._dispatch(msg)
@@ -157,6 +182,7 @@ class KeyClient:
                         break
             finally:
                 pinger.cancel()
+                watcher.cancel()
         finally:
             writer.close()
 
@@ -172,17 +198,60 @@ class KeyClient:
                 yield msg
 
     async def _probe(self, writer: asyncio.StreamWriter) -> None:
-        """Ping the server; close the connection if it stops answering."""
+        """Ping the server in use; abort the connection after too many missed pongs."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(PING_INTERVAL_S)
             self._pong.clear()
             writer.write(ks_messages.encode_message({"t": "ping", "rid": self._next_rid()}))
             try:
-                await asyncio.wait_for(self._pong.wait(), PING_TIMEOUT_S)
+                await asyncio.wait_for(self._pong.wait(), self.probe_interval_s)
+                self.selector.pong(loop.time())
+                await asyncio.sleep(self.probe_interval_s)
             except asyncio.TimeoutError:
-                log.warning("keyserver_probe_failed", extra=fields(server=self.server))
+                log.warning("keyserver_probe_missed", extra=fields(server=self.server))
+                if self.selector.probe_missed(loop.time()):
+                    log.warning("keyserver_probe_failed", extra=fields(server=self.server,
+                                                                       missed=self.selector.probe_failures))
+                    writer.transport.abort()
+                    return
+
+    async def _watch_higher(self, writer: asyncio.StreamWriter) -> None:
+        """Ping servers of higher priority on their own connections; fail back
+        to the best one once it has answered for the hold-down."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            for index in self.selector.background_targets():
+                ok = await self._ping_once(self.selector.servers[index].address)
+                self.selector.background_result(index, ok, loop.time())
+            target = self.selector.failback_due(loop.time())
+            if target is not None:
+                log.info("keyserver_failback", extra=fields(
+                    server=self.selector.servers[target].address, leaving=self.server))
+                self.selector.release()
                 writer.transport.abort()
                 return
+
+    async def _ping_once(self, server: str) -> bool:
+        """One TLS connection, one ping, one pong: True if the server answered."""
+        writer = None
+        try:
+            reader, writer = await self._open(server)
+            writer.write(ks_messages.encode_message({"t": "ping", "rid": 1}))
+            frames = ks_messages.FrameReader()
+            deadline = asyncio.get_running_loop().time() + min(self.probe_interval_s, CONNECT_TIMEOUT_S)
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                data = await asyncio.wait_for(reader.read(65536), max(left, 0.01))
+                if not data:
+                    return False
+                if any(m["t"] == "pong" for m in frames.feed(data)):
+                    return True
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError):
+            return False
+        finally:
+            if writer is not None:
+                writer.transport.abort()
 
     def _dispatch(self, msg: dict) -> None:
         t = msg["t"]

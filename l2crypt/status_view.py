@@ -22,6 +22,10 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     console.print(f"[bold]{doc['id']}[/bold] {doc['mac']}  tap {doc['tap']} (MTU {doc['mtu']})  "
                   f"port {doc['port']} (MTU {doc['wire_mtu']})  cipher {doc['cipher']}")
     console.print(f"key server: {server}  {state}   multicast PW_ID: {doc.get('multicast_pw_id')}")
+    servers = doc.get("keyservers") or []
+    if servers:
+        console.print("key servers: " + "  ".join(f"{s['priority']}. {s['server']} {s['state']}" for s in servers)
+                      + f"   failovers: {doc.get('failovers', 0)}  failbacks: {doc.get('failbacks', 0)}")
     table = Table(title="peers", title_justify="left")
     for column in ("MAC", "ID", "PW_ID", "key age", "frames in", "frames out", "bytes in", "bytes out"):
         table.add_column(column, justify="right" if column not in ("MAC", "ID") else "left")

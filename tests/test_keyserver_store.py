@@ -1,4 +1,6 @@
-"""keyserverd.store: durability, tokens, the ID-MAC table, pair keys, schema."""
+"""keyserverd.store (SQLite) and keyserverd.store_pg (PostgreSQL): durability, tokens,
+the ID-MAC table, pair keys, schema.  Tests taking ``store`` or ``store_opener``
+run against both back-ends (see conftest.py)."""
 
 import sqlite3
 import threading
@@ -21,7 +23,14 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def store(db_path):
+def store(store_opener):
+    s = store_opener(NOW)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sqlite_store(db_path):
     s = SqliteStore.open(db_path, NOW)
     yield s
     s.close()
@@ -31,7 +40,8 @@ def add(store, host_id, mac=None, token=TOKEN, ttl=3600, role="host"):
     store.add_host(host_id, mac, role, hash_token(token), NOW + ttl, NOW)
 
 
-def test_file_mode_wal_and_schema_version(store, db_path):
+def test_file_mode_wal_and_schema_version(sqlite_store, db_path):
+    store = sqlite_store
     assert db_path.stat().st_mode & 0o777 == 0o600
     assert store.schema_version() == SCHEMA_VERSION == 2
     db = sqlite3.connect(db_path)
@@ -49,8 +59,12 @@ def test_newer_schema_is_refused(db_path):
         SqliteStore.open(db_path, NOW)
 
 
-def test_everything_survives_reopening(db_path):
-    s = SqliteStore.open(db_path, NOW)
+def test_schema_version(store):
+    assert store.schema_version() == 2
+
+
+def test_everything_survives_reopening(store_opener):
+    s = store_opener(NOW)
     add(s, "a")
     add(s, "b")
     s.bind_mac("a", MAC_A)
@@ -61,7 +75,7 @@ def test_everything_survives_reopening(db_path):
     s.revoke_host("b", NOW)
     s.close()  # no explicit commit anywhere: each write was committed on return
 
-    s = SqliteStore.open(db_path, NOW + 10)
+    s = store_opener(NOW + 10)
     assert s.get_or_create_pair_key("b", "a", NOW + 10) == pair
     assert s.current_multicast_key() == mcast
     assert s.host_by_mac(MAC_A).id == "a"
@@ -72,15 +86,15 @@ def test_everything_survives_reopening(db_path):
     s.close()
 
 
-def test_write_is_visible_to_another_connection_at_once(store, db_path):
-    add(store, "a")
+def test_write_is_visible_to_another_connection_at_once(sqlite_store, db_path):
+    add(sqlite_store, "a")
     other = sqlite3.connect(db_path)
     assert other.execute("SELECT id FROM hosts").fetchall() == [("a",)]
     other.close()
 
 
-def test_token_is_stored_only_as_hash(store, db_path):
-    add(store, "a")
+def test_token_is_stored_only_as_hash(sqlite_store, db_path):
+    add(sqlite_store, "a")
     raw = db_path.read_bytes() + (db_path.parent / "keyserver.db-wal").read_bytes()
     assert TOKEN.encode() not in raw
     assert hash_token(TOKEN) in raw
@@ -168,37 +182,68 @@ def test_pair_key_is_symmetric_and_starts_at_pw_id_1(store):
         store.get_or_create_pair_key("a", "a", NOW)
 
 
-def test_pair_key_creation_is_atomic_across_connections(db_path):
-    """Many connections race to create the same pair key; all get the same one."""
-    SqliteStore.open(db_path, NOW).close()
+def test_pair_key_creation_is_atomic_across_connections(store_opener):
+    """Many connections (as several keyserverd instances) race to create the same
+    pair key, from both ends; all get the same one and only one row exists."""
+    store_opener(NOW).close()
+    start = threading.Barrier(8)
     results, errors = [], []
 
-    def worker():
+    def worker(n):
         try:
-            s = SqliteStore.open(db_path, NOW)
-            results.append(s.get_or_create_pair_key("x", "y", NOW))
-            s.close()
+            s = store_opener(NOW)  # a store is used by the thread that opened it
+            start.wait(timeout=20)
+            results.append(s.get_or_create_pair_key(*(("x", "y") if n % 2 else ("y", "x")), NOW))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=20)
     assert not errors
     assert len(results) == 8 and len(set(results)) == 1
-    db = sqlite3.connect(db_path)
-    assert db.execute("SELECT COUNT(*) FROM pair_keys").fetchone()[0] == 1
-    db.close()
+    s = store_opener(NOW)
+    assert s.pairs() == [("x", "y")]
+    assert s.pair_key("x", "y", 2) is None
+    s.close()
 
 
-def test_multicast_key_created_once(db_path):
-    s = SqliteStore.open(db_path, NOW)
+def test_concurrent_rotations_rotate_once_and_events_keep_order(store_opener):
+    """Timers of several instances fire together: one new version, one event."""
+    s = store_opener(NOW)
+    s.get_or_create_pair_key("x", "y", NOW)
+    s.close()
+    start = threading.Barrier(6)
+    results = []
+
+    def worker():
+        s = store_opener(NOW)
+        start.wait(timeout=20)
+        results.append(s.rotate_pair_key("x", "y", NOW + 10, if_created_before=NOW + 5))
+        results.append(s.rotate_multicast_key(NOW + 10, if_created_before=NOW + 5))
+        s.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert sorted(r for r in results if r is not None) == [2, 2]
+    s = store_opener(NOW)
+    events = s.events_since(0)
+    assert sorted((e.kind, e.pw_id) for e in events) == [("multicast", 2), ("pair", 2)]
+    assert s.events_since(events[0].seq) == events[1:]
+    s.close()
+
+
+def test_multicast_key_created_once(store_opener):
+    s = store_opener(NOW)
     key, pw_id = s.current_multicast_key()
     s.close()
     assert len(key) == 32 and pw_id == 1
-    s = SqliteStore.open(db_path, NOW + 1)
+    s = store_opener(NOW + 1)
     assert s.current_multicast_key() == (key, 1)
     s.close()
 
@@ -207,3 +252,35 @@ def test_token_format():
     tokens = {new_token() for _ in range(50)}
     assert len(tokens) == 50
     assert all(TOKEN_RE.match(t) for t in tokens)
+
+
+def test_store_url_selects_the_backend(tmp_path):
+    from keyserverd.config import load_config
+    from keyserverd.stores import open_store
+    from l2crypt.errors import ConfigError
+
+    assert load_config(None, {}).store == ""
+    with pytest.raises(ConfigError, match="--store: want postgresql"):
+        load_config(None, {"store": "mysql://x"})
+    s = open_store("", tmp_path / "st", NOW)
+    assert isinstance(s, SqliteStore) and s.path == tmp_path / "st" / "keyserver.db"
+    s.close()
+    s = open_store(f"sqlite:///{tmp_path}/other.db", tmp_path / "st", NOW)
+    assert s.path == tmp_path / "other.db"
+    s.close()
+
+
+def test_postgresql_newer_schema_is_refused_and_password_is_not_shown(pg_url):
+    import psycopg
+
+    from keyserverd.store_pg import PgStore, redact_url
+
+    PgStore.open(pg_url, NOW).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(LocalError, match="schema version 99"):
+        PgStore.open(pg_url, NOW)
+    assert redact_url("postgresql://ks:s3cret@db:5432/l2") == "postgresql://ks:***@db:5432/l2"
+    with pytest.raises(LocalError) as e:
+        PgStore.open("postgresql://ks:s3cret@/nodb?host=/nonexistent", NOW)
+    assert "s3cret" not in str(e.value)

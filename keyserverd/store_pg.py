@@ -138,6 +138,17 @@ class PgStore:
     def schema_version(self) -> int:
         return self._q("SELECT version FROM schema_version").fetchone()[0]
 
+    def key_summary(self) -> dict:
+        rows = self._q(
+            "SELECT p.id1, p.id2, p.pw_id, p.created_at FROM pair_keys AS p "
+            "WHERE p.pw_id = (SELECT MAX(pw_id) FROM pair_keys WHERE id1 = p.id1 AND id2 = p.id2) "
+            "ORDER BY p.id1, p.id2"
+        ).fetchall()
+        versions = self._q("SELECT COUNT(*) FROM pair_keys").fetchone()[0]
+        mc = self._q("SELECT pw_id, created_at FROM multicast_keys ORDER BY pw_id DESC LIMIT 1").fetchone()
+        return {"pairs": [tuple(r) for r in rows], "pair_versions": versions,
+                "multicast": tuple(mc) if mc else None}
+
     def _migrate(self) -> None:
         with self._db.transaction():
             self._q("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))

@@ -58,8 +58,11 @@ class FailoverLab(Lab):
     def start_ks(self, name: str, timeout_s: float = 20.0):
         state = self.ks_state(name)
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Both servers share the ks namespace: give each its own metrics port.
+        metrics = f"127.0.0.1:{9479 if name == 'ks1' else 9489}"
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", state, "--listen", self.addr_of(name),
-                                 *self._store_args()], name="keyserverd" if name == "ks1" else name)
+                                 "--metrics-listen", metrics, *self._store_args()],
+                          name="keyserverd" if name == "ks1" else name)
         ip = KS_IPS[name]
         want = f"{''.join(f'{int(o):02X}' for o in reversed(ip.split('.')))}:{KS_PORT:04X}"
         deadline = time.monotonic() + timeout_s

@@ -284,3 +284,15 @@ def test_postgresql_newer_schema_is_refused_and_password_is_not_shown(pg_url):
     with pytest.raises(LocalError) as e:
         PgStore.open("postgresql://ks:s3cret@/nodb?host=/nonexistent", NOW)
     assert "s3cret" not in str(e.value)
+
+
+def test_key_summary_names_versions_never_keys(store):
+    store.add_host("a", None, "host", b"h" * 32, NOW + 60, NOW)
+    store.add_host("b", None, "host", b"i" * 32, NOW + 60, NOW)
+    key, _ = store.get_or_create_pair_key("a", "b", NOW)
+    store.rotate_pair_key("a", "b", NOW + 1)
+    summary = store.key_summary()
+    assert [p[:3] for p in summary["pairs"]] == [("a", "b", 2)]
+    assert summary["pair_versions"] == 2
+    assert summary["multicast"][0] == 1
+    assert key not in repr(summary).encode() and key.hex() not in repr(summary)

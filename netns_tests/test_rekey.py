@@ -28,8 +28,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import sqlite3
 import time
 
 import pytest
@@ -162,6 +164,19 @@ def _iperf3_background(lab, client: str, server: str, seconds: int, logfile, por
     return srv, cli
 
 
+def _leaked_keys(lab, texts: dict[str, str]) -> list[str]:
+    """Names of the ``texts`` that hold any pair or multicast key version (hex or base64)."""
+    db = sqlite3.connect(f"file:{lab.ks_dir / 'keyserver.db'}?mode=ro", uri=True)
+    try:
+        keys = [bytes(r[0]) for table in ("pair_keys", "multicast_keys")
+                for r in db.execute(f"SELECT key FROM {table}")]
+    finally:
+        db.close()
+    assert len(keys) >= 2
+    forms = [f for k in keys for f in (k.hex(), k.hex().upper(), base64.b64encode(k).decode()[:40])]
+    return [name for name, text in texts.items() if any(f in text for f in forms)]
+
+
 def _goodput(result: dict) -> float:
     return result["end"]["sum_received"]["bits_per_second"]
 
@@ -171,7 +186,7 @@ def _goodput(result: dict) -> float:
 
 def test_rekeys_lose_nothing(lab, tmp_path):
     _warm_up(lab, [("h1", "h2"), ("h1", "h3")])
-    baseline = iperf3(lab, "h1", "h2", seconds=10)
+    baseline = iperf3(lab, "h1", "h2", seconds=15)
 
     period_s, every_s = 30, 2.0
     before = _statuses(lab)
@@ -213,7 +228,7 @@ def test_rekeys_lose_nothing(lab, tmp_path):
     figures = {
         "goodput_without_rekeys_mbit_s": round(_goodput(baseline) / 1e6, 1),
         "goodput_with_rekeys_mbit_s": round(_goodput(with_rekeys) / 1e6, 1),
-        "baseline_seconds": 10, "rekey_run_seconds": period_s,
+        "baseline_seconds": 15, "rekey_run_seconds": period_s,
         "pair_rotations": len(rotations), "pair_pw_id": [pw_before, last_pair],
         "multicast_rotations": len(rotations),
         "rekeys_counted": {h: _counter(after[h], "rekeys") - _counter(before[h], "rekeys") for h in L.HOSTS},
@@ -225,6 +240,11 @@ def test_rekeys_lose_nothing(lab, tmp_path):
     print(f"\nREKEY GOODPUT (iperf3 TCP h1->h2): {json.dumps(figures)}")
 
     assert _key_drop_deltas(before, after) == {}, {h: after[h]["drops"] for h in L.HOSTS}
+    # No key version shows in a log or in status output.
+    texts = {p.name: p.read_text(errors="replace") for p in (lab.state_dir / "logs").glob("*.log")}
+    texts.update({f"status {h}": json.dumps(after[h]) for h in L.HOSTS})
+    assert "keyserverd.log" in texts and "agent-h1.log" in texts
+    assert _leaked_keys(lab, texts) == []
     for name in ("ping-rekey-h1-h3", "ping-rekey-h3-h1"):
         sent, got = _ping_counts(lab, name)
         assert sent >= 100 and got == sent, f"{name}: {sent} sent, {got} received"
@@ -316,15 +336,17 @@ def test_data_volume_rekey(lab):
         _warm_up(lab, [("h1", "h2")])
         before = _statuses(lab, ("h1", "h2"))
         pw_before = peer(before["h1"], L.tap_mac("h2"))["pw_id"]
-        result = iperf3(lab, "h1", "h2", seconds=6, port=5203)
+        result = iperf3(lab, "h1", "h2", seconds=8, port=5203)
         res = ping(lab, "h1", L.tap_ipv4("h2"), count=3)
         after = _statuses(lab, ("h1", "h2"))
     finally:
         lab.restart_agent("h1")
-    assert result["end"]["sum_received"]["bytes"] > 1_000_000
-    assert res.returncode == 0 and "3 received" in res.stdout, res.stdout
     asked = _counter(after["h1"], "rekey_requests") - _counter(before["h1"], "rekey_requests")
     pw_after = peer(after["h1"], L.tap_mac("h2"))["pw_id"]
+    print(f"\nDATA-VOLUME REKEY: {asked} rekey requests, pw_id {pw_before} -> {pw_after}, "
+          f"{_goodput(result) / 1e6:.1f} Mbit/s, {peer(after['h1'], L.tap_mac('h2'))['frames_out']} frames")
+    assert result["end"]["sum_received"]["bytes"] > 1_000_000
+    assert res.returncode == 0 and "3 received" in res.stdout, res.stdout
     assert asked >= 2, after["h1"]["counters"]
     assert pw_after - pw_before >= 2, (pw_before, pw_after)
     assert peer(after["h2"], L.tap_mac("h1"))["pw_id"] >= pw_after - 1

@@ -364,7 +364,7 @@ class FrameEngine:
         )
         if peer is None:
             self.peers[peer_mac] = PeerState(peer_mac, peer_id, KeyRing(slot))
-        elif peer.keys.offer(slot, now):
+        elif peer.keys.offer(slot, now, self.settings.retire_after_s):
             peer.peer_id = peer_id
             self._draining[peer_mac] = peer.keys
             self.counters["rekeys"] += 1
@@ -373,7 +373,7 @@ class FrameEngine:
     def install_multicast_key(self, key: bytes, pw_id: int, now: float) -> Delivered:
         """Install a multicast key version (not newer than held: ignored); releases held frames."""
         group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, self._window, now)
-        if self.group.offer(group, now) and self.group.next is not None:
+        if self.group.offer(group, now, self.settings.retire_after_s) and self.group.next is not None:
             self._draining[GROUP_MAC] = self.group
             self.counters["rekeys"] += 1
         return self._release(GROUP_MAC, now)

@@ -17,6 +17,10 @@ A ring holds up to three versions of a pair key (or of the multicast key)::
   after the switch (``expire``).
 * ``offer`` ignores a version not newer than every version held, so repeated or
   stale answers never reset a packet counter under a live key.
+* A newer version offered while ``next`` is still pending first promotes
+  ``next``: the server pushed it to both ends before the newer one, so the
+  peer may already send with it, and it must stay open (rotations closer
+  together than the switch delay would otherwise lose frames).
 
 Slots are any object with ``pw_id``.  A ring is owned by its PeerState (or by
 the engine, for the multicast key).
@@ -25,6 +29,8 @@ the engine, for the multicast key).
 from __future__ import annotations
 
 from typing import Generic, TypeVar
+
+from .constants import DEFAULT_RETIRE_AFTER_S
 
 Slot = TypeVar("Slot")
 
@@ -49,13 +55,14 @@ class KeyRing(Generic[Slot]):
                 return slot
         return None
 
-    def offer(self, slot: Slot, now: float) -> bool:
+    def offer(self, slot: Slot, now: float, retire_after_s: float = DEFAULT_RETIRE_AFTER_S) -> bool:
         """Take a version from the key server.  True if it is new to this ring."""
         if slot.pw_id <= self.newest_pw_id():
             return False
         if self.current is None:
             self.current = slot
         else:
+            self.promote(now, retire_after_s)  # a pending next is older: it becomes current
             self.next = slot
             self.next_since = now
         return True

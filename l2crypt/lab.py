@@ -376,7 +376,8 @@ class Lab(LabProcesses):
     # -- captures
 
     def capture(self, ifname: str = BRIDGE, role: str = "sw", direction: str | None = None,
-                name: str | None = None, bpf: list[str] | None = None) -> Capture:
+                name: str | None = None, bpf: list[str] | None = None,
+                snaplen: int | None = None) -> Capture:
         """Start tcpdump on ``ifname`` in ``role`` and return once it listens.
 
         On ``br0`` (promiscuous under tcpdump) the bridge delivers a copy of
@@ -389,6 +390,8 @@ class Lab(LabProcesses):
         argv = ["tcpdump", "-i", ifname, "-U", "--immediate-mode", "-n", "-Z", "root", "-w", str(pcap)]
         if direction:
             argv += ["-Q", direction]
+        if snaplen:
+            argv += ["-s", str(snaplen)]  # headers only, for long, fast captures
         proc = self.popen(role, argv + list(bpf or []), name=name)
         deadline = time.monotonic() + 10
         while "listening on" not in self.log_text(name):
@@ -447,10 +450,12 @@ class Lab(LabProcesses):
                                 "--id", host_id or host, "--token", token,
                                 "--ca-fingerprint", fingerprint, "--state-dir", sd], timeout=timeout)
 
-    def start_agent(self, host: str) -> Proc:
+    def start_agent(self, host: str, extra_args: tuple[str, ...] = ()) -> Proc:
+        """Start the agent of ``host``; ``extra_args`` are more ``l2crypt agent`` options."""
         return self.popen(host, [self.cmd("l2crypt"), "agent", "--port", WIRE_IFNAME,
                                  "--tap", TAP_IFNAME, "--server", self.keyserver_addr,
-                                 "--state-dir", self.host_dir(host), "--tap-mac", tap_mac(host)],
+                                 "--state-dir", self.host_dir(host), "--tap-mac", tap_mac(host),
+                                 *extra_args],
                           name=f"agent-{host}")
 
     def status(self, host: str, timeout: float = 10.0) -> dict:
@@ -484,11 +489,11 @@ class Lab(LabProcesses):
         """Put the host's test addresses on its TAP (after every agent start)."""
         self._addr_test_addresses(host, TAP_IFNAME)
 
-    def restart_agent(self, host: str, timeout_s: float = 30.0) -> dict:
+    def restart_agent(self, host: str, timeout_s: float = 30.0, extra_args: tuple[str, ...] = ()) -> dict:
         agent = self.proc(f"agent-{host}")
         if agent is not None:
             self.stop(agent)
-        self.start_agent(host)
+        self.start_agent(host, extra_args)
         st = self.wait_connected(host, timeout_s)
         self.address_tap(host)
         return st

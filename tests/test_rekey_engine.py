@@ -155,3 +155,41 @@ def test_revoked_peer_is_cut_off():
     assert B not in a.peers
     assert a.seal_from_tap(frame(B, A), 0.4) is None
     assert a.take_key_requests(0.4) == []                       # and nothing is asked for it
+
+
+def test_rotations_closer_than_the_switch_delay_lose_nothing():
+    # Versions come about every 2 s (the switch delay), with 10 ms of jitter in
+    # the pushes.  Version 3 reaches A just as B switches to version 2, before
+    # A has seen B use 2: A must keep 2 and open B's frames under it.
+    a, b = pair()
+    schedule = [  # (pw_id, time B gets it, time A gets it)
+        (2, 1.00, 1.01), (3, 3.01, 3.00), (4, 5.00, 5.01), (5, 7.01, 7.00),
+    ]
+    keys = {n: os.urandom(32) for n, _, _ in schedule}
+    delivered = 0
+    for step in range(1000):
+        t = round(step * 0.01, 2)
+        for n, at_b, at_a in schedule:
+            if t == at_b:
+                b.install_pair_key(A, "a", keys[n], n, t)
+            if t == at_a:
+                a.install_pair_key(B, "b", keys[n], n, t)
+        a.on_timer(t)
+        b.on_timer(t)
+        for src, dst in ((b, a), (a, b)):
+            sealed = src.seal_from_tap(frame(dst.my_mac, src.my_mac), t)
+            assert dst.open_from_wire(sealed, t) is not None, (step, t, dict(dst.drops))
+            delivered += 1
+    assert delivered == 2000 and not a.drops and not b.drops
+    assert a.peers[B].keys.current.pw_id == b.peers[A].keys.current.pw_id == 5
+
+
+def test_a_newer_version_promotes_a_pending_one():
+    ring = KeyRing()
+    s1, s2, s3 = (type("S", (), {"pw_id": n})() for n in (1, 2, 3))
+    ring.offer(s1, 0.0)
+    ring.offer(s2, 1.0, retire_after_s=10.0)
+    assert ring.offer(s3, 1.5, retire_after_s=10.0)
+    assert (ring.previous, ring.current, ring.next) == (s1, s2, s3)
+    assert [ring.lookup(n) for n in (1, 2, 3)] == [s1, s2, s3]
+    assert not ring.expire(11.0) and ring.expire(11.5)

@@ -34,7 +34,7 @@ from l2crypt.frame_wire import format_mac, is_group_address, parse_mac
 from l2crypt.ks_messages import valid_host_id
 
 from .ca import ROLES, CertificateAuthority
-from .config import KeyServerConfig, load_config
+from .config import KeyServerConfig, load_config, parse_hostport
 from .server import KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .store import SqliteStore
@@ -59,6 +59,10 @@ def _common_options(f):
 
 
 def _serve_options(f):
+    f = click.option("--netkey-rekey-after-s", type=float, help="Rotate NETKEY after this many seconds (leader).")(f)
+    f = click.option("--netkey-peer-ca", help="SHA-256 fingerprint of the peer key server's CA.")(f)
+    f = click.option("--netkey-peer", help="HOST:PORT of the peer key server's NETKEY listener.")(f)
+    f = click.option("--netkey-listen", help="HOST:PORT to listen on for NETKEY peering.")(f)
     f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
@@ -283,11 +287,24 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     sys.stdout.flush()
     log.info("%s", line.removeprefix(f"{PROG}: "))
     events = asyncio.ensure_future(server.run_events())
+    peering = None
+    if config.netkey_listen:
+        from .netkey_peering import NetkeyPeering
+
+        peering = NetkeyPeering(
+            ca, config.state_dir, parse_hostport(config.netkey_listen), parse_hostport(config.netkey_peer),
+            config.netkey_peer_ca, config.netkey_rekey_after_s,
+            on_new=lambda pw_id, key: server._act(None, service.netkey_pushes(pw_id, key)))
+        service.netkeys = peering.book
+        peering_task = asyncio.ensure_future(peering.run())
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         events.cancel()
+        if peering is not None:
+            peering_task.cancel()
+            await peering.close()
         await server.close()
 
 

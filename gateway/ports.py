@@ -74,7 +74,7 @@ class TunnelSocket:
 
     def __init__(self, local: tuple[str, int], peers: dict[str, tuple[str, int]]):
         self.peers = {name: (socket.gethostbyname(h), p) for name, (h, p) in peers.items()}
-        self.by_addr = {addr: name for name, addr in self.peers.items()}
+        self.by_addr = {addr[0]: name for name, addr in self.peers.items()}  # by IP: a NAT may move the port
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
@@ -98,7 +98,7 @@ class TunnelSocket:
                 data, addr = self._sock.recvfrom(MAX_FRAME)
             except OSError:
                 break
-            name = self.by_addr.get(addr[:2])
+            name = self.by_addr.get(addr[0])
             if name is None:
                 self.unknown_sender += 1
                 continue

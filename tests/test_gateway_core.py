@@ -198,3 +198,20 @@ def test_netkey_rotation_make_before_break():
     # gB saw gA use version 2: it switches too, at once.
     gb.on_timer(3.7)
     assert gb.tunnel.ring.current.pw_id == 2
+
+
+@pytest.mark.parametrize("module", ["core", "tunnel", "tunnel_wire"])
+def test_gateway_core_does_no_io(module):
+    import ast
+    from pathlib import Path
+
+    import gateway
+
+    tree = ast.parse((Path(gateway.__file__).parent / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert not names & {"socket", "asyncio", "time", "fcntl", "select", "subprocess", "os"}

@@ -40,7 +40,7 @@ from l2crypt.control import query_status, serve_control
 from l2crypt.logs import fields, setup_logging
 from l2crypt.metrics import serve_metrics
 
-from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config
+from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config, parse_hostport
 from .metrics import KeyServerMetrics
 from .status import render as render_status
 from .status import snapshot as status_snapshot
@@ -73,6 +73,10 @@ def _serve_options(f):
     f = click.option("--peer", "peers", multiple=True, metavar="sha256:FP@HOST:PORT",
                      help="A peered key server and its CA fingerprint (repeatable).")(f)
     f = click.option("--peer-listen", help="HOST:PORT where peered key servers reach this one.")(f)
+    f = click.option("--netkey-rekey-after-s", type=float, help="Rotate NETKEY after this many seconds (leader).")(f)
+    f = click.option("--netkey-peer-ca", help="SHA-256 fingerprint of the peer key server's CA.")(f)
+    f = click.option("--netkey-peer", help="HOST:PORT of the peer key server's NETKEY listener.")(f)
+    f = click.option("--netkey-listen", help="HOST:PORT to listen on for NETKEY peering.")(f)
     f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
@@ -336,6 +340,16 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
         server.peering, service.peering_enabled = peering, bool(config.peers)
         log.info("peering_started", extra=fields(listen=bound, peers=len(config.peers)))
     events = asyncio.ensure_future(server.run_events())
+    netkey_peering = netkey_task = None
+    if config.netkey_listen:
+        from .netkey_peering import NetkeyPeering
+
+        netkey_peering = NetkeyPeering(
+            ca, config.state_dir, parse_hostport(config.netkey_listen), parse_hostport(config.netkey_peer),
+            config.netkey_peer_ca, config.netkey_rekey_after_s,
+            on_new=lambda pw_id, key: server._act(None, service.netkey_pushes(pw_id, key)))
+        service.netkeys = netkey_peering.book
+        netkey_task = asyncio.ensure_future(netkey_peering.run())
     try:
         await stop.wait()
     finally:
@@ -350,6 +364,9 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
             pass
         if peering is not None:
             await peering.close()
+        if netkey_peering is not None:
+            netkey_task.cancel()
+            await netkey_peering.close()
         await server.close()
 
 

@@ -22,6 +22,11 @@ Example ``/etc/l2crypt/keyserver.toml``::
     multicast_rekey_after_s = 3600
     retire_after_s = 300
     store = "postgresql://keyserverd@db.example.net/l2crypt"   # default: SQLite in state_dir
+    # NETKEY peering with the key server of another segment (all three or none):
+    netkey_listen = "0.0.0.0:7789"
+    netkey_peer = "192.0.2.20:7789"
+    netkey_peer_ca = "sha256:..."   # the peer's CA fingerprint
+    netkey_rekey_after_s = 3600
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 from l2crypt.constants import DEFAULT_KEYSERVER_PORT
 from l2crypt.errors import ConfigError
 from l2crypt.metrics import parse_listen
+from l2crypt.tls_files import normalize_fingerprint
 
 from .service import CIPHERS, DEFAULT_CIPHER
 from .stores import check_store_url
@@ -86,6 +92,14 @@ class KeyServerConfig:
     peer_listen: str = ""
     #: Peered key servers, each ``sha256:<their CA fingerprint>@HOST:PORT``.
     peers: tuple[str, ...] = ()
+    #: HOST:PORT of the NETKEY peering listener ("" = no peering).
+    netkey_listen: str = ""
+    #: HOST:PORT of the peer key server's NETKEY peering listener.
+    netkey_peer: str = ""
+    #: SHA-256 fingerprint of the peer key server's CA (sha256:HEX).
+    netkey_peer_ca: str = ""
+    #: Seconds after which the leader of a peering rotates NETKEY.
+    netkey_rekey_after_s: float = 3600.0
 
     @property
     def listen_host(self) -> str:
@@ -157,7 +171,13 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive integer: {value!r}")
         return value
-    if key in ("rekey_after_s", "multicast_rekey_after_s", "retire_after_s"):
+    if key in ("netkey_listen", "netkey_peer"):
+        if value != "":
+            parse_hostport(value)
+        return value
+    if key == "netkey_peer_ca":
+        return normalize_fingerprint(value) if value != "" else value
+    if key in ("rekey_after_s", "multicast_rekey_after_s", "retire_after_s", "netkey_rekey_after_s"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"not a number of seconds >= 1: {value!r}")
         return float(value)
@@ -225,6 +245,10 @@ def config_problems(path: Path | str | None, overrides: dict[str, Any] | None = 
             values[key] = _check(key, value)
         except ValueError as exc:
             problems.append(f"--{key.replace('_', '-')}: {exc}")
+    netkey = [k for k in ("netkey_listen", "netkey_peer", "netkey_peer_ca") if values.get(k)]
+    if netkey and len(netkey) != 3:
+        missing = next(k for k in ("netkey_listen", "netkey_peer", "netkey_peer_ca") if k not in netkey)
+        problems.append(f"{missing}: missing (NETKEY peering needs netkey_listen, netkey_peer and netkey_peer_ca)")
     return values, problems
 
 

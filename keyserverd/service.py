@@ -25,10 +25,18 @@
    ``on_event``: a new pair version goes to both ends, a new multicast version
    and a revocation go to every bound host (``("broadcast", None)``), and the
    revoked host is disconnected (``("disconnect", host_id)``).
+   A pair with a gateway also goes to the host under every MAC the gateway
+   speaks for (see below).
 5. ``periodic(now)`` rotates what is older than ``rekey_after_s`` /
    ``multicast_rekey_after_s`` and drops versions superseded more than
    ``retire_after_s`` ago.  The rotations are conditional in the store, so
    several servers running it rotate once.
+6. Gateways (role ``gateway``) may also send ``map_req`` (map a MAC they
+   learned on their plain port or from a tunnel to them, see ``mac_map``),
+   ``map_list`` and ``netkey_req`` (the NETKEY versions agreed with the peer
+   key server, ``netkey_peering``).  A ``key_req`` for a mapped MAC is answered
+   with KEY(requester, gateway) under that MAC; the gateway asks for the same
+   key by the requester's MAC.
 Every refusal is counted and logged at WARNING with its code and the
 requester, once per (requester, code) every ``REFUSAL_LOG_S`` with the count of
 lines skipped (a flood makes one line).  Key bytes and tokens are never logged.  This module imports no socket, asyncio or time.
@@ -36,6 +44,7 @@ lines skipped (a flood makes one line).  Key bytes and tokens are never logged. 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -45,7 +54,8 @@ from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
 from l2crypt.logs import RateLimiter, fields
 
-from .store import KeyEvent, KeyStore
+from .mac_map import MacMap
+from .store import HostRecord, KeyEvent, KeyStore
 from .tokens import hash_token
 
 if TYPE_CHECKING:
@@ -107,6 +117,9 @@ class KeyService:
         self._log_limit = RateLimiter(REFUSAL_LOG_S)
         #: Set by the server when key servers of cascaded switches are peered.
         self.peering_enabled = False
+        self.macs = MacMap()
+        #: NETKEY versions (``netkey_peering.NetkeyBook``), or None when not peered.
+        self.netkeys = None
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -180,10 +193,10 @@ class KeyService:
             raise RefusedError("peer_mac is the requester's own MAC", "bad_request")
         if is_group_address(peer_mac):
             raise RefusedError(f"{format_mac(peer_mac)} is a group address", "bad_request")
-        peer = self.store.host_by_mac(peer_mac)
+        peer = self._resolve(peer_mac)
         if peer is None and self.peering_enabled:
             return [(("peer_resolve", None), {"rid": rid, "peer_mac": peer_mac})]
-        if peer is None or peer.revoked:
+        if peer is None or peer.revoked or peer.id == session.identity:
             self._limited(logging.INFO, "key_req_unknown_mac", (session.identity, "unknown"), now,
                           host=session.identity, peer_mac=format_mac(peer_mac))
             return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
@@ -203,10 +216,50 @@ class KeyService:
         """The peer host of a pair request by this session, or raise RefusedError."""
         if session.bound_mac is None:
             raise RefusedError(f"{msg['t']} before hello on this connection", "not_bound")
-        peer = self.store.host_by_mac(msg["peer_mac"])
+        peer = self._resolve(msg["peer_mac"])
         if peer is None or peer.revoked or peer.id == session.identity:
             raise RefusedError(f"no pair with {format_mac(msg['peer_mac'])}", "bad_request")
         return peer
+
+    def _resolve(self, mac: bytes) -> HostRecord | None:
+        """The host bound to ``mac``, or the gateway it is mapped to (with ``mac`` as its MAC)."""
+        host = self.store.host_by_mac(mac)
+        if host is not None:
+            return host
+        owner = self.macs.owner(mac)
+        gateway = self.store.get_host(owner) if owner is not None else None
+        return dataclasses.replace(gateway, mac=mac) if gateway is not None else None
+
+    def _gateway(self, session: Session, kind: str) -> None:
+        if session.bound_mac is None:
+            raise RefusedError(f"{kind} before hello on this connection", "not_bound")
+        host = self.store.get_host(session.identity)
+        if host is None or host.role != "gateway":
+            raise RefusedError(f"{kind} is for gateways only", "forbidden")
+
+    def _on_map_req(self, session: Session, msg: dict, now: float) -> list[Action]:
+        self._gateway(session, "map_req")
+        self.macs.map(self.store, session.identity, msg["mac"], msg["side"])
+        log.info("MAC %s (%s) mapped to gateway %s", format_mac(msg["mac"]), msg["side"], session.identity)
+        return [("reply", {"t": "mapped", "rid": msg["rid"], "mac": msg["mac"], "side": msg["side"]})]
+
+    def _on_map_list(self, session: Session, msg: dict, now: float) -> list[Action]:
+        self._gateway(session, "map_list")
+        return [("reply", {"t": "mapped", "rid": msg["rid"], "mac": mac, "side": side})
+                for mac, side in self.macs.macs_of(session.identity)]
+
+    def _on_netkey_req(self, session: Session, msg: dict, now: float) -> list[Action]:
+        self._gateway(session, "netkey_req")
+        versions = self.netkeys.versions() if self.netkeys is not None else []
+        if not versions:
+            raise RefusedError("no NETKEY: this key server has no peer", "no_netkey")
+        return [("reply", {"t": "netkey", "rid": msg["rid"], "key": key, "pw_id": pw_id})
+                for pw_id, key in versions]
+
+    def netkey_pushes(self, pw_id: int, key: bytes) -> list[Action]:
+        """Push a new NETKEY version to every gateway."""
+        return [(("push", h.id), {"t": "netkey", "rid": PUSH_RID, "key": key, "pw_id": pw_id})
+                for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked]
 
     def _key_msg(self, rid: int, peer, key: bytes, pw_id: int) -> dict:
         return {"t": "key", "rid": rid, "peer_mac": peer.mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
@@ -282,10 +335,15 @@ class KeyService:
             a, b = self.store.get_host(event.id1), self.store.get_host(event.id2)
             if key is None or a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
                 return []
-            return [
+            actions: list[Action] = [
                 (("push", a.id), self._key_msg(PUSH_RID, b, key, event.pw_id)),
                 (("push", b.id), self._key_msg(PUSH_RID, a, key, event.pw_id)),
             ]
+            for gw, other in ((a, b), (b, a)):  # the host holds the gateway's key under mapped MACs too
+                for mac, _ in self.macs.macs_of(gw.id) if gw.role == "gateway" else ():
+                    actions.append((("push", other.id),
+                                    self._key_msg(PUSH_RID, dataclasses.replace(gw, mac=mac), key, event.pw_id)))
+            return actions
         if event.kind == "multicast":
             key = self.store.multicast_key(event.pw_id)
             if key is None:
@@ -296,6 +354,8 @@ class KeyService:
             actions: list[Action] = [(("disconnect", event.id1), {})]
             if host is not None and host.mac is not None:
                 actions.append((("broadcast", None), {"t": "peer_revoked", "rid": PUSH_RID, "peer_mac": host.mac}))
+            for mac in self.macs.forget_gateway(event.id1):
+                actions.append((("broadcast", None), {"t": "peer_revoked", "rid": PUSH_RID, "peer_mac": mac}))
             return actions
         return []
 

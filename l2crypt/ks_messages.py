@@ -17,6 +17,9 @@ client -> server
     key_report rid peer_mac pw_id                  I hold pw_id but the peer still sends older
     mcast_req rid                                  the current multicast key
     ping      rid                                  liveness probe
+    map_req   rid mac side                         (gateways) map a MAC learned on ``side`` to me
+    map_list  rid                                  (gateways) every MAC mapped to me, as ``mapped``
+    netkey_req rid                                 (gateways) every live NETKEY version, as ``netkey``
 server -> client
     ca_cert   rid cert                             PEM of the CA
     enrolled  rid cert ca                          signed client certificate and CA, PEM
@@ -25,6 +28,8 @@ server -> client
     unknown   rid peer_mac                         no host holds that MAC
     multicast rid key pw_id                        a multicast key (answer or push)
     peer_revoked rid peer_mac                      the host at peer_mac is revoked: forget it (push)
+    mapped    rid mac side                         the MAC is mapped to the asking gateway
+    netkey    rid key pw_id                        a NETKEY version (answer or push, gateways only)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
 
@@ -68,6 +73,7 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "server": (str, None),
     "code": (str, None),
     "msg": (str, None),
+    "side": (str, None),
 }
 
 # type -> (required fields, optional fields)
@@ -80,6 +86,11 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "key_report": (frozenset({"rid", "peer_mac", "pw_id"}), frozenset()),
     "mcast_req": (frozenset({"rid"}), frozenset()),
     "ping": (frozenset({"rid"}), frozenset()),
+    "map_req": (frozenset({"rid", "mac", "side"}), frozenset()),
+    "map_list": (frozenset({"rid"}), frozenset()),
+    "netkey_req": (frozenset({"rid"}), frozenset()),
+    "mapped": (frozenset({"rid", "mac", "side"}), frozenset()),
+    "netkey": (frozenset({"rid", "key", "pw_id"}), frozenset()),
     "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
     "welcome": (

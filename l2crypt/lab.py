@@ -165,6 +165,7 @@ class Lab(LabProcesses):
         self.procs: list[Proc] = []
         self.lifetime: dict[str, Capture] = {}  # host -> capture of what it sent to the switch
         self.keyserver_addr = f"{KS_IP}:{KS_PORT}"
+        self.keyserver_args: list[str] = []  # extra keyserverd options (lab_gateway: NETKEY peering)
         self._owner_pid = os.getpid()  # a forked copy of this object must not tear down
 
     # -- names and paths
@@ -410,7 +411,7 @@ class Lab(LabProcesses):
     def start_keyserver(self, timeout_s: float = 20.0) -> Proc:
         self.ks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir,
-                                 "--listen", self.keyserver_addr], name="keyserverd")
+                                 "--listen", self.keyserver_addr, *self.keyserver_args], name="keyserverd")
         want = f"{''.join(f'{int(o):02X}' for o in reversed(KS_IP.split('.')))}:{KS_PORT:04X}"
         deadline = time.monotonic() + timeout_s
         while True:

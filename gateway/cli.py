@@ -1,0 +1,132 @@
+"""``l2crypt-gateway``: enroll the gateway, run it, show its status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import click
+
+from l2crypt import __version__
+from l2crypt.cli import run_click
+from l2crypt.config import config_keys
+from l2crypt.errors import L2cryptError
+
+from .config import DEFAULT_STATE_DIR, GatewayConfig, load_gateway_config
+
+PROG = "l2crypt-gateway"
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"{PROG}: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
+def cli() -> None:
+    """l2crypt gateway: joins an encrypted segment to a plain network
+    (full-decrypt port) and to other encrypted segments (inter-subnet port).
+
+    Add it on the key server with `keyserverd host add ID --role gateway`,
+    enroll it with `l2crypt-gateway enroll`, then run it.
+    """
+
+
+@cli.command()
+@click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with.")
+@click.option("--id", "host_id", required=True, help="The gateway ID the operator created.")
+@click.option("--token", required=True, help="One-time token from `keyserverd host add`.")
+@click.option("--ca-fingerprint", required=True, metavar="sha256:HEX", help="SHA-256 fingerprint of the key server's CA.")
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="Where the certificate is stored.")
+@click.option("--force", is_flag=True, help="Replace an existing enrollment.")
+def enroll(server, host_id, token, ca_fingerprint, state_dir, force) -> None:
+    """Trade a one-time token for the gateway's certificate (as `l2crypt enroll`)."""
+    from l2crypt.enroll import enroll as do_enroll
+
+    try:
+        path = do_enroll(server, host_id, token, ca_fingerprint, state_dir, force)
+    except L2cryptError as exc:
+        fail(str(exc))
+    click.echo(f"enrolled as {host_id}; certificate stored in {path}")
+
+
+_DOCS = config_keys(GatewayConfig)
+_TYPES = {"max_learned_macs": int, "replay_window_frames": int, "hold_frames": int,
+          "ethertype": lambda s: int(s, 0)}
+_FLOATS = ("refused_cache_s", "hold_age_s", "key_retry_s", "key_retry_max_s", "unknown_cache_s",
+           "switch_after_s", "retire_after_s")
+
+
+def _run_options(fn):
+    opts = [click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                         help="TOML config file (every key can be overridden below)."),
+            click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
+                         help=_DOCS["servers"] + " (repeat for several)."),
+            click.option("--tunnel-peer", "tunnel_peers", multiple=True, metavar="NAME=HOST:PORT",
+                         help=_DOCS["tunnel_peers"] + " (repeat for several).")]
+    for name, doc in _DOCS.items():
+        if name in ("servers", "tunnel_peers"):
+            continue
+        kind = float if name in _FLOATS else _TYPES.get(name, str)
+        opts.append(click.option("--" + name.replace("_", "-"), name, type=kind, help=doc))
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+@cli.command()
+@_run_options
+def run(config_path, servers, tunnel_peers, **overrides) -> None:
+    """Run the gateway in the foreground (SIGTERM or Ctrl-C stops it)."""
+    from l2crypt.logs import setup_logging
+
+    from .daemon import Gateway
+
+    overrides["servers"] = list(servers) if servers else None
+    overrides["tunnel_peers"] = list(tunnel_peers) if tunnel_peers else None
+    try:
+        config = load_gateway_config(config_path, overrides)
+    except L2cryptError as exc:
+        fail(str(exc), 2)
+    setup_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(Gateway(config).run())
+    except L2cryptError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="The gateway's state directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(state_dir, as_json) -> None:
+    """Show the gateway's key server, learned MACs, NETKEY version and counters."""
+    from pathlib import Path
+
+    from l2crypt.control import query_status
+
+    try:
+        doc = query_status(Path(state_dir) / "gateway.sock")
+    except L2cryptError as exc:
+        fail(str(exc).replace("agent", "gateway"))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    click.echo(f"gateway {doc['id']} ({doc['mac']}) on {doc['encrypted_port']}; key server "
+               f"{doc['keyserver'] or '-'} ({'connected' if doc['connected'] else 'disconnected'})")
+    click.echo(f"  plain port {doc['plain_port'] or '-'}, tunnel {doc['tunnel_listen'] or '-'} "
+               f"peers {', '.join(doc['tunnel_peers']) or '-'}, NETKEY pw_id {doc['netkey_pw_id']}")
+    for entry in doc["learned"]:
+        click.echo(f"  learned {entry['mac']}  {entry['side']:<14} {entry['state']}")
+    for host in doc["hosts"]:
+        click.echo(f"  host    {host['mac']}  {host['id']:<14} pw_id {host['pw_id']}")
+    counters = ", ".join(f"{k} {v}" for k, v in sorted(doc["counters"].items()))
+    drops = ", ".join(f"{k} {v}" for k, v in sorted(doc["drops"].items())) or "none"
+    click.echo(f"  counters: {counters}\n  drops: {drops}")
+
+
+def main(argv=None) -> None:
+    run_click(cli, PROG, argv)

@@ -1,0 +1,148 @@
+"""Gateway configuration: one frozen dataclass, loaded from one TOML file.
+
+Every field can be overridden on the command line (``l2crypt-gateway run --help``).
+Errors name the key: ``gateway.toml: group_crossing: want one of basic, all, none, got 'x'``.
+
+Example ``/etc/l2crypt/gateway.toml``::
+
+    encrypted_port = "eth0"            # on the encrypted segment
+    plain_port = "eth1"                # full-decrypt uplink (optional)
+    servers = ["10.0.0.1:7788"]
+    state_dir = "/var/lib/l2crypt-gateway"
+    tunnel_listen = "192.0.2.1:4789"   # inter-subnet port (optional)
+    tunnel_peers = ["segB=198.51.100.1:4789"]
+    group_crossing = "basic"
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from l2crypt.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    _choice,
+    _ethertype,
+    _f,
+    _iface,
+    _int_range,
+    _path,
+    _seconds,
+    _servers,
+    build_config,
+    parse_hostport,
+    read_toml,
+)
+from l2crypt.constants import (
+    DEFAULT_ETHERTYPE,
+    DEFAULT_HOLD_AGE_S,
+    DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_RETRY_MAX_S,
+    DEFAULT_KEY_RETRY_S,
+    DEFAULT_REPLAY_WINDOW_FRAMES,
+    DEFAULT_RETIRE_AFTER_S,
+    DEFAULT_SWITCH_AFTER_S,
+    DEFAULT_UNKNOWN_CACHE_S,
+)
+
+from .core import GROUP_CROSSING
+
+DEFAULT_STATE_DIR = "/var/lib/l2crypt-gateway"
+PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
+
+
+def _opt_iface(value: Any) -> str | None:
+    return None if value in (None, "") else _iface(value)
+
+
+def _opt_hostport(value: Any) -> str:
+    if value != "":
+        parse_hostport(value, default_port=0)
+    return value
+
+
+def _peers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("want a list of NAME=HOST:PORT strings")
+    names = set()
+    for item in value:
+        name, sep, addr = str(item).partition("=")
+        if not sep or not PEER_NAME.match(name):
+            raise ValueError(f"not NAME=HOST:PORT: {item!r}")
+        if parse_hostport(addr, default_port=0)[1] == 0:
+            raise ValueError(f"{item!r}: the peer needs a port")
+        if name in names:
+            raise ValueError(f"peer name {name!r} given twice")
+        names.add(name)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of one gateway."""
+
+    encrypted_port: str = _f(None, _iface, "port on the encrypted segment (sealed frames only)")
+    plain_port: str | None = _f(None, _opt_iface, "full-decrypt uplink toward a plain network (optional)")
+    servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
+    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificate, clock floor and control socket")
+    tunnel_listen: str = _f("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
+    tunnel_peers: tuple = _f((), _peers, "peer gateways of other segments, NAME=HOST:PORT")
+    group_crossing: str = _f("basic", _choice(GROUP_CROSSING),
+                             "which broadcast/multicast frames cross: basic (ARP, DHCP, IPv6 ND), all or none")
+    max_learned_macs: int = _f(4096, _int_range(1, 1 << 20), "most MACs the gateway speaks for")
+    refused_cache_s: float = _f(30.0, _seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
+    ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
+    replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),
+                                   "frames of reordering the replay windows accept")
+    hold_frames: int = _f(DEFAULT_HOLD_FRAMES, _int_range(0, 1024), "frames held per MAC while waiting")
+    hold_age_s: float = _f(DEFAULT_HOLD_AGE_S, _seconds(0.0, 60.0), "longest a frame is held, seconds")
+    key_retry_s: float = _f(DEFAULT_KEY_RETRY_S, _seconds(0.05, 60.0), "first key request retry, seconds")
+    key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
+    unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
+                                "how long an 'unknown MAC' answer is believed, seconds")
+    switch_after_s: float = _f(DEFAULT_SWITCH_AFTER_S, _seconds(0.0, 600.0),
+                               "longest the old key (pair key or NETKEY) is sent with after a new one, seconds")
+    retire_after_s: float = _f(DEFAULT_RETIRE_AFTER_S, _seconds(0.0, 3600.0),
+                               "how long an old key version is accepted after the switch, seconds")
+    log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
+    log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.state_dir) / "gateway.sock"
+
+    def peer_addresses(self) -> dict[str, tuple[str, int]]:
+        out = {}
+        for item in self.tunnel_peers:
+            name, _, addr = item.partition("=")
+            out[name] = parse_hostport(addr, default_port=0)
+        return out
+
+
+REQUIRED = ("encrypted_port", "servers")
+
+
+def load_gateway_config(path: str | None, overrides: dict) -> GatewayConfig:
+    """File values first, then CLI overrides (None means 'not given')."""
+    values: dict = {}
+    source = "command line"
+    if path:
+        values = read_toml(path)
+        source = str(path)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given and path:
+        source = f"{path} (+ command line)"
+    values.update(given)
+    config = build_config(GatewayConfig, values, source, REQUIRED)
+    from l2crypt.errors import ConfigError
+
+    if config.tunnel_peers and not config.tunnel_listen:
+        raise ConfigError(f"{source}: tunnel_listen: missing (tunnel_peers need a local UDP port)")
+    if config.plain_port and config.plain_port == config.encrypted_port:
+        raise ConfigError(f"{source}: plain_port: must differ from encrypted_port")
+    return config

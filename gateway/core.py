@@ -1,0 +1,488 @@
+"""The sans-I/O core of the gateway: frames and ``now`` in, frames per port out.
+
+Ports: the *encrypted* port (on the encrypted segment), the optional *plain*
+port (the full-decrypt uplink, virtual client ID_X86) and the optional
+*tunnel* peers (the inter-subnet port, virtual client NETID; each peer is a
+gateway of another segment, reached over UDP).  One enrolled identity (role
+``gateway``) stands for both virtual clients.
+
+Learning (a learning bridge with the key server as referee):
+
+1. A unicast source MAC seen on the plain port, or inside a tunnel datagram
+   from peer P, is *learned* on side ``plain`` or ``tunnel:P``.  The gateway
+   asks the key server to map it to its own identity (``map_req``) and holds
+   that MAC's frames until the server answers.
+2. Mapped: the gateway speaks for the MAC on the encrypted segment through a
+   *virtual engine* (a ``FrameEngine`` whose own MAC is that MAC).  Encrypted
+   hosts that ask the key server for the MAC get KEY(host, gateway); the
+   gateway asks for the same key by the host's MAC, like any agent.
+3. Refused (the MAC is bound to an enrolled host, or another gateway holds
+   it): the MAC is never learned, its frames are dropped as
+   ``spoofed_source`` and the answer is believed ``refused_cache_s``.
+
+The spoofing rule: the gateway never learns a MAC that the key server has
+bound to an enrolled host, nor one it has seen verified on the encrypted side
+(a frame sealed by that host, or a pair key for it); frames from such a MAC on
+the plain or tunnel side are dropped and counted.  A frame on the encrypted
+segment is decrypted only when it is addressed to a mapped MAC (so frames
+between two encrypted hosts never leave through the plain port), and a
+learned MAC never moves between sides (``mac_moved``).
+
+Group frames (broadcast, multicast) cross between the sides under
+``group_crossing``: ``basic`` (default: ARP, DHCPv4, DHCPv6 and IPv6
+neighbour discovery), ``all`` or ``none``.  A group frame from a tunnel is
+never sent into another tunnel (split horizon).  Unknown unicast is not
+flooded: a destination that is not a learned MAC is an encrypted host.
+
+Every drop is counted in ``drops`` under a reason name; nothing here raises
+on a frame.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from l2crypt import frame_wire
+from l2crypt.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
+from l2crypt.engine import Delivered, EngineSettings, FrameEngine, use_cipher
+
+from .tunnel import Tunnel
+
+ENC = "encrypted"
+PLAIN = "plain"
+TUNNEL = "tunnel:"
+GROUP_CROSSING = ("basic", "all", "none")
+PENDING, MAPPED, REFUSED = "pending", "mapped", "refused"
+
+# Drop reasons of the core (the engines and the tunnel add theirs).
+RUNT = "runt"
+GROUP_SOURCE = "group_source"
+SPOOFED_SOURCE = "spoofed_source"
+MAC_MOVED = "mac_moved"
+TABLE_FULL = "table_full"
+LEARN_HOLD_OVERFLOW = "learn_hold_overflow"
+LEARN_HOLD_EXPIRED = "learn_hold_expired"
+UNKNOWN_PEER = "tunnel_unknown_peer"
+TUNNEL_TRANSIT = "tunnel_transit"
+DST_NOT_MAPPED = "dst_not_mapped"
+OWN_SOURCE = "own_source"
+
+MAX_ENC_SEEN = 65536
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    group_crossing: str = "basic"
+    max_learned_macs: int = 4096
+    learn_hold_frames: int = 16
+    learn_hold_age_s: float = 2.0
+    refused_cache_s: float = 30.0
+    map_retry_s: float = 1.0
+
+
+@dataclass
+class Output:
+    """Frames to send: sealed frames for the encrypted port, clear frames for
+    the plain port, (peer name, datagram) for the tunnel."""
+
+    to_enc: list = field(default_factory=list)
+    to_plain: list = field(default_factory=list)
+    to_tunnel: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Learned:
+    mac: bytes
+    side: str
+    state: str
+    since: float
+    asked_at: float = 0.0
+    refused_until: float = 0.0
+    held: list = field(default_factory=list)  # (frame, from side, arrived at)
+
+
+def group_frame_allowed(frame: bytes, policy: str) -> bool:
+    """May this group frame cross between the sides?  (see the module docstring)"""
+    if policy == "all":
+        return True
+    if policy == "none" or len(frame) < 14:
+        return False
+    et = int.from_bytes(frame[12:14], "big")
+    if et == 0x0806:  # ARP
+        return True
+    if et == 0x0800 and len(frame) >= 14 + 20 + 4:
+        ihl = (frame[14] & 0x0F) * 4
+        if frame[14 + 9] == 17 and len(frame) >= 14 + ihl + 4:
+            dport = int.from_bytes(frame[14 + ihl + 2:14 + ihl + 4], "big")
+            return dport in (67, 68)
+        return False
+    if et == 0x86DD and len(frame) >= 14 + 40 + 4:
+        nh = frame[14 + 6]
+        if nh == 58:  # ICMPv6: router/neighbour solicitation and advertisement, redirect
+            return 133 <= frame[14 + 40] <= 137
+        if nh == 17:
+            return int.from_bytes(frame[14 + 40 + 2:14 + 40 + 4], "big") in (546, 547)
+    return False
+
+
+class GatewayCore:
+    def __init__(self, gw_mac: bytes, pn_source: Callable[[], int], tunnel_peers: tuple[str, ...] = (),
+                 has_plain: bool = True, settings: GatewaySettings = GatewaySettings(),
+                 engine_settings: EngineSettings = EngineSettings()):
+        self.gw_mac = bytes(gw_mac)
+        self.pn_source = pn_source
+        self.settings = settings
+        self.engine_settings = engine_settings
+        self.ethertype = engine_settings.ethertype or DEFAULT_ETHERTYPE
+        self.has_plain = has_plain
+        self.peers = tuple(tunnel_peers)
+        self.main = FrameEngine(self.gw_mac, engine_settings, pn_source())
+        self.virtual: dict[bytes, FrameEngine] = {}
+        self.table: dict[bytes, Learned] = {}
+        self.enc_seen: OrderedDict = OrderedDict()
+        self.host_keys: dict[bytes, tuple[str, bytes, int]] = {}
+        self.multicast: tuple[bytes, int] | None = None
+        self.map_requests: list[tuple[bytes, str]] = []
+        self.tunnel = Tunnel(self.gw_mac, pn_start=pn_source(),
+                             window_frames=engine_settings.replay_window_frames,
+                             switch_after_s=engine_settings.switch_after_s,
+                             retire_after_s=engine_settings.retire_after_s)
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+
+    # ------------------------------------------------------------ helpers
+
+    def _engines(self):
+        yield self.main
+        yield from self.virtual.values()
+
+    def _note_host(self, mac: bytes) -> None:
+        """``mac`` belongs to an encrypted host: never learn it on another side."""
+        self.enc_seen[mac] = True
+        self.enc_seen.move_to_end(mac)
+        if len(self.enc_seen) > MAX_ENC_SEEN:
+            self.enc_seen.popitem(last=False)
+
+    def _to_side(self, side: str, frame: bytes, now: float, out: Output) -> None:
+        if side == PLAIN:
+            out.to_plain.append(frame)
+            self.counters["to_plain"] += 1
+        elif side.startswith(TUNNEL):
+            datagram = self.tunnel.seal(frame, now)
+            if datagram is not None:
+                out.to_tunnel.append((side[len(TUNNEL):], datagram))
+
+    def _deliver(self, mac: bytes, delivered: Delivered, now: float, out: Output) -> None:
+        """Frames a virtual engine released: sealed ones to the segment, opened ones to its side."""
+        out.to_enc.extend(delivered.to_wire)
+        if delivered.to_tap:
+            entry = self.table.get(mac)
+            for frame in delivered.to_tap:
+                self._note_host(frame[6:12])
+                if entry is not None and entry.state == MAPPED:
+                    self._to_side(entry.side, frame, now, out)
+
+    def _settle(self, mac: bytes, engine: FrameEngine, now: float, out: Output) -> None:
+        """Answer a virtual engine's key misses from the keys the gateway already holds."""
+        for host in [m for m in engine.holds.pending if m in self.host_keys and m not in engine.peers]:
+            host_id, key, pw_id = self.host_keys[host]
+            self._deliver(mac, engine.install_pair_key(host, host_id, key, pw_id, now), now, out)
+
+    def _seal_as(self, frame: bytes, now: float, out: Output) -> None:
+        src = frame[6:12]
+        engine = self.virtual.get(src)
+        if engine is None:
+            self.drops[DST_NOT_MAPPED] += 1
+            return
+        sealed = engine.seal_from_tap(frame, now)
+        if sealed is not None:
+            out.to_enc.append(sealed)
+        elif engine.holds.pending:
+            self._settle(src, engine, now, out)
+
+    # ------------------------------------------------------- encrypted side
+
+    def from_encrypted(self, frame: bytes, now: float) -> Output:
+        out = Output()
+        header = frame_wire.decode_header(frame, self.ethertype)
+        if isinstance(header, str):
+            self.drops[header] += 1
+            return out
+        dst, src, key_id = header.dst_mac, header.src_mac, header.key_id
+        mine = self.table.get(src)
+        if mine is not None and mine.state == MAPPED:
+            self.drops[OWN_SOURCE] += 1
+            return out
+        if key_id == KEY_ID_MULTICAST:
+            plain = self.main.open_from_wire(frame, now)
+            if plain is not None:
+                self._note_host(src)
+                self._flood_group(plain, ENC, now, out)
+            return out
+        if key_id != KEY_ID_PAIR:
+            self.drops["unknown_key_id"] += 1
+            return out
+        engine = self.virtual.get(dst)
+        if engine is None:
+            self.counters["not_for_gateway"] += 1  # between two encrypted hosts
+            return out
+        plain = engine.open_from_wire(frame, now)
+        if plain is not None:
+            self._note_host(src)
+            self._to_side(self.table[dst].side, plain, now, out)
+        elif engine.holds.pending:
+            self._settle(dst, engine, now, out)
+        return out
+
+    # ---------------------------------------------------- plain and tunnel
+
+    def from_plain(self, frame: bytes, now: float) -> Output:
+        out = Output()
+        self._from_side(frame, PLAIN, now, out)
+        return out
+
+    def from_tunnel(self, peer: str, datagram: bytes, now: float) -> Output:
+        out = Output()
+        if peer not in self.peers:
+            self.drops[UNKNOWN_PEER] += 1
+            return out
+        opened = self.tunnel.open(datagram, now)
+        if opened is not None:
+            self._from_side(opened[1], TUNNEL + peer, now, out)
+        return out
+
+    def _from_side(self, frame: bytes, side: str, now: float, out: Output) -> None:
+        if len(frame) < 14:
+            self.drops[RUNT] += 1
+            return
+        src = frame[6:12]
+        if src[0] & 1:
+            self.drops[GROUP_SOURCE] += 1
+            return
+        if src == self.gw_mac:
+            self.drops[OWN_SOURCE] += 1
+            return
+        entry = self._learn(src, side, now)
+        if entry is None:
+            return
+        if entry.state == PENDING:
+            if len(entry.held) >= self.settings.learn_hold_frames:
+                self.drops[LEARN_HOLD_OVERFLOW] += 1
+                return
+            entry.held.append((frame, side, now))
+            return
+        self._forward(frame, side, now, out)
+
+    def _learn(self, mac: bytes, side: str, now: float) -> Learned | None:
+        entry = self.table.get(mac)
+        if entry is None:
+            if mac in self.enc_seen:
+                self.drops[SPOOFED_SOURCE] += 1
+                return None
+            if len(self.table) >= self.settings.max_learned_macs:
+                self.drops[TABLE_FULL] += 1
+                return None
+            entry = self.table[mac] = Learned(mac, side, PENDING, now, asked_at=now)
+            self.map_requests.append((mac, side))
+            self.counters["macs_learned"] += 1
+            return entry
+        if entry.state == REFUSED:
+            if entry.refused_until > now:
+                self.drops[SPOOFED_SOURCE] += 1
+                return None
+            entry.state, entry.side, entry.asked_at = PENDING, side, now
+            self.map_requests.append((mac, side))
+            return entry
+        if entry.side != side:
+            self.drops[MAC_MOVED] += 1
+            return None
+        return entry
+
+    def _forward(self, frame: bytes, side: str, now: float, out: Output) -> None:
+        dst = frame[0:6]
+        if dst[0] & 1:
+            self._flood_group(frame, side, now, out)
+            return
+        entry = self.table.get(dst)
+        if entry is None or dst in self.enc_seen:
+            self._seal_as(frame, now, out)  # an encrypted host (or nobody: the key server says)
+            return
+        if entry.state != MAPPED:
+            self.drops[DST_NOT_MAPPED] += 1
+        elif entry.side == side:
+            self.counters["same_side"] += 1
+        elif side != PLAIN and entry.side != PLAIN:
+            self.drops[TUNNEL_TRANSIT] += 1
+        else:
+            self._to_side(entry.side, frame, now, out)
+
+    def _flood_group(self, frame: bytes, side: str, now: float, out: Output) -> None:
+        if not group_frame_allowed(frame, self.settings.group_crossing):
+            self.counters["group_filtered"] += 1
+            return
+        if side != ENC:
+            self._seal_as(frame, now, out)
+        if self.has_plain and side != PLAIN:
+            self._to_side(PLAIN, frame, now, out)
+        if not side.startswith(TUNNEL):
+            for peer in self.peers:
+                self._to_side(TUNNEL + peer, frame, now, out)
+
+    # ---------------------------------------------------------- key server
+
+    def take_map_requests(self) -> list[tuple[bytes, str]]:
+        requests, self.map_requests = self.map_requests, []
+        self.counters["map_requests"] += len(requests)
+        return requests
+
+    def on_mapped(self, mac: bytes, side: str, now: float) -> Output:
+        """The key server mapped ``mac`` to this gateway (an answer, or a restore after a restart)."""
+        out = Output()
+        entry = self.table.get(mac)
+        if entry is None:
+            known = side == PLAIN and self.has_plain or side[len(TUNNEL):] in self.peers
+            if mac in self.enc_seen or not known or len(self.table) >= self.settings.max_learned_macs:
+                return out
+            entry = self.table[mac] = Learned(mac, side, PENDING, now)
+            self.counters["macs_restored"] += 1
+        if entry.side != side:
+            return out
+        entry.state = MAPPED
+        if mac not in self.virtual:
+            engine = FrameEngine(mac, self.engine_settings, self.pn_source())
+            use_cipher(engine, self.main.cipher)
+            if self.multicast is not None:
+                engine.install_multicast_key(self.multicast[0], self.multicast[1], now)
+            self.virtual[mac] = engine
+        held, entry.held = entry.held, []
+        for frame, from_side, arrived in held:
+            if now - arrived <= self.settings.learn_hold_age_s:
+                self._forward(frame, from_side, now, out)
+            else:
+                self.drops[LEARN_HOLD_EXPIRED] += 1
+        return out
+
+    def on_map_refused(self, mac: bytes, now: float) -> None:
+        entry = self.table.get(mac)
+        if entry is None:
+            return
+        self.drops[SPOOFED_SOURCE] += len(entry.held)
+        entry.held = []
+        entry.state, entry.refused_until = REFUSED, now + self.settings.refused_cache_s
+        self.virtual.pop(mac, None)
+        self.counters["maps_refused"] += 1
+
+    def learned(self) -> list[tuple[bytes, str]]:
+        """Every MAC learned and not refused, to announce again after a reconnect."""
+        return [(e.mac, e.side) for e in self.table.values() if e.state != REFUSED]
+
+    def take_key_requests(self, now: float) -> list[bytes]:
+        """Host MACs (or ``engine.GROUP_MAC``) to ask the key server about."""
+        macs: dict[bytes, None] = {}
+        for engine in self._engines():
+            for mac in engine.take_key_requests(now):
+                macs[mac] = None
+        return list(macs)
+
+    def take_notices(self) -> list[tuple[str, bytes, int]]:
+        seen: dict[tuple[str, bytes], int] = {}
+        for engine in self._engines():
+            for kind, mac, pw_id in engine.take_notices():
+                seen[(kind, mac)] = max(pw_id, seen.get((kind, mac), 0))
+        return [(kind, mac, pw_id) for (kind, mac), pw_id in seen.items()]
+
+    def install_pair_key(self, host_mac: bytes, host_id: str, key: bytes, pw_id: int, now: float) -> Output:
+        out = Output()
+        entry = self.table.get(host_mac)
+        if entry is not None:
+            if entry.state == MAPPED:
+                return out  # never a host key under a MAC we speak for
+            del self.table[host_mac]  # a host after all: never learn it
+        self._note_host(host_mac)
+        held = self.host_keys.get(host_mac)
+        if held is None or pw_id > held[2]:
+            self.host_keys[host_mac] = (host_id, key, pw_id)
+        for mac, engine in self.virtual.items():
+            if host_mac in engine.peers or host_mac in engine.holds.pending:
+                self._deliver(mac, engine.install_pair_key(host_mac, host_id, key, pw_id, now), now, out)
+        self.main.holds.take(host_mac)
+        return out
+
+    def install_multicast_key(self, key: bytes, pw_id: int, now: float) -> Output:
+        out = Output()
+        if self.multicast is None or pw_id > self.multicast[1]:
+            self.multicast = (key, pw_id)
+        for plain in self.main.install_multicast_key(key, pw_id, now).to_tap:
+            self._flood_group(plain, ENC, now, out)
+        for mac, engine in self.virtual.items():
+            self._deliver(mac, engine.install_multicast_key(key, pw_id, now), now, out)
+        return out
+
+    def use_cipher(self, cipher: str) -> bool:
+        changed = False
+        for engine in self._engines():
+            changed |= use_cipher(engine, cipher)
+        if changed:
+            self.host_keys.clear()
+            self.multicast = None
+        return changed
+
+    def install_netkey(self, key: bytes, pw_id: int, now: float) -> bool:
+        return self.tunnel.install(key, pw_id, now)
+
+    def mark_unknown(self, mac: bytes, now: float) -> None:
+        for engine in self._engines():
+            if mac in engine.holds.pending or engine is self.main:
+                engine.mark_unknown(mac, now)
+
+    def revoke_peer(self, mac: bytes) -> None:
+        self.host_keys.pop(mac, None)
+        for engine in self._engines():
+            engine.revoke_peer(mac)
+
+    def on_timer(self, now: float) -> None:
+        for engine in self._engines():
+            engine.on_timer(now)
+        self.tunnel.on_timer(now)
+        for entry in self.table.values():
+            if entry.state != PENDING:
+                continue
+            if entry.held and now - entry.held[0][2] > self.settings.learn_hold_age_s:
+                keep = [h for h in entry.held if now - h[2] <= self.settings.learn_hold_age_s]
+                self.drops[LEARN_HOLD_EXPIRED] += len(entry.held) - len(keep)
+                entry.held = keep
+            if now - entry.asked_at >= self.settings.map_retry_s:
+                entry.asked_at = now
+                self.map_requests.append((entry.mac, entry.side))
+
+    # ------------------------------------------------------------- status
+
+    def all_drops(self) -> Counter:
+        total = Counter(self.drops)
+        total.update(self.tunnel.drops)
+        for engine in self._engines():
+            total.update(engine.drops)
+        return total
+
+    def snapshot(self, now: float) -> dict:
+        counters = Counter(self.counters)
+        counters.update(self.tunnel.counters)
+        for engine in self._engines():
+            for k in ("sealed", "opened", "key_requests", "key_answers", "rekeys"):
+                counters[k] += engine.counters.get(k, 0)
+        learned = [{"mac": frame_wire.format_mac(e.mac), "side": e.side, "state": e.state}
+                   for e in self.table.values()]
+        hosts = [{"mac": frame_wire.format_mac(m), "id": v[0], "pw_id": v[2]} for m, v in self.host_keys.items()]
+        doc = {
+            "cipher": self.main.cipher,
+            "multicast_pw_id": self.multicast[1] if self.multicast else None,
+            "learned": learned,
+            "hosts": hosts,
+            "tunnel_peers": list(self.peers),
+            "drops": dict(self.all_drops()),
+            "counters": dict(counters),
+        }
+        doc.update(self.tunnel.snapshot())
+        return doc

@@ -1,0 +1,211 @@
+# End-to-end tests of the gateway (issue 4, "Acceptance"); drawing in l2crypt/lab_gateway.py.
+#
+#   segment A: h1 h2 --br0-- gA --plain0-- p1 (plain host 10.66.0.31)
+#                             |
+#                            wan (routed; UDP tunnel sealed with NETKEY)
+#                             |
+#   segment B: h3 ----br0---- gB
+#
+# Key servers A and B peer over mutual TLS through the WAN and rotate NETKEY
+# every NETKEY_REKEY_S seconds, so every test below runs across rotations.
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+
+from helpers import listening, ping, skip_reason, wait_for
+from l2crypt import lab as L
+from l2crypt.lab_gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
+
+pytestmark = pytest.mark.lab
+
+MARKER = b"L2CRYPT-GW-MARK!"  # 16 bytes: ping -p repeats it through the payload
+NETKEY_REKEY_S = 6.0
+KEY_DROPS = ("tunnel_no_netkey", "tunnel_stale_netkey", "tunnel_bad_tag", "no_key", "stale_key", "bad_tag")
+
+
+@pytest.fixture(scope="module")
+def glab(tmp_path_factory):
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
+        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
+    L.install_signal_cleanup()
+    lab = GatewayLab(tmp_path_factory.mktemp("gwlab"), netkey_rekey_after_s=NETKEY_REKEY_S)
+    try:
+        lab.up(timeout_s=150)
+        yield lab
+    finally:
+        lab.down()
+
+
+def _ping_ok(lab, src, addr, count=3, extra=None):
+    res = ping(lab.lab_of(src), src, addr, count=count, extra=extra, timeout=count * 0.5 + 20)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def _iperf3(glab, client: str, server: str, server_addr: str, port: int) -> dict:
+    slab, clab = glab.lab_of(server), glab.lab_of(client)
+    srv = slab.popen(server, ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
+                     name=f"iperf3-{server}-{port}")
+    try:
+        wait_for("iperf3 server", lambda: listening(srv.pid, port), timeout_s=10)
+        res = clab.exec(client, ["iperf3", "-c", server_addr, "-p", str(port), "-t", "3", "-J"], timeout=40)
+        assert res.returncode == 0, f"iperf3 {client}->{server}: {res.stdout[-1500:]}{res.stderr}"
+        doc = json.loads(res.stdout)
+        assert doc["end"]["sum_received"]["bytes"] > 0
+        return doc
+    finally:
+        slab.stop(srv)
+
+
+def _udp_payload(frame: bytes) -> bytes | None:
+    """The UDP payload of an unfragmented IPv4 frame (None for anything else)."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    if int.from_bytes(frame[20:22], "big") & 0x3FFF:  # a fragment
+        return None
+    return frame[14 + ihl + 8:]
+
+
+def _key_drops(status: dict) -> dict:
+    return {k: v for k, v in status["drops"].items() if k in KEY_DROPS}
+
+
+def test_encrypted_host_to_plain_host(glab):
+    a = glab.a
+    seg = a.capture("br0", name="tcpdump-gw-brA")
+    plain = a.capture("plain0", role="gA", name="tcpdump-gw-plain")
+    try:
+        _ping_ok(glab, "h1", P1_IPV4, count=3, extra=["-p", MARKER.hex()])
+        _ping_ok(glab, "h1", L.tap_ipv4("h2"), count=3,
+                 extra=["-p", b"H1-H2-ONLY-MARK!".hex()])
+        doc = _iperf3(glab, "h1", "p1", P1_IPV4, 5301)
+    finally:
+        seg_frames, plain_frames = L.read_pcap(seg.stop()), L.read_pcap(plain.stop())
+    assert doc["end"]["sum_received"]["bytes"] > 100_000
+    # The segment carries only ciphertext.
+    assert set(L.ethertype_counts(seg_frames)) == {L.L2C_ETHERTYPE}
+    assert not any(MARKER in f or b"H1-H2-ONLY-MARK!" in f for f in seg_frames)
+    # On the plain side h1 <-> p1 is in clear; h1 <-> h2 never appears.
+    h1, p1 = bytes.fromhex(L.tap_mac("h1").replace(":", "")), bytes.fromhex(P1_MAC.replace(":", ""))
+    clear = [f for f in plain_frames if f[12:14] == b"\x08\x00" and {f[0:6], f[6:12]} == {h1, p1}]
+    assert any(MARKER in f for f in clear), "the h1 -> p1 ping is not in clear on the plain side"
+    assert len(clear) > 100  # the iperf3 stream
+    assert not any(b"H1-H2-ONLY-MARK!" in f for f in plain_frames)
+    h2 = bytes.fromhex(L.tap_mac("h2").replace(":", ""))
+    assert not any(f[0:6] == h2 and f[12:14] != b"\x08\x06" for f in plain_frames)
+    assert L.L2C_ETHERTYPE not in L.ethertype_counts(plain_frames)
+
+
+def test_across_subnets(glab):
+    wan = glab.a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-wan")
+    try:
+        _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=3, extra=["-p", MARKER.hex()])
+        _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=3, extra=["-p", MARKER.hex()])
+        doc = _iperf3(glab, "h1", "h3", L.tap_ipv4("h3"), 5302)
+    finally:
+        frames = L.read_pcap(wan.stop())
+    assert doc["end"]["sum_received"]["bytes"] > 100_000
+    assert frames and set(L.ethertype_counts(frames)) <= {0x0800, 0x0806}
+    ipv4 = [f for f in frames if f[12:14] == b"\x08\x00"]
+    assert all(f[23] == 17 for f in ipv4), "only UDP crosses the WAN"
+    payloads = [p for p in map(_udp_payload, ipv4) if p is not None]
+    assert len(payloads) > 10
+    gw_macs = {bytes.fromhex(GATEWAYS[g][1].replace(":", "")) for g in GATEWAYS}
+    for p in payloads:  # every datagram is a tunnel datagram from a gateway
+        assert p[0:2] == b"\x01\x01" and p[2:8] in gw_macs
+    host_macs = [bytes.fromhex(L.tap_mac(h).replace(":", "")) for h in ("h1", "h3")]
+    # A subnet-key frame (or any inner frame in clear) would carry the hosts' MACs.
+    for f in frames:
+        assert MARKER not in f
+        assert not any(m in f for m in host_macs), "an inner MAC crossed the WAN in clear"
+
+
+def test_spoofing_an_enrolled_hosts_mac_from_the_plain_side(glab):
+    a = glab.a
+    h2 = bytes.fromhex(L.tap_mac("h2").replace(":", ""))
+    h1 = bytes.fromhex(L.tap_mac("h1").replace(":", ""))
+    before = glab.gateway_status("gA")["drops"].get("spoofed_source", 0)
+    # p1 claims h2's MAC and IP: a gratuitous ARP and an ARP reply to h1.
+    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + h2 + socket.inet_aton(L.tap_ipv4("h2"))
+           + h1 + socket.inet_aton(L.tap_ipv4("h1")))
+    frames = [b"\xff" * 6 + h2 + b"\x08\x06" + arp + bytes(18), h1 + h2 + b"\x08\x06" + arp + bytes(18)]
+    sent_by_gw = a.capture(f"pga-{a.suffix}", direction="in", name="tcpdump-gw-spoof")
+    plain = a.capture("plain0", role="gA", name="tcpdump-gw-spoof-plain")
+    try:
+        a.inject(frames * 3, role="p1", ifname="eth0")
+        st = wait_for("spoofed frames counted", lambda: (
+            lambda s: s if s["drops"].get("spoofed_source", 0) >= before + 6 else None)(glab.gateway_status("gA")))
+        # h2 still gets what is meant for it, and the plain side sees none of it.
+        _ping_ok(glab, "h1", L.tap_ipv4("h2"), count=3, extra=["-p", b"FOR-H2-ONLY-MRK!".hex()])
+    finally:
+        gw_frames, plain_frames = L.read_pcap(sent_by_gw.stop()), L.read_pcap(plain.stop())
+    assert not any(e["mac"] == L.tap_mac("h2") for e in st["learned"])
+    assert not any(f[6:12] == h2 for f in gw_frames), "the gateway spoke for h2's MAC"
+    assert not any(b"FOR-H2-ONLY-MRK!" in f for f in plain_frames)
+
+
+def test_netkey_rotation_during_traffic_loses_nothing(glab):
+    before = {g: glab.gateway_status(g) for g in GATEWAYS}
+    res = _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=int(NETKEY_REKEY_S * 2.5 / 0.2))
+    after = {g: glab.gateway_status(g) for g in GATEWAYS}
+    assert " 0% packet loss" in res.stdout, res.stdout[-300:]
+    for g in GATEWAYS:
+        assert after[g]["netkey_pw_id"] > before[g]["netkey_pw_id"], (g, before[g]["netkey_pw_id"])
+        assert _key_drops(after[g]) == _key_drops(before[g]), g
+
+
+def test_gateway_restart_flows_recover(glab):
+    glab.stop_gateway("gA")
+    glab.start_gateway("gA")
+    glab.wait_gateway("gA", lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
+
+    def recovered(src, addr):
+        return lambda: ping(glab.lab_of(src), src, addr, count=1, timeout=10).returncode == 0
+
+    wait_for("h1 -> p1 after the restart", recovered("h1", P1_IPV4), timeout_s=30, every_s=0.5)
+    wait_for("h1 -> h3 after the restart", recovered("h1", L.tap_ipv4("h3")), timeout_s=30, every_s=0.5)
+    _ping_ok(glab, "h1", P1_IPV4, count=5)
+    _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=5)
+
+
+def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
+    a = glab.a
+    wan = a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-replay")
+    try:
+        _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=2)
+    finally:
+        frames = L.read_pcap(wan.stop())
+    src_ip = socket.inet_aton(GATEWAYS["gA"][3])
+    real = [p for f in frames if f[26:30] == src_ip for p in [_udp_payload(f)] if p]
+    assert real, "no gA -> gB datagram captured"
+    good = real[-1]
+    bad_version = b"\x09" + good[1:]
+    pn = int.from_bytes(good[12:20], "big") + 1_000_000  # ahead of the window: the tag decides
+    forged = good[:12] + pn.to_bytes(8, "big") + good[20:]
+    datagrams = [good[:10], bad_version, forged, good, good]
+    before = glab.gateway_status("gB")["drops"]
+    code = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for h in sys.stdin.read().split():\n"
+            "    s.sendto(bytes.fromhex(h), (sys.argv[1], int(sys.argv[2])))\n")
+    a.exec("gA", [sys.executable, "-c", code, GATEWAYS["gB"][3], str(TUNNEL_PORT)],
+           input="\n".join(d.hex() for d in datagrams).encode(), check=True)
+
+    def counted():
+        drops = glab.gateway_status("gB")["drops"]
+        delta = {k: drops.get(k, 0) - before.get(k, 0) for k in
+                 ("tunnel_truncated", "tunnel_unknown_version", "tunnel_bad_tag", "tunnel_replayed")}
+        return delta if delta == {"tunnel_truncated": 1, "tunnel_unknown_version": 1,
+                                  "tunnel_bad_tag": 1, "tunnel_replayed": 2} else None
+    wait_for("bad tunnel datagrams counted by reason", counted, timeout_s=10)
+    _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=2)  # the tunnel still works

@@ -27,7 +27,12 @@
    ``multicast_rekey_after_s`` and drops versions superseded more than
    ``retire_after_s`` ago.  The rotations are conditional in the store, so
    several servers running it rotate once.
-Every refusal is logged at WARNING with its code and the requester.  Key bytes
+6. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``)
+   are limited per host ID (``key_requests_per_s``, ``key_request_burst``,
+   over all its connections): over the limit they get ``rate_limited``.
+Every refusal is logged at WARNING with its code and the requester (a
+``rate_limited`` refusal and an unknown MAC at most once per host every
+``LOG_EVERY_S`` seconds, with the count held back).  Key bytes
 and tokens are never logged.  This module imports no socket, asyncio or time.
 """
 
@@ -40,6 +45,7 @@ from typing import TYPE_CHECKING, Union
 from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
 
+from .ratelimit import HostBuckets, LogLimiter
 from .store import KeyEvent, KeyStore
 from .tokens import hash_token
 
@@ -57,6 +63,11 @@ Action = tuple[Target, dict]
 
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
+#: Message types that count against a host's key-request limit.
+RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req"})
+DEFAULT_KEY_REQUESTS_PER_S = 100.0
+DEFAULT_KEY_REQUEST_BURST = 200
+LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -78,7 +89,9 @@ class KeyService:
 
     def __init__(self, store: KeyStore, cipher: str, server_name: str, ca: "CertificateAuthority",
                  cert_days: int = 365, rekey_after_s: float = 3600.0,
-                 multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0):
+                 multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0,
+                 key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S,
+                 key_request_burst: int = DEFAULT_KEY_REQUEST_BURST):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
@@ -89,6 +102,8 @@ class KeyService:
         self.rekey_after_s = rekey_after_s
         self.multicast_rekey_after_s = multicast_rekey_after_s
         self.retire_after_s = retire_after_s
+        self.key_requests = HostBuckets(key_requests_per_s, key_request_burst)
+        self._quiet = LogLimiter(LOG_EVERY_S)
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -100,12 +115,18 @@ class KeyService:
             if session.identity is not None and kind not in UNAUTHENTICATED_TYPES:
                 if self.store.is_revoked(session.identity):
                     raise RefusedError(f"host {session.identity!r} is revoked", "revoked")
+                if kind in RATE_LIMITED_TYPES and not self.key_requests.take(session.identity, now):
+                    raise RefusedError(f"too many key requests from {session.identity!r}; slow down",
+                                       "rate_limited")
             handler = getattr(self, f"_on_{kind}", None)
             if handler is None:
                 raise RefusedError(f"{kind} is not a request", "bad_request")
             return handler(session, msg, now)
         except RefusedError as exc:
-            log.warning("refused %s from %s: %s: %s", kind, session.who, exc.code, exc)
+            held = self._quiet.allow(("refused", session.who), now) if exc.code == "rate_limited" else 0
+            if held is not None:
+                log.warning("refused %s from %s: %s: %s%s", kind, session.who, exc.code, exc,
+                            f" ({held} more not logged)" if held else "")
             actions: list[Action] = [("reply", _error(rid, exc.code, str(exc)))]
             if exc.code == "revoked":
                 actions.append(("close", {}))
@@ -161,7 +182,10 @@ class KeyService:
             raise RefusedError(f"{format_mac(peer_mac)} is a group address", "bad_request")
         peer = self.store.host_by_mac(peer_mac)
         if peer is None or peer.revoked:
-            log.info("key_req from %s for unknown MAC %s", session.identity, format_mac(peer_mac))
+            held = self._quiet.allow(("unknown", session.identity), now)
+            if held is not None:
+                log.info("key_req from %s for unknown MAC %s%s", session.identity, format_mac(peer_mac),
+                         f" ({held} more unknown MACs not logged)" if held else "")
             return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         log.info("pair key %s <-> %s pw_id %d handed out", session.identity, peer.id, pw_id)

@@ -140,8 +140,13 @@ def test_service_answers_everything_and_keys_only_go_to_their_pair(service, step
     svc, store = service
     handed_out = []
     if data.draw(st.booleans()):  # most hosts said hello first, as agents do
-        steps = [(who, {"t": "hello", "rid": 9, "mac": HOSTS[s.identity]})
-                 for who, s in enumerate(sess) if s.identity in HOSTS] + steps
+        prelude = []
+        for who, s in enumerate(sess):
+            if s.identity in HOSTS:
+                prelude.append((who, {"t": "hello", "rid": 9, "mac": HOSTS[s.identity]}))
+                other = "b" if s.identity == "a" else "a"
+                prelude.append((who, {"t": "key_req", "rid": 10, "peer_mac": HOSTS[other]}))
+        steps = prelude + steps
     for i, (who, msg) in enumerate(steps):
         session = sess[who]
         actions = svc.handle(session, msg, NOW + i * 0.01)  # never raises

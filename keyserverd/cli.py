@@ -77,6 +77,8 @@ def _serve_options(f):
     f = click.option("--netkey-peer-ca", help="SHA-256 fingerprint of the peer key server's CA.")(f)
     f = click.option("--netkey-peer", help="HOST:PORT of the peer key server's NETKEY listener.")(f)
     f = click.option("--netkey-listen", help="HOST:PORT to listen on for NETKEY peering.")(f)
+    f = click.option("--key-request-burst", type=int, help="Key requests one host may make at once.")(f)
+    f = click.option("--key-requests-per-s", type=float, help="Key requests one host may make per second.")(f)
     f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
@@ -307,7 +309,9 @@ def _serve(config: KeyServerConfig) -> None:
         service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,
                              rekey_after_s=config.rekey_after_s,
                              multicast_rekey_after_s=config.multicast_rekey_after_s,
-                             retire_after_s=config.retire_after_s)
+                             retire_after_s=config.retire_after_s,
+                             key_requests_per_s=config.key_requests_per_s,
+                             key_request_burst=config.key_request_burst)
         asyncio.run(_run(config, service, ca))
     finally:
         store.close()

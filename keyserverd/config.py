@@ -27,6 +27,8 @@ Example ``/etc/l2crypt/keyserver.toml``::
     netkey_peer = "192.0.2.20:7789"
     netkey_peer_ca = "sha256:..."   # the peer's CA fingerprint
     netkey_rekey_after_s = 3600
+    key_requests_per_s = 100
+    key_request_burst = 200
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class KeyServerConfig:
     netkey_peer_ca: str = ""
     #: Seconds after which the leader of a peering rotates NETKEY.
     netkey_rekey_after_s: float = 3600.0
+    #: Key requests one host may make per second (over all its connections).
+    key_requests_per_s: float = 100.0
+    #: Key requests one host may make at once after a quiet spell.
+    key_request_burst: int = 200
 
     @property
     def listen_host(self) -> str:
@@ -167,7 +173,7 @@ def _check(key: str, value: Any) -> Any:
         if value not in CIPHERS:
             raise ValueError(f"must be one of {', '.join(CIPHERS)}, not {value!r}")
         return value
-    if key in ("cert_days", "token_ttl_s"):
+    if key in ("cert_days", "token_ttl_s", "key_request_burst"):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive integer: {value!r}")
         return value
@@ -181,7 +187,7 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"not a number of seconds >= 1: {value!r}")
         return float(value)
-    if key == "unauth_idle_s":
+    if key in ("unauth_idle_s", "key_requests_per_s"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive number: {value!r}")
         return float(value)

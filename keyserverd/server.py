@@ -3,15 +3,19 @@
 1. ``make_server_ssl_context(ca)`` builds a TLS 1.3-only server context that
    presents ``server.crt`` and asks for (but does not require) a client
    certificate signed by our CA.
-2. ``KeyServer.start()`` listens.  Each connection gets a ``Session`` (identity
-   = CN of the verified client certificate, or None) and a ``FrameReader``.
+2. ``KeyServer.start()`` listens on plain TCP; each connection first does the
+   TLS handshake (``start_tls``), so a refused handshake (a certificate of
+   another CA, an expired one, no TLS at all, too slow) is logged with its
+   reason (once per peer address and reason every ``CLOSE_LOG_S``).  Each
+   connection then gets a ``Session`` (identity = CN of the verified client
+   certificate, or None) and a ``FrameReader``.
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
-5. A malformed or oversized message, a silent unauthenticated client (after
-   ``unauth_idle_s``), a client that does not read its pushes, or any error in
+5. A malformed or oversized message, an unauthenticated client that does
+   not complete a message within ``unauth_idle_s`` (silent or trickling), a client that does not read its pushes, or any error in
    one connection closes that connection only, with a logged reason.  The
    server keeps serving everyone else.
 """
@@ -114,8 +118,7 @@ class KeyServer:
         """Listen; return the bound (host, port) (useful with port 0)."""
         try:
             self._server = await asyncio.start_server(
-                self._accept, self._host, self._port, ssl=self._ssl,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, reuse_address=True,
+                self._accept, self._host, self._port, reuse_address=True,
             )
         except OSError as exc:
             raise LocalError(f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}") from None
@@ -139,9 +142,30 @@ class KeyServer:
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
-            await self._serve(reader, writer)
+            if await self._handshake(writer):
+                await self._serve(reader, writer)
         finally:
             self._tasks.discard(task)
+
+    async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
+        """TLS on the accepted TCP connection; False (logged, closed) if it fails."""
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        try:
+            await writer.start_tls(self._ssl, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            return True
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError, EOFError) as exc:
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+            reason = f"{type(exc).__name__}: {reason or 'connection closed'}"
+            key = ("tls", peername[0] if peername else "?", reason)
+            if self._close_log.allow(key):
+                log.warning("tls_handshake_refused", extra=fields(
+                    peer=peer, reason=reason, suppressed=self._close_log.take_suppressed(key)))
+            writer.transport.abort()
+            return False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
@@ -160,13 +184,17 @@ class KeyServer:
         self.connections_total += 1
         log.debug("connection_opened", extra=fields(peer=peer, host=identity or "unauthenticated"))
         reason = "closed by client"
+        loop = asyncio.get_running_loop()
+        # An unauthenticated client must complete a message within unauth_idle_s
+        # (trickling bytes does not keep it alive).
+        unauth_deadline = loop.time() + self.unauth_idle_s
         try:
             while True:
-                timeout = self.unauth_idle_s if identity is None else None
+                timeout = max(0.0, unauth_deadline - loop.time()) if identity is None else None
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
-                    reason = f"unauthenticated and idle for {self.unauth_idle_s:g} s"
+                    reason = f"unauthenticated and no whole message within {self.unauth_idle_s:g} s"
                     self._log_close(logging.INFO, conn, "idle", reason)
                     break
                 if not data:
@@ -177,6 +205,8 @@ class KeyServer:
                     reason = f"{exc.code}: {exc}"
                     self._log_close(logging.WARNING, conn, exc.code, reason)
                     break
+                if msgs:
+                    unauth_deadline = loop.time() + self.unauth_idle_s
                 keep_open = self._dispatch(conn, msgs)
                 await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
                 if not keep_open:

@@ -37,6 +37,9 @@
    key server, ``netkey_peering``).  A ``key_req`` for a mapped MAC is answered
    with KEY(requester, gateway) under that MAC; the gateway asks for the same
    key by the requester's MAC.
+7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``)
+   are limited per host ID (``key_requests_per_s``, ``key_request_burst``,
+   over all its connections): over the limit they get ``rate_limited``.
 Every refusal is counted and logged at WARNING with its code and the
 requester, once per (requester, code) every ``REFUSAL_LOG_S`` with the count of
 lines skipped (a flood makes one line).  Key bytes and tokens are never logged.  This module imports no socket, asyncio or time.
@@ -55,6 +58,7 @@ from l2crypt.frame_wire import format_mac, is_group_address
 from l2crypt.logs import RateLimiter, fields
 
 from .mac_map import MacMap
+from .ratelimit import HostBuckets
 from .store import HostRecord, KeyEvent, KeyStore
 from .tokens import hash_token
 
@@ -76,6 +80,10 @@ REFUSAL_LOG_S = 10.0
 
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
+#: Message types that count against a host's key-request limit.
+RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req"})
+DEFAULT_KEY_REQUESTS_PER_S = 100.0
+DEFAULT_KEY_REQUEST_BURST = 200
 
 
 @dataclass
@@ -97,7 +105,9 @@ class KeyService:
 
     def __init__(self, store: KeyStore, cipher: str, server_name: str, ca: "CertificateAuthority",
                  cert_days: int = 365, rekey_after_s: float = 3600.0,
-                 multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0):
+                 multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0,
+                 key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S,
+                 key_request_burst: int = DEFAULT_KEY_REQUEST_BURST):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
@@ -120,6 +130,7 @@ class KeyService:
         self.macs = MacMap()
         #: NETKEY versions (``netkey_peering.NetkeyBook``), or None when not peered.
         self.netkeys = None
+        self.key_requests = HostBuckets(key_requests_per_s, key_request_burst)
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -132,6 +143,9 @@ class KeyService:
             if session.identity is not None and kind not in UNAUTHENTICATED_TYPES:
                 if self.store.is_revoked(session.identity):
                     raise RefusedError(f"host {session.identity!r} is revoked", "revoked")
+                if kind in RATE_LIMITED_TYPES and not self.key_requests.take(session.identity, now):
+                    raise RefusedError(f"too many key requests from {session.identity!r}; slow down",
+                                       "rate_limited")
             handler = getattr(self, f"_on_{kind}", None)
             if handler is None:
                 raise RefusedError(f"{kind} is not a request", "bad_request")

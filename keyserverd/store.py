@@ -6,7 +6,10 @@
    ``MIGRATIONS``; the first start also creates multicast key PW_ID 1.
 2. Every write runs in its own ``BEGIN IMMEDIATE`` transaction and is
    committed before the method returns, so a caller that answers a client
-   after the call never acknowledges something a crash could lose.
+   after the call never acknowledges something a crash could lose.  A write
+   the database cannot take (full disk, I/O error, locked too long) is rolled
+   back and raised as ``StoreUnavailable`` (code ``store_unavailable``), which
+   the service answers like any refusal and the CLI prints as one line.
 3. Tokens are stored only as their SHA-256 (``tokens.hash_token``); keys are
    32 bytes from ``secrets.token_bytes``.
 
@@ -28,6 +31,13 @@ from l2crypt.errors import LocalError, RefusedError
 from l2crypt.frame_wire import format_mac
 
 KEY_BYTES = 32
+
+
+class StoreUnavailable(RefusedError):
+    """The database could not take a write (nothing of it was stored)."""
+
+    code = "store_unavailable"
+
 FIRST_PW_ID = 1
 
 #: Schema migrations; ``schema_version.version`` is how many have run.
@@ -499,7 +509,17 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")
+                return False
+            except sqlite3.Error as err:
+                exc = err
+        try:
             self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL)
+        if isinstance(exc, sqlite3.OperationalError):
+            raise StoreUnavailable(f"the key server cannot write its database: {exc}") from None
+        if exc_type is None:
+            raise exc
         return False

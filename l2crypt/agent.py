@@ -215,6 +215,8 @@ class Agent:
                 switch_after_s=cfg.switch_after_s,
                 retire_after_s=cfg.retire_after_s,
                 rekey_after_frames=cfg.rekey_after_frames,
+                max_pending_keys=cfg.max_pending_keys,
+                key_requests_per_s=cfg.key_requests_per_s,
             )
             self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start())
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,

@@ -72,6 +72,8 @@ def _agent_options(fn):
         click.option("--hold-age-s", type=float, help=docs["hold_age_s"] + " [default: 2.0]"),
         click.option("--key-retry-s", type=float, help=docs["key_retry_s"] + " [default: 0.5]"),
         click.option("--key-retry-max-s", type=float, help=docs["key_retry_max_s"] + " [default: 8.0]"),
+        click.option("--max-pending-keys", type=int, help=docs["max_pending_keys"] + " [default: 1024]"),
+        click.option("--key-requests-per-s", type=float, help=docs["key_requests_per_s"] + " [default: 50]"),
         click.option("--unknown-cache-s", type=float, help=docs["unknown_cache_s"] + " [default: 5.0]"),
         click.option("--switch-after-s", type=float, help=docs["switch_after_s"] + " [default: 2.0]"),
         click.option("--retire-after-s", type=float, help=docs["retire_after_s"] + " [default: 30.0]"),

@@ -18,7 +18,9 @@ from .constants import (
     DEFAULT_HOLD_AGE_S,
     DEFAULT_HOLD_FRAMES,
     DEFAULT_KEY_RETRY_MAX_S,
+    DEFAULT_KEY_REQUESTS_PER_S,
     DEFAULT_KEY_RETRY_S,
+    DEFAULT_MAX_PENDING_KEYS,
     DEFAULT_KEYSERVER_PORT,
     DEFAULT_REKEY_AFTER_FRAMES,
     DEFAULT_REPLAY_WINDOW_FRAMES,
@@ -162,6 +164,10 @@ class AgentConfig:
     hold_age_s: float = _f(DEFAULT_HOLD_AGE_S, _seconds(0.0, 60.0), "longest a frame is held, seconds")
     key_retry_s: float = _f(DEFAULT_KEY_RETRY_S, _seconds(0.05, 60.0), "first key request retry, seconds")
     key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
+    max_pending_keys: int = _f(DEFAULT_MAX_PENDING_KEYS, _int_range(1, 1 << 20),
+                               "MACs waiting for a key at once; frames to more are dropped (pending_full)")
+    key_requests_per_s: float = _f(DEFAULT_KEY_REQUESTS_PER_S, _seconds(1.0, 100000.0),
+                                   "key requests sent per second at most")
     unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
                                 "how long an 'unknown MAC' answer is believed, seconds")
     switch_after_s: float = _f(DEFAULT_SWITCH_AFTER_S, _seconds(0.0, 600.0),

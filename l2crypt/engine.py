@@ -7,7 +7,11 @@ Sending (a plain frame read from the TAP):
 1. ``seal_from_tap``: drop runts and frames not from our own MAC;
 2. a group destination (I/G bit set) is sealed with the multicast key;
 3. a unicast destination is sealed with the peer's current pair key;
-4. with no key the frame is held (bounded) and one key request is queued.
+4. with no key the frame is held (bounded) and one key request is queued;
+   at most ``max_pending_keys`` MACs wait for a key at once (MACs first seen
+   as a source on the wire get half of them, so forged senders cannot crowd
+   out our own destinations), beyond that the frame is dropped
+   (``pending_full``); key requests leave at ``key_requests_per_s`` at most.
 
 Receiving (a frame read from the wire port):
 1. ``open_from_wire``: parse the header (``frame_wire.decode_header``);
@@ -53,8 +57,10 @@ from .constants import (
     DEFAULT_ETHERTYPE,
     DEFAULT_HOLD_AGE_S,
     DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_REQUESTS_PER_S,
     DEFAULT_KEY_RETRY_MAX_S,
     DEFAULT_KEY_RETRY_S,
+    DEFAULT_MAX_PENDING_KEYS,
     DEFAULT_REPLAY_WINDOW_FRAMES,
     DEFAULT_REKEY_AFTER_FRAMES,
     DEFAULT_RETIRE_AFTER_S,
@@ -86,6 +92,7 @@ HOLD_OVERFLOW = "hold_overflow"
 HOLD_EXPIRED = "hold_expired"
 PN_EXHAUSTED = "pn_exhausted"
 REVOKED_SENDER = "revoked_sender"
+PENDING_FULL = "pending_full"
 
 #: Pseudo-MAC of the multicast key in the hold table and in key requests.
 GROUP_MAC = b"\xff" * 6
@@ -109,6 +116,8 @@ class EngineSettings:
     retire_after_s: float = DEFAULT_RETIRE_AFTER_S
     rekey_after_frames: int = DEFAULT_REKEY_AFTER_FRAMES
     report_interval_s: float = 1.0
+    max_pending_keys: int = DEFAULT_MAX_PENDING_KEYS
+    key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S
 
 
 @dataclass
@@ -138,6 +147,9 @@ class FrameEngine:
             settings.hold_frames, settings.hold_age_s, settings.key_retry_s, settings.key_retry_max_s
         )
         self.unknown_until: dict[bytes, float] = {}
+        #: Key-request token bucket (at most ``key_requests_per_s``, burst as many).
+        self._request_tokens = float(max(1.0, settings.key_requests_per_s))
+        self._request_refill_at: float | None = None
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
         self._header = HEADER
@@ -299,14 +311,28 @@ class FrameEngine:
         if direction == TX and (mac in self.revoked or self.unknown_until.get(mac, 0.0) > now):
             self.drops[NO_KEY] += 1
             return
+        if mac not in self.holds.pending and mac != GROUP_MAC:
+            limit = self.settings.max_pending_keys
+            if direction == RX:
+                limit //= 2
+            if len(self.holds.pending) >= limit:
+                self.drops[PENDING_FULL] += 1
+                return
         new, pushed_out = self.holds.hold(mac, direction, frame, now)
         self.counters["held"] += 1
         if pushed_out:
             self.drops[HOLD_OVERFLOW] += pushed_out
 
     def take_key_requests(self, now: float) -> list[bytes]:
-        """MACs to request a key for now (first requests and backed-off retries)."""
-        due = self.holds.due_requests(now)
+        """MACs to request a key for now (first requests and backed-off retries),
+        at most ``key_requests_per_s``; the rest stay due for a later call."""
+        rate = self.settings.key_requests_per_s
+        if self._request_refill_at is not None:
+            elapsed = max(0.0, now - self._request_refill_at)
+            self._request_tokens = min(max(1.0, rate), self._request_tokens + elapsed * rate)
+        self._request_refill_at = now
+        due = self.holds.due_requests(now, int(self._request_tokens), first=GROUP_MAC)
+        self._request_tokens -= len(due)
         self.counters["key_requests"] += len(due)
         return due
 

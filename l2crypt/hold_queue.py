@@ -6,6 +6,9 @@
    the frames pushed out or aged out are returned so the engine counts them.
 3. An unanswered request is retried with exponential backoff; a ``PendingKey``
    with nothing held and older than the hold age is forgotten.
+3a. ``due_requests`` takes a budget (the engine's request rate limit): the
+   multicast key first, then MACs our own host sends to, then MACs that only
+   sent to us; whatever is over budget stays due for the next call.
 4. When the key arrives the engine takes the held frames and seals or opens
    them in arrival order.
 """
@@ -26,6 +29,7 @@ class PendingKey:
     next_request_at: float
     backoff_s: float
     requests_sent: int = 0
+    tx: bool = False  # our own host sent to this MAC (its requests go first)
     held: deque = field(default_factory=deque)  # (direction, frame, arrived_at)
 
 
@@ -46,6 +50,8 @@ class HoldTable:
         if new:
             entry = PendingKey(mac, now, now, self.retry_s)
             self.pending[mac] = entry
+        if direction == TX:
+            entry.tx = True
         dropped = 0
         if self.max_frames <= 0:
             return new, 1
@@ -55,15 +61,19 @@ class HoldTable:
         entry.held.append((direction, frame, now))
         return new, dropped
 
-    def due_requests(self, now: float) -> list[bytes]:
-        """MACs whose key request should be sent now; advances their backoff."""
+    def due_requests(self, now: float, budget: int | None = None, first: bytes | None = None) -> list[bytes]:
+        """MACs whose key request should be sent now (at most ``budget``, ``first``
+        our own destinations, then first requests before retries); advances their backoff."""
+        ready = [e for e in self.pending.values() if e.next_request_at <= now]
+        if budget is not None and len(ready) > budget:
+            ready.sort(key=lambda e: (e.mac != first, not e.tx, e.requests_sent))
+            ready = ready[:max(0, budget)]
         due = []
-        for entry in self.pending.values():
-            if entry.next_request_at <= now:
-                due.append(entry.mac)
-                entry.requests_sent += 1
-                entry.next_request_at = now + entry.backoff_s
-                entry.backoff_s = min(entry.backoff_s * 2, self.retry_max_s)
+        for entry in ready:
+            due.append(entry.mac)
+            entry.requests_sent += 1
+            entry.next_request_at = now + entry.backoff_s
+            entry.backoff_s = min(entry.backoff_s * 2, self.retry_max_s)
         return due
 
     def expire(self, now: float) -> int:

@@ -296,3 +296,29 @@ def test_key_summary_names_versions_never_keys(store):
     assert summary["pair_versions"] == 2
     assert summary["multicast"][0] == 1
     assert key not in repr(summary).encode() and key.hex() not in repr(summary)
+
+
+def test_a_write_the_database_cannot_take_is_a_clear_refusal(tmp_path):
+    """A full disk (here: SQLite's max_page_count) rolls the write back and
+    raises StoreUnavailable; the store keeps working once there is room."""
+    import sqlite3
+
+    from keyserverd.store import StoreUnavailable
+
+    store = SqliteStore.open(tmp_path / "ks.db", 0.0)
+    store.add_host("first", bytes.fromhex("020000000001"), "host", b"h" * 32, 1e10, 0.0)
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreUnavailable) as err:
+        for i in range(10_000):
+            store.add_host(f"h{i}", None, "host", b"h" * 32 + bytes(2000), 1e10, 0.0)
+    assert err.value.code == "store_unavailable"
+    assert "full" in str(err.value)
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    added = [h.id for h in store.list_hosts()]
+    assert "first" in added
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.add_host("after", None, "host", b"h" * 32, 1e10, 0.0)
+    assert store.get_host("after") is not None
+    store.close()
+    assert sqlite3.connect(tmp_path / "ks.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from keyserverd.ca import CertificateAuthority, fingerprint_of
 from keyserverd.server import KeyServer, make_server_ssl_context
+from l2crypt.logs import TextFormatter
 from keyserverd.service import KeyService
 from keyserverd.store import SqliteStore
 from keyserverd.tokens import hash_token, new_token
@@ -202,3 +203,76 @@ def test_malformed_and_idle_clients_do_not_hurt_others(tmp_path, keyserver):
             c.close()
 
     run(body)
+
+
+def expired_cert(ca_dir, csr_pem, cn):
+    """A client certificate signed by the CA key in ``ca_dir`` that expired yesterday."""
+    import datetime
+
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    csr = x509.load_pem_x509_csr(csr_pem)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_cert.subject).public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=10))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_refused_handshakes_are_logged_and_tricklers_dropped(tmp_path, keyserver, caplog):
+    ca, store, tokens, run = keyserver
+    caplog.set_level("INFO", logger="keyserverd")
+
+    async def refused(port, ca_pem, files):
+        try:
+            c = await Client.connect(port, ca_pem, files)
+            await c.send({"t": "ping", "rid": 1})
+            assert await c.closed_by_server()
+        except (ssl.SSLError, ConnectionError):
+            pass
+
+    async def body(port):
+        ca_pem = ca.ca_cert_pem
+        key_path, csr = new_identity(tmp_path, "old")
+        (tmp_path / "old.crt").write_bytes(expired_cert(tmp_path / "ks", csr, "a"))
+        await refused(port, ca_pem, (tmp_path / "old.crt", key_path))
+        other = CertificateAuthority.open(tmp_path / "other", ())
+        key_path, csr = new_identity(tmp_path, "mallory")
+        (tmp_path / "mallory.crt").write_bytes(other.sign_csr(csr, "a"))
+        await refused(port, ca_pem, (tmp_path / "mallory.crt", key_path))
+        # Plain TCP garbage instead of a TLS ClientHello.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET / HTTP/1.0\r\n\r\n")
+        assert await r.read() == b""
+        w.close()
+        # An unauthenticated client trickling a message byte by byte is dropped
+        # after unauth_idle_s (0.5 s) although it never goes silent.
+        slow = await Client.connect(port, ca_pem)
+        frame = encode_message({"t": "ca", "rid": 1})
+        loop = asyncio.get_running_loop()
+        start, closed = loop.time(), False
+        for byte in frame[:-1]:
+            try:
+                slow.writer.write(bytes([byte]))
+                await slow.writer.drain()
+                if await asyncio.wait_for(slow.reader.read(1), 0.2) == b"":
+                    closed = True
+                    break
+            except asyncio.TimeoutError:
+                continue
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+                break
+        assert closed and loop.time() - start < 3.0
+        slow.close()
+
+    run(body)
+    lines = [TextFormatter().format(r) for r in caplog.records if r.getMessage() == "tls_handshake_refused"]
+    assert any("certificate has expired" in ln for ln in lines), lines
+    assert any("unable to get local issuer certificate" in ln or "unknown ca" in ln.lower() for ln in lines), lines
+    assert any("WRONG_VERSION_NUMBER" in ln.upper() or "wrong version" in ln.lower() or "http" in ln.lower()
+               for ln in lines), lines

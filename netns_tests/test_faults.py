@@ -141,7 +141,8 @@ def test_full_disk_under_the_key_server_state(lab, tmp_path):
                                capture_output=True, text=True, timeout=30)
         assert first.returncode == 0, first.stderr
         token = json.loads(first.stdout)
-        proc = lab.popen("ks", [lab.cmd("keyserverd"), "--state-dir", state, "--listen", addr], name="keyserverd-full")
+        proc = lab.popen("ks", [lab.cmd("keyserverd"), "--state-dir", state, "--listen", addr,
+                                "--metrics-listen", ""], name="keyserverd-full")
         wait_for("the second key server", lambda: listening(proc.pid, 7789), timeout_s=20)
         enroll = lab.exec("h3", [lab.cmd("l2crypt"), "enroll", "--server", addr, "--id", "fd1",
                                  "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"],

@@ -214,7 +214,7 @@ class KeyServer:
                     other.send(out)
             elif isinstance(target, tuple) and target[0] == "broadcast":
                 for other in list(self._conns):
-                    if other.session.bound_mac is not None:
+                    if other.session.said_hello:
                         other.send(out)
             elif isinstance(target, tuple) and target[0] == "disconnect":
                 for other in list(self._by_host.get(target[1], ())):

@@ -125,6 +125,11 @@ def status(state_dir, as_json) -> None:
         render_status(doc)
 
 
+from .l3_cli import register as _register_l3  # noqa: E402
+
+_register_l3(cli, fail)
+
+
 def run_click(group: click.Group, prog: str, argv=None) -> None:
     """Run a click group so that usage errors are one line and exit 2, never a traceback."""
     try:

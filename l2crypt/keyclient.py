@@ -122,12 +122,7 @@ class KeyClient:
         self._writer = writer
         messages = self._messages(reader)
         try:
-            writer.write(ks_messages.encode_message({"t": "hello", "rid": self._next_rid(), "mac": self.my_mac}))
-            welcome = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
-            if welcome["t"] == "error":
-                raise RemoteProtocolError(f"hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
-            if welcome["t"] != "welcome":
-                raise RemoteProtocolError(f"expected welcome, got {welcome['t']}")
+            welcome = await self._handshake(writer, messages)
             self.server = server
             self.connected = True
             self.connects += 1
@@ -143,6 +138,17 @@ class KeyClient:
                 pinger.cancel()
         finally:
             writer.close()
+
+    async def _handshake(self, writer: asyncio.StreamWriter, messages) -> dict:
+        """Say hello and return the welcome; RemoteProtocolError if refused.
+        (The layer-3 client, ``l3_keyclient``, says its own hello.)"""
+        writer.write(ks_messages.encode_message({"t": "hello", "rid": self._next_rid(), "mac": self.my_mac}))
+        welcome = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
+        if welcome["t"] == "error":
+            raise RemoteProtocolError(f"hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
+        if welcome["t"] != "welcome":
+            raise RemoteProtocolError(f"expected welcome, got {welcome['t']}")
+        return welcome
 
     @staticmethod
     async def _messages(reader: asyncio.StreamReader):

@@ -23,8 +23,10 @@ Topology (``<s>`` is the lab's random suffix)::
                        +------------------------+
 
 * h1's policy is 10.72.0.0/24 and h2's is 10.71.0.0/24; each host routes the
-  other subnet via the router with ``mtu ROUTE_MTU``, leaving room for the
-  sealing overhead (the kernel does not shrink a packet the agent grows).
+  other subnet via the router with ``advmss ROUTE_ADVMSS``, so TCP segments
+  leave room for the sealing overhead.  (A route ``mtu`` would not do: the
+  sealed packet leaves on the same route, and the kernel checks it against
+  that MTU *after* the agent grew it.)
 * IPv6 is off everywhere, so captures hold only the traffic of the tests.
 * ``nat=True``: the router masquerades h1's traffic leaving r2 and forwards
   nothing new that enters on r2; the agents run in nat mode (UDP).
@@ -42,7 +44,7 @@ from .lab import _LIVE, MGMT_IFNAME, MGMT_PREFIX, Lab, LabError, Proc, mgmt_ip
 
 ROUTER = "rt"
 HOST_IF = "eth0"
-ROUTE_MTU = 1380
+ROUTE_ADVMSS = 1500 - 40 - 100  # IPv4 + TCP headers, and the largest L3 overhead of the lab
 SUBNETS = {"h1": "10.71.0", "h2": "10.72.0"}
 UDP_PORT = 7789
 QUEUE_NUM = 7700
@@ -78,10 +80,9 @@ class RoutedLab(Lab):
     def _no_ipv6(self, role: str) -> None:
         self._sysctl(role, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"})
 
-    def _route(self, role: str, dst: str, gateway: str, mtu: int | None = None) -> None:
+    def _route(self, role: str, dst: str, gateway: str, advmss: int) -> None:
         with IPRoute(netns=self.ns(role), flags=0) as ipr:
-            kw = {"metrics": {"mtu": mtu}} if mtu else {}
-            ipr.route("add", dst=dst, gateway=gateway, **kw)
+            ipr.route("add", dst=dst, gateway=gateway, metrics={"advmss": advmss})
 
     def _build_router(self) -> None:
         self._new_ns(ROUTER)
@@ -107,7 +108,7 @@ class RoutedLab(Lab):
         self._link(ROUTER, side, state="up")
         self._addr(host, HOST_IF, host_ip(host), 24)
         self._link(host, HOST_IF, state="up")
-        self._route(host, subnet(other(host)), gateway_ip(host), mtu=ROUTE_MTU)
+        self._route(host, subnet(other(host)), gateway_ip(host), advmss=ROUTE_ADVMSS)
         port = f"m{index}-{self.suffix}"
         self._veth("ks", port, host, MGMT_IFNAME)
         with IPRoute(netns=self.ns("ks"), flags=0) as ipr:

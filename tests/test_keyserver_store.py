@@ -33,7 +33,7 @@ def add(store, host_id, mac=None, token=TOKEN, ttl=3600, role="host"):
 
 def test_file_mode_wal_and_schema_version(store, db_path):
     assert db_path.stat().st_mode & 0o777 == 0o600
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()

@@ -279,7 +279,7 @@ class KeyServer:
                     other.send(out)
             elif isinstance(target, tuple) and target[0] == "broadcast":
                 for other in list(self._conns):
-                    if other.session.bound_mac is not None:
+                    if other.session.said_hello:
                         other.send(out)
             elif isinstance(target, tuple) and target[0] == "peer_resolve" and conn is not None:
                 self._peer_resolve(conn, out)

@@ -57,6 +57,7 @@ from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
 from l2crypt.logs import RateLimiter, fields
 
+from .l3_service import L3Handlers
 from .mac_map import MacMap
 from .ratelimit import HostBuckets
 from .store import HostRecord, KeyEvent, KeyStore
@@ -94,14 +95,21 @@ class Session:
     identity: str | None
     peer: str = "?"  # remote address, for logs
     bound_mac: bytes | None = None
+    l3: bool = False  # said l3_hello (a layer-3 agent; see l3_service)
+
+    @property
+    def said_hello(self) -> bool:
+        """Receives broadcasts: bound a MAC, or started a layer-3 session."""
+        return self.bound_mac is not None or self.l3
 
     @property
     def who(self) -> str:
         return self.identity if self.identity is not None else f"unauthenticated {self.peer}"
 
 
-class KeyService:
-    """Answers key-server requests.  One per keyserverd, shared by all sessions."""
+class KeyService(L3Handlers):
+    """Answers key-server requests.  One per keyserverd, shared by all sessions.
+    The layer-3 requests are handled in ``l3_service``."""
 
     def __init__(self, store: KeyStore, cipher: str, server_name: str, ca: "CertificateAuthority",
                  cert_days: int = 365, rekey_after_s: float = 3600.0,
@@ -344,6 +352,9 @@ class KeyService:
     def on_event(self, event: KeyEvent) -> list[Action]:
         """Pushes for one rotation or revocation event (see the module docstring)."""
         self.events[event.kind] += 1
+        return self._l2_pushes(event) + self.l3_pushes(event)
+
+    def _l2_pushes(self, event: KeyEvent) -> list[Action]:
         if event.kind == "pair":
             key = self.store.pair_key(event.id1, event.id2, event.pw_id)
             a, b = self.store.get_host(event.id1), self.store.get_host(event.id2)

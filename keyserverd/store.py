@@ -30,6 +30,9 @@ from typing import Protocol
 from l2crypt.errors import LocalError, RefusedError
 from l2crypt.frame_wire import format_mac
 
+from .store_ip import MIGRATION as _IP_MIGRATION
+from .store_ip import IpBindings
+
 KEY_BYTES = 32
 
 
@@ -81,6 +84,8 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 3: the ID-IP table of the layer-3 modes (see store_ip).
+    _IP_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -192,6 +197,16 @@ class KeyStore(Protocol):
         (pw_id, created_at) of the newest multicast key."""
         ...
 
+    def bind_ip(self, host_id: str, ip: bytes) -> bool:
+        """Bind an IPv4 address to the host (ID-IP table), or raise RefusedError
+        code ip_conflict (another host holds it) or too_many_ips."""
+
+    def host_id_by_ip(self, ip: bytes) -> str | None:
+        """The ID bound to the address, or None."""
+
+    def ips_of(self, host_id: str) -> list[bytes]:
+        """The host's bound IPv4 addresses."""
+
     def close(self) -> None:
         """Release the store."""
 
@@ -205,7 +220,7 @@ def _host(row) -> HostRecord | None:
     return HostRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
 
-class SqliteStore:
+class SqliteStore(IpBindings):
     """SQLite implementation of ``KeyStore``.  One connection, one thread (the
     event loop, or the CLI); other processes may open the same file."""
 

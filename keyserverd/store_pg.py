@@ -29,6 +29,9 @@ from urllib.parse import urlsplit, urlunsplit
 from l2crypt.errors import LocalError, RefusedError
 from l2crypt.frame_wire import format_mac
 
+from l2crypt.ks_messages import MAX_PEER_IPS
+
+from .store_ip import _fmt as _fmt_ip
 from .store import FIRST_PW_ID, KEY_BYTES, HostRecord, KeyEvent
 
 try:
@@ -79,6 +82,14 @@ MIGRATIONS: tuple[str, ...] = (
         pw_id      BIGINT,
         created_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # 3: the ID-IP table of the layer-3 modes (see store_ip).
+    """
+    CREATE TABLE host_ips (
+        ip  BYTEA PRIMARY KEY CHECK (length(ip) = 4),
+        id  TEXT NOT NULL REFERENCES hosts(id)
+    );
+    CREATE INDEX host_ips_by_id ON host_ips (id);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -257,6 +268,33 @@ class PgStore:
 
     def host_by_mac(self, mac) -> HostRecord | None:
         return _host(self._q(f"SELECT {_HOST_COLUMNS} FROM hosts WHERE mac = %s", (mac,)).fetchone())
+
+    # --- ID-IP table (layer-3 modes; see store_ip) ------------------------------
+    def bind_ip(self, host_id, ip) -> bool:
+        try:
+            with self._db.transaction():
+                if self._q("SELECT id FROM hosts WHERE id = %s FOR UPDATE", (host_id,)).fetchone() is None:
+                    raise RefusedError(f"no host {host_id!r}", "revoked")
+                row = self._q("SELECT id FROM host_ips WHERE ip = %s", (ip,)).fetchone()
+                if row is not None:
+                    if row[0] == host_id:
+                        return False
+                    raise RefusedError(f"IP {_fmt_ip(ip)} is bound to another host", "ip_conflict")
+                count = self._q("SELECT COUNT(*) FROM host_ips WHERE id = %s", (host_id,)).fetchone()[0]
+                if count >= MAX_PEER_IPS:
+                    raise RefusedError(f"host {host_id!r} already binds {count} IPs", "too_many_ips")
+                self._q("INSERT INTO host_ips (ip, id) VALUES (%s, %s)", (ip, host_id))
+        except pg_errors.UniqueViolation:
+            raise RefusedError(f"IP {_fmt_ip(ip)} is bound to another host", "ip_conflict") from None
+        return True
+
+    def host_id_by_ip(self, ip) -> str | None:
+        row = self._q("SELECT id FROM host_ips WHERE ip = %s", (ip,)).fetchone()
+        return row[0] if row else None
+
+    def ips_of(self, host_id) -> list[bytes]:
+        rows = self._q("SELECT ip FROM host_ips WHERE id = %s ORDER BY ip", (host_id,)).fetchall()
+        return [bytes(r[0]) for r in rows]
 
     # --- ID-ID-KEY table and multicast key -----------------------------------
     def get_or_create_pair_key(self, id_a, id_b, now) -> tuple[bytes, int]:

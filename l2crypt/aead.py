@@ -35,6 +35,7 @@ KEY_LEN = 32
 
 _PAIR_INFO = b"l2crypt v1 pair"
 _GROUP_INFO = b"l2crypt v1 group"
+_L3_INFO = b"l2crypt v1 l3 pair"
 _NONCE = struct.Struct("!IQ")
 PN_PER_SECOND = 2**30
 
@@ -53,6 +54,16 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
 def pair_direction_key(pair_key: bytes, pw_id: int, sender_mac: bytes, receiver_mac: bytes) -> bytes:
     """The key one host uses to send to the other under one pair-key version."""
     return _hkdf(pair_key, _PAIR_INFO + sender_mac + receiver_mac + pw_id.to_bytes(4, "big"))
+
+
+def l3_direction_key(pair_key: bytes, pw_id: int, sender_id: str, receiver_id: str) -> bytes:
+    """The key one host uses to send IP packets to the other (layer-3 modes).
+
+    Bound to the host IDs, not to addresses, so a NAT rewriting them changes
+    nothing; the IDs are length-prefixed so no two pairs share an ``info``.
+    """
+    s, r = sender_id.encode(), receiver_id.encode()
+    return _hkdf(pair_key, _L3_INFO + bytes([len(s)]) + s + bytes([len(r)]) + r + pw_id.to_bytes(4, "big"))
 
 
 def group_sender_key(multicast_key: bytes, pw_id: int, sender_mac: bytes) -> bytes:

@@ -189,6 +189,11 @@ def install_units_cmd(prefix, bin_dir, dry_run) -> None:
         click.echo("next: systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT (or keyserverd)")
 
 
+from .l3_cli import register as _register_l3  # noqa: E402
+
+_register_l3(cli, fail)
+
+
 def run_click(group: click.Group, prog: str, argv=None) -> None:
     """Run a click group so that usage errors are one line and exit 2, never a traceback."""
     try:

@@ -65,7 +65,6 @@ class KeyClient:
         self.connected = False
         self.connects = 0
         #: Sessions established with another server than the previous one (issue 5 refines this).
-        self.failovers = 0
         #: Request -> answer times of key requests; read by the metrics collector.
         self.latency = LatencyHistogram("l2crypt_key_request_duration_seconds",
                                         "Time from a key request to its answer.")
@@ -159,14 +158,7 @@ class KeyClient:
         self._writer = writer
         messages = self._messages(reader)
         try:
-            writer.write(ks_messages.encode_message({"t": "hello", "rid": self._next_rid(), "mac": self.my_mac}))
-            welcome = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
-            if welcome["t"] == "error":
-                raise RemoteProtocolError(f"hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
-            if welcome["t"] != "welcome":
-                raise RemoteProtocolError(f"expected welcome, got {welcome['t']}")
-            if self.server is not None and self.server != server:
-                self.failovers += 1
+            welcome = await self._handshake(writer, messages)
             self.server = server
             self.connected = True
             self.connects += 1
@@ -185,6 +177,17 @@ class KeyClient:
                 watcher.cancel()
         finally:
             writer.close()
+
+    async def _handshake(self, writer: asyncio.StreamWriter, messages) -> dict:
+        """Say hello and return the welcome; RemoteProtocolError if refused.
+        (The layer-3 client, ``l3_keyclient``, says its own hello.)"""
+        writer.write(ks_messages.encode_message({"t": "hello", "rid": self._next_rid(), "mac": self.my_mac}))
+        welcome = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
+        if welcome["t"] == "error":
+            raise RemoteProtocolError(f"hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
+        if welcome["t"] != "welcome":
+            raise RemoteProtocolError(f"expected welcome, got {welcome['t']}")
+        return welcome
 
     @staticmethod
     async def _messages(reader: asyncio.StreamReader):

@@ -20,6 +20,13 @@ client -> server
     map_req   rid mac side                         (gateways) map a MAC learned on ``side`` to me
     map_list  rid                                  (gateways) every MAC mapped to me, as ``mapped``
     netkey_req rid                                 (gateways) every live NETKEY version, as ``netkey``
+    l3_hello  rid                                  start a layer-3 session (l2crypt l3-agent)
+    ip_bind   rid ip                               bind (certificate ID, ip) in the ID-IP table
+    ip_key_req rid peer_ip                         pair key for (me, owner of peer_ip)
+    id_key_req rid peer_id                         pair key for (me, peer_id): nat mode finds
+                                                   the sender by the ID in the packet
+    l3_rekey_req rid peer_id pw_id                 as rekey_req, for an L3 pair
+    l3_key_report rid peer_id pw_id                as key_report, for an L3 pair
 server -> client
     ca_cert   rid cert                             PEM of the CA
     enrolled  rid cert ca                          signed client certificate and CA, PEM
@@ -32,6 +39,12 @@ server -> client
     netkey    rid key pw_id                        a NETKEY version (answer or push, gateways only)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
+    l3_welcome rid id cipher server                answer to l3_hello
+    ip_bound  rid ip                               answer to ip_bind
+    l3_key    rid peer_id key pw_id peer_ips       L3 pair key (answer or push); peer_ips is
+                                                   the peer's bound IPv4 addresses, 4 bytes each
+    l3_unknown rid [peer_ip] [peer_id]             no (unrevoked, L3) host holds that IP or ID
+    l3_peer_revoked rid peer_id                    the host is revoked: forget it (push)
 
 1. ``encode_message`` turns a dict into a framed message (raises LocalError
    on our own bad dict).
@@ -74,6 +87,9 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "code": (str, None),
     "msg": (str, None),
     "side": (str, None),
+    "ip": (_B, 4),
+    "peer_ip": (_B, 4),
+    "peer_ips": (_B, None),  # 1..MAX_PEER_IPS addresses of 4 bytes, checked in validate
 }
 
 # type -> (required fields, optional fields)
@@ -103,9 +119,23 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "peer_revoked": (frozenset({"rid", "peer_mac"}), frozenset()),
     "pong": (frozenset({"rid"}), frozenset()),
     "error": (frozenset({"rid", "code", "msg"}), frozenset()),
+    # layer 3 (l2crypt l3-agent)
+    "l3_hello": (frozenset({"rid"}), frozenset()),
+    "ip_bind": (frozenset({"rid", "ip"}), frozenset()),
+    "ip_key_req": (frozenset({"rid", "peer_ip"}), frozenset()),
+    "id_key_req": (frozenset({"rid", "peer_id"}), frozenset()),
+    "l3_rekey_req": (frozenset({"rid", "peer_id", "pw_id"}), frozenset()),
+    "l3_key_report": (frozenset({"rid", "peer_id", "pw_id"}), frozenset()),
+    "l3_welcome": (frozenset({"rid", "id", "cipher", "server"}), frozenset()),
+    "ip_bound": (frozenset({"rid", "ip"}), frozenset()),
+    "l3_key": (frozenset({"rid", "peer_id", "key", "pw_id", "peer_ips"}), frozenset()),
+    "l3_unknown": (frozenset({"rid"}), frozenset({"peer_ip", "peer_id"})),
+    "l3_peer_revoked": (frozenset({"rid", "peer_id"}), frozenset()),
 }
 
 MAX_ID_LEN = 64
+#: Most IPv4 addresses one host may bind (and one ``peer_ips`` may carry).
+MAX_PEER_IPS = 16
 MAX_STR_LEN = 1024
 U32_MAX = 2**32 - 1
 
@@ -141,6 +171,12 @@ def validate(msg: Any) -> dict:
             raise ValueError(f"{t}.{name}: too long")
     if "id" in msg and not valid_host_id(msg["id"]):
         raise ValueError(f"{t}.id: not a valid host ID")
+    if "peer_id" in msg and t.startswith(("l3_", "id_")) and not valid_host_id(msg["peer_id"]):
+        raise ValueError(f"{t}.peer_id: not a valid host ID")
+    if "peer_ips" in msg:
+        n = len(msg["peer_ips"])
+        if n % 4 or not 4 <= n <= 4 * MAX_PEER_IPS:
+            raise ValueError(f"{t}.peer_ips: length {n}, want 1-{MAX_PEER_IPS} addresses of 4 bytes")
     return msg
 
 

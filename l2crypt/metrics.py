@@ -129,8 +129,11 @@ def agent_metrics(agent, now: float) -> list[Metric]:
         out.append(counter("l2crypt_keyserver_connects", "Sessions established with a key server.",
                            client.connects))
         out.append(counter("l2crypt_keyserver_failovers",
-                           "Sessions established with another key server than the one before.",
-                           getattr(client, "failovers", 0)))
+                           "Moves to a lower-priority key server after the one in use failed.",
+                           client.selector.failovers))
+        out.append(counter("l2crypt_keyserver_failbacks",
+                           "Returns to a higher-priority key server after its hold-down.",
+                           client.selector.failbacks))
         latency = getattr(client, "latency", None)
         if latency is not None:
             out.extend(latency.collect())

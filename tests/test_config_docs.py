@@ -18,6 +18,7 @@ SECTIONS = {
     "Agent": "l2crypt.config:AgentConfig",
     "Key server": "keyserverd.config:KeyServerConfig",
     "Gateway": "gateway.config:GatewayConfig",
+    "Layer-3 agent": "l2crypt.l3_config:L3AgentConfig",
 }
 ROW = re.compile(r"^\|\s*`([a-z0-9_]+)`\s*\|")
 

@@ -43,7 +43,7 @@ def add(store, host_id, mac=None, token=TOKEN, ttl=3600, role="host"):
 def test_file_mode_wal_and_schema_version(sqlite_store, db_path):
     store = sqlite_store
     assert db_path.stat().st_mode & 0o777 == 0o600
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
@@ -60,7 +60,20 @@ def test_newer_schema_is_refused(db_path):
 
 
 def test_schema_version(store):
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
+
+
+def test_ip_bindings_on_every_backend(store):
+    add(store, "a")
+    add(store, "b")
+    ip = bytes([10, 71, 0, 2])
+    assert store.bind_ip("a", ip) is True
+    assert store.bind_ip("a", ip) is False
+    with pytest.raises(RefusedError) as err:
+        store.bind_ip("b", ip)
+    assert err.value.code == "ip_conflict"
+    assert store.host_id_by_ip(ip) == "a" and store.host_id_by_ip(bytes(4)) is None
+    assert store.ips_of("a") == [ip] and store.ips_of("b") == []
 
 
 def test_everything_survives_reopening(store_opener):

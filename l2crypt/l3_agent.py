@@ -1,0 +1,283 @@
+"""The layer-3 agent: NFQUEUE <-> L3 engine, with the key client.
+
+1. Read the host identity from the state directory (``l2crypt enroll``).
+2. Bind the NFQUEUE (netfilterqueue), then install this instance's nft table
+   (``nft_rules``): it replaces stale rules of a crashed run at once.  In nat
+   mode, also hold the UDP port (a socket that is never read) so nothing else
+   takes it.
+3. On the asyncio loop: the queue's netlink socket readable -> every queued
+   packet goes through the engine (OUTPUT: seal; PREROUTING: open); the
+   verdict carries the rewritten packet, so the kernel reinjects it in place.
+   A packet waiting for a key is kept (no verdict yet) and gets its verdict
+   when the key arrives, the server says "unknown", or its hold age passes.
+4. The key client runs beside it: ``l3_hello`` + ``ip_bind`` of the host's
+   addresses, key requests by IP and by sender ID, pushes of new versions.
+5. A tick every ``TICK_S`` retries requests, ages held packets and key
+   versions, persists the packet clock and logs drops.
+6. SIGINT/SIGTERM stop it: held packets are dropped; with ``fail_closed`` the
+   table is replaced by one that drops the policy's traffic, else removed.
+   After a crash the queue rules stay, and a queue with no listener drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import l3_engine, l3_wire, nft_rules
+from .control import serve_control
+from .errors import LocalError
+from .l3_config import L3AgentConfig
+from .l3_engine import L3Engine, L3Settings, Verdict
+from .l3_keyclient import L3KeyClient
+from .logs import fields
+from .packet_clock import PERSIST_INTERVAL_S, PacketClock
+from .tls_files import client_context, host_identity
+
+log = logging.getLogger("l2crypt.l3agent")
+
+TICK_S = 0.1
+DROP_LOG_S = 10.0
+QUEUE_MAX_PACKETS = 4096
+NF_INET_LOCAL_OUT = 3
+REFERENCE_MTU = 1500
+
+
+class L3Agent:
+    def __init__(self, config: L3AgentConfig):
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.host_id = host_identity(self.state_dir)
+        self.ssl_ctx = client_context(self.state_dir)
+        self.my_ips = [l3_wire.parse_ip(a) for a in config.addresses]
+        self.overhead = l3_wire.overhead(config.mode, len(self.host_id.encode()))
+        self.clock = PacketClock(self.state_dir)
+        self.started_at = time.monotonic()
+        self.engine: L3Engine | None = None
+        self.client: L3KeyClient | None = None
+        self.queue = None
+        self.rules = None  # the nft_rules backend holding this instance's rules
+        self._udp: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._logged_drops: Counter = Counter()
+
+    # ------------------------------------------------------------- data path
+
+    def _on_packet(self, pkt) -> None:
+        """netfilterqueue callback: never raises (a failure drops the packet)."""
+        try:
+            data = pkt.get_payload()
+            now = self._loop.time()
+            if pkt.hook == NF_INET_LOCAL_OUT:
+                verdict = self.engine.outbound(pkt, data, now)
+            else:
+                verdict = self.engine.inbound(pkt, data, now)
+            if verdict is not None:
+                self._give(verdict)
+        except Exception:  # noqa: BLE001 - the packet path must not stop
+            log.exception("packet_failed")
+            self.engine.drops["internal_error"] += 1
+            try:
+                pkt.drop()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _give(self, verdict: Verdict) -> None:
+        pkt = verdict.tag
+        try:
+            if verdict.payload is None:
+                pkt.drop()
+            else:
+                pkt.set_payload(verdict.payload)
+                pkt.accept()
+        except (RuntimeError, OSError):
+            self.engine.drops["verdict_error"] += 1
+
+    def _give_all(self, verdicts: list[Verdict]) -> None:
+        for v in verdicts:
+            self._give(v)
+
+    def _on_queue_readable(self) -> None:
+        try:
+            self.queue.run(block=False)
+        except OSError as exc:
+            log.warning("queue_read_failed", extra=fields(reason=str(exc)))
+        self._give_all(self.engine.take_late_verdicts())
+        if self.engine.holds.pending:
+            self._send_key_requests(self._loop.time())
+
+    # ------------------------------------------------------------ key events
+
+    def _send_key_requests(self, now: float) -> None:
+        for lookup in self.engine.take_key_requests(now):
+            self.client.request(lookup)
+
+    def on_welcome(self, msg: dict) -> None:
+        if l3_engine.use_cipher(self.engine, msg["cipher"]):
+            log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
+        for entry in self.engine.holds.pending.values():
+            entry.next_request_at = 0.0
+        self._send_key_requests(self._loop.time())
+
+    def on_l3_key(self, peer_id: str, key: bytes, pw_id: int, peer_ips: list[bytes]) -> None:
+        peer = self.engine.peers.get(peer_id)
+        held = peer.keys.newest_pw_id() if peer is not None else 0
+        verdicts = self.engine.install_key(peer_id, key, pw_id, peer_ips, self._loop.time())
+        if pw_id > held:
+            log.info("key_installed", extra=fields(peer_id=peer_id, pw_id=pw_id, released=len(verdicts),
+                                                   peer_ips=",".join(map(l3_wire.format_ip, peer_ips))))
+        self._give_all(verdicts)
+
+    def on_l3_unknown(self, lookup: tuple) -> None:
+        kind, value = lookup
+        log.info("peer_unknown", extra=fields(by=kind, peer=l3_wire.format_ip(value) if kind == "ip" else value))
+        self._give_all(self.engine.mark_unknown(lookup, self._loop.time()))
+
+    def on_l3_peer_revoked(self, peer_id: str) -> None:
+        log.warning("peer_revoked", extra=fields(peer_id=peer_id))
+        self._give_all(self.engine.revoke_peer(peer_id))
+
+    def on_disconnect(self) -> None:
+        log.warning("keyserver_disconnected", extra=fields(keys_kept=len(self.engine.peers)))
+
+    # --------------------------------------------------------------- status
+
+    def snapshot(self) -> dict:
+        doc = self.engine.snapshot(self._loop.time())
+        doc.update({
+            "id": self.host_id,
+            "addresses": list(self.config.addresses),
+            "prefixes": list(self.config.prefixes),
+            "table": self.config.table,
+            "rules_backend": self.rules.name if self.rules is not None else None,
+            "queue_num": self.config.queue_num,
+            "udp_port": self.config.udp_port if self.config.mode == "nat" else None,
+            "fail_closed": self.config.fail_closed,
+            "overhead_bytes": self.overhead,
+            "route_mtu_for_1500": REFERENCE_MTU - self.overhead,
+            "keyserver": self.client.server,
+            "keyservers": list(self.config.servers),
+            "connected": self.client.connected,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+        })
+        return doc
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _rules_on(self) -> None:
+        cfg = self.config
+        self.rules = nft_rules.choose_backend(cfg.rules_backend, cfg.table, cfg.prefixes, cfg.queue_num,
+                                              cfg.mode, cfg.udp_port)
+
+    def _rules_off(self) -> None:
+        cfg = self.config
+        if self.rules is None:
+            return
+        if cfg.fail_closed:
+            self.rules.apply(cfg.prefixes, None, cfg.mode, cfg.udp_port)
+        else:
+            self.rules.remove()
+
+    def _bind_queue(self) -> None:
+        try:
+            from netfilterqueue import COPY_PACKET, NetfilterQueue
+        except ImportError:
+            raise LocalError("the netfilterqueue package is missing (pip install 'l2crypt[l3]')") from None
+        try:
+            self.queue = NetfilterQueue()
+            self.queue.bind(self.config.queue_num, self._on_packet, max_len=QUEUE_MAX_PACKETS,
+                            mode=COPY_PACKET, range=65535)
+        except OSError as exc:
+            raise LocalError(f"cannot bind NFQUEUE {self.config.queue_num} (in use, or not root?): {exc}") from None
+
+    def _hold_udp_port(self) -> None:
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self._udp.bind(("0.0.0.0", self.config.udp_port))
+        except OSError as exc:
+            self._udp.close()
+            raise LocalError(f"UDP port {self.config.udp_port} is taken: {exc.strerror}") from None
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        settings = L3Settings(
+            mode=cfg.mode, udp_port=cfg.udp_port, replay_window_frames=cfg.replay_window_frames,
+            hold_frames=cfg.hold_frames, hold_age_s=cfg.hold_age_s, key_retry_s=cfg.key_retry_s,
+            key_retry_max_s=cfg.key_retry_max_s, unknown_cache_s=cfg.unknown_cache_s,
+            switch_after_s=cfg.switch_after_s, retire_after_s=cfg.retire_after_s,
+            rekey_after_frames=cfg.rekey_after_frames,
+        )
+        self.engine = L3Engine(self.host_id, self.my_ips, settings, pn_start=self.clock.pn_start())
+        self.client = L3KeyClient(cfg.servers, self.ssl_ctx, self.my_ips, self)
+        if cfg.mode == "nat":
+            self._hold_udp_port()
+        try:
+            self._bind_queue()
+            self._rules_on()
+            try:
+                await self._serve()
+            finally:
+                self._rules_off()
+                self._give_all(self.engine.drain_all())
+        finally:
+            if self.queue is not None:
+                self.queue.unbind()
+            if self._udp is not None:
+                self._udp.close()
+
+    async def _serve(self) -> None:
+        loop = self._loop
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        control = await serve_control(self.config.socket_path, self.snapshot)
+        fd = self.queue.get_fd()
+        loop.add_reader(fd, self._on_queue_readable)
+        client_task = asyncio.ensure_future(self.client.run(stop))
+        log.info("l3_agent_started", extra=fields(
+            id=self.host_id, mode=self.config.mode, addresses=",".join(self.config.addresses),
+            prefixes=",".join(self.config.prefixes), queue=self.config.queue_num, table=self.config.table,
+            overhead=self.overhead, servers=",".join(self.config.servers)))
+        last_persist = last_drop_log = loop.time()
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), TICK_S)
+                except asyncio.TimeoutError:
+                    pass
+                now = loop.time()
+                self._send_key_requests(now)
+                self._give_all(self.engine.on_timer(now))
+                self._give_all(self.engine.take_late_verdicts())
+                for kind, peer_id, pw_id in self.engine.take_notices():
+                    log.info("key_notice", extra=fields(kind=kind, peer_id=peer_id, pw_id=pw_id))
+                    self.client.send_l3_notice(kind, peer_id, pw_id)
+                if now - last_persist >= PERSIST_INTERVAL_S:
+                    self.clock.persist()
+                    last_persist = now
+                if now - last_drop_log >= DROP_LOG_S:
+                    new = self.engine.drops - self._logged_drops
+                    if new:
+                        log.warning("packets_dropped", extra=fields(**dict(new)))
+                        self._logged_drops = Counter(self.engine.drops)
+                    last_drop_log = now
+                if client_task.done() and not stop.is_set():
+                    client_task.result()
+        finally:
+            loop.remove_reader(fd)
+            stop.set()
+            client_task.cancel()
+            control.close()
+            self.clock.persist()
+            try:
+                self.config.socket_path.unlink()
+            except OSError:
+                pass
+            log.info("l3_agent_stopped", extra=fields(fail_closed=self.config.fail_closed,
+                                                      **dict(self.engine.counters)))

@@ -1,0 +1,150 @@
+"""Configuration of the layer-3 agent (``l2crypt l3-agent``): one frozen
+dataclass, loaded from one TOML file, every field overridable on the command
+line.  Example::
+
+    mode = "routed"                    # or "nat"
+    servers = ["10.67.0.1:7788"]
+    state_dir = "/var/lib/l2crypt"     # the enrollment of ``l2crypt enroll``
+    addresses = ["10.71.0.2"]          # this host's IPv4 addresses, bound to its ID
+    prefixes = ["10.72.0.0/24"]        # the policy: traffic to these is sealed
+    fail_closed = true
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    DEFAULT_STATE_DIR,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    _choice,
+    _f,
+    _int_range,
+    _path,
+    _seconds,
+    _servers,
+    build_config,
+    read_toml,
+)
+from .constants import (
+    DEFAULT_HOLD_AGE_S,
+    DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_RETRY_MAX_S,
+    DEFAULT_KEY_RETRY_S,
+    DEFAULT_REKEY_AFTER_FRAMES,
+    DEFAULT_REPLAY_WINDOW_FRAMES,
+    DEFAULT_RETIRE_AFTER_S,
+    DEFAULT_SWITCH_AFTER_S,
+    DEFAULT_UNKNOWN_CACHE_S,
+)
+from .ks_messages import MAX_PEER_IPS
+from .nft_rules import BACKENDS, check_table_name
+
+# Tuning constants (defaults) of the layer-3 agent.
+DEFAULT_L3_UDP_PORT = 7789
+DEFAULT_QUEUE_NUM = 7700
+DEFAULT_TABLE = "l2crypt_l3"
+
+
+def _str_list(value: Any) -> list:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("want a non-empty list")
+    return list(value)
+
+
+def _addresses(value: Any) -> tuple:
+    out = []
+    for item in _str_list(value):
+        try:
+            ip = ipaddress.IPv4Address(item)
+        except (ipaddress.AddressValueError, ValueError):
+            raise ValueError(f"not an IPv4 address: {item!r}") from None
+        if ip.is_multicast or ip.is_unspecified or ip.is_loopback:
+            raise ValueError(f"{item} is not a unicast host address")
+        out.append(str(ip))
+    if len(out) > MAX_PEER_IPS:
+        raise ValueError(f"at most {MAX_PEER_IPS} addresses")
+    return tuple(out)
+
+
+def _prefixes(value: Any) -> tuple:
+    out = []
+    for item in _str_list(value):
+        try:
+            out.append(str(ipaddress.IPv4Network(item, strict=True)))
+        except ValueError as exc:
+            raise ValueError(f"not an IPv4 prefix: {item!r} ({exc})") from None
+    return tuple(out)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"want true or false, got {value!r}")
+
+
+def _table(value: Any) -> str:
+    return check_table_name(value)
+
+
+@dataclass(frozen=True)
+class L3AgentConfig:
+    """Settings of one layer-3 agent (one policy, one NFQUEUE, one nft table)."""
+
+    mode: str = _f("routed", _choice(("routed", "nat")),
+                   "routed (IP header kept, protocol 253) or nat (sealed packet over UDP)")
+    servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
+    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, clock floor and control socket")
+    addresses: tuple = _f(None, _addresses, "this host's IPv4 addresses, bound to its ID at the key server")
+    prefixes: tuple = _f(None, _prefixes, "policy: IPv4 prefixes whose traffic is sealed (CIDR)")
+    udp_port: int = _f(DEFAULT_L3_UDP_PORT, _int_range(1, 65535), "nat mode: UDP port of sealed packets")
+    queue_num: int = _f(DEFAULT_QUEUE_NUM, _int_range(0, 65535), "NFQUEUE number the agent listens on")
+    table: str = _f(DEFAULT_TABLE, _table, "name of this instance's rule set (nft table / iptables chains)")
+    rules_backend: str = _f("auto", _choice(BACKENDS), "auto (nft if the kernel has nft_queue, else iptables), nft or iptables")
+    fail_closed: bool = _f(True, _bool, "on stop, keep dropping the policy's traffic (true) or remove the rules")
+    replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),
+                                   "packets of reordering the replay window accepts")
+    hold_frames: int = _f(DEFAULT_HOLD_FRAMES, _int_range(0, 1024),
+                          "packets held per peer while its key is requested")
+    hold_age_s: float = _f(DEFAULT_HOLD_AGE_S, _seconds(0.0, 60.0), "longest a packet is held, seconds")
+    key_retry_s: float = _f(DEFAULT_KEY_RETRY_S, _seconds(0.05, 60.0), "first key request retry, seconds")
+    key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
+    unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
+                                "how long an 'unknown peer' answer is believed, seconds")
+    switch_after_s: float = _f(DEFAULT_SWITCH_AFTER_S, _seconds(0.0, 600.0),
+                               "longest a sender keeps the old key after a new version arrives, seconds")
+    retire_after_s: float = _f(DEFAULT_RETIRE_AFTER_S, _seconds(0.0, 3600.0),
+                               "how long an old key version is still accepted after the switch, seconds")
+    rekey_after_frames: int = _f(DEFAULT_REKEY_AFTER_FRAMES, _int_range(16, 2**62),
+                                 "packets sent under one pair key before the agent asks for a new one")
+    log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
+    log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.state_dir) / "l3-agent.sock"
+
+
+REQUIRED = ("servers", "addresses", "prefixes")
+
+
+def load_l3_config(path: str | None, overrides: dict) -> L3AgentConfig:
+    """File values first, then CLI overrides (None means 'not given')."""
+    values: dict = {}
+    source = "command line"
+    if path:
+        values = read_toml(path)
+        source = str(path)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given and path:
+        source = f"{path} (+ command line)"
+    values.update(given)
+    return build_config(L3AgentConfig, values, source, REQUIRED)

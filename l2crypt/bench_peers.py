@@ -161,10 +161,12 @@ def setup_tinc(lab: L.Lab) -> list[str]:
     return [f"tincd-{h}" for h in (h1, h2)]
 
 
-#: name -> (agents in the lab?, setup returning the names of the processes that carry frames)
+#: name -> (agent options or None for no agents, setup returning the names of the
+#: processes that carry frames)
 SEGMENTS = {
-    "plain veth": (False, setup_plain),
-    "l2crypt": (True, setup_l2crypt),
-    "OpenVPN tap": (False, setup_openvpn),
-    "tinc switch": (False, setup_tinc),
+    "plain veth": (None, setup_plain),
+    "l2crypt": ((), setup_l2crypt),
+    "l2crypt no GRO": (("--tap-gro", "off"), setup_l2crypt),
+    "OpenVPN tap": (None, setup_openvpn),
+    "tinc switch": (None, setup_tinc),
 }

@@ -92,10 +92,11 @@ class Agent:
             return
         now = self._loop.time()
         open_ = self.engine.open_from_wire
-        plains = [p for p in (open_(frame, now) for frame in frames) if p is not None]
-        failed = self.tap.write_frames(plains)
-        if failed:
-            self.engine.drops["tap_write_error"] += failed
+        write = self.tap.write_frame
+        for frame in frames:
+            plain = open_(frame, now)
+            if plain is not None and not write(plain):
+                self.engine.drops["tap_write_error"] += 1
         if self.engine.holds.pending:
             self._send_key_requests(now)
 
@@ -178,8 +179,6 @@ class Agent:
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "egress_blocked": egress_drops(self.config.port),
-            "tap_gro": self.tap.gro,
-            "tap_coalesced": self.tap.coalesced,
         })
         return doc
 
@@ -202,7 +201,7 @@ class Agent:
         cfg = self.config
         guard_port(cfg.port, cfg.ethertype)
         mac = parse_mac(cfg.tap_mac) if cfg.tap_mac else None
-        self.tap = LinuxTap(cfg.tap, self.tap_mtu, mac, gro=cfg.tap_gro == "on")
+        self.tap = LinuxTap(cfg.tap, self.tap_mtu, mac)
         try:
             self.wire = LinuxWire(cfg.port, cfg.ethertype)
             settings = EngineSettings(

@@ -166,7 +166,6 @@ def setup_tinc(lab: L.Lab) -> list[str]:
 SEGMENTS = {
     "plain veth": (None, setup_plain),
     "l2crypt": ((), setup_l2crypt),
-    "l2crypt no GRO": (("--tap-gro", "off"), setup_l2crypt),
     "OpenVPN tap": (None, setup_openvpn),
     "tinc switch": (None, setup_tinc),
 }

@@ -6,8 +6,8 @@ Wall-clock throughput depends on what else the machine runs; these do not:
    ``seal_from_tap`` and of ``open_from_wire`` for frames of one size, between
    two in-memory engines holding a pair key.  No I/O, so it is the floor the
    agent's interpreter and cipher work put under every frame.
-2. ``peer_table_rss``: the resident memory of a fresh process that builds an
-   engine, installs ``n`` peers (pair keys, as the key client would) and seals
+2. ``peer_table_rss``: the resident memory of a fresh process that loads the
+   agent's modules, builds an engine, installs ``n`` peers (pair keys, as the key client would) and seals
    and opens one frame per peer, against the same process with no peers.
 
 3. ``instructions_per_frame``: user-space instructions per seal or open,
@@ -109,6 +109,8 @@ def _rss_kib() -> int:
 
 def _table_child(n_peers: int) -> None:
     """Run in a fresh interpreter: build the table, print RSS in KiB."""
+    from . import agent  # noqa: F401  - what an agent process has loaded (asyncio, ssl, key client)
+
     a = FrameEngine(MAC_A, EngineSettings(), pn_start=1)
     a.install_multicast_key(os.urandom(32), 1, 0.0)
     for i in range(n_peers):

@@ -3,11 +3,8 @@
 1. Read the host identity from the state directory (``l2crypt enroll``).
 2. Guard the wire port (only l2crypt frames may leave), open the TAP with
    MTU = wire MTU - 32, open the packet socket.
-3. TAP readable -> seal -> wire; wire readable -> open -> TAP; each wakeup
-   drains up to ``BATCH_FRAMES`` frames.  With ``datapath = "thread"`` (the
-   default) this runs on its own thread with a bare epoll loop
-   (``datapath.py``), else on the asyncio loop.  Every engine call on either
-   thread holds ``self.lock``.
+3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
+   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
 4. The key client runs beside it; every key request the engine raises is
    sent at once, answers and pushes install keys and release held frames.
 5. A tick every ``TICK_S`` retries requests, ages held frames, persists the
@@ -18,10 +15,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +25,6 @@ from . import engine as engine_mod
 from .config import AgentConfig
 from .constants import FRAME_OVERHEAD
 from .control import serve_control
-from .datapath import DataPathThread
 from .engine import EngineSettings, FrameEngine
 from .errors import LocalError
 from .frame_wire import format_mac, parse_mac
@@ -48,15 +42,6 @@ BATCH_FRAMES = 64
 TICK_S = 0.1
 DROP_LOG_S = 10.0
 MIN_TAP_MTU = 576
-
-
-def _locked(method):
-    """Run an agent method holding the engine lock (control path, asyncio thread)."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-    return wrapper
 
 
 def wire_mtu_of(port: str) -> int:
@@ -84,12 +69,9 @@ class Agent:
         self.started_at = time.monotonic()
         self._logged_drops: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.lock = threading.RLock()
-        self.datapath: DataPathThread | None = None
 
     # ------------------------------------------------------------- data path
 
-    @_locked
     def _on_tap_readable(self) -> None:
         frames = self.tap.read_frames(BATCH_FRAMES)
         if not frames:
@@ -104,7 +86,6 @@ class Agent:
         if self.engine.holds.pending:
             self._send_key_requests(now)
 
-    @_locked
     def _on_wire_readable(self) -> None:
         frames = self.wire.read_frames(BATCH_FRAMES)
         if not frames:
@@ -129,11 +110,6 @@ class Agent:
 
     # ------------------------------------------------------------ key events
 
-    @_locked
-    def _kick_key_requests(self) -> None:
-        """Key requests the data path thread saw pending (runs on the asyncio loop)."""
-        self._send_key_requests(self._loop.time())
-
     def _send_key_requests(self, now: float) -> None:
         for mac in self.engine.take_key_requests(now):
             if mac == engine_mod.GROUP_MAC:
@@ -146,7 +122,6 @@ class Agent:
             log.info("key_notice", extra=fields(kind=kind, peer_mac=format_mac(mac), pw_id=pw_id))
             self.client.send_notice(kind, mac, pw_id)
 
-    @_locked
     def on_welcome(self, msg: dict) -> None:
         if engine_mod.use_cipher(self.engine, msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
@@ -157,7 +132,6 @@ class Agent:
             entry.next_request_at = 0.0
         self._send_key_requests(self._loop.time())
 
-    @_locked
     def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
         peer = self.engine.peers.get(peer_mac)
         held = peer.keys.newest_pw_id() if peer is not None else 0
@@ -167,35 +141,29 @@ class Agent:
                                                    released=len(delivered.to_wire) + len(delivered.to_tap)))
         self._deliver(delivered)
 
-    @_locked
     def on_unknown(self, peer_mac: bytes) -> None:
         log.info("peer_unknown", extra=fields(peer_mac=format_mac(peer_mac)))
         self.engine.mark_unknown(peer_mac, self._loop.time())
 
-    @_locked
     def on_key_refused(self, peer_mac: bytes, code: str, text: str) -> None:
         log.warning("key_refused", extra=fields(peer_mac=format_mac(peer_mac), code=code, reason=text))
         self.engine.mark_unknown(peer_mac, self._loop.time())
 
-    @_locked
     def on_multicast(self, key: bytes, pw_id: int) -> None:
         held = self.engine.group.newest_pw_id()
         self._deliver(self.engine.install_multicast_key(key, pw_id, self._loop.time()))
         if pw_id > held:
             log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
 
-    @_locked
     def on_peer_revoked(self, peer_mac: bytes) -> None:
         log.warning("peer_revoked", extra=fields(peer_mac=format_mac(peer_mac)))
         self.engine.revoke_peer(peer_mac)
 
-    @_locked
     def on_disconnect(self) -> None:
         log.warning("keyserver_disconnected", extra=fields(keys_kept=len(self.engine.peers)))
 
     # --------------------------------------------------------------- status
 
-    @_locked
     def snapshot(self) -> dict:
         now = self._loop.time()
         doc = self.engine.snapshot(now)
@@ -216,14 +184,12 @@ class Agent:
 
     # ------------------------------------------------------------- lifecycle
 
-    @_locked
     def _tick(self, now: float) -> None:
         self._send_key_requests(now)
         self.engine.on_timer(now)
         if self.engine.notices:
             self._send_notices()
 
-    @_locked
     def _log_drops(self) -> None:
         new = self.engine.drops - self._logged_drops
         if new:
@@ -264,15 +230,8 @@ class Agent:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         control = await serve_control(self.config.socket_path, self.snapshot)
-        if self.config.datapath == "thread":
-            self.datapath = DataPathThread(
-                self.tap, self.wire, self.engine, self.lock, BATCH_FRAMES,
-                on_pending=lambda: loop.call_soon_threadsafe(self._kick_key_requests),
-                on_error=lambda exc: loop.call_soon_threadsafe(stop.set))
-            self.datapath.start()
-        else:
-            loop.add_reader(self.tap.fileno(), self._on_tap_readable)
-            loop.add_reader(self.wire.fileno(), self._on_wire_readable)
+        loop.add_reader(self.tap.fileno(), self._on_tap_readable)
+        loop.add_reader(self.wire.fileno(), self._on_wire_readable)
         client_task = asyncio.ensure_future(self.client.run(stop))
         log.info("agent_started", extra=fields(
             id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
@@ -295,11 +254,8 @@ class Agent:
                 if client_task.done() and not stop.is_set():
                     client_task.result()  # surface a bug in the client
         finally:
-            if self.datapath is not None:
-                self.datapath.stop()
-            else:
-                loop.remove_reader(self.tap.fileno())
-                loop.remove_reader(self.wire.fileno())
+            loop.remove_reader(self.tap.fileno())
+            loop.remove_reader(self.wire.fileno())
             stop.set()
             client_task.cancel()
             control.close()
@@ -309,5 +265,3 @@ class Agent:
             except OSError:
                 pass
             log.info("agent_stopped", extra=fields(**{k: v for k, v in self.engine.counters.items()}))
-        if self.datapath is not None and self.datapath.error is not None:
-            raise self.datapath.error  # a bug on the data path: surface it

@@ -144,8 +144,6 @@ class AgentConfig:
     state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, clock floor and control socket")
     tap_mac: str | None = _f(None, _mac, "MAC of the TAP (default: random, kept by the kernel)")
     wire_mtu: int = _f(0, _int_range(0, 65535), "MTU of the wire port in bytes; 0 = use the port's")
-    datapath: str = _f("thread", _choice(("thread", "asyncio")),
-                       "where frames move: thread (own epoll loop) or asyncio (the control loop)")
     ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
     replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),
                                    "frames of reordering the replay window accepts")

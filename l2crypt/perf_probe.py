@@ -82,10 +82,17 @@ def _ir_child(what: str, size: int, frames: int) -> None:
         b.open_from_wire(s, 1.0)
 
 
+def _child_env() -> dict:
+    """The environment of a measuring child: it imports this very copy of l2crypt."""
+    here = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))}
+
+
 def _instructions(what: str, size: int, frames: int) -> int:
     code = f"from l2crypt.perf_probe import _ir_child; _ir_child({what!r}, {size}, {frames})"
     res = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+                          sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=_child_env())
     for line in res.stderr.splitlines():
         if "I   refs:" in line or "I refs:" in line:
             return int(line.split(":")[1].replace(",", "").strip())
@@ -127,7 +134,7 @@ def peer_table_rss(n_peers: int = 1000) -> dict:
     out = {}
     for n in (0, n_peers):
         res = subprocess.run([sys.executable, "-c", f"from l2crypt.perf_probe import _table_child; _table_child({n})"],
-                             capture_output=True, text=True, timeout=120, check=True)
+                             capture_output=True, text=True, timeout=120, check=True, env=_child_env())
         out[n] = int(res.stdout.strip()) / 1024
     # The agent process also imports the key client, TLS and asyncio.
     return {"peers": n_peers, "rss_mib": round(out[n_peers], 1), "rss_mib_no_peers": round(out[0], 1),

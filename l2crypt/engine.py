@@ -77,6 +77,9 @@ from .hold_queue import RX, TX, HoldTable
 from .key_ring import KeyRing
 from .peer_keys import GroupKey, KeySlot, PeerState
 
+_decode_fields = frame_wire.decode_fields
+_nonce = aead.nonce
+
 # Drop reasons (the names users see in status and metrics).
 RUNT = "runt"
 FOREIGN_SOURCE = "foreign_source"
@@ -185,7 +188,7 @@ class FrameEngine:
             )
             self.counters["sealed"] += 1
             self.counters["bytes_sealed"] += len(frame)
-            return aad + group.send_aead.encrypt(aead.nonce(pn), frame[MAC_HEADER_LEN:], aad)
+            return aad + group.send_aead.encrypt(_nonce(pn), frame[MAC_HEADER_LEN:], aad)
         peer = self.peers.get(dst)
         if peer is None:
             self._hold(dst, TX, frame, now)
@@ -211,14 +214,14 @@ class FrameEngine:
         peer.bytes_out += len(frame)
         self.counters["sealed"] += 1
         self.counters["bytes_sealed"] += len(frame)
-        return aad + slot.send_aead.encrypt(aead.nonce(pn), frame[MAC_HEADER_LEN:], aad)
+        return aad + slot.send_aead.encrypt(_nonce(pn), frame[MAC_HEADER_LEN:], aad)
 
     # ---------------------------------------------------------------- receiving
 
     def open_from_wire(self, frame: bytes, now: float) -> bytes | None:
         """Open one sealed frame from the wire; None means dropped or held."""
-        header = frame_wire.decode_header(frame, self.ethertype)
-        if isinstance(header, str):
+        header = _decode_fields(frame, self.ethertype)
+        if header.__class__ is str:
             self.drops[header] += 1
             return None
         dst, src, key_id, pw_id, pn = header
@@ -260,7 +263,7 @@ class FrameEngine:
             self.drops[REPLAYED] += 1
             return None
         try:
-            plain = slot.recv_aead.decrypt(aead.nonce(pn), frame[AAD_LEN:], frame[:AAD_LEN])
+            plain = slot.recv_aead.decrypt(_nonce(pn), frame[AAD_LEN:], frame[:AAD_LEN])
         except InvalidTag:
             self.drops[BAD_TAG] += 1
             return None
@@ -295,7 +298,7 @@ class FrameEngine:
             self.drops[REPLAYED] += 1
             return None
         try:
-            plain = sender.recv_aead.decrypt(aead.nonce(pn), frame[AAD_LEN:], frame[:AAD_LEN])
+            plain = sender.recv_aead.decrypt(_nonce(pn), frame[AAD_LEN:], frame[:AAD_LEN])
         except InvalidTag:
             self.drops[BAD_TAG] += 1
             return None

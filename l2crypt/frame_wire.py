@@ -15,7 +15,8 @@ EtherType moves inside the ciphertext) and 16 of tag.
 
 1. ``encode_header`` builds the 28 bytes of AAD for a plain frame's MACs.
 2. ``decode_header`` parses and length-checks a received frame; it never
-   raises, it returns a drop reason instead.
+   raises, it returns a drop reason instead.  ``decode_fields`` does the
+   same and returns a plain tuple (the engine's per-frame path).
 """
 
 from __future__ import annotations
@@ -82,14 +83,23 @@ def decode_header(frame: bytes, ethertype: int) -> FrameHeader | str:
     the drop reason (``truncated``, ``not_l2crypt``, ``unknown_version``).
     Never raises.
     """
+    fields = decode_fields(frame, ethertype)
+    return fields if isinstance(fields, str) else FrameHeader(*fields)
+
+
+_unpack_header = HEADER.unpack_from
+
+
+def decode_fields(frame: bytes, ethertype: int) -> tuple[bytes, bytes, int, int, int] | str:
+    """``decode_header`` as a plain tuple (dst, src, key id, PW_ID, packet number)."""
     if len(frame) < MIN_SEALED_FRAME:
         return TRUNCATED
-    et, version, key_id, pw_id, pn = HEADER.unpack_from(frame, MAC_HEADER_LEN)
+    et, version, key_id, pw_id, pn = _unpack_header(frame, MAC_HEADER_LEN)
     if et != ethertype:
         return NOT_L2CRYPT
     if version != FRAME_VERSION:
         return UNKNOWN_VERSION
-    return FrameHeader(frame[0:6], frame[6:12], key_id, pw_id, pn)
+    return frame[0:6], frame[6:12], key_id, pw_id, pn
 
 
 def aad_of(frame: bytes) -> bytes:

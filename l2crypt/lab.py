@@ -154,6 +154,7 @@ class Lab(LabProcesses):
         capture_from_start: bool = False,
         suffix: str | None = None,
         bin_dir: str | Path | None = None,
+        agent_args: tuple[str, ...] = (),
     ):
         self.suffix = suffix or secrets.token_hex(3)[:5]
         self.state_dir = Path(state_dir or f"/tmp/l2crypt-lab-{self.suffix}").resolve()
@@ -161,6 +162,7 @@ class Lab(LabProcesses):
         self.agents = agents
         self.capture_from_start = capture_from_start
         self.bin_dir = Path(bin_dir or Path(sys.executable).parent)
+        self.agent_args = tuple(agent_args)  # extra options of every agent (e.g. --tap-gro off)
         self.namespaces: dict[str, str] = {}  # role -> netns name
         self.procs: list[Proc] = []
         self.lifetime: dict[str, Capture] = {}  # host -> capture of what it sent to the switch
@@ -456,7 +458,7 @@ class Lab(LabProcesses):
         return self.popen(host, [self.cmd("l2crypt"), "agent", "--port", WIRE_IFNAME,
                                  "--tap", TAP_IFNAME, "--server", self.keyserver_addr,
                                  "--state-dir", self.host_dir(host), "--tap-mac", tap_mac(host),
-                                 *extra_args],
+                                 *self.agent_args, *extra_args],
                           name=f"agent-{host}")
 
     def status(self, host: str, timeout: float = 10.0) -> dict:

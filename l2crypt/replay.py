@@ -49,14 +49,19 @@ class ReplayWindow:
 
         Returns False (and changes nothing) if ``pn`` is replayed or too old.
         """
-        if not self.check(pn):
-            return False
-        if pn > self._last:
-            current = self._last >> _BLOCK_SHIFT if self._last >= 0 else -1
+        last = self._last
+        n = self._n
+        if pn > last:
+            current = last >> _BLOCK_SHIFT if last >= 0 else -1
             target = pn >> _BLOCK_SHIFT
-            steps = min(target - current, self._n)
-            for i in range(1, steps + 1):
-                self._blocks[(current + i) % self._n] = 0
+            if target != current:
+                blocks = self._blocks
+                for i in range(1, min(target - current, n) + 1):
+                    blocks[(current + i) % n] = 0
             self._last = pn
-        self._blocks[(pn >> _BLOCK_SHIFT) % self._n] |= 1 << (pn & _BIT_MASK)
+        elif pn + self.window_frames <= last:
+            return False  # too old
+        elif (self._blocks[(pn >> _BLOCK_SHIFT) % n] >> (pn & _BIT_MASK)) & 1:
+            return False  # replayed
+        self._blocks[(pn >> _BLOCK_SHIFT) % n] |= 1 << (pn & _BIT_MASK)
         return True

@@ -55,15 +55,10 @@ server -> client
 
 from __future__ import annotations
 
-import struct
-from typing import Any
-
-import msgpack
-
 from .constants import MAX_MESSAGE_BYTES
-from .errors import LocalError, RemoteProtocolError
-
-LENGTH = struct.Struct("!I")
+from .errors import RemoteProtocolError
+from .msg_codec import LENGTH, MAX_STR_LEN, U32_MAX, MessageCodec  # noqa: F401  (re-exported)
+from .msg_codec import FrameReader as _FrameReader
 
 _B = bytes
 # field -> (type, exact length or None)
@@ -136,39 +131,10 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 MAX_ID_LEN = 64
 #: Most IPv4 addresses one host may bind (and one ``peer_ips`` may carry).
 MAX_PEER_IPS = 16
-MAX_STR_LEN = 1024
-U32_MAX = 2**32 - 1
 
 
-def validate(msg: Any) -> dict:
-    """Check a decoded message against SCHEMA; return it or raise ValueError."""
-    if not isinstance(msg, dict):
-        raise ValueError("message is not a map")
-    t = msg.get("t")
-    if t not in SCHEMA:
-        raise ValueError(f"unknown message type {t!r}")
-    required, optional = SCHEMA[t]
-    keys = set(msg) - {"t"}
-    missing = required - keys
-    if missing:
-        raise ValueError(f"{t}: missing field(s) {', '.join(sorted(missing))}")
-    extra = keys - required - optional
-    if extra:
-        raise ValueError(f"{t}: unexpected field(s) {', '.join(sorted(map(str, extra)))}")
-    for name in keys:
-        typ, length = _FIELDS[name]
-        value = msg[name]
-        if typ is int:
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U32_MAX:
-                raise ValueError(f"{t}.{name}: not an unsigned 32-bit integer")
-        elif not isinstance(value, typ):
-            raise ValueError(f"{t}.{name}: wrong type {type(value).__name__}")
-        elif length is not None and len(value) != length:
-            raise ValueError(f"{t}.{name}: length {len(value)}, want {length}")
-        elif typ is str and len(value) > MAX_STR_LEN:
-            raise ValueError(f"{t}.{name}: too long")
-        elif typ is _B and len(value) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"{t}.{name}: too long")
+def _check_across_fields(msg: dict) -> None:
+    t = msg["t"]
     if "id" in msg and not valid_host_id(msg["id"]):
         raise ValueError(f"{t}.id: not a valid host ID")
     if "peer_id" in msg and t.startswith(("l3_", "id_")) and not valid_host_id(msg["peer_id"]):
@@ -177,7 +143,6 @@ def validate(msg: Any) -> dict:
         n = len(msg["peer_ips"])
         if n % 4 or not 4 <= n <= 4 * MAX_PEER_IPS:
             raise ValueError(f"{t}.peer_ips: length {n}, want 1-{MAX_PEER_IPS} addresses of 4 bytes")
-    return msg
 
 
 def valid_host_id(host_id: str) -> bool:
@@ -187,34 +152,11 @@ def valid_host_id(host_id: str) -> bool:
     return all(c.isascii() and (c.isalnum() or c in ".-_") for c in host_id)
 
 
-def encode_body(msg: dict) -> bytes:
-    """Validate and pack a message body (no length prefix)."""
-    try:
-        validate(msg)
-    except ValueError as exc:
-        raise LocalError(f"refusing to send a bad message: {exc}") from None
-    body = msgpack.packb(msg, use_bin_type=True)
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise LocalError(f"refusing to send a {len(body)}-byte message (limit {MAX_MESSAGE_BYTES})")
-    return body
-
-
-def encode_message(msg: dict) -> bytes:
-    """Validate, pack and frame one message."""
-    body = encode_body(msg)
-    return LENGTH.pack(len(body)) + body
-
-
-def decode_body(body: bytes) -> dict:
-    """Unpack and validate one body; raise RemoteProtocolError with a reason."""
-    try:
-        msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many types for garbage
-        raise RemoteProtocolError(f"undecodable message: {type(exc).__name__}", "malformed") from None
-    try:
-        return validate(msg)
-    except ValueError as exc:
-        raise RemoteProtocolError(str(exc), "malformed") from None
+CODEC = MessageCodec(_FIELDS, SCHEMA, MAX_MESSAGE_BYTES, "message", _check_across_fields)
+validate = CODEC.validate            # ValueError with the reason
+encode_body = CODEC.encode_body      # validate and pack (no length prefix)
+encode_message = CODEC.encode        # validate, pack and frame
+decode_body = CODEC.decode_body      # unpack and validate; RemoteProtocolError
 
 
 def decode_message(data: bytes) -> dict:
@@ -226,33 +168,8 @@ def decode_message(data: bytes) -> dict:
     return msgs[0]
 
 
-class FrameReader:
-    """Incremental deframer: feed bytes, get whole messages.
-
-    Owned by one connection.  Raises RemoteProtocolError on an oversized length
-    (before buffering the body) or on a malformed body.
-    """
+class FrameReader(_FrameReader):
+    """Incremental deframer of key-server messages (see ``msg_codec.FrameReader``)."""
 
     def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES):
-        self._buf = bytearray()
-        self._max = max_bytes
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[dict]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= LENGTH.size:
-            (length,) = LENGTH.unpack_from(self._buf)
-            if length > self._max:
-                raise RemoteProtocolError(
-                    f"message of {length} bytes exceeds the {self._max}-byte limit", "oversized"
-                )
-            if len(self._buf) < LENGTH.size + length:
-                break
-            body = bytes(self._buf[LENGTH.size : LENGTH.size + length])
-            del self._buf[: LENGTH.size + length]
-            out.append(decode_body(body))
-        return out
+        super().__init__(CODEC, max_bytes)

@@ -257,8 +257,9 @@ def check_agent_file(path: str) -> list[str]:
     return config_problems(AgentConfig, values, str(path), REQUIRED)[1]
 
 
-def load_agent_config(path: str | None, overrides: dict) -> AgentConfig:
-    """File values first, then CLI overrides (None means 'not given')."""
+def load_config(cls, path: str | None, overrides: dict, required=()):
+    """A ``cls`` config: the file's values first, then CLI overrides (None
+    means 'not given'); ConfigError naming the key on any problem."""
     values: dict = {}
     source = "command line"
     if path:
@@ -268,4 +269,9 @@ def load_agent_config(path: str | None, overrides: dict) -> AgentConfig:
     if given and path:
         source = f"{path} (+ command line)"
     values.update(given)
-    return build_config(AgentConfig, values, source, REQUIRED)
+    return build_config(cls, values, source, required)
+
+
+def load_agent_config(path: str | None, overrides: dict) -> AgentConfig:
+    """The agent's config (see ``load_config``)."""
+    return load_config(AgentConfig, path, overrides, REQUIRED)

@@ -27,8 +27,7 @@ from .config import (
     _path,
     _seconds,
     _servers,
-    build_config,
-    read_toml,
+    load_config,
 )
 from .constants import (
     DEFAULT_HOLD_AGE_S,
@@ -137,14 +136,5 @@ REQUIRED = ("servers", "addresses", "prefixes")
 
 
 def load_l3_config(path: str | None, overrides: dict) -> L3AgentConfig:
-    """File values first, then CLI overrides (None means 'not given')."""
-    values: dict = {}
-    source = "command line"
-    if path:
-        values = read_toml(path)
-        source = str(path)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if given and path:
-        source = f"{path} (+ command line)"
-    values.update(given)
-    return build_config(L3AgentConfig, values, source, REQUIRED)
+    """The layer-3 agent's config (see ``config.load_config``)."""
+    return load_config(L3AgentConfig, path, overrides, REQUIRED)

@@ -127,6 +127,7 @@ class MulticastAgreement:
             self.leader = None  # we have the smallest fingerprint: we lead
         self.counters = {"adopted": 0, "rotations_asked": 0, "polls_failed": 0}
         self.synced = False
+        self._failing = False  # warned about an unreachable leader; owned by _follow
         self._task: asyncio.Task | None = None
         peering.register_ext(KIND, self._answer)
 
@@ -171,10 +172,17 @@ class MulticastAgreement:
         while True:
             try:
                 await self.sync_once()
+                if self._failing:
+                    log.info("multicast_leader_reachable", extra=fields(leader=self.leader.address))
+                self._failing = False
             except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError,
                     ValueError) as exc:
                 self.counters["polls_failed"] += 1
-                log.debug("multicast leader %s: %s", self.leader.address, exc or type(exc).__name__)
+                # Once per outage at WARNING (the first polls fail until both sides pinned each other).
+                level = logging.WARNING if not self._failing and self.counters["polls_failed"] > 3 else logging.DEBUG
+                self._failing = self._failing or level == logging.WARNING
+                log.log(level, "multicast_leader_unreachable",
+                        extra=fields(leader=self.leader.address, reason=str(exc) or type(exc).__name__))
             except Exception:  # a bug (or a store hiccup) must not stop the polling for good
                 self.counters["polls_failed"] += 1
                 log.exception("multicast_sync_failed")

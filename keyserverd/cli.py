@@ -334,15 +334,20 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
                                                  cipher=config.cipher, metrics=config.metrics_listen or "off"))
     admin_path = config.state_dir / ADMIN_SOCKET
     admin = await serve_control(admin_path, lambda: status_snapshot(server, config, shown))
-    peering = None
+    peering = multicast = None
     if config.peer_listen or config.peers:
         from .peering import Peering, PeerSpec
         peering = Peering(ca, tuple(PeerSpec.parse(p) for p in config.peers), config.peer_listen or None)
         peering.register("resolve", lambda msg: service.resolve_for_peer(msg["mac"], msg["from_id"], time.time())
                          or {"t": "unknown", "mac": msg["mac"]})
+        if config.peers:  # peered servers agree on one multicast key (ARP/ND across switches)
+            from .multicast_peering import MulticastAgreement
+            multicast = MulticastAgreement(peering, service)
         bound = await peering.start()
         server.peering, service.peering_enabled = peering, bool(config.peers)
         log.info("peering_started", extra=fields(listen=bound, peers=len(config.peers)))
+        if multicast is not None:
+            multicast.start()
     events = asyncio.ensure_future(server.run_events())
     netkey_peering = netkey_task = None
     if config.netkey_listen:
@@ -366,6 +371,8 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
             admin_path.unlink()
         except OSError:
             pass
+        if multicast is not None:
+            await multicast.close()
         if peering is not None:
             await peering.close()
         if netkey_peering is not None:

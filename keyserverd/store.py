@@ -182,6 +182,11 @@ class KeyStore(Protocol):
     def multicast_key(self, pw_id: int) -> bytes | None:
         """One version of the multicast key, if still held."""
 
+    def adopt_multicast_key(self, pw_id: int, key: bytes, now: float) -> bool:
+        """Store a given multicast key version (from the multicast leader of
+        peered key servers) with an event, if it is newer than every version
+        held; True if it was stored."""
+
     def events_since(self, seq: int) -> list[KeyEvent]:
         """Events after ``seq``, oldest first."""
 
@@ -469,6 +474,18 @@ class SqliteStore(IpBindings):
         row = self._db.execute("SELECT key FROM multicast_keys WHERE pw_id = ?", (pw_id,)).fetchone()
         return bytes(row[0]) if row else None
 
+    def adopt_multicast_key(self, pw_id, key, now) -> bool:
+        if len(key) != KEY_BYTES:
+            raise LocalError(f"a multicast key has {KEY_BYTES} bytes")
+        with self._write():
+            newest = self._db.execute("SELECT COALESCE(MAX(pw_id), 0) FROM multicast_keys").fetchone()[0]
+            if pw_id <= newest:
+                return False
+            self._db.execute("INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (?, ?, ?)",
+                             (pw_id, key, now))
+            self._event("multicast", None, None, pw_id, now)
+        return True
+
     def events_since(self, seq) -> list[KeyEvent]:
         rows = self._db.execute(
             "SELECT seq, kind, id1, id2, pw_id FROM key_events WHERE seq > ? ORDER BY seq", (seq,)
@@ -491,7 +508,7 @@ class SqliteStore(IpBindings):
             pairs = cur.rowcount
             cur = self._db.execute(
                 "DELETE FROM multicast_keys WHERE EXISTS (SELECT 1 FROM multicast_keys AS newer "
-                "WHERE newer.pw_id = multicast_keys.pw_id + 1 AND newer.created_at < ?)",
+                "WHERE newer.pw_id > multicast_keys.pw_id AND newer.created_at < ?)",
                 (superseded_before,),
             )
             self._db.execute("DELETE FROM key_events WHERE created_at < ?", (superseded_before - 86400,))

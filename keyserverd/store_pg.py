@@ -385,6 +385,20 @@ class PgStore:
         row = self._q("SELECT key FROM multicast_keys WHERE pw_id = %s", (pw_id,)).fetchone()
         return bytes(row[0]) if row else None
 
+    def adopt_multicast_key(self, pw_id, key, now) -> bool:
+        if len(key) != KEY_BYTES:
+            raise LocalError(f"a multicast key has {KEY_BYTES} bytes")
+        with self._db.transaction():
+            newest = self._q("SELECT COALESCE(MAX(pw_id), 0) FROM multicast_keys").fetchone()[0]
+            if pw_id <= newest:
+                return False
+            done = self._q("INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (%s, %s, %s) "
+                           "ON CONFLICT DO NOTHING RETURNING pw_id", (pw_id, key, now)).fetchone()
+            if done is None:
+                return False  # another instance stored it first
+            self._event("multicast", None, None, pw_id, now)
+        return True
+
     def events_since(self, seq) -> list[KeyEvent]:
         rows = self._q("SELECT seq, kind, id1, id2, pw_id FROM key_events WHERE seq > %s ORDER BY seq",
                        (seq,)).fetchall()
@@ -402,7 +416,7 @@ class PgStore:
             ).rowcount
             mcast = self._q(
                 "DELETE FROM multicast_keys WHERE EXISTS (SELECT 1 FROM multicast_keys AS newer "
-                "WHERE newer.pw_id = multicast_keys.pw_id + 1 AND newer.created_at < %s)", (superseded_before,),
+                "WHERE newer.pw_id > multicast_keys.pw_id AND newer.created_at < %s)", (superseded_before,),
             ).rowcount
             self._q("DELETE FROM key_events WHERE created_at < %s", (superseded_before - 86400,))
         return pairs + mcast

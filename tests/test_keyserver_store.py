@@ -261,6 +261,29 @@ def test_multicast_key_created_once(store_opener):
     s.close()
 
 
+def test_adopted_multicast_versions_must_be_newer_and_are_announced(store_opener):
+    """A follower of peered key servers stores the leader's multicast versions as
+    they are: only newer ones, each with an event; older ones retire past gaps."""
+    s = store_opener(NOW)
+    own, _ = s.current_multicast_key()
+    leader = bytes(range(32))
+    assert s.adopt_multicast_key(1, leader, NOW + 1) is False  # not newer than our PW_ID 1
+    assert s.current_multicast_key() == (own, 1)
+    seq = s.last_event_seq()
+    assert s.adopt_multicast_key(5, leader, NOW + 2) is True
+    assert s.current_multicast_key() == (leader, 5) and s.multicast_key(1) == own
+    assert [(e.kind, e.pw_id) for e in s.events_since(seq)] == [("multicast", 5)]
+    assert s.adopt_multicast_key(5, bytes(32), NOW + 3) is False
+    assert s.adopt_multicast_key(4, bytes(32), NOW + 3) is False
+    assert s.current_multicast_key() == (leader, 5)
+    with pytest.raises(LocalError):
+        s.adopt_multicast_key(6, b"short", NOW + 3)
+    # PW_ID 1 is superseded by 5 (no 2..4 in between) and retires like any other.
+    s.retire_old_versions(NOW + 10)
+    assert s.multicast_key(1) is None and s.multicast_key(5) == leader
+    s.close()
+
+
 def test_token_format():
     tokens = {new_token() for _ in range(50)}
     assert len(tokens) == 50

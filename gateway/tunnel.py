@@ -7,6 +7,9 @@
   old version is dropped ``retire_after_s`` after the switch.
 * Each (sender gateway, PW_ID) has its own receive key and replay window
   (``replay.ReplayWindow``, checked before and moved only after the tag verified).
+  A sender's state is kept only once one of its datagrams verified, for at
+  most ``MAX_SENDERS`` senders; a verified datagram of one more sender is
+  dropped (``tunnel_too_many_senders``), never accepted without replay state.
 * ``seal`` never raises; ``open`` never raises and counts every drop in
   ``drops`` under a reason name.
 """
@@ -37,6 +40,7 @@ REPLAYED = "tunnel_replayed"
 BAD_TAG = "tunnel_bad_tag"
 OWN_DATAGRAM = "tunnel_own_datagram"
 PN_EXHAUSTED = "tunnel_pn_exhausted"
+TOO_MANY_SENDERS = "tunnel_too_many_senders"
 
 
 def tunnel_sender_key(netkey: bytes, pw_id: int, sender: bytes) -> bytes:
@@ -58,13 +62,22 @@ class NetKey:
     receivers: dict = field(default_factory=dict)  # sender -> (aead, ReplayWindow)
 
     def receiver(self, sender: bytes):
+        """(aead, replay window) for ``sender``; a new sender's state is not kept
+        until ``remember`` (after its tag verified): forged sender tags use up nothing."""
         state = self.receivers.get(sender)
         if state is None:
             state = (aead.make_aead(self.cipher, tunnel_sender_key(self.key, self.pw_id, sender)),
                      ReplayWindow(self.window_frames))
-            if len(self.receivers) < MAX_SENDERS:
-                self.receivers[sender] = state
         return state
+
+    def remember(self, sender: bytes, state) -> bool:
+        """Keep a verified sender's state; False when ``MAX_SENDERS`` are kept already."""
+        if sender in self.receivers:
+            return True
+        if len(self.receivers) >= MAX_SENDERS:
+            return False
+        self.receivers[sender] = state
+        return True
 
 
 class Tunnel:
@@ -133,7 +146,8 @@ class Tunnel:
             else:
                 self.drops[STALE_NETKEY] += 1
             return None
-        recv, window = slot.receiver(sender)
+        state = slot.receiver(sender)
+        recv, window = state
         if not window.check(pn):
             self.drops[REPLAYED] += 1
             return None
@@ -141,6 +155,9 @@ class Tunnel:
             inner = recv.decrypt(aead.nonce(pn), tunnel_wire.body_of(datagram), tunnel_wire.aad_of(datagram))
         except InvalidTag:
             self.drops[BAD_TAG] += 1
+            return None
+        if not slot.remember(sender, state):  # without kept replay state it could be replayed
+            self.drops[TOO_MANY_SENDERS] += 1
             return None
         window.update(pn)
         if slot is self.ring.next:

@@ -101,9 +101,11 @@ class Tunnel:
         slot = NetKey(self.cipher, key, pw_id,
                       aead.make_aead(self.cipher, tunnel_sender_key(key, pw_id, self.my_tag)),
                       now, self.window_frames)
+        had_key = self.ring.newest_pw_id() > 0
         new = self.ring.offer(slot, now)
         if new:
             self.counters["netkey_installs"] += 1
+            self.counters["netkey_rekeys"] += had_key
         return new
 
     def use_cipher(self, cipher: str) -> None:
@@ -126,6 +128,7 @@ class Tunnel:
         self.send_pn = pn + 1
         aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn)
         self.counters["tunnel_sealed"] += 1
+        self.counters["tunnel_bytes_sealed"] += len(frame)
         return aad + slot.send_aead.encrypt(aead.nonce(pn), frame, aad)
 
     def open(self, datagram: bytes, now: float) -> tuple[bytes, bytes] | None:
@@ -163,6 +166,7 @@ class Tunnel:
         if slot is self.ring.next:
             self.ring.peer_used(pw_id, now, self.retire_after_s)
         self.counters["tunnel_opened"] += 1
+        self.counters["tunnel_bytes_opened"] += len(inner)
         return sender, inner
 
     def on_timer(self, now: float) -> None:

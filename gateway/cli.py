@@ -1,4 +1,4 @@
-"""``l2crypt-gateway``: enroll the gateway, run it, show its status."""
+"""``l2crypt-gateway``: enroll the gateway, run it, show its status, check its config."""
 
 from __future__ import annotations
 
@@ -100,32 +100,59 @@ def run(config_path, servers, tunnel_peers, **overrides) -> None:
 
 
 @cli.command()
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="The gateway's state directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(state_dir, as_json) -> None:
-    """Show the gateway's key server, learned MACs, NETKEY version and counters."""
+@click.option("--state-dir", default=None, help=f"The gateway's state directory [default: {DEFAULT_STATE_DIR}].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Take the state directory from this gateway config file.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the status as JSON (with --watch: one line of rates each time).")
+@click.option("--watch", is_flag=True, help="Show live rates per port (frames/s, bits/s) until Ctrl-C.")
+@click.option("--interval", "interval_s", type=click.FloatRange(0.2, 3600), default=1.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop --watch after this many refreshes (0: at Ctrl-C).")
+def status(state_dir, config_path, as_json, watch, interval_s, count) -> None:
+    """Show the gateway's key server, ports, learned MACs, NETKEY version, counters and drops."""
     from pathlib import Path
 
+    from l2crypt.config import read_toml
     from l2crypt.control import query_status
 
+    from .status_view import render_status
+    from .status_view import watch as watch_rates
+
     try:
-        doc = query_status(Path(state_dir) / "gateway.sock")
+        if state_dir is None and config_path is not None:
+            state_dir = read_toml(config_path).get("state_dir")
+            if state_dir is not None and not isinstance(state_dir, str):
+                fail(f"{config_path}: state_dir: want a path, got {state_dir!r}", 2)
     except L2cryptError as exc:
-        fail(str(exc).replace("agent", "gateway"))
+        fail(str(exc), 2)
+    path = Path(state_dir or DEFAULT_STATE_DIR) / "gateway.sock"
+    try:
+        if watch:
+            watch_rates(lambda: query_status(path, who="gateway"), interval_s, count, as_json)
+            return
+        doc = query_status(path, who="gateway")
+    except L2cryptError as exc:
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
-        return
-    click.echo(f"gateway {doc['id']} ({doc['mac']}) on {doc['encrypted_port']}; key server "
-               f"{doc['keyserver'] or '-'} ({'connected' if doc['connected'] else 'disconnected'})")
-    click.echo(f"  plain port {doc['plain_port'] or '-'}, tunnel {doc['tunnel_listen'] or '-'} "
-               f"peers {', '.join(doc['tunnel_peers']) or '-'}, NETKEY pw_id {doc['netkey_pw_id']}")
-    for entry in doc["learned"]:
-        click.echo(f"  learned {entry['mac']}  {entry['side']:<14} {entry['state']}")
-    for host in doc["hosts"]:
-        click.echo(f"  host    {host['mac']}  {host['id']:<14} pw_id {host['pw_id']}")
-    counters = ", ".join(f"{k} {v}" for k, v in sorted(doc["counters"].items()))
-    drops = ", ".join(f"{k} {v}" for k, v in sorted(doc["drops"].items())) or "none"
-    click.echo(f"  counters: {counters}\n  drops: {drops}")
+    else:
+        render_status(doc)
+
+
+@cli.command("check-config")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+def check_config(path) -> None:
+    """Check a gateway config file; name every problem with its key (exit 2 if any)."""
+    from .config import check_gateway_file
+
+    problems = check_gateway_file(path)
+    for problem in problems:
+        click.echo(f"{PROG}: {problem}", err=True)
+    if problems:
+        sys.exit(2)
+    click.echo(f"{path}: ok")
 
 
 def main(argv=None) -> None:

@@ -16,6 +16,7 @@ Example ``/etc/l2crypt/gateway.toml``::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,12 @@ from l2crypt.config import (
     _f,
     _iface,
     _int_range,
+    _metrics_listen,
     _path,
     _seconds,
     _servers,
     build_config,
+    config_problems,
     parse_hostport,
     read_toml,
 )
@@ -47,10 +50,13 @@ from l2crypt.constants import (
     DEFAULT_SWITCH_AFTER_S,
     DEFAULT_UNKNOWN_CACHE_S,
 )
+from l2crypt.errors import ConfigError
 
 from .core import GROUP_CROSSING
 
 DEFAULT_STATE_DIR = "/var/lib/l2crypt-gateway"
+DEFAULT_CONFIG_PATH = "/etc/l2crypt/gateway.toml"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9480"
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 
 
@@ -111,6 +117,8 @@ class GatewayConfig:
                                "how long an old key version is accepted after the switch, seconds")
     log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
     log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
+    metrics_listen: str = _f(DEFAULT_METRICS_LISTEN, _metrics_listen,
+                             'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
 
     @property
     def socket_path(self) -> Path:
@@ -127,6 +135,26 @@ class GatewayConfig:
 REQUIRED = ("encrypted_port", "servers")
 
 
+def _cross_problems(values: dict, source: str) -> list[str]:
+    """Problems between keys (each named): checked after every key is valid on its own."""
+    problems = []
+    if values.get("tunnel_peers") and not values.get("tunnel_listen"):
+        problems.append(f"{source}: tunnel_listen: missing (tunnel_peers need a local UDP port)")
+    if values.get("plain_port") and values.get("plain_port") == values.get("encrypted_port"):
+        problems.append(f"{source}: plain_port: must differ from encrypted_port")
+    return problems
+
+
+def check_gateway_file(path: str) -> list[str]:
+    """Every problem of a gateway config file (``l2crypt-gateway check-config``); [] when valid."""
+    try:
+        values = read_toml(path)
+    except ConfigError as exc:
+        return [str(exc)]
+    checked, problems = config_problems(GatewayConfig, values, str(path), REQUIRED)
+    return problems + _cross_problems(checked, str(path))
+
+
 def load_gateway_config(path: str | None, overrides: dict) -> GatewayConfig:
     """File values first, then CLI overrides (None means 'not given')."""
     values: dict = {}
@@ -139,10 +167,7 @@ def load_gateway_config(path: str | None, overrides: dict) -> GatewayConfig:
         source = f"{path} (+ command line)"
     values.update(given)
     config = build_config(GatewayConfig, values, source, REQUIRED)
-    from l2crypt.errors import ConfigError
-
-    if config.tunnel_peers and not config.tunnel_listen:
-        raise ConfigError(f"{source}: tunnel_listen: missing (tunnel_peers need a local UDP port)")
-    if config.plain_port and config.plain_port == config.encrypted_port:
-        raise ConfigError(f"{source}: plain_port: must differ from encrypted_port")
+    problems = _cross_problems(dataclasses.asdict(config), source)
+    if problems:
+        raise ConfigError(problems[0])
     return config

@@ -70,6 +70,8 @@ DST_NOT_MAPPED = "dst_not_mapped"
 OWN_SOURCE = "own_source"
 
 MAX_ENC_SEEN = 65536
+#: Counters of the engines (the gateway's own and the virtual ones) summed in ``snapshot``.
+ENGINE_COUNTERS = ("sealed", "opened", "bytes_sealed", "bytes_opened", "key_requests", "key_answers", "rekeys")
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ class GatewayCore:
         if side == PLAIN:
             out.to_plain.append(frame)
             self.counters["to_plain"] += 1
+            self.counters["to_plain_bytes"] += len(frame)
         elif side.startswith(TUNNEL):
             datagram = self.tunnel.seal(frame, now)
             if datagram is not None:
@@ -240,6 +243,8 @@ class GatewayCore:
 
     def from_plain(self, frame: bytes, now: float) -> Output:
         out = Output()
+        self.counters["from_plain"] += 1
+        self.counters["from_plain_bytes"] += len(frame)
         self._from_side(frame, PLAIN, now, out)
         return out
 
@@ -470,7 +475,7 @@ class GatewayCore:
         counters = Counter(self.counters)
         counters.update(self.tunnel.counters)
         for engine in self._engines():
-            for k in ("sealed", "opened", "key_requests", "key_answers", "rekeys"):
+            for k in ENGINE_COUNTERS:
                 counters[k] += engine.counters.get(k, 0)
         learned = [{"mac": frame_wire.format_mac(e.mac), "side": e.side, "state": e.state}
                    for e in self.table.values()]

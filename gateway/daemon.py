@@ -11,7 +11,8 @@
    reconnect; key requests, map requests and notices go out as the core
    raises them.
 4. A tick every ``TICK_S`` runs the core's timers, persists the packet
-   clock and logs new drops.  ``l2crypt-gateway status`` reads the control socket.
+   clock and logs new drops.  ``l2crypt-gateway status`` reads the control
+   socket; Prometheus scrapes ``metrics_listen`` (``gateway.metrics``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from l2crypt.frame_wire import format_mac, parse_mac
 from l2crypt.keyclient import KeyClient
 from l2crypt.linux_wire import LinuxWire
 from l2crypt.logs import fields
+from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
 from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
 from l2crypt.port_guard import egress_drops, guard_port
 from l2crypt.tls_files import client_context, host_identity
 
 from .config import GatewayConfig, parse_hostport
 from .core import GatewayCore, GatewaySettings, Output
+from .metrics import gateway_metrics
 from .ports import PlainPort, TunnelSocket, quiet_port
 
 log = logging.getLogger("l2crypt.gateway")
@@ -254,6 +257,13 @@ class Gateway:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         control = await serve_control(self.config.socket_path, self.snapshot)
+        registry = new_registry()
+        registry.register(FunctionCollector(lambda: gateway_metrics(self, loop.time())))
+        try:
+            metrics = await serve_metrics(self.config.metrics_listen, registry)
+        except LocalError:
+            control.close()
+            raise
         readers = [(self.enc, self._on_enc), (self.plain, self._on_plain), (self.tunnel, self._on_tunnel)]
         for port, cb in readers:
             if port is not None:
@@ -261,7 +271,8 @@ class Gateway:
         client_task = asyncio.ensure_future(self.client.run(stop))
         log.info("gateway_started", extra=fields(
             id=self.gw_id, mac=format_mac(self.core.gw_mac), encrypted_port=self.config.encrypted_port,
-            plain_port=self.config.plain_port or "-", tunnel_peers=",".join(self.core.peers) or "-"))
+            plain_port=self.config.plain_port or "-", tunnel_peers=",".join(self.core.peers) or "-",
+            metrics=self.config.metrics_listen or "off"))
         last_persist = last_log = loop.time()
         try:
             while not stop.is_set():
@@ -290,6 +301,8 @@ class Gateway:
             stop.set()
             client_task.cancel()
             control.close()
+            if metrics is not None:
+                metrics.close()
             self.clock.persist()
             try:
                 self.config.socket_path.unlink()

@@ -7,6 +7,9 @@
   old version is dropped ``retire_after_s`` after the switch.
 * Each (sender gateway, PW_ID) has its own receive key and replay window
   (``replay.ReplayWindow``, checked before and moved only after the tag verified).
+  A sender's state is kept only once one of its datagrams verified, for at
+  most ``MAX_SENDERS`` senders; a verified datagram of one more sender is
+  dropped (``tunnel_too_many_senders``), never accepted without replay state.
 * ``seal`` never raises; ``open`` never raises and counts every drop in
   ``drops`` under a reason name.
 """
@@ -37,6 +40,7 @@ REPLAYED = "tunnel_replayed"
 BAD_TAG = "tunnel_bad_tag"
 OWN_DATAGRAM = "tunnel_own_datagram"
 PN_EXHAUSTED = "tunnel_pn_exhausted"
+TOO_MANY_SENDERS = "tunnel_too_many_senders"
 
 
 def tunnel_sender_key(netkey: bytes, pw_id: int, sender: bytes) -> bytes:
@@ -58,13 +62,22 @@ class NetKey:
     receivers: dict = field(default_factory=dict)  # sender -> (aead, ReplayWindow)
 
     def receiver(self, sender: bytes):
+        """(aead, replay window) for ``sender``; a new sender's state is not kept
+        until ``remember`` (after its tag verified): forged sender tags use up nothing."""
         state = self.receivers.get(sender)
         if state is None:
             state = (aead.make_aead(self.cipher, tunnel_sender_key(self.key, self.pw_id, sender)),
                      ReplayWindow(self.window_frames))
-            if len(self.receivers) < MAX_SENDERS:
-                self.receivers[sender] = state
         return state
+
+    def remember(self, sender: bytes, state) -> bool:
+        """Keep a verified sender's state; False when ``MAX_SENDERS`` are kept already."""
+        if sender in self.receivers:
+            return True
+        if len(self.receivers) >= MAX_SENDERS:
+            return False
+        self.receivers[sender] = state
+        return True
 
 
 class Tunnel:
@@ -88,9 +101,11 @@ class Tunnel:
         slot = NetKey(self.cipher, key, pw_id,
                       aead.make_aead(self.cipher, tunnel_sender_key(key, pw_id, self.my_tag)),
                       now, self.window_frames)
+        had_key = self.ring.newest_pw_id() > 0
         new = self.ring.offer(slot, now)
         if new:
             self.counters["netkey_installs"] += 1
+            self.counters["netkey_rekeys"] += had_key
         return new
 
     def use_cipher(self, cipher: str) -> None:
@@ -113,6 +128,7 @@ class Tunnel:
         self.send_pn = pn + 1
         aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn)
         self.counters["tunnel_sealed"] += 1
+        self.counters["tunnel_bytes_sealed"] += len(frame)
         return aad + slot.send_aead.encrypt(aead.nonce(pn), frame, aad)
 
     def open(self, datagram: bytes, now: float) -> tuple[bytes, bytes] | None:
@@ -133,7 +149,8 @@ class Tunnel:
             else:
                 self.drops[STALE_NETKEY] += 1
             return None
-        recv, window = slot.receiver(sender)
+        state = slot.receiver(sender)
+        recv, window = state
         if not window.check(pn):
             self.drops[REPLAYED] += 1
             return None
@@ -142,10 +159,14 @@ class Tunnel:
         except InvalidTag:
             self.drops[BAD_TAG] += 1
             return None
+        if not slot.remember(sender, state):  # without kept replay state it could be replayed
+            self.drops[TOO_MANY_SENDERS] += 1
+            return None
         window.update(pn)
         if slot is self.ring.next:
             self.ring.peer_used(pw_id, now, self.retire_after_s)
         self.counters["tunnel_opened"] += 1
+        self.counters["tunnel_bytes_opened"] += len(inner)
         return sender, inner
 
     def on_timer(self, now: float) -> None:

@@ -186,7 +186,8 @@ def install_units_cmd(prefix, bin_dir, dry_run) -> None:
     for path in paths:
         click.echo(f"{'would write' if dry_run else 'wrote'} {path} (commands in {bin_path})")
     if not dry_run:
-        click.echo("next: systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT (or keyserverd)")
+        click.echo("next: systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT "
+                   "(or keyserverd, or l2crypt-gateway)")
 
 
 from .l3_cli import register as _register_l3  # noqa: E402

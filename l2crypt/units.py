@@ -2,7 +2,7 @@
 
 1. Every ``*.service`` file in ``l2crypt/systemd/`` is a unit: the agent
    template (``l2crypt-agent@.service``, one instance per wire port), the key
-   server (``keyserverd.service``); the gateway adds its own file there.
+   server (``keyserverd.service``) and the gateway (``l2crypt-gateway.service``).
 2. The files name the commands as ``/usr/local/bin/NAME``; ``install-units``
    rewrites that to the directory the commands are really installed in.
 3. They are written to ``PREFIX/etc/systemd/system`` (PREFIX ``/`` by default),

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
+import time
 
 import pytest
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import listening, ping, skip_reason, wait_for
 from l2crypt import lab as L
@@ -165,17 +169,43 @@ def test_netkey_rotation_during_traffic_loses_nothing(glab):
 
 
 def test_gateway_restart_flows_recover(glab):
-    glab.stop_gateway("gA")
-    glab.start_gateway("gA")
-    glab.wait_gateway("gA", lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
+    """kill -9 and restart gA during traffic: flows recover, and no clear frame shows
+    anywhere it must not (the segment and the WAN carry ciphertext only; the plain
+    side never sees traffic between encrypted hosts or toward the other segment)."""
+    a = glab.a
+    to_p1, to_h2, to_h3 = b"RESTART-TO-P1-M!", b"RESTART-TO-H2-M!", b"RESTART-TO-H3-M!"
+    caps = {"seg": a.capture("br0", name="tcpdump-gw-restart-seg"),
+            "plain": a.capture("plain0", role="gA", name="tcpdump-gw-restart-plain"),
+            "wan": a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-restart-wan")}
+    pingers = [a.popen("h1", ["ping", "-4", "-i", "0.2", "-c", "200", "-W", "1", "-p", marker.hex(), addr],
+                       name=f"ping-restart-{n}")
+               for n, (marker, addr) in enumerate(((to_p1, P1_IPV4), (to_h2, L.tap_ipv4("h2")),
+                                                   (to_h3, L.tap_ipv4("h3"))))]
+    try:
+        time.sleep(1.5)
+        glab.stop_gateway("gA")
+        time.sleep(1.0)
+        glab.start_gateway("gA")
+        glab.wait_gateway("gA", lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
 
-    def recovered(src, addr):
-        return lambda: ping(glab.lab_of(src), src, addr, count=1, timeout=10).returncode == 0
+        def recovered(src, addr):
+            return lambda: ping(glab.lab_of(src), src, addr, count=1, timeout=10).returncode == 0
 
-    wait_for("h1 -> p1 after the restart", recovered("h1", P1_IPV4), timeout_s=30, every_s=0.5)
-    wait_for("h1 -> h3 after the restart", recovered("h1", L.tap_ipv4("h3")), timeout_s=30, every_s=0.5)
-    _ping_ok(glab, "h1", P1_IPV4, count=5)
-    _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=5)
+        wait_for("h1 -> p1 after the restart", recovered("h1", P1_IPV4), timeout_s=30, every_s=0.5)
+        wait_for("h1 -> h3 after the restart", recovered("h1", L.tap_ipv4("h3")), timeout_s=30, every_s=0.5)
+        _ping_ok(glab, "h1", P1_IPV4, count=5)
+        _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=5)
+    finally:
+        for proc in pingers:
+            a.stop(proc, signal.SIGINT)
+        frames = {k: L.read_pcap(c.stop()) for k, c in caps.items()}
+    assert set(L.ethertype_counts(frames["seg"])) == {L.L2C_ETHERTYPE}
+    for where in ("seg", "wan"):
+        assert not any(m in f for f in frames[where] for m in (to_p1, to_h2, to_h3)), f"a marker in clear on {where}"
+    assert any(to_p1 in f for f in frames["plain"]), "h1 -> p1 never reached the plain side"
+    assert not any(m in f for f in frames["plain"] for m in (to_h2, to_h3)), "a clear frame leaked to the plain side"
+    wan_ipv4 = [f for f in frames["wan"] if f[12:14] == b"\x08\x00"]
+    assert wan_ipv4 and all(f[23] == 17 for f in wan_ipv4), "only UDP crosses the WAN"
 
 
 def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
@@ -209,3 +239,138 @@ def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
                                   "tunnel_bad_tag": 1, "tunnel_replayed": 2} else None
     wait_for("bad tunnel datagrams counted by reason", counted, timeout_s=10)
     _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=2)  # the tunnel still works
+
+
+# --- metrics, status and attacks on the inter-subnet port (issues 7 and 8) -------------
+
+GW_METRICS = "http://127.0.0.1:9480/metrics"
+SCRAPE = ("import sys, urllib.request\n"
+          "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())\n")
+SEND_UDP = ("import socket, sys, time\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i, h in enumerate(sys.stdin.read().split()):\n"
+            "    s.sendto(bytes.fromhex(h), (sys.argv[1], int(sys.argv[2])))\n"
+            "    if i % 20 == 19:\n"
+            "        time.sleep(0.005)\n")  # paced: the receive buffer must not overflow unseen
+
+
+def scrape_gw(glab, gw: str) -> dict:
+    lab = glab.lab_of(gw)
+    res = lab.exec(gw, [sys.executable, "-c", SCRAPE, GW_METRICS], timeout=20)
+    assert res.returncode == 0, f"scrape of {gw} failed: {res.stderr[-800:]}"
+    out = {}
+    for fam in text_string_to_metric_families(res.stdout):
+        for smp in fam.samples:
+            out[smp.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items())) + "}"
+                            if smp.labels else "")] = smp.value
+    return out
+
+
+def _delta(after: dict, before: dict, key: str) -> float:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def _send_to_gb(glab, datagrams: list[bytes]) -> None:
+    """Datagrams from gA's WAN address to gB's tunnel port (gB takes them as from peer gA)."""
+    glab.a.exec("gA", [sys.executable, "-c", SEND_UDP, GATEWAYS["gB"][3], str(TUNNEL_PORT)],
+                input="\n".join(d.hex() for d in datagrams).encode(), check=True, timeout=60)
+
+
+def _captured_ga_to_gb(glab, count: int = 3) -> list[bytes]:
+    wan = glab.a.capture(GW_WAN_IFNAME["gA"], role="wan", name=f"tcpdump-gw-take-{time.monotonic_ns()}")
+    try:
+        _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=count)
+    finally:
+        frames = L.read_pcap(wan.stop())
+    src_ip = socket.inet_aton(GATEWAYS["gA"][3])
+    real = [p for f in frames if f[26:30] == src_ip for p in [_udp_payload(f)] if p]
+    assert real, "no gA -> gB datagram captured"
+    return real
+
+
+def test_gateway_metrics_move_with_traffic_and_bad_datagrams(glab):
+    before = {g: scrape_gw(glab, g) for g in GATEWAYS}
+    _ping_ok(glab, "h1", P1_IPV4, count=4, extra=["-s", "400"])
+    _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=4, extra=["-s", "400"])
+    after = {g: scrape_gw(glab, g) for g in GATEWAYS}
+    ga, gb = (after["gA"], before["gA"]), (after["gB"], before["gB"])
+    # gA: h1's requests opened from the segment, to p1 in clear and into the tunnel; the replies back.
+    assert _delta(*ga, "l2crypt_gateway_frames_opened_total{port=encrypted}") >= 8
+    assert _delta(*ga, "l2crypt_gateway_frames_sealed_total{port=encrypted}") >= 8
+    assert _delta(*ga, "l2crypt_gateway_bytes_opened_total{port=encrypted}") >= 8 * 442
+    assert _delta(*ga, "l2crypt_gateway_plain_frames_total{direction=out}") >= 4
+    assert _delta(*ga, "l2crypt_gateway_plain_frames_total{direction=in}") >= 4
+    assert _delta(*ga, "l2crypt_gateway_frames_sealed_total{port=tunnel}") >= 4
+    assert _delta(*ga, "l2crypt_gateway_frames_opened_total{port=tunnel}") >= 4
+    assert _delta(*gb, "l2crypt_gateway_frames_opened_total{port=tunnel}") >= 4
+    assert _delta(*gb, "l2crypt_gateway_frames_sealed_total{port=encrypted}") >= 4
+    for g in GATEWAYS:
+        m = after[g]
+        assert m["l2crypt_gateway_keyserver_connected"] == 1
+        assert m["l2crypt_gateway_netkey_pw_id"] >= 1 and m["l2crypt_gateway_netkey_age_seconds"] >= 0
+    assert after["gA"]["l2crypt_gateway_macs{side=plain,state=mapped}"] >= 1
+    assert after["gA"]["l2crypt_gateway_rekeys_total{key=netkey}"] >= 1  # NETKEY rotates every few seconds
+
+    # Malformed tunnel datagrams raise gB's drop reasons, one each.
+    good = _captured_ga_to_gb(glab)[-1]
+    m0 = scrape_gw(glab, "gB")
+    _send_to_gb(glab, [good[:30], b"\x07" + good[1:], good[:1] + b"\x09" + good[2:]])
+    reasons = ("tunnel_truncated", "tunnel_unknown_version", "tunnel_unknown_kind")
+
+    def counted():
+        m = scrape_gw(glab, "gB")
+        got = {r: _delta(m, m0, f"l2crypt_gateway_frames_dropped_total{{reason={r}}}") for r in reasons}
+        return got if all(v >= 1 for v in got.values()) else None
+    got = wait_for("gB's drop metrics to count the bad datagrams", counted, timeout_s=15)
+    assert got == {r: 1 for r in reasons}
+
+    # The status command: a readable table, and the same facts as JSON.
+    lab = glab.a
+    res = lab.exec("gA", [lab.cmd("l2crypt-gateway"), "status", "--state-dir", glab.gw_dir("gA")], timeout=15)
+    assert res.returncode == 0, res.stderr
+    assert "ports" in res.stdout and "encrypted" in res.stdout and "plain0" in res.stdout
+    assert P1_MAC in res.stdout and "connected" in res.stdout
+    st = glab.gateway_status("gA")
+    assert st["counters"]["to_plain"] >= 4 and st["plain_port"] == "plain0"
+
+
+def _storm(glab, datagrams: list[bytes], reason: str) -> None:
+    """Send ``datagrams`` to gB; each must be dropped under ``reason`` (or, when a NETKEY
+    rotation retired their version meanwhile, as stale), none accepted."""
+    key = f"l2crypt_gateway_frames_dropped_total{{reason={reason}}}"
+    stale = "l2crypt_gateway_frames_dropped_total{reason=tunnel_stale_netkey}"
+    before = scrape_gw(glab, "gB")
+    _send_to_gb(glab, datagrams)
+
+    def counted():
+        m = scrape_gw(glab, "gB")
+        return m if _delta(m, before, key) + _delta(m, before, stale) >= len(datagrams) else None
+    after = wait_for(f"gB to count {len(datagrams)} datagrams as {reason}", counted, timeout_s=60, every_s=1.0)
+    assert _delta(after, before, key) + _delta(after, before, stale) == len(datagrams)
+    assert _delta(after, before, key) > 0
+
+
+def test_replay_storm_and_huge_packet_numbers_on_the_tunnel(glab):
+    """Replayed and forged (huge PN) datagrams from gA's address: each is counted under
+    its reason, the replay window is not moved, and traffic keeps flowing both ways."""
+    pinger = glab.b.popen("h3", ["ping", "-4", "-i", "0.2", "-c", "60", "-W", "2", L.tap_ipv4("h1")],
+                          name="ping-tunnel-storm")
+    try:
+        real = _captured_ga_to_gb(glab, count=5)
+        _storm(glab, real * max(1, 1500 // len(real)), "tunnel_replayed")
+        real = _captured_ga_to_gb(glab, count=3)
+        forged = [d[:12] + (2**64 - 1 - i).to_bytes(8, "big") + d[20:]
+                  for i, d in enumerate(real * (600 // len(real) + 1))]
+        _storm(glab, forged, "tunnel_bad_tag")
+        # Traffic still flows after the storm, across the tunnel both ways, without loss:
+        # the forged packet numbers did not move gB's replay window for gA.
+        before = scrape_gw(glab, "gB")
+        res = _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=5)
+        assert " 0% packet loss" in res.stdout, res.stdout[-300:]
+        _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=3)
+        after = scrape_gw(glab, "gB")
+        assert _delta(after, before, "l2crypt_gateway_frames_opened_total{port=tunnel}") >= 8
+    finally:
+        glab.b.stop(pinger, signal.SIGINT)
+    during = glab.b.log_text("ping-tunnel-storm")
+    assert "received" in during and " 0 received" not in during, during[-400:]

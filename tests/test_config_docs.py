@@ -68,7 +68,7 @@ def test_metrics_table_names_metrics_the_daemons_export():
     names = set(re.findall(r"`((?:l2crypt|keyserverd)_[a-z_]+)", text))
     root = DOC.parent.parent
     source = (root / "l2crypt" / "metrics.py").read_text() + (root / "keyserverd" / "metrics.py").read_text() \
-        + (root / "l2crypt" / "keyclient.py").read_text()
+        + (root / "l2crypt" / "keyclient.py").read_text() + (root / "gateway" / "metrics.py").read_text()
     for name in names:
         base = re.sub(r"_total$", "", name)
         assert f'"{base}"' in source, f"docs name metric {name}, no collector makes it"

@@ -26,6 +26,7 @@ def test_install_units_dry_run_writes_nothing(tmp_path, capsys):
     assert code == 0
     assert f"would write {tmp_path}/etc/systemd/system/l2crypt-agent@.service" in out
     assert f"would write {tmp_path}/etc/systemd/system/keyserverd.service" in out
+    assert f"would write {tmp_path}/etc/systemd/system/l2crypt-gateway.service" in out
     assert not (tmp_path / "etc").exists()
 
 
@@ -38,14 +39,19 @@ def test_install_units_rewrites_the_command_paths(tmp_path, capsys):
     ks = (unit_dir / "keyserverd.service").read_text()
     assert f"ExecStart={BIN}/keyserverd serve --config /etc/l2crypt/keyserver.toml" in ks
     assert oct((unit_dir / "keyserverd.service").stat().st_mode & 0o777) == "0o644"
+    gw = (unit_dir / "l2crypt-gateway.service").read_text()
+    assert f"ExecStart={BIN}/l2crypt-gateway run --config /etc/l2crypt/gateway.toml" in gw
 
 
 def test_units_are_hardened():
     units = shipped_units()
-    assert {"l2crypt-agent@.service", "keyserverd.service"} <= set(units)
+    assert {"l2crypt-agent@.service", "keyserverd.service", "l2crypt-gateway.service"} <= set(units)
     agent = units["l2crypt-agent@.service"]
     assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\n" in agent
     assert "DeviceAllow=/dev/net/tun rw" in agent and "BindsTo=sys-subsystem-net-devices-%i.device" in agent
+    gateway = units["l2crypt-gateway.service"]
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW\n" in gateway
+    assert "PrivateDevices=yes" in gateway and "ReadWritePaths=/var/lib/l2crypt-gateway\n" in gateway
     for name, text in units.items():
         for line in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
                      "StateDirectory=l2crypt", "ConfigurationDirectory=l2crypt", "Restart=on-failure"):

@@ -1,0 +1,270 @@
+"""Fuzzing the gateway's inter-subnet receive path: ``tunnel_wire.decode_header``,
+``Tunnel.open`` and ``GatewayCore.from_tunnel``.
+
+Whatever arrives, nothing raises; a datagram is accepted only if the peer
+gateway sealed exactly those bytes with the NETKEY (and only once); everything
+else is counted under a named drop reason.  For the core the books balance
+too: every datagram is either one frame delivered to the plain side or one
+counted drop.  Bounded examples keep CI fast.  The scapy corpus in
+``corpus_tunnel`` is run through the tunnel and the core with the reason each
+datagram must get.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from corpus_tunnel import HELD_PW_ID, INNER_SRC, PEER_GW, RX_GW, crafted
+from gateway import core as C
+from gateway import tunnel as T
+from gateway import tunnel_wire as W
+from gateway.core import GatewayCore
+from l2crypt.engine import EngineSettings
+from l2crypt.frame_wire import parse_mac
+
+RX = parse_mac(RX_GW)
+PEER = parse_mac(PEER_GW)
+INNER = parse_mac(INNER_SRC)
+NETKEY = bytes(range(200, 232))
+MCAST_KEY = bytes(range(32))
+BCAST = b"\xff" * 6
+TUNNEL_REASONS = {W.TRUNCATED, W.OVERSIZED, W.UNKNOWN_VERSION, W.UNKNOWN_KIND, T.NO_NETKEY, T.STALE_NETKEY,
+                  T.REPLAYED, T.BAD_TAG, T.OWN_DATAGRAM, T.TOO_MANY_SENDERS}
+CORE_REASONS = TUNNEL_REASONS | {C.UNKNOWN_PEER, C.RUNT, C.GROUP_SOURCE, C.OWN_SOURCE, C.SPOOFED_SOURCE,
+                                 C.MAC_MOVED, C.TABLE_FULL, C.LEARN_HOLD_OVERFLOW, C.LEARN_HOLD_EXPIRED}
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def arp_from(src: bytes, i: int) -> bytes:
+    """A unique ARP broadcast (it crosses under group_crossing basic)."""
+    return BCAST + src + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x01" + src + i.to_bytes(4, "big") + bytes(32)
+
+
+def _genuine() -> dict[bytes, bytes]:
+    """Datagrams the peer gateway sealed -> their inner frame."""
+    sender = T.Tunnel(PEER, pn_start=5000)
+    sender.install(NETKEY, HELD_PW_ID, 0.0)
+    out = {}
+    for i in range(8):
+        frame = arp_from(INNER, i) + bytes(40 * i)
+        out[sender.seal(frame, 0.0)] = frame
+    return out
+
+
+GENUINE = _genuine()
+GENUINE_LIST = list(GENUINE)
+
+
+def rx_tunnel() -> T.Tunnel:
+    tun = T.Tunnel(RX)
+    tun.install(NETKEY, HELD_PW_ID, 0.0)
+    return tun
+
+
+def rx_core() -> GatewayCore:
+    """Gateway gB: tunnel peers gA (the real one) and gC; INNER is mapped to it on tunnel:gA."""
+    pn = iter(range(1, 1 << 40, 1 << 20))
+    gw = GatewayCore(RX, lambda: next(pn), tunnel_peers=("gA", "gC"), has_plain=True,
+                     engine_settings=EngineSettings())
+    gw.install_netkey(NETKEY, HELD_PW_ID, 0.0)
+    gw.install_multicast_key(MCAST_KEY, 1, 0.0)
+    gw.on_mapped(INNER, "tunnel:gA", 0.0)
+    assert gw.table[INNER].state == C.MAPPED
+    return gw
+
+
+def run_tunnel(tun: T.Tunnel, datagrams: list[bytes]) -> list[bytes]:
+    drops_before, opened_before = sum(tun.drops.values()), tun.counters["tunnel_opened"]
+    accepted = []
+    for i, d in enumerate(datagrams):
+        got = tun.open(d, 1.0 + i * 1e-3)
+        if got is not None:
+            assert got == (PEER, GENUINE[d])  # genuine, with its own inner frame
+            accepted.append(d)
+    assert set(tun.drops) <= TUNNEL_REASONS, tun.drops
+    assert len(accepted) + sum(tun.drops.values()) - drops_before == len(datagrams), (len(accepted), tun.drops)
+    assert tun.counters["tunnel_opened"] - opened_before == len(accepted)
+    return accepted
+
+
+def run_core(gw: GatewayCore, arrivals: list[tuple[str, bytes]]) -> list[bytes]:
+    """Feed (peer, datagram); no key server answers; learning holds age out."""
+    delivered = []
+    for i, (peer, d) in enumerate(arrivals):
+        out = gw.from_tunnel(peer, d, 1.0 + i * 1e-3)
+        assert out.to_tunnel == []  # split horizon: nothing goes back into a tunnel
+        delivered += out.to_plain
+        gw.take_map_requests()
+        gw.take_key_requests(1.0 + i * 1e-3)
+    gw.on_timer(1e6)
+    drops = gw.all_drops()
+    assert set(drops) <= CORE_REASONS, drops
+    assert len(delivered) + sum(drops.values()) == len(arrivals), (len(delivered), drops)
+    inner = set(GENUINE.values())
+    assert all(f in inner for f in delivered)  # only frames the peer sealed reach the plain side
+    return delivered
+
+
+@FUZZ
+@given(st.binary(max_size=W.MAX_DATAGRAM + 64))
+def test_decode_header_never_raises(data):
+    out = W.decode_header(data)
+    assert isinstance(out, W.TunnelHeader) or out in TUNNEL_REASONS
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300), max_size=30))
+def test_arbitrary_bytes_are_dropped_and_counted(datagrams):
+    assert run_tunnel(rx_tunnel(), datagrams) == []
+    assert run_core(rx_core(), [("gA", d) for d in datagrams]) == []
+
+
+def _tunnel_shaped():
+    senders = st.sampled_from([PEER, RX, INNER, BCAST, bytes(6)])
+    return st.builds(
+        lambda ver, kind, sender, pw, pn, body: W.HEADER.pack(ver, kind, sender, pw, pn) + body,
+        st.sampled_from([1, 1, 0, 2, 255]), st.sampled_from([1, 1, 0, 2]), senders,
+        st.sampled_from([0, HELD_PW_ID - 1, HELD_PW_ID, HELD_PW_ID, HELD_PW_ID + 1, 0xFFFFFFFF]),
+        st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 5000, 2**63, 2**64 - 1])),
+        st.binary(max_size=200),
+    )
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["gA", "gC", "nobody"]), _tunnel_shaped()), max_size=30))
+def test_tunnel_shaped_garbage_is_dropped_and_counted(arrivals):
+    assert run_tunnel(rx_tunnel(), [d for _, d in arrivals]) == []
+    gw = rx_core()
+    assert run_core(gw, arrivals) == []
+    assert gw.all_drops()[C.UNKNOWN_PEER] == sum(1 for p, _ in arrivals if p == "nobody")
+
+
+def _mutation(datagram: bytes, data) -> bytes:
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "field", "splice"]))
+    if kind == "flip":
+        pos = data.draw(st.integers(0, len(datagram) - 1))
+        return datagram[:pos] + bytes([datagram[pos] ^ data.draw(st.integers(1, 255))]) + datagram[pos + 1:]
+    if kind == "truncate":
+        return datagram[:data.draw(st.integers(0, len(datagram) - 1))]
+    if kind == "extend":
+        return datagram + data.draw(st.binary(min_size=1, max_size=20))
+    if kind == "splice":  # another genuine datagram's body under this header
+        other = data.draw(st.sampled_from(GENUINE_LIST))
+        return datagram[:W.HEADER_LEN] + other[W.HEADER_LEN:]
+    offset, size = data.draw(st.sampled_from([(0, 1), (1, 1), (2, 6), (8, 4), (12, 8)]))
+    value = data.draw(st.integers(0, 2 ** (8 * size) - 1))
+    return datagram[:offset] + value.to_bytes(size, "big") + datagram[offset + size:]
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_real_datagrams_only_genuine_ones_get_through_once(data):
+    arrivals = []
+    for _ in range(data.draw(st.integers(1, 25))):
+        d = data.draw(st.sampled_from(GENUINE_LIST))
+        if data.draw(st.booleans()):
+            d = _mutation(d, data)
+        arrivals.append((data.draw(st.sampled_from(["gA", "gA", "gC"])), d))
+    accepted = run_tunnel(rx_tunnel(), [d for _, d in arrivals])
+    assert len(accepted) == len(set(accepted))  # a replay never gets through
+    assert set(accepted) == {d for _, d in arrivals if d in GENUINE}  # every genuine datagram once
+    # Through the core: a genuine datagram's frame reaches the plain side once, if it came
+    # first from gA (its MAC is on tunnel:gA); from gC it is a MAC move, dropped and counted.
+    delivered = run_core(rx_core(), arrivals)
+    first = {}
+    for peer, d in arrivals:
+        first.setdefault(d, peer)
+    assert sorted(delivered) == sorted(GENUINE[d] for d, peer in first.items() if d in GENUINE and peer == "gA")
+
+
+def test_replay_storm_is_counted_and_genuine_traffic_still_opens():
+    tun = rx_tunnel()
+    first, later = GENUINE_LIST[:4], GENUINE_LIST[4:]
+    storm = first + first * 200
+    assert run_tunnel(tun, storm) == first
+    assert tun.drops == {T.REPLAYED: 800}
+    assert run_tunnel(tun, later) == later  # newer datagrams of the same sender still open
+
+
+def test_forged_huge_packet_numbers_do_not_poison_the_window():
+    tun = rx_tunnel()
+    forged = [d[:12] + (2**64 - 1 - i).to_bytes(8, "big") + d[20:] for i, d in enumerate(GENUINE_LIST * 50)]
+    assert run_tunnel(tun, forged) == []
+    assert tun.drops == {T.BAD_TAG: len(forged)}
+    assert run_tunnel(tun, GENUINE_LIST) == GENUINE_LIST  # PN ~5000: the window never moved
+
+
+def test_forged_senders_cannot_fill_the_receive_state():
+    """Datagrams under made-up sender tags (no valid tag) must not use up the
+    per-sender replay state: the real peer's replays are still refused."""
+    tun = rx_tunnel()
+    body = GENUINE_LIST[0][W.HEADER_LEN:]
+    forged = [W.encode_header(i.to_bytes(6, "big"), HELD_PW_ID, 1) + body for i in range(1, T.MAX_SENDERS + 50)]
+    assert run_tunnel(tun, forged) == []
+    assert tun.drops == {T.BAD_TAG: len(forged)}
+    assert run_tunnel(tun, GENUINE_LIST[:1] * 3) == GENUINE_LIST[:1]
+    assert tun.drops[T.REPLAYED] == 2
+
+
+def test_too_many_real_senders_are_counted_not_accepted_without_replay_state():
+    tun = rx_tunnel()
+    datagrams = []
+    for i in range(T.MAX_SENDERS + 3):
+        sender = T.Tunnel((0x024C47100000 + i).to_bytes(6, "big"))
+        sender.install(NETKEY, HELD_PW_ID, 0.0)
+        datagrams.append(sender.seal(arp_from(INNER, i), 0.0))
+    opened = [d for d in datagrams if tun.open(d, 1.0) is not None]
+    assert len(opened) == T.MAX_SENDERS and tun.drops == {T.TOO_MANY_SENDERS: 3}
+    assert all(tun.open(d, 2.0) is None for d in datagrams)  # no replay gets through either
+    assert tun.drops[T.REPLAYED] == T.MAX_SENDERS
+
+
+@pytest.mark.parametrize("name,datagram,reason", crafted(), ids=[c[0] for c in crafted()])
+def test_crafted_corpus(name, datagram, reason):
+    tun = rx_tunnel()
+    assert tun.open(datagram, 1.0) is None
+    assert dict(tun.drops) == {reason: 1}, name
+    assert tun.wants_key == (reason == T.NO_NETKEY)  # a newer NETKEY is asked for, nothing else
+    gw = rx_core()
+    out = gw.from_tunnel("gA", datagram, 1.0)
+    assert (out.to_enc, out.to_plain, out.to_tunnel) == ([], [], [])
+    assert dict(gw.all_drops()) == {reason: 1}, name
+
+
+def test_crafted_corpus_mixed_with_real_traffic():
+    """The whole corpus between genuine datagrams: every genuine one is delivered."""
+    arrivals = []
+    for (_, d, _), good in zip(crafted(), GENUINE_LIST * 4):
+        arrivals += [("gA", d), ("gA", good)]
+    delivered = run_core(rx_core(), arrivals)
+    assert sorted(delivered) == sorted(GENUINE.values())
+
+
+def _sealed_by_peer(frames: list[bytes]) -> list[bytes]:
+    sender = T.Tunnel(PEER, pn_start=9000)
+    sender.install(NETKEY, HELD_PW_ID, 0.0)
+    return [sender.seal(f, 0.0) for f in frames]
+
+
+HOSTILE_INNER = {
+    # Genuine tags (a peer gateway sealed them), hostile inner frames.
+    "group_source": (BCAST + BCAST + b"\x08\x06" + bytes(46), C.GROUP_SOURCE),
+    "own_source": (BCAST + RX + b"\x08\x06" + bytes(46), C.OWN_SOURCE),
+    "encrypted_hosts_mac": (BCAST + parse_mac("02:4c:32:00:00:11") + b"\x08\x06" + bytes(46), C.SPOOFED_SOURCE),
+    "unmapped_source_held_then_expired": (BCAST + parse_mac("02:4c:50:00:00:77") + b"\x08\x06" + bytes(46),
+                                          C.LEARN_HOLD_EXPIRED),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_INNER)
+def test_genuine_datagrams_with_hostile_inner_frames(name):
+    frame, reason = HOSTILE_INNER[name]
+    gw = rx_core()
+    gw._note_host(parse_mac("02:4c:32:00:00:11"))  # seen sealing on the encrypted segment
+    (datagram,) = _sealed_by_peer([frame])
+    out = gw.from_tunnel("gA", datagram, 1.0)
+    assert (out.to_enc, out.to_plain) == ([], [])
+    gw.on_timer(1e6)
+    assert dict(gw.all_drops()) == {reason: 1}
+    assert gw.tunnel.counters["tunnel_opened"] == 1

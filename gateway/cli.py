@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 
 import click
@@ -112,33 +111,14 @@ def run(config_path, servers, tunnel_peers, **overrides) -> None:
               help="Stop --watch after this many refreshes (0: at Ctrl-C).")
 def status(state_dir, config_path, as_json, watch, interval_s, count) -> None:
     """Show the gateway's key server, ports, learned MACs, NETKEY version, counters and drops."""
-    from pathlib import Path
-
-    from l2crypt.config import read_toml
-    from l2crypt.control import query_status
+    from l2crypt.cli import show_status
 
     from .status_view import render_status
     from .status_view import watch as watch_rates
 
-    try:
-        if state_dir is None and config_path is not None:
-            state_dir = read_toml(config_path).get("state_dir")
-            if state_dir is not None and not isinstance(state_dir, str):
-                fail(f"{config_path}: state_dir: want a path, got {state_dir!r}", 2)
-    except L2cryptError as exc:
-        fail(str(exc), 2)
-    path = Path(state_dir or DEFAULT_STATE_DIR) / "gateway.sock"
-    try:
-        if watch:
-            watch_rates(lambda: query_status(path, who="gateway"), interval_s, count, as_json)
-            return
-        doc = query_status(path, who="gateway")
-    except L2cryptError as exc:
-        fail(str(exc))
-    if as_json:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        render_status(doc)
+    show_status(state_dir, config_path, as_json, watch, interval_s, count, fail=fail,
+                socket_name="gateway.sock", who="gateway", render=render_status, watch_rates=watch_rates,
+                default_state_dir=DEFAULT_STATE_DIR)
 
 
 @cli.command("check-config")

@@ -34,8 +34,8 @@ from l2crypt.config import (
     _path,
     _seconds,
     _servers,
-    build_config,
     config_problems,
+    load_config,
     parse_hostport,
     read_toml,
 )
@@ -156,17 +156,11 @@ def check_gateway_file(path: str) -> list[str]:
 
 
 def load_gateway_config(path: str | None, overrides: dict) -> GatewayConfig:
-    """File values first, then CLI overrides (None means 'not given')."""
-    values: dict = {}
-    source = "command line"
-    if path:
-        values = read_toml(path)
-        source = str(path)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if given and path:
-        source = f"{path} (+ command line)"
-    values.update(given)
-    config = build_config(GatewayConfig, values, source, REQUIRED)
+    """File values first, then CLI overrides (see ``l2crypt.config.load_config``),
+    then the rules that involve more than one key."""
+    config = load_config(GatewayConfig, path, overrides, REQUIRED)
+    source = f"{path} (+ command line)" if path and any(v is not None for v in overrides.values()) \
+        else (str(path) if path else "command line")
     problems = _cross_problems(dataclasses.asdict(config), source)
     if problems:
         raise ConfigError(problems[0])

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 
+from l2crypt import status_view as agent_view
 from l2crypt.status_view import _si
 
 #: Port -> (frames in, frames out, bytes in, bytes out) counter names of the snapshot.
@@ -105,27 +104,4 @@ def rates_table(doc: dict, r: dict) -> Table:
 def watch(query: Callable[[], dict], interval_s: float, count: int, as_json: bool,
           console: Console | None = None) -> None:
     """Rates every ``interval_s`` until ``count`` refreshes (0: until Ctrl-C, which ends it quietly)."""
-    from rich.live import Live
-
-    console = console or Console()
-    before, t0 = query(), time.monotonic()
-    shown = 0
-    live = None if as_json else Live(console=console, auto_refresh=False, transient=False)
-    try:
-        if live is not None:
-            live.start()
-        while count == 0 or shown < count:
-            time.sleep(interval_s)
-            after, t1 = query(), time.monotonic()
-            r = rates(before, after, t1 - t0)
-            if as_json:
-                print(json.dumps(r, sort_keys=True), flush=True)
-            else:
-                live.update(rates_table(after, r), refresh=True)
-            before, t0 = after, t1
-            shown += 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if live is not None:
-            live.stop()
+    agent_view.watch(query, interval_s, count, as_json, console, rates=rates, rates_table=rates_table)

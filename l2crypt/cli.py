@@ -124,12 +124,22 @@ def agent(config_path, servers, **overrides) -> None:
               help="Stop --watch after this many refreshes (0: at Ctrl-C).")
 def status(state_dir, config_path, as_json, watch, interval_s, count) -> None:
     """Show the running agent's key server, peers, key versions, counters and MTU."""
+    from .status_view import render_status
+    from .status_view import watch as watch_rates
+
+    show_status(state_dir, config_path, as_json, watch, interval_s, count, fail=fail,
+                socket_name="agent.sock", who="agent", render=render_status, watch_rates=watch_rates)
+
+
+def show_status(state_dir, config_path, as_json, watch, interval_s, count, *, fail, socket_name, who,
+                render, watch_rates, default_state_dir=DEFAULT_STATE_DIR) -> None:
+    """The body of a daemon's ``status`` command (the agent's and the gateway's):
+    find the control socket (``--state-dir``, or the config's ``state_dir``),
+    then print the document as JSON or a table, or watch the rates."""
     from pathlib import Path
 
     from .config import read_toml
     from .control import query_status
-    from .status_view import render_status
-    from .status_view import watch as watch_rates
 
     try:
         if state_dir is None and config_path is not None:
@@ -138,18 +148,18 @@ def status(state_dir, config_path, as_json, watch, interval_s, count) -> None:
                 fail(f"{config_path}: state_dir: want a path, got {state_dir!r}", 2)
     except L2cryptError as exc:
         fail(str(exc), 2)
-    path = Path(state_dir or DEFAULT_STATE_DIR) / "agent.sock"
+    path = Path(state_dir or default_state_dir) / socket_name
     try:
         if watch:
-            watch_rates(lambda: query_status(path), interval_s, count, as_json)
+            watch_rates(lambda: query_status(path, who=who), interval_s, count, as_json)
             return
-        doc = query_status(path)
+        doc = query_status(path, who=who)
     except L2cryptError as exc:
         fail(str(exc))
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        render_status(doc)
+        render(doc)
 
 
 @cli.command("check-config")

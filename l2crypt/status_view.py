@@ -93,10 +93,13 @@ def rates_table(doc: dict, r: dict) -> Table:
     return table
 
 
-def watch(query, interval_s: float, count: int, as_json: bool, console: Console | None = None) -> None:
+def watch(query, interval_s: float, count: int, as_json: bool, console: Console | None = None,
+          rates=rates, rates_table=rates_table) -> None:
     """Show rates every ``interval_s`` until ``count`` refreshes (0: until Ctrl-C).
 
-    ``query()`` returns a status document.  Ctrl-C ends it quietly.
+    ``query()`` returns a status document; ``rates(before, after, seconds)``
+    and ``rates_table(doc, rates)`` turn two of them into figures and a table
+    (the agent's by default; the gateway passes its own).  Ctrl-C ends it quietly.
     """
     import json
     import time

@@ -135,7 +135,7 @@ def scan_bridge(frames: list[bytes], known_macs: set[bytes]) -> dict:
     """A switch capture: markers, repeated (source MAC, packet number), clear frames."""
     markers, repeats, l2c = Counter(), 0, 0
     seen: set[tuple[bytes, bytes]] = set()
-    clear = Counter()
+    clear, pw_ids = Counter(), set()
     for f in frames:
         for pair in marker_pairs(f):
             markers[pair] += 1
@@ -147,11 +147,12 @@ def scan_bridge(frames: list[bytes], known_macs: set[bytes]) -> dict:
                 clear[hex(et)] += 1
             continue
         l2c += 1
+        pw_ids.add(f[16:20])
         key = (f[6:12], f[20:28])
         repeats += key in seen
         seen.add(key)
     return {"frames": len(frames), "l2crypt_frames": l2c, "plaintext_markers": sum(markers.values()),
-            "markers_by_pair": dict(markers), "repeated_src_pn": repeats,
+            "markers_by_pair": dict(markers), "repeated_src_pn": repeats, "distinct_pw_ids": len(pw_ids),
             "clear_frames_from_known_macs": sum(clear.values()), "clear_by_ethertype": dict(clear)}
 
 
@@ -174,6 +175,7 @@ def scan_wan(frames: list[bytes], inner_macs: set[bytes], port: int = TUNNEL_POR
     """The routed WAN: markers, tunnel datagrams, repeated (sender, PW_ID, packet number)."""
     markers, repeats, tunnel, undecodable, inner = Counter(), 0, 0, 0, 0
     seen: set[tuple[bytes, int, int]] = set()
+    pw_ids: set[int] = set()
     for f in frames:
         for pair in marker_pairs(f):
             markers[pair] += 1
@@ -186,12 +188,14 @@ def scan_wan(frames: list[bytes], inner_macs: set[bytes], port: int = TUNNEL_POR
             undecodable += 1
             continue
         tunnel += 1
+        pw_ids.add(header.pw_id)
         key = (header.sender, header.pw_id, header.packet_number)
         repeats += key in seen
         seen.add(key)
     return {"frames": len(frames), "tunnel_datagrams": tunnel, "undecodable_datagrams": undecodable,
             "plaintext_markers": sum(markers.values()), "markers_by_pair": dict(markers),
-            "repeated_sender_pwid_pn": repeats, "frames_with_inner_macs": inner}
+            "repeated_sender_pwid_pn": repeats, "frames_with_inner_macs": inner,
+            "netkey_pw_ids": sorted(pw_ids)}
 
 
 def scan_plain(frames: list[bytes], plain_hosts: set[str]) -> dict:

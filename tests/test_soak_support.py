@@ -36,7 +36,7 @@ def test_bridge_scan_counts_markers_repeats_and_clear_frames():
     frames = [sealed(H1, 1), sealed(H1, 2), sealed(H1, 2), sealed(GA, 2), clear,
               H2 + b"\x06" * 6 + b"\x08\x06" + bytes(28)]
     out = S.scan_bridge(frames, {H1, H2, GA})
-    assert out["l2crypt_frames"] == 4
+    assert out["l2crypt_frames"] == 4 and out["distinct_pw_ids"] == 1
     assert out["repeated_src_pn"] == 1  # H1 with 2 twice; GA with 2 is another sender
     assert out["plaintext_markers"] == 1 and out["markers_by_pair"] == {"h1>h2": 1}
     assert out["clear_frames_from_known_macs"] == 1 and out["clear_by_ethertype"] == {"0x800": 1}
@@ -56,6 +56,7 @@ def test_wan_scan_counts_repeats_per_sender_and_pw_id():
     assert out["tunnel_datagrams"] == 4
     assert out["repeated_sender_pwid_pn"] == 1
     assert out["undecodable_datagrams"] == 1
+    assert out["netkey_pw_ids"] == [1, 2]
     assert out["plaintext_markers"] == 0 and out["frames_with_inner_macs"] == 0
 
 

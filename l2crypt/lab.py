@@ -65,6 +65,7 @@ from .lab_support import (  # noqa: F401  (re-exported for scripts and tests)
     cpu_seconds,
     ethertype_counts,
     read_pcap,
+    wait_listening,
 )
 
 L2C_ETHERTYPE = 0x88B5
@@ -414,19 +415,7 @@ class Lab(LabProcesses):
         self.ks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir,
                                  "--listen", self.keyserver_addr, *self.keyserver_args], name="keyserverd")
-        want = f"{''.join(f'{int(o):02X}' for o in reversed(KS_IP.split('.')))}:{KS_PORT:04X}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                tcp = Path(f"/proc/{proc.pid}/net/tcp").read_text()
-                if any(ln.split()[1] == want and ln.split()[3] == "0A" for ln in tcp.splitlines()[1:]):
-                    return proc
-            except OSError:
-                pass
-            if not proc.alive() or time.monotonic() > deadline:
-                raise LabError(f"keyserverd is not listening on {self.keyserver_addr}:\n"
-                               f"{self.log_text('keyserverd')[-3000:]}")
-            time.sleep(0.1)
+        return wait_listening(proc, KS_IP, KS_PORT, timeout_s, "keyserverd")
 
     def kill_keyserver(self, sig: int = signal.SIGKILL) -> None:
         proc = self.proc("keyserverd")

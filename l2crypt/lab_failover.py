@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import shutil
 import signal
-import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from .lab import KS_IP, KS_PORT, MGMT_PREFIX, TAP_IFNAME, WIRE_IFNAME, Lab, LabError, tap_mac
+from .lab import KS_IP, KS_PORT, MGMT_PREFIX, TAP_IFNAME, WIRE_IFNAME, Lab, tap_mac
+from .lab_support import wait_listening
 
 KS2_IP = "10.67.0.2"
 KS_IPS = {"ks1": KS_IP, "ks2": KS2_IP}
@@ -63,20 +63,7 @@ class FailoverLab(Lab):
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", state, "--listen", self.addr_of(name),
                                  "--metrics-listen", metrics, *self._store_args()],
                           name="keyserverd" if name == "ks1" else name)
-        ip = KS_IPS[name]
-        want = f"{''.join(f'{int(o):02X}' for o in reversed(ip.split('.')))}:{KS_PORT:04X}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                tcp = Path(f"/proc/{proc.pid}/net/tcp").read_text()
-                if any(ln.split()[1] == want and ln.split()[3] == "0A" for ln in tcp.splitlines()[1:]):
-                    return proc
-            except OSError:
-                pass
-            if not proc.alive() or time.monotonic() > deadline:
-                raise LabError(f"{name} is not listening on {self.addr_of(name)}:\n"
-                               f"{self.log_text(proc.name)[-3000:]}")
-            time.sleep(0.1)
+        return wait_listening(proc, KS_IPS[name], KS_PORT, timeout_s, name)
 
     def kill_ks(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.proc("keyserverd" if name == "ks1" else name)

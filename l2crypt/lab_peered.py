@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
 
 from .lab import KS_IP, KS_PORT, MGMT_PREFIX, TAP_IFNAME, WIRE_IFNAME, Lab, LabError, Proc, tap_mac
+from .lab_support import wait_listening
 
 KS2_IP = "10.67.0.2"
 PEER_PORT = 7790
@@ -79,20 +79,7 @@ class PeeredLab(Lab):
                                  "--peer-listen", self.peer_addr_of(name),
                                  "--peer", f"{self.fingerprints[other]}@{self.peer_addr_of(other)}"],
                           name=self.proc_name(name))
-        ip = KS_IPS[name]
-        want = f"{''.join(f'{int(o):02X}' for o in reversed(ip.split('.')))}:{KS_PORT:04X}"
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                tcp = Path(f"/proc/{proc.pid}/net/tcp").read_text()
-                if any(ln.split()[1] == want and ln.split()[3] == "0A" for ln in tcp.splitlines()[1:]):
-                    return proc
-            except OSError:
-                pass
-            if not proc.alive() or time.monotonic() > deadline:
-                raise LabError(f"{name} is not listening on {self.addr_of(name)}:\n"
-                               f"{self.log_text(proc.name)[-3000:]}")
-            time.sleep(0.1)
+        return wait_listening(proc, KS_IPS[name], KS_PORT, timeout_s, name)
 
     def keyserverd(self, *args: str, timeout: float = 20.0, ks: str = "ks1") -> subprocess.CompletedProcess:
         return self.exec("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_state(ks), *args], timeout=timeout)

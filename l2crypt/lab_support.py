@@ -152,6 +152,24 @@ class Capture:
         return self.pcap
 
 
+def wait_listening(proc: Proc, ip: str, port: int, timeout_s: float, what: str, log_text: str = "") -> Proc:
+    """Wait until ``proc`` listens on TCP ``ip:port`` (read from its /proc net/tcp);
+    LabError with the end of its log if it dies or the time runs out."""
+    want = f"{''.join(f'{int(o):02X}' for o in reversed(ip.split('.')))}:{port:04X}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            tcp = Path(f"/proc/{proc.pid}/net/tcp").read_text()
+            if any(ln.split()[1] == want and ln.split()[3] == "0A" for ln in tcp.splitlines()[1:]):
+                return proc
+        except OSError:
+            pass
+        if not proc.alive() or time.monotonic() > deadline:
+            log = Path(proc.log).read_text(errors="replace")[-3000:] if proc.log else log_text
+            raise LabError(f"{what} is not listening on {ip}:{port}:\n{log}")
+        time.sleep(0.1)
+
+
 class LabProcesses:
     """Starting and stopping the lab's processes inside its namespaces.
 

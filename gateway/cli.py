@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import click
@@ -79,23 +78,13 @@ def _run_options(fn):
 @_run_options
 def run(config_path, servers, tunnel_peers, **overrides) -> None:
     """Run the gateway in the foreground (SIGTERM or Ctrl-C stops it)."""
-    from l2crypt.logs import setup_logging
+    from l2crypt.cli import run_daemon
 
     from .daemon import Gateway
 
     overrides["servers"] = list(servers) if servers else None
     overrides["tunnel_peers"] = list(tunnel_peers) if tunnel_peers else None
-    try:
-        config = load_gateway_config(config_path, overrides)
-    except L2cryptError as exc:
-        fail(str(exc), 2)
-    setup_logging(config.log_level, config.log_format)
-    try:
-        asyncio.run(Gateway(config).run())
-    except L2cryptError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        pass
+    run_daemon(lambda: load_gateway_config(config_path, overrides), Gateway, fail)
 
 
 @cli.command()

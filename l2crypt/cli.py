@@ -96,16 +96,24 @@ def _agent_options(fn):
 def agent(config_path, servers, **overrides) -> None:
     """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it)."""
     from .agent import Agent
-    from .logs import setup_logging
 
     overrides["servers"] = list(servers) if servers else None
+    run_daemon(lambda: load_agent_config(config_path, overrides), Agent, fail)
+
+
+def run_daemon(load_config, daemon_class, fail) -> None:
+    """Load a daemon's config (a bad one: one line, exit 2), set up logging and
+    run the daemon in the foreground until SIGTERM or Ctrl-C.  Shared by the
+    agent, the layer-3 agent and the gateway."""
+    from .logs import setup_logging
+
     try:
-        config = load_agent_config(config_path, overrides)
+        config = load_config()
     except L2cryptError as exc:
         fail(str(exc), 2)
     setup_logging(config.log_level, config.log_format)
     try:
-        asyncio.run(Agent(config).run())
+        asyncio.run(daemon_class(config).run())
     except L2cryptError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

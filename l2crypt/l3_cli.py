@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -54,24 +53,13 @@ def register(cli: click.Group, fail) -> None:
     def l3_agent(config_path, servers, addresses, prefixes, **overrides) -> None:
         """Run the layer-3 agent: seal IP traffic to the policy prefixes
         (routed: IP protocol 253; nat: over UDP) through NFQUEUE."""
-        from .logs import setup_logging
+        from .cli import run_daemon
+        from .l3_agent import L3Agent
 
         overrides["servers"] = list(servers) if servers else None
         overrides["addresses"] = list(addresses) if addresses else None
         overrides["prefixes"] = list(prefixes) if prefixes else None
-        try:
-            config = load_l3_config(config_path, overrides)
-        except L2cryptError as exc:
-            fail(str(exc), 2)
-        setup_logging(config.log_level, config.log_format)
-        try:
-            from .l3_agent import L3Agent
-
-            asyncio.run(L3Agent(config).run())
-        except L2cryptError as exc:
-            fail(str(exc))
-        except KeyboardInterrupt:
-            pass
+        run_daemon(lambda: load_l3_config(config_path, overrides), L3Agent, fail)
 
     @cli.command("l3-status")
     @click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="The agent's state directory.")

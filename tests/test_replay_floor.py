@@ -144,3 +144,24 @@ def test_forgotten_after_a_week_of_silence():
 def test_a_bad_floors_file_is_a_clear_error(data):
     with pytest.raises(ValueError, match="replay floors file"):
         rf.decode(data)
+
+
+def test_floor_file_round_trip_and_fail_closed_when_unwritable(tmp_path):
+    from l2crypt.errors import LocalError
+    from l2crypt.state_file import FloorFile
+
+    ff = FloorFile(tmp_path)
+    book = rf.FloorBook()
+    assert ff.load(book, 0.0) == 0  # first start
+    assert ff.save(book, [(S1, 7_000)], 0.0) and not book.stale(0.1)
+    assert (tmp_path / "replay_floors").stat().st_mode & 0o777 == 0o600
+    again = rf.FloorBook()
+    assert FloorFile(tmp_path).load(again, 0.0) == 1 and again.floor(S1) > 7_000
+
+    (tmp_path / "replay_floors").write_bytes(b"garbage")
+    with pytest.raises(LocalError, match="replay_floors"):
+        FloorFile(tmp_path).load(rf.FloorBook(), 0.0)
+
+    gone = FloorFile(tmp_path / "missing-dir")
+    assert not gone.save(book, [(S1, 8_000)], 5.0)
+    assert book.stale(5.0 + rf.MAX_UNSAVED_S - 0.9)  # the failed save did not count

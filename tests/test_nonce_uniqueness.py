@@ -27,8 +27,8 @@ def used(engine_frames, derive):
 
 def derive(src, dst, key_id, pw_id):
     if key_id == 1:
-        return aead.pair_direction_key(PAIR_KEY, pw_id, src, dst)
-    return aead.group_sender_key(MCAST_KEY, pw_id, src)
+        return aead.pair_direction_key(PAIR_KEY, pw_id, src, dst, aead.AES_256_GCM)
+    return aead.group_sender_key(MCAST_KEY, pw_id, src, aead.AES_256_GCM)
 
 
 def frame(dst, src, i):

@@ -337,7 +337,7 @@ class Gateway:
             control.close()
             if metrics is not None:
                 metrics.close()
-            self.floor_file.save(self.floors, self._replay_highest(), loop.time())
+            self.floor_file.save(self.floors, self._replay_highest(), loop.time(), stopped=True)
             self._reserve()
             try:
                 self.config.socket_path.unlink()

@@ -306,7 +306,9 @@ class Agent:
             control.close()
             if metrics is not None:
                 metrics.close()
-            self.floor_file.save(self.floors, self.engine.replay_highest(), loop.time())
+            # The readers are gone and the key client is stopped: no frame is
+            # opened after this save, so the next start needs no lead.
+            self.floor_file.save(self.floors, self.engine.replay_highest(), loop.time(), stopped=True)
             self._reserve()
             try:
                 self.config.socket_path.unlink()

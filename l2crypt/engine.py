@@ -27,8 +27,9 @@ every ``SAVE_INTERVAL_S`` and restores it at start):
 * every new replay window of a sender starts at ``floors.floor(sender)``, and
   every window dropped hands its highest number to ``floors.note``, so a key
   that comes back never opens a frame accepted before, across restarts too;
-* ``replay_highest()`` is what the agent saves; ``on_timer`` refuses frames
-  while ``floors.stale(now)`` (checked once per tick, not per frame);
+* ``replay_highest()`` is what the agent saves; frames are refused once the
+  last save is ``max_unsaved_s`` old (``floors.stale``: one float compare
+  per frame, against a deadline ``on_timer`` refreshes);
 * ``on_timer`` raises ``send_pn`` to the packet clock (``raise_to_clock``);
   sealing never uses a number above ``pn_limit``, what the agent's packet
   clock has reserved on disk (``pn_unreserved``).
@@ -174,7 +175,9 @@ class FrameEngine(EngineKeys):
         self._pn_base_now = now0  # engine time of pn_start; None: the first on_timer
         #: Replay floors, shared by every engine of one daemon (None: windows start empty).
         self.floors = floors
-        self._refusing = floors is not None and (now0 is None or floors.stale(now0))
+        #: Frames are opened only up to this engine time: the floors' last save
+        #: plus ``max_unsaved_s`` (refreshed by ``on_timer``; no book: always).
+        self._accept_until = float("inf") if floors is None else self._floors_deadline()
         self.settings = settings
         self.cipher = settings.cipher
         self.ethertype = settings.ethertype
@@ -265,7 +268,7 @@ class FrameEngine(EngineKeys):
 
     def open_from_wire(self, frame: bytes, now: float) -> bytes | None:
         """Open one sealed frame from the wire; None means dropped or held."""
-        if self._refusing:
+        if now > self._accept_until:
             self.drops[FLOORS_UNSAVED] += 1
             return None
         header = _decode_fields(frame, self.ethertype)
@@ -403,7 +406,7 @@ class FrameEngine(EngineKeys):
         else:
             self.send_pn = raise_to_clock(self.send_pn, self._pn_base, self._pn_base_now, now)
         if self.floors is not None:
-            self._refusing = self.floors.stale(now)
+            self._accept_until = self._floors_deadline()
         expired = self.holds.expire(now)
         if expired:
             self.drops[HOLD_EXPIRED] += expired
@@ -421,6 +424,11 @@ class FrameEngine(EngineKeys):
                 self._note(mac, ring.expire(now))
                 if ring.next is None and ring.previous is None:
                     del self._draining[mac]
+
+    def _floors_deadline(self) -> float:
+        """The last engine time a frame may be opened at without a newer save."""
+        saved_at = self.floors.saved_at
+        return float("-inf") if saved_at is None else saved_at + self.floors.max_unsaved_s
 
     def take_notices(self) -> list[tuple[str, bytes, int]]:
         """Rekey requests and lag reports for the key server, oldest first."""

@@ -104,8 +104,10 @@ class EngineKeys:
         ring = peer.keys if peer is not None else KeyRing()
         versions = [(pw_id, pair_key, age_s), *older]
         live = [v for v in versions if v[2] < self.key_max_age_s]
-        if not live:
-            return self._refuse_expired(peer_mac, pw_id, now)
+        if not live:  # every version offered is past the agent's key lifetime
+            if peer is None:
+                return self._refuse_expired(peer_mac, pw_id, now)
+            return self._release(peer_mac, now)  # a late answer: the versions held stay
         floor = self.floors.floor(peer_mac) if self.floors is not None else 0
         offered = []
         for version, key, age in live:
@@ -130,7 +132,9 @@ class EngineKeys:
     def install_multicast_key(self, key: bytes, pw_id: int, now: float, age_s: float = 0.0) -> Delivered:
         """Install a multicast key version (held already: ignored); releases held frames."""
         if age_s >= self.key_max_age_s:
-            return self._refuse_expired(GROUP_MAC, pw_id, now)
+            if self.group.current is None:
+                return self._refuse_expired(GROUP_MAC, pw_id, now)
+            return self._release(GROUP_MAC, now)
         if self.group.lookup(pw_id) is None:
             made = now - age_s
             group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, self._window, made, floors=self.floors)
@@ -147,8 +151,9 @@ class EngineKeys:
         return self._release(GROUP_MAC, now)
 
     def _refuse_expired(self, mac: bytes, pw_id: int, now: float) -> Delivered:
-        """The server offered only versions past ``key_max_age_s``: drop what waits
-        for them, stop asking for a while, and ask the server to rotate the pair."""
+        """The server offered only versions past ``key_max_age_s`` for a MAC we
+        hold no key of: drop what waits for them, stop asking for a while, and
+        ask the server to rotate the pair."""
         held = self.holds.take(mac)
         self.drops[KEY_EXPIRED] += len(held)
         self.counters["expired_keys_refused"] += 1

@@ -32,6 +32,9 @@ write per frame:
    accepted, since it accepted nothing more than ``MAX_UNSAVED_S`` after its
    last save (and ``SLACK_S`` covers the sender's tick, the receiver's tick
    and the frame's transit).
+   After a clean stop the last save is made once no frame can be accepted
+   any more (``encode(stopped=True)``): its bounds are floors already, and
+   the restart adds no lead, so a ``systemctl restart`` costs no frame.
 5. **Every new replay window for a sender starts at** ``floor(sender)``
    (``ReplayWindow(window_frames, floor=...)``): numbers at or below it are
    refused as replayed, under whatever key they come.  A sender's genuine
@@ -175,15 +178,23 @@ class FloorBook:
 
     # -- across a restart ------------------------------------------------------
 
-    def encode(self) -> bytes:
-        """The saved bounds, for the receiver's state directory."""
-        doc = {"version": FORMAT_VERSION,
-               "bounds": {s.hex(): min(e.bound, MAX_FLOOR) for s, e in sorted(self._entries.items())}}
+    def encode(self, stopped: bool = False) -> bytes:
+        """The saved bounds, for the receiver's state directory.  ``stopped``: the
+        receiver accepts no frame any more (a clean stop): the bounds written are
+        floors as they are (a restored floor counts, not only its bound)."""
+        if stopped:
+            bounds = {s.hex(): min(max(e.bound, e.highest), MAX_FLOOR) for s, e in sorted(self._entries.items())}
+        else:
+            bounds = {s.hex(): min(e.bound, MAX_FLOOR) for s, e in sorted(self._entries.items())}
+        doc: dict = {"version": FORMAT_VERSION, "bounds": bounds}
+        if stopped:
+            doc["stopped"] = True
         return json.dumps(doc, separators=(",", ":")).encode()
 
-    def restore(self, bounds: dict[bytes, int], now: float) -> None:
-        """Floors after a restart, from ``decode(file bytes)``."""
-        lead = _pn(self.max_unsaved_s + self.slack_s)
+    def restore(self, bounds: dict[bytes, int], now: float, stopped: bool = False) -> None:
+        """Floors after a restart, from ``decode(file bytes)`` (``decode_file``
+        also says whether the previous life stopped cleanly: no lead then)."""
+        lead = 0 if stopped else _pn(self.max_unsaved_s + self.slack_s)
         for sender, bound in bounds.items():
             floor = min(bound + lead, MAX_FLOOR)
             self._floors[sender] = max(floor, self._floors.get(sender, 0))
@@ -198,6 +209,12 @@ class FloorBook:
 
 def decode(data: bytes) -> dict[bytes, int]:
     """Saved bounds from a floors file; ValueError with the reason if it is not one."""
+    return decode_file(data)[0]
+
+
+def decode_file(data: bytes) -> tuple[dict[bytes, int], bool]:
+    """(saved bounds, written at a clean stop) from a floors file; ValueError
+    with the reason if it is not one."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -213,7 +230,10 @@ def decode(data: bytes) -> dict[bytes, int]:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
             raise ValueError(f"bad floor for sender {key} in replay floors file")
         out[sender] = value
-    return out
+    stopped = doc.get("stopped", False)
+    if not isinstance(stopped, bool):
+        raise ValueError("bad 'stopped' in replay floors file")
+    return out, stopped
 
 
 def _pn(seconds: float) -> int:

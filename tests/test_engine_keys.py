@@ -241,6 +241,15 @@ def test_a_key_older_than_the_maximum_age_is_dropped_and_a_fresh_one_asked():
     assert pw_of(b.seal_from_tap(frame(A, B), 102.0)) == 2
 
 
+def test_a_late_answer_with_only_old_versions_leaves_the_held_key_alone():
+    settings = EngineSettings(key_max_age_s=100.0)
+    b = FrameEngine(B, settings)
+    b.install_pair_key(A, "a", os.urandom(32), 5, 10.0, age_s=1)
+    b.install_pair_key(A, "a", os.urandom(32), 3, 10.0, age_s=150)  # out of order, too old
+    assert b.peers[A].keys.current.pw_id == 5
+    assert not b.expired_until and not b.take_notices() and not b.drops
+
+
 def test_an_expired_multicast_key_is_dropped_too():
     b = FrameEngine(B, EngineSettings(key_max_age_s=100.0))
     b.install_multicast_key(os.urandom(32), 1, 0.0)
@@ -296,4 +305,6 @@ def test_both_ciphers_still_round_trip(cipher):
 def test_floor_book_is_optional():
     """Engines without a book (tests, tools) keep working; with one, frames wait for a save."""
     assert FrameEngine(A).floors is None
-    assert FrameEngine(A, floors=rf.FloorBook(), now0=0.0)._refusing
+    engine = FrameEngine(A, floors=rf.FloorBook(), now0=0.0)
+    engine.install_pair_key(B, "b", os.urandom(32), 1, 0.0)
+    assert engine.open_from_wire(bytes(80), 0.0) is None and engine.drops[E.FLOORS_UNSAVED] == 1

@@ -222,3 +222,27 @@ def test_a_window_dropped_between_saves_still_counts():
     book.note(S2, 5_000)
     book.save([], 0.5)
     assert rf.decode(book.encode())[S2] >= 5_000
+
+
+def test_a_clean_stop_needs_no_lead_and_keeps_restored_floors():
+    sender = Sender(1_000 * PN_PER_SECOND, now=0.0)
+    book = rf.FloorBook()
+    accepted: list[int] = []
+    _life(book, sender, 0.0, 2.0, accepted)
+    book.save([(S1, max(accepted))], 2.0)          # the last save, after the readers stopped
+    bounds, stopped = rf.decode_file(book.encode(stopped=True))
+    assert stopped
+    after = rf.FloorBook()
+    after.restore(bounds, 0.0, stopped)
+    assert after.floor(S1) >= max(accepted)
+    sender.tick(2.0 + rf.SAVE_INTERVAL_S + rf.CLOCK_TICK_S)  # a quick restart: the sender's next frame passes
+    assert sender.send() > after.floor(S1)
+    # A floor restored after a crash, for a sender not heard since, survives a
+    # clean stop (its bound alone would be below frames the first life accepted).
+    crashed = rf.FloorBook()
+    crashed.restore({S2: 5_000}, 0.0)
+    crashed.save([], 0.5)
+    bounds, stopped = rf.decode_file(crashed.encode(stopped=True))
+    again = rf.FloorBook()
+    again.restore(bounds, 0.0, stopped)
+    assert again.floor(S2) == crashed.floor(S2) > 5_000

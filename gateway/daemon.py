@@ -167,7 +167,7 @@ class Gateway:
             max_age = min(float(msg["key_max_age_s"]), self.core.engine_settings.key_max_age_s)
             self.core.engine_settings = dataclasses.replace(self.core.engine_settings, key_max_age_s=max_age)
             for engine in self.core._engines():
-                engine.key_max_age_s = max_age
+                engine.set_key_max_age(max_age)
         self._send(self.core.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], now))
         self.client.request_map_list()
         for mac, side in self.core.learned():

@@ -139,7 +139,7 @@ class Agent:
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
         max_age = min(self.config.key_max_age_s, msg.get("key_max_age_s") or self.config.key_max_age_s)
         if max_age != self.engine.key_max_age_s:
-            self.engine.key_max_age_s = float(max_age)
+            self.engine.set_key_max_age(max_age)
             log.info("key_max_age", extra=fields(seconds=max_age))
         self._deliver(self.engine.install_multicast_key(
             msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))

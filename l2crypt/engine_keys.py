@@ -150,6 +150,12 @@ class EngineKeys:
                 self._draining[GROUP_MAC] = self.group
         return self._release(GROUP_MAC, now)
 
+    def set_key_max_age(self, seconds: float) -> None:
+        """A new maximum key age (the key server's, in its welcome); the next
+        ``on_timer`` drops what is older."""
+        self.key_max_age_s = float(seconds)
+        self._expiry_due = float("-inf")
+
     def _refuse_expired(self, mac: bytes, pw_id: int, now: float) -> Delivered:
         """The server offered only versions past ``key_max_age_s`` for a MAC we
         hold no key of: drop what waits for them, stop asking for a while, and

@@ -241,6 +241,16 @@ def test_a_key_older_than_the_maximum_age_is_dropped_and_a_fresh_one_asked():
     assert pw_of(b.seal_from_tap(frame(A, B), 102.0)) == 2
 
 
+def test_a_lower_maximum_age_from_the_server_applies_at_the_next_tick():
+    b = FrameEngine(B, SETTINGS)
+    b.install_pair_key(A, "a", os.urandom(32), 1, 10.0, age_s=500)
+    b.on_timer(11.0)
+    assert A in b.peers
+    b.set_key_max_age(300.0)  # the welcome's key_max_age_s
+    b.on_timer(11.1)
+    assert A not in b.peers and b.counters["keys_expired"] == 1
+
+
 def test_a_late_answer_with_only_old_versions_leaves_the_held_key_alone():
     settings = EngineSettings(key_max_age_s=100.0)
     b = FrameEngine(B, settings)

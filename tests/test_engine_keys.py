@@ -141,6 +141,33 @@ def test_all_young_versions_send_with_the_oldest():
     assert (ring.current.pw_id, ring.next.pw_id) == (1, 2)
 
 
+class Slot:
+    def __init__(self, pw_id, created_at=0.0):
+        self.pw_id, self.created_at = pw_id, created_at
+
+
+@pytest.mark.parametrize("held, offered, expect", [
+    # (previous, current, next) held; (pw_id, age) offered at now = 100; switch 2 s, retire 30 s
+    ((None, None, None), [(1, 50)], (None, 1, None)),
+    ((None, None, None), [(3, 1), (2, 6), (1, 11)], (1, 2, 3)),
+    ((None, None, None), [(2, 1), (1, 1.5)], (None, 1, 2)),          # all young: the oldest is current
+    ((None, None, None), [(2, 50), (1, 100)], (None, 2, None)),      # 1 retired by the peer long ago
+    ((None, 1, None), [(3, 0.5), (2, 5), (1, 10)], (1, 2, 3)),       # two missed rotations
+    ((None, 1, 3), [(2, 5)], (1, 2, 3)),                             # the middle version
+    ((None, 5, None), [(6, 0)], (None, 5, 6)),                       # a push: as offer()
+    ((4, 5, 6), [(7, 0)], (5, 6, 7)),                                # a pending next is promoted
+    ((None, 5, None), [(4, 100)], (4, 5, None)),                     # an older one, never held: receive only
+])
+def test_merge_places_versions_as_the_peer_holds_them(held, offered, expect):
+    from l2crypt.key_ring import KeyRing
+    ring = KeyRing()
+    ring.previous, ring.current, ring.next = (Slot(p) if p else None for p in held)
+    now = 100.0
+    ring.merge([(Slot(p), now - age) for p, age in offered], now, switch_after_s=2.0, retire_after_s=30.0)
+    got = tuple(s.pw_id if s else None for s in (ring.previous, ring.current, ring.next))
+    assert got == expect
+
+
 # --- missed rotations: the version in between -------------------------------------------
 
 

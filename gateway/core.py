@@ -47,6 +47,7 @@ from typing import Callable
 from l2crypt import frame_wire
 from l2crypt.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
 from l2crypt.engine import Delivered, EngineSettings, FrameEngine, use_cipher
+from l2crypt.replay_floor import FloorBook
 
 from .tunnel import Tunnel
 
@@ -132,15 +133,18 @@ def group_frame_allowed(frame: bytes, policy: str) -> bool:
 class GatewayCore:
     def __init__(self, gw_mac: bytes, pn_source: Callable[[], int], tunnel_peers: tuple[str, ...] = (),
                  has_plain: bool = True, settings: GatewaySettings = GatewaySettings(),
-                 engine_settings: EngineSettings = EngineSettings()):
+                 engine_settings: EngineSettings = EngineSettings(), floors: FloorBook | None = None,
+                 now: float | None = None):
         self.gw_mac = bytes(gw_mac)
         self.pn_source = pn_source
+        #: Replay floors of every engine (a sender has one counter for all of them).
+        self.floors = floors
         self.settings = settings
         self.engine_settings = engine_settings
         self.ethertype = engine_settings.ethertype or DEFAULT_ETHERTYPE
         self.has_plain = has_plain
         self.peers = tuple(tunnel_peers)
-        self.main = FrameEngine(self.gw_mac, engine_settings, pn_source())
+        self.main = FrameEngine(self.gw_mac, engine_settings, pn_source(), floors=floors, now0=now)
         self.virtual: dict[bytes, FrameEngine] = {}
         self.table: dict[bytes, Learned] = {}
         self.enc_seen: OrderedDict = OrderedDict()
@@ -356,7 +360,7 @@ class GatewayCore:
             return out
         entry.state = MAPPED
         if mac not in self.virtual:
-            engine = FrameEngine(mac, self.engine_settings, self.pn_source())
+            engine = FrameEngine(mac, self.engine_settings, self.pn_source(), floors=self.floors, now0=now)
             use_cipher(engine, self.main.cipher)
             if self.multicast is not None:
                 engine.install_multicast_key(self.multicast[0], self.multicast[1], now)
@@ -398,7 +402,8 @@ class GatewayCore:
                 seen[(kind, mac)] = max(pw_id, seen.get((kind, mac), 0))
         return [(kind, mac, pw_id) for (kind, mac), pw_id in seen.items()]
 
-    def install_pair_key(self, host_mac: bytes, host_id: str, key: bytes, pw_id: int, now: float) -> Output:
+    def install_pair_key(self, host_mac: bytes, host_id: str, key: bytes, pw_id: int, now: float,
+                         age_s: float = 0.0, older=()) -> Output:
         out = Output()
         entry = self.table.get(host_mac)
         if entry is not None:
@@ -411,7 +416,8 @@ class GatewayCore:
             self.host_keys[host_mac] = (host_id, key, pw_id)
         for mac, engine in self.virtual.items():
             if host_mac in engine.peers or host_mac in engine.holds.pending:
-                self._deliver(mac, engine.install_pair_key(host_mac, host_id, key, pw_id, now), now, out)
+                self._deliver(mac, engine.install_pair_key(host_mac, host_id, key, pw_id, now, age_s, older),
+                              now, out)
         self.main.holds.take(host_mac)
         return out
 

@@ -10,14 +10,17 @@
    once) and for NETKEY; it announces every learned MAC again after a
    reconnect; key requests, map requests and notices go out as the core
    raises them.
-4. A tick every ``TICK_S`` runs the core's timers, persists the packet
-   clock and logs new drops.  ``l2crypt-gateway status`` reads the control
+4. A tick every ``TICK_S`` saves the replay floors of the gateway's frame
+   engines (one book for all of them: a sender has one counter; loaded
+   before the encrypted port opens), runs the core's timers, reserves packet
+   numbers ahead of every engine and logs new drops.  ``l2crypt-gateway status`` reads the control
    socket; Prometheus scrapes ``metrics_listen`` (``gateway.metrics``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -35,6 +38,8 @@ from l2crypt.logs import fields
 from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
 from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
 from l2crypt.port_guard import egress_drops, guard_port
+from l2crypt.replay_floor import FloorBook
+from l2crypt.state_file import FloorFile
 from l2crypt.tls_files import client_context, host_identity
 
 from .config import GatewayConfig, parse_hostport
@@ -96,6 +101,8 @@ class Gateway:
         self.gw_id = host_identity(self.state_dir)
         self.ssl_ctx = client_context(self.state_dir)
         self.clock = PacketClock(self.state_dir)
+        self.floors = FloorBook()
+        self.floor_file = FloorFile(self.state_dir)
         self.started_at = time.monotonic()
         self.enc = self.plain = self.tunnel = None
         self.core: GatewayCore | None = None
@@ -156,6 +163,11 @@ class Gateway:
         now = self._loop.time()
         if self.core.use_cipher(msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
+        if msg.get("key_max_age_s"):  # the server's maximum key lifetime, if lower
+            max_age = min(float(msg["key_max_age_s"]), self.core.engine_settings.key_max_age_s)
+            self.core.engine_settings = dataclasses.replace(self.core.engine_settings, key_max_age_s=max_age)
+            for engine in self.core._engines():
+                engine.set_key_max_age(max_age)
         self._send(self.core.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], now))
         self.client.request_map_list()
         for mac, side in self.core.learned():
@@ -167,8 +179,9 @@ class Gateway:
                 entry.next_request_at = 0.0
         self._to_server(now)
 
-    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
-        self._send(self.core.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time()))
+    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int,
+               age_s: int = 0, older: list = ()) -> None:
+        self._send(self.core.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time(), age_s, older))
 
     def on_unknown(self, peer_mac: bytes) -> None:
         self.core.mark_unknown(peer_mac, self._loop.time())
@@ -199,6 +212,19 @@ class Gateway:
         if self.core.install_netkey(key, pw_id, self._loop.time()):
             log.info("netkey_installed", extra=fields(pw_id=pw_id))
 
+    # ------------------------------------------------ floors and packet clock
+
+    def _replay_highest(self):
+        for engine in self.core._engines():
+            yield from engine.replay_highest()
+
+    def _reserve(self) -> None:
+        """Reserve packet numbers ahead of every frame engine (``packet_clock``)."""
+        engines = list(self.core._engines())
+        limit = self.clock.reserve(max(e.send_pn for e in engines))
+        for engine in engines:
+            engine.pn_limit = limit
+
     # --------------------------------------------------------------- status
 
     def snapshot(self) -> dict:
@@ -225,6 +251,11 @@ class Gateway:
         cfg = self.config
         gw_mac = _port_mac(cfg.encrypted_port)
         guard_port(cfg.encrypted_port, cfg.ethertype)
+        now = self._loop.time()
+        restored = self.floor_file.load(self.floors, now)
+        if not self.floor_file.save(self.floors, (), now):
+            raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
+        log.info("replay_floors_loaded", extra=fields(senders=restored))
         try:
             self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
             if cfg.plain_port:
@@ -243,7 +274,8 @@ class Gateway:
                 settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
                                          learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
                                          refused_cache_s=cfg.refused_cache_s),
-                engine_settings=settings)
+                engine_settings=settings, floors=self.floors, now=now)
+            self._reserve()
             self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self)
             await self._serve()
         finally:
@@ -281,10 +313,12 @@ class Gateway:
                 except asyncio.TimeoutError:
                     pass
                 now = loop.time()
+                if self.floor_file.save_due(now):
+                    self.floor_file.save(self.floors, self._replay_highest(), now)
                 self.core.on_timer(now)
                 self._to_server(now)
                 if now - last_persist >= PERSIST_INTERVAL_S:
-                    self.clock.persist()
+                    self._reserve()
                     last_persist = now
                 if now - last_log >= DROP_LOG_S:
                     new = self.core.all_drops() - self._logged
@@ -303,7 +337,8 @@ class Gateway:
             control.close()
             if metrics is not None:
                 metrics.close()
-            self.clock.persist()
+            self.floor_file.save(self.floors, self._replay_highest(), loop.time(), stopped=True)
+            self._reserve()
             try:
                 self.config.socket_path.unlink()
             except OSError:

@@ -18,7 +18,10 @@
    - ``key_req`` needs a hello on this connection (``not_bound``), a ``my_mac``
      that is the requester's bound MAC (``forbidden``), and a peer MAC that is
      not its own (``bad_request``); an unknown or revoked peer gets ``unknown``.
-     The pair key goes to the requester and is pushed to the peer.
+     The pair key goes to the requester and is pushed to the peer.  Every
+     ``key`` message carries the version's age and up to two older versions
+     still held, with theirs (``_key_msg``), so a restarted agent, or one that
+     missed rotations, holds every version its peer may still send with.
 4. Rotations (PW_ID) and revocations are written to the store as events, by
    this server, another keyserverd on the same store, or the CLI.  The server
    polls ``store.events_since`` and turns each event into pushes with
@@ -55,6 +58,7 @@ from typing import TYPE_CHECKING, Union
 
 from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
+from l2crypt.ks_messages import OLDER_VERSIONS_MAX
 from l2crypt.logs import RateLimiter, fields
 
 from .l3_service import L3Handlers
@@ -224,11 +228,8 @@ class KeyService(L3Handlers):
             return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         log.info("pair_key_sent", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
-        answer = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
-        push = {
-            "t": "key", "rid": PUSH_RID, "peer_mac": session.bound_mac, "peer_id": session.identity,
-            "key": key, "pw_id": pw_id,
-        }
+        answer = self._key_msg(rid, peer_mac, peer.id, session.identity, key, pw_id, now)
+        push = self._key_msg(PUSH_RID, session.bound_mac, session.identity, peer.id, key, pw_id, now)
         return [("reply", answer), (("push", peer.id), push)]
 
     def _on_ping(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -283,8 +284,29 @@ class KeyService(L3Handlers):
         return [(("push", h.id), {"t": "netkey", "rid": PUSH_RID, "key": key, "pw_id": pw_id})
                 for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked]
 
-    def _key_msg(self, rid: int, peer, key: bytes, pw_id: int) -> dict:
-        return {"t": "key", "rid": rid, "peer_mac": peer.mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
+    def _key_msg(self, rid: int, peer_mac: bytes, peer_id: str, other_id: str, key: bytes, pw_id: int,
+                 now: float | None = None) -> dict:
+        """A ``key`` message to ``other_id`` naming its peer (``peer_mac``,
+        ``peer_id``): version ``pw_id`` with its age, and up to
+        ``OLDER_VERSIONS_MAX`` older versions still held with theirs.  Ages
+        count to ``now``; without it (a push of the version just made), to
+        ``pw_id``'s creation.  The versions are listed without key bytes and
+        each older key is read on its own (``store.pair_key``)."""
+        versions = [v for v in self.store.pair_versions(peer_id, other_id) if v[0] <= pw_id]
+        made = dict(versions)
+        ref = now if now is not None else made.get(pw_id, 0.0)
+        msg = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer_id, "key": key, "pw_id": pw_id}
+        if pw_id in made:
+            msg["age_s"] = _age_s(ref, made[pw_id])
+        older = []
+        for version, created in versions:
+            if version < pw_id and len(older) < OLDER_VERSIONS_MAX:
+                old_key = self.store.pair_key(peer_id, other_id, version)
+                if old_key is not None:
+                    older.append([version, old_key, _age_s(ref, created)])
+        if older:
+            msg["older"] = older
+        return msg
 
     def _on_rekey_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         """The sender reached its data-volume limit under ``pw_id``: rotate once."""
@@ -295,7 +317,7 @@ class KeyService(L3Handlers):
             log.info("pair_key_rotated", extra=fields(host=session.identity, peer=peer.id, pw_id=new,
                                                       cause="data_volume"))
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
-        return [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
+        return [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, session.identity, key, pw_id, now))]
 
     def _on_key_report(self, session: Session, msg: dict, now: float) -> list[Action]:
         """The requester holds ``pw_id`` but its peer still sends with an older
@@ -305,11 +327,12 @@ class KeyService(L3Handlers):
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         if msg["pw_id"] > pw_id:
             raise RefusedError(f"pw_id {msg['pw_id']} does not exist (newest is {pw_id})", "bad_request")
-        actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
+        actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, session.identity,
+                                                         key, pw_id, now))]
         if msg["pw_id"] == pw_id:
-            me = self.store.get_host(session.identity)
             log.info("peer_lagging", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
-            actions.append((("push", peer.id), self._key_msg(PUSH_RID, me, key, pw_id)))
+            actions.append((("push", peer.id), self._key_msg(PUSH_RID, session.bound_mac, session.identity,
+                                                             peer.id, key, pw_id, now)))
         return actions
 
     def _on_mcast_req(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -361,13 +384,13 @@ class KeyService(L3Handlers):
             if key is None or a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
                 return []
             actions: list[Action] = [
-                (("push", a.id), self._key_msg(PUSH_RID, b, key, event.pw_id)),
-                (("push", b.id), self._key_msg(PUSH_RID, a, key, event.pw_id)),
+                (("push", a.id), self._key_msg(PUSH_RID, b.mac, b.id, a.id, key, event.pw_id)),
+                (("push", b.id), self._key_msg(PUSH_RID, a.mac, a.id, b.id, key, event.pw_id)),
             ]
             for gw, other in ((a, b), (b, a)):  # the host holds the gateway's key under mapped MACs too
                 for mac, _ in self.macs.macs_of(gw.id) if gw.role == "gateway" else ():
                     actions.append((("push", other.id),
-                                    self._key_msg(PUSH_RID, dataclasses.replace(gw, mac=mac), key, event.pw_id)))
+                                    self._key_msg(PUSH_RID, mac, gw.id, other.id, key, event.pw_id)))
             return actions
         if event.kind == "multicast":
             key = self.store.multicast_key(event.pw_id)
@@ -419,6 +442,10 @@ def revoke_and_rotate(store: KeyStore, host_id: str, now: float) -> tuple[bool, 
             rotated += 1
     store.rotate_multicast_key(now)
     return newly, rotated
+
+
+def _age_s(now: float, created_at: float) -> int:
+    return max(0, int(now - created_at))
 
 
 def _error(rid: int, code: str, text: str) -> dict:

@@ -78,6 +78,7 @@ def _agent_options(fn):
         click.option("--switch-after-s", type=float, help=docs["switch_after_s"] + " [default: 2.0]"),
         click.option("--retire-after-s", type=float, help=docs["retire_after_s"] + " [default: 30.0]"),
         click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"] + " [default: 2^32]"),
+        click.option("--key-max-age-s", type=float, help=docs["key_max_age_s"] + " [default: 7200]"),
         click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"] + " [default: 5.0]"),
         click.option("--probe-failures", type=int, help=docs["probe_failures"] + " [default: 3]"),
         click.option("--failback-holddown-s", type=float, help=docs["failback_holddown_s"] + " [default: 30.0]"),

@@ -44,7 +44,10 @@ class KeyEvents(Protocol):
     """What the agent does with the server's answers.  Called on the loop thread."""
 
     def on_welcome(self, msg: dict) -> None: ...
-    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None: ...
+    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int,
+               age_s: int = 0, older: list = ()) -> None:
+        """A pair key version (``age_s`` since the server made it) and the older
+        ones still live, (pw_id, key, age_s) newest first."""
     def on_unknown(self, peer_mac: bytes) -> None: ...
     def on_key_refused(self, peer_mac: bytes, code: str, text: str) -> None: ...
     def on_multicast(self, key: bytes, pw_id: int) -> None: ...
@@ -262,7 +265,8 @@ class KeyClient:
             self._answered(msg["rid"])
         if t == "key":
             self._key_rids.pop(msg["rid"], None)
-            self.events.on_key(msg["peer_mac"], msg["peer_id"], msg["key"], msg["pw_id"])
+            self.events.on_key(msg["peer_mac"], msg["peer_id"], msg["key"], msg["pw_id"],
+                               age_s=msg.get("age_s", 0), older=[tuple(v) for v in msg.get("older", ())])
         elif t == "unknown":
             self._key_rids.pop(msg["rid"], None)
             self.events.on_unknown(msg["peer_mac"])

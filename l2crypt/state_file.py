@@ -14,6 +14,8 @@ state directory.
    ``replay_floor.SAVE_INTERVAL_S``; a failed write is logged once and
    retried at the next tick, and ``book.stale(now)`` then tells the engine
    to refuse frames until a write succeeds (fail closed).
+3. ``save(..., stopped=True)`` once more at a clean stop, after the last
+   frame was accepted: the next start adds no lead to the floors.
 """
 
 from __future__ import annotations
@@ -67,25 +69,28 @@ class FloorFile:
         except OSError as exc:
             raise LocalError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         try:
-            bounds = replay_floor.decode(data)
+            bounds, stopped = replay_floor.decode_file(data)
         except ValueError as exc:
             raise LocalError(f"{self.path}: {exc}; move it away only if no frame recorded "
                              "under the current keys may be replayed") from None
-        book.restore(bounds, now)
+        book.restore(bounds, now, stopped)
         return len(bounds)
 
     def save_due(self, now: float) -> bool:
         return now >= self._next_save
 
-    def save(self, book: replay_floor.FloorBook, highest: Iterable[tuple[bytes, int]], now: float) -> bool:
-        """Save the floors now; False (logged once per failure spell) if the write failed."""
+    def save(self, book: replay_floor.FloorBook, highest: Iterable[tuple[bytes, int]], now: float,
+             stopped: bool = False) -> bool:
+        """Save the floors now; False (logged once per failure spell) if the write
+        failed.  ``stopped``: the last save of a clean stop (no frame is accepted
+        after it)."""
         self._next_save = now + book.save_interval_s
         # The book moves to ``now`` only once the file holds it: a failed write
         # leaves the book stale, so the engine refuses frames until one succeeds.
         previous = book.saved_at
         book.save(highest, now)
         try:
-            write_atomic(self.path, book.encode())
+            write_atomic(self.path, book.encode(stopped))
         except OSError as exc:
             book.saved_at = previous
             if not self._failing:

@@ -217,8 +217,10 @@ def test_key_req_answers_and_pushes_to_peer(env, caplog):
         actions = call(service, s, {"t": "key_req", "rid": 11, "peer_mac": MAC_B, "my_mac": MAC_A})
     key, pw_id = store.get_or_create_pair_key("a", "b", NOW)
     assert actions == [
-        ("reply", {"t": "key", "rid": 11, "peer_mac": MAC_B, "peer_id": "b", "key": key, "pw_id": pw_id}),
-        (("push", "b"), {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a", "key": key, "pw_id": pw_id}),
+        ("reply", {"t": "key", "rid": 11, "peer_mac": MAC_B, "peer_id": "b", "key": key, "pw_id": pw_id,
+                   "age_s": 0}),
+        (("push", "b"), {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a", "key": key, "pw_id": pw_id,
+                         "age_s": 0}),
     ]
     assert pw_id == 1
     # the other direction gets the same key

@@ -84,7 +84,7 @@ def test_no_key_material_in_a_scrape():
 def test_key_client_times_requests_and_counts_failovers():
     async def go():
         client = KeyClient(("ks1:7788", "ks2:7788"), None, H1, events=SimpleNamespace(
-            on_key=lambda *a: None, on_unknown=lambda *a: None, on_key_refused=lambda *a: None))
+            on_key=lambda *a, **kw: None, on_unknown=lambda *a: None, on_key_refused=lambda *a: None))
         client.connected = True
         client._writer = SimpleNamespace(write=lambda data: None)
         assert client.request_key(H2)

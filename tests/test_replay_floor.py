@@ -91,7 +91,7 @@ def test_after_a_crash_between_saves_no_accepted_number_passes_the_floor():
     # Genuine frames the sender sends once the floor's lead has passed are above it.
     last_save = book.saved_at
     assert end - last_save < rf.SAVE_INTERVAL_S
-    sender.tick(last_save + 2 * rf.SAVE_INTERVAL_S + rf.SLACK_S + rf.CLOCK_TICK_S)
+    sender.tick(last_save + rf.SAVE_INTERVAL_S + rf.MAX_UNSAVED_S + rf.SLACK_S + rf.CLOCK_TICK_S)
     assert sender.send() > floor
     assert book2.floor(S2) == 0
 
@@ -165,3 +165,84 @@ def test_floor_file_round_trip_and_fail_closed_when_unwritable(tmp_path):
     gone = FloorFile(tmp_path / "missing-dir")
     assert not gone.save(book, [(S1, 8_000)], 5.0)
     assert book.stale(5.0 + rf.MAX_UNSAVED_S - 0.9)  # the failed save did not count
+
+
+def test_a_receiver_that_cannot_save_stops_accepting_before_the_restored_floor_is_passed():
+    """Saves fail from t = 1 s on; the receiver accepts frames while it is not
+    stale (checked once per 100 ms tick, as the engine does), then crashes at
+    the last moment it still accepted: no accepted number may pass the floor
+    of the restart.  (The first version's floor covered 1.0 s after the last
+    save while ``stale`` waited 1.5 s.)"""
+    sender = Sender(1_000 * PN_PER_SECOND, now=0.0)
+    book = rf.FloorBook()
+    accepted: list[int] = []
+    t, accepting = 0.0, True
+    while accepting:
+        if round(t * 1000) % 100 == 0:  # a tick: the sender follows its clock, the receiver checks
+            sender.tick(t)
+            if t <= 1.0 and round(t * 1000) % 500 == 0:
+                book.save([(S1, max(accepted, default=0))], t)
+            accepting = not book.stale(t)
+        if accepting:
+            accepted.append(sender.send())
+        t = round(t + 0.01, 3)
+    assert t > 1.5, "the receiver kept accepting between its last save and stale"
+    restarted = rf.FloorBook()
+    restarted.restore(rf.decode(book.encode()), now=0.0)
+    assert restarted.floor(S1) >= max(accepted)
+
+
+def test_a_frame_held_for_its_key_moves_the_bound_by_its_wait():
+    """A frame sent at t = 0 waits 1.9 s for its key, then fresh frames follow
+    until a crash just before the next save: the floor is above all of them."""
+    sender = Sender(1_000 * PN_PER_SECOND, now=0.0)
+    book = rf.FloorBook()
+    book.save([], 0.0)
+    book.save([], 0.5)
+    book.save([], 1.0)
+    book.save([], 1.5)
+    held = sender.send()                     # t = 0.0, held until 1.9
+    book.late(S1, 1.9)
+    book.save([(S1, held)], 2.0)             # the held frame was the highest at this save
+    accepted = [held]
+    for i in range(1, 50):                   # fresh frames from 2.0 to 2.49, then the crash
+        t = 2.0 + i / 100
+        sender.tick(t)
+        accepted.append(sender.send())
+    restarted = rf.FloorBook()
+    restarted.restore(rf.decode(book.encode()), now=0.0)
+    assert restarted.floor(S1) >= max(accepted)
+
+
+def test_a_window_dropped_between_saves_still_counts():
+    """A sender first heard after a save whose window is gone before the next
+    one (its key retired) is in the next save through ``note``."""
+    book = rf.FloorBook()
+    book.save([], 0.0)
+    book.note(S2, 5_000)
+    book.save([], 0.5)
+    assert rf.decode(book.encode())[S2] >= 5_000
+
+
+def test_a_clean_stop_needs_no_lead_and_keeps_restored_floors():
+    sender = Sender(1_000 * PN_PER_SECOND, now=0.0)
+    book = rf.FloorBook()
+    accepted: list[int] = []
+    _life(book, sender, 0.0, 2.0, accepted)
+    book.save([(S1, max(accepted))], 2.0)          # the last save, after the readers stopped
+    bounds, stopped = rf.decode_file(book.encode(stopped=True))
+    assert stopped
+    after = rf.FloorBook()
+    after.restore(bounds, 0.0, stopped)
+    assert after.floor(S1) >= max(accepted)
+    sender.tick(2.0 + rf.SAVE_INTERVAL_S + rf.CLOCK_TICK_S)  # a quick restart: the sender's next frame passes
+    assert sender.send() > after.floor(S1)
+    # A floor restored after a crash, for a sender not heard since, survives a
+    # clean stop (its bound alone would be below frames the first life accepted).
+    crashed = rf.FloorBook()
+    crashed.restore({S2: 5_000}, 0.0)
+    crashed.save([], 0.5)
+    bounds, stopped = rf.decode_file(crashed.encode(stopped=True))
+    again = rf.FloorBook()
+    again.restore(bounds, 0.0, stopped)
+    assert again.floor(S2) == crashed.floor(S2) > 5_000

@@ -7,12 +7,15 @@
    through the core; the core's output goes to the ports.
 3. The key client says hello with the encrypted port's MAC, then asks for
    the MACs mapped to this gateway (``map_list``, so a restart resumes at
-   once) and for NETKEY; it announces every learned MAC again after a
-   reconnect; key requests, map requests and notices go out as the core
+   once) and for the keys of each tunnel link (``netkey_req peer_id``); it
+   announces every learned MAC again after a reconnect; key requests, map
+   requests, map releases (MACs aged out) and notices go out as the core
    raises them.
-4. A tick every ``TICK_S`` runs the core's timers, persists the packet
-   clock and logs new drops.  ``l2crypt-gateway status`` reads the control
-   socket; Prometheus scrapes ``metrics_listen`` (``gateway.metrics``).
+4. A tick every ``TICK_S`` runs the core's timers, saves the tunnel's replay
+   floors (``tunnel_replay_floors`` in the state directory, restored at
+   start), persists the packet clock and logs new drops.
+   ``l2crypt-gateway status`` reads the control socket; Prometheus scrapes
+   ``metrics_listen`` (``gateway.metrics``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from l2crypt.logs import fields
 from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
 from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
 from l2crypt.port_guard import egress_drops, guard_port
+from l2crypt.replay_floor import FloorBook
+from l2crypt.state_file import FloorFile
 from l2crypt.tls_files import client_context, host_identity
 
 from .config import GatewayConfig, parse_hostport
@@ -47,10 +52,11 @@ log = logging.getLogger("l2crypt.gateway")
 BATCH = 64
 TICK_S = 0.1
 DROP_LOG_S = 10.0
+TUNNEL_FLOORS_FILE = "tunnel_replay_floors"
 
 
 class GatewayKeyClient(KeyClient):
-    """The agent's key client plus the gateway messages (map_req, map_list, netkey_req)."""
+    """The agent's key client plus the gateway messages (map_req, map_release, map_list, netkey_req)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -61,19 +67,24 @@ class GatewayKeyClient(KeyClient):
         self._map_rids[rid] = mac
         return self._send({"t": "map_req", "rid": rid, "mac": mac, "side": side})
 
+    def release_map(self, mac: bytes) -> bool:
+        return self._send({"t": "map_release", "rid": self._next_rid(), "mac": mac})
+
     def request_map_list(self) -> bool:
         return self._send({"t": "map_list", "rid": self._next_rid()})
 
-    def request_netkey(self) -> bool:
-        return self._send({"t": "netkey_req", "rid": self._next_rid()})
+    def request_netkey(self, peer_id: str) -> bool:
+        return self._send({"t": "netkey_req", "rid": self._next_rid(), "peer_id": peer_id})
 
     def _dispatch(self, msg: dict) -> None:
         t = msg["t"]
         if t == "mapped":
             self._map_rids.pop(msg["rid"], None)
             self.events.on_mapped(msg["mac"], msg["side"])
+        elif t == "unmapped":
+            pass
         elif t == "netkey":
-            self.events.on_netkey(msg["key"], msg["pw_id"])
+            self.events.on_netkey(msg["peer_id"], msg["pw_id"], msg["send_key"], msg["recv_key"])
         elif t == "error" and msg["rid"] in self._map_rids:
             self.events.on_map_refused(self._map_rids.pop(msg["rid"]), msg["code"], msg["msg"])
         elif t == "error" and msg["code"] == "no_netkey":
@@ -96,6 +107,8 @@ class Gateway:
         self.gw_id = host_identity(self.state_dir)
         self.ssl_ctx = client_context(self.state_dir)
         self.clock = PacketClock(self.state_dir)
+        self.tunnel_floors = FloorBook()
+        self.tunnel_floor_file = FloorFile(self.state_dir, name=TUNNEL_FLOORS_FILE)
         self.started_at = time.monotonic()
         self.enc = self.plain = self.tunnel = None
         self.core: GatewayCore | None = None
@@ -137,6 +150,8 @@ class Gateway:
     def _to_server(self, now: float) -> None:
         if not self.client.connected:
             return
+        for mac in self.core.take_map_releases():
+            self.client.release_map(mac)
         for mac, side in self.core.take_map_requests():
             self.client.request_map(mac, side)
         for mac in self.core.take_key_requests(now):
@@ -148,7 +163,11 @@ class Gateway:
             self.client.send_notice(kind, mac, pw_id)
         if self.core.tunnel.wants_key and self.tunnel is not None:
             self.core.tunnel.wants_key = False
-            self.client.request_netkey()
+            self._request_tunnel_keys()
+
+    def _request_tunnel_keys(self) -> None:
+        for peer in self.core.peers:
+            self.client.request_netkey(peer)
 
     # ----------------------------------------------------------- key events
 
@@ -161,7 +180,7 @@ class Gateway:
         for mac, side in self.core.learned():
             self.client.request_map(mac, side)
         if self.tunnel is not None:
-            self.client.request_netkey()
+            self._request_tunnel_keys()
         for engine in self.core._engines():
             for entry in engine.holds.pending.values():
                 entry.next_request_at = 0.0
@@ -195,9 +214,9 @@ class Gateway:
         log.warning("mac_refused", extra=fields(mac=format_mac(mac), code=code, reason=text))
         self.core.on_map_refused(mac, self._loop.time())
 
-    def on_netkey(self, key: bytes, pw_id: int) -> None:
-        if self.core.install_netkey(key, pw_id, self._loop.time()):
-            log.info("netkey_installed", extra=fields(pw_id=pw_id))
+    def on_netkey(self, peer_id: str, pw_id: int, send_key: bytes, recv_key: bytes) -> None:
+        if self.core.install_tunnel_keys(peer_id, pw_id, send_key, recv_key, self._loop.time()):
+            log.info("netkey_installed", extra=fields(peer=peer_id, pw_id=pw_id))
 
     # --------------------------------------------------------------- status
 
@@ -224,6 +243,9 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         gw_mac = _port_mac(cfg.encrypted_port)
+        if cfg.tunnel_listen:
+            restored = self.tunnel_floor_file.load(self.tunnel_floors, self._loop.time())
+            log.info("tunnel_replay_floors_restored", extra=fields(peers=restored))
         guard_port(cfg.encrypted_port, cfg.ethertype)
         try:
             self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
@@ -242,8 +264,8 @@ class Gateway:
                 has_plain=self.plain is not None,
                 settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
                                          learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
-                                         refused_cache_s=cfg.refused_cache_s),
-                engine_settings=settings)
+                                         refused_cache_s=cfg.refused_cache_s, mac_ageing_s=cfg.mac_ageing_s),
+                engine_settings=settings, gw_id=self.gw_id, tunnel_floors=self.tunnel_floors)
             self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self)
             await self._serve()
         finally:
@@ -282,6 +304,8 @@ class Gateway:
                     pass
                 now = loop.time()
                 self.core.on_timer(now)
+                if self.tunnel is not None and self.tunnel_floor_file.save_due(now):
+                    self.tunnel_floor_file.save(self.tunnel_floors, self.core.tunnel.highest(), now)
                 self._to_server(now)
                 if now - last_persist >= PERSIST_INTERVAL_S:
                     self.clock.persist()

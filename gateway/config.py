@@ -53,7 +53,7 @@ from l2crypt.constants import (
 from l2crypt.errors import ConfigError
 from l2crypt.tunnel_keys import sender_tag
 
-from .core import GROUP_CROSSING
+from .group_policy import GROUP_CROSSING
 
 DEFAULT_STATE_DIR = "/var/lib/l2crypt-gateway"
 DEFAULT_CONFIG_PATH = "/etc/l2crypt/gateway.toml"

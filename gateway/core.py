@@ -60,12 +60,12 @@ from l2crypt.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
 from l2crypt.engine import Delivered, EngineSettings, FrameEngine, use_cipher
 from l2crypt.replay_floor import FloorBook
 
+from .group_policy import group_frame_allowed
 from .tunnel import Tunnel
 
 ENC = "encrypted"
 PLAIN = "plain"
 TUNNEL = "tunnel:"
-GROUP_CROSSING = ("basic", "all", "none")
 PENDING, MAPPED, REFUSED = "pending", "mapped", "refused"
 
 # Drop reasons of the core (the engines and the tunnel add theirs).
@@ -122,30 +122,6 @@ class Learned:
     asked_at: float = 0.0
     established: bool = False  # an encrypted host's frame to it verified
     held: list = field(default_factory=list)  # (frame, from side, arrived at)
-
-
-def group_frame_allowed(frame: bytes, policy: str) -> bool:
-    """May this group frame cross between the sides?  (see the module docstring)"""
-    if policy == "all":
-        return True
-    if policy == "none" or len(frame) < 14:
-        return False
-    et = int.from_bytes(frame[12:14], "big")
-    if et == 0x0806:  # ARP
-        return True
-    if et == 0x0800 and len(frame) >= 14 + 20 + 4:
-        ihl = (frame[14] & 0x0F) * 4
-        if frame[14 + 9] == 17 and len(frame) >= 14 + ihl + 4:
-            dport = int.from_bytes(frame[14 + ihl + 2:14 + ihl + 4], "big")
-            return dport in (67, 68)
-        return False
-    if et == 0x86DD and len(frame) >= 14 + 40 + 4:
-        nh = frame[14 + 6]
-        if nh == 58:  # ICMPv6: router/neighbour solicitation and advertisement, redirect
-            return 133 <= frame[14 + 40] <= 137
-        if nh == 17:
-            return int.from_bytes(frame[14 + 40 + 2:14 + 40 + 4], "big") in (546, 547)
-    return False
 
 
 class GatewayCore:

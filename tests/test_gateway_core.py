@@ -217,7 +217,7 @@ def test_netkey_rotation_make_before_break():
     assert gb.tunnel.links["gA"].keys.current.pw_id == 2
 
 
-@pytest.mark.parametrize("module", ["core", "tunnel", "tunnel_wire"])
+@pytest.mark.parametrize("module", ["core", "tunnel", "tunnel_wire", "group_policy"])
 def test_gateway_core_does_no_io(module):
     import ast
     from pathlib import Path

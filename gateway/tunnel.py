@@ -59,6 +59,9 @@ UNKNOWN_TAG = "tunnel_unknown_tag"
 TAG_ADDRESS = "tunnel_tag_address"
 FLOORS_UNSAVED = "tunnel_floors_unsaved"
 
+#: A datagram under a newer NETKEY version asks the key server again at most this often (seconds).
+KEY_RETRY_S = 1.0
+
 
 @dataclass(slots=True, eq=False)
 class LinkKey:
@@ -100,7 +103,8 @@ class Tunnel:
         self.newest_pw_id = 0
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
-        self.wants_key = False  # a datagram under a newer NETKEY arrived
+        self.wants_key = False  # a datagram under a newer NETKEY arrived: ask the key server
+        self._asked_at = float("-inf")
 
     # ------------------------------------------------------------- keys
 
@@ -161,7 +165,8 @@ class Tunnel:
         if slot is None:
             if pw_id > link.keys.newest_pw_id():
                 self.drops[NO_NETKEY] += 1
-                self.wants_key = True
+                if now - self._asked_at >= KEY_RETRY_S:  # forged versions cost one request a second
+                    self.wants_key, self._asked_at = True, now
             else:
                 self.drops[STALE_NETKEY] += 1
             return None

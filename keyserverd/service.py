@@ -42,7 +42,7 @@
    every link a gateway asked about (at most ``MAX_TUNNEL_PEERS``).  A
    ``key_req`` for a mapped MAC is answered with KEY(requester, gateway) under
    that MAC; the gateway asks for the same key by the requester's MAC.
-7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``)
+7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``, ``netkey_req``)
    are limited per host ID (``key_requests_per_s``, ``key_request_burst``,
    over all its connections): over the limit they get ``rate_limited``.
 Every refusal is counted and logged at WARNING with its code and the
@@ -88,7 +88,7 @@ REFUSAL_LOG_S = 10.0
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
 #: Message types that count against a host's key-request limit.
-RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req"})
+RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req", "netkey_req"})
 DEFAULT_KEY_REQUESTS_PER_S = 100.0
 DEFAULT_KEY_REQUEST_BURST = 200
 #: Most tunnel peers one gateway may ask link keys for.

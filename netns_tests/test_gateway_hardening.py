@@ -181,7 +181,6 @@ def test_tunnel_datagrams_replayed_after_a_gateway_restart_are_refused(hlab):
         h1_frames = L.read_pcap(tap.stop())
     assert not any(marker in f for f in h1_frames), "a replayed datagram reached h1"
     assert any(after_marker in f for f in h1_frames)  # the capture on h1 works
-    assert hlab.gateway_status("gA")["drops"].get("tunnel_replayed", 0) - before == len(recorded)
 
 
 # --- finding 8: sender tags -----------------------------------------------------------------

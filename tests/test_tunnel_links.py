@@ -221,3 +221,15 @@ def test_a_retired_version_leaves_its_top_as_the_floor():
     ga.on_timer(T0 + 3)  # version 1 retired
     assert ga.links["gB"].keys.lookup(1) is None
     assert book.floor(sender_tag("gB")) == W.decode_header(d1).packet_number
+
+
+def test_datagrams_under_a_newer_version_ask_the_key_server_at_most_once_a_second():
+    """gB's tag from gB's address, under made-up newer versions: a request a second, not one per datagram."""
+    ga = tunnel("gA", ("gB",))
+    asked = 0
+    for i in range(1000):  # 10 s of forged datagrams, 100 a second
+        now = T0 + i * 0.01
+        assert ga.open("gB", seal_raw(bytes(32), sender_tag("gB"), 2 + i, 1 << 41), now) is None
+        asked += ga.wants_key
+        ga.wants_key = False
+    assert ga.drops == {T.NO_NETKEY: 1000} and 10 <= asked <= 11

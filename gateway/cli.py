@@ -53,7 +53,7 @@ def enroll(server, host_id, token, ca_fingerprint, state_dir, force) -> None:
 _DOCS = config_keys(GatewayConfig)
 _TYPES = {"max_learned_macs": int, "replay_window_frames": int, "hold_frames": int,
           "ethertype": lambda s: int(s, 0)}
-_FLOATS = ("refused_cache_s", "hold_age_s", "key_retry_s", "key_retry_max_s", "unknown_cache_s",
+_FLOATS = ("refused_cache_s", "mac_ageing_s", "hold_age_s", "key_retry_s", "key_retry_max_s", "unknown_cache_s",
            "switch_after_s", "retire_after_s")
 
 
@@ -62,7 +62,7 @@ def _run_options(fn):
                          help="TOML config file (every key can be overridden below)."),
             click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
                          help=_DOCS["servers"] + " (repeat for several)."),
-            click.option("--tunnel-peer", "tunnel_peers", multiple=True, metavar="NAME=HOST:PORT",
+            click.option("--tunnel-peer", "tunnel_peers", multiple=True, metavar="ID=HOST:PORT",
                          help=_DOCS["tunnel_peers"] + " (repeat for several).")]
     for name, doc in _DOCS.items():
         if name in ("servers", "tunnel_peers"):

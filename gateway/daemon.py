@@ -7,14 +7,17 @@
    through the core; the core's output goes to the ports.
 3. The key client says hello with the encrypted port's MAC, then asks for
    the MACs mapped to this gateway (``map_list``, so a restart resumes at
-   once) and for NETKEY; it announces every learned MAC again after a
-   reconnect; key requests, map requests and notices go out as the core
+   once) and for the keys of each tunnel link (``netkey_req peer_id``); it
+   announces every learned MAC again after a reconnect; key requests, map
+   requests, map releases (MACs aged out) and notices go out as the core
    raises them.
-4. A tick every ``TICK_S`` saves the replay floors of the gateway's frame
-   engines (one book for all of them: a sender has one counter; loaded
-   before the encrypted port opens), runs the core's timers, reserves packet
-   numbers ahead of every engine and logs new drops.  ``l2crypt-gateway status`` reads the control
-   socket; Prometheus scrapes ``metrics_listen`` (``gateway.metrics``).
+4. A tick every ``TICK_S`` runs the core's timers, saves the replay floors
+   of the gateway's frame engines (``replay_floors``: one book for all of
+   them, a sender has one counter; loaded before the encrypted port opens)
+   and of the tunnel (``tunnel_replay_floors``), reserves packet numbers
+   ahead of every engine and the tunnel, and logs new drops.
+   ``l2crypt-gateway status`` reads the control socket; Prometheus scrapes
+   ``metrics_listen`` (``gateway.metrics``).
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ log = logging.getLogger("l2crypt.gateway")
 BATCH = 64
 TICK_S = 0.1
 DROP_LOG_S = 10.0
+TUNNEL_FLOORS_FILE = "tunnel_replay_floors"
 
 
 class GatewayKeyClient(KeyClient):
-    """The agent's key client plus the gateway messages (map_req, map_list, netkey_req)."""
+    """The agent's key client plus the gateway messages (map_req, map_release, map_list, netkey_req)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -66,19 +70,24 @@ class GatewayKeyClient(KeyClient):
         self._map_rids[rid] = mac
         return self._send({"t": "map_req", "rid": rid, "mac": mac, "side": side})
 
+    def release_map(self, mac: bytes) -> bool:
+        return self._send({"t": "map_release", "rid": self._next_rid(), "mac": mac})
+
     def request_map_list(self) -> bool:
         return self._send({"t": "map_list", "rid": self._next_rid()})
 
-    def request_netkey(self) -> bool:
-        return self._send({"t": "netkey_req", "rid": self._next_rid()})
+    def request_netkey(self, peer_id: str) -> bool:
+        return self._send({"t": "netkey_req", "rid": self._next_rid(), "peer_id": peer_id})
 
     def _dispatch(self, msg: dict) -> None:
         t = msg["t"]
         if t == "mapped":
             self._map_rids.pop(msg["rid"], None)
             self.events.on_mapped(msg["mac"], msg["side"])
+        elif t == "unmapped":
+            pass
         elif t == "netkey":
-            self.events.on_netkey(msg["key"], msg["pw_id"])
+            self.events.on_netkey(msg["peer_id"], msg["pw_id"], msg["send_key"], msg["recv_key"])
         elif t == "error" and msg["rid"] in self._map_rids:
             self.events.on_map_refused(self._map_rids.pop(msg["rid"]), msg["code"], msg["msg"])
         elif t == "error" and msg["code"] == "no_netkey":
@@ -103,6 +112,8 @@ class Gateway:
         self.clock = PacketClock(self.state_dir)
         self.floors = FloorBook()
         self.floor_file = FloorFile(self.state_dir)
+        self.tunnel_floors = FloorBook()
+        self.tunnel_floor_file = FloorFile(self.state_dir, name=TUNNEL_FLOORS_FILE)
         self.started_at = time.monotonic()
         self.enc = self.plain = self.tunnel = None
         self.core: GatewayCore | None = None
@@ -144,6 +155,8 @@ class Gateway:
     def _to_server(self, now: float) -> None:
         if not self.client.connected:
             return
+        for mac in self.core.take_map_releases():
+            self.client.release_map(mac)
         for mac, side in self.core.take_map_requests():
             self.client.request_map(mac, side)
         for mac in self.core.take_key_requests(now):
@@ -155,7 +168,11 @@ class Gateway:
             self.client.send_notice(kind, mac, pw_id)
         if self.core.tunnel.wants_key and self.tunnel is not None:
             self.core.tunnel.wants_key = False
-            self.client.request_netkey()
+            self._request_tunnel_keys()
+
+    def _request_tunnel_keys(self) -> None:
+        for peer in self.core.peers:
+            self.client.request_netkey(peer)
 
     # ----------------------------------------------------------- key events
 
@@ -173,7 +190,7 @@ class Gateway:
         for mac, side in self.core.learned():
             self.client.request_map(mac, side)
         if self.tunnel is not None:
-            self.client.request_netkey()
+            self._request_tunnel_keys()
         for engine in self.core._engines():
             for entry in engine.holds.pending.values():
                 entry.next_request_at = 0.0
@@ -208,9 +225,9 @@ class Gateway:
         log.warning("mac_refused", extra=fields(mac=format_mac(mac), code=code, reason=text))
         self.core.on_map_refused(mac, self._loop.time())
 
-    def on_netkey(self, key: bytes, pw_id: int) -> None:
-        if self.core.install_netkey(key, pw_id, self._loop.time()):
-            log.info("netkey_installed", extra=fields(pw_id=pw_id))
+    def on_netkey(self, peer_id: str, pw_id: int, send_key: bytes, recv_key: bytes) -> None:
+        if self.core.install_tunnel_keys(peer_id, pw_id, send_key, recv_key, self._loop.time()):
+            log.info("netkey_installed", extra=fields(peer=peer_id, pw_id=pw_id))
 
     # ------------------------------------------------ floors and packet clock
 
@@ -219,11 +236,11 @@ class Gateway:
             yield from engine.replay_highest()
 
     def _reserve(self) -> None:
-        """Reserve packet numbers ahead of every frame engine (``packet_clock``)."""
-        engines = list(self.core._engines())
-        limit = self.clock.reserve(max(e.send_pn for e in engines))
-        for engine in engines:
-            engine.pn_limit = limit
+        """Reserve packet numbers ahead of every frame engine and the tunnel (``packet_clock``)."""
+        senders = [*self.core._engines(), self.core.tunnel]
+        limit = self.clock.reserve(max(e.send_pn for e in senders))
+        for sender in senders:
+            sender.pn_limit = limit
 
     # --------------------------------------------------------------- status
 
@@ -250,6 +267,9 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         gw_mac = _port_mac(cfg.encrypted_port)
+        if cfg.tunnel_listen:
+            restored = self.tunnel_floor_file.load(self.tunnel_floors, self._loop.time())
+            log.info("tunnel_replay_floors_restored", extra=fields(peers=restored))
         guard_port(cfg.encrypted_port, cfg.ethertype)
         now = self._loop.time()
         restored = self.floor_file.load(self.floors, now)
@@ -273,8 +293,9 @@ class Gateway:
                 has_plain=self.plain is not None,
                 settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
                                          learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
-                                         refused_cache_s=cfg.refused_cache_s),
-                engine_settings=settings, floors=self.floors, now=now)
+                                         refused_cache_s=cfg.refused_cache_s, mac_ageing_s=cfg.mac_ageing_s),
+                engine_settings=settings, gw_id=self.gw_id, floors=self.floors,
+                tunnel_floors=self.tunnel_floors, now=now)
             self._reserve()
             self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self)
             await self._serve()
@@ -316,6 +337,8 @@ class Gateway:
                 if self.floor_file.save_due(now):
                     self.floor_file.save(self.floors, self._replay_highest(), now)
                 self.core.on_timer(now)
+                if self.tunnel is not None and self.tunnel_floor_file.save_due(now):
+                    self.tunnel_floor_file.save(self.tunnel_floors, self.core.tunnel.highest(), now)
                 self._to_server(now)
                 if now - last_persist >= PERSIST_INTERVAL_S:
                     self._reserve()

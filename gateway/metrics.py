@@ -72,8 +72,11 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         counter("l2crypt_gateway_macs_learned", "MACs learned on the plain or tunnel side.", c["macs_learned"]),
         counter("l2crypt_gateway_maps_refused", "MACs the key server refused to map (spoofing).",
                 c["maps_refused"]),
+        counter("l2crypt_gateway_macs_aged_out", "Learned MACs forgotten after mac_ageing_s without traffic.",
+                c["macs_aged_out"]),
     ]
     states: Counter = Counter((entry.side, entry.state) for entry in core.table.values())
+    states.update((side, "refused") for side, until in core.refused.values() if until > now)
     out.append(gauge("l2crypt_gateway_macs", "MACs the gateway knows on its sides, by side and state.",
                      labels=("side", "state"), samples=[([side, state], n) for (side, state), n in sorted(states.items())]))
     out.append(gauge("l2crypt_gateway_hosts", "Encrypted hosts the gateway holds a pair key for.",
@@ -87,7 +90,7 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         out.append(gauge("l2crypt_gateway_multicast_key_age_seconds", "Age of the current multicast key.",
                          round(now - group.created_at, 3)))
         out.append(gauge("l2crypt_gateway_multicast_key_pw_id", "Current multicast key version.", group.pw_id))
-    netkey = core.tunnel.ring.current
+    netkey = core.tunnel.current()
     if netkey is not None:
         out.append(gauge("l2crypt_gateway_netkey_age_seconds", "Age of the NETKEY version sent with.",
                          round(now - netkey.created_at, 3)))

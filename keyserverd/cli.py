@@ -357,7 +357,7 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
             ca, config.state_dir, parse_hostport(config.netkey_listen), parse_hostport(config.netkey_peer),
             config.netkey_peer_ca, config.netkey_rekey_after_s,
             on_new=lambda pw_id, key: server._act(None, service.netkey_pushes(pw_id, key)))
-        service.netkeys = netkey_peering.book
+        service.netkeys, service.netkey_peer_ca = netkey_peering.book, config.netkey_peer_ca
         netkey_task = asyncio.ensure_future(netkey_peering.run())
     try:
         await stop.wait()

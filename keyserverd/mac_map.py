@@ -13,6 +13,10 @@ Rules (``MacMap.map``):
 3. a MAC mapped to another, unrevoked gateway is refused (``mac_conflict``);
 4. at most ``max_per_gateway`` MACs per gateway (``too_many``).
 
+A gateway releases a MAC it aged out (``map_release``, ``MacMap.unmap``), so
+its mappings follow its table and a flood it has forgotten does not keep
+counting toward ``max_per_gateway``.
+
 The map lives in memory: gateways announce their MACs again after every
 reconnect, so a restarted key server fills it again.  (With several key
 servers on one store each keeps its own map; see the README.)
@@ -53,6 +57,15 @@ class MacMap:
             self._by_gateway.get(owner[0], set()).discard(mac)
         self._owner[mac] = (gateway_id, side)
         macs.add(mac)
+
+    def unmap(self, gateway_id: str, mac: bytes) -> bool:
+        """Release ``mac`` if it is mapped to ``gateway_id``; True if it was."""
+        owner = self._owner.get(mac)
+        if owner is None or owner[0] != gateway_id:
+            return False
+        del self._owner[mac]
+        self._by_gateway.get(gateway_id, set()).discard(mac)
+        return True
 
     def owner(self, mac: bytes) -> str | None:
         entry = self._owner.get(mac)

@@ -36,11 +36,16 @@
    several servers running it rotate once.
 6. Gateways (role ``gateway``) may also send ``map_req`` (map a MAC they
    learned on their plain port or from a tunnel to them, see ``mac_map``),
-   ``map_list`` and ``netkey_req`` (the NETKEY versions agreed with the peer
-   key server, ``netkey_peering``).  A ``key_req`` for a mapped MAC is answered
-   with KEY(requester, gateway) under that MAC; the gateway asks for the same
-   key by the requester's MAC.
-7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``)
+   ``map_release`` (a MAC they aged out), ``map_list`` and ``netkey_req
+   peer_id``: the keys of the tunnel link between the requester and gateway
+   ``peer_id`` of the peer segment, derived from each NETKEY version agreed
+   with the peer key server (``netkey_peering``, ``l2crypt.tunnel_keys``).
+   NETKEY itself never leaves the key server; the requester is always one end
+   of the link, as the server authenticated it.  New versions are pushed for
+   every link a gateway asked about (at most ``MAX_TUNNEL_PEERS``).  A
+   ``key_req`` for a mapped MAC is answered with KEY(requester, gateway) under
+   that MAC; the gateway asks for the same key by the requester's MAC.
+7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``, ``netkey_req``)
    are limited per host ID (``key_requests_per_s``, ``key_request_burst``,
    over all its connections): over the limit they get ``rate_limited``.
 Every refusal is counted and logged at WARNING with its code and the
@@ -60,6 +65,7 @@ from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
 from l2crypt.ks_messages import OLDER_VERSIONS_MAX
 from l2crypt.logs import RateLimiter, fields
+from l2crypt.tunnel_keys import Endpoint, link_keys
 
 from .l3_service import L3Handlers
 from .mac_map import MacMap
@@ -86,9 +92,11 @@ REFUSAL_LOG_S = 10.0
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
 #: Message types that count against a host's key-request limit.
-RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req"})
+RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req", "netkey_req"})
 DEFAULT_KEY_REQUESTS_PER_S = 100.0
 DEFAULT_KEY_REQUEST_BURST = 200
+#: Most tunnel peers one gateway may ask link keys for.
+MAX_TUNNEL_PEERS = 64
 
 
 @dataclass
@@ -142,6 +150,11 @@ class KeyService(L3Handlers):
         self.macs = MacMap()
         #: NETKEY versions (``netkey_peering.NetkeyBook``), or None when not peered.
         self.netkeys = None
+        #: CA fingerprint of the NETKEY peer server (set with ``netkeys``): it names
+        #: the other end's segment in the tunnel link keys.
+        self.netkey_peer_ca = ""
+        #: Gateway ID -> the tunnel peers it asked link keys for (pushed on rotation).
+        self.tunnel_links: dict[str, set[str]] = {}
         self.key_requests = HostBuckets(key_requests_per_s, key_request_burst)
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -266,6 +279,12 @@ class KeyService(L3Handlers):
         log.info("MAC %s (%s) mapped to gateway %s", format_mac(msg["mac"]), msg["side"], session.identity)
         return [("reply", {"t": "mapped", "rid": msg["rid"], "mac": msg["mac"], "side": msg["side"]})]
 
+    def _on_map_release(self, session: Session, msg: dict, now: float) -> list[Action]:
+        self._gateway(session, "map_release")
+        if self.macs.unmap(session.identity, msg["mac"]):
+            log.info("MAC %s released by gateway %s", format_mac(msg["mac"]), session.identity)
+        return [("reply", {"t": "unmapped", "rid": msg["rid"], "mac": msg["mac"]})]
+
     def _on_map_list(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "map_list")
         return [("reply", {"t": "mapped", "rid": msg["rid"], "mac": mac, "side": side})
@@ -273,16 +292,32 @@ class KeyService(L3Handlers):
 
     def _on_netkey_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "netkey_req")
+        peer_id = msg.get("peer_id")
+        if peer_id is None:
+            raise RefusedError("netkey_req needs peer_id (the tunnel peer's gateway ID): "
+                               "upgrade the gateway", "bad_request")
         versions = self.netkeys.versions() if self.netkeys is not None else []
         if not versions:
             raise RefusedError("no NETKEY: this key server has no peer", "no_netkey")
-        return [("reply", {"t": "netkey", "rid": msg["rid"], "key": key, "pw_id": pw_id})
+        links = self.tunnel_links.setdefault(session.identity, set())
+        if peer_id not in links and len(links) >= MAX_TUNNEL_PEERS:
+            raise RefusedError(f"at most {MAX_TUNNEL_PEERS} tunnel peers per gateway", "too_many")
+        links.add(peer_id)
+        return [("reply", self._link_msg(msg["rid"], session.identity, peer_id, pw_id, key))
                 for pw_id, key in versions]
 
+    def _link_msg(self, rid: int, gateway_id: str, peer_id: str, pw_id: int, netkey: bytes) -> dict:
+        """The keys of the link (this segment's ``gateway_id``) -> (peer segment's ``peer_id``)."""
+        me = Endpoint(self.ca.ca_fingerprint(), gateway_id)
+        send_key, recv_key = link_keys(netkey, pw_id, me, Endpoint(self.netkey_peer_ca, peer_id))
+        return {"t": "netkey", "rid": rid, "peer_id": peer_id, "pw_id": pw_id,
+                "send_key": send_key, "recv_key": recv_key}
+
     def netkey_pushes(self, pw_id: int, key: bytes) -> list[Action]:
-        """Push a new NETKEY version to every gateway."""
-        return [(("push", h.id), {"t": "netkey", "rid": PUSH_RID, "key": key, "pw_id": pw_id})
-                for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked]
+        """Push a new NETKEY version: the keys of every link a gateway asked about."""
+        return [(("push", h.id), self._link_msg(PUSH_RID, h.id, peer_id, pw_id, key))
+                for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked
+                for peer_id in sorted(self.tunnel_links.get(h.id, ()))]
 
     def _key_msg(self, rid: int, peer_mac: bytes, peer_id: str, other_id: str, key: bytes, pw_id: int,
                  now: float | None = None) -> dict:

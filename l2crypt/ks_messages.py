@@ -18,8 +18,11 @@ client -> server
     mcast_req rid                                  the current multicast key
     ping      rid                                  liveness probe
     map_req   rid mac side                         (gateways) map a MAC learned on ``side`` to me
+    map_release rid mac                            (gateways) I no longer speak for this MAC (aged out)
     map_list  rid                                  (gateways) every MAC mapped to me, as ``mapped``
-    netkey_req rid                                 (gateways) every live NETKEY version, as ``netkey``
+    netkey_req rid peer_id                         (gateways) the keys of my tunnel link to gateway
+                                                   peer_id (of the NETKEY peer segment), for every
+                                                   live NETKEY version, as ``netkey``
     l3_hello  rid                                  start a layer-3 session (l2crypt l3-agent)
     ip_bind   rid ip                               bind (certificate ID, ip) in the ID-IP table
     ip_key_req rid peer_ip                         pair key for (me, owner of peer_ip)
@@ -42,7 +45,10 @@ server -> client
     multicast rid key pw_id                        a multicast key (answer or push)
     peer_revoked rid peer_mac                      the host at peer_mac is revoked: forget it (push)
     mapped    rid mac side                         the MAC is mapped to the asking gateway
-    netkey    rid key pw_id                        a NETKEY version (answer or push, gateways only)
+    unmapped  rid mac                              the MAC is not (or no longer) mapped to the asking gateway
+    netkey    rid peer_id pw_id send_key recv_key  the keys of one tunnel link under one NETKEY
+                                                   version (answer or push, gateways only;
+                                                   NETKEY itself never leaves the key server)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
     l3_welcome rid id cipher server                answer to l3_hello
@@ -80,6 +86,8 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "peer_mac": (_B, 6),
     "peer_id": (str, None),
     "key": (_B, 32),
+    "send_key": (_B, 32),
+    "recv_key": (_B, 32),
     "pw_id": (int, None),
     "cipher": (str, None),
     "multicast_key": (_B, 32),
@@ -107,10 +115,12 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "mcast_req": (frozenset({"rid"}), frozenset()),
     "ping": (frozenset({"rid"}), frozenset()),
     "map_req": (frozenset({"rid", "mac", "side"}), frozenset()),
+    "map_release": (frozenset({"rid", "mac"}), frozenset()),
     "map_list": (frozenset({"rid"}), frozenset()),
-    "netkey_req": (frozenset({"rid"}), frozenset()),
+    "netkey_req": (frozenset({"rid"}), frozenset({"peer_id"})),
     "mapped": (frozenset({"rid", "mac", "side"}), frozenset()),
-    "netkey": (frozenset({"rid", "key", "pw_id"}), frozenset()),
+    "unmapped": (frozenset({"rid", "mac"}), frozenset()),
+    "netkey": (frozenset({"rid", "peer_id", "pw_id", "send_key", "recv_key"}), frozenset()),
     "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
     "welcome": (
@@ -168,7 +178,7 @@ def _check_across_fields(msg: dict) -> None:
     t = msg["t"]
     if "id" in msg and not valid_host_id(msg["id"]):
         raise ValueError(f"{t}.id: not a valid host ID")
-    if "peer_id" in msg and t.startswith(("l3_", "id_")) and not valid_host_id(msg["peer_id"]):
+    if "peer_id" in msg and t.startswith(("l3_", "id_", "netkey")) and not valid_host_id(msg["peer_id"]):
         raise ValueError(f"{t}.peer_id: not a valid host ID")
     if "older" in msg:
         _check_older(msg)

@@ -50,8 +50,11 @@ GW_WAN_IFNAME = {"gA": "a-gw", "gB": "b-gw"}
 class GatewayLab:
     """Segments A and B, gateways gA (plain port and tunnel) and gB (tunnel), the WAN."""
 
-    def __init__(self, state_dir: str | Path, netkey_rekey_after_s: float = 3600.0, group_crossing: str = "basic"):
+    def __init__(self, state_dir: str | Path, netkey_rekey_after_s: float = 3600.0, group_crossing: str = "basic",
+                 gateway_args: dict[str, list[str]] | None = None):
+        """``gateway_args``: extra ``l2crypt-gateway run`` options per gateway (``{"gA": [...]}``)."""
         self.state_dir = Path(state_dir).resolve()
+        self.gateway_args = dict(gateway_args or {})
         sa, sb = secrets.token_hex(3)[:5], secrets.token_hex(3)[:5]
         self.seg = {"A": Lab(self.state_dir / "A", hosts=("h1", "h2"), suffix=sa),
                     "B": Lab(self.state_dir / "B", hosts=("h3",), suffix=sb)}
@@ -189,6 +192,7 @@ class GatewayLab:
                 "--group-crossing", self.group_crossing]
         if gw == "gA":
             argv += ["--plain-port", "plain0"]
+        argv += self.gateway_args.get(gw, [])
         return lab.popen(gw, argv, name=f"gateway-{gw}")
 
     def stop_gateway(self, gw: str, sig: int = 9) -> None:

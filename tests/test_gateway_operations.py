@@ -18,7 +18,7 @@ from gateway.config import GatewayConfig
 from gateway.metrics import gateway_metrics
 from gateway.status_view import rates, render_status
 from l2crypt.metrics import FunctionCollector, LatencyHistogram, new_registry
-from test_gateway_core import GA, GB, H1, MCAST_A, NETKEY, P1, arp, gateway, host
+from test_gateway_core import GA, GB, H1, MCAST_A, NETKEY, P1, arp, gateway, host, link_keys_of, serve_netkey
 
 NEW_NETKEY = b"L" * 32
 
@@ -53,9 +53,9 @@ def traffic():
     """gA (plain port, tunnel to gB) after p1 and h1 talked, and a bad datagram arrived."""
     h1 = host(H1)
     ga, gb = gateway(GA, peers=("gB",)), gateway(GB, peers=("gA",), plain=False)
-    for gw in (ga, gb):
+    for gw, gw_id in ((ga, "gA"), (gb, "gB")):
         gw.install_multicast_key(MCAST_A, 1, 0.0)
-        gw.install_netkey(NETKEY, 1, 0.0)
+        serve_netkey(gw, gw_id)
     ga.from_plain(arp(P1), 0.1)  # learned, held, mapped, sealed onto the segment
     assert len(ga.on_mapped(P1, C.PLAIN, 0.2).to_enc) == 1
     out = ga.from_encrypted(h1.seal_from_tap(arp(H1), 1.0), 1.0)  # to the plain side and the tunnel
@@ -63,7 +63,7 @@ def traffic():
     gb.from_tunnel("gA", out.to_tunnel[0][1], 1.1)
     assert gb.tunnel.counters["tunnel_opened"] == 1
     ga.from_tunnel("gB", b"\x01\x01" + bytes(10), 1.2)  # truncated
-    ga.install_netkey(NEW_NETKEY, 2, 1.5)
+    serve_netkey(ga, "gA", NEW_NETKEY, 2, 1.5)
     return ga, gb
 
 
@@ -92,7 +92,7 @@ def test_metrics_read_the_gateways_counters(traffic):
     assert m["l2crypt_key_request_duration_seconds_count"] == 1
     assert m[f"l2crypt_gateway_info{{cipher=aes-256-gcm,encrypted_port=eth0,id=gA,mac={C.frame_wire.format_mac(GA)},"
              f"plain_port=plain0}}"] == 1
-    for secret in (NETKEY, NEW_NETKEY, MCAST_A):
+    for secret in (NETKEY, NEW_NETKEY, MCAST_A, *link_keys_of("gA", "gB"), *link_keys_of("gA", "gB", NEW_NETKEY, 2)):
         assert secret.hex() not in text and secret.decode("latin-1") not in text
 
 

@@ -94,7 +94,13 @@ def _agent_options(fn):
 @cli.command()
 @_agent_options
 def agent(config_path, servers, **overrides) -> None:
-    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it)."""
+    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it).
+
+    The agent attaches to the persistent TAP (made by the host's network
+    manager, or by the agent at its first start) and leaves it in place when
+    it stops, so the host keeps its addresses; it keeps the TAP's MAC in the
+    state directory (tap.mac).  `l2crypt remove-tap` deletes the TAP.
+    """
     from .agent import Agent
 
     overrides["servers"] = list(servers) if servers else None

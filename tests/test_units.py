@@ -185,3 +185,16 @@ def test_install_units_networkd_refuses_bad_arguments(tmp_path, capsys, args, wo
     code, _, err = run(capsys, "install-units", "--prefix", str(tmp_path), *args)
     assert code == 2 and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "etc").exists()
+
+
+def test_the_readme_shows_the_shipped_host_set_ups():
+    """The README's networkd and ifupdown blocks say what the shipped files say."""
+    readme = (ROOT / "README.md").read_text()
+    ini = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    for name, text in shipped_network_files().items():
+        for line in text.splitlines():
+            if line and not line.startswith("#") and not line.startswith("Description="):
+                assert line in ini, (name, line)
+    example = (ROOT / "docs" / "examples" / "ifupdown-l2c0").read_text()
+    stanzas = example[example.index("auto l2c0"):]
+    assert f"```\n{stanzas}```" in readme

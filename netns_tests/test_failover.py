@@ -74,8 +74,8 @@ def test_no_race_both_ends_ask_different_instances_at_once(flab):
     }
     try:
         for host, c in clients.items():
-            assert c.request({"t": "hello", "rid": 1, "mac": bytes.fromhex(flab.tap_mac_of(host).replace(":", ""))})["t"] \
-                == "welcome"
+            hello = {"t": "hello", "rid": 1, "mac": bytes.fromhex(flab.tap_mac_of(host).replace(":", ""))}
+            assert c.request(hello)["t"] == "welcome"
         start = threading.Barrier(2)
         answers = {}
 

@@ -19,11 +19,11 @@ stores it.  ``choose_mac`` is the pure decision; the two others touch the file.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import LocalError
 from .frame_wire import format_mac, parse_mac
+from .state_file import write_atomic
 
 FILE_NAME = "tap.mac"
 
@@ -56,15 +56,8 @@ def read_stored_mac(state_dir: str | Path) -> bytes | None:
 def store_mac(state_dir: str | Path, mac: bytes) -> None:
     """Write ``mac`` to the state directory (atomically, fsynced, mode 0600)."""
     path = mac_path(state_dir)
-    tmp = path.with_name(f".{FILE_NAME}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (format_mac(mac) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, (format_mac(mac) + "\n").encode())
     except OSError as exc:
         raise LocalError(f"{path}: cannot store the TAP MAC: {exc.strerror or exc}") from None
 

@@ -141,7 +141,7 @@ def test_a_corrupt_state_file_stops_the_start_before_the_tap_is_touched(tmp_path
 
 
 def test_a_state_dir_that_cannot_keep_the_mac_is_an_error_and_closes_the_tap(tmp_path, stand_in):
-    (tmp_path / ".tap.mac.tmp").mkdir()  # the file cannot be written (as root too)
+    (tmp_path / "tap.mac.tmp").mkdir()  # the file cannot be written (as root too)
     with pytest.raises(LocalError, match="tap.mac: cannot store the TAP MAC"):
         agent_mod.attach_tap("l2c0", 1468, tmp_path, None)
     assert stand_in[0].closed

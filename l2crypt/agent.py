@@ -2,10 +2,11 @@
 
 1. Read the host identity from the state directory (``l2crypt enroll``) and
    the packet clock (``packet_clock``: refuses to start if it cannot be kept).
-2. Guard the wire port (only l2crypt frames may leave), open the TAP with
-   MTU = wire MTU - 32, load the replay floors of the previous life
-   (``state_file.FloorFile``; refuses to start if they cannot be read or
-   written), then open the packet socket.
+2. Guard the wire port (only l2crypt frames may leave).  Attach to the
+   persistent TAP (or create it), with the host's MAC (``tap_mac``: kept in
+   the state directory) and MTU = wire MTU - 32; load the replay floors of
+   the previous life (``state_file.FloorFile``; refuses to start if they
+   cannot be read or written), then open the packet socket.
 3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
    -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
 4. The key client runs beside it; every key request the engine raises is
@@ -15,8 +16,10 @@
    refuses frames), reserves packet numbers (every
    ``packet_clock.PERSIST_INTERVAL_S``), retries requests, runs the engine's
    timers and logs drops (once per reason per ``DROP_LOG_S``).
-6. SIGINT/SIGTERM stop it; the floors and the clock are saved a last time;
-   the TAP goes away, the port guard stays.
+6. SIGINT/SIGTERM stop it; the floors and the clock are saved a last time.
+   The TAP stays, with the host's addresses and without carrier (nothing
+   read from it: nothing leaves); the port guard stays.  A restart attaches
+   to the same TAP with the same MAC.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .engine import EngineSettings, FrameEngine
 from .errors import LocalError
 from .frame_wire import format_mac, parse_mac
 from .keyclient import KeyClient
-from .linux_tap import LinuxTap
+from .linux_tap import LinuxTap, existing_tap
 from .linux_wire import LinuxWire
 from .logs import fields
 from .metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
@@ -44,6 +47,7 @@ from .packet_clock import PERSIST_INTERVAL_S, PacketClock
 from .port_guard import egress_drops, guard_port
 from .replay_floor import FloorBook
 from .state_file import FloorFile
+from .tap_mac import choose_mac, read_stored_mac, store_mac
 from .tls_files import client_context, host_identity
 
 log = logging.getLogger("l2crypt.agent")
@@ -59,6 +63,30 @@ def wire_mtu_of(port: str) -> int:
         return int(Path(f"/sys/class/net/{port}/mtu").read_text())
     except (OSError, ValueError):
         raise LocalError(f"wire port {port!r} does not exist") from None
+
+
+def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None) -> LinuxTap:
+    """Attach to (or create) the persistent TAP with the host's MAC (see
+    ``tap_mac``), and keep that MAC in the state directory."""
+    configured = parse_mac(tap_mac) if tap_mac else None
+    stored = read_stored_mac(state_dir)
+    existing = existing_tap(name)
+    mac, source = choose_mac(configured, stored, existing.mac if existing else None)
+    if configured is not None and stored not in (None, configured):
+        log.warning("tap_mac_replaced", extra=fields(stored=format_mac(stored), configured=format_mac(configured),
+                                                      note="the key server may have bound the stored MAC"))
+    tap = LinuxTap(name, mtu, mac)
+    try:
+        if tap.mac != stored:
+            store_mac(state_dir, tap.mac)
+    except LocalError:
+        tap.close()
+        raise
+    log.info("tap_attached", extra=fields(
+        tap=tap.name, created=tap.created, mac=format_mac(tap.mac), mac_from=source,
+        old_mac=format_mac(tap.old_mac) if tap.old_mac not in (None, tap.mac) else "-",
+        mtu=tap.mtu, old_mtu=tap.old_mtu if tap.old_mtu not in (None, tap.mtu) else "-"))
+    return tap
 
 
 class Agent:
@@ -196,7 +224,8 @@ class Agent:
             "mac": format_mac(self.engine.my_mac),
             "tap": self.tap.name,
             "port": self.config.port,
-            "mtu": self.tap_mtu,
+            "mtu": self.tap.live_mtu(),
+            "mtu_expected": self.tap_mtu,
             "wire_mtu": self.wire_mtu,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
@@ -229,8 +258,7 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         guard_port(cfg.port, cfg.ethertype)
-        mac = parse_mac(cfg.tap_mac) if cfg.tap_mac else None
-        self.tap = LinuxTap(cfg.tap, self.tap_mtu, mac)
+        self.tap = attach_tap(cfg.tap, self.tap_mtu, self.state_dir, cfg.tap_mac)
         try:
             settings = EngineSettings(
                 ethertype=cfg.ethertype,

@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_METRICS_LISTEN, DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
-from .errors import L2cryptError
+from .errors import ConfigError, L2cryptError
 
 PROG = "l2crypt"
 
@@ -95,7 +95,13 @@ def _agent_options(fn):
 @cli.command()
 @_agent_options
 def agent(config_path, servers, **overrides) -> None:
-    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it)."""
+    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it).
+
+    The agent attaches to the persistent TAP (made by the host's network
+    manager, or by the agent at its first start) and leaves it in place when
+    it stops, so the host keeps its addresses; it keeps the TAP's MAC in the
+    state directory (tap.mac).  `l2crypt remove-tap` deletes the TAP.
+    """
     from .agent import Agent
 
     overrides["servers"] = list(servers) if servers else None
@@ -185,27 +191,81 @@ def check_config(path) -> None:
     click.echo(f"{path}: ok")
 
 
+@cli.command("remove-tap")
+@click.option("--tap", default=None, help="The TAP to delete [default: l2c0, or the config's tap].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Take the TAP's name from this agent config file.")
+def remove_tap_cmd(tap, config_path) -> None:
+    """Delete the agent's persistent TAP (the host's addresses on it go too).
+
+    The agent leaves its TAP in place when it stops, so the host keeps its
+    addresses across restarts.  Run this with the agent stopped, after
+    removing the TAP from the network manager's config (a TAP made by
+    systemd-networkd or ifupdown comes back at their next start).  The MAC
+    stays in the state directory (tap.mac): a new TAP gets it again.
+    """
+    from .config import _iface, read_toml
+    from .linux_tap import remove_tap
+
+    try:
+        if tap is None and config_path is not None:
+            tap = read_toml(config_path).get("tap")
+        tap = _iface(tap or AgentConfig.tap)
+    except L2cryptError as exc:
+        fail(str(exc), 2)
+    except ValueError as exc:
+        fail(f"tap: {exc}", 2)
+    try:
+        remove_tap(tap)
+    except L2cryptError as exc:
+        fail(str(exc))
+    click.echo(f"removed TAP {tap}")
+
+
 @cli.command("install-units")
 @click.option("--prefix", type=click.Path(file_okay=False), default="/", show_default=True,
               help="Install under PREFIX/etc/systemd/system.")
 @click.option("--bin-dir", type=click.Path(file_okay=False), default=None,
               help="Where the l2crypt commands are (default: where this one runs from).")
 @click.option("--dry-run", is_flag=True, help="Only print what would be written.")
-def install_units_cmd(prefix, bin_dir, dry_run) -> None:
-    """Install the systemd units (agent per port, key server, gateway)."""
+@click.option("--networkd", is_flag=True,
+              help="Also write the host's TAP set-up for systemd-networkd: TAP.netdev (the persistent TAP) "
+                   "and TAP.network (its addresses) in PREFIX/etc/systemd/network.")
+@click.option("--tap", default="l2c0", show_default=True, help="With --networkd: the TAP's name.")
+@click.option("--address", "addresses", multiple=True, metavar="ADDR/PREFIX",
+              help="With --networkd: an address of the host on the TAP, IPv4 or IPv6 (repeat for several).")
+@click.option("--dhcp", is_flag=True, help="With --networkd: take the TAP's addresses from DHCP.")
+@click.option("--force", is_flag=True, help="With --networkd: replace network files that exist and differ.")
+def install_units_cmd(prefix, bin_dir, dry_run, networkd, tap, addresses, dhcp, force) -> None:
+    """Install the systemd units (agent per port, key server, gateway).
+
+    The host's addresses belong to its network manager and live on the
+    agent's TAP, which outlives the agent.  --networkd writes that set-up
+    for systemd-networkd (the README shows the same for ifupdown).
+    """
     from pathlib import Path
 
-    from .units import default_bin_dir, install_units
+    from .config import _iface
+    from .units import default_bin_dir, install_units, render_network_files
 
     bin_path = Path(bin_dir) if bin_dir else default_bin_dir()
+    if not networkd and (addresses or dhcp or force):
+        fail("--address, --dhcp and --force go with --networkd", 2)
     try:
-        paths = install_units(Path(prefix), bin_path, dry_run)
+        network = render_network_files(_iface(tap), tuple(addresses), dhcp) if networkd else None
+        paths = install_units(Path(prefix), bin_path, dry_run, network, force)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     except L2cryptError as exc:
         fail(str(exc))
+    except ValueError as exc:
+        fail(f"--tap: {exc}", 2)
     for path in paths:
-        click.echo(f"{'would write' if dry_run else 'wrote'} {path} (commands in {bin_path})")
+        click.echo(f"{'would write' if dry_run else 'wrote'} {path}"
+                   + (f" (commands in {bin_path})" if path.suffix == ".service" else ""))
     if not dry_run:
-        click.echo("next: systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT "
+        click.echo("next: " + ("networkctl reload; " if networkd else "")
+                   + "systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT "
                    "(or keyserverd, or l2crypt-gateway)")
 
 

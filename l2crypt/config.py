@@ -152,10 +152,12 @@ class AgentConfig:
     """Settings of one host agent (one wire port, one TAP)."""
 
     port: str = _f(None, _iface, "wire port: the physical interface toward the switch")
-    tap: str = _f("l2c0", _iface, "name of the TAP device the host's stack uses")
+    tap: str = _f("l2c0", _iface, "name of the TAP device the host's stack uses; persistent, it stays "
+                                  "(with the host's addresses) when the agent stops")
     servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
-    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, packet clock, replay floors and control socket")
-    tap_mac: str | None = _f(None, _mac, "MAC of the TAP (default: random, kept by the kernel)")
+    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, packet clock, replay floors, TAP MAC (tap.mac) and control socket")
+    tap_mac: str | None = _f(None, _mac, "MAC of the TAP; default: the one kept in state_dir/tap.mac, "
+                                          "else an existing TAP's, else a random one (then kept)")
     wire_mtu: int = _f(0, _int_range(0, 65535), "MTU of the wire port in bytes; 0 = use the port's")
     ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
     replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),

@@ -78,6 +78,10 @@ class GatewayLab:
     def gw_dir(self, gw: str) -> Path:
         return self.lab_of(gw).state_dir / "gateways" / gw
 
+    def switch_port(self, gw: str) -> str:
+        """The switch-side port of the gateway's encrypted port (in its segment's ``sw``)."""
+        return f"pg{gw[1].lower()}-{self.lab_of(gw).suffix}"
+
     # -- building
 
     def up(self, timeout_s: float = 120.0) -> "GatewayLab":
@@ -147,7 +151,7 @@ class GatewayLab:
             lab._new_ns(gw)
         tag = gw[1].lower()
         # eth0 on the segment's switch (left DOWN: the gateway guards it and brings it up).
-        port = f"pg{tag}-{lab.suffix}"
+        port = self.switch_port(gw)
         lab._veth("sw", port, gw, WIRE_IFNAME, right_mac=mac)
         mport = f"mg{tag}-{lab.suffix}"
         lab._veth("ks", mport, gw, MGMT_IFNAME)

@@ -19,7 +19,10 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     server = doc.get("keyserver") or "none"
     state = "connected" if doc.get("connected") else "DISCONNECTED (cached keys in use)"
-    console.print(f"[bold]{doc['id']}[/bold] {doc['mac']}  tap {doc['tap']} (MTU {doc['mtu']})  "
+    mtu = str(doc["mtu"])
+    if doc.get("mtu_expected") not in (None, doc["mtu"]):
+        mtu += f", [bold red]should be {doc['mtu_expected']}[/bold red] = wire MTU - 32"
+    console.print(f"[bold]{doc['id']}[/bold] {doc['mac']}  tap {doc['tap']} (MTU {mtu})  "
                   f"port {doc['port']} (MTU {doc['wire_mtu']})  cipher {doc['cipher']}")
     console.print(f"key server: {server}  {state}   multicast PW_ID: {doc.get('multicast_pw_id')}")
     servers = doc.get("keyservers") or []

@@ -57,7 +57,7 @@ def captured_frames(lab: L.Lab, src: str, dst: str, count: int = 20) -> list[byt
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         frames = L.read_pcap(cap.stop())
-    mine = l2c_frames(frames, src=L.tap_mac(src), dst=L.tap_mac(dst))
+    mine = l2c_frames(frames, src=lab.tap_mac_of(src), dst=lab.tap_mac_of(dst))
     assert mine, f"no l2crypt frame {src} -> {dst} on br0"
     return mine
 
@@ -101,9 +101,9 @@ def fresh_key_latency_s(lab: L.Lab, host: str, peer: str, server: str | None = N
     start = time.monotonic()
     client = KeyServerClient(lab.ns(host), server or lab.keyserver_addr, cert_dir or lab.host_dir(host))
     try:
-        welcome = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac(host))})
+        welcome = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of(host))})
         assert welcome["t"] == "welcome", welcome
-        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac(peer))})
+        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(lab.tap_mac_of(peer))})
         assert key["t"] == "key", key
     finally:
         client.close()

@@ -133,12 +133,12 @@ def test_encrypted_host_to_plain_host(glab):
     assert set(L.ethertype_counts(seg_frames)) == {L.L2C_ETHERTYPE}
     assert not any(MARKER in f or b"H1-H2-ONLY-MARK!" in f for f in seg_frames)
     # On the plain side h1 <-> p1 is in clear; h1 <-> h2 never appears.
-    h1, p1 = bytes.fromhex(L.tap_mac("h1").replace(":", "")), bytes.fromhex(P1_MAC.replace(":", ""))
+    h1, p1 = bytes.fromhex(glab.lab_of("h1").tap_mac_of("h1").replace(":", "")), bytes.fromhex(P1_MAC.replace(":", ""))
     clear = [f for f in plain_frames if f[12:14] == b"\x08\x00" and {f[0:6], f[6:12]} == {h1, p1}]
     assert any(MARKER in f for f in clear), "the h1 -> p1 ping is not in clear on the plain side"
     assert len(clear) > 100  # the iperf3 stream
     assert not any(b"H1-H2-ONLY-MARK!" in f for f in plain_frames)
-    h2 = bytes.fromhex(L.tap_mac("h2").replace(":", ""))
+    h2 = bytes.fromhex(glab.lab_of("h2").tap_mac_of("h2").replace(":", ""))
     assert not any(f[0:6] == h2 and f[12:14] != b"\x08\x06" for f in plain_frames)
     assert L.L2C_ETHERTYPE not in L.ethertype_counts(plain_frames)
 
@@ -154,7 +154,7 @@ def test_across_subnets(glab):
     assert doc["end"]["sum_received"]["bytes"] > 100_000
     assert frames and set(L.ethertype_counts(frames)) <= {0x0800, 0x0806}
     assert _assert_only_tunnel_on_wan(frames) > 10  # every datagram is a tunnel datagram from a gateway
-    host_macs = [bytes.fromhex(L.tap_mac(h).replace(":", "")) for h in ("h1", "h3")]
+    host_macs = [bytes.fromhex(glab.lab_of(h).tap_mac_of(h).replace(":", "")) for h in ("h1", "h3")]
     # A subnet-key frame (or any inner frame in clear) would carry the hosts' MACs.
     for f in frames:
         assert MARKER not in f
@@ -163,8 +163,8 @@ def test_across_subnets(glab):
 
 def test_spoofing_an_enrolled_hosts_mac_from_the_plain_side(glab):
     a = glab.a
-    h2 = bytes.fromhex(L.tap_mac("h2").replace(":", ""))
-    h1 = bytes.fromhex(L.tap_mac("h1").replace(":", ""))
+    h2 = bytes.fromhex(glab.lab_of("h2").tap_mac_of("h2").replace(":", ""))
+    h1 = bytes.fromhex(glab.lab_of("h1").tap_mac_of("h1").replace(":", ""))
     before = glab.gateway_status("gA")["drops"].get("spoofed_source", 0)
     # p1 claims h2's MAC and IP: a gratuitous ARP and an ARP reply to h1.
     arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + h2 + socket.inet_aton(L.tap_ipv4("h2"))
@@ -180,7 +180,7 @@ def test_spoofing_an_enrolled_hosts_mac_from_the_plain_side(glab):
         _ping_ok(glab, "h1", L.tap_ipv4("h2"), count=3, extra=["-p", b"FOR-H2-ONLY-MRK!".hex()])
     finally:
         gw_frames, plain_frames = L.read_pcap(sent_by_gw.stop()), L.read_pcap(plain.stop())
-    assert not any(e["mac"] == L.tap_mac("h2") for e in st["learned"])
+    assert not any(e["mac"] == glab.lab_of("h2").tap_mac_of("h2") for e in st["learned"])
     assert not any(f[6:12] == h2 for f in gw_frames), "the gateway spoke for h2's MAC"
     assert not any(b"FOR-H2-ONLY-MRK!" in f for f in plain_frames)
 
@@ -195,25 +195,37 @@ def test_netkey_rotation_during_traffic_loses_nothing(glab):
         assert _key_drops(after[g]) == _key_drops(before[g]), g
 
 
-def test_gateway_restart_flows_recover(glab):
-    """kill -9 and restart gA during traffic: flows recover, and no clear frame shows
-    anywhere it must not (the segment and the WAN carry ciphertext only; the plain
-    side never sees traffic between encrypted hosts or toward the other segment)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_gateway_restart_flows_recover(glab, sig):
+    """kill -9 (a crash) or SIGTERM (systemctl restart) of gA during traffic, then
+    the same command again: flows recover, gA keeps its MAC, nothing but sealed
+    frames leaves its encrypted port (while it is down too), and no clear frame
+    shows anywhere it must not (the segment and the WAN carry ciphertext only; the
+    plain side never sees traffic between encrypted hosts or toward the other segment)."""
     a = glab.a
+    mac = glab.gateway_status("gA")["mac"]
     to_p1, to_h2, to_h3 = b"RESTART-TO-P1-M!", b"RESTART-TO-H2-M!", b"RESTART-TO-H3-M!"
-    caps = {"seg": a.capture("br0", name="tcpdump-gw-restart-seg"),
-            "plain": a.capture("plain0", role="gA", name="tcpdump-gw-restart-plain"),
-            "wan": a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-restart-wan")}
+    caps = {"seg": a.capture("br0", name=f"tcpdump-gw-restart-seg-{sig.name}"),
+            "gA": a.capture(glab.switch_port("gA"), direction="in", name=f"tcpdump-gw-restart-port-{sig.name}"),
+            "plain": a.capture("plain0", role="gA", name=f"tcpdump-gw-restart-plain-{sig.name}"),
+            "wan": a.capture(GW_WAN_IFNAME["gA"], role="wan", name=f"tcpdump-gw-restart-wan-{sig.name}")}
     pingers = [a.popen("h1", ["ping", "-4", "-i", "0.2", "-c", "200", "-W", "1", "-p", marker.hex(), addr],
-                       name=f"ping-restart-{n}")
+                       name=f"ping-restart-{n}-{sig.name}")
                for n, (marker, addr) in enumerate(((to_p1, P1_IPV4), (to_h2, L.tap_ipv4("h2")),
                                                    (to_h3, L.tap_ipv4("h3"))))]
+    # p1 keeps sending toward h1 through gA's plain port while gA is down.
+    pingers.append(a.popen("p1", ["ping", "-4", "-i", "0.2", "-c", "200", "-W", "1", "-p", to_p1.hex(),
+                                  L.tap_ipv4("h1")], name=f"ping-restart-p1-{sig.name}"))
     try:
         time.sleep(1.5)
-        glab.stop_gateway("gA")
+        t_stop = time.time()
+        glab.stop_gateway("gA", sig)
+        t_down = time.time()
         time.sleep(1.0)
+        t_start = time.time()
         glab.start_gateway("gA")
         glab.wait_gateway("gA", lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
+        t_back = time.time()  # its tunnel socket is bound again
 
         def recovered(src, addr):
             return lambda: ping(glab.lab_of(src), src, addr, count=1, timeout=10).returncode == 0
@@ -225,8 +237,19 @@ def test_gateway_restart_flows_recover(glab):
     finally:
         for proc in pingers:
             a.stop(proc, signal.SIGINT)
-        frames = {k: L.read_pcap(c.stop()) for k, c in caps.items()}
+        records = {k: L.read_pcap_records(c.stop()) for k, c in caps.items()}
+    frames = {k: [f for _, f in recs] for k, recs in records.items()}
+    assert glab.gateway_status("gA")["mac"] == mac
     assert set(L.ethertype_counts(frames["seg"])) == {L.L2C_ETHERTYPE}
+    # gA's encrypted port: sealed frames only, nothing at all in clear while it was down,
+    # and (the capture works) gA's sealed frames before the stop and after the start.
+    assert set(L.ethertype_counts(frames["gA"])) == {L.L2C_ETHERTYPE}
+    assert not [f for t, f in records["gA"] if t_down < t < t_start and f[12:14] != b"\x88\xb5"]
+    # (gA seals under the MACs it speaks for: p1's, and h3's from the tunnel.)
+    for who in (P1_MAC, glab.lab_of("h3").tap_mac_of("h3")):
+        src = bytes.fromhex(who.replace(":", ""))
+        times = [t for t, f in records["gA"] if f[6:12] == src]
+        assert [t for t in times if t < t_stop] and [t for t in times if t > t_start], who
     for where in ("seg", "wan"):
         assert not any(m in f for f in frames[where] for m in (to_p1, to_h2, to_h3)), f"a marker in clear on {where}"
     assert any(to_p1 in f for f in frames["plain"]), "h1 -> p1 never reached the plain side"

@@ -53,11 +53,8 @@ def _record(lab, src, dst_addr, count, extra=()):
 
 def _kill_9_and_restart(lab, host):
     agent = lab.proc(f"agent-{host}")
-    lab.stop(agent, signal.SIGKILL)
+    status = lab.restart_agent(host, sig=signal.SIGKILL)
     assert not agent.alive()
-    lab.start_agent(host)
-    status = lab.wait_connected(host)
-    lab.address_tap(host)
     return status
 
 

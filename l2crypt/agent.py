@@ -1,7 +1,8 @@
 """The host agent: TAP <-> frame engine <-> wire port, with the key client.
 
 1. Read the host identity from the state directory (``l2crypt enroll``).
-2. Guard the wire port (only l2crypt frames may leave), open the TAP with
+2. Guard the wire port (only l2crypt frames may arrive or leave: the host
+   stack never sees a plain frame from the switch), open the TAP with
    MTU = wire MTU - 32, open the packet socket.
 3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
    -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
@@ -34,7 +35,7 @@ from .linux_wire import LinuxWire
 from .logs import fields
 from .metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
 from .packet_clock import PERSIST_INTERVAL_S, PacketClock
-from .port_guard import egress_drops, guard_port
+from .port_guard import PortGuard, guard_port
 from .tls_files import client_context, host_identity
 
 log = logging.getLogger("l2crypt.agent")
@@ -67,6 +68,7 @@ class Agent:
         self.engine: FrameEngine | None = None
         self.client: KeyClient | None = None
         self.clock = PacketClock(self.state_dir)
+        self.guard = PortGuard(config.port, config.ethertype)
         self.started_at = time.monotonic()
         self._logged_drops: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,10 +179,14 @@ class Agent:
             "wire_mtu": self.wire_mtu,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "egress_blocked": egress_drops(self.config.port),
         })
+        doc.update(self.guard_reading())  # port_guard, inbound_refused, egress_blocked
         doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
+
+    def guard_reading(self) -> dict:
+        """The port guard as the kernel has it now (``PortGuard.reading``)."""
+        return self.guard.read()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -199,7 +205,7 @@ class Agent:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
-        guard_port(cfg.port, cfg.ethertype)
+        self.guard = await asyncio.to_thread(guard_port, cfg.port, cfg.ethertype)
         mac = parse_mac(cfg.tap_mac) if cfg.tap_mac else None
         self.tap = LinuxTap(cfg.tap, self.tap_mtu, mac)
         try:

@@ -261,7 +261,7 @@ class StackListener:
         self.proc = lab.popen(role, [sys.executable, "-c", _LISTEN, str(udp_port), ifname, injected.hex(),
                                      genuine.hex()], name=f"listener-{role}-{os.urandom(2).hex()}")
         deadline = time.monotonic() + 10
-        while "listening" not in self._log():
+        while "listening" not in self._log().splitlines():  # a line of its own (the log starts with the script)
             assert self.proc.alive() and time.monotonic() < deadline, f"listener did not start: {self._log()}"
             time.sleep(0.05)
 

@@ -243,3 +243,36 @@ def test_only_l2crypt_frames_leave_while_the_agent_runs_and_after_sigkill(lab):
         assert n >= 3 + len(raw), (phase, blocked)  # three pings and the raw frames
         assert written[phase] == (0, len(raw)), (phase, written)  # each raw write refused (ENOBUFS)
     assert lab.status("h1")["port_guard"] == "intact"
+
+
+def test_unguard_removes_the_guard_and_the_next_start_puts_it_back(lab):
+    """``l2crypt unguard`` with the agent stopped: the table is gone and plain frames
+    reach h3's packet sockets again; a second call says so in one line; the next
+    agent start guards the port again."""
+    agent = lab.proc("agent-h3")
+    lab.stop(agent)
+    injected, genuine = _markers()
+    frame = plain_frames([link_mac(lab, "h3", L.WIRE_IFNAME)], L.INTRUDER_MAC, "10.98.0.66", "10.98.0.13",
+                         "fd98::66", "fd98::13", UDP_PORT, injected)[0]  # IPv4 UDP
+    try:
+        listener = StackListener(lab, "h3", L.WIRE_IFNAME, UDP_PORT, injected, genuine)
+        try:
+            lab.inject([frame])
+            wait_for("the frame at h3's wire port", lambda: listener.counts().get(("pkt_all", "injected")))
+            guarded = listener.counts()
+            res = lab.exec("h3", [lab.cmd("l2crypt"), "unguard", "--port", L.WIRE_IFNAME])
+            assert res.returncode == 0, res.stderr
+            lab.inject([frame])
+            wait_for("the frame at h3's IPv4 socket", lambda: listener.counts().get(("pkt_ip", "injected")))
+        finally:
+            listener.stop()
+        again = lab.exec("h3", [lab.cmd("l2crypt"), "unguard", "--port", L.WIRE_IFNAME])
+        nft = lab.exec("h3", ["nft", "-j", "list", "tables", "netdev"], check=True)
+    finally:
+        st = lab.restart_agent("h3")
+    assert guarded == {("pkt_all", "injected"): 1}  # while guarded (agent stopped): only the tap saw it
+    assert "l2crypt_eth0" not in nft.stdout
+    assert again.returncode == 1 and again.stderr.strip().count("\n") == 0 and "no port guard on eth0" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert st["port_guard"] == "intact"
+    assert ping(lab, "h3", L.tap_ipv4("h1"), count=2).returncode == 0

@@ -74,7 +74,8 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         counter("l2crypt_gateway_maps_refused", "MACs the key server refused to map (spoofing).",
                 c["maps_refused"]),
     ]
-    out += port_guard_metrics("l2crypt_gateway", gw.guard_readings())
+    out += port_guard_metrics("l2crypt_gateway_port_guard_intact", "l2crypt_gateway_port_guard_frames_dropped",
+                              gw.guard_readings())
     states: Counter = Counter((entry.side, entry.state) for entry in core.table.values())
     out.append(gauge("l2crypt_gateway_macs", "MACs the gateway knows on its sides, by side and state.",
                      labels=("side", "state"), samples=[([side, state], n) for (side, state), n in sorted(states.items())]))

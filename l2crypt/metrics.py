@@ -89,15 +89,15 @@ class FunctionCollector:
 GUARD_DIRECTIONS = (("inbound", INBOUND_COUNTER), ("egress", EGRESS_COUNTER))
 
 
-def port_guard_metrics(prefix: str, readings: dict[str, dict]) -> list[Metric]:
-    """``<prefix>_port_guard_intact{port}`` and ``<prefix>_port_guard_frames_dropped{port,direction}``
-    from ``readings``: port label -> ``PortGuard.reading()`` (read with nft at scrape time)."""
+def port_guard_metrics(intact_name: str, dropped_name: str, readings: dict[str, dict]) -> list[Metric]:
+    """A gauge ``intact_name{port}`` and a counter ``dropped_name{port,direction}`` from
+    ``readings``: port label -> ``PortGuard.reading()`` (read with nft at scrape time)."""
     return [
-        gauge(f"{prefix}_port_guard_intact",
+        gauge(intact_name,
               "1 while the port's nftables guard is in place as installed (0: missing or altered).",
               labels=("port",),
               samples=[([port], 1 if r["port_guard"] == "intact" else 0) for port, r in readings.items()]),
-        counter(f"{prefix}_port_guard_frames_dropped",
+        counter(dropped_name,
                 "Frames the port guard dropped: inbound (kept from the host stack), egress (kept off the wire).",
                 labels=("port", "direction"),
                 samples=[([port, direction], r[key]) for port, r in readings.items()
@@ -140,7 +140,8 @@ def agent_metrics(agent, now: float) -> list[Metric]:
                               for mac, p in engine.peers.items()]))
     out.append(gauge("l2crypt_key_pw_id", "Current key version (PW_ID), by peer MAC.", labels=("peer",),
                      samples=[([_mac(mac)], p.keys.current.pw_id) for mac, p in engine.peers.items()]))
-    out += port_guard_metrics("l2crypt", {agent.config.port: agent.guard_reading()})
+    out += port_guard_metrics("l2crypt_port_guard_intact", "l2crypt_port_guard_frames_dropped",
+                              {agent.config.port: agent.guard_reading()})
     group = engine.group.current
     if group is not None:
         out.append(gauge("l2crypt_multicast_key_age_seconds", "Age of the current multicast key.",

@@ -1,8 +1,9 @@
 """The gateway daemon: ports <-> ``GatewayCore`` <-> key server.
 
 1. Read the gateway identity (enrolled like a host, role gateway) from the
-   state directory; guard the encrypted port (only l2crypt frames leave);
-   quiet the plain port; bind the tunnel socket.
+   state directory; guard the encrypted port (only l2crypt frames arrive or
+   leave); keep the gateway's own stack off the plain port; bind the tunnel
+   socket.
 2. On the asyncio loop every readable port drains up to ``BATCH`` frames
    through the core; the core's output goes to the ports.
 3. The key client says hello with the encrypted port's MAC, then asks for
@@ -40,7 +41,7 @@ from l2crypt.linux_wire import LinuxWire
 from l2crypt.logs import fields
 from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
 from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
-from l2crypt.port_guard import egress_drops, guard_port
+from l2crypt.port_guard import PortGuard, guard_port
 from l2crypt.replay_floor import FloorBook
 from l2crypt.state_file import FloorFile
 from l2crypt.tls_files import client_context, host_identity
@@ -115,6 +116,9 @@ class Gateway:
         self.tunnel_floors = FloorBook()
         self.tunnel_floor_file = FloorFile(self.state_dir, name=TUNNEL_FLOORS_FILE)
         self.started_at = time.monotonic()
+        self.guards = {"encrypted": PortGuard(config.encrypted_port, config.ethertype)}
+        if config.plain_port:
+            self.guards["plain"] = PortGuard(config.plain_port, None, egress=False)
         self.enc = self.plain = self.tunnel = None
         self.core: GatewayCore | None = None
         self.client: GatewayKeyClient | None = None
@@ -257,9 +261,17 @@ class Gateway:
             "keyserver": self.client.server,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "egress_blocked": egress_drops(self.config.encrypted_port),
         })
+        readings = self.guard_readings()
+        doc.update(readings["encrypted"])  # port_guard, inbound_refused, egress_blocked
+        if "plain" in readings:
+            doc.update({"plain_port_guard": readings["plain"]["port_guard"],
+                        "plain_inbound_refused": readings["plain"]["inbound_refused"]})
         return doc
+
+    def guard_readings(self) -> dict[str, dict]:
+        """Port ("encrypted", "plain") -> its guard as the kernel has it now."""
+        return {name: guard.read() for name, guard in self.guards.items()}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -270,7 +282,7 @@ class Gateway:
         if cfg.tunnel_listen:
             restored = self.tunnel_floor_file.load(self.tunnel_floors, self._loop.time())
             log.info("tunnel_replay_floors_restored", extra=fields(peers=restored))
-        guard_port(cfg.encrypted_port, cfg.ethertype)
+        self.guards["encrypted"] = await asyncio.to_thread(guard_port, cfg.encrypted_port, cfg.ethertype)
         now = self._loop.time()
         restored = self.floor_file.load(self.floors, now)
         if not self.floor_file.save(self.floors, (), now):
@@ -279,7 +291,7 @@ class Gateway:
         try:
             self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
             if cfg.plain_port:
-                quiet_port(cfg.plain_port)
+                self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
                 self.plain = PlainPort(cfg.plain_port)
             if cfg.tunnel_listen:
                 self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())

@@ -2,7 +2,8 @@
 
 1. Read the host identity from the state directory (``l2crypt enroll``) and
    the packet clock (``packet_clock``: refuses to start if it cannot be kept).
-2. Guard the wire port (only l2crypt frames may leave).  Attach to the
+2. Guard the wire port (only l2crypt frames may arrive or leave: the host
+   stack never sees a plain frame from the switch).  Attach to the
    persistent TAP (or create it), with the host's MAC (``tap_mac``: kept in
    the state directory) and MTU = wire MTU - 32; load the replay floors of
    the previous life (``state_file.FloorFile``; refuses to start if they
@@ -44,7 +45,7 @@ from .linux_wire import LinuxWire
 from .logs import fields
 from .metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
 from .packet_clock import PERSIST_INTERVAL_S, PacketClock
-from .port_guard import egress_drops, guard_port
+from .port_guard import PortGuard, guard_port
 from .replay_floor import FloorBook
 from .state_file import FloorFile
 from .tap_mac import choose_mac, read_stored_mac, store_mac
@@ -106,6 +107,7 @@ class Agent:
         self.clock = PacketClock(self.state_dir)
         self.floors = FloorBook()
         self.floor_file = FloorFile(self.state_dir)
+        self.guard = PortGuard(config.port, config.ethertype)
         self.started_at = time.monotonic()
         self._logged_drops: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -229,10 +231,14 @@ class Agent:
             "wire_mtu": self.wire_mtu,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "egress_blocked": egress_drops(self.config.port),
         })
+        doc.update(self.guard_reading())  # port_guard, inbound_refused, egress_blocked
         doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
+
+    def guard_reading(self) -> dict:
+        """The port guard as the kernel has it now (``PortGuard.reading``)."""
+        return self.guard.read()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -257,7 +263,7 @@ class Agent:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
-        guard_port(cfg.port, cfg.ethertype)
+        self.guard = await asyncio.to_thread(guard_port, cfg.port, cfg.ethertype)
         self.tap = attach_tap(cfg.tap, self.tap_mtu, self.state_dir, cfg.tap_mac)
         try:
             settings = EngineSettings(

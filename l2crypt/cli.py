@@ -177,6 +177,26 @@ def show_status(state_dir, config_path, as_json, watch, interval_s, count, *, fa
         render(doc)
 
 
+@cli.command()
+@click.option("--port", required=True, help="The port to give back: a wire port, or a gateway's encrypted or plain port.")
+def unguard(port) -> None:
+    """Remove the port guard (nftables table l2crypt_PORT) from a port.
+
+    The agent and the gateway install it before they bring a port up and leave
+    it when they stop, so the port fails closed.  Without it the port passes
+    plain frames both ways again.  Stop the daemon first; its next start puts
+    the guard back.  The port's sysctls (IPv6 and ARP off, strict rp_filter)
+    stay as the daemon left them.
+    """
+    from .port_guard import unguard_port
+
+    try:
+        unguard_port(port)
+    except L2cryptError as exc:
+        fail(str(exc))
+    click.echo(f"removed the port guard from {port}: plain frames pass both ways now")
+
+
 @cli.command("check-config")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
 def check_config(path) -> None:

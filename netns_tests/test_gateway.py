@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import listening, ping, skip_reason, udp_payload as _udp_payload, wait_for
+from hostile import StackListener, link_mac, nstat, plain_frames
 from gateway import tunnel_wire
 from l2crypt import lab as L
 from l2crypt.lab_gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
@@ -425,3 +426,92 @@ def test_replay_storm_and_huge_packet_numbers_on_the_tunnel(glab):
         glab.b.stop(pinger, signal.SIGINT)
     during = glab.b.log_text("ping-tunnel-storm")
     assert "received" in during and " 0 received" not in during, during[-400:]
+
+
+# --- the port guard on the gateway's ports (issue 14.1) ---------------------------------
+
+GUARD_UDP_PORT = 7311
+
+
+def _guard_markers() -> tuple[bytes, bytes]:
+    tag = os.urandom(4).hex().encode()
+    return b"L2C-GW-INJECTED-" + tag, b"L2C-GW-GENUINE-" + tag
+
+
+def _genuine_from_the_wan(glab, genuine: bytes) -> None:
+    """A datagram to gA's WAN address from the WAN: the gateway's stack does take that."""
+    code = ("import socket, sys\n"
+            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(bytes.fromhex(sys.argv[3]), "
+            "(sys.argv[1], int(sys.argv[2])))\n")
+    glab.a.exec("wan", [sys.executable, "-c", code, GATEWAYS["gA"][3], str(GUARD_UDP_PORT), genuine.hex()],
+                check=True)
+
+
+def test_plain_frames_on_the_gateways_encrypted_port_reach_nothing(glab):
+    """An intruder on segment A sends gA's encrypted port plain IPv4 UDP, IPv6 UDP,
+    ARP and ICMP echo frames as if from h1, to gA's MAC, to a plain-side MAC the
+    gateway speaks for and to broadcast, addressed to gA's WAN address (the weak host
+    model would take them): gA's stack gets none, its status and metrics count all."""
+    a = glab.a
+    a.add_intruder()
+    h1 = a.status("h1")
+    injected, genuine = _guard_markers()
+    frames = plain_frames([GATEWAYS["gA"][1], P1_MAC, "ff:ff:ff:ff:ff:ff"], h1["mac"], L.tap_ipv4("h1"),
+                          GATEWAYS["gA"][3], L.tap_ipv6("h1"), "fd66::21", GUARD_UDP_PORT, injected)
+    listener = StackListener(a, "gA", L.WIRE_IFNAME, GUARD_UDP_PORT, injected, genuine)
+    try:
+        before, stack_before, m_before = glab.gateway_status("gA"), nstat(a, "gA"), scrape_gw(glab, "gA")
+        assert a.inject(frames) == len(frames)
+        wait_for("every injected frame to reach gA's encrypted port",
+                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
+        _genuine_from_the_wan(glab, genuine)
+        wait_for("the genuine datagram at gA's listener",
+                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
+        stack_after = nstat(a, "gA")
+        counts = listener.counts()
+    finally:
+        listener.stop()
+    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
+    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    assert stack_after["UdpInDatagrams"] - stack_before["UdpInDatagrams"] >= 1  # the genuine one
+    after = wait_for("gA to count the refused frames", lambda: (
+        lambda s: s if s.get("inbound_refused", 0) - before.get("inbound_refused", 0) >= len(frames) else None)(
+            glab.gateway_status("gA")), timeout_s=10)
+    assert after["inbound_refused"] - before["inbound_refused"] == len(frames)
+    assert before["port_guard"] == after["port_guard"] == "intact"
+    m_after = scrape_gw(glab, "gA")
+    key = "l2crypt_gateway_port_guard_frames_dropped_total{direction=inbound,port=encrypted}"
+    assert m_after[key] - m_before[key] == len(frames)
+    assert m_after["l2crypt_gateway_port_guard_intact{port=encrypted}"] == 1
+    _ping_ok(glab, "h1", P1_IPV4, count=2)
+
+
+def test_the_plain_port_feeds_the_gateway_but_not_its_stack(glab):
+    """p1 sends gA's plain port frames addressed to gA's own WAN address: the gateway
+    still reads every frame (as it must, to bridge them), its IP stack gets none."""
+    a = glab.a
+    injected, genuine = _guard_markers()
+    plain_mac = link_mac(a, "gA", "plain0")
+    frames = plain_frames([plain_mac, "ff:ff:ff:ff:ff:ff"], P1_MAC, P1_IPV4, GATEWAYS["gA"][3], "fd66::31",
+                          "fd66::21", GUARD_UDP_PORT, injected)
+    listener = StackListener(a, "gA", "plain0", GUARD_UDP_PORT, injected, genuine)
+    try:
+        before, stack_before = glab.gateway_status("gA"), nstat(a, "gA")
+        assert a.inject(frames, role="p1", ifname=L.WIRE_IFNAME) == len(frames)
+        wait_for("every injected frame to reach gA's plain port",
+                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
+        _genuine_from_the_wan(glab, genuine)
+        wait_for("the genuine datagram at gA's listener",
+                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
+        stack_after = nstat(a, "gA")
+        counts = listener.counts()
+    finally:
+        listener.stop()
+    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
+    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    after = wait_for("gA to read and count the frames", lambda: (
+        lambda s: s if s.get("plain_inbound_refused", 0) - before.get("plain_inbound_refused", 0) >= len(frames)
+        and s["counters"]["from_plain"] - before["counters"]["from_plain"] >= len(frames) else None)(
+            glab.gateway_status("gA")), timeout_s=10)
+    assert before["plain_port_guard"] == after["plain_port_guard"] == "intact"
+    _ping_ok(glab, "h1", P1_IPV4, count=3)  # the plain side still works both ways

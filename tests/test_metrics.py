@@ -32,9 +32,12 @@ def samples(text: str) -> dict:
     return out
 
 
-def fake_agent(engine, client=None):
+GUARD_READING = {"port_guard": "intact", "inbound_refused": 12, "egress_blocked": 3}
+
+
+def fake_agent(engine, client=None, guard=GUARD_READING):
     return SimpleNamespace(engine=engine, client=client, host_id="h1",
-                           config=SimpleNamespace(port="eth0", tap="l2c0"))
+                           config=SimpleNamespace(port="eth0", tap="l2c0"), guard_reading=lambda: guard)
 
 
 def scrape(agent, now):
@@ -71,6 +74,18 @@ def test_counters_move_with_traffic_and_forged_frames():
     assert s2[("l2crypt_key_age_seconds", (("peer", "02:00:00:00:00:01"),))] == 31.0
     assert s2[("l2crypt_key_pw_id", (("peer", "02:00:00:00:00:01"),))] == 1
     assert s2[("l2crypt_multicast_key_age_seconds", ())] == 31.0
+
+
+def test_port_guard_counters_and_state():
+    s = samples(scrape(fake_agent(FrameEngine(H1)), 0.0))
+    assert s[("l2crypt_port_guard_frames_dropped_total", (("direction", "inbound"), ("port", "eth0")))] == 12
+    assert s[("l2crypt_port_guard_frames_dropped_total", (("direction", "egress"), ("port", "eth0")))] == 3
+    assert s[("l2crypt_port_guard_intact", (("port", "eth0"),))] == 1
+    for state in ("missing", "altered"):
+        gone = {"port_guard": state, "inbound_refused": None, "egress_blocked": None}
+        s = samples(scrape(fake_agent(FrameEngine(H1), guard=gone), 0.0))
+        assert s[("l2crypt_port_guard_intact", (("port", "eth0"),))] == 0
+        assert not [k for k in s if k[0] == "l2crypt_port_guard_frames_dropped_total"]
 
 
 def test_no_key_material_in_a_scrape():

@@ -19,6 +19,9 @@ Learning (a learning bridge with the key server as referee):
 3. Refused (the MAC is bound to an enrolled host, or another gateway holds
    it): the MAC is never learned, its frames are dropped as
    ``spoofed_source`` and the answer is believed ``refused_cache_s``.
+4. Unmapped (an enrolled host later said hello with a mapped MAC; the key
+   server pushes ``unmapped``): the gateway stops speaking for it and treats
+   it as an encrypted host from then on.
 
 The spoofing rule: the gateway never learns a MAC that the key server has
 bound to an enrolled host, nor one it has seen verified on the encrypted side
@@ -378,6 +381,15 @@ class GatewayCore:
         entry.state, entry.refused_until = REFUSED, now + self.settings.refused_cache_s
         self.virtual.pop(mac, None)
         self.counters["maps_refused"] += 1
+
+    def on_unmapped(self, mac: bytes) -> None:
+        """The key server gave ``mac`` to an enrolled host: stop speaking for it, never learn it again."""
+        entry = self.table.pop(mac, None)
+        if entry is not None:
+            self.drops[SPOOFED_SOURCE] += len(entry.held)
+            self.counters["macs_unmapped"] += 1
+        self.virtual.pop(mac, None)
+        self._note_host(mac)
 
     def learned(self) -> list[tuple[bytes, str]]:
         """Every MAC learned and not refused, to announce again after a reconnect."""

@@ -72,6 +72,8 @@ class GatewayKeyClient(KeyClient):
         if t == "mapped":
             self._map_rids.pop(msg["rid"], None)
             self.events.on_mapped(msg["mac"], msg["side"])
+        elif t == "unmapped":
+            self.events.on_unmapped(msg["mac"])
         elif t == "netkey":
             self.events.on_netkey(msg["key"], msg["pw_id"])
         elif t == "error" and msg["rid"] in self._map_rids:
@@ -194,6 +196,10 @@ class Gateway:
     def on_map_refused(self, mac: bytes, code: str, text: str) -> None:
         log.warning("mac_refused", extra=fields(mac=format_mac(mac), code=code, reason=text))
         self.core.on_map_refused(mac, self._loop.time())
+
+    def on_unmapped(self, mac: bytes) -> None:
+        log.warning("mac_unmapped", extra=fields(mac=format_mac(mac), reason="an enrolled host said hello with it"))
+        self.core.on_unmapped(mac)
 
     def on_netkey(self, key: bytes, pw_id: int) -> None:
         if self.core.install_netkey(key, pw_id, self._loop.time()):

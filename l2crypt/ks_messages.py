@@ -36,6 +36,8 @@ server -> client
     multicast rid key pw_id                        a multicast key (answer or push)
     peer_revoked rid peer_mac                      the host at peer_mac is revoked: forget it (push)
     mapped    rid mac side                         the MAC is mapped to the asking gateway
+    unmapped  rid mac                              (push to a gateway) an enrolled host said hello
+                                                   with that MAC: stop speaking for it
     netkey    rid key pw_id                        a NETKEY version (answer or push, gateways only)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
@@ -101,6 +103,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "map_list": (frozenset({"rid"}), frozenset()),
     "netkey_req": (frozenset({"rid"}), frozenset()),
     "mapped": (frozenset({"rid", "mac", "side"}), frozenset()),
+    "unmapped": (frozenset({"rid", "mac"}), frozenset()),
     "netkey": (frozenset({"rid", "key", "pw_id"}), frozenset()),
     "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),

@@ -102,10 +102,11 @@ def agent(config_path, servers, **overrides) -> None:
 
 
 def run_daemon(load_config, daemon_class, fail) -> None:
-    """Load a daemon's config (a bad one: one line, exit 2), set up logging and
-    run the daemon in the foreground until SIGTERM or Ctrl-C.  Shared by the
-    agent, the layer-3 agent and the gateway."""
+    """Load a daemon's config (a bad one: one line, exit 2), set up logging, lock
+    the state directory (``state_lock``) and run the daemon in the foreground
+    until SIGTERM or Ctrl-C.  Shared by the agent, the layer-3 agent and the gateway."""
     from .logs import setup_logging
+    from .state_lock import lock_state_dir
 
     try:
         config = load_config()
@@ -113,6 +114,7 @@ def run_daemon(load_config, daemon_class, fail) -> None:
         fail(str(exc), 2)
     setup_logging(config.log_level, config.log_format)
     try:
+        lock = lock_state_dir(config.state_dir)  # noqa: F841 - held until the daemon returns
         asyncio.run(daemon_class(config).run())
     except L2cryptError as exc:
         fail(str(exc))

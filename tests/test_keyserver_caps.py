@@ -209,6 +209,27 @@ def test_a_second_hello_of_one_identity_takes_over_and_is_logged(ks, caplog):
     assert "host=a" in line and "old_peer=127.0.0.1:" in line and "new_peer=127.0.0.1:" in line
 
 
+def test_layer3_sessions_take_over_their_own_kind_only(ks):
+    ca, files, run = ks
+
+    async def body(port, server):
+        l2, l3_old, l3_new = [await Client.connect(port, ca.ca_cert_pem, files) for _ in range(3)]
+        try:
+            assert (await l2.call({"t": "hello", "rid": 1, "mac": MAC_A}))["t"] == "welcome"
+            assert (await l3_old.call({"t": "l3_hello", "rid": 1}))["t"] == "l3_welcome"
+            assert await l2.call({"t": "ping", "rid": 2}) == {"t": "pong", "rid": 2}  # an L2 session stays
+            assert (await l3_new.call({"t": "l3_hello", "rid": 1}))["t"] == "l3_welcome"
+            assert (await l3_old.recv())["code"] == "session_replaced"
+            assert await l3_old.closed_by_server()
+            for c in (l2, l3_new):
+                assert await c.call({"t": "ping", "rid": 3}) == {"t": "pong", "rid": 3}
+        finally:
+            for c in (l2, l3_old, l3_new):
+                c.close()
+
+    run(body)
+
+
 class _Events:
     def __init__(self):
         self.welcomes = 0

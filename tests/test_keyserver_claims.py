@@ -154,9 +154,9 @@ def test_by_default_a_layer3_host_binds_only_its_pinned_addresses(env):
     a, c = l3(service, "a"), l3(service, "c")
     assert reply(call(service, a, {"t": "ip_bind", "rid": 2, "ip": IP_1}))["t"] == "ip_bound"
     err = reply(call(service, a, {"t": "ip_bind", "rid": 3, "ip": IP_2}))
-    assert (err["code"], "host add --ip" in err["msg"]) == ("ip_not_pinned", True)
+    assert (err.get("code"), "host add --ip" in err.get("msg", "")) == ("ip_not_pinned", True)
     # Nobody claims another host's pinned address, even before that host connects.
-    assert reply(call(service, c, {"t": "ip_bind", "rid": 4, "ip": IP_1}))["code"] == "ip_not_pinned"
+    assert reply(call(service, c, {"t": "ip_bind", "rid": 4, "ip": IP_1})).get("code") == "ip_not_pinned"
     assert store.ips_of("a") == [IP_1] and store.ips_of("c") == []
 
 
@@ -238,12 +238,12 @@ def test_a_mac_held_at_a_peered_server_is_neither_mapped_nor_bound(peered):
             assert (await gw.call({"t": "hello", "rid": 1, "mac": MAC_GW}))["t"] == "welcome"
             # b1's MAC, seen on gw's plain side: KS-B's host holds it.
             err = await gw.call({"t": "map_req", "rid": 2, "mac": mac_b1, "side": "plain"})
-            assert (err["t"], err["code"]) == ("error", "mac_held_by_peer"), err
+            assert (err["t"], err.get("code")) == ("error", "mac_held_by_peer"), err
             free = bytes.fromhex("025000000001")
             assert (await gw.call({"t": "map_req", "rid": 3, "mac": free, "side": "plain"}))["t"] == "mapped"
             # a2 (no pinned MAC) says hello with b1's MAC: refused, nothing bound.
             err = await a2.call({"t": "hello", "rid": 1, "mac": mac_b1})
-            assert err["code"] == "mac_held_by_peer", err
+            assert err.get("code") == "mac_held_by_peer", err
             assert a.store.get_host("a2").mac is None
             assert (await a2.call({"t": "hello", "rid": 2, "mac": bytes.fromhex("020000000a02")}))["t"] == "welcome"
         finally:

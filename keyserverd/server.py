@@ -225,13 +225,9 @@ class KeyServer:
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         self.connections_refused[reason] += 1
-        key = ("cap", identity or (peername[0] if peername else "?"), reason)
-        if self._close_log.allow(key):
-            kv = {"peer": peer, "host": identity or "unauthenticated", "reason": reason, "limit": limit}
-            suppressed = self._close_log.take_suppressed(key)
-            if suppressed:
-                kv["suppressed"] = suppressed
-            log.warning("connection_refused", extra=fields(**kv))
+        self._log_limited(logging.WARNING, "connection_refused",
+                          ("cap", identity or (peername[0] if peername else "?"), reason),
+                          peer=peer, host=identity or "unauthenticated", reason=reason, limit=limit)
         if identity is not None:  # a host is told why, so its operator sees it too
             writer.write(encode_message({"t": "error", "rid": 0, "code": reason,
                                          "msg": f"more than {limit} connections of host {identity!r}"}))
@@ -346,13 +342,15 @@ class KeyServer:
     def _log_close(self, level: int, conn: _Conn, code: str, reason: str) -> None:
         """A closed connection, logged once per (client, code) every ``CLOSE_LOG_S``."""
         who = conn.session.identity or conn.session.peer.rsplit(":", 1)[0]
-        key = (who, code)
+        self._log_limited(level, "connection_closed", (who, code), host=conn.session.who, reason=reason)
+
+    def _log_limited(self, level: int, event: str, key: tuple, **kv) -> None:
+        """Log ``event`` once per ``key`` every ``CLOSE_LOG_S``, with ``suppressed=N`` for the lines skipped."""
         if self._close_log.allow(key):
-            kv = {"host": conn.session.who, "reason": reason}
             suppressed = self._close_log.take_suppressed(key)
             if suppressed:
                 kv["suppressed"] = suppressed
-            log.log(level, "connection_closed", extra=fields(**kv))
+            log.log(level, event, extra=fields(**kv))
 
     def connected_hosts(self) -> dict[str, int]:
         """Host ID -> number of live authenticated connections."""
@@ -401,14 +399,9 @@ class KeyServer:
         for other in list(self._by_host.get(conn.session.identity, ())):
             if other is conn or not other.session.said_hello or other.session.l3 != conn.session.l3:
                 continue
-            key = (conn.session.identity, "session_replaced")
-            if self._close_log.allow(key):
-                kv = {"host": conn.session.identity, "old_peer": other.session.peer, "new_peer": conn.session.peer,
-                      "kind": "l3" if conn.session.l3 else "l2"}
-                suppressed = self._close_log.take_suppressed(key)
-                if suppressed:
-                    kv["suppressed"] = suppressed
-                log.warning("session_taken_over", extra=fields(**kv))
+            self._log_limited(logging.WARNING, "session_taken_over", (conn.session.identity, "session_replaced"),
+                              host=conn.session.identity, old_peer=other.session.peer,
+                              new_peer=conn.session.peer, kind="l3" if conn.session.l3 else "l2")
             other.send({"t": "error", "rid": 0, "code": "session_replaced",
                         "msg": f"another connection ({conn.session.peer}) said hello as "
                                f"{conn.session.identity!r}; this one is closed"})

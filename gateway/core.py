@@ -30,6 +30,9 @@ Learning (a learning bridge with the key server as referee):
    encrypted hosts had talked to is learned again at once when one of them
    sends it a frame (that frame is dropped; the next ones pass), or when it
    speaks again.
+5. Unmapped (an enrolled host later said hello with a mapped MAC; the key
+   server pushes ``unmapped``): the gateway stops speaking for it and treats
+   it as an encrypted host from then on.
 
 The spoofing rule: the gateway never learns a MAC that the key server has
 bound to an enrolled host, nor one it has seen verified on the encrypted side
@@ -466,6 +469,14 @@ class GatewayCore:
         if len(self.refused) > MAX_REFUSED_MACS:
             self.refused.popitem(last=False)
         self.counters["maps_refused"] += 1
+
+    def on_unmapped(self, mac: bytes) -> None:
+        """The key server gave ``mac`` to an enrolled host: stop speaking for it, never learn it again."""
+        entry = self._forget(mac)
+        if entry is not None:
+            self.drops[SPOOFED_SOURCE] += len(entry.held)
+            self.counters["macs_unmapped"] += 1
+        self._note_host(mac)
 
     def learned(self) -> list[tuple[bytes, str]]:
         """Every MAC learned (pending or mapped), to announce again after a reconnect."""

@@ -86,7 +86,8 @@ class GatewayKeyClient(KeyClient):
             self._map_rids.pop(msg["rid"], None)
             self.events.on_mapped(msg["mac"], msg["side"])
         elif t == "unmapped":
-            pass
+            if msg["rid"] == 0:  # a push: an enrolled host took the MAC (else: a map_release answer)
+                self.events.on_unmapped(msg["mac"])
         elif t == "netkey":
             self.events.on_netkey(msg["peer_id"], msg["pw_id"], msg["send_key"], msg["recv_key"])
         elif t == "error" and msg["rid"] in self._map_rids:
@@ -228,6 +229,10 @@ class Gateway:
     def on_map_refused(self, mac: bytes, code: str, text: str) -> None:
         log.warning("mac_refused", extra=fields(mac=format_mac(mac), code=code, reason=text))
         self.core.on_map_refused(mac, self._loop.time())
+
+    def on_unmapped(self, mac: bytes) -> None:
+        log.warning("mac_unmapped", extra=fields(mac=format_mac(mac), reason="an enrolled host said hello with it"))
+        self.core.on_unmapped(mac)
 
     def on_netkey(self, peer_id: str, pw_id: int, send_key: bytes, recv_key: bytes) -> None:
         if self.core.install_tunnel_keys(peer_id, pw_id, send_key, recv_key, self._loop.time()):

@@ -10,11 +10,19 @@
      ``("broadcast", None)``  send to every connection that said hello;
      ``("disconnect", id)``   close every connection of that host;
      ``("peer_resolve", None)`` ask the peered key servers who holds ``peer_mac``
-                              and then answer with ``answer_from_peer``.
+                              and then answer with ``answer_from_peer``;
+     ``("peer_check", kind)``  ask them who holds ``mac`` before a hello or a
+                              map_req goes on (``after_peer_check``).
 3. The rules, in the order a request meets them:
    - without a certificate only ``ca`` and ``enroll`` are allowed (``unauthenticated``);
+     every refused ``enroll`` gets the same ``enroll_refused`` (unknown ID,
+     wrong, used or expired token, revoked host: the log has which);
    - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
    - ``hello`` binds (certificate ID, mac) in the ID-MAC table (``mac_conflict``);
+     with ``require_pinned_macs`` only the MAC of ``host add --mac``
+     (``mac_not_pinned``).  A first binding is checked with the peered key
+     servers (``mac_held_by_peer``).  A MAC a gateway had mapped goes to the
+     host: the mapping is dropped and the gateway told (``unmapped``).
    - ``key_req`` needs a hello on this connection (``not_bound``), a ``my_mac``
      that is the requester's bound MAC (``forbidden``), and a peer MAC that is
      not its own (``bad_request``); an unknown or revoked peer gets ``unknown``.
@@ -35,7 +43,8 @@
    ``retire_after_s`` ago.  The rotations are conditional in the store, so
    several servers running it rotate once.
 6. Gateways (role ``gateway``) may also send ``map_req`` (map a MAC they
-   learned on their plain port or from a tunnel to them, see ``mac_map``),
+   learned on their plain port or from a tunnel to them, see ``mac_map``; a MAC
+   a host of a peered key server holds is refused, ``mac_held_by_peer``),
    ``map_release`` (a MAC they aged out), ``map_list`` and ``netkey_req
    peer_id``: the keys of the tunnel link between the requester and gateway
    ``peer_id`` of the peer segment, derived from each NETKEY version agreed
@@ -89,6 +98,10 @@ Action = tuple[Target, dict]
 #: this often; the lines skipped in between are counted in the next one.
 REFUSAL_LOG_S = 10.0
 
+#: What a refused enrollment is told, whatever the reason (the log has the reason).
+ENROLL_REFUSED_TEXT = ("enrollment refused: unknown ID, wrong, used or expired token, or revoked host; "
+                       "ask the operator for a new token (keyserverd host add)")
+
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
 #: Message types that count against a host's key-request limit.
@@ -127,7 +140,8 @@ class KeyService(L3Handlers):
                  cert_days: int = 365, rekey_after_s: float = 3600.0,
                  multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0,
                  key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S,
-                 key_request_burst: int = DEFAULT_KEY_REQUEST_BURST):
+                 key_request_burst: int = DEFAULT_KEY_REQUEST_BURST,
+                 require_pinned_macs: bool = False, require_pinned_ips: bool = True):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
@@ -156,6 +170,9 @@ class KeyService(L3Handlers):
         #: Gateway ID -> the tunnel peers it asked link keys for (pushed on rotation).
         self.tunnel_links: dict[str, set[str]] = {}
         self.key_requests = HostBuckets(key_requests_per_s, key_request_burst)
+        #: Binding policy (see the module docstring, 3, and ``l3_service``).
+        self.require_pinned_macs = require_pinned_macs
+        self.require_pinned_ips = require_pinned_ips
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -176,13 +193,17 @@ class KeyService(L3Handlers):
                 raise RefusedError(f"{kind} is not a request", "bad_request")
             return handler(session, msg, now)
         except RefusedError as exc:
-            self.refusals[exc.code] += 1
-            self._limited(logging.WARNING, "request_refused", (session.who, exc.code), now,
-                          type=kind, host=session.who, code=exc.code, reason=str(exc))
-            actions: list[Action] = [("reply", _error(rid, exc.code, str(exc)))]
-            if exc.code == "revoked":
-                actions.append(("close", {}))
-            return actions
+            return self._refused(session, kind, rid, exc, now)
+
+    def _refused(self, session: Session, kind: str, rid: int, exc: RefusedError, now: float) -> list[Action]:
+        """Count, log (rate-limited) and answer a refusal."""
+        self.refusals[exc.code] += 1
+        self._limited(logging.WARNING, "request_refused", (session.who, exc.code), now,
+                      type=kind, host=session.who, code=exc.code, reason=str(exc))
+        actions: list[Action] = [("reply", _error(rid, exc.code, str(exc)))]
+        if exc.code == "revoked":
+            actions.append(("close", {}))
+        return actions
 
     # --- without a certificate ---------------------------------------------
     def _on_ca(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -192,7 +213,15 @@ class KeyService(L3Handlers):
         host_id = msg["id"]
         # Check the CSR first, so a typo in it does not spend the token.
         self.ca.check_csr(msg["csr"])
-        host = self.store.consume_token(host_id, hash_token(msg["token"]), now)
+        try:
+            host = self.store.consume_token(host_id, hash_token(msg["token"]), now)
+        except RefusedError as exc:
+            if exc.code == "store_unavailable":
+                raise
+            # The client learns nothing about which IDs exist; the log keeps the detail.
+            self._limited(logging.WARNING, "enroll_refused", (session.who, exc.code), now,
+                          host=host_id, peer=session.peer, code=exc.code, reason=str(exc))
+            raise RefusedError(ENROLL_REFUSED_TEXT, "enroll_refused") from None
         cert = self.ca.sign_csr(msg["csr"], host_id, role=host.role, days=self.cert_days)
         self.store.mark_enrolled(host_id, now)
         log.info("host_enrolled", extra=fields(host=host_id, role=host.role, peer=session.peer))
@@ -203,20 +232,31 @@ class KeyService(L3Handlers):
         mac = msg["mac"]
         if is_group_address(mac):
             raise RefusedError(f"{format_mac(mac)} is a group address", "bad_request")
+        host = self.store.get_host(session.identity)
+        if host is not None and host.mac is None:  # a first binding
+            if self.require_pinned_macs:
+                raise RefusedError(f"host {session.identity!r} has no pinned MAC and this key server binds only "
+                                   "pinned ones (keyserverd host add --mac)", "mac_not_pinned")
+            if self.peering_enabled and self.store.host_by_mac(mac) is None:
+                return [(("peer_check", "hello"), {"rid": msg["rid"], "mac": mac})]
+        return self._bind(session, msg["rid"], mac)
+
+    def _bind(self, session: Session, rid: int, mac: bytes) -> list[Action]:
+        """Bind (ID, mac), take the MAC from a gateway that had mapped it, welcome the host."""
         self.store.bind_mac(session.identity, mac)
         session.bound_mac = mac
         key, pw_id = self.store.current_multicast_key()
         log.info("host_bound", extra=fields(host=session.identity, mac=format_mac(mac)))
-        return [
-            (
-                "reply",
-                {
-                    "t": "welcome", "rid": msg["rid"], "id": session.identity, "mac": mac,
-                    "cipher": self.cipher, "multicast_key": key, "multicast_pw_id": pw_id,
-                    "server": self.server_name,
-                },
-            )
+        actions: list[Action] = [
+            ("reply", {"t": "welcome", "rid": rid, "id": session.identity, "mac": mac, "cipher": self.cipher,
+                       "multicast_key": key, "multicast_pw_id": pw_id, "server": self.server_name}),
         ]
+        gateway = self.macs.release(mac)
+        if gateway is not None and gateway != session.identity:
+            log.warning("gateway_mapping_dropped", extra=fields(mac=format_mac(mac), gateway=gateway,
+                                                                host=session.identity))
+            actions.append((("push", gateway), {"t": "unmapped", "rid": PUSH_RID, "mac": mac}))
+        return actions
 
     def _on_key_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         rid, peer_mac = msg["rid"], msg["peer_mac"]
@@ -275,9 +315,31 @@ class KeyService(L3Handlers):
 
     def _on_map_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "map_req")
-        self.macs.map(self.store, session.identity, msg["mac"], msg["side"])
-        log.info("MAC %s (%s) mapped to gateway %s", format_mac(msg["mac"]), msg["side"], session.identity)
-        return [("reply", {"t": "mapped", "rid": msg["rid"], "mac": msg["mac"], "side": msg["side"]})]
+        if self.peering_enabled and self.macs.owner(msg["mac"]) != session.identity:
+            self.macs.check(self.store, session.identity, msg["mac"], msg["side"])  # refuse early, locally
+            return [(("peer_check", "map"), {"rid": msg["rid"], "mac": msg["mac"], "side": msg["side"]})]
+        return self._map(session, msg["rid"], msg["mac"], msg["side"])
+
+    def _map(self, session: Session, rid: int, mac: bytes, side: str) -> list[Action]:
+        self.macs.map(self.store, session.identity, mac, side)
+        log.info("MAC %s (%s) mapped to gateway %s", format_mac(mac), side, session.identity)
+        return [("reply", {"t": "mapped", "rid": rid, "mac": mac, "side": side})]
+
+    def after_peer_check(self, session: Session, kind: str, req: dict, found: dict | None,
+                         now: float) -> list[Action]:
+        """Go on with a ``hello`` or ``map_req`` once the peers said who holds ``req["mac"]``
+        (``found``: their ``resolved`` answer, or None).  Peers that do not answer do
+        not block it: the check is best effort."""
+        msg_type = "hello" if kind == "hello" else "map_req"
+        try:
+            if found is not None:
+                raise RefusedError(f"{format_mac(req['mac'])} is held by host {found.get('id')!r} of a "
+                                   "peered key server", "mac_held_by_peer")
+            if kind == "hello":
+                return self._bind(session, req["rid"], req["mac"])
+            return self._map(session, req["rid"], req["mac"], req["side"])
+        except RefusedError as exc:
+            return self._refused(session, msg_type, req["rid"], exc, now)
 
     def _on_map_release(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "map_release")

@@ -31,27 +31,51 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with.")
-@click.option("--id", "host_id", required=True, help="The host ID the operator created.")
-@click.option("--token", required=True, help="One-time token from `keyserverd host add`.")
-@click.option("--ca-fingerprint", required=True, metavar="sha256:HEX",
-              help="SHA-256 fingerprint of the key server's CA, printed by `keyserverd host add`.")
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True,
-              help="Where the key, certificate and CA are stored.")
-@click.option("--force", is_flag=True, help="Replace an existing enrollment.")
-def enroll(server, host_id, token, ca_fingerprint, state_dir, force) -> None:
-    """Trade a one-time token for this host's certificate.
+def enroll_options(what: str, default_state_dir: str):
+    """The options of ``l2crypt enroll`` and ``l2crypt-gateway enroll`` (``what``: host or gateway)."""
+    opts = [
+        click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with."),
+        click.option("--id", "host_id", required=True, help=f"The {what} ID the operator created."),
+        click.option("--token-file", type=click.Path(dir_okay=False),
+                     help="File holding the one-time token from `keyserverd host add`."),
+        click.option("--token", help="The token; `-` reads it from stdin (asked without echo on a "
+                                     "terminal). A value given here shows in ps and shell history."),
+        click.option("--ca-fingerprint", required=True, metavar="sha256:HEX",
+                     help="SHA-256 fingerprint of the key server's CA, printed by `keyserverd host add`."),
+        click.option("--state-dir", default=default_state_dir, show_default=True,
+                     help="Where the key, certificate and CA are stored."),
+        click.option("--force", is_flag=True, help="Replace an existing enrollment."),
+    ]
 
-    The CA is pinned by fingerprint before the token is sent.
-    """
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+def run_enroll(prog: str, fail, server, host_id, token, token_file, ca_fingerprint, state_dir, force) -> None:
+    """The body of both enroll commands: read the token, enroll, say where the certificate is."""
     from .enroll import enroll as do_enroll
+    from .enroll import read_token
 
     try:
-        path = do_enroll(server, host_id, token, ca_fingerprint, state_dir, force)
+        secret = read_token(token, token_file, warn=lambda text: click.echo(f"{prog}: warning: {text}", err=True))
+        path = do_enroll(server, host_id, secret, ca_fingerprint, state_dir, force)
     except L2cryptError as exc:
         fail(str(exc))
     click.echo(f"enrolled as {host_id}; certificate stored in {path}")
+
+
+@cli.command()
+@enroll_options("host", DEFAULT_STATE_DIR)
+def enroll(**opts) -> None:
+    """Trade a one-time token for this host's certificate.
+
+    The CA is pinned by fingerprint before the token is sent.  Give the token
+    with --token-file FILE or --token - (stdin), so it stays out of ps.
+    """
+    run_enroll(PROG, fail, **opts)
 
 
 def _agent_options(fn):
@@ -109,10 +133,11 @@ def agent(config_path, servers, **overrides) -> None:
 
 
 def run_daemon(load_config, daemon_class, fail) -> None:
-    """Load a daemon's config (a bad one: one line, exit 2), set up logging and
-    run the daemon in the foreground until SIGTERM or Ctrl-C.  Shared by the
-    agent, the layer-3 agent and the gateway."""
+    """Load a daemon's config (a bad one: one line, exit 2), set up logging, lock
+    the state directory (``state_lock``) and run the daemon in the foreground
+    until SIGTERM or Ctrl-C.  Shared by the agent, the layer-3 agent and the gateway."""
     from .logs import setup_logging
+    from .state_lock import lock_state_dir
 
     try:
         config = load_config()
@@ -120,6 +145,7 @@ def run_daemon(load_config, daemon_class, fail) -> None:
         fail(str(exc), 2)
     setup_logging(config.log_level, config.log_format)
     try:
+        lock = lock_state_dir(config.state_dir)  # noqa: F841 - held until the daemon returns
         asyncio.run(daemon_class(config).run())
     except L2cryptError as exc:
         fail(str(exc))

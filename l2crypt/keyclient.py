@@ -13,6 +13,10 @@
    in the background on their own connections; one that has answered for
    ``failback_holddown_s`` gets the agent back.  On every new connection the
    agent asks again for the keys it is waiting for.
+5. The key server keeps one session per identity: when another connection
+   says hello with ours it closes this one with ``session_replaced``; the
+   client logs it as an error and waits ``REPLACED_WAIT_S`` before it
+   connects again.
 
 The data path never waits for this: keys already installed keep working
 while the client is disconnected.
@@ -38,6 +42,12 @@ log = logging.getLogger("l2crypt.keyclient")
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
+#: Error codes (pushed with rid 0) after which the session is over.
+SESSION_ENDING_CODES = ("revoked", "unauthenticated", "session_replaced")
+#: Another connection said hello with our identity (a clone, or a state
+#: directory copied to another machine): wait this long before taking it back,
+#: so two agents of one identity alternate slowly instead of in a hot loop.
+REPLACED_WAIT_S = 10.0
 
 
 class KeyEvents(Protocol):
@@ -116,7 +126,7 @@ class KeyClient:
         loop = asyncio.get_running_loop()
         delay = RECONNECT_MIN_S
         while not stop.is_set():
-            had_session = False
+            had_session = replaced = False
             for index in self.selector.order():
                 if stop.is_set():
                     return
@@ -124,8 +134,14 @@ class KeyClient:
                 try:
                     await self._session(index, stop)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError) as exc:
-                    log.warning("keyserver_unreachable" if not self.connected else "keyserver_lost",
-                                extra=fields(server=server, reason=str(exc) or type(exc).__name__))
+                    replaced = getattr(exc, "code", None) == "session_replaced"
+                    if replaced:
+                        log.error("session_replaced", extra=fields(
+                            server=server, reason=str(exc), retry_in_s=REPLACED_WAIT_S,
+                            hint="another agent uses this identity (a cloned machine or a copied state directory?)"))
+                    else:
+                        log.warning("keyserver_unreachable" if not self.connected else "keyserver_lost",
+                                    extra=fields(server=server, reason=str(exc) or type(exc).__name__))
                 finally:
                     if self.connected:
                         had_session = True
@@ -139,9 +155,11 @@ class KeyClient:
                     self._sent_at.clear()
                 if had_session:
                     break  # choose again from the top: fail over, or fail back
-            if had_session:
+            if had_session and not replaced:
                 delay = RECONNECT_MIN_S
                 continue
+            if replaced:
+                delay = REPLACED_WAIT_S
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
@@ -282,7 +300,7 @@ class KeyClient:
                 self.events.on_key_refused(mac, msg["code"], msg["msg"])
             else:
                 log.warning("keyserver_error", extra=fields(code=msg["code"], text=msg["msg"]))
-                if msg["code"] in ("revoked", "unauthenticated"):
+                if msg["code"] in SESSION_ENDING_CODES:
                     raise RemoteProtocolError(msg["msg"], msg["code"])
         else:
             log.debug("ignored_message", extra=fields(type=t))

@@ -45,7 +45,9 @@ server -> client
     multicast rid key pw_id                        a multicast key (answer or push)
     peer_revoked rid peer_mac                      the host at peer_mac is revoked: forget it (push)
     mapped    rid mac side                         the MAC is mapped to the asking gateway
-    unmapped  rid mac                              the MAC is not (or no longer) mapped to the asking gateway
+    unmapped  rid mac                              the MAC is not (or no longer) mapped to the asking
+                                                   gateway (answer to map_release; or a push, rid 0:
+                                                   an enrolled host said hello with it, stop speaking for it)
     netkey    rid peer_id pw_id send_key recv_key  the keys of one tunnel link under one NETKEY
                                                    version (answer or push, gateways only;
                                                    NETKEY itself never leaves the key server)

@@ -436,8 +436,9 @@ class Lab(LabProcesses):
         return self.exec("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir, *args],
                          timeout=timeout)
 
-    def host_add(self, host_id: str, mac: str | None = None) -> dict:
+    def host_add(self, host_id: str, mac: str | None = None, ips: tuple[str, ...] = ()) -> dict:
         args = ["host", "add", host_id, "--json"] + (["--mac", mac] if mac else [])
+        args += [arg for ip in ips for arg in ("--ip", ip)]
         res = self.keyserverd(*args)
         if res.returncode != 0:
             raise LabError(f"keyserverd host add {host_id} failed: {res.stdout}{res.stderr}")
@@ -448,8 +449,9 @@ class Lab(LabProcesses):
         sd = state_dir or self.host_dir(host)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.exec(host, [self.cmd("l2crypt"), "enroll", "--server", self.keyserver_addr,
-                                "--id", host_id or host, "--token", token,
-                                "--ca-fingerprint", fingerprint, "--state-dir", sd], timeout=timeout)
+                                "--id", host_id or host, "--token", "-",  # on stdin: never in ps
+                                "--ca-fingerprint", fingerprint, "--state-dir", sd],
+                         timeout=timeout, input=token.encode() + b"\n")
 
     def agent_servers(self, host: str) -> list[str]:
         """The key servers the agent of ``host`` is given, in order of priority."""

@@ -171,8 +171,8 @@ class GatewayLab:
         d = self.gw_dir(gw)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         res = lab.exec(gw, [lab.cmd("l2crypt-gateway"), "enroll", "--server", lab.keyserver_addr, "--id", gw,
-                            "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"],
-                            "--state-dir", d], timeout=30)
+                            "--token", "-", "--ca-fingerprint", token["ca_fingerprint"],
+                            "--state-dir", d], timeout=30, input=token["token"].encode() + b"\n")
         if res.returncode != 0:
             raise LabError(f"enrollment of {gw} failed: {res.stdout}{res.stderr}")
 

@@ -105,8 +105,9 @@ class PeeredLab(Lab):
         sd = state_dir or self.host_dir(host)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.exec(host, [self.cmd("l2crypt"), "enroll", "--server", self.addr_of(self.ks_of(host)),
-                                "--id", host_id or host, "--token", token,
-                                "--ca-fingerprint", fingerprint, "--state-dir", sd], timeout=timeout)
+                                "--id", host_id or host, "--token", "-",  # on stdin: never in ps
+                                "--ca-fingerprint", fingerprint, "--state-dir", sd],
+                         timeout=timeout, input=token.encode() + b"\n")
 
     def agent_servers(self, host: str) -> list[str]:
         return [self.addr_of(self.ks_of(host))]

@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import ssl
 import time
 
@@ -302,3 +304,52 @@ def test_oversized_and_slow_connections_do_not_stop_the_service(lab):
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0
     _log_line(lab, since, "oversized")
     _log_line(lab, since, "tls_handshake_refused")
+
+
+# --- two agents with one identity -------------------------------------------------------------
+
+
+def test_a_second_agent_on_the_same_state_dir_stops_and_names_the_first(lab):
+    first = lab.proc("agent-h1")
+    res = lab.exec("h1", [lab.cmd("l2crypt"), "agent", "--port", L.WIRE_IFNAME, "--tap", "l2c9",
+                          "--server", lab.keyserver_addr, "--state-dir", lab.host_dir("h1"),
+                          "--metrics-listen", ""], timeout=30)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"is in use by process {first.pid}" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert first.alive() and lab.status("h1")["connected"]
+    res = ping(lab, "h1", L.tap_ipv4("h2"), count=2)
+    assert res.returncode == 0, res.stdout
+
+
+def test_a_cloned_machine_takes_the_session_over_in_turns_and_is_logged(lab, tmp_path):
+    """A copy of h1's state directory runs on another machine (h8, same TAP MAC):
+    the key server keeps one session per identity and logs every takeover, each
+    agent logs session_replaced and waits before it takes the session back; once
+    the clone is gone h1 is served again."""
+    h1_mac = lab.status("h1")["mac"]
+    clone_dir = tmp_path / "clone"
+    shutil.copytree(lab.host_dir("h1"), clone_dir, ignore=shutil.ignore_patterns("*.sock", "daemon.lock", "clock"))
+    if "h8" not in lab.namespaces:
+        lab._build_host("h8")
+    since_ks, since_h1 = len(lab.log_text("keyserverd")), len(lab.log_text("agent-h1"))
+    clone = lab.popen("h8", [lab.cmd("l2crypt"), "agent", "--port", L.WIRE_IFNAME, "--tap", L.TAP_IFNAME,
+                             "--server", lab.keyserver_addr, "--state-dir", clone_dir, "--tap-mac", h1_mac,
+                             "--metrics-listen", ""], name="agent-clone")
+    try:
+        wait_for("the key server to log a takeover of h1", lambda: "session_taken_over host=h1"
+                 in lab.log_text("keyserverd")[since_ks:], timeout_s=20)
+        wait_for("h1 to be told it was replaced", lambda: "session_replaced"
+                 in lab.log_text("agent-h1")[since_h1:] + lab.log_text("agent-clone"), timeout_s=30)
+        time.sleep(12)  # both keep trying for a while
+        takeovers = lab.log_text("keyserverd")[since_ks:].count("session_taken_over host=h1")
+        suppressed = sum(int(s) for s in re.findall(
+            r"session_taken_over host=h1 .*suppressed=(\d+)", lab.log_text("keyserverd")[since_ks:]))
+        print(f"takeovers logged: {takeovers} (+{suppressed} suppressed) in about 15 s")
+        assert takeovers + suppressed <= 8, "two agents of one identity must not fight in a hot loop"
+    finally:
+        lab.stop(clone)
+    st = lab.wait_connected("h1", timeout_s=30)
+    assert st["connected"]
+    res = ping(lab, "h1", L.tap_ipv4("h2"), count=3, timeout=30)
+    assert res.returncode == 0, res.stdout

@@ -145,8 +145,8 @@ def test_full_disk_under_the_key_server_state(lab, tmp_path):
                                 "--metrics-listen", ""], name="keyserverd-full")
         wait_for("the second key server", lambda: listening(proc.pid, 7789), timeout_s=20)
         enroll = lab.exec("h3", [lab.cmd("l2crypt"), "enroll", "--server", addr, "--id", "fd1",
-                                 "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"],
-                                 "--state-dir", tmp_path / "fd1"], timeout=30)
+                                 "--token", "-", "--ca-fingerprint", token["ca_fingerprint"],
+                                 "--state-dir", tmp_path / "fd1"], timeout=30, input=token["token"].encode())
         assert enroll.returncode == 0, enroll.stdout + enroll.stderr
         # Fill the file system.
         filler = mnt / "filler"

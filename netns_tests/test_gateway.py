@@ -186,6 +186,58 @@ def test_spoofing_an_enrolled_hosts_mac_from_the_plain_side(glab):
     assert not any(b"FOR-H2-ONLY-MRK!" in f for f in plain_frames)
 
 
+def test_a_plain_side_spoof_of_a_host_not_yet_connected_loses_the_mac_when_the_host_connects(glab):
+    """p1 (plain side) spoofs the MAC of h9, enrolled (without --mac) but not yet
+    connected: gA learns it and the key server maps it, since nobody holds it
+    yet.  When h9 connects, its hello wins: the key server drops the mapping and
+    tells gA, gA stops speaking for the MAC, and after a rekey of every pair
+    (gA's included) h1's traffic to h9 reaches h9 and never the plain side."""
+    a = glab.a
+    h9_mac = "02:4c:32:00:00:19"  # the TAP MAC h9's agent will use (an attacker may know it)
+    h9 = bytes.fromhex(h9_mac.replace(":", ""))
+    _ping_ok(glab, "h1", P1_IPV4, count=2)  # h1 and gA share a pair key
+    if "h9" not in a.namespaces:
+        a._build_host("h9")
+    token = a.host_add("h9")
+    res = a.enroll("h9", token["token"], token["ca_fingerprint"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + h9 + socket.inet_aton(L.tap_ipv4("h9"))
+           + b"\xff" * 6 + socket.inet_aton(L.tap_ipv4("h9")))
+    spoof = [b"\xff" * 6 + h9 + b"\x08\x06" + arp + bytes(18)]
+    a.inject(spoof * 3, role="p1", ifname="eth0")
+    wait_for("gA to speak for h9's MAC", lambda: any(
+        e["mac"] == h9_mac and e["state"] == "mapped" for e in glab.gateway_status("gA")["learned"]))
+    since_ks, since_gw = len(a.log_text("keyserverd")), len(a.log_text("gateway-gA"))
+    agent = a.popen("h9", [a.cmd("l2crypt"), "agent", "--port", L.WIRE_IFNAME, "--tap", L.TAP_IFNAME,
+                           "--server", a.keyserver_addr, "--state-dir", a.host_dir("h9"),
+                           "--tap-mac", h9_mac, "--metrics-listen", ""], name="agent-h9")
+    try:
+        a.wait_connected("h9", timeout_s=30)
+        a.address_tap("h9")
+        st = wait_for("gA to drop h9's MAC", lambda: (lambda s: s if not any(
+            e["mac"] == h9_mac for e in s["learned"]) else None)(glab.gateway_status("gA")), timeout_s=10)
+        assert f"gateway_mapping_dropped mac={h9_mac} gateway=gA host=h9" in a.log_text("keyserverd")[since_ks:]
+        assert "mac_unmapped" in a.log_text("gateway-gA")[since_gw:]
+        assert st["connected"]
+        res = a.keyserverd("rekey", "--all")
+        assert res.returncode == 0, res.stderr
+        time.sleep(1.0)  # the pushes of the rotation reach the agents
+        plain = a.capture("plain0", role="gA", name="tcpdump-gw-claim-plain")
+        try:
+            _ping_ok(glab, "h1", L.tap_ipv4("h9"), count=3, extra=["-p", b"FOR-H9-ONLY-MRK!".hex()])
+            before = glab.gateway_status("gA")["drops"].get("spoofed_source", 0)
+            a.inject(spoof * 3, role="p1", ifname="eth0")  # p1 goes on spoofing: dropped now
+            wait_for("the spoof dropped", lambda: glab.gateway_status("gA")["drops"].get(
+                "spoofed_source", 0) >= before + 3)
+        finally:
+            plain_frames = L.read_pcap(plain.stop())
+        assert plain_frames, "the plain-side capture saw nothing at all"
+        assert not any(b"FOR-H9-ONLY-MRK!" in f for f in plain_frames), "h1's traffic to h9 reached the plain side"
+        assert not any(e["mac"] == h9_mac for e in glab.gateway_status("gA")["learned"])
+    finally:
+        a.stop(agent)
+
+
 def test_netkey_rotation_during_traffic_loses_nothing(glab):
     before = {g: glab.gateway_status(g) for g in GATEWAYS}
     res = _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=int(NETKEY_REKEY_S * 2.5 / 0.2))

@@ -149,7 +149,10 @@ def test_key_request_flood_is_bounded_and_others_are_served(lab):
     assert drop(after, "no_key") + drop(after, "pending_full") + drop(after, "hold_expired") \
         + drop(after, "hold_overflow") > drop(before, "no_key")
     assert lab.proc("agent-h3").alive() and lab.proc("keyserverd").alive()
-    assert ping(lab, "h3", L.tap_ipv4("h1"), count=2).returncode == 0
+    # h3 itself recovers once its held frames age out (hold_age_s = 2 s frees
+    # the pending table the flood filled), within a bound.
+    wait_for("h3 to reach h1 after its flood", lambda: ping(lab, "h3", L.tap_ipv4("h1"), count=1).returncode == 0,
+             timeout_s=8, every_s=0.5)
 
 
 def test_key_server_limits_a_host_that_floods_it_directly(lab):

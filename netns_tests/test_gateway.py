@@ -213,7 +213,6 @@ def test_a_plain_side_spoof_of_a_host_not_yet_connected_loses_the_mac_when_the_h
                            "--tap-mac", h9_mac, "--metrics-listen", ""], name="agent-h9")
     try:
         a.wait_connected("h9", timeout_s=30)
-        a.address_tap("h9")
         st = wait_for("gA to drop h9's MAC", lambda: (lambda s: s if not any(
             e["mac"] == h9_mac for e in s["learned"]) else None)(glab.gateway_status("gA")), timeout_s=10)
         assert f"gateway_mapping_dropped mac={h9_mac} gateway=gA host=h9" in a.log_text("keyserverd")[since_ks:]

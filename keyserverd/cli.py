@@ -41,9 +41,13 @@ from l2crypt.logs import fields, setup_logging
 from l2crypt.metrics import serve_metrics
 
 from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config, parse_hostport
+from .event_cursor import CURSOR_FILE, EventCursor
+from .peer_spec import check_peers, owner_of
 from .metrics import KeyServerMetrics
 from .status import render as render_status
 from .status import snapshot as status_snapshot
+from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
+from .revocations import RevocationBook
 from .server import KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .stores import open_store
@@ -160,6 +164,10 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
         raise click.BadParameter(
             f"{host_id!r}: 1-64 letters, digits, '.', '-', '_', not starting with '.' or '-'",
             param_hint="ID")
+    peer = owner_of(check_peers(config.peers), host_id)
+    if peer is not None:
+        raise click.BadParameter(f"{host_id!r} is a host ID of the peer key server at {peer.address} "
+                                 f"({','.join(peer.ids)})", param_hint="ID")
     mac_bytes = None
     if mac is not None:
         try:
@@ -311,7 +319,8 @@ def _serve(config: KeyServerConfig) -> None:
                              multicast_rekey_after_s=config.multicast_rekey_after_s,
                              retire_after_s=config.retire_after_s,
                              key_requests_per_s=config.key_requests_per_s,
-                             key_request_burst=config.key_request_burst)
+                             key_request_burst=config.key_request_burst,
+                             revocation_book=RevocationBook(config.state_dir / REVOCATION_BOOK_FILE))
         asyncio.run(_run(config, service, ca))
     finally:
         store.close()
@@ -319,7 +328,8 @@ def _serve(config: KeyServerConfig) -> None:
 
 async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority) -> None:
     server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
-                       unauth_idle_s=config.unauth_idle_s)
+                       unauth_idle_s=config.unauth_idle_s,
+                       event_cursor=EventCursor(config.state_dir / CURSOR_FILE))
     metrics = await serve_metrics(config.metrics_listen, KeyServerMetrics(server).registry)
     host, port = await server.start()
     stop = asyncio.Event()
@@ -334,18 +344,22 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
                                                  cipher=config.cipher, metrics=config.metrics_listen or "off"))
     admin_path = config.state_dir / ADMIN_SOCKET
     admin = await serve_control(admin_path, lambda: status_snapshot(server, config, shown))
-    peering = multicast = None
+    peering = multicast = revocations = None
     if config.peer_listen or config.peers:
         from .peering import Peering, PeerSpec
+        from .revocation_peering import RevocationSync
         peering = Peering(ca, tuple(PeerSpec.parse(p) for p in config.peers), config.peer_listen or None)
-        peering.register("resolve", lambda msg: service.resolve_for_peer(msg["mac"], msg["from_id"], time.time())
-                         or {"t": "unknown", "mac": msg["mac"]})
+        peering.register("resolve", lambda msg, peer: service.resolve_for_peer(msg["mac"], msg["from_id"], peer,
+                                                                               time.time()))
+        # Hosts revoked at a peer are dropped by ours too (it answers our polls, we answer its).
+        revocations = RevocationSync(peering, service, act=lambda actions: server._act(None, actions))
         if config.peers:  # peered servers agree on one multicast key (ARP/ND across switches)
             from .multicast_peering import MulticastAgreement
             multicast = MulticastAgreement(peering, service)
         bound = await peering.start()
         server.peering, service.peering_enabled = peering, bool(config.peers)
         log.info("peering_started", extra=fields(listen=bound, peers=len(config.peers)))
+        revocations.start()
         if multicast is not None:
             multicast.start()
     events = asyncio.ensure_future(server.run_events())
@@ -373,6 +387,8 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
             pass
         if multicast is not None:
             await multicast.close()
+        if revocations is not None:
+            await revocations.close()
         if peering is not None:
             await peering.close()
         if netkey_peering is not None:

@@ -29,6 +29,7 @@ from .engine import EngineSettings, FrameEngine
 from .errors import LocalError
 from .frame_wire import format_mac, parse_mac
 from .keyclient import KeyClient
+from .ks_messages import revoked_macs
 from .linux_tap import LinuxTap
 from .linux_wire import LinuxWire
 from .logs import fields
@@ -126,6 +127,10 @@ class Agent:
     def on_welcome(self, msg: dict) -> None:
         if engine_mod.use_cipher(self.engine, msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
+        # Revocations pushed while we were not connected (or never pushed).
+        for mac in revoked_macs(msg):
+            if mac != self.engine.my_mac and mac not in self.engine.revoked:
+                self.on_peer_revoked(mac)
         self._deliver(self.engine.install_multicast_key(
             msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))
         # Anything pending gets asked again right away on the new connection.

@@ -95,7 +95,7 @@ def test_follower_adopts_the_leaders_versions_and_announces_them(sides):
             agreed = lead.store.current_multicast_key()
             assert agreed[1] == 2 and follow.store.current_multicast_key() == agreed
             assert pushed_multicast(follow, seq) == [(("broadcast", None), 2, agreed[0])]
-            assert mf.counters == {"adopted": 1, "rotations_asked": 1, "polls_failed": 0}
+            assert mf.counters == {"adopted": 1, "rotations_asked": 1, "polls_failed": 0, "rotate_refused": 0}
             # In sync: nothing changes, nothing is announced.
             seq = follow.store.last_event_seq()
             assert await mf.sync_once() is True

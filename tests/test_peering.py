@@ -37,6 +37,7 @@ class Side:
         self.store.add_host(host_id, mac, "host", b"x" * 32, 4e9, NOW)
         self.service = KeyService(self.store, "aes-256-gcm", name, self.ca)
         self.service.peering_enabled = True
+        self.ids = host_id[0] + "*"  # its namespace: a* at KS-A, b* at KS-B
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
 
@@ -51,10 +52,9 @@ def sides(tmp_path):
 
 
 def make_peering(side, other, fingerprint=None):
-    spec = PeerSpec.parse(f"{fingerprint or other.ca.ca_fingerprint()}@{other.address}")
+    spec = PeerSpec.parse(f"{other.ids}={fingerprint or other.ca.ca_fingerprint()}@{other.address}")
     p = Peering(side.ca, (spec,), side.address, request_timeout_s=3.0)
-    p.register("resolve", lambda m: side.service.resolve_for_peer(m["mac"], m["from_id"], NOW)
-               or {"t": "unknown", "mac": m["mac"]})
+    p.register("resolve", lambda m, peer: side.service.resolve_for_peer(m["mac"], m["from_id"], peer, NOW))
     return p
 
 
@@ -85,7 +85,8 @@ def test_both_ends_of_a_cross_server_pair_get_one_key(sides):
             actions = a.service.handle(session_a, {"t": "key_req", "rid": 5, "peer_mac": MAC_B1}, NOW)
             assert actions == [(("peer_resolve", None), {"rid": 5, "peer_mac": MAC_B1})]
             found = await pa.resolve(MAC_B1, "a1")
-            assert found["id"] == "b1" and "key" not in found  # the pair lives with a1's server
+            assert found[0] is pa.peers[0]
+            assert found[1]["id"] == "b1" and "key" not in found[1]  # the pair lives with a1's server
             [(target, key_a)] = a.service.answer_from_peer(session_a, 5, MAC_B1, found, NOW)
             assert target == "reply" and key_a["t"] == "key" and key_a["peer_id"] == "b1"
             # b1 asks KS-B for a1's MAC: KS-A owns the pair and hands out the same key.

@@ -6,7 +6,7 @@ Every server pulls each peer's list of revoked hosts over the peering channel
 pushing, means a server that was down, or could not reach the peer, catches
 up at its next poll after it is back; nothing is lost in between.
 
-1. Every ``POLL_S`` (and as soon as a peer is pinned) ``RevocationSync`` asks
+1. Every ``POLL_S`` (and as soon as a peer is pinned, ``FIRST_POLL_S``) ``RevocationSync`` asks
    each pinned peer ``{"since": V, "after": ""}`` where V is the version of
    that peer's list we last read in full (``RevocationBook.peer_version``).
 2. The peer (``_answer``) lists its own revoked hosts that have a MAC, by ID:
@@ -50,6 +50,8 @@ log = logging.getLogger("keyserverd.revocation_peering")
 
 KIND = "revocations"
 POLL_S = 2.0
+#: How soon to look again while a peer was never read (it is being pinned).
+FIRST_POLL_S = 0.2
 PAGE = 256
 MAX_PAGES = 256
 MAX_BODY = 32 * 1024
@@ -173,12 +175,14 @@ class RevocationSync:
 
     # --- polling ----------------------------------------------------------------------
     async def _poll_loop(self) -> None:
+        polled: set[str] = set()  # peers read at least once since we started
         while True:
             for spec in self.peering.peers:
                 if spec.ca_fingerprint not in self.peering.pinned:
                     continue
                 try:
                     await self.sync_peer(spec)
+                    polled.add(spec.ca_fingerprint)
                 except (*ASK_ERRORS, ValueError) as exc:
                     self.counters["polls_failed"] += 1
                     self._warn("revocation_poll_failed", spec.address, peer=spec.address,
@@ -186,7 +190,9 @@ class RevocationSync:
                 except Exception:  # a bug (or a store hiccup) must not stop the polling for good
                     self.counters["polls_failed"] += 1
                     log.exception("revocation_poll_failed")
-            await asyncio.sleep(self.poll_s)
+            # Until every peer was read once (just started: pinning), look again soon.
+            everyone = all(p.ca_fingerprint in polled for p in self.peering.peers)
+            await asyncio.sleep(self.poll_s if everyone else min(self.poll_s, FIRST_POLL_S))
 
     async def _ask(self, spec: PeerSpec, since: bytes, after: str):
         answer = await self.peering.ask(spec, {"t": "ext", "rid": 1, "kind": KIND,

@@ -74,8 +74,9 @@ def _common_options(f):
 
 
 def _serve_options(f):
-    f = click.option("--peer", "peers", multiple=True, metavar="sha256:FP@HOST:PORT",
-                     help="A peered key server and its CA fingerprint (repeatable).")(f)
+    f = click.option("--peer", "peers", multiple=True, metavar="IDS=sha256:FP@HOST:PORT",
+                     help="A peered key server: the host IDs it speaks for (IDs or PREFIX*, comma-separated), "
+                          "its CA fingerprint and peering address (repeatable).")(f)
     f = click.option("--peer-listen", help="HOST:PORT where peered key servers reach this one.")(f)
     f = click.option("--netkey-rekey-after-s", type=float, help="Rotate NETKEY after this many seconds (leader).")(f)
     f = click.option("--netkey-peer-ca", help="SHA-256 fingerprint of the peer key server's CA.")(f)

@@ -22,6 +22,9 @@ Example ``/etc/l2crypt/keyserver.toml``::
     multicast_rekey_after_s = 3600
     retire_after_s = 300
     store = "postgresql://keyserverd@db.example.net/l2crypt"   # default: SQLite in state_dir
+    # Peered key servers of cascaded switches: their host IDs, CA and address.
+    peer_listen = "0.0.0.0:7790"
+    peers = ["b-*=sha256:...@192.0.2.30:7790"]
     # NETKEY peering with the key server of another segment (all three or none):
     netkey_listen = "0.0.0.0:7789"
     netkey_peer = "192.0.2.20:7789"

@@ -78,10 +78,10 @@ class PeeredLab(Lab):
 
     def start_ks(self, name: str, timeout_s: float = 20.0) -> Proc:
         other = "ks2" if name == "ks1" else "ks1"
+        peer = f"{self.peer_ids(other)}={self.fingerprints[other]}@{self.peer_addr_of(other)}"
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_state(name),
                                  "--listen", self.addr_of(name), "--metrics-listen", METRICS[name],
-                                 "--peer-listen", self.peer_addr_of(name),
-                                 "--peer", f"{self.peer_ids(other)}={self.fingerprints[other]}@{self.peer_addr_of(other)}"],
+                                 "--peer-listen", self.peer_addr_of(name), "--peer", peer],
                           name=self.proc_name(name))
         return wait_listening(proc, KS_IPS[name], KS_PORT, timeout_s, name)
 

@@ -37,6 +37,7 @@ from l2crypt.engine import EngineSettings
 from l2crypt.errors import LocalError
 from l2crypt.frame_wire import format_mac, parse_mac
 from l2crypt.keyclient import KeyClient
+from l2crypt.ks_messages import revoked_macs
 from l2crypt.linux_wire import LinuxWire
 from l2crypt.logs import fields
 from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
@@ -190,6 +191,10 @@ class Gateway:
             self.core.engine_settings = dataclasses.replace(self.core.engine_settings, key_max_age_s=max_age)
             for engine in self.core._engines():
                 engine.set_key_max_age(max_age)
+        # Revocations pushed while we were not connected (or never pushed).
+        for mac in revoked_macs(msg):
+            if mac != self.core.main.my_mac and mac not in self.core.main.revoked:
+                self.on_peer_revoked(mac)
         self._send(self.core.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], now))
         self.client.request_map_list()
         for mac, side in self.core.learned():

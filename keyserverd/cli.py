@@ -43,9 +43,13 @@ from l2crypt.logs import fields, setup_logging
 from l2crypt.metrics import serve_metrics
 
 from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config, parse_hostport
+from .event_cursor import CURSOR_FILE, EventCursor
+from .peer_spec import check_peers, owner_of
 from .metrics import KeyServerMetrics
 from .status import render as render_status
 from .status import snapshot as status_snapshot
+from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
+from .revocations import RevocationBook
 from .server import ConnectionLimits, KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .stores import open_store
@@ -74,8 +78,9 @@ def _common_options(f):
 
 
 def _serve_options(f):
-    f = click.option("--peer", "peers", multiple=True, metavar="sha256:FP@HOST:PORT",
-                     help="A peered key server and its CA fingerprint (repeatable).")(f)
+    f = click.option("--peer", "peers", multiple=True, metavar="IDS=sha256:FP@HOST:PORT",
+                     help="A peered key server: the host IDs it speaks for (IDs or PREFIX*, comma-separated), "
+                          "its CA fingerprint and peering address (repeatable).")(f)
     f = click.option("--peer-listen", help="HOST:PORT where peered key servers reach this one.")(f)
     f = click.option("--netkey-rekey-after-s", type=float, help="Rotate NETKEY after this many seconds (leader).")(f)
     f = click.option("--netkey-peer-ca", help="SHA-256 fingerprint of the peer key server's CA.")(f)
@@ -180,6 +185,10 @@ def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> No
         raise click.BadParameter(
             f"{host_id!r}: 1-64 letters, digits, '.', '-', '_', not starting with '.' or '-'",
             param_hint="ID")
+    peer = owner_of(check_peers(config.peers), host_id)
+    if peer is not None:
+        raise click.BadParameter(f"{host_id!r} is a host ID of the peer key server at {peer.address} "
+                                 f"({','.join(peer.ids)})", param_hint="ID")
     mac_bytes = None
     if mac is not None:
         try:
@@ -347,7 +356,8 @@ def _serve(config: KeyServerConfig) -> None:
                              key_requests_per_s=config.key_requests_per_s,
                              key_request_burst=config.key_request_burst,
                              require_pinned_macs=config.require_pinned_macs,
-                             require_pinned_ips=config.require_pinned_ips)
+                             require_pinned_ips=config.require_pinned_ips,
+                             revocation_book=RevocationBook(config.state_dir / REVOCATION_BOOK_FILE))
         asyncio.run(_run(config, service, ca))
     finally:
         store.close()
@@ -360,7 +370,8 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
                               unauth_deadline_s=config.unauth_deadline_s)
     _raise_fd_limit(config.max_connections + FD_HEADROOM)
     server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
-                       unauth_idle_s=config.unauth_idle_s, limits=limits)
+                       unauth_idle_s=config.unauth_idle_s, limits=limits,
+                       event_cursor=EventCursor(config.state_dir / CURSOR_FILE))
     metrics = await serve_metrics(config.metrics_listen, KeyServerMetrics(server).registry)
     host, port = await server.start()
     stop = asyncio.Event()
@@ -375,18 +386,22 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
                                                  cipher=config.cipher, metrics=config.metrics_listen or "off"))
     admin_path = config.state_dir / ADMIN_SOCKET
     admin = await serve_control(admin_path, lambda: status_snapshot(server, config, shown))
-    peering = multicast = None
+    peering = multicast = revocations = None
     if config.peer_listen or config.peers:
         from .peering import Peering, PeerSpec
+        from .revocation_peering import RevocationSync
         peering = Peering(ca, tuple(PeerSpec.parse(p) for p in config.peers), config.peer_listen or None)
-        peering.register("resolve", lambda msg: service.resolve_for_peer(msg["mac"], msg["from_id"], time.time())
-                         or {"t": "unknown", "mac": msg["mac"]})
+        peering.register("resolve", lambda msg, peer: service.resolve_for_peer(msg["mac"], msg["from_id"], peer,
+                                                                               time.time()))
+        # Hosts revoked at a peer are dropped by ours too (it answers our polls, we answer its).
+        revocations = RevocationSync(peering, service, act=lambda actions: server._act(None, actions))
         if config.peers:  # peered servers agree on one multicast key (ARP/ND across switches)
             from .multicast_peering import MulticastAgreement
             multicast = MulticastAgreement(peering, service)
         bound = await peering.start()
         server.peering, service.peering_enabled = peering, bool(config.peers)
         log.info("peering_started", extra=fields(listen=bound, peers=len(config.peers)))
+        revocations.start()
         if multicast is not None:
             multicast.start()
     events = asyncio.ensure_future(server.run_events())
@@ -414,6 +429,8 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
             pass
         if multicast is not None:
             await multicast.close()
+        if revocations is not None:
+            await revocations.close()
         if peering is not None:
             await peering.close()
         if netkey_peering is not None:

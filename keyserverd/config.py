@@ -22,6 +22,9 @@ Example ``/etc/l2crypt/keyserver.toml``::
     multicast_rekey_after_s = 3600
     retire_after_s = 300
     store = "postgresql://keyserverd@db.example.net/l2crypt"   # default: SQLite in state_dir
+    # Peered key servers of cascaded switches: their host IDs, CA and address.
+    peer_listen = "0.0.0.0:7790"
+    peers = ["b-*=sha256:...@192.0.2.30:7790"]
     # NETKEY peering with the key server of another segment (all three or none):
     netkey_listen = "0.0.0.0:7789"
     netkey_peer = "192.0.2.20:7789"
@@ -51,6 +54,7 @@ from l2crypt.errors import ConfigError
 from l2crypt.metrics import parse_listen
 from l2crypt.tls_files import normalize_fingerprint
 
+from .peer_spec import SYNTAX, check_peers
 from .service import CIPHERS, DEFAULT_CIPHER
 from .stores import check_store_url
 
@@ -98,7 +102,8 @@ class KeyServerConfig:
     store: str = ""
     #: HOST:PORT where peered key servers (cascaded switches) reach us; "" = not listening.
     peer_listen: str = ""
-    #: Peered key servers, each ``sha256:<their CA fingerprint>@HOST:PORT``.
+    #: Peered key servers, each ``IDS=sha256:<their CA fingerprint>@HOST:PORT``;
+    #: IDS are the host IDs it speaks for (comma-separated IDs or PREFIX*).
     peers: tuple[str, ...] = ()
     #: HOST:PORT of the NETKEY peering listener ("" = no peering).
     netkey_listen: str = ""
@@ -227,11 +232,9 @@ def _check(key: str, value: Any) -> Any:
             parse_hostport(value)
         return value
     if key == "peers":
-        from .peering import PeerSpec
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"not a list of sha256:FINGERPRINT@HOST:PORT: {value!r}")
-        for item in value:
-            PeerSpec.parse(item)
+            raise ValueError(f"not a list of {SYNTAX}: {value!r}")
+        check_peers(value)
         return tuple(value)
     if key == "store":
         return check_store_url(value)

@@ -25,6 +25,11 @@ same multicast key versions (same PW_ID, same key).
    current key and tries again at the next poll (counted in ``counters``).
 4. A follower answers ``current`` too (its adopted key), but refuses
    ``rotate`` with ``not_leader``: it never forwards.
+5. The leader rotates for a peer's ``rotate above N`` only when N is at most
+   ``MAX_AHEAD`` above its newest version (a peer cannot use up the 32-bit
+   PW_ID space) and within a per-peer budget (``ROTATIONS_PER_S``, burst
+   ``ROTATION_BURST``); otherwise it answers with its current version and
+   counts ``rotate_refused`` (the follower asks again at its next poll).
 
 Body of the ``ext`` request and answer (opaque bytes to ``peer_messages``): a
 msgpack map, at most ``MAX_BODY`` bytes:
@@ -48,6 +53,7 @@ from l2crypt.errors import RemoteProtocolError
 from l2crypt.logs import fields
 
 from .peering import Peering, PeerSpec
+from .ratelimit import HostBuckets
 
 log = logging.getLogger("keyserverd.multicast_peering")
 
@@ -56,6 +62,11 @@ POLL_S = 2.0
 MAX_BODY = 256
 KEY_BYTES = 32
 PW_ID_MAX = 2**32 - 2  # "above" leaves room for one more version in 32 bits
+#: How far above the leader's newest version a follower may be (its own rotations).
+MAX_AHEAD = 1024
+#: Rotations one peer may make the leader do, per second and at once.
+ROTATIONS_PER_S = 0.5
+ROTATION_BURST = 5
 
 
 # --- the body wire format ------------------------------------------------------
@@ -125,7 +136,8 @@ class MulticastAgreement:
         self.leader: PeerSpec | None = min(peering.peers, key=lambda p: p.ca_fingerprint, default=None)
         if self.leader is not None and self.leader.ca_fingerprint >= mine:
             self.leader = None  # we have the smallest fingerprint: we lead
-        self.counters = {"adopted": 0, "rotations_asked": 0, "polls_failed": 0}
+        self.counters = {"adopted": 0, "rotations_asked": 0, "polls_failed": 0, "rotate_refused": 0}
+        self._rotations = HostBuckets(ROTATIONS_PER_S, ROTATION_BURST)  # by peer CA; owned by _answer
         self.synced = False
         self._failing = False  # warned about an unreachable leader; owned by _follow
         self._task: asyncio.Task | None = None
@@ -150,7 +162,7 @@ class MulticastAgreement:
             await asyncio.wait({self._task}, timeout=5.0)
 
     # --- answering (on the peering listener) --------------------------------------
-    def _answer(self, msg: dict) -> dict:
+    def _answer(self, msg: dict, peer: PeerSpec) -> dict:
         try:
             op, above = decode_request(msg["body"])
         except ValueError as exc:
@@ -160,10 +172,17 @@ class MulticastAgreement:
             if not self.is_leader:
                 return {"t": "error", "code": "not_leader", "msg": "this key server follows another one"}
             _, newest = store.current_multicast_key()
+            if above > newest + MAX_AHEAD:
+                self.counters["rotate_refused"] += 1
+                return {"t": "error", "code": "bad_request",
+                        "msg": f"rotate above {above}: more than {MAX_AHEAD} above the newest version {newest}"}
+            now = time.time()
             pw_id = max(newest, above) + 1
-            if pw_id <= PW_ID_MAX and store.adopt_multicast_key(pw_id, secrets.token_bytes(KEY_BYTES), time.time()):
+            if not self._rotations.take(peer.ca_fingerprint, now):
+                self.counters["rotate_refused"] += 1
+            elif pw_id <= PW_ID_MAX and store.adopt_multicast_key(pw_id, secrets.token_bytes(KEY_BYTES), now):
                 self.service.rotations["multicast_peer"] += 1
-                log.info("multicast_key_rotated", extra=fields(pw_id=pw_id, cause="peer"))
+                log.info("multicast_key_rotated", extra=fields(pw_id=pw_id, cause="peer", peer=peer.address))
         key, pw_id = store.current_multicast_key()
         return {"t": "ext_ok", "body": encode_answer(pw_id, key)}
 

@@ -31,6 +31,12 @@ peer must send each message and read each answer within ``TIMEOUT_S``; a
 synced follower and its leader wait for each other without a timer (NETKEY
 versions come every ``netkey_rekey_after_s``), under TCP keepalive, which
 ends the connection to a peer that went away.
+
+``check_message`` checks every field of every message from the peer (types,
+``pw_id`` in 0..``PW_ID_MAX`` for ``sync`` and 1..``PW_ID_MAX`` for
+``netkey``, 32-byte keys, finite times); a bad one is refused with a logged
+reason and the connection closes.  So a peer cannot push a PW_ID past 32
+bits (the tunnel format and the gateways' messages hold 32 bits).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import secrets
 import ssl
@@ -53,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from l2crypt.constants import KEYSERVER_TLS_NAME
+from l2crypt.logs import fields
 from l2crypt.tls_files import fingerprint_of_pem
 
 from .server import set_keepalive
@@ -66,6 +74,38 @@ MAX_MESSAGE = 4096
 LENGTH = struct.Struct("!I")
 RETRY_S = 1.0
 TIMEOUT_S = 10.0
+#: The newest PW_ID a peer may name: one more version still fits in 32 bits.
+PW_ID_MAX = 2**32 - 2
+KEY_BYTES = 32
+MAX_CERT_BYTES = 3072
+#: message type -> its fields besides ``t``
+FIELDS = {"ca": set(), "ca_cert": {"cert"}, "sync": {"pw_id"}, "netkey": {"pw_id", "key", "created_at"}}
+
+
+def _valid_pw_id(value, lowest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= PW_ID_MAX
+
+
+def check_message(msg: dict) -> dict:
+    """``msg`` if every field is well-formed (see the module docstring), else ValueError."""
+    t = msg["t"]
+    if t not in FIELDS:
+        raise ValueError(f"unknown peering message {t[:32]!r}")
+    if set(msg) - {"t"} != FIELDS[t]:
+        raise ValueError(f"{t}: want the fields {sorted(FIELDS[t])}")
+    if t == "ca_cert" and not (isinstance(msg["cert"], bytes) and 0 < len(msg["cert"]) <= MAX_CERT_BYTES):
+        raise ValueError(f"ca_cert: cert is not bytes of at most {MAX_CERT_BYTES}")
+    if t == "sync" and not _valid_pw_id(msg["pw_id"], 0):
+        raise ValueError(f"sync: pw_id is not an integer in 0..{PW_ID_MAX}")
+    if t == "netkey":
+        created = msg["created_at"]
+        if not _valid_pw_id(msg["pw_id"], 1):
+            raise ValueError(f"netkey: pw_id is not an integer in 1..{PW_ID_MAX}")
+        if not (isinstance(msg["key"], bytes) and len(msg["key"]) == KEY_BYTES):
+            raise ValueError(f"netkey: key is not {KEY_BYTES} bytes")
+        if not (isinstance(created, (int, float)) and not isinstance(created, bool) and math.isfinite(created)):
+            raise ValueError("netkey: created_at is not a finite number")
+    return msg
 
 
 class NetkeyBook:
@@ -76,7 +116,10 @@ class NetkeyBook:
         self._versions: list[tuple[int, bytes, float]] = []
         try:
             for item in json.loads(self.path.read_text()):
-                self._versions.append((int(item["pw_id"]), bytes.fromhex(item["key"]), float(item["created_at"])))
+                pw_id, key = int(item["pw_id"]), bytes.fromhex(item["key"])
+                if not _valid_pw_id(pw_id, 1) or len(key) != KEY_BYTES:
+                    raise ValueError(f"version {pw_id} out of range or with a bad key")
+                self._versions.append((pw_id, key, float(item["created_at"])))
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -94,15 +137,23 @@ class NetkeyBook:
 
     def add(self, pw_id: int, key: bytes, created_at: float) -> bool:
         """Keep a version newer than every one held; True if it was new."""
-        if pw_id <= self.newest_pw_id() or len(key) != 32:
+        if pw_id <= self.newest_pw_id() or not _valid_pw_id(pw_id, 1) or len(key) != KEY_BYTES:
             return False
         self._versions = (self._versions + [(pw_id, key, created_at)])[-KEEP_VERSIONS:]
         self._save()
         return True
 
     def create(self, now: float, above: int = 0) -> tuple[int, bytes]:
+        """A new version above every one held and ``above``; the newest held
+        (logged) when that would leave 32 bits."""
         pw_id = max(self.newest_pw_id(), above) + 1
-        key = secrets.token_bytes(32)
+        if pw_id > PW_ID_MAX:
+            log.error("netkey_pw_id_exhausted", extra=fields(newest=self.newest_pw_id(), above=above))
+            newest = self.newest()
+            if newest is None:
+                raise ValueError("no NETKEY version can be created")
+            return newest[0], newest[1]
+        key = secrets.token_bytes(KEY_BYTES)
         self.add(pw_id, key, now)
         return pw_id, key
 
@@ -138,7 +189,7 @@ async def read_message(reader: asyncio.StreamReader) -> dict:
         raise ValueError("undecodable peering message") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
         raise ValueError("peering message is not a map with a type")
-    return msg
+    return check_message(msg)
 
 
 def _peer_cert(ca, directory: Path) -> tuple[Path, Path]:
@@ -259,7 +310,9 @@ class NetkeyPeering:
                 await asyncio.wait_for(writer.drain(), TIMEOUT_S)
         except asyncio.TimeoutError:
             log.info("netkey peering: closed a connection (authenticated %s): too slow", authenticated)
-        except (EOFError, ValueError, OSError, ssl.SSLError):
+        except ValueError as exc:
+            log.warning("netkey peering: refused a message: %s", exc)
+        except (EOFError, OSError, ssl.SSLError):
             pass
         finally:
             self._followers.discard(writer)
@@ -267,8 +320,8 @@ class NetkeyPeering:
 
     # --- leader ---------------------------------------------------------------
     async def _serve_follower(self, msg: dict, writer: asyncio.StreamWriter) -> None:
-        theirs = msg.get("pw_id")
-        if isinstance(theirs, int) and theirs >= self.book.newest_pw_id():
+        theirs = msg["pw_id"]  # 0..PW_ID_MAX (check_message)
+        if theirs >= self.book.newest_pw_id():
             self._new(*self.book.create(time.time(), above=theirs))
         for pw_id, key, created in self.book._versions:
             writer.write(encode({"t": "netkey", "pw_id": pw_id, "key": key, "created_at": created}))
@@ -308,9 +361,7 @@ class NetkeyPeering:
                         timeout = None
                         if msg.get("t") != "netkey":
                             raise ValueError(f"unexpected {msg.get('t')!r}")
-                        pw_id, key, created = msg.get("pw_id"), msg.get("key"), msg.get("created_at")
-                        if not (isinstance(pw_id, int) and isinstance(key, bytes) and isinstance(created, float)):
-                            raise ValueError("malformed netkey")
+                        pw_id, key, created = msg["pw_id"], msg["key"], float(msg["created_at"])
                         self.synced = True
                         if self.book.add(pw_id, key, created):
                             log.info("netkey pw_id %d received from the peer", pw_id)

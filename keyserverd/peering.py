@@ -2,27 +2,33 @@
 
 A reusable channel: mutual TLS 1.3 between keyserverd instances that each run
 their own CA, request/answer messages from ``peer_messages``, and handlers
-that the key service (ID-MAC / ID-ID-KEY lookups) or the gateway (NETKEY,
-through ``ext``) register.
+that the key service (ID-MAC / ID-ID-KEY lookups, revocations) or the
+multicast agreement register.
 
-1. Each peer is configured as ``sha256:<CA fingerprint>@HOST:PORT``
-   (``PeerSpec.parse``).  ``Peering.start()`` listens on ``listen`` and, in the
-   background, fetches every peer's CA certificate with an unauthenticated
-   ``ca`` request and pins it only if its SHA-256 matches the configured
-   fingerprint.  Until then that peer is neither asked nor accepted.
+1. Each peer is configured as ``IDS=sha256:<CA fingerprint>@HOST:PORT``
+   (``peer_spec.PeerSpec``: its address, its CA and its host-ID namespace).
+   ``Peering.start()`` listens on ``listen`` and, in the background, fetches
+   every peer's CA certificate with an unauthenticated ``ca`` request and pins
+   it only if its SHA-256 matches the configured fingerprint.  Until then that
+   peer is neither asked nor accepted.
 2. We present ``peer-client.crt`` (CN = the key-server name, EKU clientAuth,
-   issued by our own CA, created on first use) and verify a peer's server
-   certificate against its pinned CA.  The listener accepts only client
-   certificates that chain to a pinned peer CA and carry the key-server name:
-   our own hosts and the peers' hosts are refused.
+   issued by our own CA, created on first use).  Asking a peer, we verify its
+   server certificate against *that peer's* CA only (one client context per
+   peer), so no other peer can answer in its name.  The listener accepts only
+   client certificates that chain to a pinned peer CA and carry the
+   key-server name (our own hosts and the peers' hosts are refused), and it
+   knows the asking peer by the pinned CA that issued the certificate, never
+   by the CN (every key server shares it).
 3. ``ask(spec, msg)`` sends one request to one peer and returns the answer;
-   ``resolve(mac, from_id)`` asks every pinned peer in order for the holder of
-   ``mac`` (the ``resolve`` message; first ``resolved`` wins).
+   ``resolve(mac, from_id)`` asks every pinned peer at once who holds ``mac``
+   and believes a ``resolved`` answer only for an ID in that peer's namespace;
+   two peers answering for one MAC is a conflict and nobody wins.
 4. Incoming requests go to the handler registered for their type
-   (``register("resolve", fn)``, ``register_ext("netkey", fn)``); a handler
-   gets the message and returns the answer dict (``rid`` is filled in).  A
-   request whose ``origin`` holds our name or whose ``hops`` exceed
-   ``MAX_HOPS`` is refused with code ``loop``; nothing is ever forwarded.
+   (``register("resolve", fn)``, ``register_ext("multicast", fn)``); a handler
+   gets the message and the asking ``PeerSpec`` and returns the answer dict
+   (``rid`` is filled in).  A request whose ``origin`` holds our name or whose
+   ``hops`` exceed ``MAX_HOPS`` is refused with code ``loop``; nothing is ever
+   forwarded.
 """
 
 from __future__ import annotations
@@ -30,20 +36,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass
 from typing import Callable
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from l2crypt.config import parse_hostport
 from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.errors import RemoteProtocolError
-from l2crypt.tls_files import normalize_fingerprint
+from l2crypt.errors import LocalError, RemoteProtocolError
+from l2crypt.frame_wire import format_mac
+from l2crypt.logs import RateLimiter, fields
 
 from . import peer_messages as pm
 from .ca import CertificateAuthority, _key_pem, _new_key, _write_private, fingerprint_of
+from .peer_spec import PeerSpec, check_specs  # noqa: F401  (PeerSpec re-exported)
 from .server import identity_of
 
 log = logging.getLogger("keyserverd.peering")
@@ -52,25 +60,13 @@ PEER_CERT_FILE, PEER_KEY_FILE = "peer-client.crt", "peer-client.key"
 REQUEST_TIMEOUT_S = 3.0
 PIN_RETRY_S = 1.0
 IDLE_TIMEOUT_S = 30.0
+#: A refused peer request is logged once per (peer, code) this often.
+REFUSAL_LOG_S = 10.0
+#: What asking a peer may raise (the peer is down, slow, or sends garbage).
+ASK_ERRORS = (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError)
 
-Handler = Callable[[dict], dict]
-
-
-@dataclass(frozen=True)
-class PeerSpec:
-    """One configured peer: where it listens for peering and its CA's fingerprint."""
-
-    address: str
-    ca_fingerprint: str
-
-    @classmethod
-    def parse(cls, text: str) -> "PeerSpec":
-        """``sha256:HEX@HOST:PORT``; ValueError with the reason."""
-        if not isinstance(text, str) or "@" not in text:
-            raise ValueError(f"want sha256:FINGERPRINT@HOST:PORT, got {text!r}")
-        fp, address = text.rsplit("@", 1)
-        parse_hostport(address)
-        return cls(address, normalize_fingerprint(fp))
+#: ``handler(msg, peer) -> answer``; ``peer`` is the asking ``PeerSpec``.
+Handler = Callable[[dict, PeerSpec], dict]
 
 
 def peer_client_files(ca: CertificateAuthority, days: int = 825):
@@ -85,6 +81,12 @@ def peer_client_files(ca: CertificateAuthority, days: int = 825):
     return cert_path, key_path
 
 
+def _tls13(purpose) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
 class Peering:
     """The peering channel of one keyserverd (see the module docstring)."""
 
@@ -92,31 +94,37 @@ class Peering:
                  request_timeout_s: float = REQUEST_TIMEOUT_S):
         self.ca = ca
         self.name = ca.ca_fingerprint()  # our name in ``origin``
-        self.peers = tuple(peers)
+        try:
+            self.peers = check_specs(tuple(peers))
+        except ValueError as exc:
+            raise LocalError(f"peers: {exc}") from None
+        if any(p.ca_fingerprint == self.name for p in self.peers):
+            raise LocalError(f"peers: {self.name} is this key server's own CA, not a peer's")
         self.listen = listen
         self.request_timeout_s = request_timeout_s
         self.pinned: dict[str, bytes] = {}  # fingerprint -> CA PEM; owned by _pin_loop
-        self.counters = {"requests_in": 0, "requests_out": 0, "refused": 0, "failed": 0}
-        self._handlers: dict[str, Handler] = {"ping": lambda msg: {"t": "pong"}}
+        self._peer_cas: dict[str, x509.Certificate] = {}  # fingerprint -> CA; owned by _pin_loop
+        self.counters = {"requests_in": 0, "requests_out": 0, "refused": 0, "failed": 0,
+                         "foreign_answers": 0, "conflicts": 0}
+        self._handlers: dict[str, Handler] = {"ping": lambda msg, peer: {"t": "pong"}}
         self._ext: dict[str, Handler] = {}
-        cert, key = peer_client_files(ca)
-        self._client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self._client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        self._client_ctx.load_cert_chain(cert, key)
-        self._server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._server_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self._cert_files = peer_client_files(ca)
+        #: fingerprint -> a client context that trusts that peer's CA only; owned by _pin_loop.
+        self._client_ctx: dict[str, ssl.SSLContext] = {}
+        self._server_ctx = _tls13(ssl.PROTOCOL_TLS_SERVER)
         self._server_ctx.verify_mode = ssl.CERT_OPTIONAL
         self._server_ctx.load_cert_chain(ca.server_cert_path, ca.server_key_path)
         self._server = None
         self._tasks: set[asyncio.Task] = set()
+        self._log_limit = RateLimiter(REFUSAL_LOG_S)
 
     # --- handlers ------------------------------------------------------------------
     def register(self, msg_type: str, handler: Handler) -> None:
-        """Answer requests of ``msg_type`` (``resolve``) with ``handler(msg) -> answer``."""
+        """Answer requests of ``msg_type`` (``resolve``) with ``handler(msg, peer) -> answer``."""
         self._handlers[msg_type] = handler
 
     def register_ext(self, kind: str, handler: Handler) -> None:
-        """Answer ``ext`` requests of ``kind``; ``handler(msg)`` returns ``{"t": "ext_ok", "body": ...}``."""
+        """Answer ``ext`` requests of ``kind``; ``handler(msg, peer)`` returns ``{"t": "ext_ok", "body": ...}``."""
         self._ext[kind] = handler
 
     # --- 1. lifecycle ---------------------------------------------------------------
@@ -153,30 +161,38 @@ class Peering:
             await asyncio.sleep(PIN_RETRY_S)
 
     async def _pin(self, spec: PeerSpec) -> None:
-        anon = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        anon.minimum_version = ssl.TLSVersion.TLSv1_3
+        anon = _tls13(ssl.PROTOCOL_TLS_CLIENT)
         anon.check_hostname, anon.verify_mode = False, ssl.CERT_NONE  # the fingerprint check below
         try:
             answer = await self._exchange(spec, {"t": "ca", "rid": 1}, anon)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError) as exc:
+            if answer.get("t") != "ca_cert" or fingerprint_of(answer["cert"]) != spec.ca_fingerprint:
+                raise ValueError(f"it presents a CA other than {spec.ca_fingerprint}")
+            pem = answer["cert"]
+            ca_cert = x509.load_pem_x509_certificate(pem)
+            client = _tls13(ssl.PROTOCOL_TLS_CLIENT)
+            client.load_cert_chain(*self._cert_files)
+            client.load_verify_locations(cadata=pem.decode())
+        except ASK_ERRORS as exc:
             log.debug("peer %s not reachable yet: %s", spec.address, exc)
             return
-        if answer.get("t") != "ca_cert" or fingerprint_of(answer["cert"]) != spec.ca_fingerprint:
-            log.warning("peer %s presents a CA other than %s; not trusted", spec.address, spec.ca_fingerprint)
+        except ValueError as exc:  # not our peer, or not a certificate at all
+            if self._log_limit.allow(("pin", spec.address)):
+                log.warning("peer_not_trusted", extra=fields(peer=spec.address, reason=str(exc)))
             return
-        pem = answer["cert"].decode()
-        self._client_ctx.load_verify_locations(cadata=pem)
-        self._server_ctx.load_verify_locations(cadata=pem)
-        self.pinned[spec.ca_fingerprint] = answer["cert"]
+        self._server_ctx.load_verify_locations(cadata=pem.decode())
+        self._client_ctx[spec.ca_fingerprint] = client
+        self._peer_cas[spec.ca_fingerprint] = ca_cert
+        self.pinned[spec.ca_fingerprint] = pem
         log.info("peer %s pinned (%s)", spec.address, spec.ca_fingerprint)
 
     # --- 3. asking -----------------------------------------------------------------
     async def ask(self, spec: PeerSpec, msg: dict) -> dict:
-        """One request to one pinned peer; raises OSError/TimeoutError/RemoteProtocolError."""
-        if spec.ca_fingerprint not in self.pinned:
+        """One request to one pinned peer; raises one of ``ASK_ERRORS``."""
+        ctx = self._client_ctx.get(spec.ca_fingerprint)
+        if ctx is None:
             raise ConnectionError(f"peer {spec.address} is not pinned yet")
         self.counters["requests_out"] += 1
-        return await self._exchange(spec, msg, self._client_ctx)
+        return await self._exchange(spec, msg, ctx)
 
     async def _exchange(self, spec: PeerSpec, msg: dict, ctx: ssl.SSLContext) -> dict:
         host, port = parse_hostport(spec.address)
@@ -198,46 +214,97 @@ class Peering:
         finally:
             writer.transport.abort()
 
-    async def resolve(self, mac: bytes, from_id: str) -> dict | None:
-        """Ask the peers in order who holds ``mac``; the first ``resolved`` answer, or None."""
-        for spec in self.peers:
-            msg = {"t": "resolve", "rid": 1, "mac": mac, "from_id": from_id, "hops": 0, "origin": [self.name]}
-            try:
-                answer = await self.ask(spec, msg)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError) as exc:
-                self.counters["failed"] += 1
-                log.warning("peer %s: resolve failed: %s", spec.address, exc)
+    async def _ask_or_none(self, spec: PeerSpec, msg: dict) -> dict | None:
+        try:
+            return await self.ask(spec, msg)
+        except ASK_ERRORS as exc:
+            self.counters["failed"] += 1
+            log.warning("peer %s: %s failed: %s", spec.address, msg["t"], exc or type(exc).__name__)
+            return None
+
+    async def resolve(self, mac: bytes, from_id: str) -> tuple[PeerSpec, dict] | None:
+        """Ask every pinned peer at once who holds ``mac``: (peer, its ``resolved``
+        answer) when exactly one peer answers for an ID in its own namespace, else None."""
+        specs = [s for s in self.peers if s.ca_fingerprint in self._client_ctx]
+        msg = {"t": "resolve", "rid": 1, "mac": mac, "from_id": from_id, "hops": 0, "origin": [self.name]}
+        answers = await asyncio.gather(*(self._ask_or_none(s, msg) for s in specs))
+        found = []
+        for spec, answer in zip(specs, answers):
+            if answer is None or answer["t"] != "resolved" or answer["mac"] != mac:
                 continue
-            if answer["t"] == "resolved" and answer["mac"] == mac:
-                return answer
-        return None
+            if not spec.owns(answer["id"]):
+                self.counters["foreign_answers"] += 1
+                self._warn("peer_answer_refused", spec, answer["id"], peer=spec.address, id=answer["id"],
+                           mac=format_mac(mac), reason="not one of the peer's host IDs")
+                continue
+            found.append((spec, answer))
+        if len(found) > 1:
+            self.counters["conflicts"] += 1
+            self._warn("peer_answers_conflict", None, format_mac(mac), mac=format_mac(mac),
+                       answers=",".join(f"{s.address}:{a['id']}" for s, a in found))
+            return None
+        return found[0] if found else None
+
+    def _warn(self, event: str, spec: PeerSpec | None, what: str, **kv) -> None:
+        key = (event, spec.address if spec else "", what)
+        if self._log_limit.allow(key):
+            log.warning(event, extra=fields(**kv, suppressed=self._log_limit.take_suppressed(key)))
 
     # --- 4. answering -----------------------------------------------------------------
+    def peer_of(self, der: bytes | None, peercert: dict | None) -> PeerSpec | None:
+        """The configured peer whose pinned CA issued this verified client
+        certificate, if it is a key server's (CN); else None."""
+        if not der or identity_of(peercert) != KEYSERVER_TLS_NAME:
+            return None
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return None
+        for spec in self.peers:
+            ca = self._peer_cas.get(spec.ca_fingerprint)
+            if ca is None:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return spec
+        return None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        identity = identity_of(writer.get_extra_info("peercert"))
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        peer = self.peer_of(der, writer.get_extra_info("peercert"))
         frames = pm.FrameReader()
         loop = asyncio.get_running_loop()
-        end = loop.time() + (IDLE_TIMEOUT_S if identity != KEYSERVER_TLS_NAME else float("inf"))
+        end = loop.time() + (IDLE_TIMEOUT_S if peer is None else float("inf"))
         try:
             while True:  # without a peer certificate (``ca`` only): IDLE_TIMEOUT_S in all
                 data = await asyncio.wait_for(reader.read(65536), min(IDLE_TIMEOUT_S, max(0.0, end - loop.time())))
                 if not data:
                     return
                 for msg in frames.feed(data):
-                    writer.write(pm.encode_message(self._answer(identity, msg)))
+                    writer.write(pm.encode_message(self._answer(peer, msg)))
                 await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
-        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError, RemoteProtocolError) as exc:
+        except RemoteProtocolError as exc:  # one clear refusal, then the connection closes
+            writer.write(pm.encode_message(self._refuse(
+                0, exc.code, f"from {peer.address if peer else 'an unknown client'}: {exc}")))
+            try:
+                await asyncio.wait_for(writer.drain(), 2.0)
+            except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
+                pass
+        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:
             log.debug("peer connection ended: %s", exc)
         except Exception:  # a bug must not take the server down
             log.exception("peer connection failed")
         finally:
             writer.transport.abort()
 
-    def _answer(self, identity: str | None, msg: dict) -> dict:
+    def _answer(self, peer: PeerSpec | None, msg: dict) -> dict:
         rid = msg["rid"]
         if msg["t"] == "ca":
             return {"t": "ca_cert", "rid": rid, "cert": self.ca.ca_cert_pem}
-        if identity != KEYSERVER_TLS_NAME:
+        if peer is None:
             return self._refuse(rid, "unauthenticated", f"{msg['t']} needs a peer key-server certificate")
         if msg.get("hops", 0) > pm.MAX_HOPS or self.name in msg.get("origin", ()):
             return self._refuse(rid, "loop", "request already passed this server")
@@ -246,7 +313,7 @@ class Peering:
             return self._refuse(rid, "bad_request", f"{msg['t']} is not answered here")
         self.counters["requests_in"] += 1
         try:
-            answer = dict(handler(msg))
+            answer = dict(handler(msg, peer))
         except Exception:
             log.exception("peer handler for %s failed", msg["t"])
             return self._refuse(rid, "internal", "internal error")
@@ -255,5 +322,8 @@ class Peering:
 
     def _refuse(self, rid: int, code: str, text: str) -> dict:
         self.counters["refused"] += 1
-        log.warning("refused peer request: %s: %s", code, text)
-        return {"t": "error", "rid": rid, "code": code, "msg": text}
+        key = ("refused", code)
+        if self._log_limit.allow(key):
+            log.warning("peer_request_refused", extra=fields(code=code, reason=text,
+                                                             suppressed=self._log_limit.take_suppressed(key)))
+        return {"t": "error", "rid": rid, "code": code, "msg": text[:1000]}

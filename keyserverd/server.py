@@ -14,6 +14,8 @@
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
+   It starts after the last event it pushed before (``event_cursor``), so what
+   was written while keyserverd was down is pushed when it starts.
 5. A malformed or oversized message, an unauthenticated client that does
    not complete a message within ``unauth_idle_s`` (silent or trickling), a client that does not read its pushes, or any error in
    one connection closes that connection only, with a logged reason.  The
@@ -48,6 +50,7 @@ from l2crypt.ks_messages import FrameReader, encode_message
 from l2crypt.logs import RateLimiter, fields
 
 from .ca import CertificateAuthority
+from .event_cursor import EventCursor
 from .service import KeyService, Session
 
 log = logging.getLogger("keyserverd")
@@ -145,7 +148,8 @@ class KeyServer:
     """Accepts TLS connections and runs the key service for them."""
 
     def __init__(self, service: KeyService, ssl_context: ssl.SSLContext, host: str, port: int,
-                 unauth_idle_s: float = 10.0, limits: ConnectionLimits = ConnectionLimits()):
+                 unauth_idle_s: float = 10.0, limits: ConnectionLimits = ConnectionLimits(),
+                 event_cursor: EventCursor | None = None):
         self.service = service
         self._ssl = ssl_context
         self._host, self._port = host, port
@@ -163,8 +167,9 @@ class KeyServer:
         self._tasks: set[asyncio.Task] = set()
         self._close_log = RateLimiter(CLOSE_LOG_S)
         self.connections_total = 0
-        #: The last key event pushed (``run_events``).
+        #: The last key event pushed (``run_events``), saved in ``event_cursor``.
         self.event_seq = 0
+        self._cursor = event_cursor or EventCursor(None)
         self.started_at = time.time()
         #: Seconds each request took in ``KeyService.handle`` (set by the metrics module).
         self.observe_request = None
@@ -173,6 +178,7 @@ class KeyServer:
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
+        self.event_seq = self._cursor.start(self.service.store)
         try:
             self._server = await asyncio.start_server(
                 self._accept, self._host, self._port, reuse_address=True,
@@ -428,7 +434,7 @@ class KeyServer:
     async def run_events(self) -> None:
         """Push what the event log announces; run the rotation timers.  Runs until cancelled."""
         store = self.service.store
-        seq = self.event_seq = store.last_event_seq()
+        seq = self.event_seq
         last_periodic = 0.0
         while True:
             await asyncio.sleep(EVENT_POLL_S)
@@ -437,9 +443,12 @@ class KeyServer:
                 if now - last_periodic >= PERIODIC_S:
                     last_periodic = now
                     self.service.periodic(now)
-                for event in store.events_since(seq):
+                events = store.events_since(seq)
+                for event in events:
                     seq = self.event_seq = event.seq
                     self._act(None, self.service.on_event(event))
+                if events:
+                    self._cursor.save(seq)
             except Exception:  # a store hiccup must not stop the pushes for good
                 log.exception("event_processing_failed")
 

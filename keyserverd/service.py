@@ -22,7 +22,10 @@
      with ``require_pinned_macs`` only the MAC of ``host add --mac``
      (``mac_not_pinned``).  A first binding is checked with the peered key
      servers (``mac_held_by_peer``).  A MAC a gateway had mapped goes to the
-     host: the mapping is dropped and the gateway told (``unmapped``).
+     host: the mapping is dropped and the gateway told (``unmapped``);
+     the ``welcome`` names the MACs of recently revoked hosts (``revoked_macs``,
+     see ``revocations``) and ``key_max_age_s``, the longest an agent may use
+     a pair key.
    - ``key_req`` needs a hello on this connection (``not_bound``), a ``my_mac``
      that is the requester's bound MAC (``forbidden``), and a peer MAC that is
      not its own (``bad_request``); an unknown or revoked peer gets ``unknown``.
@@ -35,7 +38,8 @@
    polls ``store.events_since`` and turns each event into pushes with
    ``on_event``: a new pair version goes to both ends, a new multicast version
    and a revocation go to every bound host (``("broadcast", None)``), and the
-   revoked host is disconnected (``("disconnect", host_id)``).
+   revoked host is disconnected (``("disconnect", host_id)``).  A host that
+   was not connected then learns the revocation from its next welcome.
    A pair with a gateway also goes to the host under every MAC the gateway
    speaks for (see below).
 5. ``periodic(now)`` rotates what is older than ``rekey_after_s`` /
@@ -66,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
@@ -78,7 +83,9 @@ from l2crypt.tunnel_keys import Endpoint, link_keys
 
 from .l3_service import L3Handlers
 from .mac_map import MacMap
+from .peer_service import PeerHandlers
 from .ratelimit import HostBuckets
+from .revocations import RevocationBook, WelcomeRevocations
 from .store import HostRecord, KeyEvent, KeyStore
 from .tokens import hash_token
 
@@ -110,6 +117,8 @@ DEFAULT_KEY_REQUESTS_PER_S = 100.0
 DEFAULT_KEY_REQUEST_BURST = 200
 #: Most tunnel peers one gateway may ask link keys for.
 MAX_TUNNEL_PEERS = 64
+#: ``key_max_age_s`` in a welcome, in units of ``rekey_after_s``.
+KEY_MAX_AGE_FACTOR = 2
 
 
 @dataclass
@@ -132,16 +141,18 @@ class Session:
         return self.identity if self.identity is not None else f"unauthenticated {self.peer}"
 
 
-class KeyService(L3Handlers):
+class KeyService(L3Handlers, PeerHandlers):
     """Answers key-server requests.  One per keyserverd, shared by all sessions.
-    The layer-3 requests are handled in ``l3_service``."""
+    The layer-3 requests are handled in ``l3_service``, what peer key servers
+    ask in ``peer_service``."""
 
     def __init__(self, store: KeyStore, cipher: str, server_name: str, ca: "CertificateAuthority",
                  cert_days: int = 365, rekey_after_s: float = 3600.0,
                  multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0,
                  key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S,
                  key_request_burst: int = DEFAULT_KEY_REQUEST_BURST,
-                 require_pinned_macs: bool = False, require_pinned_ips: bool = True):
+                 require_pinned_macs: bool = False, require_pinned_ips: bool = True,
+                 revocation_book: RevocationBook | None = None):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
@@ -173,6 +184,16 @@ class KeyService(L3Handlers):
         #: Binding policy (see the module docstring, 3, and ``l3_service``).
         self.require_pinned_macs = require_pinned_macs
         self.require_pinned_ips = require_pinned_ips
+        #: The revocations every welcome names (``revocations``).
+        self.welcome_revocations = WelcomeRevocations(2 * self.key_max_age_s, revocation_book)
+        self._init_peer_state()
+
+    @property
+    def key_max_age_s(self) -> int:
+        """Seconds an agent may use a pair key after it got it (the ``welcome``
+        field): ``KEY_MAX_AGE_FACTOR`` x ``rekey_after_s``, so a connected agent
+        always has the next version first."""
+        return math.ceil(KEY_MAX_AGE_FACTOR * self.rekey_after_s)
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -239,9 +260,9 @@ class KeyService(L3Handlers):
                                    "pinned ones (keyserverd host add --mac)", "mac_not_pinned")
             if self.peering_enabled and self.store.host_by_mac(mac) is None:
                 return [(("peer_check", "hello"), {"rid": msg["rid"], "mac": mac})]
-        return self._bind(session, msg["rid"], mac)
+        return self._bind(session, msg["rid"], mac, now)
 
-    def _bind(self, session: Session, rid: int, mac: bytes) -> list[Action]:
+    def _bind(self, session: Session, rid: int, mac: bytes, now: float) -> list[Action]:
         """Bind (ID, mac), take the MAC from a gateway that had mapped it, welcome the host."""
         self.store.bind_mac(session.identity, mac)
         session.bound_mac = mac
@@ -249,7 +270,9 @@ class KeyService(L3Handlers):
         log.info("host_bound", extra=fields(host=session.identity, mac=format_mac(mac)))
         actions: list[Action] = [
             ("reply", {"t": "welcome", "rid": rid, "id": session.identity, "mac": mac, "cipher": self.cipher,
-                       "multicast_key": key, "multicast_pw_id": pw_id, "server": self.server_name}),
+                       "multicast_key": key, "multicast_pw_id": pw_id, "server": self.server_name,
+                       "key_max_age_s": self.key_max_age_s,
+                       "revoked_macs": self.welcome_revocations.macs(self.store, now, exclude=mac)}),
         ]
         gateway = self.macs.release(mac)
         if gateway is not None and gateway != session.identity:
@@ -328,15 +351,16 @@ class KeyService(L3Handlers):
     def after_peer_check(self, session: Session, kind: str, req: dict, found: dict | None,
                          now: float) -> list[Action]:
         """Go on with a ``hello`` or ``map_req`` once the peers said who holds ``req["mac"]``
-        (``found``: their ``resolved`` answer, or None).  Peers that do not answer do
+        (``found``: (peer, its ``resolved`` answer) from ``Peering.resolve``, or None).  Peers that do not answer do
         not block it: the check is best effort."""
         msg_type = "hello" if kind == "hello" else "map_req"
         try:
             if found is not None:
-                raise RefusedError(f"{format_mac(req['mac'])} is held by host {found.get('id')!r} of a "
+                _, answer = found
+                raise RefusedError(f"{format_mac(req['mac'])} is held by host {answer.get('id')!r} of a "
                                    "peered key server", "mac_held_by_peer")
             if kind == "hello":
-                return self._bind(session, req["rid"], req["mac"])
+                return self._bind(session, req["rid"], req["mac"], now)
             return self._map(session, req["rid"], req["mac"], req["side"])
         except RefusedError as exc:
             return self._refused(session, msg_type, req["rid"], exc, now)
@@ -438,36 +462,6 @@ class KeyService(L3Handlers):
         key, pw_id = self.store.current_multicast_key()
         return [("reply", {"t": "multicast", "rid": msg["rid"], "key": key, "pw_id": pw_id})]
 
-    # --- peering (cascaded switches) --------------------------------------------
-    def resolve_for_peer(self, mac: bytes, from_id: str, now: float) -> dict | None:
-        """A peer's host ``from_id`` wants a pair key with whoever holds ``mac`` here.
-        The pair key lives with the server of min(id, from_id): we create it
-        only when that host is ours; the asking server creates it otherwise."""
-        host = self.store.host_by_mac(mac)
-        if host is None or host.revoked or host.id == from_id or self.store.get_host(from_id) is not None:
-            return None
-        answer = {"t": "resolved", "id": host.id, "mac": mac}
-        if host.id < from_id:
-            key, pw_id = self.store.get_or_create_pair_key(host.id, from_id, now)
-            answer.update(key=key, pw_id=pw_id)
-        log.info("peer lookup for %s (from %s): %s", format_mac(mac), from_id, host.id)
-        return answer
-
-    def answer_from_peer(self, session: Session, rid: int, peer_mac: bytes, found: dict | None,
-                         now: float) -> list[Action]:
-        """Finish a ``key_req`` that the peers were asked about."""
-        if found is None or self.store.get_host(found["id"]) is not None or found["id"] == session.identity:
-            log.info("key_req from %s for MAC %s: unknown here and at the peers", session.identity,
-                     format_mac(peer_mac))
-            return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
-        if "key" in found:
-            key, pw_id = found["key"], found["pw_id"]
-        else:
-            key, pw_id = self.store.get_or_create_pair_key(session.identity, found["id"], now)
-        log.info("pair key %s <-> %s (at a peer) pw_id %d handed out", session.identity, found["id"], pw_id)
-        return [("reply", {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": found["id"],
-                           "key": key, "pw_id": pw_id})]
-
     # --- events and timers -----------------------------------------------------
     def on_event(self, event: KeyEvent) -> list[Action]:
         """Pushes for one rotation or revocation event (see the module docstring)."""
@@ -499,8 +493,13 @@ class KeyService(L3Handlers):
             actions: list[Action] = [(("disconnect", event.id1), {})]
             if host is not None and host.mac is not None:
                 actions.append((("broadcast", None), {"t": "peer_revoked", "rid": PUSH_RID, "peer_mac": host.mac}))
-            for mac in self.macs.forget_gateway(event.id1):
+            mapped = self.macs.forget_gateway(event.id1)
+            for mac in mapped:
                 actions.append((("broadcast", None), {"t": "peer_revoked", "rid": PUSH_RID, "peer_mac": mac}))
+            # Hosts that missed these pushes learn them from their next welcome.
+            if host is not None and host.revoked_at is not None:
+                self.welcome_revocations.book.add_gateway_macs(event.id1, mapped, host.revoked_at)
+            self.welcome_revocations.invalidate()
             return actions
         return []
 

@@ -40,6 +40,7 @@ from .engine import EngineSettings, FrameEngine
 from .errors import LocalError
 from .frame_wire import format_mac, parse_mac
 from .keyclient import KeyClient
+from .ks_messages import revoked_macs
 from .linux_tap import LinuxTap, existing_tap
 from .linux_wire import LinuxWire
 from .logs import fields
@@ -171,6 +172,10 @@ class Agent:
         if max_age != self.engine.key_max_age_s:
             self.engine.set_key_max_age(max_age)
             log.info("key_max_age", extra=fields(seconds=max_age))
+        # Revocations pushed while we were not connected (or never pushed).
+        for mac in revoked_macs(msg):
+            if mac != self.engine.my_mac and mac not in self.engine.revoked:
+                self.on_peer_revoked(mac)
         self._deliver(self.engine.install_multicast_key(
             msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))
         # Anything pending gets asked again right away on the new connection.

@@ -33,9 +33,12 @@ client -> server
 server -> client
     ca_cert   rid cert                             PEM of the CA
     enrolled  rid cert ca                          signed client certificate and CA, PEM
-    welcome   rid id mac cipher multicast_key multicast_pw_id server [key_max_age_s]
-                                                   key_max_age_s: the server's maximum key
-                                                   lifetime (s); agents use it if lower than theirs
+    welcome   rid id mac cipher multicast_key multicast_pw_id server [key_max_age_s] [revoked_macs]
+                                                   key_max_age_s: the longest a pair key may be used
+                                                   after it was received, seconds (agents use it if
+                                                   lower than theirs); revoked_macs: the MACs of
+                                                   recently revoked hosts, 6 bytes each (at most
+                                                   MAX_REVOKED_MACS): forget them (as peer_revoked)
     key       rid peer_mac peer_id key pw_id [age_s] [older]
                                                    answer to key_req, or a push (rid 0); age_s:
                                                    seconds since the server made pw_id; older:
@@ -104,6 +107,7 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "age_s": (int, None),
     "older": (list, None),  # [[pw_id, key, age_s], ...], checked in _check_older
     "key_max_age_s": (int, None),
+    "revoked_macs": (_B, None),  # 0..MAX_REVOKED_MACS MACs of 6 bytes, checked in validate
 }
 
 # type -> (required fields, optional fields)
@@ -127,7 +131,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
     "welcome": (
         frozenset({"rid", "id", "mac", "cipher", "multicast_key", "multicast_pw_id", "server"}),
-        frozenset({"key_max_age_s"}),
+        frozenset({"key_max_age_s", "revoked_macs"}),
     ),
     "key": (frozenset({"rid", "peer_mac", "peer_id", "key", "pw_id"}), frozenset({"age_s", "older"})),
     "unknown": (frozenset({"rid", "peer_mac"}), frozenset()),
@@ -176,6 +180,10 @@ def _check_older(msg: dict) -> None:
         below = pw_id
 
 
+#: Most MACs one ``welcome`` names as revoked (24 KiB of the message limit).
+MAX_REVOKED_MACS = 4096
+
+
 def _check_across_fields(msg: dict) -> None:
     t = msg["t"]
     if "id" in msg and not valid_host_id(msg["id"]):
@@ -188,6 +196,16 @@ def _check_across_fields(msg: dict) -> None:
         n = len(msg["peer_ips"])
         if n % 4 or not 4 <= n <= 4 * MAX_PEER_IPS:
             raise ValueError(f"{t}.peer_ips: length {n}, want 1-{MAX_PEER_IPS} addresses of 4 bytes")
+    if "revoked_macs" in msg:
+        n = len(msg["revoked_macs"])
+        if n % 6 or n > 6 * MAX_REVOKED_MACS:
+            raise ValueError(f"{t}.revoked_macs: length {n}, want 0-{MAX_REVOKED_MACS} MACs of 6 bytes")
+
+
+def revoked_macs(welcome: dict) -> list[bytes]:
+    """The MACs a (validated) ``welcome`` names as revoked; [] from an older server."""
+    data = welcome.get("revoked_macs", b"")
+    return [data[i:i + 6] for i in range(0, len(data), 6)]
 
 
 def valid_host_id(host_id: str) -> bool:

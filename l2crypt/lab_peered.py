@@ -5,7 +5,7 @@ two key servers that each run their own CA and peer over mutual TLS::
 
     l2c-ks-<s>:  KS-A keyserverd 10.67.0.1:7788, peering 10.67.0.1:7790   state: keyserver/  (CA A)
                  KS-B keyserverd 10.67.0.2:7788, peering 10.67.0.2:7790   state: keyserver2/ (CA B)
-                 each started with --peer sha256:<the other's CA>@<its peering address>
+                 each started with --peer <the other's host IDs>=sha256:<the other's CA>@<its peering address>
     h1, h2: enrolled at KS-A, agents --server 10.67.0.1:7788 (trust CA A only)
     h3:     enrolled at KS-B, agent  --server 10.67.0.2:7788 (trust CA B only)
             all on one br0
@@ -48,6 +48,10 @@ class PeeredLab(Lab):
     def peer_addr_of(self, name: str) -> str:
         return f"{KS_IPS[name]}:{PEER_PORT}"
 
+    def peer_ids(self, name: str) -> str:
+        """The host IDs of key server ``name`` (its namespace, as the other one is told)."""
+        return ",".join(h for h in self.hosts if self.ks_of(h) == name)
+
     def ks_state(self, name: str) -> Path:
         return self.ks_dir if name == "ks1" else self.state_dir / "keyserver2"
 
@@ -74,10 +78,10 @@ class PeeredLab(Lab):
 
     def start_ks(self, name: str, timeout_s: float = 20.0) -> Proc:
         other = "ks2" if name == "ks1" else "ks1"
+        peer = f"{self.peer_ids(other)}={self.fingerprints[other]}@{self.peer_addr_of(other)}"
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_state(name),
                                  "--listen", self.addr_of(name), "--metrics-listen", METRICS[name],
-                                 "--peer-listen", self.peer_addr_of(name),
-                                 "--peer", f"{self.fingerprints[other]}@{self.peer_addr_of(other)}"],
+                                 "--peer-listen", self.peer_addr_of(name), "--peer", peer],
                           name=self.proc_name(name))
         return wait_listening(proc, KS_IPS[name], KS_PORT, timeout_s, name)
 

@@ -193,7 +193,7 @@ def test_with_peering_map_req_and_a_first_hello_wait_for_the_peers(env):
     assert reply(actions)["t"] == "welcome"
     [(target, req)] = service.handle(gw, {"t": "map_req", "rid": 2, "mac": MAC_C, "side": "plain"}, NOW)
     assert target == ("peer_check", "map")
-    err = reply(service.after_peer_check(gw, "map", req, {"t": "resolved", "id": "b1", "mac": MAC_C}, NOW))
+    err = reply(service.after_peer_check(gw, "map", req, (None, {"t": "resolved", "id": "b1", "mac": MAC_C}), NOW))
     assert err["code"] == "mac_held_by_peer" and service.macs.owner(MAC_C) is None
     assert reply(service.after_peer_check(gw, "map", req, None, NOW))["t"] == "mapped"
     # A MAC already mapped to this gateway (a re-announcement) needs no new lookup.
@@ -206,9 +206,9 @@ def peered(tmp_path):
     from test_peering import MAC_A1, MAC_B1
     a, b = Side(tmp_path, "ks-a", "a1", MAC_A1), Side(tmp_path, "ks-b", "b1", MAC_B1)
     a.store.add_host("a2", None, "host", b"x" * 32, 4e9, NOW)
-    a.store.add_host("gw", None, "gateway", b"x" * 32, 4e9, NOW)
+    a.store.add_host("agw", None, "gateway", b"x" * 32, 4e9, NOW)  # in KS-A's namespace (a*) at KS-B
     files = {}
-    for host_id in ("a2", "gw"):
+    for host_id in ("a2", "agw"):
         key_path, csr = new_identity(tmp_path, host_id)
         cert_path = tmp_path / f"{host_id}.crt"
         cert_path.write_bytes(a.ca.sign_csr(csr, host_id, role=a.store.get_host(host_id).role))
@@ -232,7 +232,7 @@ def test_a_mac_held_at_a_peered_server_is_neither_mapped_nor_bound(peered):
         try:
             await pinned(pa)
             await pinned(pb)
-            gw = await Client.connect(port, a.ca.ca_cert_pem, files["gw"])
+            gw = await Client.connect(port, a.ca.ca_cert_pem, files["agw"])
             a2 = await Client.connect(port, a.ca.ca_cert_pem, files["a2"])
             clients += [gw, a2]
             assert (await gw.call({"t": "hello", "rid": 1, "mac": MAC_GW}))["t"] == "welcome"

@@ -126,3 +126,20 @@ def test_revoke_unknown_host(capsys, tmp_path):
 def test_group_without_subcommand_shows_help(capsys):
     code, out, _ = run(capsys, "host")
     assert code == 0 and "add" in out and "revoke" in out
+
+
+def test_peers_name_their_host_ids_and_host_add_keeps_out_of_them(capsys, tmp_path):
+    fp1, fp2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    config = tmp_path / "keyserver.toml"
+    config.write_text(f'peer_listen = "127.0.0.1:7790"\npeers = ["b-*={fp1}@192.0.2.2:7790"]\n')
+    code, _, err = run(capsys, "--state-dir", str(tmp_path), "--config", str(config), "host", "add", "b-web1")
+    assert code == 2 and "b-web1" in err and "192.0.2.2:7790" in err and len(err.splitlines()) == 1
+    assert run(capsys, "--state-dir", str(tmp_path), "--config", str(config), "host", "add", "a-web1")[0] == 0
+    # A peer without its IDs, or two peers whose IDs overlap: one line each, exit 2.
+    config.write_text(f'peers = ["{fp1}@192.0.2.2:7790", "b-*={fp1}@192.0.2.3:7790", '
+                      f'"b-x*={fp2}@192.0.2.4:7790"]\n')
+    code, _, err = run(capsys, "check-config", str(config))
+    assert code == 2 and "which host IDs" in err and "Traceback" not in err
+    config.write_text(f'peers = ["b-*={fp1}@192.0.2.3:7790", "b-x*={fp2}@192.0.2.4:7790"]\n')
+    code, _, err = run(capsys, "check-config", str(config))
+    assert code == 2 and "overlap" in err

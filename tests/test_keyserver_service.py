@@ -173,6 +173,7 @@ def test_hello_welcome(env):
     assert out == {
         "t": "welcome", "rid": 4, "id": "a", "mac": MAC_A, "cipher": "chacha20-poly1305",
         "multicast_key": key, "multicast_pw_id": pw_id, "server": "ks-test",
+        "key_max_age_s": 7200, "revoked_macs": b"",  # 2 x rekey_after_s; nobody is revoked
     }
     assert s.bound_mac == MAC_A
 

@@ -95,7 +95,7 @@ def test_follower_adopts_the_leaders_versions_and_announces_them(sides):
             agreed = lead.store.current_multicast_key()
             assert agreed[1] == 2 and follow.store.current_multicast_key() == agreed
             assert pushed_multicast(follow, seq) == [(("broadcast", None), 2, agreed[0])]
-            assert mf.counters == {"adopted": 1, "rotations_asked": 1, "polls_failed": 0}
+            assert mf.counters == {"adopted": 1, "rotations_asked": 1, "polls_failed": 0, "rotate_refused": 0}
             # In sync: nothing changes, nothing is announced.
             seq = follow.store.last_event_seq()
             assert await mf.sync_once() is True
@@ -205,6 +205,40 @@ def test_only_the_leader_rotates_and_bad_bodies_are_refused(sides):
             assert mp.decode_answer(current["body"]) == (before[1], before[0])
             bad = await pl.ask(spec, dict(rotate, body=b"\xc1"))
             assert (bad["t"], bad["code"]) == ("error", "bad_request")
+        finally:
+            await pf.close()
+            await pl.close()
+
+    run(body)
+
+
+def test_a_peer_cannot_use_up_the_pw_id_space_or_make_the_leader_rotate_without_end(sides):
+    a, b = sides
+    lead, follow = leader_and_follower(a, b)
+
+    async def body():
+        pl, pf = make_peering(lead, follow), make_peering(follow, lead)
+        ml = mp.MulticastAgreement(pl, lead.service)
+        mp.MulticastAgreement(pf, follow.service)
+        await pl.start()
+        await pf.start()
+        try:
+            await pinned(pf)
+            await pinned(pl)
+            spec = pf.peers[0]
+            newest = lead.store.current_multicast_key()[1]
+
+            def rotate(above):
+                return pf.ask(spec, {"t": "ext", "rid": 1, "kind": "multicast",
+                                     "body": mp.encode_request("rotate", above)})
+            far = await rotate(mp.PW_ID_MAX)
+            assert (far["t"], far["code"]) == ("error", "bad_request")
+            assert lead.store.current_multicast_key()[1] == newest
+            # Within reach: rotations, until the peer's budget is spent (then the current version).
+            answers = [mp.decode_answer((await rotate(newest))["body"])[0] for _ in range(mp.ROTATION_BURST + 3)]
+            assert answers[:mp.ROTATION_BURST] == list(range(newest + 1, newest + 1 + mp.ROTATION_BURST))
+            assert set(answers[mp.ROTATION_BURST:]) == {newest + mp.ROTATION_BURST}
+            assert ml.counters["rotate_refused"] == 4  # the far one and three over the budget
         finally:
             await pf.close()
             await pl.close()

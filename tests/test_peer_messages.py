@@ -51,6 +51,13 @@ def test_truncated_frames_wait_for_the_rest(msg):
     {"t": "ping", "rid": 1, "extra": 1},
     {"t": "hello", "rid": 1},
     {"t": "ping", "rid": True},
+    {"t": "resolved", "rid": 1, "id": "h4", "mac": MAC, "key": KEY, "pw_id": 0},   # versions start at 1
+    {"t": "resolved", "rid": 1, "id": "h4", "mac": MAC, "key": KEY, "pw_id": 2**32},
+    {"t": "ext", "rid": 1, "kind": "Multicast!", "body": b""},
+    {"t": "ext", "rid": 1, "kind": "k" * 33, "body": b""},
+    {"t": "error", "rid": 1, "code": "no such code", "msg": "x"},
+    {"t": "resolve", "rid": 1, "mac": MAC, "from_id": "h" * 65, "hops": 0, "origin": []},
+    {"t": "resolve", "rid": 1, "mac": MAC, "from_id": "h1", "hops": 0, "origin": [""]},
 ])
 def test_bad_messages_are_refused_both_ways(bad):
     with pytest.raises(LocalError):

@@ -37,6 +37,7 @@ class Side:
         self.store.add_host(host_id, mac, "host", b"x" * 32, 4e9, NOW)
         self.service = KeyService(self.store, "aes-256-gcm", name, self.ca)
         self.service.peering_enabled = True
+        self.ids = host_id[0] + "*"  # its namespace: a* at KS-A, b* at KS-B
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
 
@@ -51,10 +52,9 @@ def sides(tmp_path):
 
 
 def make_peering(side, other, fingerprint=None):
-    spec = PeerSpec.parse(f"{fingerprint or other.ca.ca_fingerprint()}@{other.address}")
+    spec = PeerSpec.parse(f"{other.ids}={fingerprint or other.ca.ca_fingerprint()}@{other.address}")
     p = Peering(side.ca, (spec,), side.address, request_timeout_s=3.0)
-    p.register("resolve", lambda m: side.service.resolve_for_peer(m["mac"], m["from_id"], NOW)
-               or {"t": "unknown", "mac": m["mac"]})
+    p.register("resolve", lambda m, peer: side.service.resolve_for_peer(m["mac"], m["from_id"], peer, NOW))
     return p
 
 
@@ -85,7 +85,8 @@ def test_both_ends_of_a_cross_server_pair_get_one_key(sides):
             actions = a.service.handle(session_a, {"t": "key_req", "rid": 5, "peer_mac": MAC_B1}, NOW)
             assert actions == [(("peer_resolve", None), {"rid": 5, "peer_mac": MAC_B1})]
             found = await pa.resolve(MAC_B1, "a1")
-            assert found["id"] == "b1" and "key" not in found  # the pair lives with a1's server
+            assert found[0] is pa.peers[0]
+            assert found[1]["id"] == "b1" and "key" not in found[1]  # the pair lives with a1's server
             [(target, key_a)] = a.service.answer_from_peer(session_a, 5, MAC_B1, found, NOW)
             assert target == "reply" and key_a["t"] == "key" and key_a["peer_id"] == "b1"
             # b1 asks KS-B for a1's MAC: KS-A owns the pair and hands out the same key.
@@ -160,3 +161,61 @@ def test_only_configured_peer_key_servers_are_trusted(sides, tmp_path):
             await pb.close()
 
     run(body)
+
+
+def test_garbage_at_one_peer_address_does_not_stop_pinning_the_others(sides, tmp_path):
+    """A listener that answers ``ca`` with something that is not a certificate."""
+    a, b = sides
+    from keyserverd import peer_messages as pm
+
+    async def garbage(reader, writer):
+        await reader.read(65536)
+        writer.write(pm.encode_message({"t": "ca_cert", "rid": 1, "cert": b"not a certificate"}))
+        await writer.drain()
+        writer.close()
+
+    async def body():
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(b.ca.server_cert_path, b.ca.server_key_path)
+        bogus_port = free_port()
+        bogus = await asyncio.start_server(garbage, "127.0.0.1", bogus_port, ssl=ctx)
+        specs = (PeerSpec.parse(f"c*=sha256:{'1' * 64}@127.0.0.1:{bogus_port}"),
+                 PeerSpec.parse(f"{b.ids}={b.ca.ca_fingerprint()}@{b.address}"))
+        pa = Peering(a.ca, specs, a.address)
+        pb = make_peering(b, a)
+        await pa.start()
+        await pb.start()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while b.ca.ca_fingerprint() not in pa.pinned:
+                assert loop.time() < deadline, "B was never pinned after the garbage answer"
+                await asyncio.sleep(0.05)
+            assert specs[0].ca_fingerprint not in pa.pinned
+        finally:
+            await pa.close()
+            await pb.close()
+            bogus.close()
+
+    run(body)
+
+
+def test_peer_specs_name_their_host_ids_and_never_overlap():
+    fp1, fp2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    spec = PeerSpec.parse(f"b-*,h3={fp1}@192.0.2.2:7790")
+    assert spec.ids == ("b-*", "h3") and spec.ca_fingerprint == fp1 and spec.address == "192.0.2.2:7790"
+    assert spec.owns("b-web1") and spec.owns("h3") and not spec.owns("h30") and not spec.owns("a-b-1")
+    assert PeerSpec.parse(str(spec)) == spec
+    from keyserverd.peer_spec import check_peers
+    for bad in (f"{fp1}@192.0.2.2:7790",                       # which IDs?
+                f"={fp1}@192.0.2.2:7790", f"*={fp1}@192.0.2.2:7790", f"-x*={fp1}@192.0.2.2:7790",
+                f"a b={fp1}@192.0.2.2:7790", f"b-*={fp1}@192.0.2.2:99999", f"b-*=md5:00@192.0.2.2:7790"):
+        with pytest.raises(ValueError):
+            PeerSpec.parse(bad)
+    for peers in ([f"b-*={fp1}@192.0.2.2:7790", f"b-x*={fp2}@192.0.2.3:7790"],   # b-x1 is both
+                  [f"h3={fp1}@192.0.2.2:7790", f"h*={fp2}@192.0.2.3:7790"],
+                  [f"a1={fp1}@192.0.2.2:7790", f"a1={fp2}@192.0.2.3:7790"],
+                  [f"a*={fp1}@192.0.2.2:7790", f"b*={fp1}@192.0.2.3:7790"]):     # one CA twice
+        with pytest.raises(ValueError):
+            check_peers(peers)
+    assert len(check_peers([f"b-*={fp1}@192.0.2.2:7790", f"c-*,h3={fp2}@192.0.2.3:7790"])) == 2

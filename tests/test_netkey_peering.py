@@ -6,7 +6,10 @@ import socket
 import pytest
 
 from keyserverd.ca import CertificateAuthority
+from keyserverd.kek import Kek
 from keyserverd.netkey_peering import NetkeyBook, NetkeyPeering
+
+KEK = {"a": Kek(bytes(range(32))), "b": Kek(bytes(range(1, 33)))}
 
 
 def free_port() -> int:
@@ -21,9 +24,9 @@ async def _pair(tmp_path, pin_b=None, rekey_after_s=3600.0, run_s=8.0, until=Non
     pa, pb = free_port(), free_port()
     got = {"a": [], "b": []}
     a = NetkeyPeering(ca_a, tmp_path / "a", ("127.0.0.1", pa), ("127.0.0.1", pb),
-                      pin_b or ca_b.ca_fingerprint(), rekey_after_s, lambda p, k: got["a"].append((p, k)))
+                      pin_b or ca_b.ca_fingerprint(), rekey_after_s, lambda p, k: got["a"].append((p, k)), kek=KEK["a"])
     b = NetkeyPeering(ca_b, tmp_path / "b", ("127.0.0.1", pb), ("127.0.0.1", pa),
-                      ca_a.ca_fingerprint(), rekey_after_s, lambda p, k: got["b"].append((p, k)))
+                      ca_a.ca_fingerprint(), rekey_after_s, lambda p, k: got["b"].append((p, k)), kek=KEK["b"])
     tasks = [asyncio.ensure_future(a.run()), asyncio.ensure_future(b.run())]
     try:
         for _ in range(int(run_s / 0.1)):
@@ -50,7 +53,7 @@ def test_peers_agree_on_netkey_and_rotate(tmp_path):
     for side in ("a", "b"):
         path = tmp_path / side / "netkey.json"
         assert path.stat().st_mode & 0o077 == 0
-        assert NetkeyBook(path).versions() == a.book.versions()
+        assert NetkeyBook(path, KEK[side]).versions() == a.book.versions()
 
 
 def test_a_wrong_pinned_fingerprint_never_agrees(tmp_path):

@@ -34,6 +34,7 @@ from l2crypt.logs import RateLimiter, fields
 
 from .ca import CertificateAuthority
 from .service import KeyService, Session
+from .store import StoreUnavailable
 
 log = logging.getLogger("keyserverd")
 
@@ -320,6 +321,8 @@ class KeyServer:
                 for event in store.events_since(seq):
                     seq = self.event_seq = event.seq
                     self._act(None, self.service.on_event(event))
+            except StoreUnavailable:  # the store logs when it is lost and back; the next poll catches up
+                pass
             except Exception:  # a store hiccup must not stop the pushes for good
                 log.exception("event_processing_failed")
 

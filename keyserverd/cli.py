@@ -358,20 +358,30 @@ def kek_rotate(ctx, new_kek_file, **opts) -> None:
                            f"(--kek-file, --kek-credential)")
     new = read_kek_file(new_kek_file, "--new-kek-file") if new_kek_file.exists() else create_kek_file(new_kek_file)
     store = open_configured_store(config, time.time(), create=False)
+    resealed = {}
+
+    def then() -> None:  # after the commit, before any keyserverd can open the store again
+        try:
+            resealed["netkey"] = netkeys.reseal(new)
+            if current_file is not None:
+                replace_kek_file(current_file, new_kek_file)
+        except OSError as exc:
+            raise L2cryptError(f"the store is now sealed under the KEK in {new_kek_file} (id {new.shown_id}), "
+                               f"but {exc.filename or current_file} could not be written "
+                               f"({exc.strerror or exc}): put that KEK in place by hand") from None
+
     try:
         if new.kek_id == store.kek.kek_id:
             raise L2cryptError(f"--new-kek-file {new_kek_file} holds the KEK in use (id {new.shown_id})")
         old_id = store.kek.shown_id
         netkeys = NetkeyBook(config.state_dir / NETKEY_FILE, store.kek)
-        counts = store.reseal(new)
+        counts = store.reseal(new, then)
     finally:
         store.close()
-    resealed_netkeys = netkeys.reseal(new)
     click.echo(f"KEK id {old_id} -> {new.shown_id}: re-sealed {counts['pair_keys']} pair key version(s), "
-               f"{counts['multicast_keys']} multicast key version(s), {resealed_netkeys} NETKEY version(s); "
+               f"{counts['multicast_keys']} multicast key version(s), {resealed['netkey']} NETKEY version(s); "
                f"no PW_ID changed")
     if current_file is not None:
-        replace_kek_file(current_file, new_kek_file)
         click.echo(f"{current_file} now holds the new KEK: copy it to every keyserverd sharing this store, and "
                    f"back it up apart from the database (older backups still need the old KEK)")
     else:

@@ -189,31 +189,37 @@ def default_kek(path: Path, sealed_under: str | None, where: str) -> Kek:
     if sealed_under is not None:
         raise KekError(f"{where} is sealed under KEK id {sealed_under[:SHOWN_ID]}, but the KEK file {path} is "
                        f"missing: restore it from its backup (the database alone opens nothing)")
-    kek = create_kek_file(path)
+    try:
+        kek = create_kek_file(path)
+    except KekError:
+        if path.exists():  # another process opening the new database made it first
+            return read_kek_file(path, "KEK file")
+        raise
     log.warning("kek_created", extra=fields(path=str(path), kek_id=kek.shown_id,
                                             note="back this file up apart from the database"))
     return kek
 
 
 def create_kek_file(path: Path | str) -> Kek:
-    """Write a new random KEK to ``path`` (mode 0600, never over an existing file)."""
+    """Write a new random KEK to ``path`` (mode 0600, never over an existing
+    file); the file appears whole or not at all."""
     path = Path(path)
     key = secrets.token_bytes(KEK_BYTES)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KekError(f"{path} exists already (a KEK is never overwritten)") from None
-    except OSError as exc:
-        raise KekError(f"cannot create {path}: {exc.strerror or exc}") from None
-    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(key)
             fh.flush()
             os.fsync(fh.fileno())
+        os.link(tmp, path)  # fails if path exists
         _fsync_dir(path.parent)
+    except FileExistsError:
+        raise KekError(f"{path} exists already (a KEK is never overwritten)") from None
     except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise KekError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise KekError(f"cannot create {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return Kek(key, source=str(path))
 
 

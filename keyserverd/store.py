@@ -341,10 +341,11 @@ class SqliteStore(IpBindings, SealedKeys):
                 database=str(self.path), reason=busy,
                 note="replaced key values may stay in free pages until the next VACUUM"))
 
-    def reseal(self, new: Kek) -> dict[str, int]:
+    def reseal(self, new: Kek, then=None) -> dict[str, int]:
         """Re-seal every stored key under ``new`` in one transaction; no PW_ID
         changes.  LocalError (nothing changed) while another process has the
-        database open.  Returns the rows re-sealed per table."""
+        database open.  ``then()`` runs after the commit, while nobody else can
+        open the database yet.  Returns the rows re-sealed per table."""
         if not self._users.exclusive():
             raise LocalError(f"database {self.path} is open in another process (a running keyserverd, or "
                              f"another keyserverd command): stop it, then rotate the KEK")
@@ -355,6 +356,8 @@ class SqliteStore(IpBindings, SealedKeys):
                 self._db.execute("UPDATE kek_check SET kek_id = ? WHERE id = 1", (new.kek_id,))
             self.kek = new
             self._scrub()
+            if then is not None:
+                then()
         finally:
             self._users.shared()
         return counts

@@ -251,10 +251,11 @@ class PgStore(SealedKeys):
         PostgreSQL's WAL, nor backups taken before)."""
         self._q("VACUUM (FULL) pair_keys, multicast_keys")
 
-    def reseal(self, new: Kek) -> dict[str, int]:
+    def reseal(self, new: Kek, then=None) -> dict[str, int]:
         """Re-seal every stored key under ``new`` in one transaction; no PW_ID
         changes.  LocalError (nothing changed) while another connection (a
-        keyserverd, a keyserverd command) uses the database."""
+        keyserverd, a keyserverd command) uses the database.  ``then()`` runs
+        after the commit, while no other instance can connect yet."""
         if not self._q("SELECT pg_try_advisory_lock(%s)", (KEK_LOCK,)).fetchone()[0]:
             users = self._q("SELECT COUNT(*) - 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 "
                             "AND objid = %s AND objsubid = 1 AND granted", (KEK_LOCK,)).fetchone()[0]
@@ -267,6 +268,8 @@ class PgStore(SealedKeys):
                 self._q("UPDATE kek_check SET kek_id = %s WHERE id = 1", (new.kek_id,))
             self.kek = new
             self._scrub()
+            if then is not None:
+                then()
         finally:
             self._q("SELECT pg_advisory_unlock(%s)", (KEK_LOCK,))
         return counts

@@ -31,6 +31,7 @@ from keyserverd.netkey_peering import NETKEY_FILE, NetkeyBook
 from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
 from keyserverd.store import MIGRATIONS, SEALED_SCHEMA, StoreUnavailable
+from keyserverd.store_pg import MIGRATIONS as PG_MIGRATIONS
 from keyserverd.stores import DB_FILE, open_store
 from keyserverd.tokens import hash_token, new_token
 from l2crypt.errors import LocalError
@@ -271,7 +272,7 @@ def test_a_start_with_the_wrong_kek_is_refused_and_changes_nothing(backend, caps
 def _clear_v3_database(backend) -> dict[str, bytes]:
     """A database as f3b867d made it (schema 3, its migrations unchanged since),
     with clear keys written by raw SQL; one pair key deleted again (retired)."""
-    migrations = MIGRATIONS if backend.kind == "sqlite" else __import__("keyserverd.store_pg").store_pg.MIGRATIONS
+    migrations = MIGRATIONS if backend.kind == "sqlite" else PG_MIGRATIONS
     keys = {name: secrets.token_bytes(32) for name in ("ab1", "ab2", "ac1", "m1", "m2")}
     statements = ["CREATE TABLE schema_version (version INTEGER NOT NULL)", "INSERT INTO schema_version VALUES (3)"]
     statements += [s for m in migrations[:SEALED_SCHEMA - 1] for s in m.split(";") if s.strip()]
@@ -279,7 +280,7 @@ def _clear_v3_database(backend) -> dict[str, bytes]:
         backend.sql(statement)
     for host in "abc":
         backend.sql("INSERT INTO hosts (id, role, created_at) VALUES (?, 'host', ?)", (host, NOW))
-    for (i1, i2, p), name in (((("a", "b", 1)), "ab1"), (("a", "b", 2), "ab2"), (("a", "c", 1), "ac1")):
+    for (i1, i2, p), name in ((("a", "b", 1), "ab1"), (("a", "b", 2), "ab2"), (("a", "c", 1), "ac1")):
         backend.sql("INSERT INTO pair_keys VALUES (?, ?, ?, ?, ?)", (i1, i2, p, keys[name], NOW + p))
     for p in (1, 2):
         backend.sql("INSERT INTO multicast_keys VALUES (?, ?, ?)", (p, keys[f"m{p}"], NOW + p))
@@ -363,6 +364,7 @@ def test_kek_rotate_and_generate_on_the_command_line(tmp_path, capsys):
     store = open_store("", state, NOW)
     pair = store.get_or_create_pair_key("a", "b", NOW)
     mcast = store.current_multicast_key()
+    netkey = NetkeyBook(state / NETKEY_FILE, store.kek).create(NOW)
     # While the store is open elsewhere: refused in one line, nothing changed.
     new_file = tmp_path / "new.kek"
     code, out, err = run("kek", "rotate", "--state-dir", str(state), "--new-kek-file", str(new_file))
@@ -371,11 +373,14 @@ def test_kek_rotate_and_generate_on_the_command_line(tmp_path, capsys):
     old_kek = (state / DEFAULT_KEK_FILE).read_bytes()
     code, out, err = run("kek", "rotate", "--state-dir", str(state), "--new-kek-file", str(new_file))
     assert code == 0, err
-    assert "re-sealed 1 pair key version(s), 1 multicast key version(s)" in out and "no PW_ID changed" in out
+    assert "re-sealed 1 pair key version(s), 1 multicast key version(s), 1 NETKEY version(s)" in out
+    assert "no PW_ID changed" in out
     assert (state / DEFAULT_KEK_FILE).read_bytes() == new_file.read_bytes() != old_kek
     assert (state / DEFAULT_KEK_FILE).stat().st_mode & 0o777 == 0o600
     store = open_store("", state, NOW)
     assert store.get_or_create_pair_key("a", "b", NOW) == pair and store.current_multicast_key() == mcast
+    assert NetkeyBook(state / NETKEY_FILE, store.kek).versions() == [netkey]
+    assert NetkeyBook(state / NETKEY_FILE, Kek(old_kek)).versions() == []  # the old KEK opens nothing
     store.close()
     # The same KEK again: refused.
     code, out, err = run("kek", "rotate", "--state-dir", str(state), "--new-kek-file", str(new_file))

@@ -7,9 +7,8 @@ import sys
 import click
 
 from l2crypt import __version__
-from l2crypt.cli import run_click
+from l2crypt.cli import enroll_options, run_click, run_enroll
 from l2crypt.config import config_keys
-from l2crypt.errors import L2cryptError
 
 from .config import DEFAULT_STATE_DIR, GatewayConfig, load_gateway_config
 
@@ -33,27 +32,17 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with.")
-@click.option("--id", "host_id", required=True, help="The gateway ID the operator created.")
-@click.option("--token", required=True, help="One-time token from `keyserverd host add`.")
-@click.option("--ca-fingerprint", required=True, metavar="sha256:HEX", help="SHA-256 fingerprint of the key server's CA.")
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, help="Where the certificate is stored.")
-@click.option("--force", is_flag=True, help="Replace an existing enrollment.")
-def enroll(server, host_id, token, ca_fingerprint, state_dir, force) -> None:
-    """Trade a one-time token for the gateway's certificate (as `l2crypt enroll`)."""
-    from l2crypt.enroll import enroll as do_enroll
-
-    try:
-        path = do_enroll(server, host_id, token, ca_fingerprint, state_dir, force)
-    except L2cryptError as exc:
-        fail(str(exc))
-    click.echo(f"enrolled as {host_id}; certificate stored in {path}")
+@enroll_options("gateway", DEFAULT_STATE_DIR)
+def enroll(**opts) -> None:
+    """Trade a one-time token for the gateway's certificate (as `l2crypt enroll`;
+    give the token with --token-file FILE or --token -, so it stays out of ps)."""
+    run_enroll(PROG, fail, **opts)
 
 
 _DOCS = config_keys(GatewayConfig)
 _TYPES = {"max_learned_macs": int, "replay_window_frames": int, "hold_frames": int,
           "ethertype": lambda s: int(s, 0)}
-_FLOATS = ("refused_cache_s", "hold_age_s", "key_retry_s", "key_retry_max_s", "unknown_cache_s",
+_FLOATS = ("refused_cache_s", "mac_ageing_s", "hold_age_s", "key_retry_s", "key_retry_max_s", "unknown_cache_s",
            "switch_after_s", "retire_after_s")
 
 
@@ -62,7 +51,7 @@ def _run_options(fn):
                          help="TOML config file (every key can be overridden below)."),
             click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
                          help=_DOCS["servers"] + " (repeat for several)."),
-            click.option("--tunnel-peer", "tunnel_peers", multiple=True, metavar="NAME=HOST:PORT",
+            click.option("--tunnel-peer", "tunnel_peers", multiple=True, metavar="ID=HOST:PORT",
                          help=_DOCS["tunnel_peers"] + " (repeat for several).")]
     for name, doc in _DOCS.items():
         if name in ("servers", "tunnel_peers"):

@@ -10,7 +10,7 @@ Example ``/etc/l2crypt/gateway.toml``::
     servers = ["10.0.0.1:7788"]
     state_dir = "/var/lib/l2crypt-gateway"
     tunnel_listen = "192.0.2.1:4789"   # inter-subnet port (optional)
-    tunnel_peers = ["segB=198.51.100.1:4789"]
+    tunnel_peers = ["gw-b=198.51.100.1:4789"]   # the peer gateway's enrolled ID
     group_crossing = "basic"
 """
 
@@ -51,8 +51,9 @@ from l2crypt.constants import (
     DEFAULT_UNKNOWN_CACHE_S,
 )
 from l2crypt.errors import ConfigError
+from l2crypt.tunnel_keys import sender_tag
 
-from .core import GROUP_CROSSING
+from .group_policy import GROUP_CROSSING
 
 DEFAULT_STATE_DIR = "/var/lib/l2crypt-gateway"
 DEFAULT_CONFIG_PATH = "/etc/l2crypt/gateway.toml"
@@ -74,17 +75,21 @@ def _peers(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise ValueError("want a list of NAME=HOST:PORT strings")
-    names = set()
+        raise ValueError("want a list of ID=HOST:PORT strings")
+    names, tags = set(), {}
     for item in value:
         name, sep, addr = str(item).partition("=")
         if not sep or not PEER_NAME.match(name):
-            raise ValueError(f"not NAME=HOST:PORT: {item!r}")
+            raise ValueError(f"not ID=HOST:PORT (ID: the peer gateway's enrolled ID, up to 32 characters): {item!r}")
         if parse_hostport(addr, default_port=0)[1] == 0:
             raise ValueError(f"{item!r}: the peer needs a port")
         if name in names:
-            raise ValueError(f"peer name {name!r} given twice")
+            raise ValueError(f"peer {name!r} given twice")
+        tag = sender_tag(name)
+        if tag in tags:
+            raise ValueError(f"peers {tags[tag]!r} and {name!r} have the same tunnel sender tag; rename one")
         names.add(name)
+        tags[tag] = name
     return tuple(value)
 
 
@@ -95,12 +100,16 @@ class GatewayConfig:
     encrypted_port: str = _f(None, _iface, "port on the encrypted segment (sealed frames only)")
     plain_port: str | None = _f(None, _opt_iface, "full-decrypt uplink toward a plain network (optional)")
     servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
-    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificate, clock floor and control socket")
+    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificate, clock floor, replay floors and control socket")
     tunnel_listen: str = _f("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
-    tunnel_peers: tuple = _f((), _peers, "peer gateways of other segments, NAME=HOST:PORT")
+    tunnel_peers: tuple = _f((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
+                             "(ID: the peer gateway's enrolled ID)")
     group_crossing: str = _f("basic", _choice(GROUP_CROSSING),
                              "which broadcast/multicast frames cross: basic (ARP, DHCP, IPv6 ND), all or none")
     max_learned_macs: int = _f(4096, _int_range(1, 1 << 20), "most MACs the gateway speaks for")
+    mac_ageing_s: float = _f(300.0, _seconds(1.0, 86400.0),
+                             "a learned MAC without traffic for this long is forgotten (and released "
+                             "at the key server), seconds")
     refused_cache_s: float = _f(30.0, _seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
     ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
     replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),

@@ -3,8 +3,8 @@
 Ports: the *encrypted* port (on the encrypted segment), the optional *plain*
 port (the full-decrypt uplink, virtual client ID_X86) and the optional
 *tunnel* peers (the inter-subnet port, virtual client NETID; each peer is a
-gateway of another segment, reached over UDP).  One enrolled identity (role
-``gateway``) stands for both virtual clients.
+gateway of another segment, reached over UDP and named by its enrolled ID).
+One enrolled identity (role ``gateway``) stands for both virtual clients.
 
 Learning (a learning bridge with the key server as referee):
 
@@ -19,6 +19,20 @@ Learning (a learning bridge with the key server as referee):
 3. Refused (the MAC is bound to an enrolled host, or another gateway holds
    it): the MAC is never learned, its frames are dropped as
    ``spoofed_source`` and the answer is believed ``refused_cache_s``.
+   Refused MACs are kept apart from the learned ones (at most
+   ``MAX_REFUSED_MACS``, the least recently refused forgotten first), so they
+   never use up ``max_learned_macs``.
+4. Ageing: a learned MAC not heard from on its side, and not sent a verified
+   frame from the other sides, for ``mac_ageing_s`` is forgotten, as a
+   bridge forgets it: its virtual engine is dropped and the key server is
+   told to release the mapping (``map_release``), so a flood of made-up
+   source MACs fills the table for at most that long.  A forgotten MAC that
+   encrypted hosts had talked to is learned again at once when one of them
+   sends it a frame (that frame is dropped; the next ones pass), or when it
+   speaks again.
+5. Unmapped (an enrolled host later said hello with a mapped MAC; the key
+   server pushes ``unmapped``): the gateway stops speaking for it and treats
+   it as an encrypted host from then on.
 
 The spoofing rule: the gateway never learns a MAC that the key server has
 bound to an enrolled host, nor one it has seen verified on the encrypted side
@@ -47,13 +61,14 @@ from typing import Callable
 from l2crypt import frame_wire
 from l2crypt.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
 from l2crypt.engine import Delivered, EngineSettings, FrameEngine, use_cipher
+from l2crypt.replay_floor import FloorBook
 
+from .group_policy import group_frame_allowed
 from .tunnel import Tunnel
 
 ENC = "encrypted"
 PLAIN = "plain"
 TUNNEL = "tunnel:"
-GROUP_CROSSING = ("basic", "all", "none")
 PENDING, MAPPED, REFUSED = "pending", "mapped", "refused"
 
 # Drop reasons of the core (the engines and the tunnel add theirs).
@@ -67,9 +82,12 @@ LEARN_HOLD_EXPIRED = "learn_hold_expired"
 UNKNOWN_PEER = "tunnel_unknown_peer"
 TUNNEL_TRANSIT = "tunnel_transit"
 DST_NOT_MAPPED = "dst_not_mapped"
+DST_AGED_OUT = "dst_aged_out"
 OWN_SOURCE = "own_source"
 
 MAX_ENC_SEEN = 65536
+#: Most refused MACs remembered (least recently refused forgotten first).  Tuning.
+MAX_REFUSED_MACS = 4096
 #: Counters of the engines (the gateway's own and the virtual ones) summed in ``snapshot``.
 ENGINE_COUNTERS = ("sealed", "opened", "bytes_sealed", "bytes_opened", "key_requests", "key_answers", "rekeys")
 
@@ -82,6 +100,7 @@ class GatewaySettings:
     learn_hold_age_s: float = 2.0
     refused_cache_s: float = 30.0
     map_retry_s: float = 1.0
+    mac_ageing_s: float = 300.0
 
 
 @dataclass
@@ -96,61 +115,57 @@ class Output:
 
 @dataclass(eq=False)
 class Learned:
+    """One MAC the gateway speaks for (or asked to), on one side.  Owned by ``GatewayCore.table``."""
+
     mac: bytes
     side: str
-    state: str
+    state: str          # PENDING or MAPPED
     since: float
+    last_seen: float    # heard from on its side, or sent a verified frame (ageing)
     asked_at: float = 0.0
-    refused_until: float = 0.0
+    established: bool = False  # an encrypted host's frame to it verified
     held: list = field(default_factory=list)  # (frame, from side, arrived at)
 
 
-def group_frame_allowed(frame: bytes, policy: str) -> bool:
-    """May this group frame cross between the sides?  (see the module docstring)"""
-    if policy == "all":
-        return True
-    if policy == "none" or len(frame) < 14:
-        return False
-    et = int.from_bytes(frame[12:14], "big")
-    if et == 0x0806:  # ARP
-        return True
-    if et == 0x0800 and len(frame) >= 14 + 20 + 4:
-        ihl = (frame[14] & 0x0F) * 4
-        if frame[14 + 9] == 17 and len(frame) >= 14 + ihl + 4:
-            dport = int.from_bytes(frame[14 + ihl + 2:14 + ihl + 4], "big")
-            return dport in (67, 68)
-        return False
-    if et == 0x86DD and len(frame) >= 14 + 40 + 4:
-        nh = frame[14 + 6]
-        if nh == 58:  # ICMPv6: router/neighbour solicitation and advertisement, redirect
-            return 133 <= frame[14 + 40] <= 137
-        if nh == 17:
-            return int.from_bytes(frame[14 + 40 + 2:14 + 40 + 4], "big") in (546, 547)
-    return False
-
-
 class GatewayCore:
+    """``gw_id`` is the gateway's enrolled ID (it names the gateway in tunnel
+    datagrams); ``floors`` the replay floors of every frame engine (a sender
+    has one counter for all of them: a dropped virtual engine's windows are
+    noted there, so a MAC learned again does not reopen frames recorded
+    before); ``tunnel_floors`` those of the tunnel (see ``tunnel``)."""
+
     def __init__(self, gw_mac: bytes, pn_source: Callable[[], int], tunnel_peers: tuple[str, ...] = (),
                  has_plain: bool = True, settings: GatewaySettings = GatewaySettings(),
-                 engine_settings: EngineSettings = EngineSettings()):
+                 engine_settings: EngineSettings = EngineSettings(), gw_id: str = "gateway",
+                 floors: FloorBook | None = None, tunnel_floors: FloorBook | None = None,
+                 now: float | None = None):
         self.gw_mac = bytes(gw_mac)
         self.pn_source = pn_source
+        #: Replay floors of every engine (a sender has one counter for all of them).
+        self.floors = floors
         self.settings = settings
         self.engine_settings = engine_settings
         self.ethertype = engine_settings.ethertype or DEFAULT_ETHERTYPE
         self.has_plain = has_plain
         self.peers = tuple(tunnel_peers)
-        self.main = FrameEngine(self.gw_mac, engine_settings, pn_source())
+        self.main = FrameEngine(self.gw_mac, engine_settings, pn_source(), floors=floors, now0=now)
         self.virtual: dict[bytes, FrameEngine] = {}
-        self.table: dict[bytes, Learned] = {}
+        #: Learned MACs, least recently seen first (ageing walks from the front).
+        self.table: OrderedDict[bytes, Learned] = OrderedDict()
+        #: Refused MACs -> (side, refused until), least recently refused first.
+        self.refused: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        #: Aged-out MACs that encrypted hosts had talked to -> their side (learned
+        #: again when a host sends to one), oldest first, at most ``max_learned_macs``.
+        self.aged: OrderedDict[bytes, str] = OrderedDict()
         self.enc_seen: OrderedDict = OrderedDict()
         self.host_keys: dict[bytes, tuple[str, bytes, int]] = {}
         self.multicast: tuple[bytes, int] | None = None
-        self.map_requests: list[tuple[bytes, str]] = []
-        self.tunnel = Tunnel(self.gw_mac, pn_start=pn_source(),
+        self.map_requests: dict[bytes, str] = {}  # mac -> side, to send (one per MAC)
+        self.map_releases: dict[bytes, str] = {}  # mac -> side, to send
+        self.tunnel = Tunnel(gw_id, self.peers, pn_start=pn_source(),
                              window_frames=engine_settings.replay_window_frames,
                              switch_after_s=engine_settings.switch_after_s,
-                             retire_after_s=engine_settings.retire_after_s)
+                             retire_after_s=engine_settings.retire_after_s, floors=tunnel_floors)
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
 
@@ -173,9 +188,29 @@ class GatewayCore:
             self.counters["to_plain"] += 1
             self.counters["to_plain_bytes"] += len(frame)
         elif side.startswith(TUNNEL):
-            datagram = self.tunnel.seal(frame, now)
+            peer = side[len(TUNNEL):]
+            datagram = self.tunnel.seal(peer, frame, now)
             if datagram is not None:
-                out.to_tunnel.append((side[len(TUNNEL):], datagram))
+                out.to_tunnel.append((peer, datagram))
+
+    def _touch(self, mac: bytes, now: float, talked_to: bool = False) -> None:
+        """``mac`` spoke on its side, or (``talked_to``) a frame from another side went to it: in use."""
+        entry = self.table.get(mac)
+        if entry is not None:
+            entry.last_seen = now
+            entry.established |= talked_to
+            self.table.move_to_end(mac)
+
+    def _relearn(self, mac: bytes, now: float) -> bool:
+        """A frame for ``mac``, which aged out after hosts talked to it: learn it
+        again on its side (the frame itself is dropped).  True if it had aged out."""
+        side = self.aged.pop(mac, None)
+        if side is None:
+            return False
+        self.drops[DST_AGED_OUT] += 1
+        if self._learn(mac, side, now) is not None:
+            self.counters["macs_relearned"] += 1
+        return True
 
     def _deliver(self, mac: bytes, delivered: Delivered, now: float, out: Output) -> None:
         """Frames a virtual engine released: sealed ones to the segment, opened ones to its side."""
@@ -185,6 +220,7 @@ class GatewayCore:
             for frame in delivered.to_tap:
                 self._note_host(frame[6:12])
                 if entry is not None and entry.state == MAPPED:
+                    self._touch(mac, now, talked_to=True)
                     self._to_side(entry.side, frame, now, out)
 
     def _settle(self, mac: bytes, engine: FrameEngine, now: float, out: Output) -> None:
@@ -229,11 +265,13 @@ class GatewayCore:
             return out
         engine = self.virtual.get(dst)
         if engine is None:
-            self.counters["not_for_gateway"] += 1  # between two encrypted hosts
+            if not self._relearn(dst, now):
+                self.counters["not_for_gateway"] += 1  # between two encrypted hosts
             return out
         plain = engine.open_from_wire(frame, now)
         if plain is not None:
             self._note_host(src)
+            self._touch(dst, now, talked_to=True)
             self._to_side(self.table[dst].side, plain, now, out)
         elif engine.holds.pending:
             self._settle(dst, engine, now, out)
@@ -249,13 +287,14 @@ class GatewayCore:
         return out
 
     def from_tunnel(self, peer: str, datagram: bytes, now: float) -> Output:
+        """A datagram from the address of configured peer ``peer``."""
         out = Output()
         if peer not in self.peers:
             self.drops[UNKNOWN_PEER] += 1
             return out
-        opened = self.tunnel.open(datagram, now)
-        if opened is not None:
-            self._from_side(opened[1], TUNNEL + peer, now, out)
+        inner = self.tunnel.open(peer, datagram, now)
+        if inner is not None:
+            self._from_side(inner, TUNNEL + peer, now, out)
         return out
 
     def _from_side(self, frame: bytes, side: str, now: float, out: Output) -> None:
@@ -286,24 +325,63 @@ class GatewayCore:
             if mac in self.enc_seen:
                 self.drops[SPOOFED_SOURCE] += 1
                 return None
+            refused = self.refused.get(mac)
+            if refused is not None:
+                if refused[1] > now:
+                    self.drops[SPOOFED_SOURCE] += 1
+                    return None
+                del self.refused[mac]
             if len(self.table) >= self.settings.max_learned_macs:
                 self.drops[TABLE_FULL] += 1
                 return None
-            entry = self.table[mac] = Learned(mac, side, PENDING, now, asked_at=now)
-            self.map_requests.append((mac, side))
+            entry = self.table[mac] = Learned(mac, side, PENDING, now, now, asked_at=now)
+            self.aged.pop(mac, None)
+            self.map_releases.pop(mac, None)
+            self.map_requests[mac] = side
             self.counters["macs_learned"] += 1
-            return entry
-        if entry.state == REFUSED:
-            if entry.refused_until > now:
-                self.drops[SPOOFED_SOURCE] += 1
-                return None
-            entry.state, entry.side, entry.asked_at = PENDING, side, now
-            self.map_requests.append((mac, side))
             return entry
         if entry.side != side:
             self.drops[MAC_MOVED] += 1
             return None
+        self._touch(mac, now)
         return entry
+
+    def _forget(self, mac: bytes) -> Learned | None:
+        """Stop speaking for ``mac``: its table entry, map request and virtual
+        engine go (the engine's replay windows are noted in ``floors``)."""
+        entry = self.table.pop(mac, None)
+        self.map_requests.pop(mac, None)
+        engine = self.virtual.pop(mac, None)
+        if engine is not None and self.floors is not None:
+            for sender, highest in engine.replay_highest():
+                if highest >= 0:
+                    self.floors.note(sender, highest)
+        return entry
+
+    def _release(self, mac: bytes, side: str) -> None:
+        """Queue a ``map_release`` (at most ``max_learned_macs`` wait; a lost one is
+        released after the next ``map_list`` restores and ages it)."""
+        self.map_releases[mac] = side
+        if len(self.map_releases) > self.settings.max_learned_macs:
+            self.map_releases.pop(next(iter(self.map_releases)))
+
+    def _age_out(self, now: float) -> None:
+        """Forget the MACs idle for ``mac_ageing_s`` (see the module docstring, 4)."""
+        limit = now - self.settings.mac_ageing_s
+        while self.table:
+            mac, entry = next(iter(self.table.items()))
+            if entry.last_seen > limit:
+                break
+            self._forget(mac)
+            if entry.held:
+                self.drops[LEARN_HOLD_EXPIRED] += len(entry.held)
+            self._release(mac, entry.side)  # a pending MAC may be mapped already
+            self.counters["macs_aged_out"] += 1
+            if entry.established and entry.state == MAPPED:
+                self.aged[mac] = entry.side
+                self.aged.move_to_end(mac)
+                if len(self.aged) > self.settings.max_learned_macs:
+                    self.aged.popitem(last=False)
 
     def _forward(self, frame: bytes, side: str, now: float, out: Output) -> None:
         dst = frame[0:6]
@@ -311,6 +389,8 @@ class GatewayCore:
             self._flood_group(frame, side, now, out)
             return
         entry = self.table.get(dst)
+        if entry is None and self._relearn(dst, now):
+            return
         if entry is None or dst in self.enc_seen:
             self._seal_as(frame, now, out)  # an encrypted host (or nobody: the key server says)
             return
@@ -321,6 +401,7 @@ class GatewayCore:
         elif side != PLAIN and entry.side != PLAIN:
             self.drops[TUNNEL_TRANSIT] += 1
         else:
+            self._touch(dst, now, talked_to=True)
             self._to_side(entry.side, frame, now, out)
 
     def _flood_group(self, frame: bytes, side: str, now: float, out: Output) -> None:
@@ -338,9 +419,15 @@ class GatewayCore:
     # ---------------------------------------------------------- key server
 
     def take_map_requests(self) -> list[tuple[bytes, str]]:
-        requests, self.map_requests = self.map_requests, []
+        requests, self.map_requests = list(self.map_requests.items()), {}
         self.counters["map_requests"] += len(requests)
         return requests
+
+    def take_map_releases(self) -> list[bytes]:
+        """MACs aged out: the key server is to release their mapping (``map_release``)."""
+        releases, self.map_releases = list(self.map_releases), {}
+        self.counters["map_releases"] += len(releases)
+        return releases
 
     def on_mapped(self, mac: bytes, side: str, now: float) -> Output:
         """The key server mapped ``mac`` to this gateway (an answer, or a restore after a restart)."""
@@ -348,15 +435,18 @@ class GatewayCore:
         entry = self.table.get(mac)
         if entry is None:
             known = side == PLAIN and self.has_plain or side[len(TUNNEL):] in self.peers
-            if mac in self.enc_seen or not known or len(self.table) >= self.settings.max_learned_macs:
+            if (mac in self.enc_seen or mac in self.refused or not known
+                    or len(self.table) >= self.settings.max_learned_macs):
+                self._release(mac, side)  # the key server must not keep what we do not speak for
                 return out
-            entry = self.table[mac] = Learned(mac, side, PENDING, now)
+            entry = self.table[mac] = Learned(mac, side, PENDING, now, now)
+            self.map_releases.pop(mac, None)
             self.counters["macs_restored"] += 1
         if entry.side != side:
             return out
         entry.state = MAPPED
         if mac not in self.virtual:
-            engine = FrameEngine(mac, self.engine_settings, self.pn_source())
+            engine = FrameEngine(mac, self.engine_settings, self.pn_source(), floors=self.floors, now0=now)
             use_cipher(engine, self.main.cipher)
             if self.multicast is not None:
                 engine.install_multicast_key(self.multicast[0], self.multicast[1], now)
@@ -370,18 +460,27 @@ class GatewayCore:
         return out
 
     def on_map_refused(self, mac: bytes, now: float) -> None:
-        entry = self.table.get(mac)
+        entry = self._forget(mac)
         if entry is None:
             return
         self.drops[SPOOFED_SOURCE] += len(entry.held)
-        entry.held = []
-        entry.state, entry.refused_until = REFUSED, now + self.settings.refused_cache_s
-        self.virtual.pop(mac, None)
+        self.refused[mac] = (entry.side, now + self.settings.refused_cache_s)
+        self.refused.move_to_end(mac)
+        if len(self.refused) > MAX_REFUSED_MACS:
+            self.refused.popitem(last=False)
         self.counters["maps_refused"] += 1
 
+    def on_unmapped(self, mac: bytes) -> None:
+        """The key server gave ``mac`` to an enrolled host: stop speaking for it, never learn it again."""
+        entry = self._forget(mac)
+        if entry is not None:
+            self.drops[SPOOFED_SOURCE] += len(entry.held)
+            self.counters["macs_unmapped"] += 1
+        self._note_host(mac)
+
     def learned(self) -> list[tuple[bytes, str]]:
-        """Every MAC learned and not refused, to announce again after a reconnect."""
-        return [(e.mac, e.side) for e in self.table.values() if e.state != REFUSED]
+        """Every MAC learned (pending or mapped), to announce again after a reconnect."""
+        return [(e.mac, e.side) for e in self.table.values()]
 
     def take_key_requests(self, now: float) -> list[bytes]:
         """Host MACs (or ``engine.GROUP_MAC``) to ask the key server about."""
@@ -398,20 +497,22 @@ class GatewayCore:
                 seen[(kind, mac)] = max(pw_id, seen.get((kind, mac), 0))
         return [(kind, mac, pw_id) for (kind, mac), pw_id in seen.items()]
 
-    def install_pair_key(self, host_mac: bytes, host_id: str, key: bytes, pw_id: int, now: float) -> Output:
+    def install_pair_key(self, host_mac: bytes, host_id: str, key: bytes, pw_id: int, now: float,
+                         age_s: float = 0.0, older=()) -> Output:
         out = Output()
         entry = self.table.get(host_mac)
         if entry is not None:
             if entry.state == MAPPED:
                 return out  # never a host key under a MAC we speak for
-            del self.table[host_mac]  # a host after all: never learn it
+            self._forget(host_mac)  # a host after all: never learn it
         self._note_host(host_mac)
         held = self.host_keys.get(host_mac)
         if held is None or pw_id > held[2]:
             self.host_keys[host_mac] = (host_id, key, pw_id)
         for mac, engine in self.virtual.items():
             if host_mac in engine.peers or host_mac in engine.holds.pending:
-                self._deliver(mac, engine.install_pair_key(host_mac, host_id, key, pw_id, now), now, out)
+                self._deliver(mac, engine.install_pair_key(host_mac, host_id, key, pw_id, now, age_s, older),
+                              now, out)
         self.main.holds.take(host_mac)
         return out
 
@@ -434,8 +535,9 @@ class GatewayCore:
             self.multicast = None
         return changed
 
-    def install_netkey(self, key: bytes, pw_id: int, now: float) -> bool:
-        return self.tunnel.install(key, pw_id, now)
+    def install_tunnel_keys(self, peer: str, pw_id: int, send_key: bytes, recv_key: bytes, now: float) -> bool:
+        """One NETKEY version of the link to ``peer`` (see ``tunnel``); True if new."""
+        return self.tunnel.install(peer, pw_id, send_key, recv_key, now)
 
     def mark_unknown(self, mac: bytes, now: float) -> None:
         for engine in self._engines():
@@ -451,6 +553,7 @@ class GatewayCore:
         for engine in self._engines():
             engine.on_timer(now)
         self.tunnel.on_timer(now)
+        self._age_out(now)
         for entry in self.table.values():
             if entry.state != PENDING:
                 continue
@@ -460,7 +563,7 @@ class GatewayCore:
                 entry.held = keep
             if now - entry.asked_at >= self.settings.map_retry_s:
                 entry.asked_at = now
-                self.map_requests.append((entry.mac, entry.side))
+                self.map_requests[entry.mac] = entry.side
 
     # ------------------------------------------------------------- status
 
@@ -477,8 +580,10 @@ class GatewayCore:
         for engine in self._engines():
             for k in ENGINE_COUNTERS:
                 counters[k] += engine.counters.get(k, 0)
-        learned = [{"mac": frame_wire.format_mac(e.mac), "side": e.side, "state": e.state}
-                   for e in self.table.values()]
+        learned = [{"mac": frame_wire.format_mac(e.mac), "side": e.side, "state": e.state,
+                    "idle_s": round(now - e.last_seen, 1)} for e in self.table.values()]
+        learned += [{"mac": frame_wire.format_mac(mac), "side": side, "state": REFUSED}
+                    for mac, (side, until) in self.refused.items() if until > now]
         hosts = [{"mac": frame_wire.format_mac(m), "id": v[0], "pw_id": v[2]} for m, v in self.host_keys.items()]
         doc = {
             "cipher": self.main.cipher,

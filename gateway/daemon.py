@@ -1,23 +1,30 @@
 """The gateway daemon: ports <-> ``GatewayCore`` <-> key server.
 
 1. Read the gateway identity (enrolled like a host, role gateway) from the
-   state directory; guard the encrypted port (only l2crypt frames leave);
-   quiet the plain port; bind the tunnel socket.
+   state directory; guard the encrypted port (only l2crypt frames arrive or
+   leave); keep the gateway's own stack off the plain port; bind the tunnel
+   socket.
 2. On the asyncio loop every readable port drains up to ``BATCH`` frames
    through the core; the core's output goes to the ports.
 3. The key client says hello with the encrypted port's MAC, then asks for
    the MACs mapped to this gateway (``map_list``, so a restart resumes at
-   once) and for NETKEY; it announces every learned MAC again after a
-   reconnect; key requests, map requests and notices go out as the core
+   once) and for the keys of each tunnel link (``netkey_req peer_id``); it
+   announces every learned MAC again after a reconnect; key requests, map
+   requests, map releases (MACs aged out) and notices go out as the core
    raises them.
-4. A tick every ``TICK_S`` runs the core's timers, persists the packet
-   clock and logs new drops.  ``l2crypt-gateway status`` reads the control
-   socket; Prometheus scrapes ``metrics_listen`` (``gateway.metrics``).
+4. A tick every ``TICK_S`` runs the core's timers, saves the replay floors
+   of the gateway's frame engines (``replay_floors``: one book for all of
+   them, a sender has one counter; loaded before the encrypted port opens)
+   and of the tunnel (``tunnel_replay_floors``), reserves packet numbers
+   ahead of every engine and the tunnel, and logs new drops.
+   ``l2crypt-gateway status`` reads the control socket; Prometheus scrapes
+   ``metrics_listen`` (``gateway.metrics``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -34,7 +41,9 @@ from l2crypt.linux_wire import LinuxWire
 from l2crypt.logs import fields
 from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
 from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
-from l2crypt.port_guard import egress_drops, guard_port
+from l2crypt.port_guard import PortGuard, guard_port
+from l2crypt.replay_floor import FloorBook
+from l2crypt.state_file import FloorFile
 from l2crypt.tls_files import client_context, host_identity
 
 from .config import GatewayConfig, parse_hostport
@@ -47,10 +56,11 @@ log = logging.getLogger("l2crypt.gateway")
 BATCH = 64
 TICK_S = 0.1
 DROP_LOG_S = 10.0
+TUNNEL_FLOORS_FILE = "tunnel_replay_floors"
 
 
 class GatewayKeyClient(KeyClient):
-    """The agent's key client plus the gateway messages (map_req, map_list, netkey_req)."""
+    """The agent's key client plus the gateway messages (map_req, map_release, map_list, netkey_req)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -61,19 +71,25 @@ class GatewayKeyClient(KeyClient):
         self._map_rids[rid] = mac
         return self._send({"t": "map_req", "rid": rid, "mac": mac, "side": side})
 
+    def release_map(self, mac: bytes) -> bool:
+        return self._send({"t": "map_release", "rid": self._next_rid(), "mac": mac})
+
     def request_map_list(self) -> bool:
         return self._send({"t": "map_list", "rid": self._next_rid()})
 
-    def request_netkey(self) -> bool:
-        return self._send({"t": "netkey_req", "rid": self._next_rid()})
+    def request_netkey(self, peer_id: str) -> bool:
+        return self._send({"t": "netkey_req", "rid": self._next_rid(), "peer_id": peer_id})
 
     def _dispatch(self, msg: dict) -> None:
         t = msg["t"]
         if t == "mapped":
             self._map_rids.pop(msg["rid"], None)
             self.events.on_mapped(msg["mac"], msg["side"])
+        elif t == "unmapped":
+            if msg["rid"] == 0:  # a push: an enrolled host took the MAC (else: a map_release answer)
+                self.events.on_unmapped(msg["mac"])
         elif t == "netkey":
-            self.events.on_netkey(msg["key"], msg["pw_id"])
+            self.events.on_netkey(msg["peer_id"], msg["pw_id"], msg["send_key"], msg["recv_key"])
         elif t == "error" and msg["rid"] in self._map_rids:
             self.events.on_map_refused(self._map_rids.pop(msg["rid"]), msg["code"], msg["msg"])
         elif t == "error" and msg["code"] == "no_netkey":
@@ -96,7 +112,14 @@ class Gateway:
         self.gw_id = host_identity(self.state_dir)
         self.ssl_ctx = client_context(self.state_dir)
         self.clock = PacketClock(self.state_dir)
+        self.floors = FloorBook()
+        self.floor_file = FloorFile(self.state_dir)
+        self.tunnel_floors = FloorBook()
+        self.tunnel_floor_file = FloorFile(self.state_dir, name=TUNNEL_FLOORS_FILE)
         self.started_at = time.monotonic()
+        self.guards = {"encrypted": PortGuard(config.encrypted_port, config.ethertype)}
+        if config.plain_port:
+            self.guards["plain"] = PortGuard(config.plain_port, None, egress=False)
         self.enc = self.plain = self.tunnel = None
         self.core: GatewayCore | None = None
         self.client: GatewayKeyClient | None = None
@@ -137,6 +160,8 @@ class Gateway:
     def _to_server(self, now: float) -> None:
         if not self.client.connected:
             return
+        for mac in self.core.take_map_releases():
+            self.client.release_map(mac)
         for mac, side in self.core.take_map_requests():
             self.client.request_map(mac, side)
         for mac in self.core.take_key_requests(now):
@@ -148,7 +173,11 @@ class Gateway:
             self.client.send_notice(kind, mac, pw_id)
         if self.core.tunnel.wants_key and self.tunnel is not None:
             self.core.tunnel.wants_key = False
-            self.client.request_netkey()
+            self._request_tunnel_keys()
+
+    def _request_tunnel_keys(self) -> None:
+        for peer in self.core.peers:
+            self.client.request_netkey(peer)
 
     # ----------------------------------------------------------- key events
 
@@ -156,19 +185,25 @@ class Gateway:
         now = self._loop.time()
         if self.core.use_cipher(msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
+        if msg.get("key_max_age_s"):  # the server's maximum key lifetime, if lower
+            max_age = min(float(msg["key_max_age_s"]), self.core.engine_settings.key_max_age_s)
+            self.core.engine_settings = dataclasses.replace(self.core.engine_settings, key_max_age_s=max_age)
+            for engine in self.core._engines():
+                engine.set_key_max_age(max_age)
         self._send(self.core.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], now))
         self.client.request_map_list()
         for mac, side in self.core.learned():
             self.client.request_map(mac, side)
         if self.tunnel is not None:
-            self.client.request_netkey()
+            self._request_tunnel_keys()
         for engine in self.core._engines():
             for entry in engine.holds.pending.values():
                 entry.next_request_at = 0.0
         self._to_server(now)
 
-    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
-        self._send(self.core.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time()))
+    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int,
+               age_s: int = 0, older: list = ()) -> None:
+        self._send(self.core.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time(), age_s, older))
 
     def on_unknown(self, peer_mac: bytes) -> None:
         self.core.mark_unknown(peer_mac, self._loop.time())
@@ -195,9 +230,26 @@ class Gateway:
         log.warning("mac_refused", extra=fields(mac=format_mac(mac), code=code, reason=text))
         self.core.on_map_refused(mac, self._loop.time())
 
-    def on_netkey(self, key: bytes, pw_id: int) -> None:
-        if self.core.install_netkey(key, pw_id, self._loop.time()):
-            log.info("netkey_installed", extra=fields(pw_id=pw_id))
+    def on_unmapped(self, mac: bytes) -> None:
+        log.warning("mac_unmapped", extra=fields(mac=format_mac(mac), reason="an enrolled host said hello with it"))
+        self.core.on_unmapped(mac)
+
+    def on_netkey(self, peer_id: str, pw_id: int, send_key: bytes, recv_key: bytes) -> None:
+        if self.core.install_tunnel_keys(peer_id, pw_id, send_key, recv_key, self._loop.time()):
+            log.info("netkey_installed", extra=fields(peer=peer_id, pw_id=pw_id))
+
+    # ------------------------------------------------ floors and packet clock
+
+    def _replay_highest(self):
+        for engine in self.core._engines():
+            yield from engine.replay_highest()
+
+    def _reserve(self) -> None:
+        """Reserve packet numbers ahead of every frame engine and the tunnel (``packet_clock``)."""
+        senders = [*self.core._engines(), self.core.tunnel]
+        limit = self.clock.reserve(max(e.send_pn for e in senders))
+        for sender in senders:
+            sender.pn_limit = limit
 
     # --------------------------------------------------------------- status
 
@@ -214,9 +266,17 @@ class Gateway:
             "keyserver": self.client.server,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "egress_blocked": egress_drops(self.config.encrypted_port),
         })
+        readings = self.guard_readings()
+        doc.update(readings["encrypted"])  # port_guard, inbound_refused, egress_blocked
+        if "plain" in readings:
+            doc.update({"plain_port_guard": readings["plain"]["port_guard"],
+                        "plain_inbound_refused": readings["plain"]["inbound_refused"]})
         return doc
+
+    def guard_readings(self) -> dict[str, dict]:
+        """Port ("encrypted", "plain") -> its guard as the kernel has it now."""
+        return {name: guard.read() for name, guard in self.guards.items()}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -224,11 +284,19 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         gw_mac = _port_mac(cfg.encrypted_port)
-        guard_port(cfg.encrypted_port, cfg.ethertype)
+        if cfg.tunnel_listen:
+            restored = self.tunnel_floor_file.load(self.tunnel_floors, self._loop.time())
+            log.info("tunnel_replay_floors_restored", extra=fields(peers=restored))
+        self.guards["encrypted"] = await asyncio.to_thread(guard_port, cfg.encrypted_port, cfg.ethertype)
+        now = self._loop.time()
+        restored = self.floor_file.load(self.floors, now)
+        if not self.floor_file.save(self.floors, (), now):
+            raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
+        log.info("replay_floors_loaded", extra=fields(senders=restored))
         try:
             self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
             if cfg.plain_port:
-                quiet_port(cfg.plain_port)
+                self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
                 self.plain = PlainPort(cfg.plain_port)
             if cfg.tunnel_listen:
                 self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())
@@ -242,8 +310,10 @@ class Gateway:
                 has_plain=self.plain is not None,
                 settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
                                          learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
-                                         refused_cache_s=cfg.refused_cache_s),
-                engine_settings=settings)
+                                         refused_cache_s=cfg.refused_cache_s, mac_ageing_s=cfg.mac_ageing_s),
+                engine_settings=settings, gw_id=self.gw_id, floors=self.floors,
+                tunnel_floors=self.tunnel_floors, now=now)
+            self._reserve()
             self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self)
             await self._serve()
         finally:
@@ -281,10 +351,14 @@ class Gateway:
                 except asyncio.TimeoutError:
                     pass
                 now = loop.time()
+                if self.floor_file.save_due(now):
+                    self.floor_file.save(self.floors, self._replay_highest(), now)
                 self.core.on_timer(now)
+                if self.tunnel is not None and self.tunnel_floor_file.save_due(now):
+                    self.tunnel_floor_file.save(self.tunnel_floors, self.core.tunnel.highest(), now)
                 self._to_server(now)
                 if now - last_persist >= PERSIST_INTERVAL_S:
-                    self.clock.persist()
+                    self._reserve()
                     last_persist = now
                 if now - last_log >= DROP_LOG_S:
                     new = self.core.all_drops() - self._logged
@@ -303,7 +377,8 @@ class Gateway:
             control.close()
             if metrics is not None:
                 metrics.close()
-            self.clock.persist()
+            self.floor_file.save(self.floors, self._replay_highest(), loop.time(), stopped=True)
+            self._reserve()
             try:
                 self.config.socket_path.unlink()
             except OSError:

@@ -1,7 +1,8 @@
 """Prometheus metrics of the gateway (``metrics_listen``, 127.0.0.1:9480 by default).
 
 Read at scrape time from what the gateway already counts (the core's
-``counters`` and drops, its engines' and tunnel's counters, the key client),
+``counters`` and drops, its engines' and tunnel's counters, the key client,
+the port guards' nftables counters),
 on the gateway's own loop (``l2crypt.metrics.serve_metrics``): the packet path
 pays nothing.  Ports are ``encrypted`` (sealed frames on the segment),
 ``tunnel`` (NETKEY-sealed datagrams to peer gateways) and ``plain`` (clear
@@ -16,7 +17,7 @@ from collections import Counter
 from prometheus_client.core import Metric
 
 from l2crypt.frame_wire import format_mac
-from l2crypt.metrics import counter, gauge
+from l2crypt.metrics import counter, gauge, port_guard_metrics
 
 from .core import ENGINE_COUNTERS
 
@@ -72,8 +73,13 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         counter("l2crypt_gateway_macs_learned", "MACs learned on the plain or tunnel side.", c["macs_learned"]),
         counter("l2crypt_gateway_maps_refused", "MACs the key server refused to map (spoofing).",
                 c["maps_refused"]),
+        counter("l2crypt_gateway_macs_aged_out", "Learned MACs forgotten after mac_ageing_s without traffic.",
+                c["macs_aged_out"]),
     ]
+    out += port_guard_metrics("l2crypt_gateway_port_guard_intact", "l2crypt_gateway_port_guard_frames_dropped",
+                              gw.guard_readings())
     states: Counter = Counter((entry.side, entry.state) for entry in core.table.values())
+    states.update((side, "refused") for side, until in core.refused.values() if until > now)
     out.append(gauge("l2crypt_gateway_macs", "MACs the gateway knows on its sides, by side and state.",
                      labels=("side", "state"), samples=[([side, state], n) for (side, state), n in sorted(states.items())]))
     out.append(gauge("l2crypt_gateway_hosts", "Encrypted hosts the gateway holds a pair key for.",
@@ -87,7 +93,7 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         out.append(gauge("l2crypt_gateway_multicast_key_age_seconds", "Age of the current multicast key.",
                          round(now - group.created_at, 3)))
         out.append(gauge("l2crypt_gateway_multicast_key_pw_id", "Current multicast key version.", group.pw_id))
-    netkey = core.tunnel.ring.current
+    netkey = core.tunnel.current()
     if netkey is not None:
         out.append(gauge("l2crypt_gateway_netkey_age_seconds", "Age of the NETKEY version sent with.",
                          round(now - netkey.created_at, 3)))

@@ -1,9 +1,17 @@
 """The gateway's plain port and tunnel socket (the encrypted port is ``l2crypt.linux_wire``).
 
+* ``quiet_port``: the plain port carries clear frames by design, but the
+  gateway's own IP stack must stay off it (with the weak host model it would
+  otherwise take a datagram for the gateway's WAN or management address
+  from any plain host).  Its guard (``l2crypt.port_guard``) has an ingress
+  chain that drops every frame, counted as ``inbound_refused``, and no egress
+  chain (the gateway writes clear frames there); the kernel hands frames to
+  ETH_P_ALL packet sockets, ``PlainPort`` among them, before that hook, so the
+  gateway still reads every EtherType.  The host stack is turned off the port
+  as on the wire port (no address, no IPv6, no ARP, strict rp_filter).
 * ``PlainPort``: an AF_PACKET socket for every EtherType on the full-decrypt
   uplink, promiscuous (it bridges for every MAC behind it), never seeing its
-  own frames (PACKET_IGNORE_OUTGOING).  The port gets no IPv6 and no ARP, so
-  the gateway's own stack never talks on it.
+  own frames (PACKET_IGNORE_OUTGOING).
 * ``TunnelSocket``: one UDP socket for every inter-subnet peer; datagrams
   from an address that is not a configured peer are counted and dropped.
   Fragmentation is allowed (a full-size inner frame plus the tunnel overhead
@@ -14,11 +22,10 @@ from __future__ import annotations
 
 import socket
 import struct
-import subprocess
-from pathlib import Path
 
 from l2crypt.errors import LocalError
 from l2crypt.linux_wire import PACKET_IGNORE_OUTGOING, SOL_PACKET, LinuxWire
+from l2crypt.port_guard import PortGuard, take_over
 
 ETH_P_ALL = 0x0003
 PACKET_ADD_MEMBERSHIP = 1
@@ -29,18 +36,10 @@ MAX_FRAME = 65536
 BUFFER_BYTES = 4 * 1024 * 1024
 
 
-def quiet_port(port: str) -> None:
-    """No IPv6, no ARP, no addresses, up: the host stack stays off the plain side."""
-    if not Path(f"/sys/class/net/{port}").exists():
-        raise LocalError(f"plain port {port!r} does not exist")
-    ipv6 = Path(f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6")
-    if ipv6.exists():
-        ipv6.write_text("1\n")
-    for argv in (["ip", "link", "set", "dev", port, "arp", "off"], ["ip", "addr", "flush", "dev", port],
-                 ["ip", "link", "set", "dev", port, "up"]):
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        if res.returncode != 0:
-            raise LocalError(f"cannot prepare plain port {port}: {res.stderr.strip()}")
+def quiet_port(port: str) -> PortGuard:
+    """Keep the gateway's own stack off the plain ``port``, then bring it up (see
+    the module docstring).  Returns its guard (for ``read``).  Raises LocalError."""
+    return take_over(PortGuard(port, None, egress=False), "plain port")
 
 
 class PlainPort(LinuxWire):

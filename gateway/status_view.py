@@ -67,8 +67,10 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     if doc.get("tunnel_unknown_sender"):
         drops["tunnel_unknown_sender"] = doc["tunnel_unknown_sender"]
     console.print("drops: " + ("  ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
-    if doc.get("egress_blocked") is not None:
-        console.print(f"frames blocked by the port guard: {doc['egress_blocked']}")
+    for port_key, prefix in (("encrypted_port", ""), ("plain_port", "plain_")):
+        line = agent_view.guard_line(doc, doc.get(port_key), prefix)
+        if line:
+            console.print(line)
 
 
 # --- live rates -------------------------------------------------------------------------

@@ -1,129 +1,147 @@
-"""The sans-I/O tunnel of the inter-subnet port: frames in, NETKEY-sealed datagrams out.
+"""The sans-I/O tunnel of the inter-subnet port: frames in, sealed datagrams out.
 
-* NETKEY versions (PW_ID) live in a ``KeyRing`` (make before break): the key
-  server pushes a new version to every gateway of both segments at once;
-  receiving accepts every version held; sending moves to the new version once
-  a peer gateway is seen using it, or ``switch_after_s`` after it arrived; the
-  old version is dropped ``retire_after_s`` after the switch.
-* Each (sender gateway, PW_ID) has its own receive key and replay window
-  (``replay.ReplayWindow``, checked before and moved only after the tag verified).
-  A sender's state is kept only once one of its datagrams verified, for at
-  most ``MAX_SENDERS`` senders; a verified datagram of one more sender is
-  dropped (``tunnel_too_many_senders``), never accepted without replay state.
-* ``seal`` never raises; ``open`` never raises and counts every drop in
-  ``drops`` under a reason name.
+One *link* per configured peer gateway (named by its enrolled ID).  The key
+server hands the gateway, for every NETKEY version (PW_ID), the key of each
+direction of each link (``l2crypt.tunnel_keys``); NETKEY itself never
+reaches a gateway.
+
+1. ``install(peer, pw_id, send_key, recv_key, now)``: a link's versions live
+   in a ``KeyRing`` (make before break): receiving accepts every version
+   held; sending moves to a new version once the peer is seen using it, or
+   ``switch_after_s`` after it arrived; the old one is dropped
+   ``retire_after_s`` after the switch (its replay window's top is noted in
+   the floors first).
+2. ``seal(peer, frame, now)``: the link's current version, the next packet
+   number.  One counter for all links; ``on_timer`` raises it to the clock
+   (``replay_floor.raise_to_clock``), so a receiver can bound it after a
+   restart.
+3. ``open(peer, datagram, now)``, where ``peer`` is the configured peer whose
+   address the datagram came from: parse the header (``tunnel_wire``); the
+   sender tag must be a configured peer's (``tunnel_unknown_tag``: dropped
+   before any state is looked up) and that peer must be ``peer``
+   (``tunnel_tag_address``); find the version; check the replay window,
+   open, and only then move the window.  The state per (peer, version) is
+   made when the key arrives: forged tags use up nothing.
+4. Replay floors (``floors``, a ``replay_floor.FloorBook`` the daemon
+   restores from and saves to ``tunnel_replay_floors`` in the state
+   directory): every new replay window of a peer starts at that peer's
+   floor, so datagrams recorded before a restart of this gateway are refused
+   when the same NETKEY versions come back.  While the floors are not saved
+   (``stale``), nothing is accepted (``tunnel_floors_unsaved``).
+
+``seal`` and ``open`` never raise; every drop is counted in ``drops`` under a
+reason name.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from l2crypt import aead
 from l2crypt.constants import MAX_PACKET_NUMBER
 from l2crypt.key_ring import KeyRing
 from l2crypt.replay import ReplayWindow
+from l2crypt.replay_floor import FloorBook, raise_to_clock
+from l2crypt.tunnel_keys import TUNNEL_CIPHER, sender_tag
 
 from . import tunnel_wire
-
-_TUNNEL_INFO = b"l2crypt v1 tunnel"
-MAX_SENDERS = 256
 
 # Drop reasons (tunnel_wire adds the format ones).
 NO_NETKEY = "tunnel_no_netkey"
 STALE_NETKEY = "tunnel_stale_netkey"
 REPLAYED = "tunnel_replayed"
 BAD_TAG = "tunnel_bad_tag"
-OWN_DATAGRAM = "tunnel_own_datagram"
 PN_EXHAUSTED = "tunnel_pn_exhausted"
-TOO_MANY_SENDERS = "tunnel_too_many_senders"
+PN_UNRESERVED = "tunnel_pn_unreserved"
+UNKNOWN_TAG = "tunnel_unknown_tag"
+TAG_ADDRESS = "tunnel_tag_address"
+FLOORS_UNSAVED = "tunnel_floors_unsaved"
+
+#: A datagram under a newer NETKEY version asks the key server again at most this often (seconds).
+KEY_RETRY_S = 1.0
 
 
-def tunnel_sender_key(netkey: bytes, pw_id: int, sender: bytes) -> bytes:
-    """The key one gateway seals tunnel datagrams with under one NETKEY version."""
-    info = _TUNNEL_INFO + sender + pw_id.to_bytes(4, "big")
-    return HKDF(algorithm=hashes.SHA256(), length=aead.KEY_LEN, salt=None, info=info).derive(netkey)
+@dataclass(slots=True, eq=False)
+class LinkKey:
+    """One NETKEY version of one link, as this gateway holds it."""
 
-
-@dataclass(eq=False)
-class NetKey:
-    """One NETKEY version as one gateway holds it."""
-
-    cipher: str
-    key: bytes
     pw_id: int
     send_aead: object
+    recv_aead: object
+    replay: ReplayWindow  # of the peer's datagrams under this version
     created_at: float
-    window_frames: int
-    receivers: dict = field(default_factory=dict)  # sender -> (aead, ReplayWindow)
 
-    def receiver(self, sender: bytes):
-        """(aead, replay window) for ``sender``; a new sender's state is not kept
-        until ``remember`` (after its tag verified): forged sender tags use up nothing."""
-        state = self.receivers.get(sender)
-        if state is None:
-            state = (aead.make_aead(self.cipher, tunnel_sender_key(self.key, self.pw_id, sender)),
-                     ReplayWindow(self.window_frames))
-        return state
 
-    def remember(self, sender: bytes, state) -> bool:
-        """Keep a verified sender's state; False when ``MAX_SENDERS`` are kept already."""
-        if sender in self.receivers:
-            return True
-        if len(self.receivers) >= MAX_SENDERS:
-            return False
-        self.receivers[sender] = state
-        return True
+@dataclass(slots=True, eq=False)
+class Link:
+    """One configured peer gateway.  Owned by its ``Tunnel``."""
+
+    name: str
+    tag: bytes
+    keys: KeyRing
 
 
 class Tunnel:
-    """NETKEY state of one gateway; shared by all of its inter-subnet peers."""
+    """The links of one gateway to its inter-subnet peers."""
 
-    def __init__(self, my_tag: bytes, cipher: str = aead.AES_256_GCM, pn_start: int = 1,
-                 window_frames: int = 2048, switch_after_s: float = 2.0, retire_after_s: float = 30.0):
-        self.my_tag = bytes(my_tag)
-        self.cipher = cipher
+    def __init__(self, my_id: str, peers: tuple[str, ...] = (), pn_start: int = 1, window_frames: int = 2048,
+                 switch_after_s: float = 2.0, retire_after_s: float = 30.0, floors: FloorBook | None = None):
+        self.my_tag = sender_tag(my_id)
+        self.cipher = TUNNEL_CIPHER
+        self.links = {name: Link(name, sender_tag(name), KeyRing()) for name in peers}
+        self.by_tag = {link.tag: link for link in self.links.values()}
+        if len(self.by_tag) != len(peers):
+            raise ValueError("two tunnel peers have the same sender tag; rename one")
         self.send_pn = pn_start
+        #: The highest number the packet clock has reserved on disk (set by the
+        #: daemon; ``tunnel_pn_unreserved`` above it).
+        self.pn_limit = MAX_PACKET_NUMBER
+        self._clock_base: tuple[int, float] | None = None  # (pn_start, engine time of the first tick)
         self.window_frames = window_frames
         self.switch_after_s = switch_after_s
         self.retire_after_s = retire_after_s
-        self.ring: KeyRing[NetKey] = KeyRing()
+        self.floors = floors
+        self.newest_pw_id = 0
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
-        self.wants_key = False  # a datagram under a newer NETKEY arrived
+        self.wants_key = False  # a datagram under a newer NETKEY arrived: ask the key server
+        self._asked_at = float("-inf")
 
-    def install(self, key: bytes, pw_id: int, now: float) -> bool:
-        """Offer a NETKEY version; True if it was new."""
-        slot = NetKey(self.cipher, key, pw_id,
-                      aead.make_aead(self.cipher, tunnel_sender_key(key, pw_id, self.my_tag)),
-                      now, self.window_frames)
-        had_key = self.ring.newest_pw_id() > 0
-        new = self.ring.offer(slot, now)
-        if new:
+    # ------------------------------------------------------------- keys
+
+    def install(self, peer: str, pw_id: int, send_key: bytes, recv_key: bytes, now: float) -> bool:
+        """Offer one version of the link to ``peer``; True if it was new."""
+        link = self.links.get(peer)
+        if link is None or link.keys.lookup(pw_id) is not None:
+            return False  # never a fresh window under a version held
+        floor = self.floors.floor(link.tag) if self.floors is not None else 0
+        slot = LinkKey(pw_id, aead.make_aead(self.cipher, send_key), aead.make_aead(self.cipher, recv_key),
+                       ReplayWindow(self.window_frames, floor=floor), now)
+        if not link.keys.offer(slot, now, self.retire_after_s):
+            return False
+        if pw_id > self.newest_pw_id:
             self.counters["netkey_installs"] += 1
-            self.counters["netkey_rekeys"] += had_key
-        return new
+            self.counters["netkey_rekeys"] += self.newest_pw_id > 0
+            self.newest_pw_id = pw_id
+        return True
 
-    def use_cipher(self, cipher: str) -> None:
-        if cipher != self.cipher:
-            self.cipher = cipher
-            self.ring = KeyRing()
+    # ----------------------------------------------------------- sending
 
-    def seal(self, frame: bytes, now: float) -> bytes | None:
-        ring = self.ring
-        if ring.due_switch(now, self.switch_after_s):
+    def seal(self, peer: str, frame: bytes, now: float) -> bytes | None:
+        link = self.links.get(peer)
+        ring = link.keys if link is not None else None
+        if ring is not None and ring.due_switch(now, self.switch_after_s):
             ring.promote(now, self.retire_after_s)
-        slot = ring.current
+        slot = ring.current if ring is not None else None
         if slot is None:
             self.drops[NO_NETKEY] += 1
             return None
         pn = self.send_pn
-        if pn > MAX_PACKET_NUMBER:
-            self.drops[PN_EXHAUSTED] += 1
+        if pn > self.pn_limit:
+            self.drops[PN_EXHAUSTED if pn > MAX_PACKET_NUMBER else PN_UNRESERVED] += 1
             return None
         self.send_pn = pn + 1
         aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn)
@@ -131,52 +149,86 @@ class Tunnel:
         self.counters["tunnel_bytes_sealed"] += len(frame)
         return aad + slot.send_aead.encrypt(aead.nonce(pn), frame, aad)
 
-    def open(self, datagram: bytes, now: float) -> tuple[bytes, bytes] | None:
-        """(sender tag, inner frame), or None (dropped and counted)."""
+    # --------------------------------------------------------- receiving
+
+    def open(self, peer: str, datagram: bytes, now: float) -> bytes | None:
+        """The inner frame of a datagram from ``peer``'s address, or None (dropped and counted)."""
         header = tunnel_wire.decode_header(datagram)
         if isinstance(header, str):
             self.drops[header] += 1
             return None
         sender, pw_id, pn = header
-        if sender == self.my_tag:
-            self.drops[OWN_DATAGRAM] += 1
+        link = self.by_tag.get(sender)
+        if link is None:
+            self.drops[UNKNOWN_TAG] += 1
             return None
-        slot = self.ring.lookup(pw_id)
+        if link.name != peer:
+            self.drops[TAG_ADDRESS] += 1
+            return None
+        slot = link.keys.lookup(pw_id)
         if slot is None:
-            if pw_id > self.ring.newest_pw_id():
+            if pw_id > link.keys.newest_pw_id():
                 self.drops[NO_NETKEY] += 1
-                self.wants_key = True
+                if now - self._asked_at >= KEY_RETRY_S:  # forged versions cost one request a second
+                    self.wants_key, self._asked_at = True, now
             else:
                 self.drops[STALE_NETKEY] += 1
             return None
-        state = slot.receiver(sender)
-        recv, window = state
-        if not window.check(pn):
+        if self.floors is not None and self.floors.stale(now):
+            self.drops[FLOORS_UNSAVED] += 1
+            return None
+        if not slot.replay.check(pn):
             self.drops[REPLAYED] += 1
             return None
         try:
-            inner = recv.decrypt(aead.nonce(pn), tunnel_wire.body_of(datagram), tunnel_wire.aad_of(datagram))
+            inner = slot.recv_aead.decrypt(aead.nonce(pn), tunnel_wire.body_of(datagram),
+                                           tunnel_wire.aad_of(datagram))
         except InvalidTag:
             self.drops[BAD_TAG] += 1
             return None
-        if not slot.remember(sender, state):  # without kept replay state it could be replayed
-            self.drops[TOO_MANY_SENDERS] += 1
-            return None
-        window.update(pn)
-        if slot is self.ring.next:
-            self.ring.peer_used(pw_id, now, self.retire_after_s)
+        slot.replay.update(pn)
+        if slot is link.keys.next:
+            link.keys.peer_used(pw_id, now, self.retire_after_s)
         self.counters["tunnel_opened"] += 1
         self.counters["tunnel_bytes_opened"] += len(inner)
-        return sender, inner
+        return inner
+
+    # ------------------------------------------------------------ timers
 
     def on_timer(self, now: float) -> None:
-        if self.ring.due_switch(now, self.switch_after_s):
-            self.ring.promote(now, self.retire_after_s)
-        self.ring.expire(now)
+        """Call every tick: switches and retires versions, keeps the counter on the clock."""
+        if self._clock_base is None:
+            self._clock_base = (self.send_pn, now)
+        self.send_pn = raise_to_clock(self.send_pn, self._clock_base[0], self._clock_base[1], now)
+        for link in self.links.values():
+            ring = link.keys
+            if ring.due_switch(now, self.switch_after_s):
+                ring.promote(now, self.retire_after_s)
+            retiring = ring.previous
+            if ring.expire(now) and self.floors is not None:
+                self.floors.note(link.tag, retiring.replay.highest)
+
+    def highest(self) -> list[tuple[bytes, int]]:
+        """(peer tag, highest packet number verified) of every window: for ``FloorBook.save``."""
+        return [(link.tag, slot.replay.highest) for link in self.links.values()
+                for slot in (link.keys.previous, link.keys.current, link.keys.next)
+                if slot is not None and slot.replay.highest >= 0]
+
+    # ------------------------------------------------------------ status
+
+    def current(self) -> LinkKey | None:
+        """The newest version sent with on any link (for the NETKEY age and PW_ID)."""
+        slots = [link.keys.current for link in self.links.values() if link.keys.current is not None]
+        return max(slots, key=lambda s: s.pw_id) if slots else None
 
     def snapshot(self) -> dict:
-        ring = self.ring
+        held = {s.pw_id for link in self.links.values()
+                for s in (link.keys.previous, link.keys.current, link.keys.next) if s is not None}
+        current = self.current()
         return {
-            "netkey_pw_id": ring.current.pw_id if ring.current else None,
-            "netkey_pw_ids_held": sorted(s.pw_id for s in (ring.previous, ring.current, ring.next) if s),
+            "netkey_pw_id": current.pw_id if current else None,
+            "netkey_pw_ids_held": sorted(held),
+            "tunnel_links": [{"peer": link.name, "tag": link.tag.hex(),
+                              "pw_id": link.keys.current.pw_id if link.keys.current else None}
+                             for link in self.links.values()],
         }

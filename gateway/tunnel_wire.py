@@ -5,16 +5,19 @@ Layout (offsets in bytes)::
      0     1      2          8        12               20                   -16
     +-----+------+----------+--------+----------------+--------------------+-----+
     | ver | kind | sender   | PW_ID  | packet number  | ciphertext of the  | tag |
-    | u8  | u8   | 6 bytes  | u32 BE | u64 BE         | whole inner frame  |16 B |
-    | =1  | =1   | (gw MAC) |        |                | (DA SA type data)  |     |
+    | u8  | u8   | tag      | u32 BE | u64 BE         | whole inner frame  |16 B |
+    | =2  | =1   | 6 bytes  |        |                | (DA SA type data)  |     |
     +-----+------+----------+--------+----------------+--------------------+-----+
     \_________________ authenticated data (AAD), 20 bytes ____/
 
-* ``sender`` names the sending gateway (the MAC of its encrypted port); with
-  the PW_ID it selects the NETKEY version and the receive state.
-* The sending key is ``HKDF(NETKEY, "l2crypt v1 tunnel" | sender | PW_ID)``:
-  every gateway has its own key under one NETKEY version, so one packet
-  counter per gateway keeps every (key, nonce) pair unique.
+* ``sender`` names the sending gateway (``tunnel_keys.sender_tag`` of its
+  enrolled ID); with the PW_ID (the NETKEY version) it selects the receive
+  state.  The receiver knows the tag of every configured peer and takes a
+  tag only from that peer's address.
+* The key is the link key of that direction (``l2crypt.tunnel_keys``): one
+  key per (sending gateway, receiving gateway, PW_ID), and one packet counter
+  per gateway, so every (key, nonce) pair is unique.  Version 1 (one key per
+  sender, derived by every gateway from NETKEY) is not accepted.
 * The nonce is 4 zero bytes and the packet number, as for data frames.
 
 The overhead is 36 bytes over the inner frame (plus IP and UDP headers).
@@ -31,9 +34,9 @@ from typing import NamedTuple
 
 from l2crypt.constants import TAG_LEN
 
-TUNNEL_VERSION = 1
+TUNNEL_VERSION = 2
 KIND_DATA = 1
-HEADER = struct.Struct("!BB6sIQ")  # version, kind, sender, PW_ID, packet number
+HEADER = struct.Struct("!BB6sIQ")  # version, kind, sender tag, PW_ID, packet number
 HEADER_LEN = HEADER.size  # 20
 #: The smallest inner frame: DA, SA and the EtherType.
 MIN_INNER_FRAME = 14

@@ -2,7 +2,7 @@
 
     keyserverd [--config FILE] [--state-dir DIR] [--listen HOST:PORT] ...   serve
     keyserverd serve [same options]
-    keyserverd host add ID [--mac MAC] [--role host|gateway] [--ttl S] [--server HOST:PORT] [--json]
+    keyserverd host add ID [--mac MAC] [--ip IP]... [--role host|gateway] [--ttl S] [--server HOST:PORT] [--json]
     keyserverd host list [--json]
     keyserverd host revoke ID
     keyserverd rekey (--pair ID1 ID2 | --all | --multicast)
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ipaddress
 import json
 import logging
+import resource
 import signal
 import socket
 import sqlite3
@@ -35,7 +37,7 @@ import click
 from l2crypt.constants import KEYSERVER_TLS_NAME
 from l2crypt.errors import ConfigError, L2cryptError
 from l2crypt.frame_wire import format_mac, is_group_address, parse_mac
-from l2crypt.ks_messages import valid_host_id
+from l2crypt.ks_messages import MAX_PEER_IPS, valid_host_id
 
 from .ca import ROLES, CertificateAuthority
 from l2crypt.control import query_status, serve_control
@@ -46,7 +48,7 @@ from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config, pars
 from .metrics import KeyServerMetrics
 from .status import render as render_status
 from .status import snapshot as status_snapshot
-from .server import KeyServer, make_server_ssl_context
+from .server import ConnectionLimits, KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .kek import DEFAULT_KEK_FILE, create_kek_file, load_kek, read_kek_file, replace_kek_file
 from .netkey_peering import NETKEY_FILE, NetkeyBook
@@ -55,6 +57,8 @@ from .stores import open_configured_store
 from .tokens import hash_token, new_token
 
 DB_FILE = "keyserver.db"
+#: File descriptors wanted beyond ``max_connections`` (database, sockets, peering, logs).
+FD_HEADROOM = 256
 #: click >= 8.2 raises this for a group called without a subcommand.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 PROG = "keyserverd"
@@ -95,6 +99,18 @@ def _serve_options(f):
     f = click.option("--retire-after-s", type=float, help="Seconds a superseded key version is kept.")(f)
     f = click.option("--multicast-rekey-after-s", type=float, help="Rotate the multicast key after this many seconds.")(f)
     f = click.option("--rekey-after-s", type=float, help="Rotate pair keys after this many seconds.")(f)
+    f = click.option("--require-pinned-ips/--no-require-pinned-ips", default=None,
+                     help="Layer-3 hosts bind only the addresses of `host add --ip` [default: on].")(f)
+    f = click.option("--require-pinned-macs/--no-require-pinned-macs", default=None,
+                     help="Hosts bind only the MAC of `host add --mac` [default: off].")(f)
+    f = click.option("--unauth-deadline-s", type=float,
+                     help="Seconds a client without a certificate may stay connected in all [default: 30].")(f)
+    f = click.option("--max-unauthenticated-connections", type=int,
+                     help="Connections without a client certificate open at once [default: 256].")(f)
+    f = click.option("--max-connections-per-host", type=int,
+                     help="Connections one enrolled host may hold at once [default: 8].")(f)
+    f = click.option("--max-connections", type=int,
+                     help="Connections open at once, handshakes included [default: 4096].")(f)
     f = click.option("--unauth-idle-s", type=float, help="Seconds a client without a certificate may stay silent.")(f)
     f = click.option("--metrics-listen", metavar="HOST:PORT",
                      help='Prometheus endpoint (GET /metrics) [default: 127.0.0.1:9479]; "" turns it off.')(f)
@@ -161,14 +177,18 @@ def host(ctx: click.Context, **opts) -> None:
 
 @host.command("add")
 @click.argument("host_id", metavar="ID")
-@click.option("--mac", help="Pin the host to this MAC (otherwise its first hello binds one).")
+@click.option("--mac", help="Pin the host to this MAC (otherwise its first hello binds one, "
+                            "unless require_pinned_macs is on).")
+@click.option("--ip", "ips", multiple=True, metavar="IPV4",
+              help="Pin a layer-3 address to the host (repeatable); with require_pinned_ips (the default) "
+                   "a layer-3 host binds only these.")
 @click.option("--role", type=click.Choice(ROLES), default="host", show_default=True)
 @click.option("--ttl", "ttl_s", type=click.IntRange(min=1), help="Token lifetime in seconds (default: token_ttl_s).")
 @click.option("--server", help="HOST:PORT the host should enroll against (for the printed join line).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_common_options
 @click.pass_context
-def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
+def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> None:
     """Create a host and print its one-time enrollment token."""
     config = _config(_merged(ctx, opts))
     if not valid_host_id(host_id) or host_id == KEYSERVER_TLS_NAME:
@@ -183,6 +203,9 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
             raise click.BadParameter(str(exc), param_hint="--mac") from None
         if is_group_address(mac_bytes):
             raise click.BadParameter(f"{mac} is a multicast/broadcast address", param_hint="--mac")
+    ip_bytes = [_parse_host_ip(ip) for ip in dict.fromkeys(ips)]
+    if len(ip_bytes) > MAX_PEER_IPS:
+        raise click.BadParameter(f"at most {MAX_PEER_IPS} addresses per host", param_hint="--ip")
     if server is None:
         server = _default_server(config)
     ca = CertificateAuthority.open(config.state_dir)
@@ -191,7 +214,13 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
     token = new_token()
     store = open_configured_store(config, now)
     try:
+        for ip in ip_bytes:
+            holder = store.host_id_by_ip(ip)
+            if holder is not None:
+                raise L2cryptError(f"IP {socket.inet_ntoa(ip)} is already bound to host {holder!r}")
         store.add_host(host_id, mac_bytes, role, hash_token(token), expires, now)
+        for ip in ip_bytes:
+            store.bind_ip(host_id, ip)
     finally:
         store.close()
     fingerprint = ca.ca_fingerprint()
@@ -200,12 +229,17 @@ def host_add(ctx, host_id, mac, role, ttl_s, server, as_json, **opts) -> None:
         click.echo(json.dumps({"id": host_id, "token": token, "ca_fingerprint": fingerprint,
                                "expires": expires_text}))
         return
-    click.echo(f"host {host_id} added (role {role}{', mac ' + format_mac(mac_bytes) if mac_bytes else ''})")
+    pins = (f", mac {format_mac(mac_bytes)}" if mac_bytes else "") + "".join(
+        f", ip {socket.inet_ntoa(ip)}" for ip in ip_bytes)
+    click.echo(f"host {host_id} added (role {role}{pins})")
     click.echo(f"token:          {token}")
     click.echo(f"expires:        {expires_text}")
     click.echo(f"ca fingerprint: {fingerprint}")
-    click.echo("join with:")
-    click.echo(f"  l2crypt enroll --server {server} --id {host_id} --token {token} --ca-fingerprint {fingerprint}")
+    if config.require_pinned_macs and mac_bytes is None:
+        click.echo("note: require_pinned_macs is on: without --mac this host cannot bind a MAC (layer 3 only)")
+    command = "l2crypt-gateway" if role == "gateway" else "l2crypt"
+    click.echo("join with (paste the token when asked; it stays out of ps and shell history):")
+    click.echo(f"  {command} enroll --server {server} --id {host_id} --token - --ca-fingerprint {fingerprint}")
 
 
 @host.command("list")
@@ -403,15 +437,22 @@ def _serve(config: KeyServerConfig) -> None:
                              multicast_rekey_after_s=config.multicast_rekey_after_s,
                              retire_after_s=config.retire_after_s,
                              key_requests_per_s=config.key_requests_per_s,
-                             key_request_burst=config.key_request_burst)
+                             key_request_burst=config.key_request_burst,
+                             require_pinned_macs=config.require_pinned_macs,
+                             require_pinned_ips=config.require_pinned_ips)
         asyncio.run(_run(config, service, ca))
     finally:
         store.close()
 
 
 async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority) -> None:
+    limits = ConnectionLimits(max_connections=config.max_connections,
+                              max_connections_per_host=config.max_connections_per_host,
+                              max_unauthenticated_connections=config.max_unauthenticated_connections,
+                              unauth_deadline_s=config.unauth_deadline_s)
+    _raise_fd_limit(config.max_connections + FD_HEADROOM)
     server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
-                       unauth_idle_s=config.unauth_idle_s)
+                       unauth_idle_s=config.unauth_idle_s, limits=limits)
     metrics = await serve_metrics(config.metrics_listen, KeyServerMetrics(server).registry)
     host, port = await server.start()
     stop = asyncio.Event()
@@ -454,7 +495,7 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
         netkey_peering = NetkeyPeering(
             ca, config.state_dir, parse_hostport(config.netkey_listen), parse_hostport(config.netkey_peer),
             config.netkey_peer_ca, config.netkey_rekey_after_s, push_netkey, kek=service.store.kek)
-        service.netkeys = netkey_peering.book
+        service.netkeys, service.netkey_peer_ca = netkey_peering.book, config.netkey_peer_ca
         netkey_task = asyncio.ensure_future(netkey_peering.run())
     try:
         await stop.wait()
@@ -485,6 +526,32 @@ def _default_server(config: KeyServerConfig) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{host}:{config.listen_port}"
+
+
+def _parse_host_ip(text: str) -> bytes:
+    """``--ip``: one unicast IPv4 address, as 4 bytes."""
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: not an IPv4 address", param_hint="--ip") from None
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_reserved:
+        raise click.BadParameter(f"{text}: not a unicast host address", param_hint="--ip")
+    return ip.packed
+
+
+def _raise_fd_limit(want: int) -> None:
+    """Raise the soft limit on open files toward ``want`` (up to the hard limit); warn if short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("fd_limit_low", extra=fields(open_files=soft, wanted=want,
+                                                 hint="raise LimitNOFILE or lower max_connections"))
 
 
 def _rfc3339(t: float) -> str:

@@ -30,6 +30,12 @@ Example ``/etc/l2crypt/keyserver.toml``::
     netkey_rekey_after_s = 3600
     key_requests_per_s = 100
     key_request_burst = 200
+    max_connections = 4096
+    max_connections_per_host = 8
+    max_unauthenticated_connections = 256
+    unauth_deadline_s = 30.0
+    require_pinned_macs = false    # true: hosts bind only the MAC of ``host add --mac``
+    require_pinned_ips = true      # hosts bind only the addresses of ``host add --ip``
 """
 
 from __future__ import annotations
@@ -118,6 +124,22 @@ class KeyServerConfig:
     key_requests_per_s: float = 100.0
     #: Key requests one host may make at once after a quiet spell.
     key_request_burst: int = 200
+    #: Connections open at once, TLS handshakes included (each costs about
+    #: 0.3 MiB of memory and a file descriptor); more are refused at accept.
+    max_connections: int = 4096
+    #: Connections one enrolled host (certificate ID) may hold at once.
+    max_connections_per_host: int = 8
+    #: Connections without a client certificate (enrollment, CA fetches) open at once.
+    max_unauthenticated_connections: int = 256
+    #: Seconds a connection without a client certificate may stay open in all,
+    #: however many messages it sends (``unauth_idle_s`` bounds each silence).
+    unauth_deadline_s: float = 30.0
+    #: true: a host may bind at hello only the MAC given at ``host add --mac``
+    #: (``mac_not_pinned`` otherwise); false: its first hello binds one, for good.
+    require_pinned_macs: bool = False
+    #: true: a layer-3 host may bind only the addresses given at ``host add --ip``
+    #: (``ip_not_pinned`` otherwise); false: first come, first served.
+    require_pinned_ips: bool = True
 
     @property
     def listen_host(self) -> str:
@@ -185,7 +207,12 @@ def _check(key: str, value: Any) -> Any:
         if value not in CIPHERS:
             raise ValueError(f"must be one of {', '.join(CIPHERS)}, not {value!r}")
         return value
-    if key in ("cert_days", "token_ttl_s", "key_request_burst"):
+    if key in ("require_pinned_macs", "require_pinned_ips"):
+        if not isinstance(value, bool):
+            raise ValueError(f"not true or false: {value!r}")
+        return value
+    if key in ("cert_days", "token_ttl_s", "key_request_burst", "max_connections", "max_connections_per_host",
+               "max_unauthenticated_connections"):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive integer: {value!r}")
         return value
@@ -199,7 +226,7 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"not a number of seconds >= 1: {value!r}")
         return float(value)
-    if key in ("unauth_idle_s", "key_requests_per_s"):
+    if key in ("unauth_idle_s", "key_requests_per_s", "unauth_deadline_s"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive number: {value!r}")
         return float(value)

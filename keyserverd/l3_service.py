@@ -4,6 +4,9 @@
 1. ``l3_hello`` starts a layer-3 session (``Session.l3``); no MAC is bound.
 2. ``ip_bind`` binds one of the host's IPv4 addresses to its certificate ID
    (the ID-IP table; one address belongs to one host: ``ip_conflict``).
+   With ``require_pinned_ips`` (the default) a host binds only the addresses
+   the operator pinned to it (``keyserverd host add --ip``, which binds them
+   at once, so nobody else can claim them first): ``ip_not_pinned``.
 3. ``ip_key_req`` (a packet to an address) and ``id_key_req`` (a packet from a
    sender ID, nat mode) give the requester the pair key for (requester, peer)
    and push it to the peer.  The requester is always the ID its certificate
@@ -32,7 +35,8 @@ def _fmt(ip: bytes) -> str:
 
 
 class L3Handlers:
-    """Needs ``self.store``, ``self.cipher`` and ``self.server_name`` (KeyService)."""
+    """Needs ``self.store``, ``self.cipher``, ``self.server_name`` and
+    ``self.require_pinned_ips`` (KeyService)."""
 
     def _on_l3_hello(self, session, msg: dict, now: float) -> list:
         session.l3 = True
@@ -49,6 +53,9 @@ class L3Handlers:
         ip = msg["ip"]
         if ip[0] in (0, 127) or ip[0] >= 224:
             raise RefusedError(f"{_fmt(ip)} is not a unicast host address", "bad_request")
+        if self.require_pinned_ips and ip not in self.store.ips_of(session.identity):
+            raise RefusedError(f"{_fmt(ip)} is not pinned to host {session.identity!r} and this key server "
+                               "binds only pinned addresses (keyserverd host add --ip)", "ip_not_pinned")
         if self.store.bind_ip(session.identity, ip):
             log.info("host %s bound to IP %s", session.identity, _fmt(ip))
         return [("reply", {"t": "ip_bound", "rid": msg["rid"], "ip": ip})]

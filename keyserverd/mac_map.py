@@ -11,7 +11,15 @@ Rules (``MacMap.map``):
    refused (``mac_bound``): a plain-side host spoofing an enrolled host's MAC
    never gets that host's frames;
 3. a MAC mapped to another, unrevoked gateway is refused (``mac_conflict``);
-4. at most ``max_per_gateway`` MACs per gateway (``too_many``).
+4. at most ``max_per_gateway`` MACs per gateway (``too_many``);
+5. (in the service, with peering) a MAC a host of a peered key server holds
+   is refused (``mac_held_by_peer``).
+An enrolled host that later says hello with a mapped MAC takes it:
+``release`` drops the mapping and the service tells the gateway (``unmapped``).
+
+A gateway releases a MAC it aged out (``map_release``, ``MacMap.unmap``), so
+its mappings follow its table and a flood it has forgotten does not keep
+counting toward ``max_per_gateway``.
 
 The map lives in memory: gateways announce their MACs again after every
 reconnect, so a restarted key server fills it again.  (With several key
@@ -37,6 +45,15 @@ class MacMap:
 
     def map(self, store, gateway_id: str, mac: bytes, side: str) -> None:
         """Map ``mac`` to ``gateway_id``; raise RefusedError (see the module docstring)."""
+        owner = self.check(store, gateway_id, mac, side)
+        macs = self._by_gateway.setdefault(gateway_id, set())
+        if owner is not None and owner[0] != gateway_id:
+            self._by_gateway.get(owner[0], set()).discard(mac)
+        self._owner[mac] = (gateway_id, side)
+        macs.add(mac)
+
+    def check(self, store, gateway_id: str, mac: bytes, side: str) -> tuple[str, str] | None:
+        """Raise RefusedError if ``map`` would refuse; else the MAC's present (gateway, side) or None."""
         if not SIDE.match(side):
             raise RefusedError(f"side must be 'plain' or 'tunnel:NAME', not {side[:40]!r}", "bad_request")
         if is_group_address(mac):
@@ -46,13 +63,27 @@ class MacMap:
         owner = self._owner.get(mac)
         if owner is not None and owner[0] != gateway_id and not store.is_revoked(owner[0]):
             raise RefusedError(f"{format_mac(mac)} is mapped to another gateway", "mac_conflict")
-        macs = self._by_gateway.setdefault(gateway_id, set())
+        macs = self._by_gateway.get(gateway_id, set())
         if mac not in macs and len(macs) >= self.max_per_gateway:
             raise RefusedError(f"gateway maps {len(macs)} MACs already", "too_many")
-        if owner is not None and owner[0] != gateway_id:
-            self._by_gateway.get(owner[0], set()).discard(mac)
-        self._owner[mac] = (gateway_id, side)
-        macs.add(mac)
+        return owner
+
+    def release(self, mac: bytes) -> str | None:
+        """Drop the mapping of ``mac`` (an enrolled host claimed it); the gateway it had, or None."""
+        entry = self._owner.pop(mac, None)
+        if entry is None:
+            return None
+        self._by_gateway.get(entry[0], set()).discard(mac)
+        return entry[0]
+
+    def unmap(self, gateway_id: str, mac: bytes) -> bool:
+        """Release ``mac`` if it is mapped to ``gateway_id``; True if it was."""
+        owner = self._owner.get(mac)
+        if owner is None or owner[0] != gateway_id:
+            return False
+        del self._owner[mac]
+        self._by_gateway.get(gateway_id, set()).discard(mac)
+        return True
 
     def owner(self, mac: bytes) -> str | None:
         entry = self._owner.get(mac)

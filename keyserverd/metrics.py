@@ -50,6 +50,8 @@ class KeyServerMetrics:
                   len(server.connected_hosts())),
             gauge("keyserverd_connections", "Live connections (authenticated or not).", server.connections),
             counter("keyserverd_connections_accepted", "Connections accepted.", server.connections_total),
+            counter("keyserverd_connections_refused", "Connections refused by a cap, by reason.",
+                    labels=("reason",), samples=[([k], v) for k, v in sorted(server.connections_refused.items())]),
             counter("keyserverd_requests", "Requests, by message type.", labels=("type",),
                     samples=[([k], v) for k, v in sorted(service.requests.items())]),
             counter("keyserverd_key_requests", "Pair key requests (key_req).", service.requests.get("key_req", 0)),

@@ -27,6 +27,13 @@ fingerprint of the peer's CA, and trusts nothing else there:
 
 Peering messages: a 4-byte length and a msgpack map, at most 4 KiB:
 ``ca`` / ``ca_cert cert``, ``sync pw_id``, ``netkey pw_id key created_at``.
+
+Every wait on the network is bounded: a connection without a peer
+certificate is closed ``TIMEOUT_S`` after it opened, whatever it sends; a
+peer must send each message and read each answer within ``TIMEOUT_S``; a
+synced follower and its leader wait for each other without a timer (NETKEY
+versions come every ``netkey_rekey_after_s``), under TCP keepalive, which
+ends the connection to a peer that went away.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from l2crypt.constants import KEYSERVER_TLS_NAME
 from l2crypt.tls_files import fingerprint_of_pem
 
 from .kek import Kek, KekError, netkey_aad
+from .server import set_keepalive
 
 log = logging.getLogger("keyserverd.netkey")
 
@@ -257,9 +265,18 @@ class NetkeyPeering:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         authenticated = _is_peer(writer.get_extra_info("peercert"))
+        set_keepalive(writer.get_extra_info("socket"))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + TIMEOUT_S  # without a peer certificate: the whole connection
         try:
             while True:
-                msg = await read_message(reader)
+                if writer in self._followers:  # synced: wait for the follower as long as TCP lives
+                    timeout = None
+                elif authenticated:
+                    timeout = TIMEOUT_S
+                else:
+                    timeout = max(0.0, end - loop.time())
+                msg = await asyncio.wait_for(read_message(reader), timeout)
                 if msg["t"] == "ca":
                     writer.write(encode({"t": "ca_cert", "cert": self.ca.ca_cert_pem}))
                 elif msg["t"] == "sync" and authenticated and self.leader:
@@ -267,8 +284,10 @@ class NetkeyPeering:
                 else:
                     log.warning("netkey peering: refused %r (authenticated %s)", msg["t"], authenticated)
                     break
-                await writer.drain()
-        except (EOFError, ValueError, OSError, ssl.SSLError, asyncio.TimeoutError):
+                await asyncio.wait_for(writer.drain(), TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.info("netkey peering: closed a connection (authenticated %s): too slow", authenticated)
+        except (EOFError, ValueError, OSError, ssl.SSLError):
             pass
         finally:
             self._followers.discard(writer)
@@ -308,10 +327,13 @@ class NetkeyPeering:
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(*self.peer, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME), TIMEOUT_S)
+                set_keepalive(writer.get_extra_info("socket"))
                 try:
                     writer.write(encode({"t": "sync", "pw_id": self.book.newest_pw_id()}))
+                    timeout = TIMEOUT_S  # the leader answers a sync at once; later versions come when they come
                     while True:
-                        msg = await read_message(reader)
+                        msg = await asyncio.wait_for(read_message(reader), timeout)
+                        timeout = None
                         if msg.get("t") != "netkey":
                             raise ValueError(f"unexpected {msg.get('t')!r}")
                         pw_id, key, created = msg.get("pw_id"), msg.get("key"), msg.get("created_at")

@@ -216,14 +216,16 @@ class Peering:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         identity = identity_of(writer.get_extra_info("peercert"))
         frames = pm.FrameReader()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (IDLE_TIMEOUT_S if identity != KEYSERVER_TLS_NAME else float("inf"))
         try:
-            while True:
-                data = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT_S)
+            while True:  # without a peer certificate (``ca`` only): IDLE_TIMEOUT_S in all
+                data = await asyncio.wait_for(reader.read(65536), min(IDLE_TIMEOUT_S, max(0.0, end - loop.time())))
                 if not data:
                     return
                 for msg in frames.feed(data):
                     writer.write(pm.encode_message(self._answer(identity, msg)))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
         except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError, RemoteProtocolError) as exc:
             log.debug("peer connection ended: %s", exc)
         except Exception:  # a bug must not take the server down

@@ -18,6 +18,19 @@
    not complete a message within ``unauth_idle_s`` (silent or trickling), a client that does not read its pushes, or any error in
    one connection closes that connection only, with a logged reason.  The
    server keeps serving everyone else.
+6. Caps (``ConnectionLimits``): at most ``max_connections`` open at once
+   (handshakes included; checked at accept), ``max_unauthenticated_connections``
+   without a client certificate and ``max_connections_per_host`` per
+   certificate ID (checked after the handshake; the host is told
+   ``too_many_connections``).  A connection without a certificate is closed
+   ``unauth_deadline_s`` after it opened, however much it sends.  Refusals
+   are counted in ``connections_refused`` and logged like closes.  TCP
+   keepalive finds dead peers within ``KEEPALIVE_IDLE_S`` + a minute.
+7. A second hello (or l3_hello) for a host ID takes over: the older session
+   of the same kind is told ``session_replaced`` and closed (logged), so a
+   host that reconnects after a network cut is never locked out by its own
+   half-dead connection; two machines sharing one identity show up as
+   ``session_taken_over`` lines in turn.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ import logging
 import socket
 import ssl
 import time
+from collections import Counter
+from dataclasses import dataclass
 
 from l2crypt.errors import LocalError, RemoteProtocolError
 from l2crypt.ks_messages import FrameReader, encode_message
@@ -49,6 +64,40 @@ EVENT_POLL_S = 0.2
 PERIODIC_S = 5.0
 #: A closed-connection warning is logged once per (client, reason) this often.
 CLOSE_LOG_S = 10.0
+#: TCP keepalive: first probe after this much silence, then every
+#: ``KEEPALIVE_INTERVAL_S``; ``KEEPALIVE_PROBES`` unanswered ones end the connection.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 6
+#: Peer lookups (``peer_resolve``, ``peer_check``) running at once; more wait.
+PEER_LOOKUPS_AT_ONCE = 16
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Caps on client connections (see the module docstring, 6)."""
+
+    #: Connections open at once, TLS handshakes included.
+    max_connections: int = 4096
+    #: Connections one certificate ID may hold at once.
+    max_connections_per_host: int = 8
+    #: Connections without a client certificate open at once (after the handshake).
+    max_unauthenticated_connections: int = 256
+    #: Seconds a connection without a client certificate may stay open in all.
+    unauth_deadline_s: float = 30.0
+
+
+def set_keepalive(sock) -> None:
+    """Turn on TCP keepalive with the short timers above (best effort)."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    except (OSError, AttributeError):
+        pass
 
 
 def make_server_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
@@ -78,6 +127,8 @@ class _Conn:
         self.session = session
         self.writer = writer
         self.reader = FrameReader()
+        #: Older sessions of this host were closed (``KeyServer._take_over``), after its hello.
+        self.took_over = False
 
     def send(self, msg: dict) -> bool:
         """Queue one message; False (and the connection is closed) if it cannot be sent."""
@@ -95,11 +146,17 @@ class KeyServer:
     """Accepts TLS connections and runs the key service for them."""
 
     def __init__(self, service: KeyService, ssl_context: ssl.SSLContext, host: str, port: int,
-                 unauth_idle_s: float = 10.0):
+                 unauth_idle_s: float = 10.0, limits: ConnectionLimits = ConnectionLimits()):
         self.service = service
         self._ssl = ssl_context
         self._host, self._port = host, port
         self.unauth_idle_s = unauth_idle_s
+        self.limits = limits
+        #: Accepted connections not yet closed (handshaking ones included); owned by ``_accept``.
+        self._open = 0
+        #: Connections refused by a cap, by reason (status and metrics).
+        self.connections_refused: Counter = Counter()
+        self._peer_lookups = asyncio.Semaphore(PEER_LOOKUPS_AT_ONCE)
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
         #: host ID -> its live connections, for pushes.  Owned by ``_serve``.
@@ -140,13 +197,44 @@ class KeyServer:
             await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.limits.max_connections:
+            self._refuse_connection(writer, None, "max_connections", self.limits.max_connections)
+            return
         task = asyncio.current_task()
         self._tasks.add(task)
+        self._open += 1
         try:
             if await self._handshake(writer):
                 await self._serve(reader, writer)
         finally:
+            self._open -= 1
             self._tasks.discard(task)
+
+    def _over_cap(self, identity: str | None) -> tuple[str, int] | None:
+        """(reason, limit) if a connection of ``identity`` (None: no certificate) is one too many."""
+        if identity is None:
+            unauth = sum(1 for c in self._conns if c.session.identity is None)
+            if unauth >= self.limits.max_unauthenticated_connections:
+                return "max_unauthenticated_connections", self.limits.max_unauthenticated_connections
+        elif len(self._by_host.get(identity, ())) >= self.limits.max_connections_per_host:
+            return "too_many_connections", self.limits.max_connections_per_host
+        return None
+
+    def _refuse_connection(self, writer: asyncio.StreamWriter, identity: str | None, reason: str,
+                           limit: int) -> None:
+        """Close a connection over a cap: counted, logged once per (client, reason) every ``CLOSE_LOG_S``."""
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        self.connections_refused[reason] += 1
+        self._log_limited(logging.WARNING, "connection_refused",
+                          ("cap", identity or (peername[0] if peername else "?"), reason),
+                          peer=peer, host=identity or "unauthenticated", reason=reason, limit=limit)
+        if identity is not None:  # a host is told why, so its operator sees it too
+            writer.write(encode_message({"t": "error", "rid": 0, "code": reason,
+                                         "msg": f"more than {limit} connections of host {identity!r}"}))
+            writer.close()
+        else:
+            writer.transport.abort()
 
     async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
         """TLS on the accepted TCP connection; False (logged, closed) if it fails."""
@@ -171,13 +259,12 @@ class KeyServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except OSError:
-                pass
+        set_keepalive(writer.get_extra_info("socket"))
         identity = identity_of(writer.get_extra_info("peercert"))
+        over = self._over_cap(identity)
+        if over is not None:
+            self._refuse_connection(writer, identity, *over)
+            return
         conn = _Conn(Session(identity=identity, peer=peer), writer)
         self._conns.add(conn)
         if identity is not None:
@@ -187,16 +274,21 @@ class KeyServer:
         reason = "closed by client"
         loop = asyncio.get_running_loop()
         # An unauthenticated client must complete a message within unauth_idle_s
-        # (trickling bytes does not keep it alive).
+        # (trickling bytes does not keep it alive), and is gone after unauth_deadline_s.
         unauth_deadline = loop.time() + self.unauth_idle_s
+        unauth_end = loop.time() + self.limits.unauth_deadline_s
         try:
             while True:
-                timeout = max(0.0, unauth_deadline - loop.time()) if identity is None else None
+                timeout = max(0.0, min(unauth_deadline, unauth_end) - loop.time()) if identity is None else None
                 try:
                     data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
-                    reason = f"unauthenticated and no whole message within {self.unauth_idle_s:g} s"
-                    self._log_close(logging.INFO, conn, "idle", reason)
+                    if loop.time() >= unauth_end:
+                        reason = f"unauthenticated and open for {self.limits.unauth_deadline_s:g} s"
+                        self._log_close(logging.INFO, conn, "deadline", reason)
+                    else:
+                        reason = f"unauthenticated and no whole message within {self.unauth_idle_s:g} s"
+                        self._log_close(logging.INFO, conn, "idle", reason)
                     break
                 if not data:
                     break
@@ -251,13 +343,15 @@ class KeyServer:
     def _log_close(self, level: int, conn: _Conn, code: str, reason: str) -> None:
         """A closed connection, logged once per (client, code) every ``CLOSE_LOG_S``."""
         who = conn.session.identity or conn.session.peer.rsplit(":", 1)[0]
-        key = (who, code)
+        self._log_limited(level, "connection_closed", (who, code), host=conn.session.who, reason=reason)
+
+    def _log_limited(self, level: int, event: str, key: tuple, **kv) -> None:
+        """Log ``event`` once per ``key`` every ``CLOSE_LOG_S``, with ``suppressed=N`` for the lines skipped."""
         if self._close_log.allow(key):
-            kv = {"host": conn.session.who, "reason": reason}
             suppressed = self._close_log.take_suppressed(key)
             if suppressed:
                 kv["suppressed"] = suppressed
-            log.log(level, "connection_closed", extra=fields(**kv))
+            log.log(level, event, extra=fields(**kv))
 
     def connected_hosts(self) -> dict[str, int]:
         """Host ID -> number of live authenticated connections."""
@@ -270,6 +364,9 @@ class KeyServer:
     def _act(self, conn: _Conn | None, actions: list) -> bool:
         """Carry out service actions; False when ``conn`` must close."""
         keep_open = True
+        if conn is not None and conn.session.said_hello and not conn.took_over:
+            conn.took_over = True
+            self._take_over(conn)
         for target, out in actions:
             if target == "reply" and conn is not None:
                 conn.send(out)
@@ -284,6 +381,9 @@ class KeyServer:
                         other.send(out)
             elif isinstance(target, tuple) and target[0] == "peer_resolve" and conn is not None:
                 self._peer_resolve(conn, out)
+            elif isinstance(target, tuple) and target[0] == "peer_check" and conn is not None:
+                self._peer_lookup(conn, out["mac"], lambda found, req=out, kind=target[1]: self.service.after_peer_check(
+                    conn.session, kind, req, found, time.time()))
             elif isinstance(target, tuple) and target[0] == "disconnect":
                 for other in list(self._by_host.get(target[1], ())):
                     log.info("revoked_host_disconnected", extra=fields(host=target[1]))
@@ -292,15 +392,35 @@ class KeyServer:
 
     def _peer_resolve(self, conn: _Conn, req: dict) -> None:
         """Ask the peers about ``req["peer_mac"]`` without holding up this connection."""
+        self._peer_lookup(conn, req["peer_mac"], lambda found: self.service.answer_from_peer(
+            conn.session, req["rid"], req["peer_mac"], found, time.time()))
+
+    def _take_over(self, conn: _Conn) -> None:
+        """``conn`` said hello (or l3_hello): close the host's older sessions of the same kind."""
+        for other in list(self._by_host.get(conn.session.identity, ())):
+            if other is conn or not other.session.said_hello or other.session.l3 != conn.session.l3:
+                continue
+            self._log_limited(logging.WARNING, "session_taken_over", (conn.session.identity, "session_replaced"),
+                              host=conn.session.identity, old_peer=other.session.peer,
+                              new_peer=conn.session.peer, kind="l3" if conn.session.l3 else "l2")
+            other.send({"t": "error", "rid": 0, "code": "session_replaced",
+                        "msg": f"another connection ({conn.session.peer}) said hello as "
+                               f"{conn.session.identity!r}; this one is closed"})
+            other.writer.close()
+            self._forget(other)
+
+    def _peer_lookup(self, conn: _Conn, mac: bytes, finish) -> None:
+        """Ask the peers who holds ``mac`` (at most ``PEER_LOOKUPS_AT_ONCE`` at a time), then
+        carry out ``finish(found)``'s actions on ``conn``."""
         async def run() -> None:
             found = None
             try:
-                if self.peering is not None:
-                    found = await self.peering.resolve(req["peer_mac"], conn.session.identity)
+                async with self._peer_lookups:
+                    if self.peering is not None:
+                        found = await self.peering.resolve(mac, conn.session.identity)
             except Exception:
                 log.exception("peer lookup failed")
-            self._act(conn, self.service.answer_from_peer(conn.session, req["rid"], req["peer_mac"],
-                                                          found, time.time()))
+            self._act(conn, finish(found))
 
         task = asyncio.ensure_future(run())
         self._tasks.add(task)

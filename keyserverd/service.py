@@ -10,15 +10,26 @@
      ``("broadcast", None)``  send to every connection that said hello;
      ``("disconnect", id)``   close every connection of that host;
      ``("peer_resolve", None)`` ask the peered key servers who holds ``peer_mac``
-                              and then answer with ``answer_from_peer``.
+                              and then answer with ``answer_from_peer``;
+     ``("peer_check", kind)``  ask them who holds ``mac`` before a hello or a
+                              map_req goes on (``after_peer_check``).
 3. The rules, in the order a request meets them:
    - without a certificate only ``ca`` and ``enroll`` are allowed (``unauthenticated``);
+     every refused ``enroll`` gets the same ``enroll_refused`` (unknown ID,
+     wrong, used or expired token, revoked host: the log has which);
    - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
    - ``hello`` binds (certificate ID, mac) in the ID-MAC table (``mac_conflict``);
+     with ``require_pinned_macs`` only the MAC of ``host add --mac``
+     (``mac_not_pinned``).  A first binding is checked with the peered key
+     servers (``mac_held_by_peer``).  A MAC a gateway had mapped goes to the
+     host: the mapping is dropped and the gateway told (``unmapped``).
    - ``key_req`` needs a hello on this connection (``not_bound``), a ``my_mac``
      that is the requester's bound MAC (``forbidden``), and a peer MAC that is
      not its own (``bad_request``); an unknown or revoked peer gets ``unknown``.
-     The pair key goes to the requester and is pushed to the peer.
+     The pair key goes to the requester and is pushed to the peer.  Every
+     ``key`` message carries the version's age and up to two older versions
+     still held, with theirs (``_key_msg``), so a restarted agent, or one that
+     missed rotations, holds every version its peer may still send with.
 4. Rotations (PW_ID) and revocations are written to the store as events, by
    this server, another keyserverd on the same store, or the CLI.  The server
    polls ``store.events_since`` and turns each event into pushes with
@@ -32,12 +43,18 @@
    ``retire_after_s`` ago.  The rotations are conditional in the store, so
    several servers running it rotate once.
 6. Gateways (role ``gateway``) may also send ``map_req`` (map a MAC they
-   learned on their plain port or from a tunnel to them, see ``mac_map``),
-   ``map_list`` and ``netkey_req`` (the NETKEY versions agreed with the peer
-   key server, ``netkey_peering``).  A ``key_req`` for a mapped MAC is answered
-   with KEY(requester, gateway) under that MAC; the gateway asks for the same
-   key by the requester's MAC.
-7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``)
+   learned on their plain port or from a tunnel to them, see ``mac_map``; a MAC
+   a host of a peered key server holds is refused, ``mac_held_by_peer``),
+   ``map_release`` (a MAC they aged out), ``map_list`` and ``netkey_req
+   peer_id``: the keys of the tunnel link between the requester and gateway
+   ``peer_id`` of the peer segment, derived from each NETKEY version agreed
+   with the peer key server (``netkey_peering``, ``l2crypt.tunnel_keys``).
+   NETKEY itself never leaves the key server; the requester is always one end
+   of the link, as the server authenticated it.  New versions are pushed for
+   every link a gateway asked about (at most ``MAX_TUNNEL_PEERS``).  A
+   ``key_req`` for a mapped MAC is answered with KEY(requester, gateway) under
+   that MAC; the gateway asks for the same key by the requester's MAC.
+7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``, ``netkey_req``)
    are limited per host ID (``key_requests_per_s``, ``key_request_burst``,
    over all its connections): over the limit they get ``rate_limited``.
 Every refusal is counted and logged at WARNING with its code and the
@@ -55,7 +72,9 @@ from typing import TYPE_CHECKING, Union
 
 from l2crypt.errors import RefusedError
 from l2crypt.frame_wire import format_mac, is_group_address
+from l2crypt.ks_messages import OLDER_VERSIONS_MAX
 from l2crypt.logs import RateLimiter, fields
+from l2crypt.tunnel_keys import Endpoint, link_keys
 
 from .l3_service import L3Handlers
 from .mac_map import MacMap
@@ -79,12 +98,18 @@ Action = tuple[Target, dict]
 #: this often; the lines skipped in between are counted in the next one.
 REFUSAL_LOG_S = 10.0
 
+#: What a refused enrollment is told, whatever the reason (the log has the reason).
+ENROLL_REFUSED_TEXT = ("enrollment refused: unknown ID, wrong, used or expired token, or revoked host; "
+                       "ask the operator for a new token (keyserverd host add)")
+
 #: Message types a client without a certificate may send.
 UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
 #: Message types that count against a host's key-request limit.
-RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req"})
+RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req", "netkey_req"})
 DEFAULT_KEY_REQUESTS_PER_S = 100.0
 DEFAULT_KEY_REQUEST_BURST = 200
+#: Most tunnel peers one gateway may ask link keys for.
+MAX_TUNNEL_PEERS = 64
 
 
 @dataclass
@@ -115,7 +140,8 @@ class KeyService(L3Handlers):
                  cert_days: int = 365, rekey_after_s: float = 3600.0,
                  multicast_rekey_after_s: float = 3600.0, retire_after_s: float = 300.0,
                  key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S,
-                 key_request_burst: int = DEFAULT_KEY_REQUEST_BURST):
+                 key_request_burst: int = DEFAULT_KEY_REQUEST_BURST,
+                 require_pinned_macs: bool = False, require_pinned_ips: bool = True):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
@@ -138,7 +164,15 @@ class KeyService(L3Handlers):
         self.macs = MacMap()
         #: NETKEY versions (``netkey_peering.NetkeyBook``), or None when not peered.
         self.netkeys = None
+        #: CA fingerprint of the NETKEY peer server (set with ``netkeys``): it names
+        #: the other end's segment in the tunnel link keys.
+        self.netkey_peer_ca = ""
+        #: Gateway ID -> the tunnel peers it asked link keys for (pushed on rotation).
+        self.tunnel_links: dict[str, set[str]] = {}
         self.key_requests = HostBuckets(key_requests_per_s, key_request_burst)
+        #: Binding policy (see the module docstring, 3, and ``l3_service``).
+        self.require_pinned_macs = require_pinned_macs
+        self.require_pinned_ips = require_pinned_ips
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
         """Process one validated message (see ``l2crypt.ks_messages``)."""
@@ -159,13 +193,17 @@ class KeyService(L3Handlers):
                 raise RefusedError(f"{kind} is not a request", "bad_request")
             return handler(session, msg, now)
         except RefusedError as exc:
-            self.refusals[exc.code] += 1
-            self._limited(logging.WARNING, "request_refused", (session.who, exc.code), now,
-                          type=kind, host=session.who, code=exc.code, reason=str(exc))
-            actions: list[Action] = [("reply", _error(rid, exc.code, str(exc)))]
-            if exc.code == "revoked":
-                actions.append(("close", {}))
-            return actions
+            return self._refused(session, kind, rid, exc, now)
+
+    def _refused(self, session: Session, kind: str, rid: int, exc: RefusedError, now: float) -> list[Action]:
+        """Count, log (rate-limited) and answer a refusal."""
+        self.refusals[exc.code] += 1
+        self._limited(logging.WARNING, "request_refused", (session.who, exc.code), now,
+                      type=kind, host=session.who, code=exc.code, reason=str(exc))
+        actions: list[Action] = [("reply", _error(rid, exc.code, str(exc)))]
+        if exc.code == "revoked":
+            actions.append(("close", {}))
+        return actions
 
     # --- without a certificate ---------------------------------------------
     def _on_ca(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -175,7 +213,15 @@ class KeyService(L3Handlers):
         host_id = msg["id"]
         # Check the CSR first, so a typo in it does not spend the token.
         self.ca.check_csr(msg["csr"])
-        host = self.store.consume_token(host_id, hash_token(msg["token"]), now)
+        try:
+            host = self.store.consume_token(host_id, hash_token(msg["token"]), now)
+        except RefusedError as exc:
+            if exc.code == "store_unavailable":
+                raise
+            # The client learns nothing about which IDs exist; the log keeps the detail.
+            self._limited(logging.WARNING, "enroll_refused", (session.who, exc.code), now,
+                          host=host_id, peer=session.peer, code=exc.code, reason=str(exc))
+            raise RefusedError(ENROLL_REFUSED_TEXT, "enroll_refused") from None
         cert = self.ca.sign_csr(msg["csr"], host_id, role=host.role, days=self.cert_days)
         self.store.mark_enrolled(host_id, now)
         log.info("host_enrolled", extra=fields(host=host_id, role=host.role, peer=session.peer))
@@ -186,20 +232,31 @@ class KeyService(L3Handlers):
         mac = msg["mac"]
         if is_group_address(mac):
             raise RefusedError(f"{format_mac(mac)} is a group address", "bad_request")
+        host = self.store.get_host(session.identity)
+        if host is not None and host.mac is None:  # a first binding
+            if self.require_pinned_macs:
+                raise RefusedError(f"host {session.identity!r} has no pinned MAC and this key server binds only "
+                                   "pinned ones (keyserverd host add --mac)", "mac_not_pinned")
+            if self.peering_enabled and self.store.host_by_mac(mac) is None:
+                return [(("peer_check", "hello"), {"rid": msg["rid"], "mac": mac})]
+        return self._bind(session, msg["rid"], mac)
+
+    def _bind(self, session: Session, rid: int, mac: bytes) -> list[Action]:
+        """Bind (ID, mac), take the MAC from a gateway that had mapped it, welcome the host."""
         self.store.bind_mac(session.identity, mac)
         session.bound_mac = mac
         key, pw_id = self.store.current_multicast_key()
         log.info("host_bound", extra=fields(host=session.identity, mac=format_mac(mac)))
-        return [
-            (
-                "reply",
-                {
-                    "t": "welcome", "rid": msg["rid"], "id": session.identity, "mac": mac,
-                    "cipher": self.cipher, "multicast_key": key, "multicast_pw_id": pw_id,
-                    "server": self.server_name,
-                },
-            )
+        actions: list[Action] = [
+            ("reply", {"t": "welcome", "rid": rid, "id": session.identity, "mac": mac, "cipher": self.cipher,
+                       "multicast_key": key, "multicast_pw_id": pw_id, "server": self.server_name}),
         ]
+        gateway = self.macs.release(mac)
+        if gateway is not None and gateway != session.identity:
+            log.warning("gateway_mapping_dropped", extra=fields(mac=format_mac(mac), gateway=gateway,
+                                                                host=session.identity))
+            actions.append((("push", gateway), {"t": "unmapped", "rid": PUSH_RID, "mac": mac}))
+        return actions
 
     def _on_key_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         rid, peer_mac = msg["rid"], msg["peer_mac"]
@@ -224,11 +281,8 @@ class KeyService(L3Handlers):
             return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         log.info("pair_key_sent", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
-        answer = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
-        push = {
-            "t": "key", "rid": PUSH_RID, "peer_mac": session.bound_mac, "peer_id": session.identity,
-            "key": key, "pw_id": pw_id,
-        }
+        answer = self._key_msg(rid, peer_mac, peer.id, session.identity, key, pw_id, now)
+        push = self._key_msg(PUSH_RID, session.bound_mac, session.identity, peer.id, key, pw_id, now)
         return [("reply", answer), (("push", peer.id), push)]
 
     def _on_ping(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -261,9 +315,37 @@ class KeyService(L3Handlers):
 
     def _on_map_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "map_req")
-        self.macs.map(self.store, session.identity, msg["mac"], msg["side"])
-        log.info("MAC %s (%s) mapped to gateway %s", format_mac(msg["mac"]), msg["side"], session.identity)
-        return [("reply", {"t": "mapped", "rid": msg["rid"], "mac": msg["mac"], "side": msg["side"]})]
+        if self.peering_enabled and self.macs.owner(msg["mac"]) != session.identity:
+            self.macs.check(self.store, session.identity, msg["mac"], msg["side"])  # refuse early, locally
+            return [(("peer_check", "map"), {"rid": msg["rid"], "mac": msg["mac"], "side": msg["side"]})]
+        return self._map(session, msg["rid"], msg["mac"], msg["side"])
+
+    def _map(self, session: Session, rid: int, mac: bytes, side: str) -> list[Action]:
+        self.macs.map(self.store, session.identity, mac, side)
+        log.info("MAC %s (%s) mapped to gateway %s", format_mac(mac), side, session.identity)
+        return [("reply", {"t": "mapped", "rid": rid, "mac": mac, "side": side})]
+
+    def after_peer_check(self, session: Session, kind: str, req: dict, found: dict | None,
+                         now: float) -> list[Action]:
+        """Go on with a ``hello`` or ``map_req`` once the peers said who holds ``req["mac"]``
+        (``found``: their ``resolved`` answer, or None).  Peers that do not answer do
+        not block it: the check is best effort."""
+        msg_type = "hello" if kind == "hello" else "map_req"
+        try:
+            if found is not None:
+                raise RefusedError(f"{format_mac(req['mac'])} is held by host {found.get('id')!r} of a "
+                                   "peered key server", "mac_held_by_peer")
+            if kind == "hello":
+                return self._bind(session, req["rid"], req["mac"])
+            return self._map(session, req["rid"], req["mac"], req["side"])
+        except RefusedError as exc:
+            return self._refused(session, msg_type, req["rid"], exc, now)
+
+    def _on_map_release(self, session: Session, msg: dict, now: float) -> list[Action]:
+        self._gateway(session, "map_release")
+        if self.macs.unmap(session.identity, msg["mac"]):
+            log.info("MAC %s released by gateway %s", format_mac(msg["mac"]), session.identity)
+        return [("reply", {"t": "unmapped", "rid": msg["rid"], "mac": msg["mac"]})]
 
     def _on_map_list(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "map_list")
@@ -272,19 +354,56 @@ class KeyService(L3Handlers):
 
     def _on_netkey_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         self._gateway(session, "netkey_req")
+        peer_id = msg.get("peer_id")
+        if peer_id is None:
+            raise RefusedError("netkey_req needs peer_id (the tunnel peer's gateway ID): "
+                               "upgrade the gateway", "bad_request")
         versions = self.netkeys.versions() if self.netkeys is not None else []
         if not versions:
             raise RefusedError("no NETKEY: this key server has no peer", "no_netkey")
-        return [("reply", {"t": "netkey", "rid": msg["rid"], "key": key, "pw_id": pw_id})
+        links = self.tunnel_links.setdefault(session.identity, set())
+        if peer_id not in links and len(links) >= MAX_TUNNEL_PEERS:
+            raise RefusedError(f"at most {MAX_TUNNEL_PEERS} tunnel peers per gateway", "too_many")
+        links.add(peer_id)
+        return [("reply", self._link_msg(msg["rid"], session.identity, peer_id, pw_id, key))
                 for pw_id, key in versions]
 
-    def netkey_pushes(self, pw_id: int, key: bytes) -> list[Action]:
-        """Push a new NETKEY version to every gateway."""
-        return [(("push", h.id), {"t": "netkey", "rid": PUSH_RID, "key": key, "pw_id": pw_id})
-                for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked]
+    def _link_msg(self, rid: int, gateway_id: str, peer_id: str, pw_id: int, netkey: bytes) -> dict:
+        """The keys of the link (this segment's ``gateway_id``) -> (peer segment's ``peer_id``)."""
+        me = Endpoint(self.ca.ca_fingerprint(), gateway_id)
+        send_key, recv_key = link_keys(netkey, pw_id, me, Endpoint(self.netkey_peer_ca, peer_id))
+        return {"t": "netkey", "rid": rid, "peer_id": peer_id, "pw_id": pw_id,
+                "send_key": send_key, "recv_key": recv_key}
 
-    def _key_msg(self, rid: int, peer, key: bytes, pw_id: int) -> dict:
-        return {"t": "key", "rid": rid, "peer_mac": peer.mac, "peer_id": peer.id, "key": key, "pw_id": pw_id}
+    def netkey_pushes(self, pw_id: int, key: bytes) -> list[Action]:
+        """Push a new NETKEY version: the keys of every link a gateway asked about."""
+        return [(("push", h.id), self._link_msg(PUSH_RID, h.id, peer_id, pw_id, key))
+                for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked
+                for peer_id in sorted(self.tunnel_links.get(h.id, ()))]
+
+    def _key_msg(self, rid: int, peer_mac: bytes, peer_id: str, other_id: str, key: bytes, pw_id: int,
+                 now: float | None = None) -> dict:
+        """A ``key`` message to ``other_id`` naming its peer (``peer_mac``,
+        ``peer_id``): version ``pw_id`` with its age, and up to
+        ``OLDER_VERSIONS_MAX`` older versions still held with theirs.  Ages
+        count to ``now``; without it (a push of the version just made), to
+        ``pw_id``'s creation.  The versions are listed without key bytes and
+        each older key is read on its own (``store.pair_key``)."""
+        versions = [v for v in self.store.pair_versions(peer_id, other_id) if v[0] <= pw_id]
+        made = dict(versions)
+        ref = now if now is not None else made.get(pw_id, 0.0)
+        msg = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer_id, "key": key, "pw_id": pw_id}
+        if pw_id in made:
+            msg["age_s"] = _age_s(ref, made[pw_id])
+        older = []
+        for version, created in versions:
+            if version < pw_id and len(older) < OLDER_VERSIONS_MAX:
+                old_key = self.store.pair_key(peer_id, other_id, version)
+                if old_key is not None:
+                    older.append([version, old_key, _age_s(ref, created)])
+        if older:
+            msg["older"] = older
+        return msg
 
     def _on_rekey_req(self, session: Session, msg: dict, now: float) -> list[Action]:
         """The sender reached its data-volume limit under ``pw_id``: rotate once."""
@@ -295,7 +414,7 @@ class KeyService(L3Handlers):
             log.info("pair_key_rotated", extra=fields(host=session.identity, peer=peer.id, pw_id=new,
                                                       cause="data_volume"))
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
-        return [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
+        return [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, session.identity, key, pw_id, now))]
 
     def _on_key_report(self, session: Session, msg: dict, now: float) -> list[Action]:
         """The requester holds ``pw_id`` but its peer still sends with an older
@@ -305,11 +424,12 @@ class KeyService(L3Handlers):
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         if msg["pw_id"] > pw_id:
             raise RefusedError(f"pw_id {msg['pw_id']} does not exist (newest is {pw_id})", "bad_request")
-        actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer, key, pw_id))]
+        actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, session.identity,
+                                                         key, pw_id, now))]
         if msg["pw_id"] == pw_id:
-            me = self.store.get_host(session.identity)
             log.info("peer_lagging", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
-            actions.append((("push", peer.id), self._key_msg(PUSH_RID, me, key, pw_id)))
+            actions.append((("push", peer.id), self._key_msg(PUSH_RID, session.bound_mac, session.identity,
+                                                             peer.id, key, pw_id, now)))
         return actions
 
     def _on_mcast_req(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -361,13 +481,13 @@ class KeyService(L3Handlers):
             if key is None or a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
                 return []
             actions: list[Action] = [
-                (("push", a.id), self._key_msg(PUSH_RID, b, key, event.pw_id)),
-                (("push", b.id), self._key_msg(PUSH_RID, a, key, event.pw_id)),
+                (("push", a.id), self._key_msg(PUSH_RID, b.mac, b.id, a.id, key, event.pw_id)),
+                (("push", b.id), self._key_msg(PUSH_RID, a.mac, a.id, b.id, key, event.pw_id)),
             ]
             for gw, other in ((a, b), (b, a)):  # the host holds the gateway's key under mapped MACs too
                 for mac, _ in self.macs.macs_of(gw.id) if gw.role == "gateway" else ():
                     actions.append((("push", other.id),
-                                    self._key_msg(PUSH_RID, dataclasses.replace(gw, mac=mac), key, event.pw_id)))
+                                    self._key_msg(PUSH_RID, mac, gw.id, other.id, key, event.pw_id)))
             return actions
         if event.kind == "multicast":
             key = self.store.multicast_key(event.pw_id)
@@ -419,6 +539,10 @@ def revoke_and_rotate(store: KeyStore, host_id: str, now: float) -> tuple[bool, 
             rotated += 1
     store.rotate_multicast_key(now)
     return newly, rotated
+
+
+def _age_s(now: float, created_at: float) -> int:
+    return max(0, int(now - created_at))
 
 
 def _error(rid: int, code: str, text: str) -> dict:

@@ -183,6 +183,10 @@ class KeyStore(Protocol):
     def pair_key(self, id_a: str, id_b: str, pw_id: int) -> bytes | None:
         """One version of a pair key, if still held."""
 
+    def pair_versions(self, id_a: str, id_b: str) -> list[tuple[int, float]]:
+        """(pw_id, created_at) of every version of the pair still held, newest
+        first; no key bytes (read one with ``pair_key``)."""
+
     def pairs(self, host_id: str | None = None) -> list[tuple[str, str]]:
         """Every pair with a key (only those including ``host_id`` if given)."""
 
@@ -515,6 +519,13 @@ class SqliteStore(IpBindings, SealedKeys):
             "SELECT key FROM pair_keys WHERE id1 = ? AND id2 = ? AND pw_id = ?", (id1, id2, pw_id)
         ).fetchone()
         return self._open_pair_key(id1, id2, pw_id, row[0]) if row else None
+
+    def pair_versions(self, id_a, id_b) -> list[tuple[int, float]]:
+        id1, id2 = sorted((id_a, id_b))
+        rows = self._db.execute(
+            "SELECT pw_id, created_at FROM pair_keys WHERE id1 = ? AND id2 = ? ORDER BY pw_id DESC", (id1, id2)
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
 
     def pairs(self, host_id=None) -> list[tuple[str, str]]:
         if host_id is None:

@@ -450,6 +450,12 @@ class PgStore(SealedKeys):
                       (id1, id2, pw_id)).fetchone()
         return self._open_pair_key(id1, id2, pw_id, row[0]) if row else None
 
+    def pair_versions(self, id_a, id_b) -> list[tuple[int, float]]:
+        id1, id2 = sorted((id_a, id_b))
+        rows = self._q("SELECT pw_id, created_at FROM pair_keys WHERE id1 = %s AND id2 = %s "
+                       "ORDER BY pw_id DESC", (id1, id2)).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
     def pairs(self, host_id=None) -> list[tuple[str, str]]:
         if host_id is None:
             rows = self._q("SELECT DISTINCT id1, id2 FROM pair_keys ORDER BY id1, id2")

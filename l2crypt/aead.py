@@ -4,11 +4,14 @@ Why a (key, nonce) pair is never used twice:
 
 1. Pair keys.  The key server hands both hosts of a pair the same 32-byte
    pair key.  Each *direction* gets its own key:
-   ``HKDF(pair_key, info = "l2crypt v1 pair" | sender MAC | receiver MAC | PW_ID)``.
+   ``HKDF-SHA256(pair_key, info = "l2crypt v2 pair" | cipher | sender MAC | receiver MAC | PW_ID)``.
    A -> B and B -> A therefore never share a key, whatever their counters.
 2. The multicast key.  Every sender derives its own sending key:
-   ``HKDF(multicast_key, info = "l2crypt v1 group" | sender MAC | PW_ID)``;
+   ``HKDF-SHA256(multicast_key, info = "l2crypt v2 group" | cipher | sender MAC | PW_ID)``;
    receivers derive the same key from the frame's source MAC.
+2a. The cipher is in every ``info`` (one length byte, then its name), so a
+   segment that changes its cipher never uses a derived key under two
+   ciphers.  (Version 1 of the labels left it out.)
 3. Restarts.  The nonce is the 64-bit packet number.  A host has one packet
    counter for all the keys it sends with, so (sender, packet number) never
    repeats at all.  The agent starts it at ``initial_packet_number(wall_s)`` =
@@ -34,9 +37,9 @@ CHACHA20_POLY1305 = "chacha20-poly1305"
 CIPHERS = {AES_256_GCM: AESGCM, CHACHA20_POLY1305: ChaCha20Poly1305}
 KEY_LEN = 32
 
-_PAIR_INFO = b"l2crypt v1 pair"
-_GROUP_INFO = b"l2crypt v1 group"
-_L3_INFO = b"l2crypt v1 l3 pair"
+_PAIR_INFO = b"l2crypt v2 pair"
+_GROUP_INFO = b"l2crypt v2 group"
+_L3_INFO = b"l2crypt v2 l3 pair"
 _NONCE = struct.Struct("!IQ")
 PN_PER_SECOND = 2**30
 
@@ -52,24 +55,30 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=info).derive(secret)
 
 
-def pair_direction_key(pair_key: bytes, pw_id: int, sender_mac: bytes, receiver_mac: bytes) -> bytes:
-    """The key one host uses to send to the other under one pair-key version."""
-    return _hkdf(pair_key, _PAIR_INFO + sender_mac + receiver_mac + pw_id.to_bytes(4, "big"))
+def _cipher_info(cipher: str) -> bytes:
+    name = check_cipher(cipher).encode()
+    return bytes([len(name)]) + name
 
 
-def l3_direction_key(pair_key: bytes, pw_id: int, sender_id: str, receiver_id: str) -> bytes:
+def pair_direction_key(pair_key: bytes, pw_id: int, sender_mac: bytes, receiver_mac: bytes, cipher: str) -> bytes:
+    """The key one host uses to send to the other under one pair-key version and cipher."""
+    return _hkdf(pair_key, _PAIR_INFO + _cipher_info(cipher) + sender_mac + receiver_mac + pw_id.to_bytes(4, "big"))
+
+
+def l3_direction_key(pair_key: bytes, pw_id: int, sender_id: str, receiver_id: str, cipher: str) -> bytes:
     """The key one host uses to send IP packets to the other (layer-3 modes).
 
     Bound to the host IDs, not to addresses, so a NAT rewriting them changes
     nothing; the IDs are length-prefixed so no two pairs share an ``info``.
     """
     s, r = sender_id.encode(), receiver_id.encode()
-    return _hkdf(pair_key, _L3_INFO + bytes([len(s)]) + s + bytes([len(r)]) + r + pw_id.to_bytes(4, "big"))
+    return _hkdf(pair_key, _L3_INFO + _cipher_info(cipher) + bytes([len(s)]) + s + bytes([len(r)]) + r
+                 + pw_id.to_bytes(4, "big"))
 
 
-def group_sender_key(multicast_key: bytes, pw_id: int, sender_mac: bytes) -> bytes:
-    """The key one host uses to send broadcast and multicast frames."""
-    return _hkdf(multicast_key, _GROUP_INFO + sender_mac + pw_id.to_bytes(4, "big"))
+def group_sender_key(multicast_key: bytes, pw_id: int, sender_mac: bytes, cipher: str) -> bytes:
+    """The key one host uses to send broadcast and multicast frames under one cipher."""
+    return _hkdf(multicast_key, _GROUP_INFO + _cipher_info(cipher) + sender_mac + pw_id.to_bytes(4, "big"))
 
 
 def make_aead(cipher: str, key: bytes):

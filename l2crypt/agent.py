@@ -1,15 +1,26 @@
 """The host agent: TAP <-> frame engine <-> wire port, with the key client.
 
-1. Read the host identity from the state directory (``l2crypt enroll``).
-2. Guard the wire port (only l2crypt frames may leave), open the TAP with
-   MTU = wire MTU - 32, open the packet socket.
+1. Read the host identity from the state directory (``l2crypt enroll``) and
+   the packet clock (``packet_clock``: refuses to start if it cannot be kept).
+2. Guard the wire port (only l2crypt frames may arrive or leave: the host
+   stack never sees a plain frame from the switch).  Attach to the
+   persistent TAP (or create it), with the host's MAC (``tap_mac``: kept in
+   the state directory) and MTU = wire MTU - 32; load the replay floors of
+   the previous life (``state_file.FloorFile``; refuses to start if they
+   cannot be read or written), then open the packet socket.
 3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
    -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
 4. The key client runs beside it; every key request the engine raises is
    sent at once, answers and pushes install keys and release held frames.
-5. A tick every ``TICK_S`` retries requests, ages held frames, persists the
-   packet clock and logs drops (once per reason per ``DROP_LOG_S``).
-6. SIGINT/SIGTERM stop it; the TAP goes away, the port guard stays.
+5. A tick every ``TICK_S`` saves the replay floors (every
+   ``replay_floor.SAVE_INTERVAL_S``; while they cannot be saved the engine
+   refuses frames), reserves packet numbers (every
+   ``packet_clock.PERSIST_INTERVAL_S``), retries requests, runs the engine's
+   timers and logs drops (once per reason per ``DROP_LOG_S``).
+6. SIGINT/SIGTERM stop it; the floors and the clock are saved a last time.
+   The TAP stays, with the host's addresses and without carrier (nothing
+   read from it: nothing leaves); the port guard stays.  A restart attaches
+   to the same TAP with the same MAC.
 """
 
 from __future__ import annotations
@@ -29,12 +40,15 @@ from .engine import EngineSettings, FrameEngine
 from .errors import LocalError
 from .frame_wire import format_mac, parse_mac
 from .keyclient import KeyClient
-from .linux_tap import LinuxTap
+from .linux_tap import LinuxTap, existing_tap
 from .linux_wire import LinuxWire
 from .logs import fields
 from .metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
 from .packet_clock import PERSIST_INTERVAL_S, PacketClock
-from .port_guard import egress_drops, guard_port
+from .port_guard import PortGuard, guard_port
+from .replay_floor import FloorBook
+from .state_file import FloorFile
+from .tap_mac import choose_mac, read_stored_mac, store_mac
 from .tls_files import client_context, host_identity
 
 log = logging.getLogger("l2crypt.agent")
@@ -52,6 +66,30 @@ def wire_mtu_of(port: str) -> int:
         raise LocalError(f"wire port {port!r} does not exist") from None
 
 
+def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None) -> LinuxTap:
+    """Attach to (or create) the persistent TAP with the host's MAC (see
+    ``tap_mac``), and keep that MAC in the state directory."""
+    configured = parse_mac(tap_mac) if tap_mac else None
+    stored = read_stored_mac(state_dir)
+    existing = existing_tap(name)
+    mac, source = choose_mac(configured, stored, existing.mac if existing else None)
+    if configured is not None and stored not in (None, configured):
+        log.warning("tap_mac_replaced", extra=fields(stored=format_mac(stored), configured=format_mac(configured),
+                                                      note="the key server may have bound the stored MAC"))
+    tap = LinuxTap(name, mtu, mac)
+    try:
+        if tap.mac != stored:
+            store_mac(state_dir, tap.mac)
+    except LocalError:
+        tap.close()
+        raise
+    log.info("tap_attached", extra=fields(
+        tap=tap.name, created=tap.created, mac=format_mac(tap.mac), mac_from=source,
+        old_mac=format_mac(tap.old_mac) if tap.old_mac not in (None, tap.mac) else "-",
+        mtu=tap.mtu, old_mtu=tap.old_mtu if tap.old_mtu not in (None, tap.mtu) else "-"))
+    return tap
+
+
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
@@ -67,6 +105,9 @@ class Agent:
         self.engine: FrameEngine | None = None
         self.client: KeyClient | None = None
         self.clock = PacketClock(self.state_dir)
+        self.floors = FloorBook()
+        self.floor_file = FloorFile(self.state_dir)
+        self.guard = PortGuard(config.port, config.ethertype)
         self.started_at = time.monotonic()
         self._logged_drops: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +167,10 @@ class Agent:
     def on_welcome(self, msg: dict) -> None:
         if engine_mod.use_cipher(self.engine, msg["cipher"]):
             log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
+        max_age = min(self.config.key_max_age_s, msg.get("key_max_age_s") or self.config.key_max_age_s)
+        if max_age != self.engine.key_max_age_s:
+            self.engine.set_key_max_age(max_age)
+            log.info("key_max_age", extra=fields(seconds=max_age))
         self._deliver(self.engine.install_multicast_key(
             msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))
         # Anything pending gets asked again right away on the new connection.
@@ -133,13 +178,21 @@ class Agent:
             entry.next_request_at = 0.0
         self._send_key_requests(self._loop.time())
 
-    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None:
+    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int,
+               age_s: int = 0, older: list = ()) -> None:
         peer = self.engine.peers.get(peer_mac)
         held = peer.keys.newest_pw_id() if peer is not None else 0
-        delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time())
+        if peer is not None and peer.peer_id != peer_id:
+            log.warning("peer_replaced", extra=fields(peer_mac=format_mac(peer_mac), was=peer.peer_id, now=peer_id))
+            held = 0
+        delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time(),
+                                                 age_s=age_s, older=older)
         if pw_id > held:
-            log.info("key_installed", extra=fields(peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id,
-                                                   released=len(delivered.to_wire) + len(delivered.to_tap)))
+            now_held = self.engine.peers.get(peer_mac)
+            log.info("key_installed", extra=fields(
+                peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id, age_s=age_s,
+                held=",".join(str(s.pw_id) for s in now_held.keys.slots()) if now_held else "-",
+                released=len(delivered.to_wire) + len(delivered.to_tap)))
         self._deliver(delivered)
 
     def on_unknown(self, peer_mac: bytes) -> None:
@@ -173,22 +226,33 @@ class Agent:
             "mac": format_mac(self.engine.my_mac),
             "tap": self.tap.name,
             "port": self.config.port,
-            "mtu": self.tap_mtu,
+            "mtu": self.tap.live_mtu(),
+            "mtu_expected": self.tap_mtu,
             "wire_mtu": self.wire_mtu,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "egress_blocked": egress_drops(self.config.port),
         })
+        doc.update(self.guard_reading())  # port_guard, inbound_refused, egress_blocked
         doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
+
+    def guard_reading(self) -> dict:
+        """The port guard as the kernel has it now (``PortGuard.reading``)."""
+        return self.guard.read()
 
     # ------------------------------------------------------------- lifecycle
 
     def _tick(self, now: float) -> None:
+        if self.floor_file.save_due(now):
+            self.floor_file.save(self.floors, self.engine.replay_highest(), now)
         self._send_key_requests(now)
         self.engine.on_timer(now)
         if self.engine.notices:
             self._send_notices()
+
+    def _reserve(self) -> None:
+        """Reserve packet numbers ahead of the engine (see ``packet_clock``)."""
+        self.engine.pn_limit = self.clock.reserve(self.engine.send_pn)
 
     def _log_drops(self) -> None:
         new = self.engine.drops - self._logged_drops
@@ -199,11 +263,9 @@ class Agent:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
-        guard_port(cfg.port, cfg.ethertype)
-        mac = parse_mac(cfg.tap_mac) if cfg.tap_mac else None
-        self.tap = LinuxTap(cfg.tap, self.tap_mtu, mac)
+        self.guard = await asyncio.to_thread(guard_port, cfg.port, cfg.ethertype)
+        self.tap = attach_tap(cfg.tap, self.tap_mtu, self.state_dir, cfg.tap_mac)
         try:
-            self.wire = LinuxWire(cfg.port, cfg.ethertype)
             settings = EngineSettings(
                 ethertype=cfg.ethertype,
                 replay_window_frames=cfg.replay_window_frames,
@@ -217,8 +279,17 @@ class Agent:
                 rekey_after_frames=cfg.rekey_after_frames,
                 max_pending_keys=cfg.max_pending_keys,
                 key_requests_per_s=cfg.key_requests_per_s,
+                key_max_age_s=cfg.key_max_age_s,
             )
-            self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start())
+            now = self._loop.time()
+            restored = self.floor_file.load(self.floors, now)
+            if not self.floor_file.save(self.floors, (), now):
+                raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
+            log.info("replay_floors_loaded", extra=fields(senders=restored))
+            self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start(),
+                                      floors=self.floors, now0=now)
+            self.engine.pn_limit = self.clock.reserved
+            self.wire = LinuxWire(cfg.port, cfg.ethertype)
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,
                                     probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
                                     failback_holddown_s=cfg.failback_holddown_s)
@@ -254,7 +325,7 @@ class Agent:
                 now = loop.time()
                 self._tick(now)
                 if now - last_persist >= PERSIST_INTERVAL_S:
-                    self.clock.persist()
+                    self._reserve()
                     last_persist = now
                 if now - last_drop_log >= DROP_LOG_S:
                     self._log_drops()
@@ -269,7 +340,10 @@ class Agent:
             control.close()
             if metrics is not None:
                 metrics.close()
-            self.clock.persist()
+            # The readers are gone and the key client is stopped: no frame is
+            # opened after this save, so the next start needs no lead.
+            self.floor_file.save(self.floors, self.engine.replay_highest(), loop.time(), stopped=True)
+            self._reserve()
             try:
                 self.config.socket_path.unlink()
             except OSError:

@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_METRICS_LISTEN, DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
-from .errors import L2cryptError
+from .errors import ConfigError, L2cryptError
 
 PROG = "l2crypt"
 
@@ -31,27 +31,51 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with.")
-@click.option("--id", "host_id", required=True, help="The host ID the operator created.")
-@click.option("--token", required=True, help="One-time token from `keyserverd host add`.")
-@click.option("--ca-fingerprint", required=True, metavar="sha256:HEX",
-              help="SHA-256 fingerprint of the key server's CA, printed by `keyserverd host add`.")
-@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True,
-              help="Where the key, certificate and CA are stored.")
-@click.option("--force", is_flag=True, help="Replace an existing enrollment.")
-def enroll(server, host_id, token, ca_fingerprint, state_dir, force) -> None:
-    """Trade a one-time token for this host's certificate.
+def enroll_options(what: str, default_state_dir: str):
+    """The options of ``l2crypt enroll`` and ``l2crypt-gateway enroll`` (``what``: host or gateway)."""
+    opts = [
+        click.option("--server", required=True, metavar="HOST:PORT", help="Key server to enroll with."),
+        click.option("--id", "host_id", required=True, help=f"The {what} ID the operator created."),
+        click.option("--token-file", type=click.Path(dir_okay=False),
+                     help="File holding the one-time token from `keyserverd host add`."),
+        click.option("--token", help="The token; `-` reads it from stdin (asked without echo on a "
+                                     "terminal). A value given here shows in ps and shell history."),
+        click.option("--ca-fingerprint", required=True, metavar="sha256:HEX",
+                     help="SHA-256 fingerprint of the key server's CA, printed by `keyserverd host add`."),
+        click.option("--state-dir", default=default_state_dir, show_default=True,
+                     help="Where the key, certificate and CA are stored."),
+        click.option("--force", is_flag=True, help="Replace an existing enrollment."),
+    ]
 
-    The CA is pinned by fingerprint before the token is sent.
-    """
+    def decorate(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+def run_enroll(prog: str, fail, server, host_id, token, token_file, ca_fingerprint, state_dir, force) -> None:
+    """The body of both enroll commands: read the token, enroll, say where the certificate is."""
     from .enroll import enroll as do_enroll
+    from .enroll import read_token
 
     try:
-        path = do_enroll(server, host_id, token, ca_fingerprint, state_dir, force)
+        secret = read_token(token, token_file, warn=lambda text: click.echo(f"{prog}: warning: {text}", err=True))
+        path = do_enroll(server, host_id, secret, ca_fingerprint, state_dir, force)
     except L2cryptError as exc:
         fail(str(exc))
     click.echo(f"enrolled as {host_id}; certificate stored in {path}")
+
+
+@cli.command()
+@enroll_options("host", DEFAULT_STATE_DIR)
+def enroll(**opts) -> None:
+    """Trade a one-time token for this host's certificate.
+
+    The CA is pinned by fingerprint before the token is sent.  Give the token
+    with --token-file FILE or --token - (stdin), so it stays out of ps.
+    """
+    run_enroll(PROG, fail, **opts)
 
 
 def _agent_options(fn):
@@ -78,6 +102,7 @@ def _agent_options(fn):
         click.option("--switch-after-s", type=float, help=docs["switch_after_s"] + " [default: 2.0]"),
         click.option("--retire-after-s", type=float, help=docs["retire_after_s"] + " [default: 30.0]"),
         click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"] + " [default: 2^32]"),
+        click.option("--key-max-age-s", type=float, help=docs["key_max_age_s"] + " [default: 7200]"),
         click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"] + " [default: 5.0]"),
         click.option("--probe-failures", type=int, help=docs["probe_failures"] + " [default: 3]"),
         click.option("--failback-holddown-s", type=float, help=docs["failback_holddown_s"] + " [default: 30.0]"),
@@ -94,7 +119,13 @@ def _agent_options(fn):
 @cli.command()
 @_agent_options
 def agent(config_path, servers, **overrides) -> None:
-    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it)."""
+    """Run the host agent in the foreground (SIGTERM or Ctrl-C stops it).
+
+    The agent attaches to the persistent TAP (made by the host's network
+    manager, or by the agent at its first start) and leaves it in place when
+    it stops, so the host keeps its addresses; it keeps the TAP's MAC in the
+    state directory (tap.mac).  `l2crypt remove-tap` deletes the TAP.
+    """
     from .agent import Agent
 
     overrides["servers"] = list(servers) if servers else None
@@ -102,10 +133,11 @@ def agent(config_path, servers, **overrides) -> None:
 
 
 def run_daemon(load_config, daemon_class, fail) -> None:
-    """Load a daemon's config (a bad one: one line, exit 2), set up logging and
-    run the daemon in the foreground until SIGTERM or Ctrl-C.  Shared by the
-    agent, the layer-3 agent and the gateway."""
+    """Load a daemon's config (a bad one: one line, exit 2), set up logging, lock
+    the state directory (``state_lock``) and run the daemon in the foreground
+    until SIGTERM or Ctrl-C.  Shared by the agent, the layer-3 agent and the gateway."""
     from .logs import setup_logging
+    from .state_lock import lock_state_dir
 
     try:
         config = load_config()
@@ -113,6 +145,7 @@ def run_daemon(load_config, daemon_class, fail) -> None:
         fail(str(exc), 2)
     setup_logging(config.log_level, config.log_format)
     try:
+        lock = lock_state_dir(config.state_dir)  # noqa: F841 - held until the daemon returns
         asyncio.run(daemon_class(config).run())
     except L2cryptError as exc:
         fail(str(exc))
@@ -170,6 +203,26 @@ def show_status(state_dir, config_path, as_json, watch, interval_s, count, *, fa
         render(doc)
 
 
+@cli.command()
+@click.option("--port", required=True, help="The port to give back: a wire port, or a gateway's encrypted or plain port.")
+def unguard(port) -> None:
+    """Remove the port guard (nftables table l2crypt_PORT) from a port.
+
+    The agent and the gateway install it before they bring a port up and leave
+    it when they stop, so the port fails closed.  Without it the port passes
+    plain frames both ways again.  Stop the daemon first; its next start puts
+    the guard back.  The port's sysctls (IPv6 and ARP off, strict rp_filter)
+    stay as the daemon left them.
+    """
+    from .port_guard import unguard_port
+
+    try:
+        unguard_port(port)
+    except L2cryptError as exc:
+        fail(str(exc))
+    click.echo(f"removed the port guard from {port}: plain frames pass both ways now")
+
+
 @cli.command("check-config")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
 def check_config(path) -> None:
@@ -184,27 +237,81 @@ def check_config(path) -> None:
     click.echo(f"{path}: ok")
 
 
+@cli.command("remove-tap")
+@click.option("--tap", default=None, help="The TAP to delete [default: l2c0, or the config's tap].")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Take the TAP's name from this agent config file.")
+def remove_tap_cmd(tap, config_path) -> None:
+    """Delete the agent's persistent TAP (the host's addresses on it go too).
+
+    The agent leaves its TAP in place when it stops, so the host keeps its
+    addresses across restarts.  Run this with the agent stopped, after
+    removing the TAP from the network manager's config (a TAP made by
+    systemd-networkd or ifupdown comes back at their next start).  The MAC
+    stays in the state directory (tap.mac): a new TAP gets it again.
+    """
+    from .config import _iface, read_toml
+    from .linux_tap import remove_tap
+
+    try:
+        if tap is None and config_path is not None:
+            tap = read_toml(config_path).get("tap")
+        tap = _iface(tap or AgentConfig.tap)
+    except L2cryptError as exc:
+        fail(str(exc), 2)
+    except ValueError as exc:
+        fail(f"tap: {exc}", 2)
+    try:
+        remove_tap(tap)
+    except L2cryptError as exc:
+        fail(str(exc))
+    click.echo(f"removed TAP {tap}")
+
+
 @cli.command("install-units")
 @click.option("--prefix", type=click.Path(file_okay=False), default="/", show_default=True,
               help="Install under PREFIX/etc/systemd/system.")
 @click.option("--bin-dir", type=click.Path(file_okay=False), default=None,
               help="Where the l2crypt commands are (default: where this one runs from).")
 @click.option("--dry-run", is_flag=True, help="Only print what would be written.")
-def install_units_cmd(prefix, bin_dir, dry_run) -> None:
-    """Install the systemd units (agent per port, key server, gateway)."""
+@click.option("--networkd", is_flag=True,
+              help="Also write the host's TAP set-up for systemd-networkd: TAP.netdev (the persistent TAP) "
+                   "and TAP.network (its addresses) in PREFIX/etc/systemd/network.")
+@click.option("--tap", default="l2c0", show_default=True, help="With --networkd: the TAP's name.")
+@click.option("--address", "addresses", multiple=True, metavar="ADDR/PREFIX",
+              help="With --networkd: an address of the host on the TAP, IPv4 or IPv6 (repeat for several).")
+@click.option("--dhcp", is_flag=True, help="With --networkd: take the TAP's addresses from DHCP.")
+@click.option("--force", is_flag=True, help="With --networkd: replace network files that exist and differ.")
+def install_units_cmd(prefix, bin_dir, dry_run, networkd, tap, addresses, dhcp, force) -> None:
+    """Install the systemd units (agent per port, key server, gateway).
+
+    The host's addresses belong to its network manager and live on the
+    agent's TAP, which outlives the agent.  --networkd writes that set-up
+    for systemd-networkd (the README shows the same for ifupdown).
+    """
     from pathlib import Path
 
-    from .units import default_bin_dir, install_units
+    from .config import _iface
+    from .units import default_bin_dir, install_units, render_network_files
 
     bin_path = Path(bin_dir) if bin_dir else default_bin_dir()
+    if not networkd and (addresses or dhcp or force):
+        fail("--address, --dhcp and --force go with --networkd", 2)
     try:
-        paths = install_units(Path(prefix), bin_path, dry_run)
+        network = render_network_files(_iface(tap), tuple(addresses), dhcp) if networkd else None
+        paths = install_units(Path(prefix), bin_path, dry_run, network, force)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     except L2cryptError as exc:
         fail(str(exc))
+    except ValueError as exc:
+        fail(f"--tap: {exc}", 2)
     for path in paths:
-        click.echo(f"{'would write' if dry_run else 'wrote'} {path} (commands in {bin_path})")
+        click.echo(f"{'would write' if dry_run else 'wrote'} {path}"
+                   + (f" (commands in {bin_path})" if path.suffix == ".service" else ""))
     if not dry_run:
-        click.echo("next: systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT "
+        click.echo("next: " + ("networkctl reload; " if networkd else "")
+                   + "systemctl daemon-reload; systemctl enable --now l2crypt-agent@PORT "
                    "(or keyserverd, or l2crypt-gateway)")
 
 

@@ -17,6 +17,7 @@ from .constants import (
     DEFAULT_ETHERTYPE,
     DEFAULT_HOLD_AGE_S,
     DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_MAX_AGE_S,
     DEFAULT_KEY_RETRY_MAX_S,
     DEFAULT_KEY_REQUESTS_PER_S,
     DEFAULT_KEY_RETRY_S,
@@ -151,10 +152,12 @@ class AgentConfig:
     """Settings of one host agent (one wire port, one TAP)."""
 
     port: str = _f(None, _iface, "wire port: the physical interface toward the switch")
-    tap: str = _f("l2c0", _iface, "name of the TAP device the host's stack uses")
+    tap: str = _f("l2c0", _iface, "name of the TAP device the host's stack uses; persistent, it stays "
+                                  "(with the host's addresses) when the agent stops")
     servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
-    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, clock floor and control socket")
-    tap_mac: str | None = _f(None, _mac, "MAC of the TAP (default: random, kept by the kernel)")
+    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, packet clock, replay floors, TAP MAC (tap.mac) and control socket")
+    tap_mac: str | None = _f(None, _mac, "MAC of the TAP; default: the one kept in state_dir/tap.mac, "
+                                          "else an existing TAP's, else a random one (then kept)")
     wire_mtu: int = _f(0, _int_range(0, 65535), "MTU of the wire port in bytes; 0 = use the port's")
     ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
     replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),
@@ -176,6 +179,9 @@ class AgentConfig:
                                "how long an old key version is still accepted after the switch, seconds")
     rekey_after_frames: int = _f(DEFAULT_REKEY_AFTER_FRAMES, _int_range(16, 2**62),
                                  "frames sent under one pair key before the agent asks for a new one")
+    key_max_age_s: float = _f(DEFAULT_KEY_MAX_AGE_S, _seconds(60.0, 30 * 86400.0),
+                              "longest a key version is used after the key server made it, seconds "
+                              "(the server's key_max_age_s wins if lower)")
     probe_interval_s: float = _f(5.0, _seconds(0.05, 600.0),
                                  "seconds between pings of the key server in use (and of better ones)")
     probe_failures: int = _f(3, _int_range(1, 100), "missed pongs in a row before failing over to the next server")

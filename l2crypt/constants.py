@@ -48,6 +48,7 @@ DEFAULT_KEY_RETRY_MAX_S = 8.0     # backoff ceiling
 DEFAULT_UNKNOWN_CACHE_S = 5.0     # how long an "unknown MAC" answer is believed
 DEFAULT_SWITCH_AFTER_S = 2.0      # a sender moves to a pushed key at the latest after this
 DEFAULT_RETIRE_AFTER_S = 30.0     # an old key version is kept this long after the switch
+DEFAULT_KEY_MAX_AGE_S = 7200.0    # a key version made longer ago than this at the key server is not used
 DEFAULT_REKEY_AFTER_FRAMES = 2**32  # frames under one pair key before the sender asks for a new one
 DEFAULT_WIRE_MTU = 1500
 DEFAULT_KEYSERVER_PORT = 7788

@@ -1,4 +1,4 @@
-"""The agent's control socket: ``state_dir/agent.sock`` (mode 0600).
+"""The agent's control socket: ``state_dir/agent.sock`` (mode 0600 from its creation).
 
 Protocol: the client sends one line (``status``), the agent answers one JSON
 document and closes.  ``l2crypt status`` is the client.  keyserverd serves
@@ -18,6 +18,8 @@ from .errors import LocalError
 
 MAX_REQUEST = 256
 CLIENT_TIMEOUT_S = 5.0
+#: The socket is created under this umask, so it is never group- or world-accessible.
+SOCKET_UMASK = 0o177
 
 
 async def serve_control(path: Path, snapshot: Callable[[], dict]) -> asyncio.AbstractServer:
@@ -38,9 +40,12 @@ async def serve_control(path: Path, snapshot: Callable[[], dict]) -> asyncio.Abs
 
     if path.exists() or path.is_symlink():
         path.unlink()
-    server = await asyncio.start_unix_server(handle, path=str(path), limit=MAX_REQUEST)
-    os.chmod(path, 0o600)
-    return server
+    # bind() creates the socket file with the umask's mode: 0600 from the first instant.
+    old_umask = os.umask(SOCKET_UMASK)
+    try:
+        return await asyncio.start_unix_server(handle, path=str(path), limit=MAX_REQUEST)
+    finally:
+        os.umask(old_umask)
 
 
 def query_status(path: Path, who: str = "agent") -> dict:

@@ -14,21 +14,46 @@ Sending (a plain frame read from the TAP):
    (``pending_full``); key requests leave at ``key_requests_per_s`` at most.
 
 Receiving (a frame read from the wire port):
+0. while the replay floors are not saved (``floors_unsaved``, see below)
+   every frame is refused;
 1. ``open_from_wire``: parse the header (``frame_wire.decode_header``);
 2. drop frames for another host, and our own frames coming back;
 3. find the key by *source* MAC and PW_ID (pair) or by PW_ID (multicast);
    with no key, hold the frame and queue a key request;
 4. check the replay window, open the AEAD, and only then move the window.
 
+Replay floors and packet numbers (``replay_floor``; the agent saves the book
+every ``SAVE_INTERVAL_S`` and restores it at start):
+* every new replay window of a sender starts at ``floors.floor(sender)``, and
+  every window dropped hands its highest number to ``floors.note``, so a key
+  that comes back never opens a frame accepted before, across restarts too;
+* ``replay_highest()`` is what the agent saves; frames are refused once the
+  last save is ``max_unsaved_s`` old (``floors.stale``: one float compare
+  per frame, against a deadline ``on_timer`` refreshes);
+* ``on_timer`` raises ``send_pn`` to the packet clock (``raise_to_clock``);
+  sealing never uses a number above ``pn_limit``, what the agent's packet
+  clock has reserved on disk (``pn_unreserved``).
+
 Key versions (PW_ID, make before break; see ``key_ring``):
 * a newer version offered by the server is held as ``next``; receiving accepts
   every version held; sending moves to ``next`` once the peer is seen using it,
   or ``switch_after_s`` later; the old version is dropped ``retire_after_s``
   after that;
-* a frame under a newer version we lack is held and the key requested (the
-  patent's race a); a frame under an older version than ours, once the peer
-  should have switched, is reported to the server, which pushes the newest
-  version to both ends again (race b);
+* a key answer (and a push) carries the newest version and the older ones
+  still live, each with its age; ``KeyRing.merge`` places them as the peer
+  holds them, so a restarted agent loses no frame sealed under an older one;
+* a frame under a newer version we lack, or under one between two we hold,
+  is held and the key requested (the patent's race a, and missed rotations);
+  a frame under an older version than ours, once the peer should have
+  switched, is reported to the server, which pushes the newest version to
+  both ends again (race b);
+* a frame released from the hold queue that still finds no key is dropped
+  (``no_key``), never held again: a forged PW_ID costs one key request;
+* a version older than ``key_max_age_s`` (made that long ago at the key
+  server) is dropped on the next tick; the next frame asks for a fresh key,
+  and an answer with nothing younger is refused (``key_expired``) and the
+  server asked to rotate;
+* a key for a known MAC under another peer ID replaces the old peer;
 * after ``rekey_after_frames`` frames under one pair key the sender asks the
   server for a new version, long before the packet number could wrap.
 
@@ -40,7 +65,9 @@ Control (called by the agent's key client):
 * ``install_pair_key(...)`` / ``install_multicast_key(...)`` -> held frames,
   now sealed for the wire or opened for the TAP;
 * ``mark_unknown(mac, now)`` when the server says no host holds that MAC;
-* ``on_timer(now)`` ages held frames; ``next_deadline()`` says when to call it.
+* ``on_timer(now)`` ages held frames, follows the packet clock, expires old
+  keys and checks the floors; call it every tick (``next_deadline()`` says
+  when it has work at the latest).
 
 Every drop is counted in ``drops`` under a reason name.
 """
@@ -57,6 +84,7 @@ from .constants import (
     DEFAULT_ETHERTYPE,
     DEFAULT_HOLD_AGE_S,
     DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_MAX_AGE_S,
     DEFAULT_KEY_REQUESTS_PER_S,
     DEFAULT_KEY_RETRY_MAX_S,
     DEFAULT_KEY_RETRY_S,
@@ -73,9 +101,21 @@ from .constants import (
     MIN_PLAIN_FRAME,
 )
 from .frame_wire import AAD_LEN, HEADER
+from .engine_keys import (  # noqa: F401  (re-exported: the engine's public names)
+    GROUP_MAC,
+    KEY_EXPIRED,
+    NO_KEY,
+    REKEY,
+    REPORT,
+    UNKNOWN_SENDER,
+    Delivered,
+    EngineKeys,
+    use_cipher,
+)
 from .hold_queue import RX, TX, HoldTable
 from .key_ring import KeyRing
-from .peer_keys import GroupKey, KeySlot, PeerState
+from .peer_keys import GroupKey, PeerState
+from .replay_floor import FloorBook, raise_to_clock
 
 _decode_fields = frame_wire.decode_fields
 _nonce = aead.nonce
@@ -83,10 +123,8 @@ _nonce = aead.nonce
 # Drop reasons (the names users see in status and metrics).
 RUNT = "runt"
 FOREIGN_SOURCE = "foreign_source"
-NO_KEY = "no_key"
 NOT_FOR_US = "not_for_us"
 OWN_FRAME = "own_frame"
-UNKNOWN_SENDER = "unknown_sender"
 UNKNOWN_KEY_ID = "unknown_key_id"
 STALE_KEY = "stale_key"
 REPLAYED = "replayed"
@@ -96,11 +134,8 @@ HOLD_EXPIRED = "hold_expired"
 PN_EXHAUSTED = "pn_exhausted"
 REVOKED_SENDER = "revoked_sender"
 PENDING_FULL = "pending_full"
-
-#: Pseudo-MAC of the multicast key in the hold table and in key requests.
-GROUP_MAC = b"\xff" * 6
-REKEY = "rekey"
-REPORT = "report"
+FLOORS_UNSAVED = "floors_unsaved"
+PN_UNRESERVED = "pn_unreserved"
 
 
 @dataclass(frozen=True)
@@ -121,26 +156,34 @@ class EngineSettings:
     report_interval_s: float = 1.0
     max_pending_keys: int = DEFAULT_MAX_PENDING_KEYS
     key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S
+    key_max_age_s: float = DEFAULT_KEY_MAX_AGE_S
 
 
-@dataclass
-class Delivered:
-    """Frames released by a key install: to send on the wire, to write to the TAP."""
-
-    to_wire: list
-    to_tap: list
-
-
-class FrameEngine:
-    def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings(), pn_start: int = 1):
+class FrameEngine(EngineKeys):
+    def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings(), pn_start: int = 1,
+                 floors: FloorBook | None = None, now0: float | None = None):
         self.my_mac = bytes(my_mac)
         #: The next packet number.  One counter for every key this host sends
         #: with, so (sender, packet number) never repeats; the agent seeds it
-        #: from ``aead.initial_packet_number`` (safe across restarts).
+        #: from its packet clock (safe across restarts) and ``on_timer`` keeps
+        #: it up with the clock (``replay_floor.raise_to_clock``).
         self.send_pn = pn_start
+        #: The highest number sealing may use: what the packet clock reserved on
+        #: disk (set by the agent; ``pn_unreserved`` above it).
+        self.pn_limit = MAX_PACKET_NUMBER
+        self._pn_base = pn_start
+        self._pn_base_now = now0  # engine time of pn_start; None: the first on_timer
+        #: Replay floors, shared by every engine of one daemon (None: windows start empty).
+        self.floors = floors
+        #: Frames are opened only up to this engine time: the floors' last save
+        #: plus ``max_unsaved_s`` (refreshed by ``on_timer``; no book: always).
+        self._accept_until = float("inf") if floors is None else self._floors_deadline()
         self.settings = settings
         self.cipher = settings.cipher
         self.ethertype = settings.ethertype
+        #: Maximum age of a key version (the agent may lower it to the key server's).
+        self.key_max_age_s = settings.key_max_age_s
+        self._expiry_due = float("inf")  # the earliest time a held version passes key_max_age_s
         self.peers: dict[bytes, PeerState] = {}
         self.group: KeyRing[GroupKey] = KeyRing()
         self.revoked: set[bytes] = set()
@@ -150,6 +193,8 @@ class FrameEngine:
             settings.hold_frames, settings.hold_age_s, settings.key_retry_s, settings.key_retry_max_s
         )
         self.unknown_until: dict[bytes, float] = {}
+        self.expired_until: dict[bytes, float] = {}  # MACs whose key server offered only expired keys
+        self._releasing = False  # inside _release: a frame that still finds no key is dropped
         #: Key-request token bucket (at most ``key_requests_per_s``, burst as many).
         self._request_tokens = float(max(1.0, settings.key_requests_per_s))
         self._request_refill_at: float | None = None
@@ -172,14 +217,14 @@ class FrameEngine:
         if dst[0] & 1:
             ring = self.group
             if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
-                ring.promote(now, self.settings.retire_after_s)
+                self._note(GROUP_MAC, ring.promote(now, self.settings.retire_after_s))
             group = ring.current
             if group is None:  # not welcomed yet: hold it until the multicast key arrives
                 self._hold(GROUP_MAC, TX, frame, now)
                 return None
             pn = self.send_pn
-            if pn > MAX_PACKET_NUMBER:
-                self.drops[PN_EXHAUSTED] += 1
+            if pn > self.pn_limit:
+                self._pn_refused(pn)
                 return None
             self.send_pn = pn + 1
             group.frames_sealed += 1
@@ -198,11 +243,11 @@ class FrameEngine:
     def _seal_pair(self, peer: PeerState, frame: bytes, now: float) -> bytes | None:
         ring = peer.keys
         if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
-            ring.promote(now, self.settings.retire_after_s)
+            self._note(peer.mac, ring.promote(now, self.settings.retire_after_s))
         slot = ring.current
         pn = self.send_pn
-        if pn > MAX_PACKET_NUMBER:
-            self.drops[PN_EXHAUSTED] += 1
+        if pn > self.pn_limit:
+            self._pn_refused(pn)
             return None
         self.send_pn = pn + 1
         slot.frames_sealed += 1
@@ -216,10 +261,16 @@ class FrameEngine:
         self.counters["bytes_sealed"] += len(frame)
         return aad + slot.send_aead.encrypt(_nonce(pn), frame[MAC_HEADER_LEN:], aad)
 
+    def _pn_refused(self, pn: int) -> None:
+        self.drops[PN_EXHAUSTED if pn > MAX_PACKET_NUMBER else PN_UNRESERVED] += 1
+
     # ---------------------------------------------------------------- receiving
 
     def open_from_wire(self, frame: bytes, now: float) -> bytes | None:
         """Open one sealed frame from the wire; None means dropped or held."""
+        if now > self._accept_until:
+            self.drops[FLOORS_UNSAVED] += 1
+            return None
         header = _decode_fields(frame, self.ethertype)
         if header.__class__ is str:
             self.drops[header] += 1
@@ -252,8 +303,10 @@ class FrameEngine:
         ring = peer.keys
         slot = ring.lookup(pw_id)
         if slot is None:
-            if pw_id > ring.newest_pw_id():
-                # The peer already holds a newer version: ask for it (race a).
+            oldest = (ring.previous or ring.current).pw_id
+            if pw_id > ring.newest_pw_id() or pw_id > oldest:
+                # The peer holds a version we lack, newer or between two of ours
+                # (missed rotations): ask; the answer carries every live version.
                 self._hold(src, RX, frame, now)
             else:
                 self.drops[STALE_KEY] += 1
@@ -270,7 +323,7 @@ class FrameEngine:
         slot.replay.update(pn)
         if slot is not ring.current:
             if slot is ring.next:
-                ring.peer_used(pw_id, now, self.settings.retire_after_s)
+                self._note(src, ring.peer_used(pw_id, now, self.settings.retire_after_s))
                 self._draining[src] = ring
             elif now - ring.current.created_at >= self.settings.switch_after_s:
                 self._report_lag(peer, now)  # the peer still sends with an old version (race b)
@@ -311,6 +364,12 @@ class FrameEngine:
     # ----------------------------------------------------------------- holding
 
     def _hold(self, mac: bytes, direction: int, frame: bytes, now: float) -> None:
+        if self._releasing:
+            self.drops[NO_KEY] += 1  # released once already: its key did not come
+            return
+        if self.expired_until and self.expired_until.get(mac, 0.0) > now:
+            self.drops[KEY_EXPIRED] += 1
+            return
         if direction == TX and (mac in self.revoked or self.unknown_until.get(mac, 0.0) > now):
             self.drops[NO_KEY] += 1
             return
@@ -340,21 +399,36 @@ class FrameEngine:
         return due
 
     def on_timer(self, now: float) -> None:
-        """Age out held frames and stale negative answers.  Call at ``next_deadline()``."""
+        """Age out held frames and stale negative answers, follow the packet
+        clock, expire old keys, check the floors.  Call every tick."""
+        if self._pn_base_now is None:
+            self._pn_base, self._pn_base_now = self.send_pn, now
+        else:
+            self.send_pn = raise_to_clock(self.send_pn, self._pn_base, self._pn_base_now, now)
+        if self.floors is not None:
+            self._accept_until = self._floors_deadline()
         expired = self.holds.expire(now)
         if expired:
             self.drops[HOLD_EXPIRED] += expired
-        if self.unknown_until:
-            for mac in [m for m, t in self.unknown_until.items() if t <= now]:
-                del self.unknown_until[mac]
+        for cache in (self.unknown_until, self.expired_until):
+            if cache:
+                for mac in [m for m, t in cache.items() if t <= now]:
+                    del cache[mac]
+        if now >= self._expiry_due:
+            self._expire_keys(now)
         if self._draining:
             switch_after_s, retire_after_s = self.settings.switch_after_s, self.settings.retire_after_s
             for mac, ring in list(self._draining.items()):
                 if ring.next is not None and ring.due_switch(now, switch_after_s):
-                    ring.promote(now, retire_after_s)
-                ring.expire(now)
+                    self._note(mac, ring.promote(now, retire_after_s))
+                self._note(mac, ring.expire(now))
                 if ring.next is None and ring.previous is None:
                     del self._draining[mac]
+
+    def _floors_deadline(self) -> float:
+        """The last engine time a frame may be opened at without a newer save."""
+        saved_at = self.floors.saved_at
+        return float("-inf") if saved_at is None else saved_at + self.floors.max_unsaved_s
 
     def take_notices(self) -> list[tuple[str, bytes, int]]:
         """Rekey requests and lag reports for the key server, oldest first."""
@@ -366,75 +440,14 @@ class FrameEngine:
     def next_deadline(self) -> float | None:
         """When ``take_key_requests``/``on_timer`` next have work, in engine time."""
         deadlines = [d for d in (self.holds.next_deadline(),) if d is not None]
+        if self._expiry_due != float("inf"):
+            deadlines.append(self._expiry_due)
         for ring in self._draining.values():
             if ring.next is not None:
                 deadlines.append(ring.next_since + self.settings.switch_after_s)
             if ring.previous is not None:
                 deadlines.append(ring.previous_until)
         return min(deadlines) if deadlines else None
-
-    # --------------------------------------------------------------- installing
-
-    def install_pair_key(
-        self, peer_mac: bytes, peer_id: str, pair_key: bytes, pw_id: int, now: float
-    ) -> Delivered:
-        """Install a version of a peer's pair key; returns the released held frames.
-
-        A version not newer than every version held is ignored, so a repeated
-        answer never resets a packet number under a live key.
-        """
-        self.counters["key_answers"] += 1
-        self.unknown_until.pop(peer_mac, None)
-        if peer_mac in self.revoked:
-            return Delivered([], [])
-        peer = self.peers.get(peer_mac)
-        slot = KeySlot.from_pair_key(
-            self.cipher, pair_key, pw_id, self.my_mac, peer_mac, self._window, now
-        )
-        if peer is None:
-            self.peers[peer_mac] = PeerState(peer_mac, peer_id, KeyRing(slot))
-        elif peer.keys.offer(slot, now, self.settings.retire_after_s):
-            peer.peer_id = peer_id
-            self._draining[peer_mac] = peer.keys
-            self.counters["rekeys"] += 1
-        return self._release(peer_mac, now)
-
-    def install_multicast_key(self, key: bytes, pw_id: int, now: float) -> Delivered:
-        """Install a multicast key version (not newer than held: ignored); releases held frames."""
-        group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, self._window, now)
-        if self.group.offer(group, now, self.settings.retire_after_s) and self.group.next is not None:
-            self._draining[GROUP_MAC] = self.group
-            self.counters["rekeys"] += 1
-        return self._release(GROUP_MAC, now)
-
-    def mark_unknown(self, mac: bytes, now: float) -> None:
-        """The key server says no host holds ``mac``: drop its held frames, stop asking."""
-        held = self.holds.take(mac)
-        if held:
-            self.drops[NO_KEY] += sum(1 for d, _, _ in held if d == TX)
-            self.drops[UNKNOWN_SENDER] += sum(1 for d, _, _ in held if d == RX)
-        self.unknown_until[mac] = now + self.settings.unknown_cache_s
-
-    def revoke_peer(self, mac: bytes) -> None:
-        """The server revoked the host at ``mac``: drop its keys and refuse its frames."""
-        self.peers.pop(mac, None)
-        self._draining.pop(mac, None)
-        self.holds.take(mac)
-        self.revoked.add(mac)
-
-    def _release(self, mac: bytes, now: float) -> Delivered:
-        out = Delivered([], [])
-        for direction, frame, _ in self.holds.take(mac):
-            self.counters["hold_flushed"] += 1
-            if direction == TX:
-                sealed = self.seal_from_tap(frame, now)
-                if sealed is not None:
-                    out.to_wire.append(sealed)
-            else:
-                plain = self.open_from_wire(frame, now)
-                if plain is not None:
-                    out.to_tap.append(plain)
-        return out
 
     # ------------------------------------------------------------------ status
 
@@ -447,7 +460,7 @@ class FrameEngine:
                 "mac": frame_wire.format_mac(peer.mac),
                 "id": peer.peer_id,
                 "pw_id": ring.current.pw_id,
-                "pw_ids_held": sorted(s.pw_id for s in (ring.previous, ring.current, ring.next) if s),
+                "pw_ids_held": sorted(s.pw_id for s in ring.slots()),
                 "key_age_s": round(now - ring.current.created_at, 1),
                 "frames_in": peer.frames_in,
                 "frames_out": peer.frames_out,
@@ -464,22 +477,7 @@ class FrameEngine:
             "counters": {
                 k: self.counters.get(k, 0)
                 for k in ("sealed", "opened", "bytes_sealed", "bytes_opened", "key_requests", "key_answers",
-                          "held", "hold_flushed", "rekeys", "rekey_requests", "lag_reports")
+                          "held", "hold_flushed", "rekeys", "rekey_requests", "lag_reports",
+                          "keys_expired", "expired_keys_refused", "peers_replaced")
             },
         }
-
-
-def use_cipher(engine: FrameEngine, cipher: str) -> bool:
-    """Switch ``engine`` to the segment's cipher (told by the key server).
-
-    Keys derived for another cipher are dropped, since they would not open
-    anything.  Returns True if the cipher changed.
-    """
-    aead.check_cipher(cipher)
-    if cipher == engine.cipher:
-        return False
-    engine.cipher = cipher
-    engine.peers.clear()
-    engine._draining.clear()
-    engine.group = KeyRing()
-    return True

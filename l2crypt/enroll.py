@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import getpass
 import socket
 import ssl
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -33,6 +35,35 @@ from .tls_files import (
 )
 
 TIMEOUT_S = 10.0
+#: Said when the token is given on the command line.
+TOKEN_ON_COMMAND_LINE = ("the token on the command line is visible in ps and in shell history; "
+                         "use --token-file FILE or --token - (read from stdin)")
+
+
+def read_token(token: str | None, token_file: str | None, warn=lambda text: None) -> str:
+    """The enrollment token: ``--token -`` reads stdin (a terminal is asked without
+    echo), ``--token-file`` reads a file, ``--token VALUE`` works with a warning."""
+    if (token is None) == (token_file is None):
+        raise LocalError("give the token once: --token-file FILE, --token - (stdin) or --token VALUE")
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            text = path.read_text()
+            if path.stat().st_mode & 0o077:
+                warn(f"{token_file} can be read by other users; chmod 600 it")
+        except OSError as exc:
+            raise LocalError(f"--token-file: {token_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise LocalError(f"--token-file: {token_file}: not a text file") from None
+    elif token == "-":
+        text = getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()
+    else:
+        warn(TOKEN_ON_COMMAND_LINE)
+        text = token
+    text = text.strip()
+    if not text or len(text) > 256 or any(c.isspace() for c in text):
+        raise LocalError("the token is empty or not one word (keyserverd host add prints it)")
+    return text
 
 
 def _exchange(tls: ssl.SSLSocket, msg: dict) -> dict:

@@ -13,6 +13,10 @@
    in the background on their own connections; one that has answered for
    ``failback_holddown_s`` gets the agent back.  On every new connection the
    agent asks again for the keys it is waiting for.
+5. The key server keeps one session per identity: when another connection
+   says hello with ours it closes this one with ``session_replaced``; the
+   client logs it as an error and waits ``REPLACED_WAIT_S`` before it
+   connects again.
 
 The data path never waits for this: keys already installed keep working
 while the client is disconnected.
@@ -38,13 +42,22 @@ log = logging.getLogger("l2crypt.keyclient")
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
+#: Error codes (pushed with rid 0) after which the session is over.
+SESSION_ENDING_CODES = ("revoked", "unauthenticated", "session_replaced")
+#: Another connection said hello with our identity (a clone, or a state
+#: directory copied to another machine): wait this long before taking it back,
+#: so two agents of one identity alternate slowly instead of in a hot loop.
+REPLACED_WAIT_S = 10.0
 
 
 class KeyEvents(Protocol):
     """What the agent does with the server's answers.  Called on the loop thread."""
 
     def on_welcome(self, msg: dict) -> None: ...
-    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int) -> None: ...
+    def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int,
+               age_s: int = 0, older: list = ()) -> None:
+        """A pair key version (``age_s`` since the server made it) and the older
+        ones still live, (pw_id, key, age_s) newest first."""
     def on_unknown(self, peer_mac: bytes) -> None: ...
     def on_key_refused(self, peer_mac: bytes, code: str, text: str) -> None: ...
     def on_multicast(self, key: bytes, pw_id: int) -> None: ...
@@ -113,7 +126,7 @@ class KeyClient:
         loop = asyncio.get_running_loop()
         delay = RECONNECT_MIN_S
         while not stop.is_set():
-            had_session = False
+            had_session = replaced = False
             for index in self.selector.order():
                 if stop.is_set():
                     return
@@ -121,8 +134,14 @@ class KeyClient:
                 try:
                     await self._session(index, stop)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError) as exc:
-                    log.warning("keyserver_unreachable" if not self.connected else "keyserver_lost",
-                                extra=fields(server=server, reason=str(exc) or type(exc).__name__))
+                    replaced = getattr(exc, "code", None) == "session_replaced"
+                    if replaced:
+                        log.error("session_replaced", extra=fields(
+                            server=server, reason=str(exc), retry_in_s=REPLACED_WAIT_S,
+                            hint="another agent uses this identity (a cloned machine or a copied state directory?)"))
+                    else:
+                        log.warning("keyserver_unreachable" if not self.connected else "keyserver_lost",
+                                    extra=fields(server=server, reason=str(exc) or type(exc).__name__))
                 finally:
                     if self.connected:
                         had_session = True
@@ -136,9 +155,11 @@ class KeyClient:
                     self._sent_at.clear()
                 if had_session:
                     break  # choose again from the top: fail over, or fail back
-            if had_session:
+            if had_session and not replaced:
                 delay = RECONNECT_MIN_S
                 continue
+            if replaced:
+                delay = REPLACED_WAIT_S
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
@@ -262,7 +283,8 @@ class KeyClient:
             self._answered(msg["rid"])
         if t == "key":
             self._key_rids.pop(msg["rid"], None)
-            self.events.on_key(msg["peer_mac"], msg["peer_id"], msg["key"], msg["pw_id"])
+            self.events.on_key(msg["peer_mac"], msg["peer_id"], msg["key"], msg["pw_id"],
+                               age_s=msg.get("age_s", 0), older=[tuple(v) for v in msg.get("older", ())])
         elif t == "unknown":
             self._key_rids.pop(msg["rid"], None)
             self.events.on_unknown(msg["peer_mac"])
@@ -278,7 +300,7 @@ class KeyClient:
                 self.events.on_key_refused(mac, msg["code"], msg["msg"])
             else:
                 log.warning("keyserver_error", extra=fields(code=msg["code"], text=msg["msg"]))
-                if msg["code"] in ("revoked", "unauthenticated"):
+                if msg["code"] in SESSION_ENDING_CODES:
                     raise RemoteProtocolError(msg["msg"], msg["code"])
         else:
             log.debug("ignored_message", extra=fields(type=t))

@@ -18,8 +18,11 @@ client -> server
     mcast_req rid                                  the current multicast key
     ping      rid                                  liveness probe
     map_req   rid mac side                         (gateways) map a MAC learned on ``side`` to me
+    map_release rid mac                            (gateways) I no longer speak for this MAC (aged out)
     map_list  rid                                  (gateways) every MAC mapped to me, as ``mapped``
-    netkey_req rid                                 (gateways) every live NETKEY version, as ``netkey``
+    netkey_req rid peer_id                         (gateways) the keys of my tunnel link to gateway
+                                                   peer_id (of the NETKEY peer segment), for every
+                                                   live NETKEY version, as ``netkey``
     l3_hello  rid                                  start a layer-3 session (l2crypt l3-agent)
     ip_bind   rid ip                               bind (certificate ID, ip) in the ID-IP table
     ip_key_req rid peer_ip                         pair key for (me, owner of peer_ip)
@@ -30,13 +33,24 @@ client -> server
 server -> client
     ca_cert   rid cert                             PEM of the CA
     enrolled  rid cert ca                          signed client certificate and CA, PEM
-    welcome   rid id mac cipher multicast_key multicast_pw_id server
-    key       rid peer_mac peer_id key pw_id       answer to key_req, or a push (rid 0)
+    welcome   rid id mac cipher multicast_key multicast_pw_id server [key_max_age_s]
+                                                   key_max_age_s: the server's maximum key
+                                                   lifetime (s); agents use it if lower than theirs
+    key       rid peer_mac peer_id key pw_id [age_s] [older]
+                                                   answer to key_req, or a push (rid 0); age_s:
+                                                   seconds since the server made pw_id; older:
+                                                   up to OLDER_VERSIONS_MAX older versions still
+                                                   held, [[pw_id, key, age_s], ...], newest first
     unknown   rid peer_mac                         no host holds that MAC
     multicast rid key pw_id                        a multicast key (answer or push)
     peer_revoked rid peer_mac                      the host at peer_mac is revoked: forget it (push)
     mapped    rid mac side                         the MAC is mapped to the asking gateway
-    netkey    rid key pw_id                        a NETKEY version (answer or push, gateways only)
+    unmapped  rid mac                              the MAC is not (or no longer) mapped to the asking
+                                                   gateway (answer to map_release; or a push, rid 0:
+                                                   an enrolled host said hello with it, stop speaking for it)
+    netkey    rid peer_id pw_id send_key recv_key  the keys of one tunnel link under one NETKEY
+                                                   version (answer or push, gateways only;
+                                                   NETKEY itself never leaves the key server)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
     l3_welcome rid id cipher server                answer to l3_hello
@@ -74,6 +88,8 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "peer_mac": (_B, 6),
     "peer_id": (str, None),
     "key": (_B, 32),
+    "send_key": (_B, 32),
+    "recv_key": (_B, 32),
     "pw_id": (int, None),
     "cipher": (str, None),
     "multicast_key": (_B, 32),
@@ -85,6 +101,9 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "ip": (_B, 4),
     "peer_ip": (_B, 4),
     "peer_ips": (_B, None),  # 1..MAX_PEER_IPS addresses of 4 bytes, checked in validate
+    "age_s": (int, None),
+    "older": (list, None),  # [[pw_id, key, age_s], ...], checked in _check_older
+    "key_max_age_s": (int, None),
 }
 
 # type -> (required fields, optional fields)
@@ -98,17 +117,19 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "mcast_req": (frozenset({"rid"}), frozenset()),
     "ping": (frozenset({"rid"}), frozenset()),
     "map_req": (frozenset({"rid", "mac", "side"}), frozenset()),
+    "map_release": (frozenset({"rid", "mac"}), frozenset()),
     "map_list": (frozenset({"rid"}), frozenset()),
-    "netkey_req": (frozenset({"rid"}), frozenset()),
+    "netkey_req": (frozenset({"rid"}), frozenset({"peer_id"})),
     "mapped": (frozenset({"rid", "mac", "side"}), frozenset()),
-    "netkey": (frozenset({"rid", "key", "pw_id"}), frozenset()),
+    "unmapped": (frozenset({"rid", "mac"}), frozenset()),
+    "netkey": (frozenset({"rid", "peer_id", "pw_id", "send_key", "recv_key"}), frozenset()),
     "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
     "welcome": (
         frozenset({"rid", "id", "mac", "cipher", "multicast_key", "multicast_pw_id", "server"}),
-        frozenset(),
+        frozenset({"key_max_age_s"}),
     ),
-    "key": (frozenset({"rid", "peer_mac", "peer_id", "key", "pw_id"}), frozenset()),
+    "key": (frozenset({"rid", "peer_mac", "peer_id", "key", "pw_id"}), frozenset({"age_s", "older"})),
     "unknown": (frozenset({"rid", "peer_mac"}), frozenset()),
     "multicast": (frozenset({"rid", "key", "pw_id"}), frozenset()),
     "peer_revoked": (frozenset({"rid", "peer_mac"}), frozenset()),
@@ -131,14 +152,38 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 MAX_ID_LEN = 64
 #: Most IPv4 addresses one host may bind (and one ``peer_ips`` may carry).
 MAX_PEER_IPS = 16
+#: Most older versions a ``key`` message carries: an agent's key ring holds
+#: three versions (previous, current, next).
+OLDER_VERSIONS_MAX = 2
+
+
+def _check_older(msg: dict) -> None:
+    older, t = msg["older"], msg["t"]
+    if len(older) > OLDER_VERSIONS_MAX:
+        raise ValueError(f"{t}.older: {len(older)} versions, at most {OLDER_VERSIONS_MAX}")
+    below = msg["pw_id"]
+    for item in older:
+        if not isinstance(item, list) or len(item) != 3:
+            raise ValueError(f"{t}.older: want [pw_id, key, age_s] items")
+        pw_id, key, age_s = item
+        for name, value in (("pw_id", pw_id), ("age_s", age_s)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U32_MAX:
+                raise ValueError(f"{t}.older.{name}: not an unsigned 32-bit integer")
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise ValueError(f"{t}.older.key: want 32 bytes")
+        if pw_id >= below:
+            raise ValueError(f"{t}.older: versions must be older than pw_id, newest first")
+        below = pw_id
 
 
 def _check_across_fields(msg: dict) -> None:
     t = msg["t"]
     if "id" in msg and not valid_host_id(msg["id"]):
         raise ValueError(f"{t}.id: not a valid host ID")
-    if "peer_id" in msg and t.startswith(("l3_", "id_")) and not valid_host_id(msg["peer_id"]):
+    if "peer_id" in msg and t.startswith(("l3_", "id_", "netkey")) and not valid_host_id(msg["peer_id"]):
         raise ValueError(f"{t}.peer_id: not a valid host ID")
+    if "older" in msg:
+        _check_older(msg)
     if "peer_ips" in msg:
         n = len(msg["peer_ips"])
         if n % 4 or not 4 <= n <= 4 * MAX_PEER_IPS:

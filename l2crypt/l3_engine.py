@@ -379,8 +379,8 @@ class L3Engine:
         if peer_id in self.revoked or peer_id == self.my_id:
             return []
         ips = frozenset(peer_ips) - self.my_ips
-        send = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, self.my_id, peer_id))
-        recv = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, peer_id, self.my_id))
+        send = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, self.my_id, peer_id, self.cipher))
+        recv = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, peer_id, self.my_id, self.cipher))
         slot = KeySlot(pw_id, send, recv, ReplayWindow(self.settings.replay_window_frames), now)
         peer = self.peers.get(peer_id)
         if peer is None:

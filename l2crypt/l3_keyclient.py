@@ -21,7 +21,7 @@ from typing import Protocol
 
 from . import ks_messages
 from .errors import RemoteProtocolError
-from .keyclient import CONNECT_TIMEOUT_S, KeyClient
+from .keyclient import CONNECT_TIMEOUT_S, SESSION_ENDING_CODES, KeyClient
 from .l3_engine import BY_ID, BY_IP
 from .l3_wire import format_ip
 from .logs import fields
@@ -100,7 +100,7 @@ class L3KeyClient(KeyClient):
             log.warning("keyserver_error", extra=fields(code=msg["code"], text=msg["msg"]))
             if lookup is not None:
                 self.events.on_l3_unknown(lookup)
-            elif msg["code"] in ("revoked", "unauthenticated"):
+            elif msg["code"] in SESSION_ENDING_CODES:
                 raise RemoteProtocolError(msg["msg"], msg["code"])
         else:
             log.debug("ignored_message", extra=fields(type=t))

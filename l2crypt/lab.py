@@ -28,8 +28,11 @@ lab made; nothing is created in the root namespace)::
 
 * The host wire port ``eth0`` is created DOWN with no address: the agent
   hardens it (IPv6 off, no address generation, tc egress filter) and brings it
-  up itself.  The agent creates the TAP ``l2c0``; the lab then gives it its
-  addresses.
+  up itself.
+* As a host's network manager would, the lab makes the persistent TAP
+  ``l2c0`` with its addresses once, before the first agent start; agents
+  attach to it, a restart adds nothing.  As in the README, hosts have no
+  ``--mac`` and agents no ``--tap-mac``: the lab learns each MAC (``tap_mac_of``).
 * ``Lab(agents=False)`` builds the same switch with the test addresses on
   ``eth0`` and no key server: the plain-veth baseline of ``scripts/bench``.
 * Every process runs through ``ip netns exec`` in its own session; the lab
@@ -65,6 +68,7 @@ from .lab_support import (  # noqa: F401  (re-exported for scripts and tests)
     cpu_seconds,
     ethertype_counts,
     read_pcap,
+    read_pcap_records,
     wait_listening,
 )
 
@@ -83,11 +87,6 @@ IFA_F_NODAD = 0x02
 
 def _host_no(host: str) -> int:
     return int(host.lstrip("h"))
-
-
-def tap_mac(host: str) -> str:
-    """Fixed, locally administered TAP MAC of a host: h1 -> 02:4c:32:00:00:11."""
-    return f"02:4c:32:00:00:{0x10 + _host_no(host):02x}"
 
 
 def wire_mac(host: str) -> str:
@@ -167,6 +166,7 @@ class Lab(LabProcesses):
         self.namespaces: dict[str, str] = {}  # role -> netns name
         self.procs: list[Proc] = []
         self.lifetime: dict[str, Capture] = {}  # host -> capture of what it sent to the switch
+        self.tap_macs: dict[str, str] = {}  # host -> the TAP MAC its agent chose (learned from its status)
         self.keyserver_addr = f"{KS_IP}:{KS_PORT}"
         self.keyserver_args: list[str] = []  # extra keyserverd options (lab_gateway: NETKEY peering)
         self._owner_pid = os.getpid()  # a forked copy of this object must not tear down
@@ -212,6 +212,7 @@ class Lab(LabProcesses):
             "keyserver": self.keyserver_addr,
             "procs": [p.__dict__ for p in self.procs],
             "lifetime_pcaps": {h: str(c.pcap) for h, c in self.lifetime.items()},
+            "tap_macs": self.tap_macs,
         }
         tmp = self.state_dir / "lab.json.tmp"
         tmp.write_text(json.dumps(state, indent=2))
@@ -224,6 +225,7 @@ class Lab(LabProcesses):
         lab = cls(state_dir, tuple(state["hosts"]), state["agents"], suffix=state["suffix"])
         lab.namespaces = state["namespaces"]
         lab.procs = [Proc(**p) for p in state["procs"]]
+        lab.tap_macs = state.get("tap_macs", {})
         for host, pcap in state.get("lifetime_pcaps", {}).items():
             proc = next((p for p in lab.procs if p.name == f"tcpdump-life-{host}"), None)
             if proc is not None:
@@ -342,9 +344,16 @@ class Lab(LabProcesses):
             self._addr(host, MGMT_IFNAME, mgmt_ip(host), MGMT_PREFIX)
             self._link(host, MGMT_IFNAME, state="up")
             # eth0 stays DOWN with no address: the agent hardens it and brings it up.
+            self._make_tap(host)
         else:
             self._link(host, WIRE_IFNAME, state="up")
             self._addr_test_addresses(host, WIRE_IFNAME)
+
+    def _make_tap(self, host: str) -> None:
+        """What the host's network manager does at boot (README, ifupdown): a
+        persistent TAP, up, with the host's addresses.  Never done again."""
+        self.exec(host, ["ip", "tuntap", "add", "dev", TAP_IFNAME, "mode", "tap"], check=True)
+        self._addr_test_addresses(host, TAP_IFNAME)
 
     def _addr_test_addresses(self, host: str, ifname: str) -> None:
         self._link(host, ifname, state="up")
@@ -427,8 +436,9 @@ class Lab(LabProcesses):
         return self.exec("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir, *args],
                          timeout=timeout)
 
-    def host_add(self, host_id: str, mac: str | None = None) -> dict:
+    def host_add(self, host_id: str, mac: str | None = None, ips: tuple[str, ...] = ()) -> dict:
         args = ["host", "add", host_id, "--json"] + (["--mac", mac] if mac else [])
+        args += [arg for ip in ips for arg in ("--ip", ip)]
         res = self.keyserverd(*args)
         if res.returncode != 0:
             raise LabError(f"keyserverd host add {host_id} failed: {res.stdout}{res.stderr}")
@@ -439,16 +449,23 @@ class Lab(LabProcesses):
         sd = state_dir or self.host_dir(host)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.exec(host, [self.cmd("l2crypt"), "enroll", "--server", self.keyserver_addr,
-                                "--id", host_id or host, "--token", token,
-                                "--ca-fingerprint", fingerprint, "--state-dir", sd], timeout=timeout)
+                                "--id", host_id or host, "--token", "-",  # on stdin: never in ps
+                                "--ca-fingerprint", fingerprint, "--state-dir", sd],
+                         timeout=timeout, input=token.encode() + b"\n")
+
+    def agent_servers(self, host: str) -> list[str]:
+        """The key servers the agent of ``host`` is given, in order of priority."""
+        return [self.keyserver_addr]
+
+    def agent_argv(self, host: str) -> list[str]:
+        """The README's agent command for ``host`` (no ``--tap-mac``: the agent keeps its own MAC)."""
+        servers = [arg for server in self.agent_servers(host) for arg in ("--server", server)]
+        return [self.cmd("l2crypt"), "agent", "--port", WIRE_IFNAME, "--tap", TAP_IFNAME, *servers,
+                "--state-dir", str(self.host_dir(host))]
 
     def start_agent(self, host: str, extra_args: tuple[str, ...] = ()) -> Proc:
         """Start the agent of ``host``; ``extra_args`` are more ``l2crypt agent`` options."""
-        return self.popen(host, [self.cmd("l2crypt"), "agent", "--port", WIRE_IFNAME,
-                                 "--tap", TAP_IFNAME, "--server", self.keyserver_addr,
-                                 "--state-dir", self.host_dir(host), "--tap-mac", tap_mac(host),
-                                 *self.agent_args, *extra_args],
-                          name=f"agent-{host}")
+        return self.popen(host, [*self.agent_argv(host), *self.agent_args, *extra_args], name=f"agent-{host}")
 
     def status(self, host: str, timeout: float = 10.0) -> dict:
         res = self.exec(host, [self.cmd("l2crypt"), "status", "--state-dir", self.host_dir(host),
@@ -458,7 +475,8 @@ class Lab(LabProcesses):
         return json.loads(res.stdout)
 
     def wait_connected(self, host: str, timeout_s: float = 30.0) -> dict:
-        """Wait until the agent of ``host`` says connected and its TAP exists."""
+        """Wait until the agent of ``host`` says connected; learn its TAP MAC
+        (LabError if it differs from the MAC it had before: a restart must keep it)."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
@@ -468,27 +486,31 @@ class Lab(LabProcesses):
                                f"{self.log_text(f'agent-{host}')[-3000:]}")
             try:
                 st = self.status(host, timeout=5)
-                if st.get("connected") and self.has_link(host, TAP_IFNAME):
-                    return st
                 last = json.dumps(st)[:500]
             except (LabError, ValueError) as exc:
-                last = str(exc)[-500:]
+                st, last = {}, str(exc)[-500:]
+            if st.get("connected"):
+                if self.tap_macs.setdefault(host, st["mac"]) != st["mac"]:
+                    raise LabError(f"the TAP MAC of {host} changed from {self.tap_macs[host]} to {st['mac']}")
+                self.save()
+                return st
             time.sleep(0.2)
         raise LabError(f"agent of {host} not connected within {timeout_s} s; last status: {last}\n"
                        f"{self.log_text(f'agent-{host}')[-3000:]}")
 
-    def address_tap(self, host: str) -> None:
-        """Put the host's test addresses on its TAP (after every agent start)."""
-        self._addr_test_addresses(host, TAP_IFNAME)
+    def tap_mac_of(self, host: str) -> str:
+        """The TAP MAC the agent of ``host`` chose (it keeps it across restarts)."""
+        return self.tap_macs.get(host) or self.status(host)["mac"]
 
-    def restart_agent(self, host: str, timeout_s: float = 30.0, extra_args: tuple[str, ...] = ()) -> dict:
+    def restart_agent(self, host: str, timeout_s: float = 30.0, extra_args: tuple[str, ...] = (),
+                      sig: int = signal.SIGTERM) -> dict:
+        """Stop the agent of ``host`` with ``sig`` and start it again with the same
+        command, as systemd would; the host keeps its TAP, addresses and MAC."""
         agent = self.proc(f"agent-{host}")
         if agent is not None:
-            self.stop(agent)
+            self.stop(agent, sig)
         self.start_agent(host, extra_args)
-        st = self.wait_connected(host, timeout_s)
-        self.address_tap(host)
-        return st
+        return self.wait_connected(host, timeout_s)
 
     # -- up and down
 
@@ -513,14 +535,13 @@ class Lab(LabProcesses):
                 return self
             self.start_keyserver()
             for host in self.hosts:
-                token = self.host_add(host, tap_mac(host))
+                token = self.host_add(host)
                 res = self.enroll(host, token["token"], token["ca_fingerprint"])
                 if res.returncode != 0:
                     raise LabError(f"enrollment of {host} failed: {res.stdout}{res.stderr}")
                 self.start_agent(host)
             for host in self.hosts:
                 self.wait_connected(host, max(1.0, deadline - time.monotonic()))
-                self.address_tap(host)
             return self
         except BaseException:
             self.down()

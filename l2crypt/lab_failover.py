@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from .lab import KS_IP, KS_PORT, MGMT_PREFIX, TAP_IFNAME, WIRE_IFNAME, Lab, tap_mac
+from .lab import KS_IP, KS_PORT, MGMT_PREFIX, Lab
 from .lab_support import wait_listening
 
 KS2_IP = "10.67.0.2"
@@ -84,8 +84,5 @@ class FailoverLab(Lab):
         return self.exec("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir, *args, *self._store_args()],
                          timeout=timeout)
 
-    def start_agent(self, host: str):
-        return self.popen(host, [self.cmd("l2crypt"), "agent", "--port", WIRE_IFNAME, "--tap", TAP_IFNAME,
-                                 "--server", self.addr_of("ks1"), "--server", self.addr_of("ks2"),
-                                 "--state-dir", self.host_dir(host), "--tap-mac", tap_mac(host),
-                                 *self.agent_args], name=f"agent-{host}")
+    def agent_servers(self, host: str) -> list[str]:
+        return [self.addr_of("ks1"), self.addr_of("ks2")]

@@ -50,8 +50,11 @@ GW_WAN_IFNAME = {"gA": "a-gw", "gB": "b-gw"}
 class GatewayLab:
     """Segments A and B, gateways gA (plain port and tunnel) and gB (tunnel), the WAN."""
 
-    def __init__(self, state_dir: str | Path, netkey_rekey_after_s: float = 3600.0, group_crossing: str = "basic"):
+    def __init__(self, state_dir: str | Path, netkey_rekey_after_s: float = 3600.0, group_crossing: str = "basic",
+                 gateway_args: dict[str, list[str]] | None = None):
+        """``gateway_args``: extra ``l2crypt-gateway run`` options per gateway (``{"gA": [...]}``)."""
         self.state_dir = Path(state_dir).resolve()
+        self.gateway_args = dict(gateway_args or {})
         sa, sb = secrets.token_hex(3)[:5], secrets.token_hex(3)[:5]
         self.seg = {"A": Lab(self.state_dir / "A", hosts=("h1", "h2"), suffix=sa),
                     "B": Lab(self.state_dir / "B", hosts=("h3",), suffix=sb)}
@@ -74,6 +77,10 @@ class GatewayLab:
 
     def gw_dir(self, gw: str) -> Path:
         return self.lab_of(gw).state_dir / "gateways" / gw
+
+    def switch_port(self, gw: str) -> str:
+        """The switch-side port of the gateway's encrypted port (in its segment's ``sw``)."""
+        return f"pg{gw[1].lower()}-{self.lab_of(gw).suffix}"
 
     # -- building
 
@@ -144,7 +151,7 @@ class GatewayLab:
             lab._new_ns(gw)
         tag = gw[1].lower()
         # eth0 on the segment's switch (left DOWN: the gateway guards it and brings it up).
-        port = f"pg{tag}-{lab.suffix}"
+        port = self.switch_port(gw)
         lab._veth("sw", port, gw, WIRE_IFNAME, right_mac=mac)
         mport = f"mg{tag}-{lab.suffix}"
         lab._veth("ks", mport, gw, MGMT_IFNAME)
@@ -164,8 +171,8 @@ class GatewayLab:
         d = self.gw_dir(gw)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         res = lab.exec(gw, [lab.cmd("l2crypt-gateway"), "enroll", "--server", lab.keyserver_addr, "--id", gw,
-                            "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"],
-                            "--state-dir", d], timeout=30)
+                            "--token", "-", "--ca-fingerprint", token["ca_fingerprint"],
+                            "--state-dir", d], timeout=30, input=token["token"].encode() + b"\n")
         if res.returncode != 0:
             raise LabError(f"enrollment of {gw} failed: {res.stdout}{res.stderr}")
 
@@ -189,6 +196,7 @@ class GatewayLab:
                 "--group-crossing", self.group_crossing]
         if gw == "gA":
             argv += ["--plain-port", "plain0"]
+        argv += self.gateway_args.get(gw, [])
         return lab.popen(gw, argv, name=f"gateway-{gw}")
 
     def stop_gateway(self, gw: str, sig: int = 9) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from .lab import KS_IP, KS_PORT, MGMT_PREFIX, TAP_IFNAME, WIRE_IFNAME, Lab, LabError, Proc, tap_mac
+from .lab import KS_IP, KS_PORT, MGMT_PREFIX, Lab, LabError, Proc
 from .lab_support import wait_listening
 
 KS2_IP = "10.67.0.2"
@@ -105,11 +105,9 @@ class PeeredLab(Lab):
         sd = state_dir or self.host_dir(host)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.exec(host, [self.cmd("l2crypt"), "enroll", "--server", self.addr_of(self.ks_of(host)),
-                                "--id", host_id or host, "--token", token,
-                                "--ca-fingerprint", fingerprint, "--state-dir", sd], timeout=timeout)
+                                "--id", host_id or host, "--token", "-",  # on stdin: never in ps
+                                "--ca-fingerprint", fingerprint, "--state-dir", sd],
+                         timeout=timeout, input=token.encode() + b"\n")
 
-    def start_agent(self, host: str, extra_args: tuple[str, ...] = ()) -> Proc:
-        return self.popen(host, [self.cmd("l2crypt"), "agent", "--port", WIRE_IFNAME, "--tap", TAP_IFNAME,
-                                 "--server", self.addr_of(self.ks_of(host)),
-                                 "--state-dir", self.host_dir(host), "--tap-mac", tap_mac(host),
-                                 *self.agent_args, *extra_args], name=f"agent-{host}")
+    def agent_servers(self, host: str) -> list[str]:
+        return [self.addr_of(self.ks_of(host))]

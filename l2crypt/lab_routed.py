@@ -182,7 +182,7 @@ class RoutedLab(Lab):
                 self._build_l3_host(host, index)
             self.start_keyserver()
             for host in self.hosts:
-                token = self.host_add(host)
+                token = self.host_add(host, ips=(host_ip(host),))  # require_pinned_ips is on by default
                 res = self.enroll(host, token["token"], token["ca_fingerprint"])
                 if res.returncode != 0:
                     raise LabError(f"enrollment of {host} failed: {res.stdout}{res.stderr}")

@@ -5,7 +5,8 @@ namespaces, and the pcap files its captures write.
    PID is never signalled; ``_stop_proc`` sends SIGTERM, waits (bounded), then
    SIGKILL.
 2. ``read_pcap`` reads the frames of a classic pcap file (what tcpdump -w
-   writes); ``ethertype_counts`` summarises them.
+   writes), ``read_pcap_records`` with their times; ``ethertype_counts``
+   summarises them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,11 @@ def _stop_proc(proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 5.0) ->
 
 def read_pcap(path: str | Path) -> list[bytes]:
     """Frames of a pcap file (Ethernet link type); a truncated last record is ignored."""
+    return [frame for _, frame in read_pcap_records(path)]
+
+
+def read_pcap_records(path: str | Path) -> list[tuple[float, bytes]]:
+    """(capture time as Unix seconds, frame) of each record of a pcap file."""
     data = Path(path).read_bytes()
     if len(data) < 24:
         return []
@@ -112,16 +118,17 @@ def read_pcap(path: str | Path) -> list[bytes]:
     (linktype,) = struct.unpack_from(endian + "I", data, 20)
     if linktype != 1:
         raise LabError(f"{path}: link type {linktype}, want 1 (Ethernet)")
-    frames, off = [], 24
+    frac = 1e-9 if magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d") else 1e-6  # nanosecond pcap
+    records, off = [], 24
     rec = struct.Struct(endian + "IIII")
     while off + rec.size <= len(data):
-        _, _, caplen, _ = rec.unpack_from(data, off)
+        sec, sub, caplen, _ = rec.unpack_from(data, off)
         off += rec.size
         if off + caplen > len(data):
             break
-        frames.append(data[off : off + caplen])
+        records.append((sec + sub * frac, data[off : off + caplen]))
         off += caplen
-    return frames
+    return records
 
 
 def ethertype_counts(frames: list[bytes]) -> dict[int, int]:

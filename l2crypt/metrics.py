@@ -3,7 +3,8 @@
 1. Each daemon builds a ``CollectorRegistry`` and registers a custom collector
    that reads the counters the daemon already keeps (the engine's ``counters``
    and ``drops``, the key client's attributes) at scrape time: the packet path
-   pays nothing for metrics.
+   pays nothing for metrics.  The port guard's counters live in the kernel
+   and are read with one ``nft -j list table`` per scrape.
 2. ``serve_metrics(listen, registry)`` answers ``GET /metrics`` on the daemon's
    own asyncio loop, so a scrape reads the counters on the thread that writes
    them (no locks, no threads).  It listens on loopback by default
@@ -27,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .errors import LocalError
+from .port_guard import EGRESS_COUNTER, INBOUND_COUNTER
 
 log = logging.getLogger("l2crypt.metrics")
 
@@ -83,6 +85,26 @@ class FunctionCollector:
         return list(self._fn())
 
 
+#: Direction label of the port guard's drop counters -> the counter of ``PortGuard.reading``.
+GUARD_DIRECTIONS = (("inbound", INBOUND_COUNTER), ("egress", EGRESS_COUNTER))
+
+
+def port_guard_metrics(intact_name: str, dropped_name: str, readings: dict[str, dict]) -> list[Metric]:
+    """A gauge ``intact_name{port}`` and a counter ``dropped_name{port,direction}`` from
+    ``readings``: port label -> ``PortGuard.reading()`` (read with nft at scrape time)."""
+    return [
+        gauge(intact_name,
+              "1 while the port's nftables guard is in place as installed (0: missing or altered).",
+              labels=("port",),
+              samples=[([port], 1 if r["port_guard"] == "intact" else 0) for port, r in readings.items()]),
+        counter(dropped_name,
+                "Frames the port guard dropped: inbound (kept from the host stack), egress (kept off the wire).",
+                labels=("port", "direction"),
+                samples=[([port, direction], r[key]) for port, r in readings.items()
+                         for direction, key in GUARD_DIRECTIONS if r.get(key) is not None]),
+    ]
+
+
 # --- the agent ----------------------------------------------------------------------
 
 
@@ -118,6 +140,8 @@ def agent_metrics(agent, now: float) -> list[Metric]:
                               for mac, p in engine.peers.items()]))
     out.append(gauge("l2crypt_key_pw_id", "Current key version (PW_ID), by peer MAC.", labels=("peer",),
                      samples=[([_mac(mac)], p.keys.current.pw_id) for mac, p in engine.peers.items()]))
+    out += port_guard_metrics("l2crypt_port_guard_intact", "l2crypt_port_guard_frames_dropped",
+                              {agent.config.port: agent.guard_reading()})
     group = engine.group.current
     if group is not None:
         out.append(gauge("l2crypt_multicast_key_age_seconds", "Age of the current multicast key.",

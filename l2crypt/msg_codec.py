@@ -45,7 +45,7 @@ class MessageCodec:
         if not isinstance(msg, dict):
             raise ValueError("message is not a map")
         t = msg.get("t")
-        if t not in self.schema:
+        if not isinstance(t, str) or t not in self.schema:
             raise ValueError(f"unknown message type {t!r}")
         required, optional = self.schema[t]
         keys = set(msg) - {"t"}

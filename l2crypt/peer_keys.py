@@ -5,7 +5,14 @@
   replay window.  Packet numbers come from the engine's one counter.
 * ``PeerState``: one peer MAC: its ID, a ``KeyRing`` of slots (current, next,
   previous; see ``key_ring``), and the per-peer traffic counters.
-* ``GroupKey``: one version of the multicast key: my own sending AEAD, and a bounded cache of per-sender receiving AEADs and windows.
+* ``GroupKey``: one version of the multicast key: my own sending AEAD, and a
+  bounded cache of per-sender receiving AEADs and windows.
+
+Every new replay window starts at the sender's floor (``replay_floor``), so
+a key that comes back (after a restart, or a version taken back in the same
+run) never opens a frame that was accepted before.  ``created_at`` is when
+the key server made the version (engine time: install time minus the age
+the server gave), the clock of the agent's maximum key lifetime.
 
 Everything here is owned by the ``FrameEngine`` of one agent; nothing in it is
 shared between threads.
@@ -15,10 +22,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import aead
 from .key_ring import KeyRing
 from .replay import ReplayWindow
+
+if TYPE_CHECKING:
+    from .replay_floor import FloorBook
 
 
 @dataclass(slots=True, eq=False)
@@ -27,18 +38,20 @@ class KeySlot:
     send_aead: object
     recv_aead: object
     replay: ReplayWindow
-    created_at: float     # engine clock (monotonic) at install
+    created_at: float     # engine clock (monotonic) when the key server made this version
     frames_sealed: int = 0
     rekey_asked: bool = False  # the data-volume rekey request went out
 
     @classmethod
     def from_pair_key(
         cls, cipher: str, pair_key: bytes, pw_id: int, my_mac: bytes, peer_mac: bytes,
-        window_frames: int, now: float,
+        window_frames: int, now: float, floor: int = 0,
     ) -> "KeySlot":
-        send = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, my_mac, peer_mac))
-        recv = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, peer_mac, my_mac))
-        return cls(pw_id, send, recv, ReplayWindow(window_frames), now)
+        """A slot for one version; its window refuses ``floor`` and below; ``now``
+        is when the version was made (install time minus its age)."""
+        send = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, my_mac, peer_mac, cipher))
+        recv = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, peer_mac, my_mac, cipher))
+        return cls(pw_id, send, recv, ReplayWindow(window_frames, floor), now)
 
 
 @dataclass(slots=True, eq=False)
@@ -68,30 +81,39 @@ class GroupKey:
     created_at: float
     window_frames: int
     max_senders: int
+    floors: "FloorBook | None" = None  # the engine's (shared); None: windows start empty
     senders: "OrderedDict[bytes, SenderWindow]" = field(default_factory=OrderedDict)
     frames_sealed: int = 0
 
     @classmethod
     def create(
         cls, cipher: str, key: bytes, pw_id: int, my_mac: bytes,
-        window_frames: int, now: float, max_senders: int = 4096,
+        window_frames: int, now: float, max_senders: int = 4096, floors: "FloorBook | None" = None,
     ) -> "GroupKey":
-        send = aead.make_aead(cipher, aead.group_sender_key(key, pw_id, my_mac))
-        return cls(cipher, key, pw_id, send, now, window_frames, max_senders)
+        send = aead.make_aead(cipher, aead.group_sender_key(key, pw_id, my_mac, cipher))
+        return cls(cipher, key, pw_id, send, now, window_frames, max_senders, floors)
 
     def sender(self, sender_mac: bytes) -> SenderWindow:
         """The receiving state for one sender; a new one is not cached until ``keep``."""
         state = self.senders.get(sender_mac)
         if state is None:
-            derived = aead.group_sender_key(self.key, self.pw_id, sender_mac)
-            state = SenderWindow(aead.make_aead(self.cipher, derived), ReplayWindow(self.window_frames))
+            derived = aead.group_sender_key(self.key, self.pw_id, sender_mac, self.cipher)
+            floor = self.floors.floor(sender_mac) if self.floors is not None else 0
+            state = SenderWindow(aead.make_aead(self.cipher, derived), ReplayWindow(self.window_frames, floor))
         return state
 
     def keep(self, sender_mac: bytes, state: SenderWindow) -> None:
-        """Cache a sender's state once one of its frames verified (bounded, LRU)."""
+        """Cache a sender's state once one of its frames verified (bounded, LRU;
+        the window pushed out leaves its floor in the book)."""
         if sender_mac in self.senders:
             self.senders.move_to_end(sender_mac)
             return
         self.senders[sender_mac] = state
         if len(self.senders) > self.max_senders:
-            self.senders.popitem(last=False)
+            mac, gone = self.senders.popitem(last=False)
+            if self.floors is not None:
+                self.floors.note(mac, gone.replay.highest)
+
+    def highest(self):
+        """(sender MAC, highest verified packet number) of every cached window."""
+        return [(mac, w.replay.highest) for mac, w in self.senders.items()]

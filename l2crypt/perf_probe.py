@@ -27,14 +27,20 @@ import time
 from pathlib import Path
 
 from .engine import EngineSettings, FrameEngine
+from .replay_floor import FloorBook
 
 MAC_A = bytes.fromhex("024c49000001")
 MAC_B = bytes.fromhex("024c49000002")
 
 
 def _pair(n_peers: int = 0) -> tuple[FrameEngine, FrameEngine]:
-    a = FrameEngine(MAC_A, EngineSettings(), pn_start=1)
-    b = FrameEngine(MAC_B, EngineSettings(), pn_start=1)
+    """Two engines as the agent runs them: each with a saved replay-floor book."""
+    engines = []
+    for mac in (MAC_A, MAC_B):
+        book = FloorBook()
+        book.save([], 0.0)
+        engines.append(FrameEngine(mac, EngineSettings(), pn_start=1, floors=book, now0=0.0))
+    a, b = engines
     key = os.urandom(32)
     a.install_pair_key(MAC_B, "h2", key, 1, 0.0)
     b.install_pair_key(MAC_A, "h1", key, 1, 0.0)

@@ -9,6 +9,10 @@ Use it in two steps, so that a forged frame can never move the window:
 
 1. ``check(pn)`` before decrypting: False means "replayed or too old";
 2. ``update(pn)`` only after the frame's tag has verified.
+
+A window may start at a *floor* (``replay_floor``): every number at or below
+it counts as already received, so a key that comes back after a restart does
+not open frames recorded before it.
 """
 
 from __future__ import annotations
@@ -23,13 +27,20 @@ class ReplayWindow:
 
     __slots__ = ("_blocks", "_n", "_last", "window_frames")
 
-    def __init__(self, window_frames: int = 2048):
+    def __init__(self, window_frames: int = 2048, floor: int = 0):
         if window_frames < _BLOCK_BITS:
             raise ValueError("replay window must be at least 64 frames")
         self._n = -(-window_frames // _BLOCK_BITS) + 1
         self.window_frames = (self._n - 1) * _BLOCK_BITS
         self._blocks = [0] * self._n
         self._last = -1  # highest accepted packet number; -1: none yet
+        if floor > 0:
+            # Everything up to the floor counts as received: full blocks below
+            # the floor's block, and the floor's own bits up to it.
+            full = (1 << _BLOCK_BITS) - 1
+            self._blocks = [full] * self._n
+            self._blocks[(floor >> _BLOCK_SHIFT) % self._n] = (1 << ((floor & _BIT_MASK) + 1)) - 1
+            self._last = floor
 
     @property
     def highest(self) -> int:

@@ -221,6 +221,14 @@ def _restart_keyserver(lab: L.Lab, rng: random.Random) -> str:
     return signal.Signals(sig).name
 
 
+def _restart_agent(lab: L.Lab, host: str, rng: random.Random) -> str:
+    """Kill or stop the agent and start it with the same command (as systemd
+    would); nothing is added to the host: it keeps its TAP and addresses."""
+    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    lab.restart_agent(host, timeout_s=60, sig=sig)
+    return f"agent_restarts_{signal.Signals(sig).name}"
+
+
 class SegmentTarget:
     """The single-segment lab: a key server, the switch, h1-h3."""
 
@@ -252,7 +260,7 @@ class SegmentTarget:
         return {"segment": ("bridge", self.lab, L.BRIDGE, "sw")}
 
     def known_macs(self) -> set[bytes]:
-        return {_mac(L.tap_mac(h)) for h in self.hosts} | {_mac(L.wire_mac(h)) for h in self.hosts}
+        return {_mac(self.lab.tap_mac_of(h)) for h in self.hosts} | {_mac(L.wire_mac(h)) for h in self.hosts}
 
     def rekey(self) -> list[bool]:
         return [self.lab.keyserverd("rekey", "--all", timeout=30).returncode == 0]
@@ -265,8 +273,7 @@ class SegmentTarget:
         """Restart one daemon; returns the event name."""
         if label == "keyserverd":
             return f"keyserverd_restarts_{_restart_keyserver(self.lab, rng)}"
-        self.lab.restart_agent(label.removeprefix("agent-"), timeout_s=60)
-        return "agent_restarts"
+        return _restart_agent(self.lab, label.removeprefix("agent-"), rng)
 
 
 class GatewayTarget:
@@ -304,11 +311,14 @@ class GatewayTarget:
                 "wan": ("wan", g.a, GW_WAN_IFNAME["gA"], "wan"), "plain side": ("plain", g.a, "plain0", "gA")}
 
     def known_macs(self) -> set[bytes]:
-        macs = {_mac(L.tap_mac(h)) for h in self.hosts} | {_mac(L.wire_mac(h)) for h in self.hosts}
+        macs = self._tap_macs() | {_mac(L.wire_mac(h)) for h in self.hosts}
         return macs | {_mac(P1_MAC)} | {_mac(v[1]) for v in GATEWAYS.values()}
 
+    def _tap_macs(self) -> set[bytes]:
+        return {_mac(self.glab.lab_of(h).tap_mac_of(h)) for h in self.hosts}
+
     def inner_macs(self) -> set[bytes]:
-        return {_mac(L.tap_mac(h)) for h in self.hosts} | {_mac(P1_MAC)}
+        return self._tap_macs() | {_mac(P1_MAC)}
 
     def rekey(self) -> list[bool]:
         return [lab.keyserverd("rekey", "--all", timeout=30).returncode == 0 for lab in self.glab.seg.values()]
@@ -329,8 +339,7 @@ class GatewayTarget:
             self.glab.wait_gateway(gw, lambda st: st.get("connected") and st.get("netkey_pw_id"), 60)
             return "gateway_restarts_SIGKILL"
         host = label.removeprefix("agent-")
-        self.glab.lab_of(host).restart_agent(host, timeout_s=60)
-        return "agent_restarts"
+        return _restart_agent(self.glab.lab_of(host), host, rng)
 
 
 def start_traffic(lab: L.Lab, sender: str, peers: dict[str, str], per_s: float) -> L.Proc:

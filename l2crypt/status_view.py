@@ -19,7 +19,10 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     server = doc.get("keyserver") or "none"
     state = "connected" if doc.get("connected") else "DISCONNECTED (cached keys in use)"
-    console.print(f"[bold]{doc['id']}[/bold] {doc['mac']}  tap {doc['tap']} (MTU {doc['mtu']})  "
+    mtu = str(doc["mtu"])
+    if doc.get("mtu_expected") not in (None, doc["mtu"]):
+        mtu += f", [bold red]should be {doc['mtu_expected']}[/bold red] = wire MTU - 32"
+    console.print(f"[bold]{doc['id']}[/bold] {doc['mac']}  tap {doc['tap']} (MTU {mtu})  "
                   f"port {doc['port']} (MTU {doc['wire_mtu']})  cipher {doc['cipher']}")
     console.print(f"key server: {server}  {state}   multicast PW_ID: {doc.get('multicast_pw_id')}")
     servers = doc.get("keyservers") or []
@@ -37,8 +40,26 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     console.print("counters: " + "  ".join(f"{k}={v}" for k, v in counters.items()))
     drops = doc.get("drops", {})
     console.print("drops: " + ("  ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
-    if doc.get("egress_blocked") is not None:
-        console.print(f"frames blocked by the port guard: {doc['egress_blocked']}")
+    line = guard_line(doc, doc.get("port"))
+    if line:
+        console.print(line)
+
+
+GUARD_STATES = {"intact": "intact", "altered": "[bold red]ALTERED[/bold red] (not as installed)",
+                "missing": "[bold red]MISSING[/bold red] (plain frames pass)"}
+
+
+def guard_line(doc: dict, port: str | None, prefix: str = "") -> str | None:
+    """The port guard of a status document in one line (keys ``<prefix>port_guard``,
+    ``<prefix>inbound_refused``, ``<prefix>egress_blocked``); None if it has none."""
+    state = doc.get(f"{prefix}port_guard")
+    if state is None:
+        return None
+    parts = [f"port guard on {port or '-'}: {GUARD_STATES.get(state, state)}"]
+    for key, label in (("inbound_refused", "frames refused inbound"), ("egress_blocked", "frames blocked outbound")):
+        if doc.get(prefix + key) is not None:
+            parts.append(f"{label}: {doc[prefix + key]}")
+    return "   ".join(parts)
 
 
 # --- live rates (``l2crypt status --watch``) -------------------------------------------

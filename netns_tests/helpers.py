@@ -93,6 +93,16 @@ def forged_frame(dst: str, src: str, pw_id: int, body: bytes) -> bytes:
     return mac_bytes(dst) + mac_bytes(src) + header + body
 
 
+def udp_payload(frame: bytes) -> bytes | None:
+    """The UDP payload of an unfragmented IPv4 frame (None for anything else)."""
+    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
+        return None
+    ihl = (frame[14] & 0x0F) * 4
+    if int.from_bytes(frame[20:22], "big") & 0x3FFF:  # a fragment
+        return None
+    return frame[14 + ihl + 8:]
+
+
 # --- traffic -----------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from pyroute2 import netns
+from pyroute2 import IPRoute, netns
 
 from helpers import KeyServerClient, l2c_frames, mac_bytes, ping
 from l2crypt import lab as L
@@ -57,7 +57,7 @@ def captured_frames(lab: L.Lab, src: str, dst: str, count: int = 20) -> list[byt
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         frames = L.read_pcap(cap.stop())
-    mine = l2c_frames(frames, src=L.tap_mac(src), dst=L.tap_mac(dst))
+    mine = l2c_frames(frames, src=lab.tap_mac_of(src), dst=lab.tap_mac_of(dst))
     assert mine, f"no l2crypt frame {src} -> {dst} on br0"
     return mine
 
@@ -101,9 +101,9 @@ def fresh_key_latency_s(lab: L.Lab, host: str, peer: str, server: str | None = N
     start = time.monotonic()
     client = KeyServerClient(lab.ns(host), server or lab.keyserver_addr, cert_dir or lab.host_dir(host))
     try:
-        welcome = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac(host))})
+        welcome = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of(host))})
         assert welcome["t"] == "welcome", welcome
-        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac(peer))})
+        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(lab.tap_mac_of(peer))})
         assert key["t"] == "key", key
     finally:
         client.close()
@@ -192,3 +192,109 @@ def other_ca(path: Path) -> Path:
 
 def new_log(lab: L.Lab, name: str, since: int) -> str:
     return lab.log_text(name)[since:]
+
+
+# --- plain frames at a guarded port (issue 14.1) ------------------------------------------
+
+
+def plain_frames(dst_macs: list[str], src_mac: str, src_ip: str, dst_ip: str, src_ip6: str, dst_ip6: str,
+                 udp_port: int, marker: bytes) -> list[bytes]:
+    """For each destination MAC: IPv4 UDP, IPv6 UDP, an ARP request and an ICMP echo
+    request, from ``src_mac``/``src_ip`` (a spoofed peer), each carrying ``marker``
+    (in the ARP frame as trailing padding)."""
+    from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import ARP, Ether
+    from scapy.packet import Raw
+
+    out = []
+    for i, dst in enumerate(dst_macs):
+        eth = Ether(dst=dst, src=src_mac)
+        out += [bytes(eth / IP(src=src_ip, dst=dst_ip) / UDP(sport=udp_port, dport=udp_port) / Raw(marker)),
+                bytes(eth / IPv6(src=src_ip6, dst=dst_ip6) / UDP(sport=udp_port, dport=udp_port) / Raw(marker)),
+                bytes(eth / ARP(op=1, hwsrc=src_mac, psrc=src_ip, pdst=dst_ip) / Raw(marker)),
+                bytes(eth / IP(src=src_ip, dst=dst_ip) / ICMP(type=8, id=0x4C32, seq=i) / Raw(marker))]
+    return out
+
+
+_LISTEN = r"""
+import select, socket, sys
+port, ifname = int(sys.argv[1]), sys.argv[2]
+tags = {"injected": bytes.fromhex(sys.argv[3]), "genuine": bytes.fromhex(sys.argv[4])}
+socks = {}
+for name, family, addr in (("udp4", socket.AF_INET, "0.0.0.0"), ("udp6", socket.AF_INET6, "::")):
+    try:
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((addr, port))
+        socks[name] = s
+    except OSError as exc:
+        print("no", name, exc, flush=True)
+for name, proto in (("pkt_ip", 0x0800), ("pkt_arp", 0x0806), ("pkt_ipv6", 0x86DD), ("pkt_all", 0x0003)):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+    s.bind((ifname, proto))
+    socks[name] = s
+print("listening", flush=True)
+while True:
+    ready, _, _ = select.select(list(socks.values()), [], [])
+    for name, s in socks.items():
+        if s in ready:
+            data = s.recv(65536)
+            for tag, marker in tags.items():
+                if marker in data:
+                    print("got", name, tag, flush=True)
+"""
+
+
+class StackListener:
+    """Everything that could receive a plain frame in ``role``: UDP sockets on
+    ``0.0.0.0`` and ``::`` (``udp4``, ``udp6``), and packet sockets on ``ifname`` for
+    IPv4, ARP, IPv6 and ETH_P_ALL (``pkt_ip``, ``pkt_arp``, ``pkt_ipv6``,
+    ``pkt_all``).  ``counts()`` says which of them got a frame with the
+    injected or the genuine marker.  The kernel hands every frame to ETH_P_ALL
+    sockets before the ingress hook, so ``pkt_all`` shows that the injected
+    frames did reach the port."""
+
+    def __init__(self, lab: L.Lab, role: str, ifname: str, udp_port: int, injected: bytes, genuine: bytes):
+        self.lab = lab
+        self.proc = lab.popen(role, [sys.executable, "-c", _LISTEN, str(udp_port), ifname, injected.hex(),
+                                     genuine.hex()], name=f"listener-{role}-{os.urandom(2).hex()}")
+        deadline = time.monotonic() + 10
+        while "listening" not in self._log().splitlines():  # a line of its own (the log starts with the script)
+            assert self.proc.alive() and time.monotonic() < deadline, f"listener did not start: {self._log()}"
+            time.sleep(0.05)
+
+    def _log(self) -> str:
+        return self.lab.log_text(self.proc.name)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for line in self._log().splitlines():
+            if line.startswith("got "):
+                _, name, tag = line.split()
+                out[(name, tag)] = out.get((name, tag), 0) + 1
+        return out
+
+    def has_udp6(self) -> bool:
+        return "no udp6" not in self._log()
+
+    def stop(self) -> None:
+        self.lab.stop(self.proc)
+
+
+def nstat(lab: L.Lab, role: str) -> dict[str, int]:
+    """The kernel's SNMP counters in ``role`` (``nstat -asz``: absolute, all, history untouched)."""
+    res = lab.exec(role, ["nstat", "-asz"], check=True)
+    out = {}
+    for line in res.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            out[fields[0]] = int(fields[1])
+    return out
+
+
+def link_mac(lab: L.Lab, role: str, ifname: str) -> str:
+    """The MAC address of ``ifname`` in ``role``, as the kernel has it."""
+    with IPRoute(netns=lab.ns(role), flags=0) as ipr:
+        return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_ADDRESS")

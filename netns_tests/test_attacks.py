@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import ssl
 import time
 
@@ -62,14 +64,14 @@ def test_spoofed_source_mac_on_the_tap_never_leaves_h3(lab):
     before = lab.status("h3")
     switch = lab.capture(lab.port_name("h3"), direction="in", name="tcpdump-spoof-p3")
     try:
-        lab.exec("h3", ["ip", "link", "set", L.TAP_IFNAME, "address", L.tap_mac("h1")], check=True)
+        lab.exec("h3", ["ip", "link", "set", L.TAP_IFNAME, "address", lab.tap_mac_of("h1")], check=True)
         ping(lab, "h3", L.tap_ipv4("h2"), count=3, extra=["-p", MARKER[:16].hex()])
     finally:
-        lab.exec("h3", ["ip", "link", "set", L.TAP_IFNAME, "address", L.tap_mac("h3")], check=True)
+        lab.exec("h3", ["ip", "link", "set", L.TAP_IFNAME, "address", lab.tap_mac_of("h3")], check=True)
         frames = L.read_pcap(switch.stop())
     after = lab.status("h3")
     assert drop(after, "foreign_source") > drop(before, "foreign_source")
-    assert not [f for f in frames if f[6:12] == mac_bytes(L.tap_mac("h1"))], \
+    assert not [f for f in frames if f[6:12] == mac_bytes(lab.tap_mac_of("h1"))], \
         "h3 put frames with h1's MAC on the switch"
     assert marker_count(frames) == 0
     assert ping(lab, "h3", L.tap_ipv4("h2"), count=2).returncode == 0  # h3 itself still works
@@ -81,12 +83,12 @@ def test_frames_sealed_with_h3_keys_but_h1_mac_are_refused(lab):
         assert ping(lab, src, L.tap_ipv4("h2"), count=1).returncode == 0
     client = KeyServerClient(lab.ns("h3"), lab.keyserver_addr, lab.host_dir("h3"))
     try:
-        assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac("h3"))})["t"] == "welcome"
-        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac("h2"))})
+        assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of("h3"))})["t"] == "welcome"
+        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(lab.tap_mac_of("h2"))})
     finally:
         client.close()
     assert key["t"] == "key" and key["peer_id"] == "h2"
-    frames = sealed_as(L.tap_mac("h1"), L.tap_mac("h2"), key["key"], key["pw_id"],
+    frames = sealed_as(lab.tap_mac_of("h1"), lab.tap_mac_of("h2"), key["key"], key["pw_id"],
                        [MARKER + bytes(40)] * 20)
     before = lab.status("h2")
     tap = lab.capture(L.TAP_IFNAME, role="h2", name="tcpdump-spoof-h2-tap")
@@ -98,16 +100,16 @@ def test_frames_sealed_with_h3_keys_but_h1_mac_are_refused(lab):
     assert drop(after, "bad_tag") - drop(before, "bad_tag") == 20
     assert drops_total(after) - drops_total(before) == 20
     assert marker_count(tap_frames) == 0
-    h1 = peer(after, L.tap_mac("h1"))
-    assert h1 is None or h1["frames_in"] == (peer(before, L.tap_mac("h1")) or {"frames_in": 0})["frames_in"]
+    h1 = peer(after, lab.tap_mac_of("h1"))
+    assert h1 is None or h1["frames_in"] == (peer(before, lab.tap_mac_of("h1")) or {"frames_in": 0})["frames_in"]
 
 
 def test_hello_with_another_hosts_mac_is_refused(lab):
     since = len(lab.log_text("keyserverd"))
     client = KeyServerClient(lab.ns("h3"), lab.keyserver_addr, lab.host_dir("h3"))
     try:
-        answer = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac("h1"))})
-        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac("h2"))})
+        answer = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of("h1"))})
+        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(lab.tap_mac_of("h2"))})
     finally:
         client.close()
     assert answer["t"] == "error" and answer["code"] == "mac_conflict", answer
@@ -122,7 +124,7 @@ def test_hello_with_another_hosts_mac_is_refused(lab):
 def test_key_request_flood_is_bounded_and_others_are_served(lab):
     base = [fresh_key_latency_s(lab, "h1", "h2") for _ in range(3)]
     before = lab.status("h3")
-    flood = flood_random_macs(lab, "h3", L.tap_mac("h3"), count=6000, per_s=1000)
+    flood = flood_random_macs(lab, "h3", lab.tap_mac_of("h3"), count=6000, per_s=1000)
     during, pending_seen = [], []
     try:
         deadline = time.monotonic() + 30
@@ -147,7 +149,10 @@ def test_key_request_flood_is_bounded_and_others_are_served(lab):
     assert drop(after, "no_key") + drop(after, "pending_full") + drop(after, "hold_expired") \
         + drop(after, "hold_overflow") > drop(before, "no_key")
     assert lab.proc("agent-h3").alive() and lab.proc("keyserverd").alive()
-    assert ping(lab, "h3", L.tap_ipv4("h1"), count=2).returncode == 0
+    # h3 itself recovers once its held frames age out (hold_age_s = 2 s frees
+    # the pending table the flood filled), within a bound.
+    wait_for("h3 to reach h1 after its flood", lambda: ping(lab, "h3", L.tap_ipv4("h1"), count=1).returncode == 0,
+             timeout_s=8, every_s=0.5)
 
 
 def test_key_server_limits_a_host_that_floods_it_directly(lab):
@@ -155,7 +160,7 @@ def test_key_server_limits_a_host_that_floods_it_directly(lab):
     since = len(lab.log_text("keyserverd"))
     client = KeyServerClient(lab.ns("h3"), lab.keyserver_addr, lab.host_dir("h3"))
     try:
-        assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac("h3"))})["t"] == "welcome"
+        assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of("h3"))})["t"] == "welcome"
         burst = b"".join(encode_message({"t": "key_req", "rid": r, "peer_mac": bytes.fromhex("02ee0000") + r.to_bytes(2, "big")})
                          for r in range(2, 1502))
         client.sock.sendall(burst)
@@ -189,7 +194,7 @@ def test_replay_storm_is_dropped_and_the_agent_keeps_serving(lab):
     assert drop(after, "replayed") - drop(before, "replayed") == len(storm)
     assert drops_total(after) - drops_total(before) == len(storm)
     # Nothing of the storm reached h2's stack (only the ping below may).
-    assert not [f for f in tap_frames if f[6:12] == mac_bytes(L.tap_mac("h1"))]
+    assert not [f for f in tap_frames if f[6:12] == mac_bytes(lab.tap_mac_of("h1"))]
     res = ping(lab, "h1", L.tap_ipv4("h2"), count=3)
     assert res.returncode == 0 and "3 received" in res.stdout, res.stdout
 
@@ -219,7 +224,7 @@ def _try_hello(lab, role, cert_dir, mac_host):
     except (ssl.SSLError, OSError) as exc:
         return f"tls: {exc}"
     try:
-        return client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac(mac_host))})
+        return client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of(mac_host))})
     except (ssl.SSLError, OSError, AssertionError) as exc:
         return f"tls: {exc}"
     finally:
@@ -302,3 +307,52 @@ def test_oversized_and_slow_connections_do_not_stop_the_service(lab):
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0
     _log_line(lab, since, "oversized")
     _log_line(lab, since, "tls_handshake_refused")
+
+
+# --- two agents with one identity -------------------------------------------------------------
+
+
+def test_a_second_agent_on_the_same_state_dir_stops_and_names_the_first(lab):
+    first = lab.proc("agent-h1")
+    res = lab.exec("h1", [lab.cmd("l2crypt"), "agent", "--port", L.WIRE_IFNAME, "--tap", "l2c9",
+                          "--server", lab.keyserver_addr, "--state-dir", lab.host_dir("h1"),
+                          "--metrics-listen", ""], timeout=30)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"is in use by process {first.pid}" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert first.alive() and lab.status("h1")["connected"]
+    res = ping(lab, "h1", L.tap_ipv4("h2"), count=2)
+    assert res.returncode == 0, res.stdout
+
+
+def test_a_cloned_machine_takes_the_session_over_in_turns_and_is_logged(lab, tmp_path):
+    """A copy of h1's state directory runs on another machine (h8, same TAP MAC):
+    the key server keeps one session per identity and logs every takeover, each
+    agent logs session_replaced and waits before it takes the session back; once
+    the clone is gone h1 is served again."""
+    h1_mac = lab.status("h1")["mac"]
+    clone_dir = tmp_path / "clone"
+    shutil.copytree(lab.host_dir("h1"), clone_dir, ignore=shutil.ignore_patterns("*.sock", "daemon.lock", "clock"))
+    if "h8" not in lab.namespaces:
+        lab._build_host("h8")
+    since_ks, since_h1 = len(lab.log_text("keyserverd")), len(lab.log_text("agent-h1"))
+    clone = lab.popen("h8", [lab.cmd("l2crypt"), "agent", "--port", L.WIRE_IFNAME, "--tap", L.TAP_IFNAME,
+                             "--server", lab.keyserver_addr, "--state-dir", clone_dir, "--tap-mac", h1_mac,
+                             "--metrics-listen", ""], name="agent-clone")
+    try:
+        wait_for("the key server to log a takeover of h1", lambda: "session_taken_over host=h1"
+                 in lab.log_text("keyserverd")[since_ks:], timeout_s=20)
+        wait_for("h1 to be told it was replaced", lambda: "session_replaced"
+                 in lab.log_text("agent-h1")[since_h1:] + lab.log_text("agent-clone"), timeout_s=30)
+        time.sleep(12)  # both keep trying for a while
+        takeovers = lab.log_text("keyserverd")[since_ks:].count("session_taken_over host=h1")
+        suppressed = sum(int(s) for s in re.findall(
+            r"session_taken_over host=h1 .*suppressed=(\d+)", lab.log_text("keyserverd")[since_ks:]))
+        print(f"takeovers logged: {takeovers} (+{suppressed} suppressed) in about 15 s")
+        assert takeovers + suppressed <= 8, "two agents of one identity must not fight in a hot loop"
+    finally:
+        lab.stop(clone)
+    st = lab.wait_connected("h1", timeout_s=30)
+    assert st["connected"]
+    res = ping(lab, "h1", L.tap_ipv4("h2"), count=3, timeout=30)
+    assert res.returncode == 0, res.stdout

@@ -76,15 +76,15 @@ def test_no_race_both_ends_ask_different_instances_at_once(flab):
     }
     try:
         for host, c in clients.items():
-            assert c.request({"t": "hello", "rid": 1, "mac": bytes.fromhex(L.tap_mac(host).replace(":", ""))})["t"] \
-                == "welcome"
+            hello = {"t": "hello", "rid": 1, "mac": bytes.fromhex(flab.tap_mac_of(host).replace(":", ""))}
+            assert c.request(hello)["t"] == "welcome"
         start = threading.Barrier(2)
         answers = {}
 
         def ask(host, other):
             start.wait(timeout=10)
             answers[host] = clients[host].request(
-                {"t": "key_req", "rid": 2, "peer_mac": bytes.fromhex(L.tap_mac(other).replace(":", ""))})
+                {"t": "key_req", "rid": 2, "peer_mac": bytes.fromhex(flab.tap_mac_of(other).replace(":", ""))})
 
         threads = [threading.Thread(target=ask, args=("h2", "h3")), threading.Thread(target=ask, args=("h3", "h2"))]
         for t in threads:
@@ -155,7 +155,7 @@ def test_all_servers_down_fails_closed(flab):
         assert res.returncode != 0
         wait_for("the held frames to be counted", lambda: refused() > before, timeout_s=15)
         assert "peers" in flab.status("h1") and not any(
-            p["mac"] == L.tap_mac("h4") for p in flab.status("h1")["peers"])
+            p["mac"] == flab.tap_mac_of("h4") for p in flab.status("h1")["peers"])
     finally:
         cap.stop()
     frames = cap.frames()

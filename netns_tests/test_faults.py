@@ -77,11 +77,11 @@ def test_kill_9_during_a_burst_of_writes_loses_nothing_acknowledged(lab):
         # every "key" answer is an acknowledged write.
         try:
             c = KeyServerClient(lab.ns("h1"), lab.keyserver_addr, lab.host_dir("h1"), timeout_s=3)
-            c.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac("h1"))}, timeout_s=3)
-            rid, pw_id = 2, c.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac("h2"))})["pw_id"]
+            c.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of("h1"))}, timeout_s=3)
+            rid, pw_id = 2, c.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(lab.tap_mac_of("h2"))})["pw_id"]
             while not stop.is_set():
                 rid += 1
-                out = c.request({"t": "rekey_req", "rid": rid, "peer_mac": mac_bytes(L.tap_mac("h2")),
+                out = c.request({"t": "rekey_req", "rid": rid, "peer_mac": mac_bytes(lab.tap_mac_of("h2")),
                                  "pw_id": pw_id}, timeout_s=3)
                 if out["t"] == "key":
                     acked_keys.append((out["pw_id"], out["key"]))
@@ -145,8 +145,8 @@ def test_full_disk_under_the_key_server_state(lab, tmp_path):
                                 "--metrics-listen", ""], name="keyserverd-full")
         wait_for("the second key server", lambda: listening(proc.pid, 7789), timeout_s=20)
         enroll = lab.exec("h3", [lab.cmd("l2crypt"), "enroll", "--server", addr, "--id", "fd1",
-                                 "--token", token["token"], "--ca-fingerprint", token["ca_fingerprint"],
-                                 "--state-dir", tmp_path / "fd1"], timeout=30)
+                                 "--token", "-", "--ca-fingerprint", token["ca_fingerprint"],
+                                 "--state-dir", tmp_path / "fd1"], timeout=30, input=token["token"].encode())
         assert enroll.returncode == 0, enroll.stdout + enroll.stderr
         # Fill the file system.
         filler = mnt / "filler"
@@ -238,7 +238,7 @@ def test_link_flap_on_the_wire_port(lab):
     assert lab.proc("agent-h1").alive()
     assert lab.status("h1")["egress_blocked"] is not None  # the port guard is still there
     assert marker_count(frames) == 0
-    h1_frames = [f for f in frames if f[6:12] in (mac_bytes(L.tap_mac("h1")), mac_bytes(L.wire_mac("h1")))]
+    h1_frames = [f for f in frames if f[6:12] in (mac_bytes(lab.tap_mac_of("h1")), mac_bytes(L.wire_mac("h1")))]
     assert all(int.from_bytes(f[12:14], "big") == L.L2C_ETHERTYPE for f in h1_frames)
     res = ping(lab, "h1", L.tap_ipv4("h2"), count=3)
     assert res.returncode == 0 and "3 received" in res.stdout, res.stdout

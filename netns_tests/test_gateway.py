@@ -22,9 +22,12 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import listening, ping, skip_reason, wait_for
+from helpers import listening, ping, skip_reason, udp_payload as _udp_payload, wait_for
+from hostile import StackListener, link_mac, nstat, plain_frames
+from gateway import tunnel_wire
 from l2crypt import lab as L
 from l2crypt.lab_gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
+from l2crypt.tunnel_keys import sender_tag
 
 pytestmark = pytest.mark.lab
 
@@ -70,14 +73,45 @@ def _iperf3(glab, client: str, server: str, server_addr: str, port: int) -> dict
         slab.stop(srv)
 
 
-def _udp_payload(frame: bytes) -> bytes | None:
-    """The UDP payload of an unfragmented IPv4 frame (None for anything else)."""
-    if len(frame) < 42 or frame[12:14] != b"\x08\x00" or frame[23] != 17:
-        return None
+GW_TAGS = {sender_tag(g) for g in GATEWAYS}
+GW_WAN_IPS = {socket.inet_aton(GATEWAYS[g][3]) for g in GATEWAYS}
+
+
+def _is_tunnel_datagram(payload: bytes) -> bool:
+    return payload[0:2] == bytes([tunnel_wire.TUNNEL_VERSION, tunnel_wire.KIND_DATA]) and payload[2:8] in GW_TAGS
+
+
+def _quotes_a_tunnel_datagram(frame: bytes) -> bool:
+    """An ICMP destination-unreachable error (a gateway was down, so its host answered
+    "port unreachable") quoting a datagram from one gateway's tunnel port to the other's."""
     ihl = (frame[14] & 0x0F) * 4
-    if int.from_bytes(frame[20:22], "big") & 0x3FFF:  # a fragment
-        return None
-    return frame[14 + ihl + 8:]
+    icmp = frame[14 + ihl:]
+    if len(icmp) < 8 + 20 + 8 + 8 or icmp[0] != 3:
+        return False
+    quoted = icmp[8:]
+    qihl = (quoted[0] & 0x0F) * 4
+    udp = quoted[qihl:]
+    return (quoted[9] == 17 and {quoted[12:16], quoted[16:20]} <= GW_WAN_IPS
+            and int.from_bytes(udp[0:2], "big") == int.from_bytes(udp[2:4], "big") == TUNNEL_PORT
+            and _is_tunnel_datagram(udp[8:]))
+
+
+def _assert_only_tunnel_on_wan(frames: list[bytes]) -> int:
+    """Every IPv4 frame on the WAN is a tunnel datagram between the gateways, or an ICMP
+    error quoting one (sealed bytes only); returns how many tunnel datagrams there were.
+    The callers also look for their plaintext markers in every frame."""
+    datagrams = 0
+    for f in frames:
+        if f[12:14] != b"\x08\x00":
+            continue
+        if f[23] == 1 and _quotes_a_tunnel_datagram(f):
+            continue
+        assert f[23] == 17, f"only UDP crosses the WAN, got IP protocol {f[23]}: {f[:80].hex()}"
+        payload = _udp_payload(f)
+        if payload is not None:  # (a later fragment carries no UDP header)
+            assert _is_tunnel_datagram(payload), f"not a tunnel datagram: {payload[:40].hex()}"
+            datagrams += 1
+    return datagrams
 
 
 def _key_drops(status: dict) -> dict:
@@ -100,12 +134,12 @@ def test_encrypted_host_to_plain_host(glab):
     assert set(L.ethertype_counts(seg_frames)) == {L.L2C_ETHERTYPE}
     assert not any(MARKER in f or b"H1-H2-ONLY-MARK!" in f for f in seg_frames)
     # On the plain side h1 <-> p1 is in clear; h1 <-> h2 never appears.
-    h1, p1 = bytes.fromhex(L.tap_mac("h1").replace(":", "")), bytes.fromhex(P1_MAC.replace(":", ""))
+    h1, p1 = bytes.fromhex(glab.lab_of("h1").tap_mac_of("h1").replace(":", "")), bytes.fromhex(P1_MAC.replace(":", ""))
     clear = [f for f in plain_frames if f[12:14] == b"\x08\x00" and {f[0:6], f[6:12]} == {h1, p1}]
     assert any(MARKER in f for f in clear), "the h1 -> p1 ping is not in clear on the plain side"
     assert len(clear) > 100  # the iperf3 stream
     assert not any(b"H1-H2-ONLY-MARK!" in f for f in plain_frames)
-    h2 = bytes.fromhex(L.tap_mac("h2").replace(":", ""))
+    h2 = bytes.fromhex(glab.lab_of("h2").tap_mac_of("h2").replace(":", ""))
     assert not any(f[0:6] == h2 and f[12:14] != b"\x08\x06" for f in plain_frames)
     assert L.L2C_ETHERTYPE not in L.ethertype_counts(plain_frames)
 
@@ -120,14 +154,8 @@ def test_across_subnets(glab):
         frames = L.read_pcap(wan.stop())
     assert doc["end"]["sum_received"]["bytes"] > 100_000
     assert frames and set(L.ethertype_counts(frames)) <= {0x0800, 0x0806}
-    ipv4 = [f for f in frames if f[12:14] == b"\x08\x00"]
-    assert all(f[23] == 17 for f in ipv4), "only UDP crosses the WAN"
-    payloads = [p for p in map(_udp_payload, ipv4) if p is not None]
-    assert len(payloads) > 10
-    gw_macs = {bytes.fromhex(GATEWAYS[g][1].replace(":", "")) for g in GATEWAYS}
-    for p in payloads:  # every datagram is a tunnel datagram from a gateway
-        assert p[0:2] == b"\x01\x01" and p[2:8] in gw_macs
-    host_macs = [bytes.fromhex(L.tap_mac(h).replace(":", "")) for h in ("h1", "h3")]
+    assert _assert_only_tunnel_on_wan(frames) > 10  # every datagram is a tunnel datagram from a gateway
+    host_macs = [bytes.fromhex(glab.lab_of(h).tap_mac_of(h).replace(":", "")) for h in ("h1", "h3")]
     # A subnet-key frame (or any inner frame in clear) would carry the hosts' MACs.
     for f in frames:
         assert MARKER not in f
@@ -136,8 +164,8 @@ def test_across_subnets(glab):
 
 def test_spoofing_an_enrolled_hosts_mac_from_the_plain_side(glab):
     a = glab.a
-    h2 = bytes.fromhex(L.tap_mac("h2").replace(":", ""))
-    h1 = bytes.fromhex(L.tap_mac("h1").replace(":", ""))
+    h2 = bytes.fromhex(glab.lab_of("h2").tap_mac_of("h2").replace(":", ""))
+    h1 = bytes.fromhex(glab.lab_of("h1").tap_mac_of("h1").replace(":", ""))
     before = glab.gateway_status("gA")["drops"].get("spoofed_source", 0)
     # p1 claims h2's MAC and IP: a gratuitous ARP and an ARP reply to h1.
     arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + h2 + socket.inet_aton(L.tap_ipv4("h2"))
@@ -153,9 +181,60 @@ def test_spoofing_an_enrolled_hosts_mac_from_the_plain_side(glab):
         _ping_ok(glab, "h1", L.tap_ipv4("h2"), count=3, extra=["-p", b"FOR-H2-ONLY-MRK!".hex()])
     finally:
         gw_frames, plain_frames = L.read_pcap(sent_by_gw.stop()), L.read_pcap(plain.stop())
-    assert not any(e["mac"] == L.tap_mac("h2") for e in st["learned"])
+    assert not any(e["mac"] == glab.lab_of("h2").tap_mac_of("h2") for e in st["learned"])
     assert not any(f[6:12] == h2 for f in gw_frames), "the gateway spoke for h2's MAC"
     assert not any(b"FOR-H2-ONLY-MRK!" in f for f in plain_frames)
+
+
+def test_a_plain_side_spoof_of_a_host_not_yet_connected_loses_the_mac_when_the_host_connects(glab):
+    """p1 (plain side) spoofs the MAC of h9, enrolled (without --mac) but not yet
+    connected: gA learns it and the key server maps it, since nobody holds it
+    yet.  When h9 connects, its hello wins: the key server drops the mapping and
+    tells gA, gA stops speaking for the MAC, and after a rekey of every pair
+    (gA's included) h1's traffic to h9 reaches h9 and never the plain side."""
+    a = glab.a
+    h9_mac = "02:4c:32:00:00:19"  # the TAP MAC h9's agent will use (an attacker may know it)
+    h9 = bytes.fromhex(h9_mac.replace(":", ""))
+    _ping_ok(glab, "h1", P1_IPV4, count=2)  # h1 and gA share a pair key
+    if "h9" not in a.namespaces:
+        a._build_host("h9")
+    token = a.host_add("h9")
+    res = a.enroll("h9", token["token"], token["ca_fingerprint"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    arp = (b"\x00\x01\x08\x00\x06\x04\x00\x02" + h9 + socket.inet_aton(L.tap_ipv4("h9"))
+           + b"\xff" * 6 + socket.inet_aton(L.tap_ipv4("h9")))
+    spoof = [b"\xff" * 6 + h9 + b"\x08\x06" + arp + bytes(18)]
+    a.inject(spoof * 3, role="p1", ifname="eth0")
+    wait_for("gA to speak for h9's MAC", lambda: any(
+        e["mac"] == h9_mac and e["state"] == "mapped" for e in glab.gateway_status("gA")["learned"]))
+    since_ks, since_gw = len(a.log_text("keyserverd")), len(a.log_text("gateway-gA"))
+    agent = a.popen("h9", [a.cmd("l2crypt"), "agent", "--port", L.WIRE_IFNAME, "--tap", L.TAP_IFNAME,
+                           "--server", a.keyserver_addr, "--state-dir", a.host_dir("h9"),
+                           "--tap-mac", h9_mac, "--metrics-listen", ""], name="agent-h9")
+    try:
+        a.wait_connected("h9", timeout_s=30)
+        st = wait_for("gA to drop h9's MAC", lambda: (lambda s: s if not any(
+            e["mac"] == h9_mac for e in s["learned"]) else None)(glab.gateway_status("gA")), timeout_s=10)
+        assert f"gateway_mapping_dropped mac={h9_mac} gateway=gA host=h9" in a.log_text("keyserverd")[since_ks:]
+        assert "mac_unmapped" in a.log_text("gateway-gA")[since_gw:]
+        assert st["connected"]
+        res = a.keyserverd("rekey", "--all")
+        assert res.returncode == 0, res.stderr
+        time.sleep(1.0)  # the pushes of the rotation reach the agents
+        plain = a.capture("plain0", role="gA", name="tcpdump-gw-claim-plain")
+        try:
+            _ping_ok(glab, "h1", L.tap_ipv4("h9"), count=3, extra=["-p", b"FOR-H9-ONLY-MRK!".hex()])
+            before = glab.gateway_status("gA")["drops"].get("spoofed_source", 0)
+            a.inject(spoof * 3, role="p1", ifname="eth0")  # p1 goes on spoofing: dropped now
+            wait_for("the spoof dropped", lambda: glab.gateway_status("gA")["drops"].get(
+                "spoofed_source", 0) >= before + 3)
+        finally:
+            plain_frames = L.read_pcap(plain.stop())
+        assert plain_frames, "the plain-side capture saw nothing at all"
+        assert not any(b"FOR-H9-ONLY-MRK!" in f for f in plain_frames), "h1's traffic to h9 reached the plain side"
+        assert not any(e["mac"] == h9_mac for e in glab.gateway_status("gA")["learned"])
+    finally:
+        a.stop(agent)
 
 
 def test_netkey_rotation_during_traffic_loses_nothing(glab):
@@ -168,25 +247,37 @@ def test_netkey_rotation_during_traffic_loses_nothing(glab):
         assert _key_drops(after[g]) == _key_drops(before[g]), g
 
 
-def test_gateway_restart_flows_recover(glab):
-    """kill -9 and restart gA during traffic: flows recover, and no clear frame shows
-    anywhere it must not (the segment and the WAN carry ciphertext only; the plain
-    side never sees traffic between encrypted hosts or toward the other segment)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_gateway_restart_flows_recover(glab, sig):
+    """kill -9 (a crash) or SIGTERM (systemctl restart) of gA during traffic, then
+    the same command again: flows recover, gA keeps its MAC, nothing but sealed
+    frames leaves its encrypted port (while it is down too), and no clear frame
+    shows anywhere it must not (the segment and the WAN carry ciphertext only; the
+    plain side never sees traffic between encrypted hosts or toward the other segment)."""
     a = glab.a
+    mac = glab.gateway_status("gA")["mac"]
     to_p1, to_h2, to_h3 = b"RESTART-TO-P1-M!", b"RESTART-TO-H2-M!", b"RESTART-TO-H3-M!"
-    caps = {"seg": a.capture("br0", name="tcpdump-gw-restart-seg"),
-            "plain": a.capture("plain0", role="gA", name="tcpdump-gw-restart-plain"),
-            "wan": a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-restart-wan")}
+    caps = {"seg": a.capture("br0", name=f"tcpdump-gw-restart-seg-{sig.name}"),
+            "gA": a.capture(glab.switch_port("gA"), direction="in", name=f"tcpdump-gw-restart-port-{sig.name}"),
+            "plain": a.capture("plain0", role="gA", name=f"tcpdump-gw-restart-plain-{sig.name}"),
+            "wan": a.capture(GW_WAN_IFNAME["gA"], role="wan", name=f"tcpdump-gw-restart-wan-{sig.name}")}
     pingers = [a.popen("h1", ["ping", "-4", "-i", "0.2", "-c", "200", "-W", "1", "-p", marker.hex(), addr],
-                       name=f"ping-restart-{n}")
+                       name=f"ping-restart-{n}-{sig.name}")
                for n, (marker, addr) in enumerate(((to_p1, P1_IPV4), (to_h2, L.tap_ipv4("h2")),
                                                    (to_h3, L.tap_ipv4("h3"))))]
+    # p1 keeps sending toward h1 through gA's plain port while gA is down.
+    pingers.append(a.popen("p1", ["ping", "-4", "-i", "0.2", "-c", "200", "-W", "1", "-p", to_p1.hex(),
+                                  L.tap_ipv4("h1")], name=f"ping-restart-p1-{sig.name}"))
     try:
         time.sleep(1.5)
-        glab.stop_gateway("gA")
+        t_stop = time.time()
+        glab.stop_gateway("gA", sig)
+        t_down = time.time()
         time.sleep(1.0)
+        t_start = time.time()
         glab.start_gateway("gA")
         glab.wait_gateway("gA", lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
+        t_back = time.time()  # its tunnel socket is bound again
 
         def recovered(src, addr):
             return lambda: ping(glab.lab_of(src), src, addr, count=1, timeout=10).returncode == 0
@@ -198,14 +289,26 @@ def test_gateway_restart_flows_recover(glab):
     finally:
         for proc in pingers:
             a.stop(proc, signal.SIGINT)
-        frames = {k: L.read_pcap(c.stop()) for k, c in caps.items()}
+        records = {k: L.read_pcap_records(c.stop()) for k, c in caps.items()}
+    frames = {k: [f for _, f in recs] for k, recs in records.items()}
+    assert glab.gateway_status("gA")["mac"] == mac
     assert set(L.ethertype_counts(frames["seg"])) == {L.L2C_ETHERTYPE}
+    # gA's encrypted port: sealed frames only, nothing at all in clear while it was down,
+    # and (the capture works) gA's sealed frames before the stop and after the start.
+    assert set(L.ethertype_counts(frames["gA"])) == {L.L2C_ETHERTYPE}
+    assert not [f for t, f in records["gA"] if t_down < t < t_start and f[12:14] != b"\x88\xb5"]
+    # (gA seals under the MACs it speaks for: p1's, and h3's from the tunnel.)
+    for who in (P1_MAC, glab.lab_of("h3").tap_mac_of("h3")):
+        src = bytes.fromhex(who.replace(":", ""))
+        times = [t for t, f in records["gA"] if f[6:12] == src]
+        assert [t for t in times if t < t_stop] and [t for t in times if t > t_start], who
     for where in ("seg", "wan"):
         assert not any(m in f for f in frames[where] for m in (to_p1, to_h2, to_h3)), f"a marker in clear on {where}"
     assert any(to_p1 in f for f in frames["plain"]), "h1 -> p1 never reached the plain side"
     assert not any(m in f for f in frames["plain"] for m in (to_h2, to_h3)), "a clear frame leaked to the plain side"
-    wan_ipv4 = [f for f in frames["wan"] if f[12:14] == b"\x08\x00"]
-    assert wan_ipv4 and all(f[23] == 17 for f in wan_ipv4), "only UDP crosses the WAN"
+    # Only tunnel datagrams cross the WAN (and, while gA is down, its host's "port
+    # unreachable" errors quoting gB's sealed datagrams); no marker anywhere (above).
+    assert _assert_only_tunnel_on_wan(frames["wan"]) > 0
 
 
 def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
@@ -374,3 +477,92 @@ def test_replay_storm_and_huge_packet_numbers_on_the_tunnel(glab):
         glab.b.stop(pinger, signal.SIGINT)
     during = glab.b.log_text("ping-tunnel-storm")
     assert "received" in during and " 0 received" not in during, during[-400:]
+
+
+# --- the port guard on the gateway's ports (issue 14.1) ---------------------------------
+
+GUARD_UDP_PORT = 7311
+
+
+def _guard_markers() -> tuple[bytes, bytes]:
+    tag = os.urandom(4).hex().encode()
+    return b"L2C-GW-INJECTED-" + tag, b"L2C-GW-GENUINE-" + tag
+
+
+def _genuine_from_the_wan(glab, genuine: bytes) -> None:
+    """A datagram to gA's WAN address from the WAN: the gateway's stack does take that."""
+    code = ("import socket, sys\n"
+            "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(bytes.fromhex(sys.argv[3]), "
+            "(sys.argv[1], int(sys.argv[2])))\n")
+    glab.a.exec("wan", [sys.executable, "-c", code, GATEWAYS["gA"][3], str(GUARD_UDP_PORT), genuine.hex()],
+                check=True)
+
+
+def test_plain_frames_on_the_gateways_encrypted_port_reach_nothing(glab):
+    """An intruder on segment A sends gA's encrypted port plain IPv4 UDP, IPv6 UDP,
+    ARP and ICMP echo frames as if from h1, to gA's MAC, to a plain-side MAC the
+    gateway speaks for and to broadcast, addressed to gA's WAN address (the weak host
+    model would take them): gA's stack gets none, its status and metrics count all."""
+    a = glab.a
+    a.add_intruder()
+    h1 = a.status("h1")
+    injected, genuine = _guard_markers()
+    frames = plain_frames([GATEWAYS["gA"][1], P1_MAC, "ff:ff:ff:ff:ff:ff"], h1["mac"], L.tap_ipv4("h1"),
+                          GATEWAYS["gA"][3], L.tap_ipv6("h1"), "fd66::21", GUARD_UDP_PORT, injected)
+    listener = StackListener(a, "gA", L.WIRE_IFNAME, GUARD_UDP_PORT, injected, genuine)
+    try:
+        before, stack_before, m_before = glab.gateway_status("gA"), nstat(a, "gA"), scrape_gw(glab, "gA")
+        assert a.inject(frames) == len(frames)
+        wait_for("every injected frame to reach gA's encrypted port",
+                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
+        _genuine_from_the_wan(glab, genuine)
+        wait_for("the genuine datagram at gA's listener",
+                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
+        stack_after = nstat(a, "gA")
+        counts = listener.counts()
+    finally:
+        listener.stop()
+    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
+    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    assert stack_after["UdpInDatagrams"] - stack_before["UdpInDatagrams"] >= 1  # the genuine one
+    after = wait_for("gA to count the refused frames", lambda: (
+        lambda s: s if s.get("inbound_refused", 0) - before.get("inbound_refused", 0) >= len(frames) else None)(
+            glab.gateway_status("gA")), timeout_s=10)
+    assert after["inbound_refused"] - before["inbound_refused"] == len(frames)
+    assert before["port_guard"] == after["port_guard"] == "intact"
+    m_after = scrape_gw(glab, "gA")
+    key = "l2crypt_gateway_port_guard_frames_dropped_total{direction=inbound,port=encrypted}"
+    assert m_after[key] - m_before[key] == len(frames)
+    assert m_after["l2crypt_gateway_port_guard_intact{port=encrypted}"] == 1
+    _ping_ok(glab, "h1", P1_IPV4, count=2)
+
+
+def test_the_plain_port_feeds_the_gateway_but_not_its_stack(glab):
+    """p1 sends gA's plain port frames addressed to gA's own WAN address: the gateway
+    still reads every frame (as it must, to bridge them), its IP stack gets none."""
+    a = glab.a
+    injected, genuine = _guard_markers()
+    plain_mac = link_mac(a, "gA", "plain0")
+    frames = plain_frames([plain_mac, "ff:ff:ff:ff:ff:ff"], P1_MAC, P1_IPV4, GATEWAYS["gA"][3], "fd66::31",
+                          "fd66::21", GUARD_UDP_PORT, injected)
+    listener = StackListener(a, "gA", "plain0", GUARD_UDP_PORT, injected, genuine)
+    try:
+        before, stack_before = glab.gateway_status("gA"), nstat(a, "gA")
+        assert a.inject(frames, role="p1", ifname=L.WIRE_IFNAME) == len(frames)
+        wait_for("every injected frame to reach gA's plain port",
+                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
+        _genuine_from_the_wan(glab, genuine)
+        wait_for("the genuine datagram at gA's listener",
+                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
+        stack_after = nstat(a, "gA")
+        counts = listener.counts()
+    finally:
+        listener.stop()
+    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
+    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    after = wait_for("gA to read and count the frames", lambda: (
+        lambda s: s if s.get("plain_inbound_refused", 0) - before.get("plain_inbound_refused", 0) >= len(frames)
+        and s["counters"]["from_plain"] - before["counters"]["from_plain"] >= len(frames) else None)(
+            glab.gateway_status("gA")), timeout_s=10)
+    assert before["plain_port_guard"] == after["plain_port_guard"] == "intact"
+    _ping_ok(glab, "h1", P1_IPV4, count=3)  # the plain side still works both ways

@@ -65,16 +65,16 @@ def test_metrics_move_with_traffic_and_forged_frames(lab):
         assert delta(after, before, "l2crypt_bytes_sealed_total") >= 5 * 528
         assert delta(after, before, "l2crypt_bytes_opened_total") >= 5 * 528
     assert a1["l2crypt_keyserver_connected"] == 1
-    assert a1[f"l2crypt_key_age_seconds{{peer={L.tap_mac('h2')}}}"] >= 0
-    assert a1["l2crypt_agent_info{cipher=aes-256-gcm,id=h1,mac=%s,port=eth0,tap=l2c0}" % L.tap_mac("h1")] == 1
+    assert a1[f"l2crypt_key_age_seconds{{peer={lab.tap_mac_of('h2')}}}"] >= 0
+    assert a1["l2crypt_agent_info{cipher=aes-256-gcm,id=h1,mac=%s,port=eth0,tap=l2c0}" % lab.tap_mac_of("h1")] == 1
     # Someone asked for the h1-h2 key, and the key client timed the answer.
     timed = sum(scrape(lab, h, AGENT_METRICS).get("l2crypt_key_request_duration_seconds_count", 0)
                 for h in lab.hosts)
     assert timed >= 1
 
     # Forged frames (right header, no valid tag) from the intruder raise h2's bad_tag.
-    pw_id = (peer(lab.status("h2"), L.tap_mac("h1")) or {"pw_id": 1})["pw_id"]
-    frames = [forged_frame(L.tap_mac("h2"), L.tap_mac("h1"), pw_id, os.urandom(80)) for _ in range(7)]
+    pw_id = (peer(lab.status("h2"), lab.tap_mac_of("h1")) or {"pw_id": 1})["pw_id"]
+    frames = [forged_frame(lab.tap_mac_of("h2"), lab.tap_mac_of("h1"), pw_id, os.urandom(80)) for _ in range(7)]
     assert lab.inject(frames) == 7
     key = "l2crypt_frames_dropped_total{reason=bad_tag}"
     after = wait_for("h2's bad_tag metric to count the forged frames",
@@ -108,7 +108,7 @@ def test_status_commands(lab):
     assert res.returncode == 0, res.stderr
     lines = [json.loads(ln) for ln in res.stdout.splitlines()]
     assert len(lines) == 2
-    assert max(ln["peers"][L.tap_mac("h2")]["frames_out_per_s"] for ln in lines) > 1
+    assert max(ln["peers"][lab.tap_mac_of("h2")]["frames_out_per_s"] for ln in lines) > 1
 
     # Without --count it runs until Ctrl-C, then exits cleanly.
     watch = subprocess.Popen(["ip", "netns", "exec", lab.ns("h1"), lab.cmd("l2crypt"), "status", "--state-dir",
@@ -220,11 +220,11 @@ def test_no_key_or_token_in_the_logs_through_enrollment_and_rekey(lab, tmp_path)
     assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0  # the pair key exists
     before = scrape(lab, "h1", AGENT_METRICS)
-    old = peer(lab.status("h1"), L.tap_mac("h2"))["pw_id"]
+    old = peer(lab.status("h1"), lab.tap_mac_of("h2"))["pw_id"]
     res = lab.keyserverd("rekey", "--pair", "h1", "h2")
     assert res.returncode == 0, res.stderr
     wait_for("h1 to hold the new pair key version",
-             lambda: max(peer(lab.status("h1"), L.tap_mac("h2"))["pw_ids_held"]) > old, timeout_s=20)
+             lambda: max(peer(lab.status("h1"), lab.tap_mac_of("h2"))["pw_ids_held"]) > old, timeout_s=20)
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=3).returncode == 0
     assert delta(scrape(lab, "h1", AGENT_METRICS), before, "l2crypt_rekeys_total") >= 1
 

@@ -94,7 +94,7 @@ def test_hosts_of_both_servers_talk_arp_nd_iperf3(plab, src, dst):
         assert res.returncode == 0, f"{src} -> {addr}: {res.stdout}{res.stderr}"
     # The neighbour entries were learned (ARP / ND), not configured.
     neigh = plab.exec(src, ["ip", "neigh", "show", "dev", L.TAP_IFNAME], check=True).stdout
-    learned = [ln for ln in neigh.splitlines() if L.tap_mac(dst) in ln]
+    learned = [ln for ln in neigh.splitlines() if plab.tap_mac_of(dst) in ln]
     assert len(learned) >= 2 and not any("PERMANENT" in ln for ln in learned), neigh
     result = iperf3(plab, src, dst, seconds=3)
     assert result["end"]["sum_received"]["bytes"] > 0
@@ -114,7 +114,7 @@ def test_no_plaintext_on_the_switch(plab):
         switch_frames = L.read_pcap(switch.stop())
         tap_frames = L.read_pcap(tap.stop())
     assert sum(f.count(MARKER[:16]) for f in tap_frames) >= 10  # it really went through h3
-    assert len(l2c_frames(switch_frames, src=L.tap_mac("h3"))) >= 10
+    assert len(l2c_frames(switch_frames, src=plab.tap_mac_of("h3"))) >= 10
     assert sum(f.count(MARKER[:16]) for f in switch_frames) == 0
 
 
@@ -128,8 +128,8 @@ def test_cross_server_pair_key_lives_with_the_lower_host_ids_server(plab):
     for host, other in (("h3", "h1"), ("h1", "h3")):
         client = KeyServerClient(plab.ns(host), plab.addr_of(plab.ks_of(host)), plab.host_dir(host))
         try:
-            assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac(host))})["t"] == "welcome"
-            got[host] = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac(other))})
+            assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(plab.tap_mac_of(host))})["t"] == "welcome"
+            got[host] = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(plab.tap_mac_of(other))})
         finally:
             client.close()
     for host, other in (("h3", "h1"), ("h1", "h3")):
@@ -142,9 +142,9 @@ def test_a_host_of_ks_b_gets_no_key_of_a_pair_it_is_not_part_of(plab):
     log_before = len(plab.log_text("ks2"))
     client = KeyServerClient(plab.ns("h3"), plab.addr_of("ks2"), plab.host_dir("h3"))
     try:
-        assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(L.tap_mac("h3"))})["t"] == "welcome"
-        answer = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(L.tap_mac("h2")),
-                                 "my_mac": mac_bytes(L.tap_mac("h1"))})
+        assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(plab.tap_mac_of("h3"))})["t"] == "welcome"
+        answer = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(plab.tap_mac_of("h2")),
+                                 "my_mac": mac_bytes(plab.tap_mac_of("h1"))})
     finally:
         client.close()
     assert (answer["t"], answer["code"]) == ("error", "forbidden") and "key" not in answer, answer
@@ -161,7 +161,7 @@ def test_a_host_of_ks_b_gets_no_key_of_a_pair_it_is_not_part_of(plab):
     raw.settimeout(10)
     raw.connect((plab.peer_addr_of("ks1").split(":")[0], int(plab.peer_addr_of("ks1").split(":")[1])))
     with ctx.wrap_socket(raw, server_hostname=KEYSERVER_TLS_NAME) as sock:
-        sock.sendall(pm.encode_message({"t": "resolve", "rid": 7, "mac": mac_bytes(L.tap_mac("h2")),
+        sock.sendall(pm.encode_message({"t": "resolve", "rid": 7, "mac": mac_bytes(plab.tap_mac_of("h2")),
                                         "from_id": "h1", "hops": 0, "origin": []}))
         reader, answers = pm.FrameReader(), []
         while not answers:

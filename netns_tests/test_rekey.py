@@ -86,7 +86,7 @@ def _counter(status: dict, name: str) -> int:
 
 def _pw(lab, host: str, other: str) -> dict:
     """``host``'s peer entry for ``other`` (pw_id, pw_ids_held, ...)."""
-    entry = peer(lab.status(host), L.tap_mac(other))
+    entry = peer(lab.status(host), lab.tap_mac_of(other))
     assert entry is not None, f"{host} has no key for {other}"
     return entry
 
@@ -184,7 +184,7 @@ def test_rekeys_lose_nothing(lab, tmp_path):
 
     period_s, every_s = 30, 2.0
     before = _statuses(lab)
-    pw_before = peer(before["h1"], L.tap_mac("h2"))["pw_id"]
+    pw_before = peer(before["h1"], lab.tap_mac_of("h2"))["pw_id"]
     pings = [_bg_ping(lab, "h1", "h3", 0.2, int(period_s / 0.2), "ping-rekey-h1-h3"),
              _bg_ping(lab, "h3", "h1", 0.2, int(period_s / 0.2), "ping-rekey-h3-h1")]
     logfile = tmp_path / "iperf3-rekeys.json"
@@ -288,7 +288,7 @@ def test_race_a_and_race_b(lab):
     marker = b"L2C-RACE-B-" + bytes(8)
     tap = lab.capture(L.TAP_IFNAME, role="h3", name="tcpdump-race-b-h3-tap")
     try:
-        frames = [_raw(L.tap_mac("h3"), L.tap_mac("h2"), marker + bytes([i])) for i in range(20)]
+        frames = [_raw(lab.tap_mac_of("h3"), lab.tap_mac_of("h2"), marker + bytes([i])) for i in range(20)]
         assert lab.inject(frames, role="h2", ifname=L.TAP_IFNAME) == len(frames)
         wait_for("h3 to report h2 lagging",
                  lambda: _counter(lab.status("h3"), "lag_reports") > _counter(before["h3"], "lag_reports"),
@@ -315,7 +315,7 @@ def test_race_a_and_race_b(lab):
     assert re.search(r"5 packets transmitted, [45] received", res.stdout), res.stdout
     assert _counter(after, "key_requests") > _counter(before, "key_requests")
     assert _counter(after, "held") > _counter(before, "held")
-    entry = peer(after, L.tap_mac("h1"))
+    entry = peer(after, lab.tap_mac_of("h1"))
     assert entry["pw_id"] == new["h1"], entry
     assert drop(after, "hold_expired") == drop(before, "hold_expired")
     assert drop(after, "hold_overflow") == drop(before, "hold_overflow")
@@ -329,21 +329,21 @@ def test_data_volume_rekey(lab):
         lab.restart_agent("h1", extra_args=("--rekey-after-frames", "2000"))
         _warm_up(lab, [("h1", "h2")])
         before = _statuses(lab, ("h1", "h2"))
-        pw_before = peer(before["h1"], L.tap_mac("h2"))["pw_id"]
+        pw_before = peer(before["h1"], lab.tap_mac_of("h2"))["pw_id"]
         result = iperf3(lab, "h1", "h2", seconds=8, port=5203)
         res = ping(lab, "h1", L.tap_ipv4("h2"), count=3)
         after = _statuses(lab, ("h1", "h2"))
     finally:
         lab.restart_agent("h1")
     asked = _counter(after["h1"], "rekey_requests") - _counter(before["h1"], "rekey_requests")
-    pw_after = peer(after["h1"], L.tap_mac("h2"))["pw_id"]
+    pw_after = peer(after["h1"], lab.tap_mac_of("h2"))["pw_id"]
     print(f"\nDATA-VOLUME REKEY: {asked} rekey requests, pw_id {pw_before} -> {pw_after}, "
-          f"{_goodput(result) / 1e6:.1f} Mbit/s, {peer(after['h1'], L.tap_mac('h2'))['frames_out']} frames")
+          f"{_goodput(result) / 1e6:.1f} Mbit/s, {peer(after['h1'], lab.tap_mac_of('h2'))['frames_out']} frames")
     assert result["end"]["sum_received"]["bytes"] > 1_000_000
     assert res.returncode == 0 and "3 received" in res.stdout, res.stdout
     assert asked >= 2, after["h1"]["counters"]
     assert pw_after - pw_before >= 2, (pw_before, pw_after)
-    assert peer(after["h2"], L.tap_mac("h1"))["pw_id"] >= pw_after - 1
+    assert peer(after["h2"], lab.tap_mac_of("h1"))["pw_id"] >= pw_after - 1
     assert _key_drop_deltas(before, after) == {}
 
 
@@ -353,7 +353,7 @@ def test_data_volume_rekey(lab):
 def test_no_nonce_reuse_across_restart_and_rekeys(lab):
     _warm_up(lab, [("h1", "h2"), ("h1", "h3")])
     cap = lab.capture("br0", name="tcpdump-nonce-br0", snaplen=64)
-    bcast = _raw("ff:ff:ff:ff:ff:ff", L.tap_mac("h1"), b"L2C-NONCE-BCAST")
+    bcast = _raw("ff:ff:ff:ff:ff:ff", lab.tap_mac_of("h1"), b"L2C-NONCE-BCAST")
     pings = [_bg_ping(lab, "h1", "h2", 0.005, 3000, "ping-nonce-h1-h2"),
              _bg_ping(lab, "h2", "h1", 0.005, 3000, "ping-nonce-h2-h1"),
              _bg_ping(lab, "h3", "h1", 0.05, 300, "ping-nonce-h3-h1")]
@@ -362,7 +362,7 @@ def test_no_nonce_reuse_across_restart_and_rekeys(lab):
         _rekey(lab, "--pair", "h1", "h2", "--multicast")
         time.sleep(SWITCH_AFTER_S + 1)
         lab.inject([bcast] * 20, role="h1", ifname=L.TAP_IFNAME)  # multicast key, same counter
-        n_before = len([h for h in _l2c_headers(cap.frames()) if h[1] == mac_bytes(L.tap_mac("h1"))])
+        n_before = len([h for h in _l2c_headers(cap.frames()) if h[1] == mac_bytes(lab.tap_mac_of("h1"))])
         lab.restart_agent("h1")
         _rekey(lab, "--pair", "h1", "h2", "--multicast")
         time.sleep(SWITCH_AFTER_S + 1.5)
@@ -373,7 +373,7 @@ def test_no_nonce_reuse_across_restart_and_rekeys(lab):
             lab.stop(p)
         frames = L.read_pcap(cap.stop())
     headers = _l2c_headers(frames)
-    h1 = mac_bytes(L.tap_mac("h1"))
+    h1 = mac_bytes(lab.tap_mac_of("h1"))
     h1_frames = [h for h in headers if h[1] == h1]
     assert n_before >= 100, f"only {n_before} frames from h1 before its restart"
     assert len(h1_frames) - n_before >= 100, f"only {len(h1_frames) - n_before} frames from h1 after it"
@@ -398,14 +398,14 @@ def test_no_nonce_reuse_across_restart_and_rekeys(lab):
 
 def test_revocation(lab):
     _warm_up(lab, [("h1", "h3"), ("h2", "h3"), ("h3", "h1"), ("h3", "h2")])
-    h3_mac = L.tap_mac("h3")
+    h3_mac = lab.tap_mac_of("h3")
     marker_before, marker_after = b"L2C-MCAST-BEFORE-1", b"L2C-MCAST-AFTER-2"
     tap3 = lab.capture(L.TAP_IFNAME, role="h3", name="tcpdump-revoke-h3-tap")
     tap2 = lab.capture(L.TAP_IFNAME, role="h2", name="tcpdump-revoke-h2-tap")
     pings = []
     try:
         # Before: h1's broadcasts reach h3 (the capture works).
-        lab.inject([_raw("ff:ff:ff:ff:ff:ff", L.tap_mac("h1"), marker_before)] * 3,
+        lab.inject([_raw("ff:ff:ff:ff:ff:ff", lab.tap_mac_of("h1"), marker_before)] * 3,
                    role="h1", ifname=L.TAP_IFNAME)
         wait_for("h1's broadcast on h3's TAP", lambda: _count(tap3.frames(), marker_before), timeout_s=5)
 
@@ -436,7 +436,7 @@ def test_revocation(lab):
         # h2 opens them, h3 cannot.
         wait_for("h1 to switch to the new multicast key",
                  lambda: (lab.status("h1")["multicast_pw_id"] or 0) > mcast_before, timeout_s=10)
-        lab.inject([_raw("ff:ff:ff:ff:ff:ff", L.tap_mac("h1"), marker_after)] * 5,
+        lab.inject([_raw("ff:ff:ff:ff:ff:ff", lab.tap_mac_of("h1"), marker_after)] * 5,
                    role="h1", ifname=L.TAP_IFNAME)
         wait_for("h1's new broadcast on h2's TAP", lambda: _count(tap2.frames(), marker_after), timeout_s=5)
         time.sleep(1)

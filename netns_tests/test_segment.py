@@ -64,13 +64,13 @@ def _real_frame(lab, src: str, dst: str) -> bytes:
         assert ping(lab, src, L.tap_ipv4(dst), count=2).returncode == 0
     finally:
         frames = L.read_pcap(cap.stop())
-    mine = l2c_frames(frames, src=L.tap_mac(src), dst=L.tap_mac(dst))
+    mine = l2c_frames(frames, src=lab.tap_mac_of(src), dst=lab.tap_mac_of(dst))
     assert mine, f"no l2crypt frame {src} -> {dst} seen on br0"
     return mine[-1]
 
 
 def test_key_miss_requests_once_then_traffic_flows(lab):
-    if peer(_status(lab, "h2"), L.tap_mac("h3")) or peer(_status(lab, "h3"), L.tap_mac("h2")):
+    if peer(_status(lab, "h2"), lab.tap_mac_of("h3")) or peer(_status(lab, "h3"), lab.tap_mac_of("h2")):
         lab.restart_agent("h2")  # make h2-h3 a pair with no key again
     before2, before3 = _status(lab, "h2"), _status(lab, "h3")
     res = ping(lab, "h2", L.tap_ipv4("h3"), count=5)
@@ -88,8 +88,8 @@ def test_key_miss_requests_once_then_traffic_flows(lab):
     waited = sum(a["counters"]["held"] - b["counters"]["held"] + drop(a, "no_key") - drop(b, "no_key")
                  for a, b in ((after2, before2), (after3, before3)))
     assert waited >= 1
-    assert peer(after2, L.tap_mac("h3"))["frames_out"] >= 4
-    assert peer(after3, L.tap_mac("h2"))["frames_out"] >= 4
+    assert peer(after2, lab.tap_mac_of("h3"))["frames_out"] >= 4
+    assert peer(after3, lab.tap_mac_of("h2"))["frames_out"] >= 4
 
 
 @pytest.mark.parametrize("src,dst", [("h1", "h2"), ("h2", "h3"), ("h1", "h3")])
@@ -119,7 +119,7 @@ def test_no_plaintext_on_the_switch(lab):
     # The marker really went h1 -> h2 (it is on h2's TAP) ...
     assert sum(f.count(MARKER[:16]) for f in tap_frames) >= 10
     # ... and never crossed the switch in clear.
-    assert len(l2c_frames(switch_frames, src=L.tap_mac("h1"))) >= 10
+    assert len(l2c_frames(switch_frames, src=lab.tap_mac_of("h1"))) >= 10
     assert sum(f.count(MARKER[:16]) for f in switch_frames) == 0
     # Over the whole life of the lab, start-up included, every frame a host
     # put on the switch is an l2crypt frame.
@@ -133,11 +133,11 @@ def test_pair_keys_stay_private(lab):
     log_before = len(lab.log_text("keyserverd"))
     client = KeyServerClient(lab.ns("h3"), lab.keyserver_addr, lab.host_dir("h3"))
     try:
-        welcome = client.request({"t": "hello", "rid": 1, "mac": bytes.fromhex(L.tap_mac("h3").replace(":", ""))})
+        welcome = client.request({"t": "hello", "rid": 1, "mac": bytes.fromhex(lab.tap_mac_of("h3").replace(":", ""))})
         assert welcome["t"] == "welcome", welcome
         answer = client.request({"t": "key_req", "rid": 2,
-                                 "peer_mac": bytes.fromhex(L.tap_mac("h2").replace(":", "")),
-                                 "my_mac": bytes.fromhex(L.tap_mac("h1").replace(":", ""))})
+                                 "peer_mac": bytes.fromhex(lab.tap_mac_of("h2").replace(":", "")),
+                                 "my_mac": bytes.fromhex(lab.tap_mac_of("h1").replace(":", ""))})
     finally:
         client.close()
     assert answer["t"] == "error" and answer["code"] == "forbidden", answer
@@ -151,10 +151,10 @@ def test_pair_keys_stay_private(lab):
 
 def test_forged_frames_are_dropped_and_never_reach_the_tap(lab):
     before = _status(lab, "h2")
-    pw_id = (peer(before, L.tap_mac("h1")) or {"pw_id": 1})["pw_id"]
+    pw_id = (peer(before, lab.tap_mac_of("h1")) or {"pw_id": 1})["pw_id"]
     random_sa = "02:" + ":".join(f"{b:02x}" for b in os.urandom(5))
-    frames = [forged_frame(L.tap_mac("h2"), sa, pw_id, MARKER + os.urandom(64))
-              for sa in [L.tap_mac("h1")] * 10 + [random_sa] * 5]
+    frames = [forged_frame(lab.tap_mac_of("h2"), sa, pw_id, MARKER + os.urandom(64))
+              for sa in [lab.tap_mac_of("h1")] * 10 + [random_sa] * 5]
     tap = lab.capture(L.TAP_IFNAME, role="h2", name="tcpdump-forged-h2-tap")
     try:
         assert lab.inject(frames) == len(frames)
@@ -210,14 +210,14 @@ def test_key_server_crash(lab):
     assert ping(lab, "h3", L.tap_ipv4("h1"), count=3).returncode == 0
     after = _status(lab, "h3")
     assert after["counters"]["key_answers"] > before["counters"]["key_answers"]
-    assert peer(after, L.tap_mac("h1"))
+    assert peer(after, lab.tap_mac_of("h1"))
     # No binding is lost.
     listing = lab.keyserverd("host", "list", "--json")
     assert listing.returncode == 0, listing.stderr
     hosts = {h["id"]: h for h in json.loads(listing.stdout)}
     for host in lab.hosts:
         assert host in hosts, listing.stdout
-        assert hosts[host]["mac"].lower() == L.tap_mac(host), hosts[host]
+        assert hosts[host]["mac"].lower() == lab.tap_mac_of(host), hosts[host]
 
 
 def _one_clear_line(res) -> str:

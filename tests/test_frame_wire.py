@@ -1,5 +1,8 @@
 """Data-frame wire format: round trips, truncation, wrong lengths, a fixed vector."""
 
+import hashlib
+import hmac
+
 import pytest
 
 from l2crypt import aead, frame_wire
@@ -10,21 +13,36 @@ ET = 0x88B5
 DA = bytes.fromhex("020000000002")
 SA = bytes.fromhex("020000000001")
 
-# Fixed vector.  Source: computed once with l2crypt 0.1.0 and checked by hand
-# against the layout in frame_wire's docstring; it pins the byte layout
-# (header fields, AAD = first 28 bytes, nonce = 4 zero bytes + PN) so that any
-# change to the format fails here.  Pair key 0x00..0x1f, PW_ID 7, PN 0x0102030405060708,
-# direction SA -> DA, plain frame DA|SA|0800|"l2crypt fixed vector!".
+# Fixed vector.  Source: the header layout was computed with l2crypt 0.1.0 and
+# checked by hand against the layout in frame_wire's docstring; the body was
+# recomputed when the HKDF labels became "l2crypt v2" with the cipher in the
+# info (issue 15, Low), and the direction key it uses is checked against an
+# RFC 5869 HKDF written out below (VECTOR_DIRECTION_KEY_HEX).  It pins the
+# byte layout (header fields, AAD = first 28 bytes, nonce = 4 zero bytes + PN)
+# and the key derivation, so that any change to either fails here.  Pair key
+# 0x00..0x1f, PW_ID 7, PN 0x0102030405060708, AES-256-GCM, direction SA -> DA,
+# plain frame DA|SA|0800|"l2crypt fixed vector!".
 VECTOR_PAIR_KEY = bytes(range(32))
 VECTOR_PLAIN = DA + SA + b"\x08\x00" + b"l2crypt fixed vector!"
-EXPECTED_BODY_HEX = "3af6c8e771a18db9a8908b1f1fabac486b6b8b9b23f04f06c26ef5afba347f1caf92de9b93ab05"
+VECTOR_DIRECTION_KEY_HEX = "8ddd6eaa3f5f5755a7c08e7a0e0a619d9cff66fed0b4e56185a9de3fa7b693bb"
+EXPECTED_BODY_HEX = "1c12310593db77323b1725114c4275d0fbfb9e6ee7ec9057f75cb9792c279f4bcd7c73811c24f5"
 VECTOR_SEALED_HEX = (
     "020000000002" "020000000001" "88b5" "01" "01" "00000007" "0102030405060708"
 )
 
 
+def rfc5869_hkdf_sha256(ikm: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF (RFC 5869) with no salt, written out with hmac: an independent check."""
+    prk = hmac.new(b"\x00" * 32, ikm, hashlib.sha256).digest()
+    out, block, i = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([i]), hashlib.sha256).digest()
+        out, i = out + block, i + 1
+    return out[:length]
+
+
 def seal_vector() -> bytes:
-    key = aead.pair_direction_key(VECTOR_PAIR_KEY, 7, SA, DA)
+    key = aead.pair_direction_key(VECTOR_PAIR_KEY, 7, SA, DA, aead.AES_256_GCM)
     aad = frame_wire.encode_header(DA + SA, ET, KEY_ID_PAIR, 7, 0x0102030405060708)
     return aad + aead.make_aead(aead.AES_256_GCM, key).encrypt(aead.nonce(0x0102030405060708), VECTOR_PLAIN[12:], aad)
 
@@ -38,6 +56,25 @@ def test_fixed_vector_header_layout():
 def test_fixed_vector_ciphertext_is_stable():
     # The ciphertext+tag of the vector, recorded from the first run (see above).
     assert seal_vector()[28:].hex() == EXPECTED_BODY_HEX
+
+
+def test_direction_key_info_layout():
+    """info = label | cipher name (length-prefixed) | sender MAC | receiver MAC | PW_ID (u32)."""
+    cipher = aead.AES_256_GCM.encode()
+    info = b"l2crypt v2 pair" + bytes([len(cipher)]) + cipher + SA + DA + (7).to_bytes(4, "big")
+    assert rfc5869_hkdf_sha256(VECTOR_PAIR_KEY, info).hex() == VECTOR_DIRECTION_KEY_HEX
+    assert aead.pair_direction_key(VECTOR_PAIR_KEY, 7, SA, DA, aead.AES_256_GCM).hex() == VECTOR_DIRECTION_KEY_HEX
+
+
+@pytest.mark.parametrize("derive", [
+    lambda c: aead.pair_direction_key(VECTOR_PAIR_KEY, 7, SA, DA, c),
+    lambda c: aead.group_sender_key(VECTOR_PAIR_KEY, 7, SA, c),
+    lambda c: aead.l3_direction_key(VECTOR_PAIR_KEY, 7, "h1", "h2", c),
+], ids=["pair", "group", "l3"])
+def test_the_same_key_under_the_two_ciphers_derives_different_keys(derive):
+    """A segment that changes its cipher never uses one derived key under both
+    (issue 15, Low: the HKDF info left the cipher out)."""
+    assert derive(aead.AES_256_GCM) != derive(aead.CHACHA20_POLY1305)
 
 
 def test_overhead_is_at_most_32():

@@ -2,7 +2,7 @@
 ``Tunnel.open`` and ``GatewayCore.from_tunnel``.
 
 Whatever arrives, nothing raises; a datagram is accepted only if the peer
-gateway sealed exactly those bytes with the NETKEY (and only once); everything
+gateway sealed exactly those bytes with its link key (and only once); everything
 else is counted under a named drop reason.  For the core the books balance
 too: every datagram is either one frame delivered to the plain side or one
 counted drop.  Bounded examples keep CI fast.  The scapy corpus in
@@ -15,22 +15,24 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from corpus_tunnel import HELD_PW_ID, INNER_SRC, PEER_GW, RX_GW, crafted
+from corpus_tunnel import HELD_PW_ID, INNER_SRC, OTHER_PEER_GW, PEER_GW, RX_GW, crafted
 from gateway import core as C
 from gateway import tunnel as T
 from gateway import tunnel_wire as W
 from gateway.core import GatewayCore
 from l2crypt.engine import EngineSettings
 from l2crypt.frame_wire import parse_mac
+from l2crypt.tunnel_keys import Endpoint, link_keys, sender_tag
 
-RX = parse_mac(RX_GW)
-PEER = parse_mac(PEER_GW)
+RX = parse_mac("02:4c:47:00:00:b1")  # gB's MAC
+PEER = sender_tag(PEER_GW)
 INNER = parse_mac(INNER_SRC)
 NETKEY = bytes(range(200, 232))
 MCAST_KEY = bytes(range(32))
 BCAST = b"\xff" * 6
+SEGMENT = {PEER_GW: "sha256:" + "a" * 64, RX_GW: "sha256:" + "b" * 64, OTHER_PEER_GW: "sha256:" + "a" * 64}
 TUNNEL_REASONS = {W.TRUNCATED, W.OVERSIZED, W.UNKNOWN_VERSION, W.UNKNOWN_KIND, T.NO_NETKEY, T.STALE_NETKEY,
-                  T.REPLAYED, T.BAD_TAG, T.OWN_DATAGRAM, T.TOO_MANY_SENDERS}
+                  T.REPLAYED, T.BAD_TAG, T.UNKNOWN_TAG, T.TAG_ADDRESS}
 CORE_REASONS = TUNNEL_REASONS | {C.UNKNOWN_PEER, C.RUNT, C.GROUP_SOURCE, C.OWN_SOURCE, C.SPOOFED_SOURCE,
                                  C.MAC_MOVED, C.TABLE_FULL, C.LEARN_HOLD_OVERFLOW, C.LEARN_HOLD_EXPIRED}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -41,14 +43,25 @@ def arp_from(src: bytes, i: int) -> bytes:
     return BCAST + src + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x01" + src + i.to_bytes(4, "big") + bytes(32)
 
 
+def keys(me: str, peer: str, netkey: bytes = NETKEY, pw_id: int = HELD_PW_ID) -> tuple[bytes, bytes]:
+    """What ``me``'s key server hands it for its link to ``peer``."""
+    return link_keys(netkey, pw_id, Endpoint(SEGMENT[me], me), Endpoint(SEGMENT[peer], peer))
+
+
+def peer_tunnel(pn_start: int = 5000) -> T.Tunnel:
+    """The peer gateway's tunnel, with its link to the receiver."""
+    sender = T.Tunnel(PEER_GW, (RX_GW,), pn_start=pn_start)
+    sender.install(RX_GW, HELD_PW_ID, *keys(PEER_GW, RX_GW), 0.0)
+    return sender
+
+
 def _genuine() -> dict[bytes, bytes]:
     """Datagrams the peer gateway sealed -> their inner frame."""
-    sender = T.Tunnel(PEER, pn_start=5000)
-    sender.install(NETKEY, HELD_PW_ID, 0.0)
+    sender = peer_tunnel()
     out = {}
     for i in range(8):
         frame = arp_from(INNER, i) + bytes(40 * i)
-        out[sender.seal(frame, 0.0)] = frame
+        out[sender.seal(RX_GW, frame, 0.0)] = frame
     return out
 
 
@@ -57,30 +70,33 @@ GENUINE_LIST = list(GENUINE)
 
 
 def rx_tunnel() -> T.Tunnel:
-    tun = T.Tunnel(RX)
-    tun.install(NETKEY, HELD_PW_ID, 0.0)
+    tun = T.Tunnel(RX_GW, (PEER_GW, OTHER_PEER_GW))
+    for peer in (PEER_GW, OTHER_PEER_GW):
+        tun.install(peer, HELD_PW_ID, *keys(RX_GW, peer), 0.0)
     return tun
 
 
 def rx_core() -> GatewayCore:
     """Gateway gB: tunnel peers gA (the real one) and gC; INNER is mapped to it on tunnel:gA."""
     pn = iter(range(1, 1 << 40, 1 << 20))
-    gw = GatewayCore(RX, lambda: next(pn), tunnel_peers=("gA", "gC"), has_plain=True,
-                     engine_settings=EngineSettings())
-    gw.install_netkey(NETKEY, HELD_PW_ID, 0.0)
+    gw = GatewayCore(RX, lambda: next(pn), tunnel_peers=(PEER_GW, OTHER_PEER_GW), has_plain=True,
+                     engine_settings=EngineSettings(), gw_id=RX_GW)
+    for peer in (PEER_GW, OTHER_PEER_GW):
+        gw.install_tunnel_keys(peer, HELD_PW_ID, *keys(RX_GW, peer), 0.0)
     gw.install_multicast_key(MCAST_KEY, 1, 0.0)
     gw.on_mapped(INNER, "tunnel:gA", 0.0)
     assert gw.table[INNER].state == C.MAPPED
     return gw
 
 
-def run_tunnel(tun: T.Tunnel, datagrams: list[bytes]) -> list[bytes]:
+def run_tunnel(tun: T.Tunnel, datagrams: list[bytes], peer: str = PEER_GW) -> list[bytes]:
+    """Feed datagrams from ``peer``'s address."""
     drops_before, opened_before = sum(tun.drops.values()), tun.counters["tunnel_opened"]
     accepted = []
     for i, d in enumerate(datagrams):
-        got = tun.open(d, 1.0 + i * 1e-3)
+        got = tun.open(peer, d, 1.0 + i * 1e-3)
         if got is not None:
-            assert got == (PEER, GENUINE[d])  # genuine, with its own inner frame
+            assert got == GENUINE[d]  # genuine, with its own inner frame
             accepted.append(d)
     assert set(tun.drops) <= TUNNEL_REASONS, tun.drops
     assert len(accepted) + sum(tun.drops.values()) - drops_before == len(datagrams), (len(accepted), tun.drops)
@@ -121,10 +137,10 @@ def test_arbitrary_bytes_are_dropped_and_counted(datagrams):
 
 
 def _tunnel_shaped():
-    senders = st.sampled_from([PEER, RX, INNER, BCAST, bytes(6)])
+    senders = st.sampled_from([PEER, PEER, sender_tag(RX_GW), sender_tag(OTHER_PEER_GW), RX, INNER, BCAST, bytes(6)])
     return st.builds(
         lambda ver, kind, sender, pw, pn, body: W.HEADER.pack(ver, kind, sender, pw, pn) + body,
-        st.sampled_from([1, 1, 0, 2, 255]), st.sampled_from([1, 1, 0, 2]), senders,
+        st.sampled_from([2, 2, 0, 1, 255]), st.sampled_from([1, 1, 0, 2]), senders,
         st.sampled_from([0, HELD_PW_ID - 1, HELD_PW_ID, HELD_PW_ID, HELD_PW_ID + 1, 0xFFFFFFFF]),
         st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 5000, 2**63, 2**64 - 1])),
         st.binary(max_size=200),
@@ -132,7 +148,7 @@ def _tunnel_shaped():
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["gA", "gC", "nobody"]), _tunnel_shaped()), max_size=30))
+@given(st.lists(st.tuples(st.sampled_from([PEER_GW, OTHER_PEER_GW, "nobody"]), _tunnel_shaped()), max_size=30))
 def test_tunnel_shaped_garbage_is_dropped_and_counted(arrivals):
     assert run_tunnel(rx_tunnel(), [d for _, d in arrivals]) == []
     gw = rx_core()
@@ -165,17 +181,17 @@ def test_mutated_real_datagrams_only_genuine_ones_get_through_once(data):
         d = data.draw(st.sampled_from(GENUINE_LIST))
         if data.draw(st.booleans()):
             d = _mutation(d, data)
-        arrivals.append((data.draw(st.sampled_from(["gA", "gA", "gC"])), d))
-    accepted = run_tunnel(rx_tunnel(), [d for _, d in arrivals])
+        arrivals.append((data.draw(st.sampled_from([PEER_GW, PEER_GW, OTHER_PEER_GW])), d))
+    from_peer = [d for p, d in arrivals if p == PEER_GW]
+    accepted = run_tunnel(rx_tunnel(), from_peer)
     assert len(accepted) == len(set(accepted))  # a replay never gets through
-    assert set(accepted) == {d for _, d in arrivals if d in GENUINE}  # every genuine datagram once
-    # Through the core: a genuine datagram's frame reaches the plain side once, if it came
-    # first from gA (its MAC is on tunnel:gA); from gC it is a MAC move, dropped and counted.
+    assert set(accepted) == {d for d in from_peer if d in GENUINE}  # every genuine datagram once
+    # From gC's address gA's datagrams are refused (its tag is bound to gA's address).
+    tun = rx_tunnel()
+    assert run_tunnel(tun, [d for p, d in arrivals if p == OTHER_PEER_GW], peer=OTHER_PEER_GW) == []
+    # Through the core: a genuine datagram's frame reaches the plain side once, if it came from gA.
     delivered = run_core(rx_core(), arrivals)
-    first = {}
-    for peer, d in arrivals:
-        first.setdefault(d, peer)
-    assert sorted(delivered) == sorted(GENUINE[d] for d, peer in first.items() if d in GENUINE and peer == "gA")
+    assert sorted(delivered) == sorted(GENUINE[d] for d in set(from_peer) if d in GENUINE)
 
 
 def test_replay_storm_is_counted_and_genuine_traffic_still_opens():
@@ -195,35 +211,22 @@ def test_forged_huge_packet_numbers_do_not_poison_the_window():
     assert run_tunnel(tun, GENUINE_LIST) == GENUINE_LIST  # PN ~5000: the window never moved
 
 
-def test_forged_senders_cannot_fill_the_receive_state():
-    """Datagrams under made-up sender tags (no valid tag) must not use up the
-    per-sender replay state: the real peer's replays are still refused."""
+def test_made_up_sender_tags_are_dropped_before_any_state():
+    """Datagrams under tags that are no configured peer's are counted and use
+    up nothing: the real peer's datagrams still open, its replays are still refused."""
     tun = rx_tunnel()
     body = GENUINE_LIST[0][W.HEADER_LEN:]
-    forged = [W.encode_header(i.to_bytes(6, "big"), HELD_PW_ID, 1) + body for i in range(1, T.MAX_SENDERS + 50)]
+    forged = [W.encode_header(i.to_bytes(6, "big"), HELD_PW_ID, 1) + body for i in range(1, 300)]
     assert run_tunnel(tun, forged) == []
-    assert tun.drops == {T.BAD_TAG: len(forged)}
+    assert tun.drops == {T.UNKNOWN_TAG: len(forged)}
     assert run_tunnel(tun, GENUINE_LIST[:1] * 3) == GENUINE_LIST[:1]
     assert tun.drops[T.REPLAYED] == 2
-
-
-def test_too_many_real_senders_are_counted_not_accepted_without_replay_state():
-    tun = rx_tunnel()
-    datagrams = []
-    for i in range(T.MAX_SENDERS + 3):
-        sender = T.Tunnel((0x024C47100000 + i).to_bytes(6, "big"))
-        sender.install(NETKEY, HELD_PW_ID, 0.0)
-        datagrams.append(sender.seal(arp_from(INNER, i), 0.0))
-    opened = [d for d in datagrams if tun.open(d, 1.0) is not None]
-    assert len(opened) == T.MAX_SENDERS and tun.drops == {T.TOO_MANY_SENDERS: 3}
-    assert all(tun.open(d, 2.0) is None for d in datagrams)  # no replay gets through either
-    assert tun.drops[T.REPLAYED] == T.MAX_SENDERS
 
 
 @pytest.mark.parametrize("name,datagram,reason", crafted(), ids=[c[0] for c in crafted()])
 def test_crafted_corpus(name, datagram, reason):
     tun = rx_tunnel()
-    assert tun.open(datagram, 1.0) is None
+    assert tun.open(PEER_GW, datagram, 1.0) is None
     assert dict(tun.drops) == {reason: 1}, name
     assert tun.wants_key == (reason == T.NO_NETKEY)  # a newer NETKEY is asked for, nothing else
     gw = rx_core()
@@ -242,9 +245,8 @@ def test_crafted_corpus_mixed_with_real_traffic():
 
 
 def _sealed_by_peer(frames: list[bytes]) -> list[bytes]:
-    sender = T.Tunnel(PEER, pn_start=9000)
-    sender.install(NETKEY, HELD_PW_ID, 0.0)
-    return [sender.seal(f, 0.0) for f in frames]
+    sender = peer_tunnel(pn_start=9000)
+    return [sender.seal(RX_GW, f, 0.0) for f in frames]
 
 
 HOSTILE_INNER = {

@@ -9,6 +9,7 @@ from gateway import core as C
 from gateway import tunnel_wire
 from gateway.core import GatewayCore, GatewaySettings
 from l2crypt.engine import GROUP_MAC, EngineSettings, FrameEngine
+from l2crypt.tunnel_keys import Endpoint, link_keys
 
 H1 = bytes.fromhex("024c32000011")
 H2 = bytes.fromhex("024c32000012")
@@ -38,10 +39,26 @@ def arp(src):
 _pn = itertools.count(1000, 1 << 20)
 
 
-def gateway(mac, peers=(), plain=True, **kw):
+GW_IDS = {GA: "gA", GB: "gB"}
+#: The segment (its key server's CA fingerprint) of each gateway: gA in A, gB and gC in B.
+SEGMENT = {"gA": "sha256:" + "a" * 64, "gB": "sha256:" + "b" * 64, "gC": "sha256:" + "b" * 64}
+
+
+def gateway(mac, peers=(), plain=True, gw_id=None, floors=None, **kw):
     gw = GatewayCore(mac, lambda: next(_pn), tunnel_peers=peers, has_plain=plain,
-                     settings=GatewaySettings(**kw), engine_settings=EngineSettings(switch_after_s=1.0))
+                     settings=GatewaySettings(**kw), engine_settings=EngineSettings(switch_after_s=1.0),
+                     gw_id=gw_id or GW_IDS[mac], tunnel_floors=floors)
     return gw
+
+
+def link_keys_of(gw_id, peer, netkey=NETKEY, pw_id=1):
+    """(send, receive) keys of gw_id's link to peer: what gw_id's key server hands it."""
+    return link_keys(netkey, pw_id, Endpoint(SEGMENT[gw_id], gw_id), Endpoint(SEGMENT[peer], peer))
+
+
+def serve_netkey(gw, gw_id, netkey=NETKEY, pw_id=1, now=0.0):
+    """The key server's answer to the gateway's netkey_req for each of its peers."""
+    return [gw.install_tunnel_keys(peer, pw_id, *link_keys_of(gw_id, peer, netkey, pw_id), now) for peer in gw.peers]
 
 
 def host(mac, mcast=MCAST_A):
@@ -140,8 +157,8 @@ def _two_segments():
     ga, gb = gateway(GA, peers=("gB",), plain=False), gateway(GB, peers=("gA",), plain=False)
     ga.install_multicast_key(MCAST_A, 1, 0.0)
     gb.install_multicast_key(MCAST_B, 1, 0.0)
-    ga.install_netkey(NETKEY, 1, 0.0)
-    gb.install_netkey(NETKEY, 1, 0.0)
+    serve_netkey(ga, "gA")
+    serve_netkey(gb, "gB")
     return h1, h3, ga, gb
 
 
@@ -188,7 +205,7 @@ def test_netkey_rotation_make_before_break():
     h1, h3, ga, gb = _two_segments()
     ga.from_encrypted(h1.seal_from_tap(arp(H1), 1.0), 1.0)
     new = b"L" * 32
-    assert ga.install_netkey(new, 2, 2.0) and gb.install_netkey(new, 2, 2.5)
+    assert serve_netkey(ga, "gA", new, 2, 2.0) == [True] and serve_netkey(gb, "gB", new, 2, 2.5) == [True]
     # Before the switch delay gA still seals with version 1; gB opens both.
     for now, want in ((2.1, 1), (3.5, 2), (3.6, 2)):
         (datagram,) = _tunnel_to(ga.from_encrypted(h1.seal_from_tap(arp(H1), now), now), "gB")
@@ -197,10 +214,10 @@ def test_netkey_rotation_make_before_break():
     assert not {k: v for k, v in gb.all_drops().items() if k.startswith("tunnel")}
     # gB saw gA use version 2: it switches too, at once.
     gb.on_timer(3.7)
-    assert gb.tunnel.ring.current.pw_id == 2
+    assert gb.tunnel.links["gA"].keys.current.pw_id == 2
 
 
-@pytest.mark.parametrize("module", ["core", "tunnel", "tunnel_wire"])
+@pytest.mark.parametrize("module", ["core", "tunnel", "tunnel_wire", "group_policy"])
 def test_gateway_core_does_no_io(module):
     import ast
     from pathlib import Path

@@ -18,7 +18,7 @@ from gateway.config import GatewayConfig
 from gateway.metrics import gateway_metrics
 from gateway.status_view import rates, render_status
 from l2crypt.metrics import FunctionCollector, LatencyHistogram, new_registry
-from test_gateway_core import GA, GB, H1, MCAST_A, NETKEY, P1, arp, gateway, host
+from test_gateway_core import GA, GB, H1, MCAST_A, NETKEY, P1, arp, gateway, host, link_keys_of, serve_netkey
 
 NEW_NETKEY = b"L" * 32
 
@@ -37,8 +37,11 @@ def fake_gateway(core, unknown_sender=0):
     latency.observe(0.004)
     client = SimpleNamespace(connected=True, connects=2, latency=latency,
                              selector=SimpleNamespace(failovers=1, failbacks=0))
+    guards = {"encrypted": {"port_guard": "intact", "inbound_refused": 9, "egress_blocked": 2},
+              "plain": {"port_guard": "missing", "inbound_refused": None}}
     return SimpleNamespace(core=core, client=client, gw_id="gA", tunnel=SimpleNamespace(unknown_sender=unknown_sender),
-                           config=GatewayConfig(encrypted_port="eth0", plain_port="plain0", servers=("10.0.0.1:7788",)))
+                           config=GatewayConfig(encrypted_port="eth0", plain_port="plain0", servers=("10.0.0.1:7788",)),
+                           guard_readings=lambda: guards)
 
 
 def scrape(gw, now=10.0) -> tuple[dict, str]:
@@ -53,9 +56,9 @@ def traffic():
     """gA (plain port, tunnel to gB) after p1 and h1 talked, and a bad datagram arrived."""
     h1 = host(H1)
     ga, gb = gateway(GA, peers=("gB",)), gateway(GB, peers=("gA",), plain=False)
-    for gw in (ga, gb):
+    for gw, gw_id in ((ga, "gA"), (gb, "gB")):
         gw.install_multicast_key(MCAST_A, 1, 0.0)
-        gw.install_netkey(NETKEY, 1, 0.0)
+        serve_netkey(gw, gw_id)
     ga.from_plain(arp(P1), 0.1)  # learned, held, mapped, sealed onto the segment
     assert len(ga.on_mapped(P1, C.PLAIN, 0.2).to_enc) == 1
     out = ga.from_encrypted(h1.seal_from_tap(arp(H1), 1.0), 1.0)  # to the plain side and the tunnel
@@ -63,7 +66,7 @@ def traffic():
     gb.from_tunnel("gA", out.to_tunnel[0][1], 1.1)
     assert gb.tunnel.counters["tunnel_opened"] == 1
     ga.from_tunnel("gB", b"\x01\x01" + bytes(10), 1.2)  # truncated
-    ga.install_netkey(NEW_NETKEY, 2, 1.5)
+    serve_netkey(ga, "gA", NEW_NETKEY, 2, 1.5)
     return ga, gb
 
 
@@ -90,9 +93,14 @@ def test_metrics_read_the_gateways_counters(traffic):
     assert m["l2crypt_gateway_keyserver_connected"] == 1
     assert m["l2crypt_gateway_keyserver_failovers_total"] == 1
     assert m["l2crypt_key_request_duration_seconds_count"] == 1
+    assert m["l2crypt_gateway_port_guard_frames_dropped_total{direction=inbound,port=encrypted}"] == 9
+    assert m["l2crypt_gateway_port_guard_frames_dropped_total{direction=egress,port=encrypted}"] == 2
+    assert m["l2crypt_gateway_port_guard_intact{port=encrypted}"] == 1
+    assert m["l2crypt_gateway_port_guard_intact{port=plain}"] == 0
+    assert not [k for k in m if k.startswith("l2crypt_gateway_port_guard_frames_dropped_total") and "plain" in k]
     assert m[f"l2crypt_gateway_info{{cipher=aes-256-gcm,encrypted_port=eth0,id=gA,mac={C.frame_wire.format_mac(GA)},"
              f"plain_port=plain0}}"] == 1
-    for secret in (NETKEY, NEW_NETKEY, MCAST_A):
+    for secret in (NETKEY, NEW_NETKEY, MCAST_A, *link_keys_of("gA", "gB"), *link_keys_of("gA", "gB", NEW_NETKEY, 2)):
         assert secret.hex() not in text and secret.decode("latin-1") not in text
 
 
@@ -121,7 +129,9 @@ def status_doc(core, now=5.0) -> dict:
     doc = core.snapshot(now)
     doc.update({"id": "gA", "role": "gateway", "mac": C.frame_wire.format_mac(core.gw_mac), "encrypted_port": "eth0",
                 "plain_port": "plain0", "tunnel_listen": "10.69.1.1:4789", "tunnel_unknown_sender": 0,
-                "keyserver": "10.67.0.1:7788", "connected": True, "uptime_s": 12.5, "egress_blocked": 0})
+                "keyserver": "10.67.0.1:7788", "connected": True, "uptime_s": 12.5,
+                "port_guard": "intact", "inbound_refused": 9, "egress_blocked": 0,
+                "plain_port_guard": "missing", "plain_inbound_refused": None})
     return json.loads(json.dumps(doc))  # as it comes over the control socket
 
 
@@ -137,6 +147,8 @@ def test_status_renders_tables(traffic):
     assert [c.strip() for c in lines["tunnel"].split("│")[2:5]] == ["10.69.1.1:4789", "0", "2"]
     assert C.frame_wire.format_mac(P1) in text and "mapped" in text
     assert "tunnel_truncated=1" in text and "NETKEY PW_ID: 1 (held 1, 2)" in text
+    assert "port guard on eth0: intact   frames refused inbound: 9   frames blocked outbound: 0" in text
+    assert "port guard on plain0: MISSING (plain frames pass)" in text
 
 
 def test_watch_rates_per_port(traffic):

@@ -34,7 +34,7 @@ class Events:
     def on_welcome(self, msg):
         self.welcomes.append(msg["server"])
 
-    def on_key(self, peer_mac, peer_id, key, pw_id):
+    def on_key(self, peer_mac, peer_id, key, pw_id, age_s=0, older=()):
         self.keys.append((peer_mac, pw_id))
 
     def on_unknown(self, peer_mac):

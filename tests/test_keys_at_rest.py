@@ -38,6 +38,7 @@ from l2crypt.errors import LocalError
 from test_keyserver_tls import Client, enroll
 
 NOW = 1_700_000_000.0
+PEER_CA = "sha256:" + "ab" * 32  # the NETKEY peer segment's CA (its gateway: gB)
 MAC = {"a": bytes.fromhex("020000000a0a"), "b": bytes.fromhex("020000000b0b"), "g": bytes.fromhex("020000000c0c")}
 
 
@@ -135,7 +136,7 @@ async def call(client: Client, msg: dict) -> list[dict]:
 
 def serve(store, ca, netkeys, body):
     service = KeyService(store, "aes-256-gcm", "ks-test", ca)
-    service.netkeys = netkeys
+    service.netkeys, service.netkey_peer_ca = netkeys, PEER_CA
 
     async def main_():
         server = KeyServer(service, make_server_ssl_context(ca), "127.0.0.1", 0)
@@ -162,6 +163,7 @@ def test_a_dump_of_the_store_holds_no_key_it_handed_out(backend, tmp_path):
     book.create(NOW)
     book.create(NOW + 1)
     handed: dict[str, bytes] = {}
+    links: dict[int, tuple[bytes, bytes]] = {}  # the gateway's tunnel link keys, derived from NETKEY
     files: dict[str, tuple] = {}
 
     async def first(port):
@@ -180,14 +182,15 @@ def test_a_dump_of_the_store_holds_no_key_it_handed_out(backend, tmp_path):
         store.rotate_multicast_key(NOW + 5)
         (m,) = await call(c["b"], {"t": "mcast_req", "rid": 5})
         handed[f"multicast{m['pw_id']}"] = m["key"]
-        for n in await call(c["g"], {"t": "netkey_req", "rid": 6}):
-            handed[f"netkey{n['pw_id']}"] = n["key"]
+        for n in await call(c["g"], {"t": "netkey_req", "rid": 6, "peer_id": "gB"}):
+            links[n["pw_id"]] = (n["send_key"], n["recv_key"])
         for client in c.values():
             client.close()
 
     serve(store, ca, book, first)
-    assert sorted(handed) == ["ab1", "ab2", "ag1", "multicast1", "multicast2", "netkey1", "netkey2"]
-    before = dict(handed)
+    assert sorted(handed) == ["ab1", "ab2", "ag1", "multicast1", "multicast2"] and sorted(links) == [1, 2]
+    handed.update({f"netkey{pw_id}": key for pw_id, key in book.versions()})  # NETKEY as stored
+    before, links_before = dict(handed), dict(links)
 
     # Rotate the KEK (nothing else has the store open): no PW_ID, no key changes.
     new_key = secrets.token_bytes(32)
@@ -203,8 +206,8 @@ def test_a_dump_of_the_store_holds_no_key_it_handed_out(backend, tmp_path):
         await call(c["g"], {"t": "hello", "rid": 1, "mac": MAC["g"]})
         (k,) = await call(c["a"], {"t": "key_req", "rid": 2, "peer_mac": MAC["b"]})
         assert (k["pw_id"], k["key"]) == (2, before["ab2"])
-        assert {n["pw_id"]: n["key"] for n in await call(c["g"], {"t": "netkey_req", "rid": 3})} == \
-            {1: before["netkey1"], 2: before["netkey2"]}
+        assert {n["pw_id"]: (n["send_key"], n["recv_key"])
+                for n in await call(c["g"], {"t": "netkey_req", "rid": 3, "peer_id": "gB"})} == links_before
         (k,) = await call(c["a"], {"t": "rekey_req", "rid": 4, "peer_mac": MAC["b"], "pw_id": 2})
         handed[f"ab{k['pw_id']}"] = k["key"]  # made under the new KEK
         for client in c.values():
@@ -217,6 +220,7 @@ def test_a_dump_of_the_store_holds_no_key_it_handed_out(backend, tmp_path):
 
     dump = backend.dump()
     assert found_in(handed, dump) == []
+    assert found_in({f"link{p}/{i}": k for p, ks in links.items() for i, k in enumerate(ks)}, dump) == []
     assert found_in({"kek": new_key}, dump) == []
     # Presence: the dump does hold every sealed value, and opened with the KEK it shows every key.
     sealed = backend.sealed_values()

@@ -26,8 +26,9 @@ def test_host_add_plain(capsys, tmp_path):
     token = re.search(r"^token: +(\S+)$", out, re.M).group(1)
     fp = re.search(r"^ca fingerprint: +(sha256:[0-9a-f]{64})$", out, re.M).group(1)
     assert TOKEN_RE.match(token)
-    assert (f"  l2crypt enroll --server 10.0.0.1:7788 --id web-1 --token {token} "
+    assert (f"  l2crypt enroll --server 10.0.0.1:7788 --id web-1 --token - "
             f"--ca-fingerprint {fp}\n") in out
+    assert token not in out.split("join with")[1]  # the printed command never carries the token
     store = SqliteStore.open(tmp_path / "keyserver.db", 0)
     host = store.get_host("web-1")
     store.consume_token("web-1", hash_token(token), host.created_at + 1)  # the printed token works

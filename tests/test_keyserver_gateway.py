@@ -1,12 +1,16 @@
-"""keyserverd: MACs mapped to gateways (ID_X86 / NETID) and NETKEY handed to gateways."""
+"""keyserverd: MACs mapped to gateways (ID_X86 / NETID) and the tunnel link keys handed to gateways."""
 
 import pytest
 
 from keyserverd.ca import CertificateAuthority
+from keyserverd import service as S
 from keyserverd.service import KeyService, Session
 from keyserverd.store import SqliteStore
 from keyserverd.tokens import hash_token
 from l2crypt.ks_messages import encode_message
+from l2crypt.tunnel_keys import Endpoint, link_keys
+
+PEER_CA = "sha256:" + "b" * 64  # the NETKEY peer server's CA
 
 NOW = 1_700_000_000.0
 MAC_H1 = bytes.fromhex("020000000001")
@@ -77,7 +81,8 @@ def test_a_mac_bound_to_an_enrolled_host_is_never_mapped(env):
 
 @pytest.mark.parametrize("msg, code", [
     ({"t": "map_req", "rid": 2, "mac": MAC_P1, "side": "plain"}, "forbidden"),
-    ({"t": "netkey_req", "rid": 2}, "forbidden"),
+    ({"t": "netkey_req", "rid": 2, "peer_id": "gB"}, "forbidden"),
+    ({"t": "map_release", "rid": 2, "mac": MAC_P1}, "forbidden"),
     ({"t": "map_list", "rid": 2}, "forbidden"),
 ])
 def test_gateway_requests_are_for_gateways_only(env, msg, code):
@@ -95,13 +100,81 @@ def test_bad_sides_are_refused(env, side):
 
 def test_netkey_only_when_peered(env):
     service, store, s = env
-    (err,) = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 2}))
+    (err,) = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 2, "peer_id": "gB"}))
     assert err["code"] == "no_netkey"
-    service.netkeys = Book()
-    got = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 3}))
-    assert [(m["t"], m["pw_id"]) for m in got] == [("netkey", 1), ("netkey", 2)]
+    service.netkeys, service.netkey_peer_ca = Book(), PEER_CA
+    got = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 3, "peer_id": "gB"}))
+    assert [(m["t"], m["peer_id"], m["pw_id"]) for m in got] == [("netkey", "gB", 1), ("netkey", "gB", 2)]
     pushes = service.netkey_pushes(3, b"3" * 32)
-    assert [t for t, _ in pushes] == [("push", "gw")]
+    assert [(t, m["peer_id"], m["pw_id"]) for t, m in pushes] == [(("push", "gw"), "gB", 3)]
+
+
+def _link(service, gw_id: str, peer_id: str, netkey: bytes, pw_id: int) -> tuple[bytes, bytes]:
+    return link_keys(netkey, pw_id, Endpoint(service.ca.ca_fingerprint(), gw_id), Endpoint(PEER_CA, peer_id))
+
+
+def test_a_gateway_gets_only_the_keys_of_its_own_links_never_netkey(env):
+    """Finding 8 (issue 15): with NETKEY, every gateway could seal datagrams under any
+    other gateway's sender tag.  Now the key server keeps NETKEY and hands a gateway
+    the two keys of each link it is an end of, as the server authenticated it."""
+    service, store, s = env
+    store.add_host("gw2", None, "gateway", hash_token("t"), NOW + 60, NOW)
+    s["gw2"] = Session(identity="gw2")
+    call(service, s["gw2"], {"t": "hello", "rid": 1, "mac": bytes.fromhex("0200000000bb")})
+    service.netkeys, service.netkey_peer_ca = Book(), PEER_CA
+    (err,) = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 2}))
+    assert err["code"] == "bad_request" and "peer_id" in err["msg"]  # an old gateway is told why
+    got = {}
+    for name in ("gw", "gw2"):
+        for peer in ("gB", "gw", "gw2"):
+            for m in replies(call(service, s[name], {"t": "netkey_req", "rid": 3, "peer_id": peer})):
+                got[(name, peer, m["pw_id"])] = (m["send_key"], m["recv_key"])
+                assert set(m) == {"t", "rid", "peer_id", "pw_id", "send_key", "recv_key"}
+    netkeys = [key for _, key in Book().versions()]
+    assert not {k for pair in got.values() for k in pair} & set(netkeys)  # NETKEY never leaves the server
+    for (name, peer, pw_id), keys in got.items():
+        assert keys == _link(service, name, peer, dict(Book().versions())[pw_id], pw_id)
+    # gw's keys toward gB are not gw2's: neither can seal what gB would take as from the other.
+    assert got[("gw", "gB", 2)][0] != got[("gw2", "gB", 2)][0]
+    # Asking "as a peer" gives nothing of another local gateway: the link (us, gw2@peer segment)
+    # is not gw2's link to anyone.
+    all_keys_of_gw = {k for (name, _, _), pair in got.items() if name == "gw" for k in pair}
+    all_keys_of_gw2 = {k for (name, _, _), pair in got.items() if name == "gw2" for k in pair}
+    assert not all_keys_of_gw & all_keys_of_gw2
+    # gB's server (its own CA first) hands gB the same two keys, the other way round.
+    assert _link(service, "gw", "gB", b"2" * 32, 2) == tuple(reversed(link_keys(
+        b"2" * 32, 2, Endpoint(PEER_CA, "gB"), Endpoint(service.ca.ca_fingerprint(), "gw"))))
+
+
+def test_tunnel_peers_per_gateway_are_capped(env):
+    service, store, s = env
+    service.netkeys, service.netkey_peer_ca = Book(), PEER_CA
+    for i in range(S.MAX_TUNNEL_PEERS):
+        assert replies(call(service, s["gw"], {"t": "netkey_req", "rid": 2, "peer_id": f"p{i}"}))[0]["t"] == "netkey"
+    (err,) = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 3, "peer_id": "one-more"}))
+    assert err["code"] == "too_many"
+    assert len(service.netkey_pushes(3, b"3" * 32)) == S.MAX_TUNNEL_PEERS
+
+
+def test_map_release_frees_the_mac_for_the_gateway_that_holds_it_only(env):
+    """Finding 7 (issue 15): a gateway's aged-out MACs are released, so they stop counting
+    toward its limit; another gateway cannot release them."""
+    service, store, s = env
+    service.macs.max_per_gateway = 2
+    store.add_host("gw2", None, "gateway", hash_token("t"), NOW + 60, NOW)
+    s["gw2"] = Session(identity="gw2")
+    call(service, s["gw2"], {"t": "hello", "rid": 1, "mac": bytes.fromhex("0200000000bb")})
+    macs = [bytes.fromhex(f"0250000000{i:02x}") for i in range(3)]
+    for mac in macs[:2]:
+        assert replies(call(service, s["gw"], {"t": "map_req", "rid": 2, "mac": mac, "side": "plain"}))[0]["t"] == "mapped"
+    (err,) = replies(call(service, s["gw"], {"t": "map_req", "rid": 3, "mac": macs[2], "side": "plain"}))
+    assert err["code"] == "too_many"
+    (ans,) = replies(call(service, s["gw2"], {"t": "map_release", "rid": 4, "mac": macs[0]}))
+    assert ans == {"t": "unmapped", "rid": 4, "mac": macs[0]} and service.macs.owner(macs[0]) == "gw"
+    (ans,) = replies(call(service, s["gw"], {"t": "map_release", "rid": 5, "mac": macs[0]}))
+    assert ans["t"] == "unmapped" and service.macs.owner(macs[0]) is None
+    assert replies(call(service, s["gw"], {"t": "map_req", "rid": 6, "mac": macs[2], "side": "plain"}))[0]["t"] == "mapped"
+    assert [m for m, _ in service.macs.macs_of("gw")] == sorted(macs[1:])
 
 
 def test_rotation_of_a_gateway_pair_reaches_the_host_under_mapped_macs(env):

@@ -50,10 +50,33 @@ def test_race_b_report_of_the_newest_pushes_it_again(env, caplog):
     assert reply(actions)["pw_id"] == 2
     pushes = [(t, m) for t, m in actions if t != "reply"]
     assert pushes == [(("push", "b"), {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a",
-                                       "key": store.pair_key("a", "b", 2), "pw_id": 2})]
+                                       "key": store.pair_key("a", "b", 2), "pw_id": 2, "age_s": 0,
+                                       "older": [[1, store.pair_key("a", "b", 1), 0]]})]
     # A report of an older version just gets the newest, no push; a future one is refused.
     assert [t for t, _ in call(service, sb, {"t": "key_report", "rid": 5, "peer_mac": MAC_A, "pw_id": 1})] == ["reply"]
     assert reply(call(service, sb, {"t": "key_report", "rid": 6, "peer_mac": MAC_A, "pw_id": 9}))["code"] == "bad_request"
+
+
+def test_key_messages_carry_the_older_versions_with_their_ages(env):
+    """Issue 14 section 4: a restarted agent gets every version still live (at
+    most what its key ring holds), each with its age, newest first."""
+    service, store = env
+    sa = bound(service, "a", MAC_A)
+    bound(service, "b", MAC_B)
+    reply(call(service, sa, {"t": "key_req", "rid": 2, "peer_mac": MAC_B}))  # version 1 at NOW
+    for dt in (5, 10, 15):
+        store.rotate_pair_key("a", "b", NOW + dt)
+    answer = reply(service.handle(sa, {"t": "key_req", "rid": 3, "peer_mac": MAC_B}, NOW + 16))
+    assert (answer["pw_id"], answer["age_s"]) == (4, 1)
+    assert answer["older"] == [[3, store.pair_key("a", "b", 3), 6], [2, store.pair_key("a", "b", 2), 11]]
+    # The push of a rotation carries the same, with ages counted from the new version.
+    event = store.events_since(0)[-1]
+    push = dict(service.on_event(event))[("push", "a")]
+    assert (push["pw_id"], push["age_s"], [v[0::2] for v in push["older"]]) == (4, 0, [[3, 5], [2, 10]])
+    # Retired versions are not offered.
+    store.retire_old_versions(NOW + 12)
+    again = reply(service.handle(sa, {"t": "key_req", "rid": 4, "peer_mac": MAC_B}, NOW + 16))
+    assert [v[0] for v in again["older"]] == [3]
 
 
 def test_multicast_request_and_rotation(env):

@@ -110,14 +110,14 @@ def test_enroll(env):
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "a"
     assert store.get_host("a").enrolled
     again = reply(call(service, Session(identity=None), dict(msg, rid=3)))
-    assert again["code"] == "token_used"
+    assert again["code"] == "enroll_refused"
 
 
 @pytest.mark.parametrize(
     "host_id, token, csr, code",
     [
-        ("a", "bbbbbb.0123456789abcdef", None, "bad_token"),
-        ("nobody", TOKEN_A, None, "bad_token"),
+        ("a", "bbbbbb.0123456789abcdef", None, "enroll_refused"),
+        ("nobody", TOKEN_A, None, "enroll_refused"),
         ("a", TOKEN_A, b"garbage", "bad_csr"),
     ],
 )
@@ -132,7 +132,37 @@ def test_enroll_expired(env):
     service, _ = env
     msg = {"t": "enroll", "rid": 2, "id": "a", "token": TOKEN_A, "csr": make_csr()}
     out = service.handle(Session(identity=None), msg, NOW + 61)
-    assert reply(out)["code"] == "token_expired"
+    assert reply(out)["code"] == "enroll_refused"
+
+
+def test_every_enrollment_refusal_looks_the_same_to_the_client(env, caplog):
+    """Unknown ID, wrong token, used token, expired token, revoked host: one answer
+    (so a client cannot probe which IDs exist); the log keeps the real reason."""
+    service, store = env
+    store.add_host("used", None, "host", hash_token(TOKEN_A), NOW + 60, NOW)
+    store.consume_token("used", hash_token(TOKEN_A), NOW)
+    store.add_host("gone", None, "host", hash_token(TOKEN_A), NOW + 60, NOW)
+    store.revoke_host("gone", NOW)
+    cases = {  # (host ID, token, time) -> the reason the log must name
+        ("nobody", TOKEN_A, NOW): "bad_token",
+        ("a", "bbbbbb.0123456789abcdef", NOW): "bad_token",
+        ("used", TOKEN_A, NOW): "token_used",
+        ("a", TOKEN_A, NOW + 61): "token_expired",
+        ("gone", TOKEN_A, NOW): "revoked",
+    }
+    answers = set()
+    for i, ((host_id, token, now), reason) in enumerate(cases.items()):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="keyserverd"):
+            out = service.handle(Session(identity=None, peer=f"192.0.2.{i}:1"),
+                                 {"t": "enroll", "rid": 7, "id": host_id, "token": token, "csr": make_csr()}, now)
+        answer = reply(out)
+        answers.add((answer["t"], answer["code"], answer["msg"]))
+        lines = logged(caplog.records)
+        assert any("enroll_refused" in line and f"code={reason}" in line and f"host={host_id}" in line
+                   for line in lines), (reason, lines)
+    assert answers == {("error", "enroll_refused", keyserverd.service.ENROLL_REFUSED_TEXT)}
+    assert not store.get_host("a").token_used
 
 
 def test_hello_welcome(env):
@@ -217,8 +247,10 @@ def test_key_req_answers_and_pushes_to_peer(env, caplog):
         actions = call(service, s, {"t": "key_req", "rid": 11, "peer_mac": MAC_B, "my_mac": MAC_A})
     key, pw_id = store.get_or_create_pair_key("a", "b", NOW)
     assert actions == [
-        ("reply", {"t": "key", "rid": 11, "peer_mac": MAC_B, "peer_id": "b", "key": key, "pw_id": pw_id}),
-        (("push", "b"), {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a", "key": key, "pw_id": pw_id}),
+        ("reply", {"t": "key", "rid": 11, "peer_mac": MAC_B, "peer_id": "b", "key": key, "pw_id": pw_id,
+                   "age_s": 0}),
+        (("push", "b"), {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a", "key": key, "pw_id": pw_id,
+                         "age_s": 0}),
     ]
     assert pw_id == 1
     # the other direction gets the same key

@@ -195,6 +195,18 @@ def test_pair_key_is_symmetric_and_starts_at_pw_id_1(store):
         store.get_or_create_pair_key("a", "a", NOW)
 
 
+def test_pair_versions_lists_versions_newest_first_without_keys(store):
+    add(store, "a")
+    add(store, "b")
+    assert store.pair_versions("a", "b") == []
+    key1, _ = store.get_or_create_pair_key("a", "b", NOW)
+    store.rotate_pair_key("b", "a", NOW + 10)
+    versions = store.pair_versions("b", "a")
+    assert [(pw, round(t)) for pw, t in versions] == [(2, NOW + 10), (1, NOW)]
+    assert all(not isinstance(x, bytes) for v in versions for x in v)
+    assert store.pair_key("a", "b", 1) == key1
+
+
 def test_pair_key_creation_is_atomic_across_connections(store_opener):
     """Many connections (as several keyserverd instances) race to create the same
     pair key, from both ends; all get the same one and only one row exists."""

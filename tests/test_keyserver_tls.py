@@ -147,7 +147,7 @@ def test_enroll_hello_key_req_and_push(tmp_path, keyserver):
         assert key["t"] == "key" and key["peer_id"] == "b" and key["pw_id"] == 1
         push = await b.recv()
         assert push == {"t": "key", "rid": 0, "peer_mac": MAC_A, "peer_id": "a",
-                        "key": key["key"], "pw_id": 1}
+                        "key": key["key"], "pw_id": 1, "age_s": key["age_s"]}
         # a claims b's MAC as its own: refused, connection kept
         bad = await a.call({"t": "key_req", "rid": 3, "peer_mac": MAC_B, "my_mac": MAC_B})
         assert bad["code"] == "forbidden"

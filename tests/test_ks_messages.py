@@ -27,11 +27,33 @@ EXAMPLES = [
     {"t": "welcome", "rid": 3, "id": "h1", "mac": MAC, "cipher": "aes-256-gcm",
      "multicast_key": KEY, "multicast_pw_id": 1, "server": "ks1"},
     {"t": "key", "rid": 0, "peer_mac": MAC, "peer_id": "h2", "key": KEY, "pw_id": 7},
+    {"t": "key", "rid": 9, "peer_mac": MAC, "peer_id": "h2", "key": KEY, "pw_id": 7, "age_s": 3,
+     "older": [[6, KEY, 8], [5, KEY, 13]]},
+    {"t": "welcome", "rid": 3, "id": "h1", "mac": MAC, "cipher": "aes-256-gcm",
+     "multicast_key": KEY, "multicast_pw_id": 1, "server": "ks1", "key_max_age_s": 7200},
     {"t": "unknown", "rid": 4, "peer_mac": MAC},
     {"t": "multicast", "rid": 0, "key": KEY, "pw_id": 2},
     {"t": "pong", "rid": 5},
     {"t": "error", "rid": 4, "code": "forbidden", "msg": "no"},
 ]
+
+
+OLDER_BAD = [
+    [[6, KEY, 8], [5, KEY, 13], [4, KEY, 18]],   # more than the ring holds
+    [[5, KEY, 8], [6, KEY, 13]],                 # not newest first
+    [[7, KEY, 8]],                               # not older than pw_id
+    [[6, KEY[:31], 8]],                          # short key
+    [[6, KEY, True]],                            # bool age
+    [[6, KEY]],                                  # missing age
+    [6, KEY, 8],                                 # not a list of versions
+]
+
+
+@pytest.mark.parametrize("older", OLDER_BAD)
+def test_bad_older_versions_are_refused(older):
+    msg = {"t": "key", "rid": 1, "peer_mac": MAC, "peer_id": "h2", "key": KEY, "pw_id": 7, "older": older}
+    with pytest.raises(RemoteProtocolError):
+        km.decode_body(msgpack.packb(msg, use_bin_type=True))
 
 
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m["t"])

@@ -32,9 +32,12 @@ def samples(text: str) -> dict:
     return out
 
 
-def fake_agent(engine, client=None):
+GUARD_READING = {"port_guard": "intact", "inbound_refused": 12, "egress_blocked": 3}
+
+
+def fake_agent(engine, client=None, guard=GUARD_READING):
     return SimpleNamespace(engine=engine, client=client, host_id="h1",
-                           config=SimpleNamespace(port="eth0", tap="l2c0"))
+                           config=SimpleNamespace(port="eth0", tap="l2c0"), guard_reading=lambda: guard)
 
 
 def scrape(agent, now):
@@ -73,6 +76,18 @@ def test_counters_move_with_traffic_and_forged_frames():
     assert s2[("l2crypt_multicast_key_age_seconds", ())] == 31.0
 
 
+def test_port_guard_counters_and_state():
+    s = samples(scrape(fake_agent(FrameEngine(H1)), 0.0))
+    assert s[("l2crypt_port_guard_frames_dropped_total", (("direction", "inbound"), ("port", "eth0")))] == 12
+    assert s[("l2crypt_port_guard_frames_dropped_total", (("direction", "egress"), ("port", "eth0")))] == 3
+    assert s[("l2crypt_port_guard_intact", (("port", "eth0"),))] == 1
+    for state in ("missing", "altered"):
+        gone = {"port_guard": state, "inbound_refused": None, "egress_blocked": None}
+        s = samples(scrape(fake_agent(FrameEngine(H1), guard=gone), 0.0))
+        assert s[("l2crypt_port_guard_intact", (("port", "eth0"),))] == 0
+        assert not [k for k in s if k[0] == "l2crypt_port_guard_frames_dropped_total"]
+
+
 def test_no_key_material_in_a_scrape():
     e1, e2 = engines()
     text = scrape(fake_agent(e1), 5.0)
@@ -84,7 +99,7 @@ def test_no_key_material_in_a_scrape():
 def test_key_client_times_requests_and_counts_failovers():
     async def go():
         client = KeyClient(("ks1:7788", "ks2:7788"), None, H1, events=SimpleNamespace(
-            on_key=lambda *a: None, on_unknown=lambda *a: None, on_key_refused=lambda *a: None))
+            on_key=lambda *a, **kw: None, on_unknown=lambda *a: None, on_key_refused=lambda *a: None))
         client.connected = True
         client._writer = SimpleNamespace(write=lambda data: None)
         assert client.request_key(H2)

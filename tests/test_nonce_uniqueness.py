@@ -1,11 +1,15 @@
 """A (key, nonce) pair is never used twice: both directions of a pair, the many
 senders of the multicast key, and across an agent restart."""
 
+import json
 import os
+
+import pytest
 
 from l2crypt import aead
 from l2crypt.engine import FrameEngine
-from l2crypt.packet_clock import PacketClock
+from l2crypt.errors import LocalError
+from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
 
 H1 = bytes.fromhex("020000000001")
 H2 = bytes.fromhex("020000000002")
@@ -27,8 +31,8 @@ def used(engine_frames, derive):
 
 def derive(src, dst, key_id, pw_id):
     if key_id == 1:
-        return aead.pair_direction_key(PAIR_KEY, pw_id, src, dst)
-    return aead.group_sender_key(MCAST_KEY, pw_id, src)
+        return aead.pair_direction_key(PAIR_KEY, pw_id, src, dst, aead.AES_256_GCM)
+    return aead.group_sender_key(MCAST_KEY, pw_id, src, aead.AES_256_GCM)
 
 
 def frame(dst, src, i):
@@ -75,6 +79,76 @@ def test_restart_never_reuses_a_packet_number(tmp_path):
     last_before = int.from_bytes(sent[999][20:28], "big")
     first_after = int.from_bytes(sent[1000][20:28], "big")
     assert first_after > last_before
+
+
+class Daemon:
+    """An agent's sending side: an engine that ticks every 100 ms and reserves
+    packet numbers every PERSIST_INTERVAL_S, as agent.py does."""
+
+    def __init__(self, state_dir, wall, now):
+        self.clock = PacketClock(state_dir, wall=lambda: wall[0])
+        self.engine = FrameEngine(H1, pn_start=self.clock.pn_start(), now0=now)
+        self.engine.pn_limit = self.clock.reserved
+        self.engine.install_pair_key(H2, "h2", PAIR_KEY, 1, now)
+        self.next_reserve = now
+
+    def run(self, t0, t1, wall, sent, step_back_at=None):
+        t = t0
+        while t < t1:
+            if step_back_at is not None and t >= step_back_at:
+                wall[0] -= 30.0  # NTP steps the wall clock back half a minute
+                step_back_at = None
+            if round(t * 100) % 10 == 0:
+                if t >= self.next_reserve:
+                    self.engine.pn_limit = self.clock.reserve(self.engine.send_pn)
+                    self.next_reserve = t + PERSIST_INTERVAL_S
+                self.engine.on_timer(t)
+            sealed = self.engine.seal_from_tap(frame(H2, H1, round(t * 100)), t)
+            assert sealed is not None, dict(self.engine.drops)
+            sent.append(sealed)
+            t = round(t + 0.01, 2)
+            wall[0] += 0.01
+
+
+@pytest.mark.parametrize("crash_after_s", [0.01, 0.37, 0.99])
+def test_a_crash_between_reservations_after_a_clock_step_never_reuses_a_number(tmp_path, crash_after_s):
+    """Issue 15, Medium 6: the stored floor went back with the wall clock, and
+    a crash between two saves was never tested (the test above saves just
+    before it).  The crash here comes ``crash_after_s`` after the last
+    reservation, and the wall clock stepped back 30 s before it."""
+    wall = [1_700_000_000.0]
+    sent = []
+    first = Daemon(tmp_path, wall, now=0.0)
+    first.run(0.0, 6.0 + crash_after_s, wall, sent, step_back_at=2.5)
+    used = [int.from_bytes(f[20:28], "big") for f in sent]
+    # kill -9, restart at once (engine time starts anew; the wall clock is still 30 s behind)
+    second = Daemon(tmp_path, wall, now=100.0)
+    later = []
+    second.run(100.0, 101.0, wall, later)
+    again = [int.from_bytes(f[20:28], "big") for f in later]
+    assert min(again) > max(used)
+    keys_nonces = [(derive(f[6:12], f[0:6], f[15], 1), f[20:28]) for f in sent + later]
+    assert len(set(keys_nonces)) == len(keys_nonces)
+
+
+def test_the_clock_file_refuses_to_start_when_it_cannot_be_kept(tmp_path):
+    with pytest.raises(LocalError, match="cannot write the packet clock"):
+        PacketClock(tmp_path / "no-such-dir")
+    (tmp_path / "clock").write_text("garbage\n")
+    with pytest.raises(LocalError, match="not a packet clock file"):
+        PacketClock(tmp_path)
+
+
+def test_an_old_clock_file_is_read_and_a_failed_write_holds_the_limit(tmp_path):
+    (tmp_path / "clock").write_text("1700000000.000000\n")  # the format of f3b867d
+    wall = [1_600_000_000.0]  # and the wall clock went back a lot
+    clock = PacketClock(tmp_path, wall=lambda: wall[0])
+    assert clock.pn_start() > aead.initial_packet_number(1_700_000_000.0)
+    assert json.loads((tmp_path / "clock").read_text())["reserved_pn"] == clock.reserved
+    limit = clock.reserved
+    (tmp_path / "clock").unlink()
+    tmp_path.rename(tmp_path.with_name(tmp_path.name + "-gone"))  # the state dir goes away
+    assert clock.reserve(limit + 10**12) == limit  # not written: the engines stop at the old limit
 
 
 def test_start_value_outruns_any_sending_rate():

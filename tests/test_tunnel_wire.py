@@ -33,11 +33,17 @@ def test_oversized():
     assert T.decode_header(T.encode_datagram(SENDER, 1, 1, bytes(T.MAX_DATAGRAM))) == T.OVERSIZED
 
 
-def test_wrong_version_and_kind():
+@pytest.mark.parametrize("version", [0, 1, 3, 255])  # 1: one key per sender, derived by every NETKEY holder
+def test_wrong_version(version):
     datagram = bytearray(T.encode_datagram(SENDER, 1, 1, bytes(40)))
-    datagram[0] = 2
+    assert datagram[0] == T.TUNNEL_VERSION == 2
+    datagram[0] = version
     assert T.decode_header(bytes(datagram)) == T.UNKNOWN_VERSION
-    datagram[0], datagram[1] = 1, 7
+
+
+def test_wrong_kind():
+    datagram = bytearray(T.encode_datagram(SENDER, 1, 1, bytes(40)))
+    datagram[1] = 7
     assert T.decode_header(bytes(datagram)) == T.UNKNOWN_KIND
 
 

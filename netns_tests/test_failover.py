@@ -167,9 +167,10 @@ def test_all_servers_down_fails_closed(flab):
         flab.start_ks(name)
 
 
-def test_postgresql_restart_during_key_requests(flab):
+def test_postgresql_restart_during_key_requests(flab, tmp_path):
     """PostgreSQL crashes (immediate stop) and comes back on the same data while
-    two TLS clients keep rotating a pair key through ks1 and ks2: every key
+    two TLS clients (two identities of their own, enrolled here, so the agents'
+    sessions are left alone) keep rotating their pair key through ks1 and ks2: every key
     acknowledged before and during the outage is in the store afterwards, the
     requests during the outage get store_unavailable, both servers answer again
     within a bounded time, and the agents carry traffic again."""
@@ -181,9 +182,13 @@ def test_postgresql_restart_during_key_requests(flab):
     for name in ("ks1", "ks2"):
         if flab.proc("keyserverd" if name == "ks1" else name) is None:
             flab.start_ks(name)
-    macs = {h: bytes.fromhex(flab.status(h)["mac"].replace(":", "")) for h in ("h3", "h4")}
-    clients = {"h3": KeyServerClient(flab.ns("h3"), flab.addr_of("ks1"), flab.host_dir("h3")),
-               "h4": KeyServerClient(flab.ns("h4"), flab.addr_of("ks2"), flab.host_dir("h4"))}
+    macs = {"pg1": bytes.fromhex("025047000001"), "pg2": bytes.fromhex("025047000002")}
+    for ident, host in (("pg1", "h3"), ("pg2", "h4")):
+        token = flab.host_add(ident)
+        res = flab.enroll(host, token["token"], token["ca_fingerprint"], host_id=ident, state_dir=tmp_path / ident)
+        assert res.returncode == 0, res.stdout + res.stderr
+    clients = {"pg1": KeyServerClient(flab.ns("h3"), flab.addr_of("ks1"), tmp_path / "pg1"),
+               "pg2": KeyServerClient(flab.ns("h4"), flab.addr_of("ks2"), tmp_path / "pg2")}
     acked: dict[int, bytes] = {}
     answers: list[tuple[str, float, str]] = []  # (client, when, "key" or the error code)
     stop = threading.Event()
@@ -209,9 +214,10 @@ def test_postgresql_restart_during_key_requests(flab):
         for host, c in clients.items():
             welcome = c.request({"t": "hello", "rid": 1, "mac": macs[host]})
             assert welcome["t"] == "welcome", welcome
-        first = clients["h3"].request({"t": "key_req", "rid": 2, "peer_mac": macs["h4"]})
+        first = clients["pg1"].request({"t": "key_req", "rid": 2, "peer_mac": macs["pg2"]})
         acked[first["pw_id"]] = first["key"]
-        threads = [threading.Thread(target=rotate, args=("h3", "h4")), threading.Thread(target=rotate, args=("h4", "h3"))]
+        threads = [threading.Thread(target=rotate, args=("pg1", "pg2")),
+                   threading.Thread(target=rotate, args=("pg2", "pg1"))]
         for t in threads:
             t.start()
         wait_for("rotations before the crash", lambda: len(acked) >= 6, timeout_s=20)
@@ -244,7 +250,7 @@ def test_postgresql_restart_during_key_requests(flab):
     # Every acknowledged version is in the store.
     store = PgStore.open(flab.store_url, time.time(), kek=read_kek_file(flab.kek_path))
     try:
-        assert {p: store.pair_key("h3", "h4", p) for p in acked} == acked
+        assert {p: store.pair_key("pg1", "pg2", p) for p in acked} == acked
     finally:
         store.close()
     log = flab.log_text("keyserverd")

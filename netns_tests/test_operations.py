@@ -163,27 +163,35 @@ def _state_copy(lab) -> bytes:
 
 
 def test_kek_rotation_keeps_every_key_and_a_copy_of_the_state_opens_nothing(lab, tmp_path):
-    """Issue 14.3 on a running lab: the keys a real TLS client is handed are not
+    """Issue 14.3 on a running lab: the keys real TLS clients are handed are not
     in a copy of the database; rotating the KEK (refused while keyserverd runs)
-    changes no key and no PW_ID, for the client and for the agents."""
+    changes no key and no PW_ID, for the clients and for the agents.  The
+    clients are two identities of their own (kr1, kr2), so the agents' sessions
+    are left alone."""
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0
-    macs = {h: mac_bytes(lab.status(h)["mac"]) for h in ("h1", "h2")}
+    macs = {"kr1": mac_bytes("02:4b:52:00:00:01"), "kr2": mac_bytes("02:4b:52:00:00:02")}
+    for ident, host in (("kr1", "h1"), ("kr2", "h2")):
+        token = lab.host_add(ident)
+        res = lab.enroll(host, token["token"], token["ca_fingerprint"], host_id=ident, state_dir=tmp_path / ident)
+        assert res.returncode == 0, res.stdout + res.stderr
 
     def handed_out() -> dict[str, tuple[int, bytes]]:
-        client = KeyServerClient(lab.ns("h1"), lab.keyserver_addr, lab.host_dir("h1"))
+        clients = {i: KeyServerClient(lab.ns(h), lab.keyserver_addr, tmp_path / i)
+                   for i, h in (("kr1", "h1"), ("kr2", "h2"))}
         try:
-            welcome = client.request({"t": "hello", "rid": 1, "mac": macs["h1"]})
-            pair = client.request({"t": "key_req", "rid": 2, "peer_mac": macs["h2"]})
+            welcome = {i: c.request({"t": "hello", "rid": 1, "mac": macs[i]}) for i, c in clients.items()}
+            pair = clients["kr1"].request({"t": "key_req", "rid": 2, "peer_mac": macs["kr2"]})
         finally:
-            client.close()
-        assert welcome["t"] == "welcome" and pair["t"] == "key", (welcome, pair)
-        return {"multicast": (welcome["multicast_pw_id"], welcome["multicast_key"]),
+            for c in clients.values():
+                c.close()
+        assert welcome["kr1"]["t"] == welcome["kr2"]["t"] == "welcome" and pair["t"] == "key", (welcome, pair)
+        return {"multicast": (welcome["kr1"]["multicast_pw_id"], welcome["kr1"]["multicast_key"]),
                 "pair": (pair["pw_id"], pair["key"])}
 
     keys = handed_out()
     held = stored_keys(lab.ks_dir)  # opened with the KEK: the control
     assert held[("multicast", keys["multicast"][0])] == keys["multicast"][1]
-    assert held[("pair", "h1", "h2", keys["pair"][0])] == keys["pair"][1]
+    assert held[("pair", "kr1", "kr2", keys["pair"][0])] == keys["pair"][1]
     copy = _state_copy(lab)
     assert [name for name, (_, key) in keys.items() for f in _forms(key) if f.encode() in copy] == []
     assert all(key not in copy for key in held.values())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 from l2crypt.errors import LocalError, RefusedError
@@ -63,6 +64,8 @@ log = logging.getLogger("keyserverd")
 MIGRATE_LOCK = 0x6C32_0001
 EVENT_LOCK = 0x6C32_0002
 KEK_LOCK = 0x6C32_0003
+#: Seconds a KEK rotation waits for the other connections to be gone.
+RESEAL_WAIT_S = 2.0
 
 
 #: Schema migrations; ``schema_version.version`` is how many have run.
@@ -256,7 +259,11 @@ class PgStore(SealedKeys):
         changes.  LocalError (nothing changed) while another connection (a
         keyserverd, a keyserverd command) uses the database.  ``then()`` runs
         after the commit, while no other instance can connect yet."""
-        if not self._q("SELECT pg_try_advisory_lock(%s)", (KEK_LOCK,)).fetchone()[0]:
+        deadline = time.monotonic() + RESEAL_WAIT_S  # a backend just closed may hold it a moment longer
+        while not self._q("SELECT pg_try_advisory_lock(%s)", (KEK_LOCK,)).fetchone()[0]:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
             users = self._q("SELECT COUNT(*) - 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 "
                             "AND objid = %s AND objsubid = 1 AND granted", (KEK_LOCK,)).fetchone()[0]
             raise LocalError(f"database {self.url} is in use ({users} other keyserverd connection(s)): stop "

@@ -32,6 +32,7 @@ from l2crypt.constants import KEYSERVER_TLS_NAME
 from l2crypt.ks_messages import FrameReader, encode_message
 
 from .ca import CertificateAuthority
+from .kek import DEFAULT_KEK_FILE, create_kek_file
 from .stores import open_store
 
 
@@ -45,7 +46,8 @@ def _prepare(state: Path, agents: int, store_url: str) -> list[ssl.SSLContext]:
     from cryptography.x509.oid import NameOID
 
     ca = CertificateAuthority.open(state, ())
-    store = open_store(store_url, state, time.time())
+    kek = create_kek_file(state / DEFAULT_KEK_FILE)  # keyserverd gets it with --kek-file
+    store = open_store(store_url, state, time.time(), kek=kek)
     contexts = []
     for n in range(agents):
         host_id = f"b{n}"
@@ -112,7 +114,8 @@ def measure(store_name: str, store_url: str, agents: int, seconds: float) -> dic
         contexts = _prepare(state, agents, store_url)
         port = _free_port()
         argv = [str(Path(sys.executable).parent / "keyserverd"), "--state-dir", str(state),
-                "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+                "--listen", f"127.0.0.1:{port}", "--log-level", "warning",
+                "--kek-file", str(state / DEFAULT_KEK_FILE)]
         proc = subprocess.Popen(argv + (["--store", store_url] if store_url else []),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = proc.stdout.readline()

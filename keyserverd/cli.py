@@ -8,6 +8,8 @@
     keyserverd rekey (--pair ID1 ID2 | --all | --multicast)
     keyserverd status [--json]                 ask the running server (admin socket)
     keyserverd check-config FILE               name every problem of a config file
+    keyserverd kek rotate --new-kek-file FILE  re-seal every stored key under a new KEK
+    keyserverd kek generate FILE               write a new random KEK (0600)
 
 ``--config`` and ``--state-dir`` are accepted on the group and on every
 subcommand (the subcommand's value wins).  A bad argument or config value
@@ -52,7 +54,10 @@ from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
 from .revocations import RevocationBook
 from .server import ConnectionLimits, KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
-from .stores import open_store
+from .kek import DEFAULT_KEK_FILE, create_kek_file, load_kek, read_kek_file, replace_kek_file
+from .netkey_peering import NETKEY_FILE, NetkeyBook
+from .store import StoreUnavailable
+from .stores import open_configured_store
 from .tokens import hash_token, new_token
 
 DB_FILE = "keyserver.db"
@@ -68,6 +73,14 @@ log = logging.getLogger("keyserverd")
 # --- options ---------------------------------------------------------------
 
 def _common_options(f):
+    f = click.option("--store-tls-insecure", is_flag=True, default=None,
+                     help="Allow the PostgreSQL URL's sslmode to be weaker than verify-full for a host "
+                          "that is not local.")(f)
+    f = click.option("--kek-credential", metavar="NAME",
+                     help="systemd credential holding the key-encryption key ($CREDENTIALS_DIRECTORY/NAME).")(f)
+    f = click.option("--kek-file", metavar="FILE",
+                     help="File holding the key-encryption key the stored keys are sealed under "
+                          "[default: STATE_DIR/kek, SQLite only].")(f)
     f = click.option("--store", help="Store URL: postgresql://... (shared by several instances) or "
                                       "sqlite:///PATH; default: SQLite in the state directory.")(f)
     f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -127,6 +140,8 @@ def _merged(ctx: click.Context, opts: dict) -> dict:
 
 
 def _config(opts: dict) -> KeyServerConfig:
+    if not logging.getLogger().handlers:  # operator commands: warnings (kek_created) as one line each
+        setup_logging("warning", "text")
     overrides = {
         key: (tuple(value) if key in ("server_names", "peers") else value)
         for key, value in opts.items()
@@ -206,7 +221,7 @@ def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> No
     now = time.time()
     expires = now + (ttl_s if ttl_s is not None else config.token_ttl_s)
     token = new_token()
-    store = open_store(config.store, config.state_dir, now)
+    store = open_configured_store(config, now)
     try:
         for ip in ip_bytes:
             holder = store.host_id_by_ip(ip)
@@ -243,7 +258,7 @@ def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> No
 def host_list(ctx, as_json, **opts) -> None:
     """List hosts: ID, MAC, role, enrolled, revoked."""
     config = _config(_merged(ctx, opts))
-    store = open_store(config.store, config.state_dir, time.time(), create=False)
+    store = open_configured_store(config, time.time(), create=False)
     try:
         hosts = store.list_hosts()
     finally:
@@ -274,7 +289,7 @@ def host_revoke(ctx, host_id, **opts) -> None:
     """Revoke a host: rotate every pair key it is part of and the multicast key,
     tell every other host to drop it, and refuse its certificate from now on."""
     config = _config(_merged(ctx, opts))
-    store = open_store(config.store, config.state_dir, time.time(), create=False)
+    store = open_configured_store(config, time.time(), create=False)
     try:
         changed, rotated = revoke_and_rotate(store, host_id, time.time())
     finally:
@@ -298,7 +313,7 @@ def rekey(ctx, pair, all_pairs, multicast, **opts) -> None:
         raise click.UsageError("say what to rotate: --pair ID1 ID2, --all or --multicast")
     config = _config(_merged(ctx, opts))
     now = time.time()
-    store = open_store(config.store, config.state_dir, now, create=False)
+    store = open_configured_store(config, now, create=False)
     try:
         if pair:
             id1, id2 = pair
@@ -341,12 +356,89 @@ def check_config(path) -> None:
     click.echo(f"{path}: ok")
 
 
+@cli.group()
+@_common_options
+@click.pass_context
+def kek(ctx: click.Context, **opts) -> None:
+    """The key-encryption key (KEK) the stored keys are sealed under."""
+    ctx.find_root().obj = _merged(ctx, opts)
+
+
+@kek.command("generate")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+def kek_generate(path) -> None:
+    """Write a new random KEK (32 bytes, mode 0600) to FILE, which must not exist.
+    Name it with kek_file (or install it as a systemd credential)."""
+    new = create_kek_file(path)
+    click.echo(f"{path}: new KEK, id {new.shown_id}; back it up apart from the database")
+
+
+@kek.command("rotate")
+@click.option("--new-kek-file", required=True, metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
+              help="The new KEK (32 bytes or 64 hex digits, mode 0600); created with a random KEK if "
+                   "FILE does not exist.")
+@_common_options
+@click.pass_context
+def kek_rotate(ctx, new_kek_file, **opts) -> None:
+    """Re-seal every stored key (pair keys, multicast keys, NETKEY) under a new
+    KEK, in one transaction.  No key and no PW_ID changes: hosts notice nothing.
+
+    Stop every keyserverd that uses the store first (and run no other
+    keyserverd command meanwhile): the rotation is refused while anything
+    else has the store open.  The current KEK is the one the config names
+    (--kek-file, --kek-credential, or STATE_DIR/kek).  Afterwards a KEK
+    file in use is replaced by the new KEK, so the config stays as it is;
+    a credential has to be replaced by hand.  Give the new KEK to every
+    keyserverd sharing the store, then start them.  Backups made before
+    still need the old KEK.
+    """
+    config = _config(_merged(ctx, opts))
+    current = load_kek(config.kek_file, config.kek_credential)
+    current_file = (Path(config.kek_file) if config.kek_file
+                    else None if config.kek_credential else config.state_dir / DEFAULT_KEK_FILE)
+    if current is None and not current_file.exists():
+        raise L2cryptError(f"no KEK at {current_file}: nothing is sealed yet, or the KEK is elsewhere "
+                           f"(--kek-file, --kek-credential)")
+    new = read_kek_file(new_kek_file, "--new-kek-file") if new_kek_file.exists() else create_kek_file(new_kek_file)
+    store = open_configured_store(config, time.time(), create=False)
+    resealed = {}
+
+    def then() -> None:  # after the commit, before any keyserverd can open the store again
+        try:
+            resealed["netkey"] = netkeys.reseal(new)
+            if current_file is not None:
+                replace_kek_file(current_file, new_kek_file)
+        except OSError as exc:
+            raise L2cryptError(f"the store is now sealed under the KEK in {new_kek_file} (id {new.shown_id}), "
+                               f"but {exc.filename or current_file} could not be written "
+                               f"({exc.strerror or exc}): put that KEK in place by hand") from None
+
+    try:
+        if new.kek_id == store.kek.kek_id:
+            raise L2cryptError(f"--new-kek-file {new_kek_file} holds the KEK in use (id {new.shown_id})")
+        old_id = store.kek.shown_id
+        netkeys = NetkeyBook(config.state_dir / NETKEY_FILE, store.kek)
+        counts = store.reseal(new, then)
+    finally:
+        store.close()
+    click.echo(f"KEK id {old_id} -> {new.shown_id}: re-sealed {counts['pair_keys']} pair key version(s), "
+               f"{counts['multicast_keys']} multicast key version(s), {resealed['netkey']} NETKEY version(s); "
+               f"no PW_ID changed")
+    if current_file is not None:
+        click.echo(f"{current_file} now holds the new KEK: copy it to every keyserverd sharing this store, and "
+                   f"back it up apart from the database (older backups still need the old KEK)")
+    else:
+        click.echo(f"now replace the credential {config.kek_credential!r} with {new_kek_file} (e.g. "
+                   f"systemd-creds encrypt --name={config.kek_credential} {new_kek_file} "
+                   f"/etc/credstore.encrypted/{config.kek_credential}) on every keyserverd sharing this store")
+
+
 # --- serving ---------------------------------------------------------------
 
 def _serve(config: KeyServerConfig) -> None:
     setup_logging(config.log_level, config.log_format)
     ca = CertificateAuthority.open(config.state_dir, config.server_names)
-    store = open_store(config.store, config.state_dir, time.time())
+    store = open_configured_store(config, time.time())
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
         service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,
@@ -409,10 +501,15 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     if config.netkey_listen:
         from .netkey_peering import NetkeyPeering
 
+        def push_netkey(pw_id: int, key: bytes) -> None:
+            try:
+                server._act(None, service.netkey_pushes(pw_id, key))
+            except StoreUnavailable as exc:  # the gateways ask again (netkey_req) when they reconnect
+                log.warning("netkey_push_failed", extra=fields(pw_id=pw_id, reason=str(exc)))
+
         netkey_peering = NetkeyPeering(
             ca, config.state_dir, parse_hostport(config.netkey_listen), parse_hostport(config.netkey_peer),
-            config.netkey_peer_ca, config.netkey_rekey_after_s,
-            on_new=lambda pw_id, key: server._act(None, service.netkey_pushes(pw_id, key)))
+            config.netkey_peer_ca, config.netkey_rekey_after_s, push_netkey, kek=service.store.kek)
         service.netkeys, service.netkey_peer_ca = netkey_peering.book, config.netkey_peer_ca
         netkey_task = asyncio.ensure_future(netkey_peering.run())
     try:

@@ -21,7 +21,8 @@ Example ``/etc/l2crypt/keyserver.toml``::
     rekey_after_s = 3600
     multicast_rekey_after_s = 3600
     retire_after_s = 300
-    store = "postgresql://keyserverd@db.example.net/l2crypt"   # default: SQLite in state_dir
+    store = "postgresql://keyserverd@db.example.net/l2crypt?sslrootcert=/etc/l2crypt/pg-ca.crt"
+    kek_file = "/etc/l2crypt/kek"   # default (SQLite only): state_dir/kek, created with the database
     # Peered key servers of cascaded switches: their host IDs, CA and address.
     peer_listen = "0.0.0.0:7790"
     peers = ["b-*=sha256:...@192.0.2.30:7790"]
@@ -56,7 +57,8 @@ from l2crypt.tls_files import normalize_fingerprint
 
 from .peer_spec import SYNTAX, check_peers
 from .service import CIPHERS, DEFAULT_CIPHER
-from .stores import check_store_url
+from .pg_tls import tls_parameters
+from .stores import PG_SCHEMES, check_store_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -100,6 +102,16 @@ class KeyServerConfig:
     #: Where hosts and keys live: "" = SQLite ``keyserver.db`` in state_dir,
     #: ``sqlite:///PATH``, or ``postgresql://...`` shared by several instances.
     store: str = ""
+    #: Allow a PostgreSQL URL naming an ``sslmode`` weaker than verify-full for a
+    #: host that is not local (a Unix socket or loopback needs no TLS anyway).
+    store_tls_insecure: bool = False
+    #: File holding the key-encryption key (32 bytes, or 64 hex digits; mode
+    #: 0600) the stored keys are sealed under; "" = ``state_dir/kek`` (SQLite
+    #: only, created with a new database).  The same on every instance of a store.
+    kek_file: str = ""
+    #: Name of the systemd credential holding the KEK (read from
+    #: ``$CREDENTIALS_DIRECTORY``; ``LoadCredential=`` or ``LoadCredentialEncrypted=``).
+    kek_credential: str = ""
     #: HOST:PORT where peered key servers (cascaded switches) reach us; "" = not listening.
     peer_listen: str = ""
     #: Peered key servers, each ``IDS=sha256:<their CA fingerprint>@HOST:PORT``;
@@ -238,6 +250,18 @@ def _check(key: str, value: Any) -> Any:
         return tuple(value)
     if key == "store":
         return check_store_url(value)
+    if key == "store_tls_insecure":
+        if not isinstance(value, bool):
+            raise ValueError(f"not true or false: {value!r}")
+        return value
+    if key == "kek_file":
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"not a path: {value!r}")
+        return str(value)
+    if key == "kek_credential":
+        if not isinstance(value, str) or "/" in value or value in (".", ".."):
+            raise ValueError(f"not a credential name (a file name, no '/'): {value!r}")
+        return value
     if key == "log_level":
         if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
@@ -281,11 +305,32 @@ def config_problems(path: Path | str | None, overrides: dict[str, Any] | None = 
             values[key] = _check(key, value)
         except ValueError as exc:
             problems.append(f"--{key.replace('_', '-')}: {exc}")
+    problems.extend(_store_problems(values))
     netkey = [k for k in ("netkey_listen", "netkey_peer", "netkey_peer_ca") if values.get(k)]
     if netkey and len(netkey) != 3:
         missing = next(k for k in ("netkey_listen", "netkey_peer", "netkey_peer_ca") if k not in netkey)
         problems.append(f"{missing}: missing (NETKEY peering needs netkey_listen, netkey_peer and netkey_peer_ca)")
     return values, problems
+
+
+def _store_problems(values: dict[str, Any]) -> list[str]:
+    """The KEK and the PostgreSQL TLS settings, which depend on each other and on ``store``."""
+    problems = []
+    if values.get("kek_file") and values.get("kek_credential"):
+        problems.append("kek_credential: set kek_file or kek_credential, not both")
+    store = values.get("store", "")
+    if not store.startswith(PG_SCHEMES):
+        return problems
+    if not (values.get("kek_file") or values.get("kek_credential")):
+        problems.append("kek_file: missing: a PostgreSQL store needs kek_file or kek_credential (every "
+                        "keyserverd sharing the store uses the same KEK)")
+    try:
+        tls_parameters(store, values.get("store_tls_insecure", False))
+    except ValueError as exc:
+        problems.append(f"store: {exc}")
+    except ImportError:
+        pass  # without psycopg the store cannot be opened at all; that start says so
+    return problems
 
 
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> KeyServerConfig:

@@ -14,6 +14,8 @@ from prometheus_client.core import Metric
 
 from l2crypt.metrics import LATENCY_BUCKETS_S, FunctionCollector, counter, gauge, new_registry
 
+from .store import StoreUnavailable
+
 
 class KeyServerMetrics:
     def __init__(self, server):
@@ -32,9 +34,13 @@ class KeyServerMetrics:
         now = time.time() if now is None else now
         server, service = self.server, self.server.service
         store = service.store
-        hosts = store.list_hosts()
-        keys = store.key_summary()
+        try:
+            hosts, keys, store_up = store.list_hosts(), store.key_summary(), 1
+        except StoreUnavailable:
+            hosts, keys, store_up = [], {"pairs": [], "pair_versions": 0, "multicast": None}, 0
         out: list[Metric] = [
+            gauge("keyserverd_store_up", "1 when the store answered this scrape, 0 while it is unavailable.",
+                  store_up),
             gauge("keyserverd_hosts", "Hosts in the ID-MAC table, by state.", labels=("state",), samples=[
                 (["enrolled"], sum(1 for h in hosts if h.enrolled and not h.revoked)),
                 (["pending"], sum(1 for h in hosts if not h.enrolled and not h.revoked)),

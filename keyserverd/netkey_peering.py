@@ -19,8 +19,11 @@ fingerprint of the peer's CA, and trusts nothing else there:
    leader that finds the follower ahead (it lost its state) creates a version
    above the follower's.
 4. Both keep the versions (newest ``KEEP_VERSIONS``) in ``state_dir/netkey.json``
-   (mode 0600) and call ``on_new(pw_id, key)`` for each new one; keyserverd
-   pushes it to its gateways, which switch make-before-break.
+   (mode 0600), each key sealed under the key server's KEK (``kek``, AAD
+   ``netkey_aad(pw_id)``), and call ``on_new(pw_id, key)`` for each new one;
+   keyserverd pushes it to its gateways, which switch make-before-break.  A
+   file of clear keys (before sealing) is sealed when it is read; one sealed
+   under another KEK is ignored (the peers agree on a new version).
 
 Peering messages: a 4-byte length and a msgpack map, at most 4 KiB:
 ``ca`` / ``ca_cert cert``, ``sync pw_id``, ``netkey pw_id key created_at``.
@@ -63,11 +66,13 @@ from l2crypt.constants import KEYSERVER_TLS_NAME
 from l2crypt.logs import fields
 from l2crypt.tls_files import fingerprint_of_pem
 
+from .kek import Kek, KekError, netkey_aad
 from .server import set_keepalive
 
 log = logging.getLogger("keyserverd.netkey")
 
 KEEP_VERSIONS = 3
+NETKEY_FILE = "netkey.json"
 PEER_OU = "keyserver-peer"
 PEER_CN = "netkey-peer"
 MAX_MESSAGE = 4096
@@ -109,21 +114,40 @@ def check_message(msg: dict) -> dict:
 
 
 class NetkeyBook:
-    """The NETKEY versions this key server holds, persisted in one file."""
+    """The NETKEY versions this key server holds, persisted (sealed under ``kek``) in one file:
+    ``{"kek_id": ..., "versions": [{"pw_id", "sealed" (hex), "created_at"}, ...]}``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kek: Kek):
         self.path = Path(path)
+        self.kek = kek
         self._versions: list[tuple[int, bytes, float]] = []
         try:
-            for item in json.loads(self.path.read_text()):
-                pw_id, key = int(item["pw_id"]), bytes.fromhex(item["key"])
-                if not _valid_pw_id(pw_id, 1) or len(key) != KEY_BYTES:
-                    raise ValueError(f"version {pw_id} out of range or with a bad key")
-                self._versions.append((pw_id, key, float(item["created_at"])))
+            doc = json.loads(self.path.read_text())
+            if isinstance(doc, list):  # written before sealing: clear keys, sealed now
+                for item in doc:
+                    pw_id, key = int(item["pw_id"]), bytes.fromhex(item["key"])
+                    if not _valid_pw_id(pw_id, 1) or len(key) != KEY_BYTES:
+                        raise ValueError(f"version {pw_id} out of range or with a bad key")
+                    self._versions.append((pw_id, key, float(item["created_at"])))
+                self._save()
+                log.info("netkey file %s sealed (%d versions)", self.path, len(self._versions))
+            elif doc["kek_id"] != kek.kek_id:
+                log.warning("ignoring %s: sealed under KEK id %s, not this key server's %s", self.path,
+                            str(doc["kek_id"])[:16], kek.shown_id)
+            else:
+                for item in doc["versions"]:
+                    pw_id = int(item["pw_id"])
+                    if not _valid_pw_id(pw_id, 1):
+                        raise ValueError(f"version {pw_id} out of range")
+                    key = kek.open(netkey_aad(pw_id), bytes.fromhex(item["sealed"]), f"NETKEY pw_id {pw_id}")
+                    if len(key) != KEY_BYTES:
+                        raise ValueError(f"version {pw_id} with a bad key")
+                    self._versions.append((pw_id, key, float(item["created_at"])))
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, KekError) as exc:
             log.warning("ignoring unreadable %s: %s", self.path, exc)
+            self._versions = []
         self._versions.sort()
 
     def versions(self) -> list[tuple[int, bytes]]:
@@ -157,8 +181,17 @@ class NetkeyBook:
         self.add(pw_id, key, now)
         return pw_id, key
 
+    def reseal(self, new: Kek) -> int:
+        """Seal the file under ``new`` (KEK rotation); how many versions it holds."""
+        self.kek = new
+        if self._versions or self.path.exists():
+            self._save()
+        return len(self._versions)
+
     def _save(self) -> None:
-        data = json.dumps([{"pw_id": p, "key": k.hex(), "created_at": c} for p, k, c in self._versions])
+        data = json.dumps({"kek_id": self.kek.kek_id, "versions": [
+            {"pw_id": p, "sealed": self.kek.seal(netkey_aad(p), k).hex(), "created_at": c}
+            for p, k, c in self._versions]})
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -221,9 +254,9 @@ class NetkeyPeering:
     """The peering channel of one key server.  Runs on its asyncio loop."""
 
     def __init__(self, ca, state_dir: Path, listen: tuple[str, int], peer: tuple[str, int], peer_ca: str,
-                 rekey_after_s: float, on_new: Callable[[int, bytes], None]):
+                 rekey_after_s: float, on_new: Callable[[int, bytes], None], *, kek: Kek):
         self.ca = ca
-        self.book = NetkeyBook(Path(state_dir) / "netkey.json")
+        self.book = NetkeyBook(Path(state_dir) / NETKEY_FILE, kek)
         self.listen, self.peer, self.peer_fingerprint = listen, peer, peer_ca
         self.rekey_after_s = rekey_after_s
         self.on_new = on_new

@@ -10,6 +10,11 @@
    ``drop_database(url)`` removes it.
 3. ``stop()`` stops a server it started (``-m immediate``) and removes its
    directory.  ``unavailable_reason()`` says why none can be had, or None.
+4. For restart tests, on a server it started: ``crash()`` stops it like a
+   power cut (``pg_ctl stop -m immediate``: no checkpoint, every connection
+   dropped) and keeps the data directory; ``start_again()`` starts it on the
+   same data, so it recovers from its WAL.  ``dump(url)`` is ``pg_dump``'s
+   plain SQL of one database.
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ def unavailable_reason() -> str | None:
 
 
 class PgServer:
-    def __init__(self, admin_url: str, directory: Path | None = None, pg_ctl: list[str] | None = None):
+    def __init__(self, admin_url: str, directory: Path | None = None, pg_ctl: list[str] | None = None,
+                 start_args: list[str] | None = None):
         self.admin_url = admin_url
         self.directory = directory
         self._pg_ctl = pg_ctl
+        self._start_args = start_args or []
 
     @classmethod
     def from_env(cls) -> "PgServer":
@@ -80,15 +87,36 @@ class PgServer:
                        check=True, capture_output=True, timeout=START_TIMEOUT_S)
         pg_ctl = as_user + [_pg_bin("pg_ctl"), "-D", str(data)]
         options = f"-c listen_addresses='' -k {sock} -c max_connections=400 -c shared_buffers=32MB"
+        server = cls(f"postgresql://postgres@/postgres?host={sock}", directory, pg_ctl,
+                     ["-w", "-t", str(START_TIMEOUT_S), "-o", options, "-l", str(directory / "server.log"), "start"])
         try:
-            subprocess.run(pg_ctl + ["-w", "-t", str(START_TIMEOUT_S), "-o", options,
-                                     "-l", str(directory / "server.log"), "start"],
-                           check=True, capture_output=True, timeout=START_TIMEOUT_S + 10)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            log = (directory / "server.log").read_text(errors="replace") if (directory / "server.log").exists() else ""
+            server.start_again()
+        except RuntimeError:
             shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return server
+
+    def start_again(self) -> None:
+        """Start the server (again) on its data directory."""
+        try:
+            subprocess.run(self._pg_ctl + self._start_args, check=True, capture_output=True,
+                           timeout=START_TIMEOUT_S + 10)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            path = self.directory / "server.log"
+            log = path.read_text(errors="replace") if path.exists() else ""
             raise RuntimeError(f"PostgreSQL did not start: {exc}\n{log[-2000:]}") from None
-        return cls(f"postgresql://postgres@/postgres?host={sock}", directory, pg_ctl)
+
+    def crash(self) -> None:
+        """Stop at once, as a crash would (connections dropped, recovery at the next start)."""
+        if self._pg_ctl is None:
+            raise RuntimeError("not a server started here (L2CRYPT_TEST_PG_URL)")
+        subprocess.run(self._pg_ctl + ["-m", "immediate", "-w", "-t", "30", "stop"],
+                       check=True, capture_output=True, timeout=60)
+
+    def dump(self, url: str) -> bytes:
+        """``pg_dump`` (plain SQL, data included) of the database at ``url``."""
+        return subprocess.run([_pg_bin("pg_dump"), "--no-owner", "-d", url], check=True,
+                              capture_output=True, timeout=60).stdout
 
     def _with_db(self, name: str) -> str:
         parts = urlsplit(self.admin_url)

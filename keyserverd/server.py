@@ -52,6 +52,7 @@ from l2crypt.logs import RateLimiter, fields
 from .ca import CertificateAuthority
 from .event_cursor import EventCursor
 from .service import KeyService, Session
+from .store import StoreUnavailable
 
 log = logging.getLogger("keyserverd")
 
@@ -449,6 +450,8 @@ class KeyServer:
                     self._act(None, self.service.on_event(event))
                 if events:
                     self._cursor.save(seq)
+            except StoreUnavailable:  # the store logs when it is lost and back; the next poll catches up
+                pass
             except Exception:  # a store hiccup must not stop the pushes for good
                 log.exception("event_processing_failed")
 

@@ -6,7 +6,9 @@
 2. ``keyserverd status`` asks it and prints a table (rich) or ``--json``.
 
 The document holds host IDs, MACs, roles, connection counts, key versions
-and key ages, request and refusal counts: never key bytes or tokens.
+and key ages, request and refusal counts, the store's state and the id of the
+KEK (an HMAC, not the KEK): never key bytes or tokens.  While the store is
+unavailable (PostgreSQL restarting) it says so and lists no hosts or keys.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from rich.table import Table
 from l2crypt.frame_wire import format_mac
 from l2crypt.status_view import _age
 
+from .store import StoreUnavailable
+
+_NO_KEYS = {"pairs": [], "pair_versions": 0, "multicast": None}
+
 
 def snapshot(server, config, listen: str, now: float | None = None) -> dict:
     """The status document of a running key server (``server`` is a ``KeyServer``)."""
@@ -26,11 +32,14 @@ def snapshot(server, config, listen: str, now: float | None = None) -> dict:
     service = server.service
     store = service.store
     connected = server.connected_hosts()
+    try:
+        records, keys, store_state = store.list_hosts(), store.key_summary(), "ok"
+    except StoreUnavailable as exc:
+        records, keys, store_state = [], _NO_KEYS, f"unavailable: {exc}"
     hosts = [{
         "id": h.id, "mac": format_mac(h.mac) if h.mac else None, "role": h.role,
         "enrolled": h.enrolled, "revoked": h.revoked, "connections": connected.get(h.id, 0),
-    } for h in store.list_hosts()]
-    keys = store.key_summary()
+    } for h in records]
     ages = [now - created for _, _, _, created in keys["pairs"]]
     mc = keys["multicast"]
     return {
@@ -38,6 +47,8 @@ def snapshot(server, config, listen: str, now: float | None = None) -> dict:
         "state_dir": str(config.state_dir),
         "cipher": service.cipher,
         "metrics_listen": config.metrics_listen,
+        "store": store_state,
+        "kek_id": store.kek.shown_id,
         "uptime_s": round(now - server.started_at, 1),
         "hosts": hosts,
         "hosts_total": len(hosts),
@@ -64,6 +75,7 @@ def render(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"[bold]keyserverd[/bold] listening on {doc['listen']}  cipher {doc['cipher']}  "
                   f"up {_age(doc['uptime_s'])}  metrics {doc['metrics_listen'] or 'off'}")
+    console.print(f"store: {doc['store']}   KEK id {doc['kek_id']}")
     console.print(f"hosts: {doc['hosts_total']} ({doc['hosts_connected']} connected, "
                   f"{doc['connections']} connections)   event seq: {doc['event_seq']}")
     ages = doc["pair_key_age_s"]

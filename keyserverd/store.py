@@ -11,7 +11,13 @@
    back and raised as ``StoreUnavailable`` (code ``store_unavailable``), which
    the service answers like any refusal and the CLI prints as one line.
 3. Tokens are stored only as their SHA-256 (``tokens.hash_token``); keys are
-   32 bytes from ``secrets.token_bytes``.
+   32 bytes from ``secrets.token_bytes``, stored sealed under the KEK
+   (``kek.Kek``, AES-256-GCM, the AAD names the row).  The database keeps the
+   KEK's id; a start with another KEK is refused before anything is written.
+   Migration 4 seals the keys of a database made before sealing, and the
+   file is then rewritten (VACUUM) so no clear key stays in a free page.
+4. Every process that has the database open holds a shared lock on
+   ``PATH.lock``; ``reseal`` (``keyserverd kek rotate``) needs it alone.
 
 ``KeyStore`` is the narrow interface the service uses; a PostgreSQL store for
 several keyserverd instances implements the same methods later.
@@ -20,8 +26,8 @@ several keyserverd instances implements the same methods later.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
-import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,17 +35,14 @@ from typing import Protocol
 
 from l2crypt.errors import LocalError, RefusedError
 from l2crypt.frame_wire import format_mac
+from l2crypt.logs import fields
 
+from .kek import DEFAULT_KEK_FILE, Kek, check_kek, default_kek
 from .store_ip import MIGRATION as _IP_MIGRATION
 from .store_ip import IpBindings
+from .store_sealing import KEY_BYTES, SealedKeys, StoreUnavailable, StoreUsers, reseal_key_rows  # noqa: F401
 
-KEY_BYTES = 32
-
-
-class StoreUnavailable(RefusedError):
-    """The database could not take a write (nothing of it was stored)."""
-
-    code = "store_unavailable"
+log = logging.getLogger("keyserverd")
 
 FIRST_PW_ID = 1
 
@@ -86,8 +89,18 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 3: the ID-IP table of the layer-3 modes (see store_ip).
     _IP_MIGRATION,
+    # 4: keys are sealed under the KEK; the id of that KEK.  (The keys already
+    #    stored are sealed in the same transaction: ``reseal_key_rows``.)
+    """
+    CREATE TABLE kek_check (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        kek_id TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+#: From this schema version on, every key in the store is sealed.
+SEALED_SCHEMA = 4
 
 
 @dataclass(frozen=True)
@@ -222,25 +235,32 @@ class KeyStore(Protocol):
 
 _HOST_COLUMNS = "id, mac, role, token_expires, token_used, enrolled_at, revoked_at, created_at"
 
-
 def _host(row) -> HostRecord | None:
     if row is None:
         return None
     return HostRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
 
-class SqliteStore(IpBindings):
+class SqliteStore(IpBindings, SealedKeys):
     """SQLite implementation of ``KeyStore``.  One connection, one thread (the
     event loop, or the CLI); other processes may open the same file."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path):
+    def __init__(self, db: sqlite3.Connection, path: Path, users: StoreUsers | None = None):
         self._db = db
         self.path = path
+        self._users = users
+        #: The KEK the keys are sealed under (set when the store is opened).
+        self.kek: Kek | None = None
 
     # --- 1. open and migrate -------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str, now: float, create: bool = True) -> "SqliteStore":
-        """Open the database; with ``create=False`` a missing file is a LocalError."""
+    def open(cls, path: Path | str, now: float, create: bool = True, kek: Kek | None = None,
+             default_kek: Path | None = None) -> "SqliteStore":
+        """Open the database; with ``create=False`` a missing file is a LocalError.
+        Keys are sealed under ``kek``; without one, under the KEK file
+        ``default_kek`` (default: ``kek`` beside the database), created for a
+        new database or one made before sealing (``kek.default_kek``).  A KEK
+        that does not match the database is a KekError, and nothing is written."""
         path = Path(path)
         try:
             if not path.exists():
@@ -250,13 +270,17 @@ class SqliteStore(IpBindings):
                     )
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            store = cls(db, path)
-            store._migrate()
-            store._ensure_multicast_key(now)
+            store = cls(sqlite3.connect(path, isolation_level=None, timeout=10.0), path, StoreUsers(path))
+            try:
+                store._db.execute("PRAGMA journal_mode=WAL")
+                store._db.execute("PRAGMA synchronous=FULL")
+                store._db.execute("PRAGMA foreign_keys=ON")
+                store._db.execute("PRAGMA secure_delete=ON")  # a retired key's bytes leave the file
+                store._migrate(kek, Path(default_kek) if default_kek else path.parent / DEFAULT_KEK_FILE)
+                store._ensure_multicast_key(now)
+            except BaseException:
+                store.close()
+                raise
         except sqlite3.Error as exc:
             raise LocalError(f"database {path}: {exc}") from None
         except OSError as exc:
@@ -265,6 +289,9 @@ class SqliteStore(IpBindings):
 
     def close(self) -> None:
         self._db.close()
+        if self._users is not None:
+            self._users.close()
+            self._users = None
 
     def _write(self):
         return _Transaction(self._db)
@@ -272,7 +299,7 @@ class SqliteStore(IpBindings):
     def schema_version(self) -> int:
         return self._db.execute("SELECT version FROM schema_version").fetchone()[0]
 
-    def _migrate(self) -> None:
+    def _migrate(self, kek: Kek | None, default_kek_path: Path) -> None:
         with self._write():
             self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             if self._db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == 0:
@@ -283,19 +310,68 @@ class SqliteStore(IpBindings):
                 f"database {self.path} has schema version {version}; this keyserverd knows "
                 f"up to {SCHEMA_VERSION}"
             )
+        sealed_under = self._sealed_under() if version >= SEALED_SCHEMA else None
+        where = f"database {self.path}"
+        self.kek = kek if kek is not None else default_kek(default_kek_path, sealed_under, where)
+        if sealed_under is not None:
+            check_kek(sealed_under, self.kek, where)
         for number in range(version, SCHEMA_VERSION):
             with self._write():
                 for statement in MIGRATIONS[number].split(";"):
                     if statement.strip():
                         self._db.execute(statement)
+                if number + 1 == SEALED_SCHEMA:
+                    counts = reseal_key_rows(self._db.execute, "?", None, self.kek)
+                    self._db.execute("INSERT INTO kek_check (id, kek_id) VALUES (1, ?)", (self.kek.kek_id,))
                 self._db.execute("UPDATE schema_version SET version = ?", (number + 1,))
+            if number + 1 == SEALED_SCHEMA and sum(counts.values()):
+                log.info("store_sealed", extra=fields(database=str(self.path), kek_id=self.kek.shown_id, **counts))
+                self._scrub()
+
+    def _sealed_under(self) -> str | None:
+        row = self._db.execute("SELECT kek_id FROM kek_check WHERE id = 1").fetchone()
+        return row[0] if row else None
+
+    def _scrub(self) -> None:
+        """Rewrite the file so that no replaced key value stays in a free page
+        or the WAL.  Best effort: a reader in another process can hold it up."""
+        try:
+            self._db.execute("VACUUM")
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            busy = str(exc)
+        if busy:
+            log.warning("store_not_rewritten", extra=fields(
+                database=str(self.path), reason=busy,
+                note="replaced key values may stay in free pages until the next VACUUM"))
+
+    def reseal(self, new: Kek, then=None) -> dict[str, int]:
+        """Re-seal every stored key under ``new`` in one transaction; no PW_ID
+        changes.  LocalError (nothing changed) while another process has the
+        database open.  ``then()`` runs after the commit, while nobody else can
+        open the database yet.  Returns the rows re-sealed per table."""
+        if not self._users.exclusive():
+            raise LocalError(f"database {self.path} is open in another process (a running keyserverd, or "
+                             f"another keyserverd command): stop it, then rotate the KEK")
+        try:
+            with self._write():
+                check_kek(self._sealed_under() or "", self.kek, f"database {self.path}")
+                counts = reseal_key_rows(self._db.execute, "?", self.kek, new)
+                self._db.execute("UPDATE kek_check SET kek_id = ? WHERE id = 1", (new.kek_id,))
+            self.kek = new
+            self._scrub()
+            if then is not None:
+                then()
+        finally:
+            self._users.shared()
+        return counts
 
     def _ensure_multicast_key(self, now: float) -> None:
         with self._write():
             self._db.execute(
                 "INSERT OR IGNORE INTO multicast_keys (pw_id, key, created_at) "
                 "SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM multicast_keys)",
-                (FIRST_PW_ID, secrets.token_bytes(KEY_BYTES), now),
+                (FIRST_PW_ID, self._new_multicast_key(FIRST_PW_ID), now),
             )
 
     # --- hosts ---------------------------------------------------------------
@@ -392,10 +468,10 @@ class SqliteStore(IpBindings):
             if row is None:
                 self._db.execute(
                     "INSERT INTO pair_keys (id1, id2, pw_id, key, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (id1, id2, FIRST_PW_ID, secrets.token_bytes(KEY_BYTES), now),
+                    (id1, id2, FIRST_PW_ID, self._new_pair_key(id1, id2, FIRST_PW_ID), now),
                 )
                 row = self._newest_pair_key(id1, id2)
-        return bytes(row[0]), row[1]
+        return self._open_pair_key(id1, id2, row[1], row[0]), row[1]
 
     def _newest_pair_key(self, id1, id2):
         return self._db.execute(
@@ -407,7 +483,7 @@ class SqliteStore(IpBindings):
         row = self._db.execute(
             "SELECT key, pw_id FROM multicast_keys ORDER BY pw_id DESC LIMIT 1"
         ).fetchone()
-        return bytes(row[0]), row[1]
+        return self._open_multicast_key(row[1], row[0]), row[1]
 
     # --- rotation (PW_ID) and the event log ------------------------------------
     def _event(self, kind, id1, id2, pw_id, now) -> None:
@@ -432,7 +508,7 @@ class SqliteStore(IpBindings):
             pw_id = row[0] + 1
             self._db.execute(
                 "INSERT INTO pair_keys (id1, id2, pw_id, key, created_at) VALUES (?, ?, ?, ?, ?)",
-                (id1, id2, pw_id, secrets.token_bytes(KEY_BYTES), now),
+                (id1, id2, pw_id, self._new_pair_key(id1, id2, pw_id), now),
             )
             self._event("pair", id1, id2, pw_id, now)
         return pw_id
@@ -442,7 +518,7 @@ class SqliteStore(IpBindings):
         row = self._db.execute(
             "SELECT key FROM pair_keys WHERE id1 = ? AND id2 = ? AND pw_id = ?", (id1, id2, pw_id)
         ).fetchone()
-        return bytes(row[0]) if row else None
+        return self._open_pair_key(id1, id2, pw_id, row[0]) if row else None
 
     def pair_versions(self, id_a, id_b) -> list[tuple[int, float]]:
         id1, id2 = sorted((id_a, id_b))
@@ -476,14 +552,14 @@ class SqliteStore(IpBindings):
                 return None
             self._db.execute(
                 "INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (?, ?, ?)",
-                (pw_id + 1, secrets.token_bytes(KEY_BYTES), now),
+                (pw_id + 1, self._new_multicast_key(pw_id + 1), now),
             )
             self._event("multicast", None, None, pw_id + 1, now)
         return pw_id + 1
 
     def multicast_key(self, pw_id) -> bytes | None:
         row = self._db.execute("SELECT key FROM multicast_keys WHERE pw_id = ?", (pw_id,)).fetchone()
-        return bytes(row[0]) if row else None
+        return self._open_multicast_key(pw_id, row[0]) if row else None
 
     def adopt_multicast_key(self, pw_id, key, now) -> bool:
         if len(key) != KEY_BYTES:
@@ -493,7 +569,7 @@ class SqliteStore(IpBindings):
             if pw_id <= newest:
                 return False
             self._db.execute("INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (?, ?, ?)",
-                             (pw_id, key, now))
+                             (pw_id, self._new_multicast_key(pw_id, key), now))
             self._event("multicast", None, None, pw_id, now)
         return True
 

@@ -3,11 +3,19 @@
 Same ``KeyStore`` interface and the same tables as ``store.SqliteStore``;
 selected with ``store = "postgresql://..."`` in the key-server config.
 
-1. ``PgStore.open(url, now)`` connects (psycopg 3, autocommit) and applies the
-   pending migrations of ``MIGRATIONS`` in one transaction under an advisory
-   lock, so instances starting together migrate once; the first start also
-   creates multicast key PW_ID 1.
+1. ``PgStore.open(url, now, kek=...)`` connects (psycopg 3, autocommit; TLS as
+   ``pg_tls`` decides: ``verify-full`` for a host that is not local) and
+   applies the pending migrations of ``MIGRATIONS`` in one transaction under
+   an advisory lock, so instances starting together migrate once; the first
+   start also creates multicast key PW_ID 1.  Keys are sealed under the KEK
+   as in ``store`` (migration 4 seals the keys of an older database); a KEK
+   that does not match the database's is refused before anything is written.
 2. Every write is one transaction, committed before the method returns.
+   When the connection is lost (PostgreSQL restarts, the network breaks),
+   the call raises ``StoreUnavailable`` (the client gets ``store_unavailable``
+   and asks again): nothing of it was acknowledged.  The next calls reconnect
+   with backoff and answer ``StoreUnavailable`` at once meanwhile
+   (``pg_connection``); a reconnection checks the KEK again.
 3. Races between instances are settled by the database, not by timing:
    - a new pair key is ``INSERT ... ON CONFLICT DO NOTHING`` then ``SELECT``
      in one transaction: when both ends of a pair ask two instances at once,
@@ -17,13 +25,16 @@ selected with ``store = "postgresql://..."`` in the key-server config.
    - writers of ``key_events`` hold an advisory lock until they commit, so
      events become visible in ``seq`` order and a poller that remembers the
      last seq it saw never skips one.
+4. Every connection holds a shared advisory lock (``KEK_LOCK``); a KEK
+   rotation (``reseal``) holds it alone, so no instance writes under the old KEK.
 Key bytes and the URL's password never reach a log or an error message.
 """
 
 from __future__ import annotations
 
 import hmac
-import secrets
+import logging
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 from l2crypt.errors import LocalError, RefusedError
@@ -31,8 +42,14 @@ from l2crypt.frame_wire import format_mac
 
 from l2crypt.ks_messages import MAX_PEER_IPS
 
+from l2crypt.logs import fields
+
+from .kek import Kek, KekError, check_kek
+from .pg_connection import PgConnection, first_line, guarded
+from .pg_tls import tls_parameters
+from .store import FIRST_PW_ID, KEY_BYTES, SEALED_SCHEMA, HostRecord, KeyEvent
 from .store_ip import _fmt as _fmt_ip
-from .store import FIRST_PW_ID, KEY_BYTES, HostRecord, KeyEvent
+from .store_sealing import SealedKeys, reseal_key_rows
 
 try:
     import psycopg
@@ -40,9 +57,16 @@ try:
 except ImportError:  # pragma: no cover - only without the extra
     psycopg = None
 
-#: Advisory lock keys (arbitrary, fixed): schema migration, event ordering.
+log = logging.getLogger("keyserverd")
+
+#: Advisory lock keys (arbitrary, fixed): schema migration, event ordering,
+#: the KEK (shared by every connection, exclusive for a rotation).
 MIGRATE_LOCK = 0x6C32_0001
 EVENT_LOCK = 0x6C32_0002
+KEK_LOCK = 0x6C32_0003
+#: Seconds a KEK rotation waits for the other connections to be gone.
+RESEAL_WAIT_S = 2.0
+
 
 #: Schema migrations; ``schema_version.version`` is how many have run.
 MIGRATIONS: tuple[str, ...] = (
@@ -91,6 +115,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX host_ips_by_id ON host_ips (id);
     """,
+    # 4: keys are sealed under the KEK (see store.MIGRATIONS).
+    """
+    CREATE TABLE kek_check (
+        id     INTEGER PRIMARY KEY CHECK (id = 1),
+        kek_id TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -114,34 +145,63 @@ def _host(row) -> HostRecord | None:
                       bool(row[4]), row[5], row[6], row[7])
 
 
-class PgStore:
+class PgStore(SealedKeys):
     """PostgreSQL implementation of ``KeyStore``.  One connection, used from one
     thread (the event loop, or the CLI); other instances use their own."""
 
-    def __init__(self, conn, url: str):
-        self._db = conn
+    def __init__(self, url: str, kek: Kek, parameters: dict):
         self.url = redact_url(url)
+        self.kek = kek
+        self._link = PgConnection(url, self.url, parameters, self._attach)
 
     # --- 1. open and migrate -------------------------------------------------
     @classmethod
-    def open(cls, url: str, now: float, create: bool = True) -> "PgStore":
+    def open(cls, url: str, now: float, create: bool = True, *, kek: Kek | None = None,
+             tls_insecure: bool = False) -> "PgStore":
+        """Connect and migrate.  ``kek`` is required (every instance sharing the
+        database uses the same one); ``tls_insecure`` lets the URL name a TLS
+        mode weaker than verify-full for a host that is not local (``pg_tls``)."""
         if psycopg is None:
             raise LocalError("store: a postgresql:// URL needs psycopg 3 (pip install 'l2crypt[postgresql]')")
+        if kek is None:
+            raise KekError("a PostgreSQL store needs a KEK: set kek_file or kek_credential (the same on every "
+                           "keyserverd sharing the database)")
         try:
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            parameters = tls_parameters(url, tls_insecure)
+        except ValueError as exc:
+            raise LocalError(f"store {redact_url(url)}: {exc}") from None
+        store = cls(url, kek, parameters)
+        try:
+            store._link.connect()
         except psycopg.Error as exc:
-            raise LocalError(f"database {redact_url(url)}: cannot connect: {_first_line(exc)}") from None
-        store = cls(conn, url)
+            raise LocalError(f"database {store.url}: cannot connect: {first_line(exc)}") from None
         try:
             store._migrate()
             store._ensure_multicast_key(now)
         except psycopg.Error as exc:
-            conn.close()
-            raise LocalError(f"database {store.url}: {_first_line(exc)}") from None
+            store.close()
+            raise LocalError(f"database {store.url}: {first_line(exc)}") from None
+        except BaseException:
+            store.close()
+            raise
         return store
 
+    def _attach(self, conn, reconnecting: bool) -> None:
+        """Every new connection holds the shared KEK lock; a reconnection checks the KEK
+        again (it may have been rotated meanwhile)."""
+        if not conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (KEK_LOCK,)).fetchone()[0]:
+            raise KekError(f"database {self.url}: a KEK rotation is running on it; try again when it has finished")
+        if reconnecting:
+            row = conn.execute("SELECT kek_id FROM kek_check WHERE id = 1").fetchone()
+            check_kek(row[0] if row else "", self.kek, f"database {self.url}")
+
     def close(self) -> None:
-        self._db.close()
+        self._link.close()
+
+    @property
+    def _db(self):
+        """The connection (remade after it was lost, see ``pg_connection``)."""
+        return self._link.conn
 
     def _q(self, sql: str, params=()):
         return self._db.execute(sql, params)
@@ -161,6 +221,7 @@ class PgStore:
                 "multicast": tuple(mc) if mc else None}
 
     def _migrate(self) -> None:
+        sealed = None
         with self._db.transaction():
             self._q("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             self._q("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -170,18 +231,62 @@ class PgStore:
             if version > SCHEMA_VERSION:
                 raise LocalError(f"database {self.url} has schema version {version}; this keyserverd "
                                  f"knows up to {SCHEMA_VERSION}")
+            if version >= SEALED_SCHEMA:
+                check_kek(self._sealed_under(), self.kek, f"database {self.url}")
             for number in range(version, SCHEMA_VERSION):
                 for statement in MIGRATIONS[number].split(";"):
                     if statement.strip():
                         self._q(statement)
+                if number + 1 == SEALED_SCHEMA:
+                    sealed = reseal_key_rows(self._q, "%s", None, self.kek)
+                    self._q("INSERT INTO kek_check (id, kek_id) VALUES (1, %s)", (self.kek.kek_id,))
                 self._q("UPDATE schema_version SET version = %s", (number + 1,))
+        if sealed and sum(sealed.values()):
+            log.info("store_sealed", extra=fields(database=self.url, kek_id=self.kek.shown_id, **sealed))
+            self._scrub()
+
+    def _sealed_under(self) -> str:
+        row = self._q("SELECT kek_id FROM kek_check WHERE id = 1").fetchone()
+        return row[0] if row else ""
+
+    def _scrub(self) -> None:
+        """Rewrite the key tables, so replaced values leave the table files (not
+        PostgreSQL's WAL, nor backups taken before)."""
+        self._q("VACUUM (FULL) pair_keys, multicast_keys")
+
+    def reseal(self, new: Kek, then=None) -> dict[str, int]:
+        """Re-seal every stored key under ``new`` in one transaction; no PW_ID
+        changes.  LocalError (nothing changed) while another connection (a
+        keyserverd, a keyserverd command) uses the database.  ``then()`` runs
+        after the commit, while no other instance can connect yet."""
+        deadline = time.monotonic() + RESEAL_WAIT_S  # a backend just closed may hold it a moment longer
+        while not self._q("SELECT pg_try_advisory_lock(%s)", (KEK_LOCK,)).fetchone()[0]:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            users = self._q("SELECT COUNT(*) - 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 "
+                            "AND objid = %s AND objsubid = 1 AND granted", (KEK_LOCK,)).fetchone()[0]
+            raise LocalError(f"database {self.url} is in use ({users} other keyserverd connection(s)): stop "
+                             f"every keyserverd sharing it, then rotate the KEK")
+        try:
+            with self._db.transaction():
+                check_kek(self._sealed_under(), self.kek, f"database {self.url}")
+                counts = reseal_key_rows(self._q, "%s", self.kek, new)
+                self._q("UPDATE kek_check SET kek_id = %s WHERE id = 1", (new.kek_id,))
+            self.kek = new
+            self._scrub()
+            if then is not None:
+                then()
+        finally:
+            self._q("SELECT pg_advisory_unlock(%s)", (KEK_LOCK,))
+        return counts
 
     def _ensure_multicast_key(self, now: float) -> None:
         with self._db.transaction():
             self._q(
                 "INSERT INTO multicast_keys (pw_id, key, created_at) SELECT %s, %s, %s "
                 "WHERE NOT EXISTS (SELECT 1 FROM multicast_keys) ON CONFLICT DO NOTHING",
-                (FIRST_PW_ID, secrets.token_bytes(KEY_BYTES), now),
+                (FIRST_PW_ID, self._new_multicast_key(FIRST_PW_ID), now),
             )
 
     # --- hosts ---------------------------------------------------------------
@@ -306,10 +411,10 @@ class PgStore:
                 "INSERT INTO pair_keys (id1, id2, pw_id, key, created_at) SELECT %s, %s, %s, %s, %s "
                 "WHERE NOT EXISTS (SELECT 1 FROM pair_keys WHERE id1 = %s AND id2 = %s) "
                 "ON CONFLICT DO NOTHING",
-                (id1, id2, FIRST_PW_ID, secrets.token_bytes(KEY_BYTES), now, id1, id2),
+                (id1, id2, FIRST_PW_ID, self._new_pair_key(id1, id2, FIRST_PW_ID), now, id1, id2),
             )
             row = self._newest_pair_key(id1, id2)
-        return bytes(row[0]), row[1]
+        return self._open_pair_key(id1, id2, row[1], row[0]), row[1]
 
     def _newest_pair_key(self, id1, id2):
         return self._q("SELECT key, pw_id FROM pair_keys WHERE id1 = %s AND id2 = %s "
@@ -317,7 +422,7 @@ class PgStore:
 
     def current_multicast_key(self) -> tuple[bytes, int]:
         row = self._q("SELECT key, pw_id FROM multicast_keys ORDER BY pw_id DESC LIMIT 1").fetchone()
-        return bytes(row[0]), row[1]
+        return self._open_multicast_key(row[1], row[0]), row[1]
 
     # --- rotation (PW_ID) and the event log ------------------------------------
     def _event(self, kind, id1, id2, pw_id, now) -> None:
@@ -339,7 +444,7 @@ class PgStore:
             done = self._q(
                 "INSERT INTO pair_keys (id1, id2, pw_id, key, created_at) VALUES (%s, %s, %s, %s, %s) "
                 "ON CONFLICT DO NOTHING RETURNING pw_id",
-                (id1, id2, row[0] + 1, secrets.token_bytes(KEY_BYTES), now),
+                (id1, id2, row[0] + 1, self._new_pair_key(id1, id2, row[0] + 1), now),
             ).fetchone()
             if done is None:
                 return None  # another instance rotated first
@@ -350,7 +455,7 @@ class PgStore:
         id1, id2 = sorted((id_a, id_b))
         row = self._q("SELECT key FROM pair_keys WHERE id1 = %s AND id2 = %s AND pw_id = %s",
                       (id1, id2, pw_id)).fetchone()
-        return bytes(row[0]) if row else None
+        return self._open_pair_key(id1, id2, pw_id, row[0]) if row else None
 
     def pair_versions(self, id_a, id_b) -> list[tuple[int, float]]:
         id1, id2 = sorted((id_a, id_b))
@@ -380,7 +485,7 @@ class PgStore:
             done = self._q(
                 "INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (%s, %s, %s) "
                 "ON CONFLICT DO NOTHING RETURNING pw_id",
-                (pw_id + 1, secrets.token_bytes(KEY_BYTES), now),
+                (pw_id + 1, self._new_multicast_key(pw_id + 1), now),
             ).fetchone()
             if done is None:
                 return None
@@ -389,7 +494,7 @@ class PgStore:
 
     def multicast_key(self, pw_id) -> bytes | None:
         row = self._q("SELECT key FROM multicast_keys WHERE pw_id = %s", (pw_id,)).fetchone()
-        return bytes(row[0]) if row else None
+        return self._open_multicast_key(pw_id, row[0]) if row else None
 
     def adopt_multicast_key(self, pw_id, key, now) -> bool:
         if len(key) != KEY_BYTES:
@@ -399,7 +504,8 @@ class PgStore:
             if pw_id <= newest:
                 return False
             done = self._q("INSERT INTO multicast_keys (pw_id, key, created_at) VALUES (%s, %s, %s) "
-                           "ON CONFLICT DO NOTHING RETURNING pw_id", (pw_id, key, now)).fetchone()
+                           "ON CONFLICT DO NOTHING RETURNING pw_id",
+                           (pw_id, self._new_multicast_key(pw_id, key), now)).fetchone()
             if done is None:
                 return False  # another instance stored it first
             self._event("multicast", None, None, pw_id, now)
@@ -428,6 +534,8 @@ class PgStore:
         return pairs + mcast
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+# Every public method of the store (those added later too) maps a lost connection
+# to StoreUnavailable (see pg_connection).
+for _name, _method in list(vars(PgStore).items()):
+    if not _name.startswith("_") and _name not in ("open", "close") and callable(_method):
+        setattr(PgStore, _name, guarded(_method))

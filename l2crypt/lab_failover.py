@@ -5,7 +5,8 @@ the key-server namespace, on a second address of the management bridge::
 
     l2c-ks-<s>:  ks1 keyserverd 10.67.0.1:7788 (priority 1)   state: keyserver/
                  ks2 keyserverd 10.67.0.2:7788 (priority 2)   state: keyserver2/ (a copy of ks1's CA)
-                 both on ``store_url`` (PostgreSQL) when given
+                 both on ``store_url`` (PostgreSQL) when given, with one
+                 KEK (``kek_path``, made by the lab) for both
     every agent: --server 10.67.0.1:7788 --server 10.67.0.2:7788 + ``agent_args``
 
 ``kill_ks(name)`` / ``start_ks(name)`` stop and start one of them.
@@ -32,6 +33,8 @@ class FailoverLab(Lab):
         super().__init__(*args, **kw)
         self.store_url = store_url
         self.agent_args = tuple(agent_args)
+        #: The KEK both servers seal the shared store's keys under.
+        self.kek_path = self.state_dir / "store.kek"
 
     def addr_of(self, name: str) -> str:
         return f"{KS_IPS[name]}:{KS_PORT}"
@@ -40,7 +43,14 @@ class FailoverLab(Lab):
         return self.ks_dir if name == "ks1" else self.state_dir / "keyserver2"
 
     def _store_args(self) -> list[str]:
-        return ["--store", self.store_url] if self.store_url else []
+        if not self.store_url:
+            return []
+        if not self.kek_path.exists():
+            from keyserverd.kek import create_kek_file
+
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            create_kek_file(self.kek_path)
+        return ["--store", self.store_url, "--kek-file", str(self.kek_path)]
 
     def start_keyserver(self, timeout_s: float = 20.0):
         with IPRoute(netns=self.ns("ks"), flags=0) as ipr:

@@ -180,3 +180,26 @@ class KeyServerClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --- keys the key server holds (sealed under its KEK) ----------------------------------
+
+
+def stored_keys(state_dir: Path, kek_path: Path | None = None) -> dict[tuple, bytes]:
+    """Every key in a key server's SQLite store, opened with its KEK (``state_dir/kek``
+    unless given): ``("pair", id1, id2, pw_id)`` and ``("multicast", pw_id)`` -> key.
+    Reads the file only; the running key server is not disturbed."""
+    import sqlite3
+
+    from keyserverd.kek import multicast_aad, pair_aad, read_kek_file
+
+    kek = read_kek_file(kek_path or Path(state_dir) / "kek")
+    db = sqlite3.connect(f"file:{Path(state_dir) / 'keyserver.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        out = {("pair", i1, i2, p): kek.open(pair_aad(i1, i2, p), k, "pair key")
+               for i1, i2, p, k in db.execute("SELECT id1, id2, pw_id, key FROM pair_keys")}
+        out.update({("multicast", p): kek.open(multicast_aad(p), k, "multicast key")
+                    for p, k in db.execute("SELECT pw_id, key FROM multicast_keys")})
+    finally:
+        db.close()
+    return out

@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from helpers import KeyServerClient, listening, mac_bytes, ping, wait_for
+from helpers import KeyServerClient, listening, mac_bytes, ping, stored_keys, wait_for
 from hostile import MARKER, marker_count
 from l2crypt import lab as L
 from pyroute2 import IPRoute
@@ -114,9 +114,9 @@ def test_kill_9_during_a_burst_of_writes_loses_nothing_acknowledged(lab):
         if lab.proc("keyserverd") is None:
             lab.start_keyserver()
     assert _integrity(_db(lab)) == "ok"
+    stored = {k[3]: key for k, key in stored_keys(lab.ks_dir).items() if k[:3] == ("pair", "h1", "h2")}
     db = sqlite3.connect(_db(lab), timeout=10)
     try:
-        stored = dict(db.execute("SELECT pw_id, key FROM pair_keys WHERE id1 = 'h1' AND id2 = 'h2'").fetchall())
         hosts = {r[0] for r in db.execute("SELECT id FROM hosts").fetchall()}
     finally:
         db.close()

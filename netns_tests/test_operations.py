@@ -26,7 +26,7 @@ import sys
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import forged_frame, peer, ping, wait_for
+from helpers import KeyServerClient, forged_frame, mac_bytes, peer, ping, stored_keys, wait_for
 from l2crypt import lab as L
 
 pytestmark = pytest.mark.lab
@@ -133,11 +133,7 @@ def test_status_commands(lab):
 
 def _secrets(lab, tokens: list[str], key_files: list) -> dict[str, bytes]:
     """Every key the key server holds, the tokens, and the private keys' PEM bodies."""
-    db = sqlite3.connect(f"file:{lab.ks_dir / 'keyserver.db'}?mode=ro", uri=True)
-    try:
-        keys = [bytes(r[0]) for r in db.execute("SELECT key FROM pair_keys UNION ALL SELECT key FROM multicast_keys")]
-    finally:
-        db.close()
+    keys = list(stored_keys(lab.ks_dir).values())
     out = {f"key{i}": k for i, k in enumerate(keys)}
     out.update({f"token{i}": t.encode() for i, t in enumerate(tokens)})
     for path in key_files:
@@ -151,6 +147,78 @@ def _forms(secret: bytes) -> list[str]:
     if secret.isascii():
         forms.append(secret.decode())
     return [f for f in forms if len(f) >= 16]
+
+
+def _state_copy(lab) -> bytes:
+    """What a copy of the key server's state without its KEK holds: the
+    database's SQL dump and the raw bytes of the file and its WAL."""
+    db_path = lab.ks_dir / "keyserver.db"
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        out = "\n".join(db.iterdump()).encode()
+    finally:
+        db.close()
+    wal = db_path.with_name(db_path.name + "-wal")
+    return out + db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+def test_kek_rotation_keeps_every_key_and_a_copy_of_the_state_opens_nothing(lab, tmp_path):
+    """Issue 14.3 on a running lab: the keys real TLS clients are handed are not
+    in a copy of the database; rotating the KEK (refused while keyserverd runs)
+    changes no key and no PW_ID, for the clients and for the agents.  The
+    clients are two identities of their own (kr1, kr2), so the agents' sessions
+    are left alone."""
+    assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0
+    macs = {"kr1": mac_bytes("02:4b:52:00:00:01"), "kr2": mac_bytes("02:4b:52:00:00:02")}
+    for ident, host in (("kr1", "h1"), ("kr2", "h2")):
+        token = lab.host_add(ident)
+        res = lab.enroll(host, token["token"], token["ca_fingerprint"], host_id=ident, state_dir=tmp_path / ident)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    def handed_out() -> dict[str, tuple[int, bytes]]:
+        clients = {i: KeyServerClient(lab.ns(h), lab.keyserver_addr, tmp_path / i)
+                   for i, h in (("kr1", "h1"), ("kr2", "h2"))}
+        try:
+            welcome = {i: c.request({"t": "hello", "rid": 1, "mac": macs[i]}) for i, c in clients.items()}
+            pair = clients["kr1"].request({"t": "key_req", "rid": 2, "peer_mac": macs["kr2"]})
+        finally:
+            for c in clients.values():
+                c.close()
+        assert welcome["kr1"]["t"] == welcome["kr2"]["t"] == "welcome" and pair["t"] == "key", (welcome, pair)
+        return {"multicast": (welcome["kr1"]["multicast_pw_id"], welcome["kr1"]["multicast_key"]),
+                "pair": (pair["pw_id"], pair["key"])}
+
+    keys = handed_out()
+    held = stored_keys(lab.ks_dir)  # opened with the KEK: the control
+    assert held[("multicast", keys["multicast"][0])] == keys["multicast"][1]
+    assert held[("pair", "kr1", "kr2", keys["pair"][0])] == keys["pair"][1]
+    copy = _state_copy(lab)
+    assert [name for name, (_, key) in keys.items() for f in _forms(key) if f.encode() in copy] == []
+    assert all(key not in copy for key in held.values())
+
+    old_kek = lab.ks_dir / "kek"
+    old_copy = tmp_path / "old.kek"
+    old_copy.write_bytes(old_kek.read_bytes())
+    old_copy.chmod(0o600)
+    new_kek = tmp_path / "new.kek"
+    busy = lab.keyserverd("kek", "rotate", "--new-kek-file", str(new_kek))
+    assert busy.returncode == 1 and "stop it" in busy.stderr and len(busy.stderr.splitlines()) == 1
+    assert old_kek.read_bytes() == old_copy.read_bytes()
+    lab.kill_keyserver(signal.SIGTERM)
+    rotated = lab.keyserverd("kek", "rotate", "--new-kek-file", str(new_kek))
+    assert rotated.returncode == 0, rotated.stderr
+    assert old_kek.read_bytes() == new_kek.read_bytes() != old_copy.read_bytes()
+    lab.start_keyserver()
+    refused = lab.keyserverd("host", "list", "--kek-file", str(old_copy))
+    assert refused.returncode == 1 and "does not open it" in refused.stderr
+
+    assert handed_out() == keys
+    assert stored_keys(lab.ks_dir) == held
+    for host in ("h1", "h2"):
+        wait_for(f"{host} back on the key server", lambda h=host: lab.status(h).get("connected"), timeout_s=30)
+    assert ping(lab, "h1", L.tap_ipv4("h2"), count=3).returncode == 0
+    copy = _state_copy(lab)
+    assert all(key not in copy and key.hex().encode() not in copy for key in held.values())
 
 
 def test_no_key_or_token_in_the_logs_through_enrollment_and_rekey(lab, tmp_path):

@@ -16,13 +16,12 @@ cross-server pair live with the server of the lower host ID.
 from __future__ import annotations
 
 import socket
-import sqlite3
 import ssl
 
 import pytest
 from pyroute2 import netns
 
-from helpers import KeyServerClient, iperf3, l2c_frames, mac_bytes, ping, skip_reason, wait_for
+from helpers import KeyServerClient, iperf3, l2c_frames, mac_bytes, ping, skip_reason, stored_keys, wait_for
 
 from keyserverd import peer_messages as pm
 from l2crypt import lab as L
@@ -50,14 +49,10 @@ def plab(tmp_path_factory):
         the_lab.down()
 
 
-def db(lab, name: str) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{lab.ks_state(name) / 'keyserver.db'}?mode=ro", uri=True, timeout=10)
-
-
 def newest_multicast(lab, name: str) -> tuple[bytes, int]:
-    with db(lab, name) as conn:
-        key, pw_id = conn.execute("SELECT key, pw_id FROM multicast_keys ORDER BY pw_id DESC LIMIT 1").fetchone()
-    return bytes(key), pw_id
+    keys = stored_keys(lab.ks_state(name))
+    pw_id = max(k[1] for k in keys if k[0] == "multicast")
+    return keys[("multicast", pw_id)], pw_id
 
 
 def agreed(lab) -> int | None:
@@ -70,10 +65,7 @@ def agreed(lab) -> int | None:
 
 
 def pair_rows(lab, name: str, id1: str, id2: str) -> list[tuple[int, bytes]]:
-    with db(lab, name) as conn:
-        rows = conn.execute("SELECT pw_id, key FROM pair_keys WHERE id1 = ? AND id2 = ? ORDER BY pw_id",
-                            (id1, id2)).fetchall()
-    return [(pw_id, bytes(key)) for pw_id, key in rows]
+    return sorted((k[3], key) for k, key in stored_keys(lab.ks_state(name)).items() if k[:3] == ("pair", id1, id2))
 
 
 def test_two_cas_each_host_at_its_own_server_one_multicast_key(plab):

@@ -31,12 +31,11 @@ from __future__ import annotations
 import base64
 import json
 import re
-import sqlite3
 import time
 
 import pytest
 
-from helpers import drop, iperf3, listening, mac_bytes, peer, ping, skip_reason, wait_for
+from helpers import drop, iperf3, listening, mac_bytes, peer, ping, skip_reason, stored_keys, wait_for
 from l2crypt import lab as L
 from l2crypt.constants import KEY_ID_MULTICAST, KEY_ID_PAIR
 
@@ -166,12 +165,7 @@ def _iperf3_background(lab, client: str, server: str, seconds: int, logfile, por
 
 def _leaked_keys(lab, texts: dict[str, str]) -> list[str]:
     """Names of the ``texts`` that hold any pair or multicast key version (hex or base64)."""
-    db = sqlite3.connect(f"file:{lab.ks_dir / 'keyserver.db'}?mode=ro", uri=True)
-    try:
-        keys = [bytes(r[0]) for table in ("pair_keys", "multicast_keys")
-                for r in db.execute(f"SELECT key FROM {table}")]
-    finally:
-        db.close()
+    keys = list(stored_keys(lab.ks_dir).values())
     assert len(keys) >= 2
     forms = [f for k in keys for f in (k.hex(), k.hex().upper(), base64.b64encode(k).decode()[:40])]
     return [name for name, text in texts.items() if any(f in text for f in forms)]

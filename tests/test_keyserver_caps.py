@@ -26,6 +26,7 @@ import pytest
 
 import keyserverd.netkey_peering as netkey_peering
 from keyserverd.ca import CertificateAuthority
+from keyserverd.kek import Kek
 from keyserverd.netkey_peering import LENGTH, NetkeyPeering, encode
 from keyserverd.server import ConnectionLimits, KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
@@ -280,7 +281,7 @@ def netkey_listener(tmp_path, monkeypatch):
     monkeypatch.setattr(netkey_peering, "TIMEOUT_S", 1.0)
     ca = CertificateAuthority.open(tmp_path / "nk", ())
     peering = NetkeyPeering(ca, tmp_path / "nk", ("127.0.0.1", 0), ("127.0.0.1", 9), "sha256:" + "f" * 64,
-                            3600.0, on_new=lambda pw_id, key: None)
+                            3600.0, on_new=lambda pw_id, key: None, kek=Kek(bytes(32)))
     return peering
 
 

@@ -43,7 +43,7 @@ def add(store, host_id, mac=None, token=TOKEN, ttl=3600, role="host"):
 def test_file_mode_wal_and_schema_version(sqlite_store, db_path):
     store = sqlite_store
     assert db_path.stat().st_mode & 0o777 == 0o600
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
@@ -60,7 +60,7 @@ def test_newer_schema_is_refused(db_path):
 
 
 def test_schema_version(store):
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
 
 
 def test_ip_bindings_on_every_backend(store):
@@ -321,16 +321,17 @@ def test_store_url_selects_the_backend(tmp_path):
 def test_postgresql_newer_schema_is_refused_and_password_is_not_shown(pg_url):
     import psycopg
 
+    from conftest import PG_KEK
     from keyserverd.store_pg import PgStore, redact_url
 
-    PgStore.open(pg_url, NOW).close()
+    PgStore.open(pg_url, NOW, kek=PG_KEK).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(LocalError, match="schema version 99"):
-        PgStore.open(pg_url, NOW)
+        PgStore.open(pg_url, NOW, kek=PG_KEK)
     assert redact_url("postgresql://ks:s3cret@db:5432/l2") == "postgresql://ks:***@db:5432/l2"
     with pytest.raises(LocalError) as e:
-        PgStore.open("postgresql://ks:s3cret@/nodb?host=/nonexistent", NOW)
+        PgStore.open("postgresql://ks:s3cret@/nodb?host=/nonexistent", NOW, kek=PG_KEK)
     assert "s3cret" not in str(e.value)
 
 

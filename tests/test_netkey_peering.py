@@ -7,7 +7,10 @@ import socket
 import pytest
 
 from keyserverd.ca import CertificateAuthority
+from keyserverd.kek import Kek
 from keyserverd.netkey_peering import NetkeyBook, NetkeyPeering
+
+KEK = {"a": Kek(bytes(range(32))), "b": Kek(bytes(range(1, 33)))}
 
 
 def free_port() -> int:
@@ -22,9 +25,9 @@ async def _pair(tmp_path, pin_b=None, rekey_after_s=3600.0, run_s=8.0, until=Non
     pa, pb = free_port(), free_port()
     got = {"a": [], "b": []}
     a = NetkeyPeering(ca_a, tmp_path / "a", ("127.0.0.1", pa), ("127.0.0.1", pb),
-                      pin_b or ca_b.ca_fingerprint(), rekey_after_s, lambda p, k: got["a"].append((p, k)))
+                      pin_b or ca_b.ca_fingerprint(), rekey_after_s, lambda p, k: got["a"].append((p, k)), kek=KEK["a"])
     b = NetkeyPeering(ca_b, tmp_path / "b", ("127.0.0.1", pb), ("127.0.0.1", pa),
-                      ca_a.ca_fingerprint(), rekey_after_s, lambda p, k: got["b"].append((p, k)))
+                      ca_a.ca_fingerprint(), rekey_after_s, lambda p, k: got["b"].append((p, k)), kek=KEK["b"])
     tasks = [asyncio.ensure_future(a.run()), asyncio.ensure_future(b.run())]
     try:
         for _ in range(int(run_s / 0.1)):
@@ -51,7 +54,7 @@ def test_peers_agree_on_netkey_and_rotate(tmp_path):
     for side in ("a", "b"):
         path = tmp_path / side / "netkey.json"
         assert path.stat().st_mode & 0o077 == 0
-        assert NetkeyBook(path).versions() == a.book.versions()
+        assert NetkeyBook(path, KEK[side]).versions() == a.book.versions()
 
 
 def test_a_wrong_pinned_fingerprint_never_agrees(tmp_path):
@@ -87,9 +90,9 @@ def test_a_sync_above_32_bits_is_refused_and_the_leader_keeps_serving(tmp_path):
     pa, pb = free_port(), free_port()
     got = {"a": [], "b": []}
     a = NetkeyPeering(ca_a, tmp_path / "a", ("127.0.0.1", pa), ("127.0.0.1", pb), ca_b.ca_fingerprint(),
-                      3600.0, lambda p, k: got["a"].append(p))
+                      3600.0, lambda p, k: got["a"].append(p), kek=KEK["a"])
     b = NetkeyPeering(ca_b, tmp_path / "b", ("127.0.0.1", pb), ("127.0.0.1", pa), ca_a.ca_fingerprint(),
-                      3600.0, lambda p, k: got["b"].append(p))
+                      3600.0, lambda p, k: got["b"].append(p), kek=KEK["b"])
     leader, follower = (a, b) if a.leader else (b, a)
     lead_port = pa if leader is a else pb
 
@@ -154,5 +157,5 @@ def test_well_formed_peering_messages_pass():
     for msg in ({"t": "ca"}, {"t": "ca_cert", "cert": b"-----BEGIN"}, {"t": "sync", "pw_id": 0},
                 {"t": "sync", "pw_id": nk.PW_ID_MAX}, {"t": "netkey", "pw_id": 3, "key": KEY, "created_at": 5}):
         assert nk.check_message(msg) is msg
-    book = nk.NetkeyBook(Path("/nonexistent/netkey.json"))
+    book = nk.NetkeyBook(Path("/nonexistent/netkey.json"), KEK["a"])
     assert book.add(nk.PW_ID_MAX + 1, KEY, 1.0) is False

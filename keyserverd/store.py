@@ -31,6 +31,7 @@ from l2crypt.errors import LocalError, RefusedError
 from l2crypt.frame_wire import format_mac
 
 from .store_ip import MIGRATION as _IP_MIGRATION
+from .store_ip import MIGRATION_IPV6 as _IPV6_MIGRATION
 from .store_ip import IpBindings
 
 KEY_BYTES = 32
@@ -86,6 +87,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 3: the ID-IP table of the layer-3 modes (see store_ip).
     _IP_MIGRATION,
+    # 4: the ID-IP table takes IPv6 addresses too.
+    _IPV6_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -203,14 +206,14 @@ class KeyStore(Protocol):
         ...
 
     def bind_ip(self, host_id: str, ip: bytes) -> bool:
-        """Bind an IPv4 address to the host (ID-IP table), or raise RefusedError
+        """Bind an IPv4 or IPv6 address to the host (ID-IP table), or raise RefusedError
         code ip_conflict (another host holds it) or too_many_ips."""
 
     def host_id_by_ip(self, ip: bytes) -> str | None:
         """The ID bound to the address, or None."""
 
     def ips_of(self, host_id: str) -> list[bytes]:
-        """The host's bound IPv4 addresses."""
+        """The host's bound IP addresses (4 or 16 bytes each)."""
 
     def close(self) -> None:
         """Release the store."""

@@ -91,6 +91,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX host_ips_by_id ON host_ips (id);
     """,
+    # 4: the ID-IP table takes IPv6 addresses too (see store_ip).
+    """
+    ALTER TABLE host_ips DROP CONSTRAINT host_ips_ip_check;
+    ALTER TABLE host_ips ADD CONSTRAINT host_ips_ip_check CHECK (length(ip) IN (4, 16));
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -84,9 +84,7 @@ class L3KeyClient(KeyClient):
         t = msg["t"]
         if t == "l3_key":
             self._lookups.pop(msg["rid"], None)
-            raw = msg["peer_ips"]
-            ips = [raw[i:i + 4] for i in range(0, len(raw), 4)]
-            self.events.on_l3_key(msg["peer_id"], msg["key"], msg["pw_id"], ips)
+            self.events.on_l3_key(msg["peer_id"], msg["key"], msg["pw_id"], ks_messages.unpack_peer_ips(msg))
         elif t == "l3_unknown":
             lookup = self._lookups.pop(msg["rid"], None)
             if lookup is not None:

@@ -41,8 +41,9 @@ class L3KeyEvents(Protocol):
 
 class L3KeyClient(KeyClient):
     def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_ips: list[bytes],
-                 events: L3KeyEvents):
-        super().__init__(servers, ssl_ctx, b"\0" * 6, events)
+                 events: L3KeyEvents, **probe):
+        """``probe``: ``probe_interval_s``, ``probe_failures``, ``failback_holddown_s`` of ``KeyClient``."""
+        super().__init__(servers, ssl_ctx, b"\0" * 6, events, **probe)
         self.my_ips = list(my_ips)
         self._lookups: dict[int, tuple] = {}  # rid -> (BY_IP, ip) / (BY_ID, id)
 

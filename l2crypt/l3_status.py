@@ -17,21 +17,21 @@ from . import l3_wire
 from .l3_engine import BY_IP, L3Engine
 from .metrics import counter, gauge, keyclient_metrics
 
-#: Engine counters shown by ``l3-status``; those with a description are also
-#: metrics ``l2crypt_l3_<name>_total`` (the others have a metric of their own below).
+#: Engine counters shown by ``l3-status``; those with (metric name, description)
+#: are also metrics (the others have a metric of their own below).
 COUNTERS = {
-    "sealed": "", "opened": "", "held": "",
-    "key_requests": "Key requests sent to the key server.",
-    "key_answers": "Pair keys received from the key server.",
-    "hold_flushed": "Held packets released when their key arrived.",
-    "rekeys": "New key versions (PW_ID) taken into use.",
-    "rekey_requests": "Rekeys asked for after rekey_after_frames.",
-    "lag_reports": "Peers reported to the key server for using an old version.",
-    "endpoint_changes": "Nat mode: a peer's endpoint learned anew.",
-    "mss_clamped": "TCP SYNs whose MSS was lowered to fit the path once sealed.",
-    "too_big_answers": "ICMP too-big answers to local senders (drop reason too_big).",
-    "keepalives_sent": "Nat mode: sealed keepalives sent on idle paths.",
-    "keepalives_received": "Nat mode: keepalives received (verified, then dropped).",
+    "sealed": None, "opened": None, "held": None,
+    "key_requests": ("l2crypt_l3_key_requests", "Key requests sent to the key server."),
+    "key_answers": ("l2crypt_l3_key_answers", "Pair keys received from the key server."),
+    "hold_flushed": ("l2crypt_l3_hold_flushed", "Held packets released when their key arrived."),
+    "rekeys": ("l2crypt_l3_rekeys", "New key versions (PW_ID) taken into use."),
+    "rekey_requests": ("l2crypt_l3_rekey_requests", "Rekeys asked for after rekey_after_frames."),
+    "lag_reports": ("l2crypt_l3_lag_reports", "Peers reported to the key server for using an old version."),
+    "endpoint_changes": ("l2crypt_l3_endpoint_changes", "Nat mode: a peer's endpoint learned anew."),
+    "mss_clamped": ("l2crypt_l3_mss_clamped", "TCP SYNs whose MSS was lowered to fit the path once sealed."),
+    "too_big_answers": ("l2crypt_l3_too_big_answers", "ICMP too-big answers to local senders (drop reason too_big)."),
+    "keepalives_sent": ("l2crypt_l3_keepalives_sent", "Nat mode: sealed keepalives sent on idle paths."),
+    "keepalives_received": ("l2crypt_l3_keepalives_received", "Nat mode: keepalives received (verified, then dropped)."),
 }
 
 
@@ -97,7 +97,7 @@ def l3_metrics(agent, now: float) -> list[Metric]:
         gauge("l2crypt_l3_key_pw_id", "Current key version (PW_ID), by peer ID.", labels=("peer",),
               samples=[([pid], p.keys.current.pw_id) for pid, p in engine.peers.items()]),
     ]
-    out += [counter(f"l2crypt_l3_{name}", doc, c.get(name, 0)) for name, doc in COUNTERS.items() if doc]
+    out += [counter(metric[0], metric[1], c.get(name, 0)) for name, metric in COUNTERS.items() if metric]
     if client is not None:
         out.extend(keyclient_metrics(client))
     return out

@@ -13,8 +13,8 @@
    verdict carries the rewritten packet, so the kernel reinjects it in place.
    A packet waiting for a key is kept (no verdict yet) and gets its verdict
    when the key arrives, the server says "unknown", or its hold age passes.
-   Packets the engine makes itself (ICMP too-big answers to local senders,
-   nat keepalives) leave through raw sockets.
+   Packets the engine makes itself (nat keepalives) leave through raw
+   sockets.
 4. The key client runs beside it: ``l3_hello`` + ``ip_bind`` of the host's
    addresses, key requests by IP and by sender ID, pushes of new versions.
 5. A tick every ``TICK_S`` retries requests, ages held packets and key
@@ -160,7 +160,7 @@ class L3Agent:
         """What a batch of packets (or a tick) left to do: late verdicts, the
         engine's own packets, key requests."""
         self._give_all(self.engine.take_late_verdicts())
-        for packet in self.engine.take_packets_to_send():
+        for packet in self.engine.take_packets_to_send():  # only in nat mode
             self.local.send(packet)
         if self.engine.holds.pending:
             self._send_key_requests(now)
@@ -312,8 +312,8 @@ class L3Agent:
                                   probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
                                   failback_holddown_s=cfg.failback_holddown_s)
         try:
-            self.local = LocalSender(self.versions)
             if cfg.mode == "nat":
+                self.local = LocalSender(self.versions)
                 self._hold_udp_port()
             self._bind_queue()
             self._rules_on()

@@ -138,7 +138,7 @@ class L3AgentConfig:
                                  "packets sent under one pair key before the agent asks for a new one")
     path_mtu: int = _f(DEFAULT_WIRE_MTU, _int_range(576, 65535),
                        "MTU of the path between the hosts, bytes: sealed packets are kept within it "
-                       "(TCP MSS clamp, ICMP too-big answers)")
+                       "(TCP MSS clamp; larger packets that may not be fragmented are dropped: too_big)")
     nat_keepalive_s: float = _f(DEFAULT_NAT_KEEPALIVE_S, _seconds(0.0, 3600.0),
                                 "nat mode: a sealed keepalive on every path idle this long, seconds; 0 = off")
     probe_interval_s: float = _f(5.0, _seconds(0.05, 600.0),

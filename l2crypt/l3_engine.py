@@ -16,9 +16,9 @@ Sending (``outbound``: a packet to a policy prefix, caught in OUTPUT):
    queue a key request by IP (``take_key_requests``: at most
    ``key_requests_per_s``);
 3. keep it within ``path_mtu`` once sealed (``l3_pmtu``): clamp the MSS of a
-   TCP SYN; a packet too big that may not be fragmented is dropped
-   (``too_big``) and the local sender gets an ICMP answer
-   (``take_packets_to_send``);
+   TCP SYN; a packet too big that may not be fragmented is dropped and
+   counted (``too_big``); an IPv4 packet without DF is sealed and left to the
+   kernel to fragment;
 4. seal with the peer's current pair-key version (``l3_wire`` formats):
    routed keeps the IP header and sets protocol 253; nat seals the whole
    packet into UDP toward the peer's endpoint (learned from its packets, or
@@ -127,7 +127,7 @@ class L3Engine:
         self._draining: dict[str, KeyRing] = {}
         #: Drop verdicts of held packets pushed out by newer ones (``take_late_verdicts``).
         self._late: list[Verdict] = []
-        #: Whole IP packets the agent sends itself (``take_packets_to_send``).
+        #: Whole IP packets the agent sends itself (``take_packets_to_send``): keepalives.
         self._to_send: list[bytes] = []
         mode_name, id_len = settings.mode, len(my_id.encode())
         self.overhead = {v: l3_wire.overhead(mode_name, id_len, v) for v in (4, 6)}
@@ -155,9 +155,7 @@ class L3Engine:
         over = self.overhead[ip.version]
         sealed_len = len(packet) + over
         if sealed_len > self.settings.path_mtu and (ip.dont_fragment or sealed_len > l3_wire.IP_MAX[ip.version]):
-            self._to_send.append(l3_pmtu.too_big_answer(packet, ip, self.settings.path_mtu - over))
-            self.counters["too_big_answers"] += 1
-            return self._drop(tag, TOO_BIG)
+            return self._drop(tag, TOO_BIG)  # no ICMP answer: see l3_pmtu
         ring = peer.keys
         if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
             ring.promote(now, self.settings.retire_after_s)
@@ -347,8 +345,8 @@ class L3Engine:
         return late
 
     def take_packets_to_send(self) -> list[bytes]:
-        """Whole IP packets to send through a raw socket: ICMP answers to
-        local senders (``too_big``) and nat keepalives.  Call after each batch."""
+        """Whole IP packets to send through a raw socket (nat keepalives).
+        Call after each tick."""
         out, self._to_send = self._to_send, []
         return out
 

@@ -2,49 +2,31 @@
 
 A sealed packet is ``overhead`` bytes larger than the plain one, and the
 kernel checks the grown packet against the route only after the agent grew
-it: too late to tell the sender anything useful (its ICMP error would quote
-the sealed packet, which no socket owns).  So the engine does it:
+it.  So the engine keeps packets small enough itself:
 
 1. ``clamp_mss``: a TCP SYN (or SYN-ACK), sent or received, has its MSS
    option lowered to what fits once sealed (``max_mss``), its checksum
    recomputed; both ends of a connection then send segments that fit.  This
    replaces a hand-set ``advmss`` on the routes.
-2. ``too_big_answer``: a packet that would not fit once sealed and may not be
-   fragmented (IPv4 with DF, every IPv6 packet) is dropped by the engine,
-   which answers the local sender with an ICMP "fragmentation needed"
-   (IPv4, RFC 1191) or ICMPv6 "packet too big" (RFC 8201) quoting the plain
-   packet and giving ``max_plain`` as the MTU.  The sender's stack lowers its
-   path MTU for that destination, as it would for a router's answer.
+2. Any other packet that would not fit once sealed and may not be fragmented
+   (IPv4 with DF, every IPv6 packet) is dropped by the engine and counted
+   (``too_big``).  It does not answer with an ICMP "fragmentation needed" /
+   "packet too big": the sender's stack would lower the path MTU of that
+   destination, and the sealed packets, which leave on the same route, would
+   then no longer fit either (every TCP connection to the peer would stall).
 
-Offsets and codes are the RFCs' (RFC 792, 793, 4443, 8200).
+Offsets are the RFCs' (RFC 793, 8200).
 """
 
 from __future__ import annotations
 
-import struct
-
-from .l3_wire import (
-    IP_HEADER,
-    IPPROTO_TCP,
-    IpHeader,
-    internet_checksum,
-    ipv4_checksum,
-    pseudo_header_sum,
-)
+from .l3_wire import IP_HEADER, IPPROTO_TCP, IpHeader, internet_checksum, pseudo_header_sum
 
 # --- wire and spec constants ----------------------------------------------------
 
 TCP_MIN_HEADER = 20
 TCP_SYN = 0x02
 TCP_OPT_END, TCP_OPT_NOP, TCP_OPT_MSS = 0, 1, 2
-IPPROTO_ICMP = 1
-IPPROTO_ICMPV6 = 58
-ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED = 3, 4
-ICMPV6_PACKET_TOO_BIG = 2
-#: Largest ICMP error an IPv4 host sends (RFC 1812 4.3.2.3) and an IPv6 host (RFC 4443 2.4 c).
-ICMP_ERROR_MAX = {4: 576, 6: 1280}
-ICMP_ERROR_TTL = 64
-ICMP_TOS = 0xC0  # internetwork control, as Linux sends its ICMP errors
 
 
 def max_mss(path_mtu: int, overhead: int, version: int) -> int:
@@ -86,21 +68,3 @@ def clamp_mss(packet: bytes, ip: IpHeader, limit: int) -> bytes:
             return bytes(out)
         i += packet[i + 1]
     return packet
-
-
-def too_big_answer(packet: bytes, ip: IpHeader, mtu: int) -> bytes:
-    """The ICMP error telling the local sender of ``packet`` that at most
-    ``mtu`` bytes fit: a whole IP packet from and to the packet's source
-    address (our own), quoting as much of ``packet`` as the RFCs allow."""
-    if ip.version == 6:
-        quoted = packet[:ICMP_ERROR_MAX[6] - 40 - 8]
-        body = struct.pack("!BBHI", ICMPV6_PACKET_TOO_BIG, 0, 0, mtu) + quoted
-        checksum = internet_checksum(body, pseudo_header_sum(ip.src, ip.src, IPPROTO_ICMPV6, len(body)))
-        header = struct.pack("!IHBB16s16s", 6 << 28, len(body), IPPROTO_ICMPV6, ICMP_ERROR_TTL, ip.src, ip.src)
-        return header + body[:2] + checksum.to_bytes(2, "big") + body[4:]
-    quoted = packet[:ICMP_ERROR_MAX[4] - 20 - 8]
-    body = struct.pack("!BBHHH", ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, min(mtu, 0xFFFF)) + quoted
-    body = body[:2] + internet_checksum(body).to_bytes(2, "big") + body[4:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, ICMP_TOS, 20 + len(body), 0, 0, ICMP_ERROR_TTL,
-                         IPPROTO_ICMP, 0, ip.src, ip.src)
-    return header[:10] + ipv4_checksum(header).to_bytes(2, "big") + header[12:] + body

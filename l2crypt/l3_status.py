@@ -29,7 +29,6 @@ COUNTERS = {
     "lag_reports": ("l2crypt_l3_lag_reports", "Peers reported to the key server for using an old version."),
     "endpoint_changes": ("l2crypt_l3_endpoint_changes", "Nat mode: a peer's endpoint learned anew."),
     "mss_clamped": ("l2crypt_l3_mss_clamped", "TCP SYNs whose MSS was lowered to fit the path once sealed."),
-    "too_big_answers": ("l2crypt_l3_too_big_answers", "ICMP too-big answers to local senders (drop reason too_big)."),
     "keepalives_sent": ("l2crypt_l3_keepalives_sent", "Nat mode: sealed keepalives sent on idle paths."),
     "keepalives_received": ("l2crypt_l3_keepalives_received", "Nat mode: keepalives received (verified, then dropped)."),
 }

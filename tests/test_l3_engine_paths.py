@@ -7,7 +7,7 @@ packets through the test, which plays the kernel and, for nat mode, a NAT.
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, ICMPv6PacketTooBig
+from scapy.layers.inet6 import IPv6
 
 from l2crypt import l3_engine as E
 from l2crypt import l3_wire as W
@@ -103,16 +103,14 @@ def test_a_syn_leaves_and_arrives_with_an_mss_that_fits_once_sealed(mode, versio
 
 
 @pytest.mark.parametrize("mode", ["routed", "nat"])
-def test_ipv4_with_df_too_big_once_sealed_is_dropped_and_answered(mode):
+def test_ipv4_with_df_too_big_once_sealed_is_dropped_and_counted_without_an_answer(mode):
     a, _ = engines(mode)
     over = W.overhead(mode, 1, 4)
     ping = bytes(IP(src="10.71.0.2", dst="10.72.0.2", flags="DF") / ICMP() / (b"p" * (1500 - 28)))
     assert a.outbound("t", ping, 1.0) == E.Verdict("t", None, E.TOO_BIG)
-    [answer] = a.take_packets_to_send()
-    got = IP(answer)
-    assert (got.dst, got[ICMP].type, got[ICMP].code, got[ICMP].nexthopmtu) == ("10.71.0.2", 3, 4, 1500 - over)
+    assert a.take_packets_to_send() == []  # an ICMP answer would shrink the route the sealed packets take
     fits = bytes(IP(src="10.71.0.2", dst="10.72.0.2", flags="DF") / ICMP() / (b"p" * (1500 - 28 - over)))
-    assert len(a.outbound("t", fits, 1.0).payload) == 1500 and a.take_packets_to_send() == []
+    assert len(a.outbound("t", fits, 1.0).payload) == 1500 and a.drops == {E.TOO_BIG: 1}
 
 
 def test_ipv4_without_df_is_sealed_and_left_to_fragment():
@@ -123,11 +121,11 @@ def test_ipv4_without_df_is_sealed_and_left_to_fragment():
     assert a.drops == {}
 
 
-def test_ipv6_too_big_once_sealed_is_dropped_and_answered():
+def test_ipv6_too_big_once_sealed_is_dropped():
     a, _ = engines("nat")
     assert a.outbound("t", udp6(size=1500 - 48), 1.0).reason == E.TOO_BIG
-    [answer] = a.take_packets_to_send()
-    assert IPv6(answer)[ICMPv6PacketTooBig].mtu == 1500 - W.overhead("nat", 1, 6)
+    fits = 1500 - W.overhead("nat", 1, 6) - 48
+    assert len(a.outbound("t", udp6(size=fits), 1.0).payload) == 1500
 
 
 def test_path_mtu_setting_is_honoured():

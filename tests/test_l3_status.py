@@ -30,5 +30,5 @@ def test_status_and_metrics_show_refused_inbound_drops_and_ipv6_endpoints():
     assert "l2crypt_l3_packets_refused_inbound_total 7.0" in text
     assert 'l2crypt_l3_packets_dropped_total{reason="bad_tag"} 2.0' in text
     assert 'l2crypt_l3_key_pw_id{peer="a"} 3.0' in text
-    assert "l2crypt_l3_too_big_answers_total 0.0" in text
+    assert "l2crypt_l3_mss_clamped_total 0.0" in text
     assert KEY.hex() not in text and KEY.hex() not in repr(doc)

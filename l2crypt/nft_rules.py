@@ -12,7 +12,10 @@
    enrolled peer from an address bound to it.
 3. In nat mode, packets from our own UDP port skip the queue on output: they
    are the agent's own keepalives, already sealed (the agent holds that port,
-   so no other process can send from it).
+   so no other process can send from it).  IPv6 neighbour discovery (ICMPv6
+   133-137 with hop limit 255, so from the link itself) skips both the queue
+   and the inbound rule: peers on one link must resolve each other's
+   addresses, as ARP does for IPv4, and what they then exchange is sealed.
 4. The queue has no ``bypass`` flag: while no process listens on it (the agent
    crashed, or has not started yet), the kernel drops what it would queue.
 5. On a clean stop, with ``fail_closed = true`` (the default) the rules are
@@ -57,6 +60,9 @@ REFUSED_COMMENT = "l2crypt: refused inbound"
 IPT = {4: ("iptables-restore", "iptables", "iptables-save"), 6: ("ip6tables-restore", "ip6tables", "ip6tables-save")}
 #: Per IP version: (nft set type, nft payload protocol).
 NFT_ADDR = {4: ("ipv4_addr", "ip"), 6: ("ipv6_addr", "ip6")}
+#: ICMPv6 neighbour discovery: router/neighbour solicitation/advertisement, redirect (RFC 4861).
+ND_TYPES = (133, 134, 135, 136, 137)
+ND_HOP_LIMIT = 255
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,23}$")
 
 
@@ -121,6 +127,10 @@ def nft_ruleset(table: str, prefixes, queue_num: int | None, mode: str, udp_port
 
     if mode == "nat" and queue_num is not None:
         rule("out", _match(_payload("udp", "sport"), udp_port), {"accept": None})
+    nd = (_match(_payload("icmpv6", "type"), {"set": list(ND_TYPES)}),
+          _match(_payload("ip6", "hoplimit"), ND_HOP_LIMIT), {"accept": None})
+    rule("out", *nd)
+    rule("in", *nd)
     if mode == "routed":
         rule("in", _match({"meta": {"key": "l4proto"}}, L3_IP_PROTOCOL), verdict)
     else:
@@ -191,6 +201,9 @@ def iptables_restore_input(table: str, prefixes, queue_num: int | None, mode: st
     lines = ["*raw", f":{out_chain} - [0:0]", f":{in_chain} - [0:0]"]
     if mode == "nat" and queue_num is not None:
         lines.append(f"-A {out_chain} -p udp -m udp --sport {udp_port} -j RETURN")
+    if version == 6:
+        lines += [f"-A {chain} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq {ND_HOP_LIMIT} -j RETURN"
+                  for chain in (out_chain, in_chain) for t in ND_TYPES]
     lines += [f"-A {out_chain} -d {n} -j {verdict}" for n in nets]
     lines.append(f"-A {in_chain} {sealed} -j {verdict}")
     lines += [f'-A {in_chain} -s {n} -m comment --comment "{REFUSED_COMMENT}" -j DROP' for n in nets]

@@ -58,9 +58,15 @@ def test_nft_running_table_routed():
     assert sets["protected4"]["elem"] == [{"prefix": {"addr": "10.72.0.0", "len": 24}}]
     assert sets["protected6"]["type"] == "ipv6_addr" and sets["protected6"]["elem"][0]["prefix"]["addr"] == "fd72::"
     out = rules_of(doc, "out")
-    assert [r[-1] for r in out] == [{"queue": {"num": 7700}}] * 2  # one per version, no sport exception
+    nd = [{"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+                     "right": {"set": [133, 134, 135, 136, 137]}}},
+          {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "hoplimit"}}, "right": 255}},
+          {"accept": None}]
+    assert out[0] == nd  # neighbour discovery on the link, as ARP
+    assert [r[-1] for r in out[1:]] == [{"queue": {"num": 7700}}] * 2  # one per version, no sport exception
     inbound = rules_of(doc, "in")
-    assert inbound[0] == [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": 253}},
+    assert inbound[0] == nd
+    assert inbound[1] == [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": 253}},
                           {"queue": {"num": 7700}}]
     refused = [r for r in inbound if {"counter": "refused_inbound"} in r]
     assert len(refused) == 2 and all(r[-1] == {"drop": None} for r in refused)
@@ -72,9 +78,9 @@ def test_nft_nat_table_lets_our_keepalives_out_and_the_closed_table_does_not():
     first_out = rules_of(running, "out")[0]
     assert first_out[0]["match"]["left"] == {"payload": {"protocol": "udp", "field": "sport"}}
     assert first_out[-1] == {"accept": None}
-    assert rules_of(running, "in")[0][0]["match"]["right"] == 7789
+    assert rules_of(running, "in")[1][0]["match"]["right"] == 7789
     closed = N.nft_ruleset("t", PREFIXES, None, "nat", 7789)
-    assert all(r[-1] == {"drop": None} for r in rules_of(closed, "out") + rules_of(closed, "in"))
+    assert all(r[-1] == {"drop": None} for r in rules_of(closed, "out")[1:] + rules_of(closed, "in")[1:])
     assert len([r for r in rules_of(closed, "in") if {"counter": "refused_inbound"} in r]) == 2
 
 
@@ -98,10 +104,14 @@ def test_iptables_restore_input_by_version():
     assert '-A l2crypt_l3_in -s 10.72.0.0/24 -m comment --comment "l2crypt: refused inbound" -j DROP' in v4
     v6 = N.iptables_restore_input("l2crypt_l3", PREFIXES, 7700, "nat", 7789, 6)
     assert v6.splitlines()[3] == "-A l2crypt_l3_out -p udp -m udp --sport 7789 -j RETURN"
+    assert "-A l2crypt_l3_in -p ipv6-icmp -m icmp6 --icmpv6-type 136 -m hl --hl-eq 255 -j RETURN" in v6
+    assert "icmp6" not in v4
     assert "-A l2crypt_l3_in -p udp -m udp --dport 7789 -j NFQUEUE --queue-num 7700" in v6
     assert "-s fd72::/64" in v6 and "10.72" not in v6
     closed = N.iptables_restore_input("l2crypt_l3", PREFIXES, None, "nat", 7789, 4)
     assert "NFQUEUE" not in closed and "--sport" not in closed and closed.count("-j DROP") == 3
+    closed6 = N.iptables_restore_input("l2crypt_l3", PREFIXES, None, "nat", 7789, 6)
+    assert closed6.count("--icmpv6-type") == 10  # neighbour discovery stays possible while stopped
 
 
 def test_iptables_save_counter_parsing():

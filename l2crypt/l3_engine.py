@@ -33,7 +33,9 @@ Receiving (``inbound``: protocol 253 or the nat UDP port, caught in PREROUTING):
    restart, ``replay_floor``), open the AEAD, check that the plain packet's
    source is an address bound to that sender (and its destination is ours),
    move the window, learn the sender's endpoint (nat mode), clamp a SYN's MSS;
-   an empty packet is a NAT keepalive: counted and dropped.
+   an empty packet is a NAT keepalive: counted and dropped.  While the
+   replay floors are not on disk, everything is refused
+   (``replay_floors_unsaved``).
 
 Timers (``on_timer``, every tick): held packets age out, key versions switch
 and retire (``retire_after_s``), the packet counter follows the clock
@@ -57,7 +59,7 @@ from .constants import MAX_PACKET_NUMBER
 from .hold_queue import RX, TX, HoldTable
 from .key_ring import KeyRing
 from .ks_messages import valid_host_id
-from .l3_types import L3Peer, L3Settings, NatPath, Verdict, HeldPacket
+from .l3_types import HeldPacket, L3Peer, L3Settings, NatPath, Verdict
 from .peer_keys import KeySlot
 from .replay import ReplayWindow
 from .replay_floor import FloorBook, raise_to_clock

@@ -74,9 +74,11 @@ def sealed_counts(lab: R.RoutedLab, packets: list[bytes]) -> dict[int, int]:
     return counts
 
 
-def ping(lab, src: str, dst: str, count: int = 5, extra=(), timeout: float = 30.0):
+def ping(lab, src: str, dst: str, count: int = 5, extra=(), timeout: float = 30.0, wait_s: int = 2):
+    """``wait_s``: how long ping waits for the last answer (a ping expected to fail costs that)."""
     version = "-6" if ":" in dst else "-4"
-    return lab.exec(src, ["ping", version, "-c", str(count), "-i", "0.2", "-W", "2", *extra, dst], timeout=timeout)
+    return lab.exec(src, ["ping", version, "-c", str(count), "-i", "0.2", "-W", str(wait_s), *extra, dst],
+                    timeout=timeout)
 
 
 def flush_pmtu(lab, *hosts: str) -> None:

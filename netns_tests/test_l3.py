@@ -137,11 +137,11 @@ def test_large_pings_are_dropped_and_counted(rlab):
     b1, b2 = drops(rlab, "h1"), drops(rlab, "h2")
     for dst, size in ((H2, 1472), (H2_6, 1452)):
         for extra in (["-M", "do"], []):
-            res = ping(rlab, "h1", dst, count=2, extra=["-s", str(size), *extra])
+            res = ping(rlab, "h1", dst, count=2, extra=["-s", str(size), *extra], wait_s=1)
             assert " 0 received" in res.stdout, res.stdout + res.stderr
     assert delta(drops(rlab, "h1"), b1) == {"too_big": 8}
     assert delta(drops(rlab, "h2"), b2) == {}
-    res = ping(rlab, "h1", H2, count=2, extra=["-s", "1472", "-M", "dont"])
+    res = ping(rlab, "h1", H2, count=2, extra=["-s", "1472", "-M", "dont"], wait_s=1)
     assert " 0 received" in res.stdout, res.stdout
     wait_for("fragments counted at h2", lambda: delta(drops(rlab, "h2"), b2).get("fragment", 0) >= 2, timeout_s=5)
     assert delta(drops(rlab, "h1"), b1) == {"too_big": 8}
@@ -235,7 +235,7 @@ def test_nat_keepalives_keep_the_mapping_alive(rlab):
         rlab.restart_l3_agent("h1", "--nat-keepalive-s", "0")
         ping_until_answered(rlab, "h1", H2)
         time.sleep(5)
-        res = ping(rlab, "h2", H1, count=2)
+        res = ping(rlab, "h2", H1, count=2, wait_s=1)
         assert res.returncode != 0, "the router kept the mapping without keepalives: the test proves nothing"
 
         rlab.restart_l3_agent("h1", "--nat-keepalive-s", "1")
@@ -300,7 +300,7 @@ def test_fail_closed_when_the_agent_stops(rlab):
         for sig in (signal.SIGTERM, signal.SIGKILL):
             rlab.stop_l3_agent("h1", sig)
             for dst in (H2, H2_6):
-                res = ping(rlab, "h1", dst, count=2, extra=["-p", MARKER[:16].hex()])
+                res = ping(rlab, "h1", dst, count=2, extra=["-p", MARKER[:16].hex()], wait_s=1)
                 assert res.returncode != 0, f"ping {dst} went through with the agent stopped ({sig!r})"
             # A drop rule in OUTPUT answers the sender with EPERM; a queue with no
             # listener drops silently.  Either way nothing may leave.

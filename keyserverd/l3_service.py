@@ -2,11 +2,13 @@
 ``KeyService``.
 
 1. ``l3_hello`` starts a layer-3 session (``Session.l3``); no MAC is bound.
-2. ``ip_bind`` binds one of the host's IPv4 addresses to its certificate ID
-   (the ID-IP table; one address belongs to one host: ``ip_conflict``).
-   With ``require_pinned_ips`` (the default) a host binds only the addresses
-   the operator pinned to it (``keyserverd host add --ip``, which binds them
-   at once, so nobody else can claim them first): ``ip_not_pinned``.
+2. ``ip_bind`` binds one of the host's IPv4 or IPv6 addresses to its
+   certificate ID (the ID-IP table; one address belongs to one host:
+   ``ip_conflict``); only unicast addresses a host can be reached at
+   (``bindable_ip``).  With ``require_pinned_ips`` (the default) a host binds
+   only the addresses the operator pinned to it (``keyserverd host add --ip``,
+   which binds them at once, so nobody else can claim them first):
+   ``ip_not_pinned``.
 3. ``ip_key_req`` (a packet to an address) and ``id_key_req`` (a packet from a
    sender ID, nat mode) give the requester the pair key for (requester, peer)
    and push it to the peer.  The requester is always the ID its certificate
@@ -22,16 +24,30 @@ Key bytes are never logged.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from l2crypt.errors import RefusedError
+from l2crypt.ks_messages import pack_peer_ips
 
 log = logging.getLogger("keyserverd")
 PUSH_RID = 0
 
 
 def _fmt(ip: bytes) -> str:
-    return ".".join(str(b) for b in ip)
+    return str(ipaddress.ip_address(bytes(ip)))
+
+
+def bindable_ip(ip: bytes) -> bool:
+    """A unicast address one host can own: not unspecified, loopback,
+    multicast, broadcast or reserved (IPv4), nor link-local or IPv4-mapped (IPv6,
+    where a link-local address is not unique between hosts)."""
+    addr = ipaddress.ip_address(bytes(ip))
+    if addr.is_unspecified or addr.is_loopback or addr.is_multicast:
+        return False
+    if addr.version == 4:
+        return ip[0] != 0 and ip[0] < 224
+    return not (addr.is_link_local or addr.ipv4_mapped is not None)
 
 
 class L3Handlers:
@@ -51,7 +67,7 @@ class L3Handlers:
     def _on_ip_bind(self, session, msg: dict, now: float) -> list:
         self._l3_session(session, msg)
         ip = msg["ip"]
-        if ip[0] in (0, 127) or ip[0] >= 224:
+        if not bindable_ip(ip):
             raise RefusedError(f"{_fmt(ip)} is not a unicast host address", "bad_request")
         if self.require_pinned_ips and ip not in self.store.ips_of(session.identity):
             raise RefusedError(f"{_fmt(ip)} is not pinned to host {session.identity!r} and this key server "
@@ -64,7 +80,7 @@ class L3Handlers:
         ips = self.store.ips_of(peer_id)
         if not ips:
             return None
-        return {"t": "l3_key", "rid": rid, "peer_id": peer_id, "key": key, "pw_id": pw_id, "peer_ips": b"".join(ips)}
+        return {"t": "l3_key", "rid": rid, "peer_id": peer_id, "key": key, "pw_id": pw_id, **pack_peer_ips(ips)}
 
     def _l3_peer(self, session, peer_id: str | None) -> str | None:
         """The peer ID if it may get a key with the requester, else None."""

@@ -39,6 +39,7 @@ from l2crypt.logs import fields
 
 from .kek import DEFAULT_KEK_FILE, Kek, check_kek, default_kek
 from .store_ip import MIGRATION as _IP_MIGRATION
+from .store_ip import MIGRATION_IPV6 as _IPV6_MIGRATION
 from .store_ip import IpBindings
 from .store_sealing import KEY_BYTES, SealedKeys, StoreUnavailable, StoreUsers, reseal_key_rows  # noqa: F401
 
@@ -97,6 +98,8 @@ MIGRATIONS: tuple[str, ...] = (
         kek_id TEXT NOT NULL
     );
     """,
+    # 5: the ID-IP table takes IPv6 addresses too.
+    _IPV6_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 #: From this schema version on, every key in the store is sealed.
@@ -220,14 +223,14 @@ class KeyStore(Protocol):
         ...
 
     def bind_ip(self, host_id: str, ip: bytes) -> bool:
-        """Bind an IPv4 address to the host (ID-IP table), or raise RefusedError
+        """Bind an IPv4 or IPv6 address to the host (ID-IP table), or raise RefusedError
         code ip_conflict (another host holds it) or too_many_ips."""
 
     def host_id_by_ip(self, ip: bytes) -> str | None:
         """The ID bound to the address, or None."""
 
     def ips_of(self, host_id: str) -> list[bytes]:
-        """The host's bound IPv4 addresses."""
+        """The host's bound IP addresses (4 or 16 bytes each)."""
 
     def close(self) -> None:
         """Release the store."""

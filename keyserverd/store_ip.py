@@ -1,7 +1,7 @@
 """The ID-IP table of the layer-3 modes, next to the ID-MAC table.
 
-A host running ``l2crypt l3-agent`` binds each of its IPv4 addresses to its ID
-(``ip_bind``).  One address belongs to one host: a second host asking for it
+A host running ``l2crypt l3-agent`` binds each of its IPv4 (4 bytes) and
+IPv6 (16 bytes) addresses to its ID (``ip_bind``).  One address belongs to one host: a second host asking for it
 gets ``ip_conflict``.  A host binds at most ``MAX_PEER_IPS`` addresses.
 Mixed into ``SqliteStore`` (which provides ``_db`` and ``_write``); every
 write is durable on return, like the rest of the store.
@@ -9,10 +9,12 @@ write is durable on return, like the rest of the store.
 
 from __future__ import annotations
 
+import ipaddress
+
 from l2crypt.errors import RefusedError
 from l2crypt.ks_messages import MAX_PEER_IPS
 
-#: Migration that creates the table (appended to ``store.MIGRATIONS``).
+#: Migration that creates the table (appended to ``store.MIGRATIONS``; IPv4 only).
 MIGRATION = """
     CREATE TABLE host_ips (
         ip  BLOB PRIMARY KEY CHECK (length(ip) = 4),
@@ -22,8 +24,22 @@ MIGRATION = """
 """
 
 
+#: Migration that lets the table hold IPv6 addresses too (SQLite cannot change
+#: a CHECK in place: the table is copied).
+MIGRATION_IPV6 = """
+    CREATE TABLE host_ips_v6 (
+        ip  BLOB PRIMARY KEY CHECK (length(ip) IN (4, 16)),
+        id  TEXT NOT NULL REFERENCES hosts(id)
+    );
+    INSERT INTO host_ips_v6 (ip, id) SELECT ip, id FROM host_ips;
+    DROP TABLE host_ips;
+    ALTER TABLE host_ips_v6 RENAME TO host_ips;
+    CREATE INDEX host_ips_by_id ON host_ips (id);
+"""
+
+
 def _fmt(ip: bytes) -> str:
-    return ".".join(str(b) for b in ip)
+    return str(ipaddress.ip_address(bytes(ip)))
 
 
 class IpBindings:
@@ -52,6 +68,6 @@ class IpBindings:
         return row[0] if row else None
 
     def ips_of(self, host_id: str) -> list[bytes]:
-        """Every IPv4 address bound to ``host_id``, in order."""
+        """Every IP address bound to ``host_id`` (4 or 16 bytes), in order."""
         rows = self._db.execute("SELECT ip FROM host_ips WHERE id = ? ORDER BY ip", (host_id,)).fetchall()
         return [bytes(r[0]) for r in rows]

@@ -122,6 +122,11 @@ MIGRATIONS: tuple[str, ...] = (
         kek_id TEXT NOT NULL
     );
     """,
+    # 5: the ID-IP table takes IPv6 addresses too (see store_ip).
+    """
+    ALTER TABLE host_ips DROP CONSTRAINT host_ips_ip_check;
+    ALTER TABLE host_ips ADD CONSTRAINT host_ips_ip_check CHECK (length(ip) IN (4, 16));
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

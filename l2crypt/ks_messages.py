@@ -24,8 +24,9 @@ client -> server
                                                    peer_id (of the NETKEY peer segment), for every
                                                    live NETKEY version, as ``netkey``
     l3_hello  rid                                  start a layer-3 session (l2crypt l3-agent)
-    ip_bind   rid ip                               bind (certificate ID, ip) in the ID-IP table
-    ip_key_req rid peer_ip                         pair key for (me, owner of peer_ip)
+    ip_bind   rid ip                               bind (certificate ID, ip) in the ID-IP table;
+                                                   ip is an IPv4 (4 bytes) or IPv6 (16) address
+    ip_key_req rid peer_ip                         pair key for (me, owner of peer_ip), 4 or 16 bytes
     id_key_req rid peer_id                         pair key for (me, peer_id): nat mode finds
                                                    the sender by the ID in the packet
     l3_rekey_req rid peer_id pw_id                 as rekey_req, for an L3 pair
@@ -58,8 +59,11 @@ server -> client
     error     rid code msg                         request refused; code is a stable name
     l3_welcome rid id cipher server                answer to l3_hello
     ip_bound  rid ip                               answer to ip_bind
-    l3_key    rid peer_id key pw_id peer_ips       L3 pair key (answer or push); peer_ips is
+    l3_key    rid peer_id key pw_id peer_ips [peer_ips6]
+                                                   L3 pair key (answer or push); peer_ips is
                                                    the peer's bound IPv4 addresses, 4 bytes each
+                                                   (may be empty), peer_ips6 its IPv6 ones, 16
+                                                   bytes each (only if it has any)
     l3_unknown rid [peer_ip] [peer_id]             no (unrevoked, L3) host holds that IP or ID
     l3_peer_revoked rid peer_id                    the host is revoked: forget it (push)
 
@@ -101,9 +105,10 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "code": (str, None),
     "msg": (str, None),
     "side": (str, None),
-    "ip": (_B, 4),
-    "peer_ip": (_B, 4),
-    "peer_ips": (_B, None),  # 1..MAX_PEER_IPS addresses of 4 bytes, checked in validate
+    "ip": (_B, None),  # 4 or 16 bytes, checked in validate
+    "peer_ip": (_B, None),  # 4 or 16 bytes, checked in validate
+    "peer_ips": (_B, None),  # with peer_ips6: 1..MAX_PEER_IPS addresses, checked in validate
+    "peer_ips6": (_B, None),
     "age_s": (int, None),
     "older": (list, None),  # [[pw_id, key, age_s], ...], checked in _check_older
     "key_max_age_s": (int, None),
@@ -148,13 +153,13 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "l3_key_report": (frozenset({"rid", "peer_id", "pw_id"}), frozenset()),
     "l3_welcome": (frozenset({"rid", "id", "cipher", "server"}), frozenset()),
     "ip_bound": (frozenset({"rid", "ip"}), frozenset()),
-    "l3_key": (frozenset({"rid", "peer_id", "key", "pw_id", "peer_ips"}), frozenset()),
+    "l3_key": (frozenset({"rid", "peer_id", "key", "pw_id", "peer_ips"}), frozenset({"peer_ips6"})),
     "l3_unknown": (frozenset({"rid"}), frozenset({"peer_ip", "peer_id"})),
     "l3_peer_revoked": (frozenset({"rid", "peer_id"}), frozenset()),
 }
 
 MAX_ID_LEN = 64
-#: Most IPv4 addresses one host may bind (and one ``peer_ips`` may carry).
+#: Most IP addresses (IPv4 and IPv6 together) one host may bind (and one ``l3_key`` may carry).
 MAX_PEER_IPS = 16
 #: Most older versions a ``key`` message carries: an agent's key ring holds
 #: three versions (previous, current, next).
@@ -184,6 +189,10 @@ def _check_older(msg: dict) -> None:
 MAX_REVOKED_MACS = 4096
 
 
+#: Address length by field: the IPv4 list, the IPv6 list.
+_IP_LIST_WIDTH = {"peer_ips": 4, "peer_ips6": 16}
+
+
 def _check_across_fields(msg: dict) -> None:
     t = msg["t"]
     if "id" in msg and not valid_host_id(msg["id"]):
@@ -192,10 +201,18 @@ def _check_across_fields(msg: dict) -> None:
         raise ValueError(f"{t}.peer_id: not a valid host ID")
     if "older" in msg:
         _check_older(msg)
+    for name in ("ip", "peer_ip"):
+        if name in msg and len(msg[name]) not in (4, 16):
+            raise ValueError(f"{t}.{name}: length {len(msg[name])}, want 4 (IPv4) or 16 (IPv6)")
     if "peer_ips" in msg:
-        n = len(msg["peer_ips"])
-        if n % 4 or not 4 <= n <= 4 * MAX_PEER_IPS:
-            raise ValueError(f"{t}.peer_ips: length {n}, want 1-{MAX_PEER_IPS} addresses of 4 bytes")
+        count = 0
+        for name, width in _IP_LIST_WIDTH.items():
+            n = len(msg.get(name, b""))
+            if n % width:
+                raise ValueError(f"{t}.{name}: length {n}, not a list of {width}-byte addresses")
+            count += n // width
+        if not 1 <= count <= MAX_PEER_IPS:
+            raise ValueError(f"{t}: {count} peer addresses, want 1-{MAX_PEER_IPS}")
     if "revoked_macs" in msg:
         n = len(msg["revoked_macs"])
         if n % 6 or n > 6 * MAX_REVOKED_MACS:
@@ -206,6 +223,25 @@ def revoked_macs(welcome: dict) -> list[bytes]:
     """The MACs a (validated) ``welcome`` names as revoked; [] from an older server."""
     data = welcome.get("revoked_macs", b"")
     return [data[i:i + 6] for i in range(0, len(data), 6)]
+
+
+def pack_peer_ips(ips) -> dict:
+    """The ``peer_ips`` (and, if any, ``peer_ips6``) fields of an ``l3_key`` for
+    a list of 4- and 16-byte addresses."""
+    fields = {"peer_ips": b"".join(ip for ip in ips if len(ip) == 4)}
+    v6 = b"".join(ip for ip in ips if len(ip) == 16)
+    if v6:
+        fields["peer_ips6"] = v6
+    return fields
+
+
+def unpack_peer_ips(msg: dict) -> list[bytes]:
+    """The addresses of a validated ``l3_key``: IPv4 ones first, then IPv6."""
+    out = []
+    for name, width in _IP_LIST_WIDTH.items():
+        raw = msg.get(name, b"")
+        out += [raw[i:i + width] for i in range(0, len(raw), width)]
+    return out
 
 
 def valid_host_id(host_id: str) -> bool:

@@ -1,21 +1,30 @@
 """The layer-3 agent: NFQUEUE <-> L3 engine, with the key client.
 
-1. Read the host identity from the state directory (``l2crypt enroll``).
-2. Bind the NFQUEUE (netfilterqueue), then install this instance's nft table
-   (``nft_rules``): it replaces stale rules of a crashed run at once.  In nat
-   mode, also hold the UDP port (a socket that is never read) so nothing else
-   takes it.
+1. Read the host identity from the state directory (``l2crypt enroll``);
+   restore the replay floors of the previous life (``l3_replay_floors``) and
+   write them at once (a state directory that cannot take them is an error).
+2. Bind the NFQUEUE (netfilterqueue), then install this instance's rules
+   (``nft_rules``, IPv4 and IPv6): they replace stale rules of a crashed run
+   at once, queue the policy's traffic and drop plain packets from a peer
+   address.  In nat mode, also hold the UDP port (sockets that are never
+   read) so nothing else takes it.
 3. On the asyncio loop: the queue's netlink socket readable -> every queued
    packet goes through the engine (OUTPUT: seal; PREROUTING: open); the
    verdict carries the rewritten packet, so the kernel reinjects it in place.
    A packet waiting for a key is kept (no verdict yet) and gets its verdict
    when the key arrives, the server says "unknown", or its hold age passes.
+   Packets the engine makes itself (nat keepalives) leave through raw
+   sockets.
 4. The key client runs beside it: ``l3_hello`` + ``ip_bind`` of the host's
    addresses, key requests by IP and by sender ID, pushes of new versions.
 5. A tick every ``TICK_S`` retries requests, ages held packets and key
-   versions, persists the packet clock and logs drops.
+   versions, moves the packet counter to the clock, sends keepalives, saves
+   the replay floors every ``replay_floor.SAVE_INTERVAL_S`` (the engine
+   refuses packets while they are unsaved), persists the packet clock, reads
+   the inbound rule's counter (in a thread: it runs iptables-save or nft) and
+   logs drops.
 6. SIGINT/SIGTERM stop it: held packets are dropped; with ``fail_closed`` the
-   table is replaced by one that drops the policy's traffic, else removed.
+   rules are replaced by ones that drop the policy's traffic, else removed.
    After a crash the queue rules stay, and a queue with no listener drops.
 """
 
@@ -35,8 +44,12 @@ from .errors import LocalError
 from .l3_config import L3AgentConfig
 from .l3_engine import L3Engine, L3Settings, Verdict
 from .l3_keyclient import L3KeyClient
+from .l3_status import engine_snapshot, l3_metrics
 from .logs import fields
+from .metrics import FunctionCollector, new_registry, serve_metrics
 from .packet_clock import PERSIST_INTERVAL_S, PacketClock
+from .replay_floor import FloorBook
+from .state_file import FloorFile
 from .tls_files import client_context, host_identity
 
 log = logging.getLogger("l2crypt.l3agent")
@@ -45,24 +58,65 @@ TICK_S = 0.1
 DROP_LOG_S = 10.0
 QUEUE_MAX_PACKETS = 4096
 NF_INET_LOCAL_OUT = 3
-REFERENCE_MTU = 1500
+#: The replay floors file in the state directory (the layer-2 agent has its own).
+FLOORS_FILE = "l3_replay_floors"
+#: How often the inbound rule's counter is read (seconds).
+REFUSED_READ_S = 1.0
+
+
+class LocalSender:
+    """Raw IPv4 and IPv6 sockets (IPPROTO_RAW: the packet carries its own
+    header) for the packets the engine makes itself.  ``send`` never raises."""
+
+    def __init__(self, versions):
+        self._socks: dict[int, socket.socket] = {}
+        for version in versions:
+            family = socket.AF_INET if version == 4 else socket.AF_INET6
+            try:
+                self._socks[version] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            except OSError as exc:
+                self.close()
+                raise LocalError(f"cannot open a raw IPv{version} socket (CAP_NET_RAW?): {exc.strerror}") from None
+        self.errors = 0
+
+    def send(self, packet: bytes) -> None:
+        version = packet[0] >> 4
+        sock = self._socks.get(version)
+        try:
+            dst = l3_wire.format_ip(packet[16:20] if version == 4 else packet[24:40])
+            sock.sendto(packet, (dst, 0))
+        except (OSError, AttributeError, ValueError):
+            self.errors += 1
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
 
 
 class L3Agent:
+    """One layer-3 agent (see the module docstring)."""
+
     def __init__(self, config: L3AgentConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.host_id = host_identity(self.state_dir)
         self.ssl_ctx = client_context(self.state_dir)
         self.my_ips = [l3_wire.parse_ip(a) for a in config.addresses]
-        self.overhead = l3_wire.overhead(config.mode, len(self.host_id.encode()))
+        self.versions = sorted({6 if len(ip) == 16 else 4 for ip in self.my_ips})
+        self.overhead = {v: l3_wire.overhead(config.mode, len(self.host_id.encode()), v) for v in (4, 6)}
         self.clock = PacketClock(self.state_dir)
+        self.floors = FloorBook()
+        self.floor_file = FloorFile(self.state_dir, FLOORS_FILE)
         self.started_at = time.monotonic()
         self.engine: L3Engine | None = None
         self.client: L3KeyClient | None = None
         self.queue = None
         self.rules = None  # the nft_rules backend holding this instance's rules
-        self._udp: socket.socket | None = None
+        self.local: LocalSender | None = None
+        #: Plain packets from a peer address the kernel dropped (the rules' counter).
+        self.refused_inbound = 0
+        self._refused_read: asyncio.Future | None = None
+        self._udp: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._logged_drops: Counter = Counter()
 
@@ -102,14 +156,21 @@ class L3Agent:
         for v in verdicts:
             self._give(v)
 
+    def _after_batch(self, now: float) -> None:
+        """What a batch of packets (or a tick) left to do: late verdicts, the
+        engine's own packets, key requests."""
+        self._give_all(self.engine.take_late_verdicts())
+        for packet in self.engine.take_packets_to_send():  # only in nat mode
+            self.local.send(packet)
+        if self.engine.holds.pending:
+            self._send_key_requests(now)
+
     def _on_queue_readable(self) -> None:
         try:
             self.queue.run(block=False)
         except OSError as exc:
             log.warning("queue_read_failed", extra=fields(reason=str(exc)))
-        self._give_all(self.engine.take_late_verdicts())
-        if self.engine.holds.pending:
-            self._send_key_requests(self._loop.time())
+        self._after_batch(self._loop.time())
 
     # ------------------------------------------------------------ key events
 
@@ -132,6 +193,7 @@ class L3Agent:
             log.info("key_installed", extra=fields(peer_id=peer_id, pw_id=pw_id, released=len(verdicts),
                                                    peer_ips=",".join(map(l3_wire.format_ip, peer_ips))))
         self._give_all(verdicts)
+        self._after_batch(self._loop.time())
 
     def on_l3_unknown(self, lookup: tuple) -> None:
         kind, value = lookup
@@ -148,24 +210,41 @@ class L3Agent:
     # --------------------------------------------------------------- status
 
     def snapshot(self) -> dict:
-        doc = self.engine.snapshot(self._loop.time())
+        doc = engine_snapshot(self.engine, self._loop.time())
+        cfg = self.config
         doc.update({
             "id": self.host_id,
-            "addresses": list(self.config.addresses),
-            "prefixes": list(self.config.prefixes),
-            "table": self.config.table,
+            "addresses": list(cfg.addresses),
+            "prefixes": list(cfg.prefixes),
+            "table": cfg.table,
             "rules_backend": self.rules.name if self.rules is not None else None,
-            "queue_num": self.config.queue_num,
-            "udp_port": self.config.udp_port if self.config.mode == "nat" else None,
-            "fail_closed": self.config.fail_closed,
-            "overhead_bytes": self.overhead,
-            "route_mtu_for_1500": REFERENCE_MTU - self.overhead,
+            "queue_num": cfg.queue_num,
+            "udp_port": cfg.udp_port if cfg.mode == "nat" else None,
+            "fail_closed": cfg.fail_closed,
+            "packets_refused_inbound": self.refused_inbound,
+            "overhead_bytes": self.overhead[4],
+            "overhead_bytes_ipv6": self.overhead[6],
+            "path_mtu": cfg.path_mtu,
+            "tcp_mss_ipv4": self.engine.max_mss[4],
+            "tcp_mss_ipv6": self.engine.max_mss[6],
+            "nat_keepalive_s": cfg.nat_keepalive_s if cfg.mode == "nat" else None,
+            "replay_floor_senders": len(self.floors),
             "keyserver": self.client.server,
-            "keyservers": list(self.config.servers),
+            "keyservers": list(cfg.servers),
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         })
         return doc
+
+    def _read_refused(self) -> None:
+        """Start or collect the threaded read of the inbound rule's counter."""
+        job = self._refused_read
+        if job is not None and job.done():
+            self._refused_read = None
+            if not job.cancelled() and job.exception() is None and job.result() is not None:
+                self.refused_inbound = job.result()
+        elif job is None and self.rules is not None:
+            self._refused_read = self._loop.run_in_executor(None, self.rules.refused_inbound)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -196,28 +275,46 @@ class L3Agent:
             raise LocalError(f"cannot bind NFQUEUE {self.config.queue_num} (in use, or not root?): {exc}") from None
 
     def _hold_udp_port(self) -> None:
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            self._udp.bind(("0.0.0.0", self.config.udp_port))
-        except OSError as exc:
-            self._udp.close()
-            raise LocalError(f"UDP port {self.config.udp_port} is taken: {exc.strerror}") from None
+        for version in self.versions:
+            family = socket.AF_INET if version == 4 else socket.AF_INET6
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            self._udp.append(sock)
+            try:
+                if version == 6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(("0.0.0.0" if version == 4 else "::", self.config.udp_port))
+            except OSError as exc:
+                raise LocalError(f"UDP port {self.config.udp_port} (IPv{version}) is taken: {exc.strerror}") from None
+
+    def _start_floors(self, now: float) -> None:
+        restored = self.floor_file.load(self.floors, now)
+        if not self.floor_file.save(self.floors, [], now):
+            raise LocalError(f"cannot write {self.floor_file.path}: the replay floors must survive a restart")
+        log.info("replay_floors_loaded", extra=fields(senders=restored, path=str(self.floor_file.path)))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
+        now = self._loop.time()
         settings = L3Settings(
             mode=cfg.mode, udp_port=cfg.udp_port, replay_window_frames=cfg.replay_window_frames,
             hold_frames=cfg.hold_frames, hold_age_s=cfg.hold_age_s, key_retry_s=cfg.key_retry_s,
-            key_retry_max_s=cfg.key_retry_max_s, unknown_cache_s=cfg.unknown_cache_s,
-            switch_after_s=cfg.switch_after_s, retire_after_s=cfg.retire_after_s,
-            rekey_after_frames=cfg.rekey_after_frames,
+            key_retry_max_s=cfg.key_retry_max_s, max_pending_keys=cfg.max_pending_keys,
+            key_requests_per_s=cfg.key_requests_per_s, max_held_packets=QUEUE_MAX_PACKETS // 2,
+            unknown_cache_s=cfg.unknown_cache_s, switch_after_s=cfg.switch_after_s,
+            retire_after_s=cfg.retire_after_s, rekey_after_frames=cfg.rekey_after_frames,
+            path_mtu=cfg.path_mtu, nat_keepalive_s=cfg.nat_keepalive_s,
         )
-        self.engine = L3Engine(self.host_id, self.my_ips, settings, pn_start=self.clock.pn_start())
-        self.client = L3KeyClient(cfg.servers, self.ssl_ctx, self.my_ips, self)
-        if cfg.mode == "nat":
-            self._hold_udp_port()
+        self._start_floors(now)
+        self.engine = L3Engine(self.host_id, self.my_ips, settings, pn_start=self.clock.pn_start(), now=now,
+                               floors=self.floors)
+        self.client = L3KeyClient(cfg.servers, self.ssl_ctx, self.my_ips, self,
+                                  probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
+                                  failback_holddown_s=cfg.failback_holddown_s)
         try:
+            if cfg.mode == "nat":
+                self.local = LocalSender(self.versions)
+                self._hold_udp_port()
             self._bind_queue()
             self._rules_on()
             try:
@@ -228,14 +325,19 @@ class L3Agent:
         finally:
             if self.queue is not None:
                 self.queue.unbind()
-            if self._udp is not None:
-                self._udp.close()
+            for sock in self._udp:
+                sock.close()
+            if self.local is not None:
+                self.local.close()
 
     async def _serve(self) -> None:
         loop = self._loop
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        registry = new_registry()
+        registry.register(FunctionCollector(lambda: l3_metrics(self, loop.time())))
+        metrics = await serve_metrics(self.config.metrics_listen, registry)
         control = await serve_control(self.config.socket_path, self.snapshot)
         fd = self.queue.get_fd()
         loop.add_reader(fd, self._on_queue_readable)
@@ -243,8 +345,9 @@ class L3Agent:
         log.info("l3_agent_started", extra=fields(
             id=self.host_id, mode=self.config.mode, addresses=",".join(self.config.addresses),
             prefixes=",".join(self.config.prefixes), queue=self.config.queue_num, table=self.config.table,
-            overhead=self.overhead, servers=",".join(self.config.servers)))
-        last_persist = last_drop_log = loop.time()
+            rules=self.rules.name, overhead=self.overhead[4], path_mtu=self.config.path_mtu,
+            servers=",".join(self.config.servers), metrics=self.config.metrics_listen or "off"))
+        last_persist = last_drop_log = last_refused = loop.time()
         try:
             while not stop.is_set():
                 try:
@@ -252,20 +355,21 @@ class L3Agent:
                 except asyncio.TimeoutError:
                     pass
                 now = loop.time()
-                self._send_key_requests(now)
                 self._give_all(self.engine.on_timer(now))
-                self._give_all(self.engine.take_late_verdicts())
+                self._after_batch(now)
                 for kind, peer_id, pw_id in self.engine.take_notices():
                     log.info("key_notice", extra=fields(kind=kind, peer_id=peer_id, pw_id=pw_id))
                     self.client.send_l3_notice(kind, peer_id, pw_id)
+                if self.floor_file.save_due(now):
+                    self.floor_file.save(self.floors, self.engine.highest_verified(), now)
                 if now - last_persist >= PERSIST_INTERVAL_S:
                     self.clock.persist()
                     last_persist = now
+                if now - last_refused >= REFUSED_READ_S or self._refused_read is not None:
+                    self._read_refused()
+                    last_refused = now
                 if now - last_drop_log >= DROP_LOG_S:
-                    new = self.engine.drops - self._logged_drops
-                    if new:
-                        log.warning("packets_dropped", extra=fields(**dict(new)))
-                        self._logged_drops = Counter(self.engine.drops)
+                    self._log_drops()
                     last_drop_log = now
                 if client_task.done() and not stop.is_set():
                     client_task.result()
@@ -274,10 +378,19 @@ class L3Agent:
             stop.set()
             client_task.cancel()
             control.close()
+            if metrics is not None:
+                metrics.close()
             self.clock.persist()
+            self.floor_file.save(self.floors, self.engine.highest_verified(), loop.time())
             try:
                 self.config.socket_path.unlink()
             except OSError:
                 pass
             log.info("l3_agent_stopped", extra=fields(fail_closed=self.config.fail_closed,
                                                       **dict(self.engine.counters)))
+
+    def _log_drops(self) -> None:
+        new = self.engine.drops - self._logged_drops
+        if new:
+            log.warning("packets_dropped", extra=fields(**dict(new)))
+            self._logged_drops = Counter(self.engine.drops)

@@ -37,8 +37,16 @@ def _options(fn):
         click.option("--switch-after-s", type=float, help=docs["switch_after_s"]),
         click.option("--retire-after-s", type=float, help=docs["retire_after_s"]),
         click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"]),
+        click.option("--max-pending-keys", type=int, help=docs["max_pending_keys"]),
+        click.option("--key-requests-per-s", type=float, help=docs["key_requests_per_s"]),
+        click.option("--path-mtu", type=int, help=docs["path_mtu"] + " [default: 1500]"),
+        click.option("--nat-keepalive-s", type=float, help=docs["nat_keepalive_s"] + " [default: 25]"),
+        click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"]),
+        click.option("--probe-failures", type=int, help=docs["probe_failures"]),
+        click.option("--failback-holddown-s", type=float, help=docs["failback_holddown_s"]),
         click.option("--log-level", help=docs["log_level"] + " [default: info]"),
         click.option("--log-format", help=docs["log_format"] + " [default: text]"),
+        click.option("--metrics-listen", help=docs["metrics_listen"] + " [default: 127.0.0.1:9481]"),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -51,8 +59,9 @@ def register(cli: click.Group, fail) -> None:
     @cli.command("l3-agent")
     @_options
     def l3_agent(config_path, servers, addresses, prefixes, **overrides) -> None:
-        """Run the layer-3 agent: seal IP traffic to the policy prefixes
-        (routed: IP protocol 253; nat: over UDP) through NFQUEUE."""
+        """Run the layer-3 agent: seal IPv4 and IPv6 traffic to the policy
+        prefixes (routed: IP protocol 253; nat: over UDP) through NFQUEUE, and
+        refuse plain packets from them."""
         from .cli import run_daemon
         from .l3_agent import L3Agent
 

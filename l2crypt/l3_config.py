@@ -5,9 +5,10 @@ line.  Example::
     mode = "routed"                    # or "nat"
     servers = ["10.67.0.1:7788"]
     state_dir = "/var/lib/l2crypt"     # the enrollment of ``l2crypt enroll``
-    addresses = ["10.71.0.2"]          # this host's IPv4 addresses, bound to its ID
-    prefixes = ["10.72.0.0/24"]        # the policy: traffic to these is sealed
+    addresses = ["10.71.0.2", "fd71::2"]      # this host's addresses, bound to its ID
+    prefixes = ["10.72.0.0/24", "fd72::/64"]  # the policy: traffic to these is sealed
     fail_closed = true
+    path_mtu = 1500                    # sealed packets are kept within it
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .config import (
     _choice,
     _f,
     _int_range,
+    _metrics_listen,
     _path,
     _seconds,
     _servers,
@@ -32,21 +34,26 @@ from .config import (
 from .constants import (
     DEFAULT_HOLD_AGE_S,
     DEFAULT_HOLD_FRAMES,
+    DEFAULT_KEY_REQUESTS_PER_S,
     DEFAULT_KEY_RETRY_MAX_S,
     DEFAULT_KEY_RETRY_S,
+    DEFAULT_MAX_PENDING_KEYS,
     DEFAULT_REKEY_AFTER_FRAMES,
     DEFAULT_REPLAY_WINDOW_FRAMES,
     DEFAULT_RETIRE_AFTER_S,
     DEFAULT_SWITCH_AFTER_S,
     DEFAULT_UNKNOWN_CACHE_S,
+    DEFAULT_WIRE_MTU,
 )
 from .ks_messages import MAX_PEER_IPS
+from .l3_types import DEFAULT_NAT_KEEPALIVE_S
 from .nft_rules import BACKENDS, check_table_name
 
 # Tuning constants (defaults) of the layer-3 agent.
 DEFAULT_L3_UDP_PORT = 7789
 DEFAULT_QUEUE_NUM = 7700
 DEFAULT_TABLE = "l2crypt_l3"
+DEFAULT_L3_METRICS_LISTEN = "127.0.0.1:9481"
 
 
 def _str_list(value: Any) -> list:
@@ -61,11 +68,11 @@ def _addresses(value: Any) -> tuple:
     out = []
     for item in _str_list(value):
         try:
-            ip = ipaddress.IPv4Address(item)
-        except (ipaddress.AddressValueError, ValueError):
-            raise ValueError(f"not an IPv4 address: {item!r}") from None
-        if ip.is_multicast or ip.is_unspecified or ip.is_loopback:
-            raise ValueError(f"{item} is not a unicast host address")
+            ip = ipaddress.ip_address(item)
+        except ValueError:
+            raise ValueError(f"not an IP address: {item!r}") from None
+        if ip.is_multicast or ip.is_unspecified or ip.is_loopback or (ip.version == 6 and ip.is_link_local):
+            raise ValueError(f"{item} is not a unicast host address (link-local IPv6 ones are not unique)")
         out.append(str(ip))
     if len(out) > MAX_PEER_IPS:
         raise ValueError(f"at most {MAX_PEER_IPS} addresses")
@@ -76,9 +83,9 @@ def _prefixes(value: Any) -> tuple:
     out = []
     for item in _str_list(value):
         try:
-            out.append(str(ipaddress.IPv4Network(item, strict=True)))
+            out.append(str(ipaddress.ip_network(item, strict=True)))
         except ValueError as exc:
-            raise ValueError(f"not an IPv4 prefix: {item!r} ({exc})") from None
+            raise ValueError(f"not an IP prefix: {item!r} ({exc})") from None
     return tuple(out)
 
 
@@ -102,8 +109,8 @@ class L3AgentConfig:
                    "routed (IP header kept, protocol 253) or nat (sealed packet over UDP)")
     servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
     state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificates, clock floor and control socket")
-    addresses: tuple = _f(None, _addresses, "this host's IPv4 addresses, bound to its ID at the key server")
-    prefixes: tuple = _f(None, _prefixes, "policy: IPv4 prefixes whose traffic is sealed (CIDR)")
+    addresses: tuple = _f(None, _addresses, "this host's IPv4 and IPv6 addresses, bound to its ID at the key server")
+    prefixes: tuple = _f(None, _prefixes, "policy: IPv4 and IPv6 prefixes whose traffic is sealed (CIDR)")
     udp_port: int = _f(DEFAULT_L3_UDP_PORT, _int_range(1, 65535), "nat mode: UDP port of sealed packets")
     queue_num: int = _f(DEFAULT_QUEUE_NUM, _int_range(0, 65535), "NFQUEUE number the agent listens on")
     table: str = _f(DEFAULT_TABLE, _table, "name of this instance's rule set (nft table / iptables chains)")
@@ -116,6 +123,11 @@ class L3AgentConfig:
     hold_age_s: float = _f(DEFAULT_HOLD_AGE_S, _seconds(0.0, 60.0), "longest a packet is held, seconds")
     key_retry_s: float = _f(DEFAULT_KEY_RETRY_S, _seconds(0.05, 60.0), "first key request retry, seconds")
     key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
+    max_pending_keys: int = _f(DEFAULT_MAX_PENDING_KEYS, _int_range(2, 1 << 20),
+                               "peers (by IP or ID) waiting for a key at once; packets to more are dropped "
+                               "(pending_full)")
+    key_requests_per_s: float = _f(DEFAULT_KEY_REQUESTS_PER_S, _seconds(1.0, 100000.0),
+                                   "key requests sent per second at most")
     unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
                                 "how long an 'unknown peer' answer is believed, seconds")
     switch_after_s: float = _f(DEFAULT_SWITCH_AFTER_S, _seconds(0.0, 600.0),
@@ -124,8 +136,20 @@ class L3AgentConfig:
                                "how long an old key version is still accepted after the switch, seconds")
     rekey_after_frames: int = _f(DEFAULT_REKEY_AFTER_FRAMES, _int_range(16, 2**62),
                                  "packets sent under one pair key before the agent asks for a new one")
+    path_mtu: int = _f(DEFAULT_WIRE_MTU, _int_range(576, 65535),
+                       "MTU of the path between the hosts, bytes: sealed packets are kept within it "
+                       "(TCP MSS clamp; larger packets that may not be fragmented are dropped: too_big)")
+    nat_keepalive_s: float = _f(DEFAULT_NAT_KEEPALIVE_S, _seconds(0.0, 3600.0),
+                                "nat mode: a sealed keepalive on every path idle this long, seconds; 0 = off")
+    probe_interval_s: float = _f(5.0, _seconds(0.05, 600.0),
+                                 "seconds between pings of the key server in use (and of better ones)")
+    probe_failures: int = _f(3, _int_range(1, 100), "missed pongs in a row before failing over to the next server")
+    failback_holddown_s: float = _f(30.0, _seconds(0.0, 86400.0),
+                                    "seconds a higher-priority server must answer before the agent returns to it")
     log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
     log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
+    metrics_listen: str = _f(DEFAULT_L3_METRICS_LISTEN, _metrics_listen,
+                             'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
 
     @property
     def socket_path(self) -> Path:

@@ -1,18 +1,25 @@
 """The sans-I/O layer-3 engine of one ``l2crypt l3-agent``.
 
-It takes IPv4 packets (as netfilter queued them), an opaque ``tag`` for each
-(the caller's handle, e.g. a netfilterqueue packet) and a clock value, and
-returns ``Verdict``s: the tag with the bytes to let through, or with None to
-drop it.  A packet with no key yet is held, and its verdict comes later from
-``install_key``, ``mark_unknown`` or ``on_timer``: every tag taken gets
-exactly one verdict.  It never touches a socket or the clock, never raises on
-a packet, and counts every drop under a reason name.
+It takes IPv4 and IPv6 packets (as netfilter queued them), an opaque ``tag``
+for each (the caller's handle, e.g. a netfilterqueue packet) and a clock
+value, and returns ``Verdict``s: the tag with the bytes to let through, or
+with None to drop it.  A packet with no key yet is held, and its verdict
+comes later from ``install_key``, ``mark_unknown`` or ``on_timer``: every
+tag taken gets exactly one verdict.  It never touches a socket or the clock,
+never raises on a packet, and counts every drop under a reason name.
 
 Sending (``outbound``: a packet to a policy prefix, caught in OUTPUT):
-1. parse the IPv4 header; the destination IP names the peer (``ip_owner``,
+1. parse the IP header; the destination IP names the peer (``ip_owner``,
    filled from the key server's ``l3_key`` answers);
-2. no key yet: hold the packet, queue a key request by IP;
-3. seal with the peer's current pair-key version (``l3_wire`` formats):
+2. no key yet: hold the packet (at most ``max_pending_keys`` destinations
+   and ``max_held_packets`` packets, which sit in the kernel's queue) and
+   queue a key request by IP (``take_key_requests``: at most
+   ``key_requests_per_s``);
+3. keep it within ``path_mtu`` once sealed (``l3_pmtu``): clamp the MSS of a
+   TCP SYN; a packet too big that may not be fragmented is dropped and
+   counted (``too_big``); an IPv4 packet without DF is sealed and left to the
+   kernel to fragment;
+4. seal with the peer's current pair-key version (``l3_wire`` formats):
    routed keeps the IP header and sets protocol 253; nat seals the whole
    packet into UDP toward the peer's endpoint (learned from its packets, or
    its own address and the configured port).
@@ -20,39 +27,44 @@ Sending (``outbound``: a packet to a policy prefix, caught in OUTPUT):
 Receiving (``inbound``: protocol 253 or the nat UDP port, caught in PREROUTING):
 1. parse the outer headers and the L3 header; the *sender ID* in it names the
    peer, never an address a NAT may have rewritten;
-2. no key yet: hold, queue a key request by ID;
-3. check the replay window, open the AEAD, check that the plain packet's
+2. no key yet: hold (at most half the pending and held limits: forged
+   senders cannot crowd out our own destinations), queue a key request by ID;
+3. check the replay window (which starts at the sender's replay floor after a
+   restart, ``replay_floor``), open the AEAD, check that the plain packet's
    source is an address bound to that sender (and its destination is ours),
-   move the window, learn the sender's endpoint (nat mode).
+   move the window, learn the sender's endpoint (nat mode), clamp a SYN's MSS;
+   an empty packet is a NAT keepalive: counted and dropped.  While the
+   replay floors are not on disk, everything is refused
+   (``replay_floors_unsaved``).
 
-Key versions follow ``key_ring`` (make before break), as in ``engine``.
+Timers (``on_timer``, every tick): held packets age out, key versions switch
+and retire (``retire_after_s``), the packet counter follows the clock
+(``replay_floor.raise_to_clock``), and in nat mode every path idle for
+``nat_keepalive_s`` gets a sealed keepalive.
+
+Key versions follow ``key_ring`` (make before break), as in ``engine``.  A
+packet released when its key arrives that still finds no key is dropped
+(``no_key``), never held again: a forged packet cannot keep a key request
+loop going.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
-from . import aead, l3_wire
-from .constants import (
-    DEFAULT_HOLD_AGE_S,
-    DEFAULT_HOLD_FRAMES,
-    DEFAULT_KEY_RETRY_MAX_S,
-    DEFAULT_KEY_RETRY_S,
-    DEFAULT_REKEY_AFTER_FRAMES,
-    DEFAULT_REPLAY_WINDOW_FRAMES,
-    DEFAULT_RETIRE_AFTER_S,
-    DEFAULT_SWITCH_AFTER_S,
-    DEFAULT_UNKNOWN_CACHE_S,
-    MAX_PACKET_NUMBER,
-)
+from . import aead, l3_pmtu, l3_wire
+from .constants import MAX_PACKET_NUMBER
 from .hold_queue import RX, TX, HoldTable
 from .key_ring import KeyRing
 from .ks_messages import valid_host_id
+from .l3_types import HeldPacket, L3Peer, L3Settings, NatPath, Verdict
 from .peer_keys import KeySlot
 from .replay import ReplayWindow
+from .replay_floor import FloorBook, raise_to_clock
+
+__all__ = ["L3Engine", "L3Peer", "L3Settings", "Verdict", "use_cipher"]
 
 # Drop reasons (besides those of l3_wire).
 NO_KEY = "no_key"
@@ -70,68 +82,25 @@ FRAGMENT = "fragment"
 TOO_BIG = "too_big"
 HOLD_OVERFLOW = "hold_overflow"
 HOLD_EXPIRED = "hold_expired"
+PENDING_FULL = "pending_full"
 PN_EXHAUSTED = "pn_exhausted"
+FLOORS_UNSAVED = "replay_floors_unsaved"
+#: Not a drop reason: the verdict of a keepalive (dropped on purpose, counted).
+KEEPALIVE = "keepalive"
 
 REKEY = "rekey"
 REPORT = "report"
 
-#: Key-request keys: ("ip", 4 bytes) for a destination, ("id", host ID) for a sender.
+#: Key-request keys: ("ip", 4 or 16 bytes) for a destination, ("id", host ID) for a sender.
 BY_IP = "ip"
 BY_ID = "id"
 
-
-@dataclass(frozen=True)
-class L3Settings:
-    """Tuning of one L3 engine.  Units are in the names."""
-
-    mode: str = "routed"           # "routed" or "nat"
-    udp_port: int = 7789           # nat mode: our UDP port, and the peers' by default
-    cipher: str = aead.AES_256_GCM
-    replay_window_frames: int = DEFAULT_REPLAY_WINDOW_FRAMES
-    hold_frames: int = DEFAULT_HOLD_FRAMES
-    hold_age_s: float = DEFAULT_HOLD_AGE_S
-    key_retry_s: float = DEFAULT_KEY_RETRY_S
-    key_retry_max_s: float = DEFAULT_KEY_RETRY_MAX_S
-    unknown_cache_s: float = DEFAULT_UNKNOWN_CACHE_S
-    switch_after_s: float = DEFAULT_SWITCH_AFTER_S
-    retire_after_s: float = DEFAULT_RETIRE_AFTER_S
-    rekey_after_frames: int = DEFAULT_REKEY_AFTER_FRAMES
-    report_interval_s: float = 1.0
-
-
-@dataclass(slots=True)
-class Verdict:
-    """What to do with one queued packet: let ``payload`` through, or drop (None)."""
-
-    tag: object
-    payload: bytes | None
-    reason: str = ""
-
-
-@dataclass(slots=True, eq=False)
-class L3Peer:
-    """One peer host, by ID: its bound IPs, its key ring, where it sends from."""
-
-    peer_id: str
-    ips: frozenset
-    keys: KeyRing
-    endpoint: tuple[bytes, int] | None = None  # nat mode: learned from verified packets
-    packets_in: int = 0
-    packets_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    reported_at: float = -1e18
-
-
-@dataclass(slots=True)
-class _Held:
-    tag: object
-    packet: bytes
-    extra: object = None
-
-
 class L3Engine:
-    def __init__(self, my_id: str, my_ips, settings: L3Settings = L3Settings(), pn_start: int = 1):
+    """The layer-3 engine of one agent (see the module docstring).  Owned by
+    the agent's event loop; nothing in it is shared between threads."""
+
+    def __init__(self, my_id: str, my_ips, settings: L3Settings = L3Settings(), pn_start: int = 1,
+                 now: float = 0.0, floors: FloorBook | None = None):
         if settings.mode not in l3_wire.MODES:
             raise ValueError(f"mode must be one of {', '.join(l3_wire.MODES)}")
         self.my_id = my_id
@@ -139,21 +108,33 @@ class L3Engine:
         self.settings = settings
         self.mode = l3_wire.MODES[settings.mode]
         self.cipher = settings.cipher
-        #: One counter for every key this host sends with (see ``aead``).
+        #: One counter for every key this host sends with (see ``aead``); it
+        #: follows the clock from (pn_start, now) on (``replay_floor``).
         self.send_pn = pn_start
+        self._pn_base, self._base_now = pn_start, now
+        #: Replay floors of the senders (None: not persisted, no floors).
+        self.floors = floors
         self.peers: dict[str, L3Peer] = {}
         self.ip_owner: dict[bytes, str] = {}
         self.revoked: set[str] = set()
         self.unknown_until: dict[tuple, float] = {}
         self.holds = HoldTable(settings.hold_frames, settings.hold_age_s,
                                settings.key_retry_s, settings.key_retry_max_s)
+        self._held = [0, 0]  # packets held, by direction (TX, RX)
+        self._request_tokens = float(max(1.0, settings.key_requests_per_s))
+        self._request_refill_at: float | None = None
         self.notices: list[tuple[str, str, int]] = []
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
         self._draining: dict[str, KeyRing] = {}
         #: Drop verdicts of held packets pushed out by newer ones (``take_late_verdicts``).
         self._late: list[Verdict] = []
-        self._header_len = l3_wire.L3_FIXED_LEN + len(my_id.encode())
+        #: Whole IP packets the agent sends itself (``take_packets_to_send``): keepalives.
+        self._to_send: list[bytes] = []
+        mode_name, id_len = settings.mode, len(my_id.encode())
+        self.overhead = {v: l3_wire.overhead(mode_name, id_len, v) for v in (4, 6)}
+        self.max_mss = {v: l3_pmtu.max_mss(settings.path_mtu, self.overhead[v], v) for v in (4, 6)}
+        self._header_len = l3_wire.L3_FIXED_LEN + id_len
 
     def _drop(self, tag, reason: str) -> Verdict:
         self.drops[reason] += 1
@@ -161,18 +142,22 @@ class L3Engine:
 
     # ------------------------------------------------------------------ sending
 
-    def outbound(self, tag, packet: bytes, now: float) -> Verdict | None:
+    def outbound(self, tag, packet: bytes, now: float, released: bool = False) -> Verdict | None:
         """Seal one plain packet to a policy prefix; None means held."""
-        ip = l3_wire.parse_ipv4(packet)
+        ip = l3_wire.parse_packet(packet)
         if isinstance(ip, str):
             return self._drop(tag, ip)
         owner = self.ip_owner.get(ip.dst)
         peer = self.peers.get(owner) if owner is not None else None
         if peer is None:
-            return self._hold((BY_IP, ip.dst), TX, _Held(tag, packet), now)
+            return self._hold((BY_IP, ip.dst), TX, HeldPacket(tag, packet), now, released)
         return self._seal(tag, peer, packet, ip, now)
 
-    def _seal(self, tag, peer: L3Peer, packet: bytes, ip: l3_wire.Ipv4, now: float) -> Verdict:
+    def _seal(self, tag, peer: L3Peer, packet: bytes, ip: l3_wire.IpHeader, now: float) -> Verdict:
+        over = self.overhead[ip.version]
+        sealed_len = len(packet) + over
+        if sealed_len > self.settings.path_mtu and (ip.dont_fragment or sealed_len > l3_wire.IP_MAX[ip.version]):
+            return self._drop(tag, TOO_BIG)  # no ICMP answer: see l3_pmtu
         ring = peer.keys
         if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
             ring.promote(now, self.settings.retire_after_s)
@@ -180,38 +165,43 @@ class L3Engine:
         pn = self.send_pn
         if pn > MAX_PACKET_NUMBER:
             return self._drop(tag, PN_EXHAUSTED)
-        if self.mode == l3_wire.MODE_ROUTED:
-            sealed_len = len(packet) + self._header_len + 1 + l3_wire.TAG_LEN
-        else:
-            sealed_len = len(packet) + self._header_len + l3_wire.TAG_LEN + l3_wire.IPV4_MIN_HEADER + l3_wire.UDP_LEN
-        if sealed_len > l3_wire.IPV4_MAX:
-            return self._drop(tag, TOO_BIG)
         self.send_pn = pn + 1
         slot.frames_sealed += 1
         if slot.frames_sealed >= self.settings.rekey_after_frames and not slot.rekey_asked:
             slot.rekey_asked = True
             self.notices.append((REKEY, peer.peer_id, slot.pw_id))
+        plain = self._clamp(packet, ip)
         header = l3_wire.encode_l3_header(self.mode, slot.pw_id, pn, self.my_id)
         nonce = aead.nonce(pn)
         if self.mode == l3_wire.MODE_ROUTED:
             aad = ip.src + ip.dst + header
-            body = slot.send_aead.encrypt(nonce, bytes([ip.protocol]) + packet[ip.header_len:], aad)
-            out = l3_wire.rebuild_ipv4(packet[:ip.header_len], l3_wire.L3_IP_PROTOCOL, sealed_len) + header + body
+            body = slot.send_aead.encrypt(nonce, bytes([ip.protocol]) + plain[ip.header_len:], aad)
+            out = l3_wire.rebuild_ip(plain[:ip.header_len], ip.version, l3_wire.L3_IP_PROTOCOL, sealed_len) \
+                + header + body
         else:
-            body = slot.send_aead.encrypt(nonce, packet, header)
-            ep_ip, ep_port = peer.endpoint or (ip.dst, self.settings.udp_port)
-            ident = int.from_bytes(packet[4:6], "big")
+            body = slot.send_aead.encrypt(nonce, plain, header)
+            ep_ip, ep_port = peer.endpoints.get(ip.version) or (ip.dst, self.settings.udp_port)
+            ident = int.from_bytes(packet[4:6], "big") if ip.version == 4 else 0
             out = l3_wire.encode_udp_packet(ip.src, ep_ip, self.settings.udp_port, ep_port, header + body, ident)
+            peer.paths[ip.version] = NatPath(ip.src, ep_ip, ep_port, now)
         peer.packets_out += 1
         peer.bytes_out += len(packet)
         self.counters["sealed"] += 1
         return Verdict(tag, out)
 
+    def _clamp(self, packet: bytes, ip: l3_wire.IpHeader) -> bytes:
+        clamped = l3_pmtu.clamp_mss(packet, ip, self.max_mss[ip.version])
+        if clamped is not packet:
+            self.counters["mss_clamped"] += 1
+        return clamped
+
     # ---------------------------------------------------------------- receiving
 
-    def inbound(self, tag, packet: bytes, now: float) -> Verdict | None:
+    def inbound(self, tag, packet: bytes, now: float, released: bool = False) -> Verdict | None:
         """Open one sealed packet; None means held."""
-        ip = l3_wire.parse_ipv4(packet)
+        if self.floors is not None and self.floors.stale(now):
+            return self._drop(tag, FLOORS_UNSAVED)  # fail closed until the floors are on disk
+        ip = l3_wire.parse_packet(packet)
         if isinstance(ip, str):
             return self._drop(tag, ip)
         if ip.is_fragment:
@@ -245,17 +235,17 @@ class L3Engine:
         if peer is None:
             if self.unknown_until.get((BY_ID, sender), 0.0) > now:
                 return self._drop(tag, UNKNOWN_SENDER)
-            return self._hold((BY_ID, sender), RX, _Held(tag, packet), now)
-        return self._open(tag, peer, packet, ip, offset, header, endpoint, now)
+            return self._hold((BY_ID, sender), RX, HeldPacket(tag, packet), now, released)
+        return self._open(tag, peer, packet, ip, offset, header, endpoint, now, released)
 
-    def _open(self, tag, peer: L3Peer, packet: bytes, ip: l3_wire.Ipv4, offset: int,
-              header: l3_wire.L3Header, endpoint, now: float) -> Verdict | None:
+    def _open(self, tag, peer: L3Peer, packet: bytes, ip: l3_wire.IpHeader, offset: int,
+              header: l3_wire.L3Header, endpoint, now: float, released: bool) -> Verdict | None:
         ring = peer.keys
         pw_id, pn = header.pw_id, header.packet_number
         slot = ring.lookup(pw_id)
         if slot is None:
-            if pw_id > ring.newest_pw_id():
-                return self._hold((BY_ID, peer.peer_id), RX, _Held(tag, packet), now)  # race a
+            if pw_id > ring.newest_pw_id():  # race a: the peer holds a newer version
+                return self._hold((BY_ID, peer.peer_id), RX, HeldPacket(tag, packet), now, released)
             self._report_lag(peer, now)
             return self._drop(tag, STALE_KEY)
         if not slot.replay.check(pn):
@@ -272,17 +262,21 @@ class L3Engine:
         if self.mode == l3_wire.MODE_ROUTED:
             if not plain:
                 return self._drop(tag, l3_wire.MALFORMED)
-            src, dst = ip.src, ip.dst
-            out = l3_wire.rebuild_ipv4(packet[:ip.header_len], plain[0], ip.header_len + len(plain) - 1) + plain[1:]
+            out = l3_wire.rebuild_ip(packet[:ip.header_len], ip.version, plain[0],
+                                     ip.header_len + len(plain) - 1) + plain[1:]
+            inner = ip._replace(protocol=plain[0], total_len=len(out))
+        elif not plain:
+            inner = None  # a keepalive
         else:
-            inner = l3_wire.parse_ipv4(plain)
-            if isinstance(inner, str):
+            inner = l3_wire.parse_packet(plain)
+            if isinstance(inner, str) or inner.version != ip.version:
                 return self._drop(tag, l3_wire.MALFORMED)
-            src, dst, out = inner.src, inner.dst, plain
-        if src not in peer.ips:
-            return self._drop(tag, SPOOFED_SOURCE)
-        if dst not in self.my_ips:
-            return self._drop(tag, NOT_FOR_US)
+            out = plain
+        if inner is not None:
+            if inner.src not in peer.ips:
+                return self._drop(tag, SPOOFED_SOURCE)
+            if inner.dst not in self.my_ips:
+                return self._drop(tag, NOT_FOR_US)
         slot.replay.update(pn)
         if slot is not ring.current:
             if slot is ring.next:
@@ -290,9 +284,13 @@ class L3Engine:
                 self._draining[peer.peer_id] = ring
             elif now - ring.current.created_at >= self.settings.switch_after_s:
                 self._report_lag(peer, now)  # race b
-        if endpoint is not None and peer.endpoint != endpoint:
-            peer.endpoint = endpoint
+        if endpoint is not None and peer.endpoints.get(ip.version) != endpoint:
+            peer.endpoints[ip.version] = endpoint
             self.counters["endpoint_changes"] += 1
+        if inner is None:
+            self.counters["keepalives_received"] += 1
+            return Verdict(tag, None, KEEPALIVE)
+        out = self._clamp(out, inner)
         peer.packets_in += 1
         peer.bytes_in += len(out)
         self.counters["opened"] += 1
@@ -305,30 +303,66 @@ class L3Engine:
 
     # ----------------------------------------------------------------- holding
 
-    def _hold(self, key: tuple, direction: int, held: _Held, now: float) -> Verdict | None:
+    def _hold(self, key: tuple, direction: int, held: HeldPacket, now: float, released: bool) -> Verdict | None:
+        if released:
+            return self._drop(held.tag, NO_KEY)  # released once already: never held again
         if direction == TX and self.unknown_until.get(key, 0.0) > now:
             return self._drop(held.tag, NO_KEY)
         entry = self.holds.pending.get(key)
+        share = 1 if direction == TX else 2  # senders on the wire get half of each limit
+        if entry is None and len(self.holds.pending) >= self.settings.max_pending_keys // share:
+            return self._drop(held.tag, PENDING_FULL)
         pushed = None
         if entry is not None and len(entry.held) >= self.holds.max_frames:
-            pushed = entry.held.popleft()[1]
+            pushed = entry.held.popleft()[1] if entry.held else None
+        elif sum(self._held) >= self.settings.max_held_packets or \
+                self._held[direction] >= self.settings.max_held_packets // share:
+            return self._drop(held.tag, HOLD_OVERFLOW)
         self.holds.hold(key, direction, held, now)
+        if self.holds.max_frames <= 0:  # nothing is held, but the key is still requested
+            return self._drop(held.tag, HOLD_OVERFLOW)
         self.counters["held"] += 1
         if pushed is not None:
             self.drops[HOLD_OVERFLOW] += 1
             self._late.append(Verdict(pushed.tag, None, HOLD_OVERFLOW))
-        if self.holds.max_frames <= 0:  # nothing is held, but the key is still requested
-            return self._drop(held.tag, HOLD_OVERFLOW)
+        else:
+            self._held[direction] += 1
         return None
+
+    def _take(self, key: tuple) -> list:
+        """Remove a key's hold entry; its (direction, HeldPacket, arrived_at) items."""
+        items = list(self.holds.take(key))
+        for direction, _, _ in items:
+            self._held[direction] -= 1
+        return items
+
+    @property
+    def held_packets(self) -> int:
+        """Packets held now, waiting for a key."""
+        return sum(self._held)
 
     def take_late_verdicts(self) -> list[Verdict]:
         """Drop verdicts of held packets pushed out by newer ones.  Call after each batch."""
         late, self._late = self._late, []
         return late
 
+    def take_packets_to_send(self) -> list[bytes]:
+        """Whole IP packets to send through a raw socket (nat keepalives).
+        Call after each tick."""
+        out, self._to_send = self._to_send, []
+        return out
+
     def take_key_requests(self, now: float) -> list[tuple]:
-        """(BY_IP, ip) and (BY_ID, peer_id) to ask the key server about now."""
-        due = self.holds.due_requests(now)
+        """(BY_IP, ip) and (BY_ID, peer_id) to ask the key server about now
+        (first requests and backed-off retries), at most ``key_requests_per_s``;
+        the rest stay due for a later call."""
+        rate = self.settings.key_requests_per_s
+        if self._request_refill_at is not None:
+            elapsed = max(0.0, now - self._request_refill_at)
+            self._request_tokens = min(max(1.0, rate), self._request_tokens + elapsed * rate)
+        self._request_refill_at = now
+        due = self.holds.due_requests(now, int(self._request_tokens))
+        self._request_tokens -= len(due)
         self.counters["key_requests"] += len(due)
         return due
 
@@ -339,13 +373,20 @@ class L3Engine:
             self.counters["rekey_requests" if kind == REKEY else "lag_reports"] += 1
         return notices
 
+    # ------------------------------------------------------------------ timers
+
     def on_timer(self, now: float) -> list[Verdict]:
-        """Age held packets (drop verdicts for them) and key versions."""
+        """Age held packets (drop verdicts for them) and key versions, move the
+        packet counter to the clock, queue due keepalives.  Call every tick
+        (at most ``replay_floor.CLOCK_TICK_S`` apart)."""
+        self.send_pn = raise_to_clock(self.send_pn, self._pn_base, self._base_now, now)
         out: list[Verdict] = []
         limit = now - self.settings.hold_age_s
         for entry in self.holds.pending.values():
             while entry.held and entry.held[0][2] <= limit:
-                out.append(self._drop(entry.held.popleft()[1].tag, HOLD_EXPIRED))
+                direction, held, _ = entry.held.popleft()
+                self._held[direction] -= 1
+                out.append(self._drop(held.tag, HOLD_EXPIRED))
         self.holds.expire(now)
         for key in [k for k, t in self.unknown_until.items() if t <= now]:
             del self.unknown_until[key]
@@ -355,7 +396,23 @@ class L3Engine:
             ring.expire(now)
             if ring.next is None and ring.previous is None:
                 del self._draining[pid]
+        if self.mode == l3_wire.MODE_NAT and self.settings.nat_keepalive_s > 0:
+            self._keepalives(now)
         return out
+
+    def _keepalives(self, now: float) -> None:
+        for peer in self.peers.values():
+            for path in peer.paths.values():
+                if now - path.sent_at < self.settings.nat_keepalive_s or self.send_pn > MAX_PACKET_NUMBER:
+                    continue
+                slot, pn = peer.keys.current, self.send_pn
+                self.send_pn = pn + 1
+                header = l3_wire.encode_l3_header(self.mode, slot.pw_id, pn, self.my_id)
+                tag = slot.send_aead.encrypt(aead.nonce(pn), b"", header)
+                self._to_send.append(l3_wire.encode_udp_packet(
+                    path.src, path.dst, self.settings.udp_port, path.port, header + tag))
+                path.sent_at = now
+                self.counters["keepalives_sent"] += 1
 
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self.holds.next_deadline(),) if d is not None]
@@ -373,7 +430,8 @@ class L3Engine:
 
         A version not newer than every version held is ignored (a repeated
         answer never resets a packet counter under a live key); the peer's
-        bound IPs are refreshed either way.
+        bound IPs are refreshed either way.  Released packets are tried once:
+        one that still finds no key is dropped (``no_key``).
         """
         self.counters["key_answers"] += 1
         if peer_id in self.revoked or peer_id == self.my_id:
@@ -381,12 +439,13 @@ class L3Engine:
         ips = frozenset(peer_ips) - self.my_ips
         send = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, self.my_id, peer_id, self.cipher))
         recv = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, peer_id, self.my_id, self.cipher))
-        slot = KeySlot(pw_id, send, recv, ReplayWindow(self.settings.replay_window_frames), now)
+        floor = self.floors.floor(peer_id.encode()) if self.floors is not None else 0
+        slot = KeySlot(pw_id, send, recv, ReplayWindow(self.settings.replay_window_frames, floor=floor), now)
         peer = self.peers.get(peer_id)
         if peer is None:
             peer = self.peers[peer_id] = L3Peer(peer_id, ips, KeyRing(slot))
         else:
-            if peer.keys.offer(slot, now):
+            if peer.keys.offer(slot, now, self.settings.retire_after_s):
                 self._draining[peer_id] = peer.keys
                 self.counters["rekeys"] += 1
             for ip in peer.ips - ips:
@@ -395,13 +454,13 @@ class L3Engine:
             peer.ips = ips
         for ip in ips:
             self.ip_owner[ip] = peer_id
-        self.unknown_until.pop((BY_ID, peer_id), None)
         out: list[Verdict] = []
         for hold_key in [(BY_ID, peer_id)] + [(BY_IP, ip) for ip in ips]:
             self.unknown_until.pop(hold_key, None)
-            for direction, held, _ in self.holds.take(hold_key):
+            for direction, held, _ in self._take(hold_key):
                 self.counters["hold_flushed"] += 1
-                verdict = (self.outbound if direction == TX else self.inbound)(held.tag, held.packet, now)
+                retry = self.outbound if direction == TX else self.inbound
+                verdict = retry(held.tag, held.packet, now, released=True)
                 if verdict is not None:
                     out.append(verdict)
         return out
@@ -409,7 +468,7 @@ class L3Engine:
     def mark_unknown(self, key: tuple, now: float) -> list[Verdict]:
         """The key server knows no host for that IP or ID: drop what is held, stop asking."""
         self.unknown_until[key] = now + self.settings.unknown_cache_s
-        return [self._drop(h.tag, NO_KEY if d == TX else UNKNOWN_SENDER) for d, h, _ in self.holds.take(key)]
+        return [self._drop(h.tag, NO_KEY if d == TX else UNKNOWN_SENDER) for d, h, _ in self._take(key)]
 
     def revoke_peer(self, peer_id: str) -> list[Verdict]:
         """The server revoked the host: drop its keys and refuse its packets."""
@@ -419,54 +478,47 @@ class L3Engine:
         out = []
         keys = [(BY_ID, peer_id)]
         if peer is not None:
+            self._note_floor(peer)
             for ip in peer.ips:
                 if self.ip_owner.get(ip) == peer_id:
                     del self.ip_owner[ip]
                 keys.append((BY_IP, ip))
         for key in keys:
-            out += [self._drop(h.tag, REVOKED_SENDER) for _, h, _ in self.holds.take(key)]
+            out += [self._drop(h.tag, REVOKED_SENDER) for _, h, _ in self._take(key)]
         return out
+
+    def forget_keys(self) -> None:
+        """Drop every peer's keys (a cipher change); their replay floors stay."""
+        for peer in self.peers.values():
+            self._note_floor(peer)
+        self.peers.clear()
+        self.ip_owner.clear()
+        self._draining.clear()
 
     def drain_all(self) -> list[Verdict]:
         """Drop verdicts for every held packet (the agent is stopping)."""
         out = []
         for key in list(self.holds.pending):
-            out += [self._drop(h.tag, NO_KEY) for _, h, _ in self.holds.take(key)]
+            out += [self._drop(h.tag, NO_KEY) for _, h, _ in self._take(key)]
         return out + self.take_late_verdicts()
 
-    # ------------------------------------------------------------------ status
+    # ------------------------------------------------------------ replay floors
 
-    def snapshot(self, now: float) -> dict:
-        """Counters and per-peer state (no key material)."""
-        peers = []
-        for peer in self.peers.values():
-            ring = peer.keys
-            peers.append({
-                "id": peer.peer_id,
-                "ips": sorted(l3_wire.format_ip(ip) for ip in peer.ips),
-                "endpoint": (f"{l3_wire.format_ip(peer.endpoint[0])}:{peer.endpoint[1]}"
-                             if peer.endpoint else None),
-                "pw_id": ring.current.pw_id,
-                "pw_ids_held": sorted(s.pw_id for s in (ring.previous, ring.current, ring.next) if s),
-                "key_age_s": round(now - ring.current.created_at, 1),
-                "packets_in": peer.packets_in,
-                "packets_out": peer.packets_out,
-                "bytes_in": peer.bytes_in,
-                "bytes_out": peer.bytes_out,
-            })
-        return {
-            "mode": self.settings.mode,
-            "cipher": self.cipher,
-            "peers": peers,
-            "revoked_peers": sorted(self.revoked),
-            "pending_keys": [f"{k}:{l3_wire.format_ip(v) if k == BY_IP else v}" for k, v in self.holds.pending],
-            "drops": dict(self.drops),
-            "counters": {
-                k: self.counters.get(k, 0)
-                for k in ("sealed", "opened", "key_requests", "key_answers", "held", "hold_flushed",
-                          "rekeys", "rekey_requests", "lag_reports", "endpoint_changes")
-            },
-        }
+    def highest_verified(self) -> list[tuple[bytes, int]]:
+        """(sender, highest packet number verified) for every window held, for
+        ``FloorBook.save`` (nothing is tracked per packet)."""
+        return [(peer.sender, h) for peer in self.peers.values() for h in _highest(peer)]
+
+    def _note_floor(self, peer: L3Peer) -> None:
+        """The peer's windows are dropped: new ones start above what they saw."""
+        if self.floors is not None:
+            for highest in _highest(peer):
+                self.floors.note(peer.sender, highest)
+
+def _highest(peer: L3Peer) -> list[int]:
+    ring = peer.keys
+    return [s.replay.highest for s in (ring.previous, ring.current, ring.next)
+            if s is not None and s.replay.highest >= 0]
 
 
 def use_cipher(engine: L3Engine, cipher: str) -> bool:
@@ -475,7 +527,5 @@ def use_cipher(engine: L3Engine, cipher: str) -> bool:
     if cipher == engine.cipher:
         return False
     engine.cipher = cipher
-    engine.peers.clear()
-    engine.ip_owner.clear()
-    engine._draining.clear()
+    engine.forget_keys()
     return True

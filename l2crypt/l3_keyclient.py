@@ -41,8 +41,9 @@ class L3KeyEvents(Protocol):
 
 class L3KeyClient(KeyClient):
     def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_ips: list[bytes],
-                 events: L3KeyEvents):
-        super().__init__(servers, ssl_ctx, b"\0" * 6, events)
+                 events: L3KeyEvents, **probe):
+        """``probe``: ``probe_interval_s``, ``probe_failures``, ``failback_holddown_s`` of ``KeyClient``."""
+        super().__init__(servers, ssl_ctx, b"\0" * 6, events, **probe)
         self.my_ips = list(my_ips)
         self._lookups: dict[int, tuple] = {}  # rid -> (BY_IP, ip) / (BY_ID, id)
 
@@ -84,9 +85,7 @@ class L3KeyClient(KeyClient):
         t = msg["t"]
         if t == "l3_key":
             self._lookups.pop(msg["rid"], None)
-            raw = msg["peer_ips"]
-            ips = [raw[i:i + 4] for i in range(0, len(raw), 4)]
-            self.events.on_l3_key(msg["peer_id"], msg["key"], msg["pw_id"], ips)
+            self.events.on_l3_key(msg["peer_id"], msg["key"], msg["pw_id"], ks_messages.unpack_peer_ips(msg))
         elif t == "l3_unknown":
             lookup = self._lookups.pop(msg["rid"], None)
             if lookup is not None:

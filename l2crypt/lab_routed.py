@@ -13,21 +13,24 @@ Topology (``<s>`` is the lab's random suffix)::
      | l2c-h1-<s>       |                     | l2c-h2-<s>       |
      | l3-agent         |                     | l3-agent         |
      | eth0 10.71.0.2/24|                     | eth0 10.72.0.2/24|
+     |      fd71::2/64  |                     |      fd72::2/64  |
      +-----|------------+                     +-----|------------+
            |           +---------------------+      |
            +-------- r1 10.71.0.1   r2 10.72.0.1 ---+
+                        fd71::1        fd72::1
                        | l2c-rt-<s>: the router |
-                       | (nat: MASQUERADE out   |
-                       |  r2; new connections   |
-                       |  from r2 are dropped)  |
+                       | (nat: MASQUERADE r1->r2|
+                       |  IPv4 and IPv6;        |
+                       |  new connections from  |
+                       |  r2 are dropped)       |
                        +------------------------+
 
-* h1's policy is 10.72.0.0/24 and h2's is 10.71.0.0/24; each host routes the
-  other subnet via the router with ``advmss ROUTE_ADVMSS``, so TCP segments
-  leave room for the sealing overhead.  (A route ``mtu`` would not do: the
-  sealed packet leaves on the same route, and the kernel checks it against
-  that MTU *after* the agent grew it.)
-* IPv6 is off everywhere, so captures hold only the traffic of the tests.
+* h1's policy is 10.72.0.0/24 and fd72::/64, h2's is 10.71.0.0/24 and
+  fd71::/64; each host routes the other subnets via the router.  Every link
+  has MTU 1500 and the routes carry no ``advmss`` or ``mtu``: the agents
+  clamp the TCP MSS and answer too-big packets themselves (``path_mtu``).
+* IPv6 addresses go through duplicate address detection, as on a real host;
+  ``up()`` waits until none is tentative.
 * ``nat=True``: the router masquerades h1's traffic leaving r2 and forwards
   nothing new that enters on r2; the agents run in nat mode (UDP).
 * Processes, logs, captures and ``down()`` are those of ``lab.Lab``.
@@ -44,8 +47,9 @@ from .lab import _LIVE, MGMT_IFNAME, MGMT_PREFIX, Lab, LabError, Proc, mgmt_ip
 
 ROUTER = "rt"
 HOST_IF = "eth0"
-ROUTE_ADVMSS = 1500 - 40 - 100  # IPv4 + TCP headers, and the largest L3 overhead of the lab
 SUBNETS = {"h1": "10.71.0", "h2": "10.72.0"}
+SUBNETS6 = {"h1": "fd71::", "h2": "fd72::"}
+IFA_F_TENTATIVE = 0x40
 UDP_PORT = 7789
 QUEUE_NUM = 7700
 
@@ -54,12 +58,24 @@ def host_ip(host: str) -> str:
     return f"{SUBNETS[host]}.2"
 
 
+def host_ip6(host: str) -> str:
+    return f"{SUBNETS6[host]}2"
+
+
 def gateway_ip(host: str) -> str:
     return f"{SUBNETS[host]}.1"
 
 
+def gateway_ip6(host: str) -> str:
+    return f"{SUBNETS6[host]}1"
+
+
 def subnet(host: str) -> str:
     return f"{SUBNETS[host]}.0/24"
+
+
+def subnet6(host: str) -> str:
+    return f"{SUBNETS6[host]}/64"
 
 
 def other(host: str) -> str:
@@ -77,22 +93,28 @@ class RoutedLab(Lab):
 
     # -- topology
 
-    def _no_ipv6(self, role: str) -> None:
-        self._sysctl(role, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"})
-
-    def _route(self, role: str, dst: str, gateway: str, advmss: int) -> None:
+    def _route(self, role: str, dst: str, gateway: str) -> None:
         with IPRoute(netns=self.ns(role), flags=0) as ipr:
-            ipr.route("add", dst=dst, gateway=gateway, metrics={"advmss": advmss})
+            ipr.route("add", dst=dst, gateway=gateway)
+
+    def _wait_no_tentative(self, timeout_s: float = 10.0) -> None:
+        """Wait until duplicate address detection is over on every address of the lab."""
+        deadline = time.monotonic() + timeout_s
+        for role in (ROUTER, *self.hosts):
+            with IPRoute(netns=self.ns(role), flags=0) as ipr:
+                while any(a.get_attr("IFA_FLAGS", a["flags"]) & IFA_F_TENTATIVE for a in ipr.get_addr(family=10)):
+                    if time.monotonic() > deadline:
+                        raise LabError(f"IPv6 addresses in {self.ns(role)} still tentative after {timeout_s} s")
+                    time.sleep(0.1)
 
     def _build_router(self) -> None:
         self._new_ns(ROUTER)
-        self._no_ipv6(ROUTER)
-        self._sysctl(ROUTER, {"net.ipv4.ip_forward": "1"})
+        self._sysctl(ROUTER, {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"})
         if self.nat:
             rules = (
-                "table ip labnat {\n"
+                "table inet labnat {\n"
                 "  chain natpost { type nat hook postrouting priority 100; policy accept;\n"
-                '    oifname "r2" masquerade\n  }\n'
+                '    iifname "r1" oifname "r2" masquerade\n  }\n'
                 "  chain natforward { type filter hook forward priority 0; policy accept;\n"
                 '    iifname "r2" ct state new drop\n  }\n'
                 "}\n"
@@ -101,14 +123,16 @@ class RoutedLab(Lab):
 
     def _build_l3_host(self, host: str, index: int) -> None:
         self._new_ns(host)
-        self._no_ipv6(host)
         side = f"r{index}"
         self._veth(ROUTER, side, host, HOST_IF)
         self._addr(ROUTER, side, gateway_ip(host), 24)
+        self._addr(ROUTER, side, gateway_ip6(host), 64)
         self._link(ROUTER, side, state="up")
         self._addr(host, HOST_IF, host_ip(host), 24)
+        self._addr(host, HOST_IF, host_ip6(host), 64)
         self._link(host, HOST_IF, state="up")
-        self._route(host, subnet(other(host)), gateway_ip(host), advmss=ROUTE_ADVMSS)
+        self._route(host, subnet(other(host)), gateway_ip(host))
+        self._route(host, subnet6(other(host)), gateway_ip6(host))
         port = f"m{index}-{self.suffix}"
         self._veth("ks", port, host, MGMT_IFNAME)
         with IPRoute(netns=self.ns("ks"), flags=0) as ipr:
@@ -123,8 +147,10 @@ class RoutedLab(Lab):
     def start_l3_agent(self, host: str, *extra: str) -> Proc:
         return self.popen(host, [
             self.cmd("l2crypt"), "l3-agent", "--mode", self.mode, "--server", self.keyserver_addr,
-            "--state-dir", self.host_dir(host), "--address", host_ip(host), "--prefix", subnet(other(host)),
-            "--udp-port", str(UDP_PORT), "--queue-num", str(QUEUE_NUM), "--log-level", "debug", *extra,
+            "--state-dir", self.host_dir(host), "--address", host_ip(host), "--address", host_ip6(host),
+            "--prefix", subnet(other(host)), "--prefix", subnet6(other(host)),
+            "--udp-port", str(UDP_PORT), "--queue-num", str(QUEUE_NUM), "--log-level", "debug",
+            *extra,
         ], name=f"l3agent-{host}")
 
     def l3_status(self, host: str, timeout: float = 10.0) -> dict:
@@ -159,9 +185,10 @@ class RoutedLab(Lab):
         if proc is not None:
             self.stop(proc, sig or signal.SIGTERM)
 
-    def restart_l3_agent(self, host: str, timeout_s: float = 30.0) -> dict:
-        self.stop_l3_agent(host)
-        self.start_l3_agent(host)
+    def restart_l3_agent(self, host: str, *extra: str, sig=None, timeout_s: float = 30.0) -> dict:
+        """Stop the host's agent (SIGTERM, or ``sig``) and start it again, with ``extra`` arguments."""
+        self.stop_l3_agent(host, sig)
+        self.start_l3_agent(host, *extra)
         return self.wait_l3_connected(host, timeout_s)
 
     def netfilter_rules(self, host: str) -> str:
@@ -181,6 +208,7 @@ class RoutedLab(Lab):
             for index, host in enumerate(self.hosts, start=1):
                 self._build_l3_host(host, index)
             self.start_keyserver()
+            self._wait_no_tentative()
             for host in self.hosts:
                 token = self.host_add(host, ips=(host_ip(host),))  # require_pinned_ips is on by default
                 res = self.enroll(host, token["token"], token["ca_fingerprint"])

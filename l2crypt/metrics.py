@@ -148,19 +148,24 @@ def agent_metrics(agent, now: float) -> list[Metric]:
                          round(now - group.created_at, 3)))
         out.append(gauge("l2crypt_multicast_key_pw_id", "Current multicast key version.", group.pw_id))
     if client is not None:
-        out.append(gauge("l2crypt_keyserver_connected", "1 when connected to a key server.",
-                         1 if client.connected else 0))
-        out.append(counter("l2crypt_keyserver_connects", "Sessions established with a key server.",
-                           client.connects))
-        out.append(counter("l2crypt_keyserver_failovers",
-                           "Moves to a lower-priority key server after the one in use failed.",
-                           client.selector.failovers))
-        out.append(counter("l2crypt_keyserver_failbacks",
-                           "Returns to a higher-priority key server after its hold-down.",
-                           client.selector.failbacks))
-        latency = getattr(client, "latency", None)
-        if latency is not None:
-            out.extend(latency.collect())
+        out.extend(keyclient_metrics(client))
+    return out
+
+
+def keyclient_metrics(client) -> list[Metric]:
+    """The key client's metrics (connection, failovers, request latency), for
+    every daemon that has a ``keyclient.KeyClient``."""
+    out = [
+        gauge("l2crypt_keyserver_connected", "1 when connected to a key server.", 1 if client.connected else 0),
+        counter("l2crypt_keyserver_connects", "Sessions established with a key server.", client.connects),
+        counter("l2crypt_keyserver_failovers", "Moves to a lower-priority key server after the one in use failed.",
+                client.selector.failovers),
+        counter("l2crypt_keyserver_failbacks", "Returns to a higher-priority key server after its hold-down.",
+                client.selector.failbacks),
+    ]
+    latency = getattr(client, "latency", None)
+    if latency is not None:
+        out.extend(latency.collect())
     return out
 
 

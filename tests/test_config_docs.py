@@ -65,10 +65,11 @@ def test_the_checker_sees_a_missing_and_an_extra_key():
 def test_metrics_table_names_metrics_the_daemons_export():
     """Every metric the docs name in backquotes exists in the collectors' source."""
     text = sections(DOC.read_text())["Metrics"]
-    names = set(re.findall(r"`((?:l2crypt|keyserverd)_[a-z_]+)", text))
+    names = set(re.findall(r"`((?:l2crypt|keyserverd)_[a-z0-9_]+)", text))
     root = DOC.parent.parent
     source = (root / "l2crypt" / "metrics.py").read_text() + (root / "keyserverd" / "metrics.py").read_text() \
-        + (root / "l2crypt" / "keyclient.py").read_text() + (root / "gateway" / "metrics.py").read_text()
+        + (root / "l2crypt" / "keyclient.py").read_text() + (root / "gateway" / "metrics.py").read_text() \
+        + (root / "l2crypt" / "l3_status.py").read_text()
     for name in names:
         base = re.sub(r"_total$", "", name)
         assert f'"{base}"' in source, f"docs name metric {name}, no collector makes it"

@@ -303,7 +303,7 @@ def test_a_clear_database_made_before_sealing_is_sealed_by_the_migration(backend
     assert found_in({"netkey": netkey}, backend.dump()) == ["netkey"]
 
     store = backend.open()
-    assert store.schema_version() == SEALED_SCHEMA
+    assert store.schema_version() >= SEALED_SCHEMA  # sealed, and later migrations ran too
     assert store.pair_key("a", "b", 1) == keys["ab1"] and store.pair_key("b", "a", 2) == keys["ab2"]
     assert store.get_or_create_pair_key("a", "b", NOW) == (keys["ab2"], 2)
     assert store.current_multicast_key() == (keys["m2"], 2) and store.multicast_key(1) == keys["m1"]

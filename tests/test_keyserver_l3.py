@@ -1,6 +1,8 @@
 """keyserverd: the ID-IP table and the layer-3 requests (l3_hello, ip_bind,
 ip_key_req, id_key_req, l3 rekey), without sockets."""
 
+import ipaddress
+
 import pytest
 
 from keyserverd.ca import CertificateAuthority
@@ -8,7 +10,7 @@ from keyserverd.service import KeyService, Session
 from keyserverd.store import SqliteStore
 from keyserverd.tokens import hash_token
 from l2crypt.errors import RemoteProtocolError
-from l2crypt.ks_messages import decode_message, encode_message
+from l2crypt.ks_messages import decode_message, encode_message, unpack_peer_ips
 
 NOW = 1_700_000_000.0
 IP_A, IP_B, IP_C = bytes([10, 71, 0, 2]), bytes([10, 72, 0, 2]), bytes([10, 73, 0, 2])
@@ -120,6 +122,11 @@ def test_bad_bind_addresses_are_refused(env):
     {"t": "l3_key", "rid": 0, "peer_id": "a", "key": b"k" * 32, "pw_id": 1, "peer_ips": b"\x01\x02\x03\x04\x05"},
     {"t": "l3_key", "rid": 0, "peer_id": "a", "key": b"k" * 32, "pw_id": 1, "peer_ips": b""},
     {"t": "id_key_req", "rid": 1, "peer_id": "-bad"},
+    {"t": "ip_bind", "rid": 1, "ip": b"\x01" * 15},
+    {"t": "ip_key_req", "rid": 1, "peer_ip": b"\x01" * 17},
+    {"t": "l3_key", "rid": 0, "peer_id": "a", "key": b"k" * 32, "pw_id": 1, "peer_ips": b"", "peer_ips6": b"\x01" * 15},
+    {"t": "l3_key", "rid": 0, "peer_id": "a", "key": b"k" * 32, "pw_id": 1, "peer_ips": b"\x01" * 4 * 9,
+     "peer_ips6": b"\x02" * 16 * 8},  # 17 addresses
 ])
 def test_l3_messages_with_wrong_lengths_are_refused(msg):
     import msgpack
@@ -127,3 +134,31 @@ def test_l3_messages_with_wrong_lengths_are_refused(msg):
     body = msgpack.packb(msg, use_bin_type=True)
     with pytest.raises(RemoteProtocolError):
         decode_message(len(body).to_bytes(4, "big") + body)
+
+
+IP6_A, IP6_B = bytes.fromhex("fd71" + "00" * 13 + "02"), bytes.fromhex("fd72" + "00" * 13 + "02")
+
+
+def test_an_ipv6_address_binds_and_finds_its_owner_like_an_ipv4_one(env):
+    service, store = env
+    a = l3(service, "a", IP_A)
+    assert reply(call(service, a, {"t": "ip_bind", "rid": 3, "ip": IP6_A}))["t"] == "ip_bound"
+    b = l3(service, "b", IP6_B)  # b has an IPv6 address only
+    c = Session("c")
+    call(service, c, {"t": "l3_hello", "rid": 1})
+    assert reply(call(service, c, {"t": "ip_bind", "rid": 2, "ip": IP6_A}))["code"] == "ip_conflict"
+    answer = reply(call(service, a, {"t": "ip_key_req", "rid": 4, "peer_ip": IP6_B}))
+    assert (answer["peer_id"], answer["peer_ips"], answer["peer_ips6"]) == ("b", b"", IP6_B)
+    back = reply(call(service, b, {"t": "ip_key_req", "rid": 5, "peer_ip": IP6_A}))
+    assert (back["peer_id"], back["key"]) == ("a", answer["key"])
+    assert unpack_peer_ips(back) == [IP_A, IP6_A]
+    assert store.ips_of("a") == [IP_A, IP6_A] and store.host_id_by_ip(IP6_B) == "b"
+
+
+def test_ipv6_addresses_a_host_cannot_own_are_refused(env):
+    service, _ = env
+    s = Session("a")
+    call(service, s, {"t": "l3_hello", "rid": 1})
+    for text in ("::", "::1", "ff02::1", "fe80::1", "::ffff:10.71.0.2"):
+        ip = ipaddress.ip_address(text).packed
+        assert reply(call(service, s, {"t": "ip_bind", "rid": 2, "ip": ip}))["code"] == "bad_request", text

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from keyserverd.store import SCHEMA_VERSION, SqliteStore
+from keyserverd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from keyserverd.tokens import TOKEN_RE, hash_token, new_token
 from l2crypt.errors import LocalError, RefusedError
 
@@ -43,7 +43,7 @@ def add(store, host_id, mac=None, token=TOKEN, ttl=3600, role="host"):
 def test_file_mode_wal_and_schema_version(sqlite_store, db_path):
     store = sqlite_store
     assert db_path.stat().st_mode & 0o777 == 0o600
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
@@ -60,7 +60,7 @@ def test_newer_schema_is_refused(db_path):
 
 
 def test_schema_version(store):
-    assert store.schema_version() == 4
+    assert store.schema_version() == 5
 
 
 def test_ip_bindings_on_every_backend(store):
@@ -74,6 +74,32 @@ def test_ip_bindings_on_every_backend(store):
     assert err.value.code == "ip_conflict"
     assert store.host_id_by_ip(ip) == "a" and store.host_id_by_ip(bytes(4)) is None
     assert store.ips_of("a") == [ip] and store.ips_of("b") == []
+    ip6 = bytes.fromhex("fd71" + "00" * 13 + "02")
+    assert store.bind_ip("b", ip6) is True
+    with pytest.raises(RefusedError):
+        store.bind_ip("a", ip6)
+    assert store.host_id_by_ip(ip6) == "b" and store.ips_of("b") == [ip6]
+
+
+def test_a_version_3_database_keeps_its_ipv4_bindings_and_takes_ipv6(db_path):
+    """Migration 4 copies the ID-IP table to one whose CHECK allows 16 bytes."""
+    db_path.parent.mkdir(parents=True)
+    db = sqlite3.connect(db_path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (3)")
+    for statement in ";".join(MIGRATIONS[:3]).split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("INSERT INTO hosts (id, role, created_at) VALUES ('a', 'host', 1.0)")
+    db.execute("INSERT INTO host_ips (ip, id) VALUES (?, 'a')", (bytes([10, 71, 0, 2]),))
+    db.commit()
+    db.close()
+    s = SqliteStore.open(db_path, NOW)
+    try:
+        assert s.schema_version() == 5 and s.ips_of("a") == [bytes([10, 71, 0, 2])]
+        assert s.bind_ip("a", bytes.fromhex("fd71" + "00" * 13 + "02")) is True
+    finally:
+        s.close()
 
 
 def test_everything_survives_reopening(store_opener):

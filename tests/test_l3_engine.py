@@ -8,6 +8,7 @@ import pytest
 
 from l2crypt import l3_engine as E
 from l2crypt import l3_wire as W
+from l2crypt.l3_status import engine_snapshot
 
 A_IP, B_IP = W.parse_ip("10.71.0.2"), W.parse_ip("10.72.0.2")
 NAT_IP = W.parse_ip("10.72.0.1")
@@ -76,7 +77,7 @@ def test_nat_mode_crosses_a_nat_and_the_reply_goes_to_the_learned_endpoint():
     assert ip.protocol == W.IPPROTO_UDP and ip.dst == B_IP and W.udp_ports(sealed, 20) == (7789, 7789)
     assert MARKER not in sealed
     assert b.inbound("r", nat(sealed), 1.0).payload == packet()
-    assert b.peers["a"].endpoint == (NAT_IP, 40000)
+    assert b.peers["a"].endpoints == {4: (NAT_IP, 40000)}
     reply = b.outbound("t2", packet(src=B_IP, dst=A_IP), 1.1).payload
     assert W.parse_ipv4(reply).dst == NAT_IP and W.udp_ports(reply, 20) == (7789, 40000)
     assert a.inbound("r2", reply, 1.1).payload == packet(src=B_IP, dst=A_IP)
@@ -189,5 +190,5 @@ def test_revoked_peer_is_forgotten_and_refused():
 
 def test_snapshot_holds_no_key_material():
     a, _ = keyed("nat")
-    text = repr(a.snapshot(1.0))
+    text = repr(engine_snapshot(a, 1.0))
     assert KEY1.hex() not in text and "endpoint" in text

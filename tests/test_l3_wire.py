@@ -35,7 +35,7 @@ def test_parse_ipv4_fields():
 @pytest.mark.parametrize("packet, reason", [
     (b"", W.TRUNCATED),
     (b"\x45" + b"\0" * 10, W.TRUNCATED),
-    (b"\x65" + b"\0" * 19, W.NOT_IPV4),
+    (b"\x65" + b"\0" * 19, W.NOT_IP),
     (b"\x44" + b"\0" + (20).to_bytes(2, "big") + b"\0" * 16, W.MALFORMED),  # IHL 4 < 5
 ])
 def test_parse_ipv4_refuses_bad_packets(packet, reason):
@@ -104,3 +104,68 @@ def test_parse_ip():
     for bad in ("10.71.0", "10.71.0.256", "a.b.c.d", ""):
         with pytest.raises(ValueError):
             W.parse_ip(bad)
+
+
+# --- IPv6 --------------------------------------------------------------------------
+
+SRC6, DST6 = W.parse_ip("fd71::2"), W.parse_ip("fd72::2")
+
+
+def ipv6(next_header: int, payload: bytes, src=SRC6, dst=DST6) -> bytes:
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64, src, dst) + payload
+
+
+def test_parse_ipv6_fields():
+    ip = W.parse_ipv6(ipv6(17, b"u" * 12))
+    assert (ip.version, ip.header_len, ip.total_len, ip.protocol) == (6, 40, 52, 17)
+    assert (ip.src, ip.dst) == (SRC6, DST6)
+    assert ip.dont_fragment and not ip.is_fragment  # routers never fragment IPv6
+    assert W.parse_ipv6(ipv6(W.IPPROTO_FRAGMENT, b"f" * 8)).is_fragment
+    assert W.parse_packet(ipv6(6, b"")) == W.parse_ipv6(ipv6(6, b""))
+    assert W.parse_packet(ipv4(6, b"x")).version == 4
+
+
+@pytest.mark.parametrize("packet, reason", [
+    (ipv6(17, b"abcd")[:39], W.TRUNCATED),
+    (ipv6(17, b"abcd")[:-1], W.TRUNCATED),
+    (ipv6(17, b"abcd") + b"!", W.MALFORMED),
+    (ipv6(0, b""), W.MALFORMED),  # payload length 0 with hop-by-hop first: a jumbogram
+    (b"\x50" + b"\0" * 39, W.NOT_IP),
+    (b"", W.TRUNCATED),
+])
+def test_parse_packet_refuses_bad_ipv6(packet, reason):
+    assert W.parse_packet(packet) == reason
+
+
+def test_rebuild_ipv6_sets_payload_length_and_next_header():
+    h = W.rebuild_ip(ipv6(6, b"")[:40], 6, 253, 140)
+    assert h[6] == 253 and int.from_bytes(h[4:6], "big") == 100 and h[8:40] == SRC6 + DST6
+
+
+def test_ipv6_udp_packet_carries_the_checksum_scapy_computes():
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.inet import UDP
+
+    p = W.encode_udp_packet(SRC6, DST6, 7789, 40000, b"sealed-payload")
+    ip = W.parse_packet(p)
+    assert (ip.version, ip.protocol) == (6, W.IPPROTO_UDP) and W.udp_ports(p, 40) == (7789, 40000)
+    theirs = IPv6(src="fd71::2", dst="fd72::2", hlim=64) / UDP(sport=7789, dport=40000) / b"sealed-payload"
+    assert p == bytes(theirs)
+
+
+def test_internet_checksum_odd_length_and_initial_sum():
+    # RFC 1071 section 3's worked example: words 0001 f203 f4f5 f6f7 sum to ddf2.
+    assert W.internet_checksum(bytes.fromhex("0001f203f4f5f6f7")) == ~0xDDF2 & 0xFFFF
+    assert W.internet_checksum(b"\x01") == ~0x0100 & 0xFFFF
+    assert W.internet_checksum(b"\x00\x01", initial=0x0001) == ~0x0002 & 0xFFFF
+
+
+def test_overhead_by_version():
+    assert W.overhead("routed", 2, 6) == W.overhead("routed", 2, 4) == 35
+    assert W.overhead("nat", 2, 6) == 16 + 2 + 16 + 40 + 8
+
+
+def test_ipv6_addresses_as_text():
+    assert W.format_ip(SRC6) == "fd71::2" and len(SRC6) == 16
+    with pytest.raises(ValueError):
+        W.parse_ip("fd71::2::3")

@@ -3,12 +3,10 @@
 
 import pytest
 
-from keyserverd.kek import Kek
+from store_kek import PG_KEK
 from keyserverd.pg_throwaway import PgServer, unavailable_reason
 from keyserverd.store import SqliteStore
 
-#: The KEK of the PostgreSQL stores of the tests (a SQLite store makes its own beside the file).
-PG_KEK = Kek(bytes.fromhex("6b656b2d6f662d7468652d706f737467726573716c2d73746f72652d74657374"), "tests")
 
 
 @pytest.fixture(scope="session")

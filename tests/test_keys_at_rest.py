@@ -22,7 +22,7 @@ import sqlite3
 
 import pytest
 
-from conftest import PG_KEK
+from store_kek import PG_KEK
 from keyserverd.ca import CertificateAuthority
 from keyserverd.cli import main
 from keyserverd.kek import (DEFAULT_KEK_FILE, Kek, KekError, create_kek_file, multicast_aad, netkey_aad,

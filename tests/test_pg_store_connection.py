@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import PG_KEK
+from store_kek import PG_KEK
 from keyserverd import pg_connection
 from keyserverd.kek import Kek, KekError
 from keyserverd.pg_tls import tls_parameters

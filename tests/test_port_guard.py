@@ -1,6 +1,6 @@
 """The port guard's nftables rule set and the reading of its JSON listing (no kernel).
 
-The lab tests (netns_tests/test_port_guard.py) show that the kernel takes the
+The lab tests (netns_tests/test_inbound_guard.py) show that the kernel takes the
 rule set and that the readings move with real frames.
 """
 

@@ -184,7 +184,7 @@ def host(ctx: click.Context, **opts) -> None:
 @click.argument("host_id", metavar="ID")
 @click.option("--mac", help="Pin the host to this MAC (otherwise its first hello binds one, "
                             "unless require_pinned_macs is on).")
-@click.option("--ip", "ips", multiple=True, metavar="IPV4",
+@click.option("--ip", "ips", multiple=True, metavar="IP",
               help="Pin a layer-3 address to the host (repeatable); with require_pinned_ips (the default) "
                    "a layer-3 host binds only these.")
 @click.option("--role", type=click.Choice(ROLES), default="host", show_default=True)
@@ -226,7 +226,7 @@ def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> No
         for ip in ip_bytes:
             holder = store.host_id_by_ip(ip)
             if holder is not None:
-                raise L2cryptError(f"IP {socket.inet_ntoa(ip)} is already bound to host {holder!r}")
+                raise L2cryptError(f"IP {ipaddress.ip_address(ip)} is already bound to host {holder!r}")
         store.add_host(host_id, mac_bytes, role, hash_token(token), expires, now)
         for ip in ip_bytes:
             store.bind_ip(host_id, ip)
@@ -239,7 +239,7 @@ def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> No
                                "expires": expires_text}))
         return
     pins = (f", mac {format_mac(mac_bytes)}" if mac_bytes else "") + "".join(
-        f", ip {socket.inet_ntoa(ip)}" for ip in ip_bytes)
+        f", ip {ipaddress.ip_address(ip)}" for ip in ip_bytes)
     click.echo(f"host {host_id} added (role {role}{pins})")
     click.echo(f"token:          {token}")
     click.echo(f"expires:        {expires_text}")
@@ -546,12 +546,14 @@ def _default_server(config: KeyServerConfig) -> str:
 
 
 def _parse_host_ip(text: str) -> bytes:
-    """``--ip``: one unicast IPv4 address, as 4 bytes."""
+    """``--ip``: one unicast IPv4 or IPv6 address a host can own, as 4 or 16 bytes."""
+    from .l3_service import bindable_ip
+
     try:
-        ip = ipaddress.IPv4Address(text)
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r}: not an IPv4 address", param_hint="--ip") from None
-    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_reserved:
+        raise click.BadParameter(f"{text!r}: not an IPv4 or IPv6 address", param_hint="--ip") from None
+    if not bindable_ip(ip.packed):
         raise click.BadParameter(f"{text}: not a unicast host address", param_hint="--ip")
     return ip.packed
 

@@ -210,7 +210,7 @@ class RoutedLab(Lab):
             self.start_keyserver()
             self._wait_no_tentative()
             for host in self.hosts:
-                token = self.host_add(host, ips=(host_ip(host),))  # require_pinned_ips is on by default
+                token = self.host_add(host, ips=(host_ip(host), host_ip6(host)))  # require_pinned_ips is on by default
                 res = self.enroll(host, token["token"], token["ca_fingerprint"])
                 if res.returncode != 0:
                     raise LabError(f"enrollment of {host} failed: {res.stdout}{res.stderr}")

@@ -150,7 +150,7 @@ def test_full_disk_under_the_key_server_state(lab, tmp_path):
         assert enroll.returncode == 0, enroll.stdout + enroll.stderr
         # Fill the file system.
         filler = mnt / "filler"
-        with open(filler, "wb") as f:
+        with open(filler, "wb", buffering=0) as f:  # unbuffered: close() has nothing left to flush
             try:
                 while True:
                     f.write(b"\0" * 65536)

@@ -347,7 +347,7 @@ def test_store_url_selects_the_backend(tmp_path):
 def test_postgresql_newer_schema_is_refused_and_password_is_not_shown(pg_url):
     import psycopg
 
-    from conftest import PG_KEK
+    from store_kek import PG_KEK
     from keyserverd.store_pg import PgStore, redact_url
 
     PgStore.open(pg_url, NOW, kek=PG_KEK).close()

@@ -7,6 +7,8 @@
 * ``Lives`` samples the RSS of every daemon life (a life is one PID).
 * ``scan_bridge``, ``scan_wan`` and ``scan_plain`` read captured frames and
   return the report's figures; they are pure functions of the frames.
+* ``TRAFFIC`` also counts datagrams of the intruder (``soak_intruder``) that
+  got through: injected ones and repeated (sender, sequence) pairs.
 * ``SegmentTarget`` (h1-h3 on one switch) and ``GatewayTarget`` (segments A
   and B, gateways gA and gB, the plain host p1; see ``lab_gateway``) tell the
   soak loop what runs where, what to restart and what to capture.
@@ -26,6 +28,7 @@ from pathlib import Path
 from gateway import tunnel_wire
 
 from . import lab as L
+from .soak_intruder import Intruder, Victim, frame_digest
 from .lab_gateway import GATEWAYS, GW_WAN_IFNAME, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
 
 MARKER_TAG = b"L2CSOAK:"
@@ -43,10 +46,17 @@ import json, signal, socket, sys, time
 from collections import Counter
 me, port, per_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 peers = dict(p.split("=") for p in sys.argv[4].split(",") if p)
-rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-rx.bind(("0.0.0.0", port)); rx.settimeout(0.01)
+try:  # dual stack where the namespace has IPv6: the intruder also injects IPv6 UDP
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    rx.bind(("::", port))
+except OSError:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", port))
+rx.settimeout(0.01)
 tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sent, errors, received = Counter(), Counter(), Counter()
+injected, duplicates, seen = Counter(), Counter(), set()
 state = {"send": True, "run": True}
 signal.signal(signal.SIGUSR1, lambda *a: state.update(send=False))
 signal.signal(signal.SIGTERM, lambda *a: state.update(run=False))
@@ -66,10 +76,18 @@ while state["run"]:
         data = rx.recv(4096)
     except OSError:
         continue
+    if data.startswith(b"L2CINJ:"):  # the intruder's plain injection got through
+        injected[data[7:].split(b":")[0].decode(errors="replace")] += 1
+        continue
     head = data[8:data.find(b":", 8)].decode(errors="replace").split(">")
     if data.startswith(b"L2CSOAK:") and len(head) == 2 and head[1] == me:
+        if (head[0], data[-8:]) in seen:  # only an opened replay repeats a sequence number
+            duplicates[head[0]] += 1
+            continue
+        seen.add((head[0], data[-8:]))
         received[head[0]] += 1
-print(json.dumps({"host": me, "sent": sent, "send_errors": errors, "received": received}), flush=True)
+print(json.dumps({"host": me, "sent": sent, "send_errors": errors, "received": received,
+                  "injected": injected, "duplicates": duplicates}), flush=True)
 """
 
 
@@ -131,12 +149,22 @@ def marker_pairs(frame: bytes) -> set[str]:
     return pairs
 
 
-def scan_bridge(frames: list[bytes], known_macs: set[bytes]) -> dict:
-    """A switch capture: markers, repeated (source MAC, packet number), clear frames."""
-    markers, repeats, l2c = Counter(), 0, 0
+def scan_bridge(frames: list[bytes], known_macs: set[bytes], injected: Counter | None = None) -> dict:
+    """A switch capture: markers, repeated (source MAC, packet number), clear frames.
+
+    ``injected`` counts the intruder's frames by ``frame_digest``: that many
+    copies of each are left out (they are counted as ``intruder_frames``)."""
+    markers, repeats, l2c, skipped = Counter(), 0, 0, 0
     seen: set[tuple[bytes, bytes]] = set()
     clear, pw_ids = Counter(), set()
+    left = Counter(injected or {})
     for f in frames:
+        if left:
+            d = frame_digest(f)
+            if left[d] > 0:
+                left[d] -= 1
+                skipped += 1
+                continue
         for pair in marker_pairs(f):
             markers[pair] += 1
         if len(f) < 28:
@@ -153,7 +181,8 @@ def scan_bridge(frames: list[bytes], known_macs: set[bytes]) -> dict:
         seen.add(key)
     return {"frames": len(frames), "l2crypt_frames": l2c, "plaintext_markers": sum(markers.values()),
             "markers_by_pair": dict(markers), "repeated_src_pn": repeats, "distinct_pw_ids": len(pw_ids),
-            "clear_frames_from_known_macs": sum(clear.values()), "clear_by_ethertype": dict(clear)}
+            "clear_frames_from_known_macs": sum(clear.values()), "clear_by_ethertype": dict(clear),
+            "intruder_frames": skipped}
 
 
 def udp_payload(frame: bytes, port: int | None = None) -> bytes | None:
@@ -259,15 +288,27 @@ class SegmentTarget:
         """label -> (kind, lab, interface, role)."""
         return {"segment": ("bridge", self.lab, L.BRIDGE, "sw")}
 
+    def intruder(self) -> Intruder:
+        """The intruder on the switch: every host a victim (spoofing the next one)."""
+        hosts = list(self.hosts)
+        victims = [Victim(self.lab, h, hosts[(i + 1) % len(hosts)]) for i, h in enumerate(hosts)]
+        return Intruder(self.lab, victims, [f"agent-{h}" for h in hosts], self.status, UDP_PORT)
+
+    def daemon_mac(self, label: str) -> str | None:
+        """The MAC sealed frames to the daemon ``label`` are sent to on the intruder's switch."""
+        return self.lab.tap_mac_of(label.removeprefix("agent-")) if label.startswith("agent-") else None
+
     def known_macs(self) -> set[bytes]:
         return {_mac(self.lab.tap_mac_of(h)) for h in self.hosts} | {_mac(L.wire_mac(h)) for h in self.hosts}
 
     def rekey(self) -> list[bool]:
         return [self.lab.keyserverd("rekey", "--all", timeout=30).returncode == 0]
 
+    def status(self, label: str) -> dict:
+        return self.lab.status(label.removeprefix("agent-"), timeout=10)
+
     def drops(self, label: str) -> dict[str, int]:
-        host = label.removeprefix("agent-")
-        return self.lab.status(host, timeout=10).get("drops", {})
+        return self.status(label).get("drops", {})
 
     def restart(self, label: str, rng: random.Random) -> str:
         """Restart one daemon; returns the event name."""
@@ -323,11 +364,25 @@ class GatewayTarget:
     def rekey(self) -> list[bool]:
         return [lab.keyserverd("rekey", "--all", timeout=30).returncode == 0 for lab in self.glab.seg.values()]
 
-    def drops(self, label: str) -> dict[str, int]:
+    def status(self, label: str) -> dict:
         if label.startswith("gateway-"):
-            return self.glab.gateway_status(label.removeprefix("gateway-"), timeout=10).get("drops", {})
+            return self.glab.gateway_status(label.removeprefix("gateway-"), timeout=10)
         host = label.removeprefix("agent-")
-        return self.glab.lab_of(host).status(host, timeout=10).get("drops", {})
+        return self.glab.lab_of(host).status(host, timeout=10)
+
+    def drops(self, label: str) -> dict[str, int]:
+        return self.status(label).get("drops", {})
+
+    def intruder(self) -> Intruder:
+        """The intruder on segment A: h1 and h2 are victims (each spoofing the other); gA is watched too."""
+        a = self.glab.a
+        return Intruder(a, [Victim(a, "h1", "h2"), Victim(a, "h2", "h1")],
+                        ["agent-h1", "agent-h2", "gateway-gA"], self.status, UDP_PORT)
+
+    def daemon_mac(self, label: str) -> str | None:
+        if label in ("agent-h1", "agent-h2"):
+            return self.glab.a.tap_mac_of(label.removeprefix("agent-"))
+        return GATEWAYS["gA"][1] if label == "gateway-gA" else None
 
     def restart(self, label: str, rng: random.Random) -> str:
         if label.startswith("keyserverd-"):

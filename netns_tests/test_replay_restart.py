@@ -108,6 +108,10 @@ def test_captured_broadcast_frames_do_not_open_after_the_receiver_restarts(lab):
         lab.inject(recorded)
         after = _settled(lab, "h2", before, len(recorded))
         live = ping(lab, "h1", "10.66.0.255", count=3, extra=["-b", *_pattern(LIVE_MARKER)])
+        # Nobody answers a broadcast ping, so ping returns while its last
+        # frame may still be on its way: wait until h2 opened three more.
+        wait_for("h2 to open h1's genuine broadcasts",
+                 lambda: lab.status("h2")["counters"]["opened"] - after["counters"]["opened"] >= 3, timeout_s=5)
     finally:
         tap_frames = L.read_pcap(tap.stop())
     assert marker_count(tap_frames, REPLAY_MARKER) == 0

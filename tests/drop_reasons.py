@@ -51,11 +51,11 @@ def returned(function: FunctionType) -> set[str]:
             for s in _strings(node.value, names)}
 
 
-def refusal_codes(module: ModuleType) -> set[str]:
-    """The codes of the ``RefusedError``\\ s the module raises."""
+def refusal_codes(module: ModuleType, error: str = "RefusedError") -> set[str]:
+    """The codes of the ``error`` exceptions (``RefusedError(text, "code")``) the module raises."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(inspect.getsource(module))):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "RefusedError"
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == error
                 and len(node.args) >= 2):
             found |= _strings(node.args[1], {})
     return found

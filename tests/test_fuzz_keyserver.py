@@ -24,6 +24,7 @@ import keyserverd.service as service_mod
 import keyserverd.store as store_mod
 import l2crypt.ks_messages as km
 from drop_reasons import refusal_codes
+from message_strategies import decoder_codes, framed_then_mutated
 from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
 from keyserverd.store import SqliteStore
@@ -74,26 +75,37 @@ def _maps():
                      st.dictionaries(st.sampled_from(fields), values, max_size=6))
 
 
-@FUZZ
-@given(st.lists(st.one_of(_maps(), values), max_size=6), st.data())
-def test_frame_reader_in_chunks_yields_valid_messages_or_a_protocol_error(msgs, data):
-    stream = b"".join(km.LENGTH.pack(len(b)) + b for b in
-                      (msgpack.packb(m, use_bin_type=True) for m in msgs))
-    if data.draw(st.booleans()):
-        stream += data.draw(st.binary(max_size=30))
-    reader = km.FrameReader(max_bytes=4096)
-    got = []
-    try:
-        pos = 0
-        while pos < len(stream):
-            step = data.draw(st.integers(1, 64))
-            got += reader.feed(stream[pos:pos + step])
-            pos += step
-    except RemoteProtocolError as exc:
-        assert exc.code in ("malformed", "oversized")
-    for msg in got:
-        assert km.validate(dict(msg)) == msg
-        km.encode_message(msg)  # what we accept, we could have sent
+def test_frame_reader_in_chunks_yields_valid_messages_or_a_protocol_error():
+    """Random maps and values, and valid messages framed by the encoder then
+    mutated, fed in chunks; both whole messages and refusals were reached."""
+    outcomes: set = set()
+
+    @settings(FUZZ, max_examples=80)
+    @given(st.lists(st.one_of(_maps(), values).map(
+        lambda m: (lambda b: km.LENGTH.pack(len(b)) + b)(msgpack.packb(m, use_bin_type=True)))
+        | framed_then_mutated(km), max_size=4), st.data())
+    def feed(framed, data):
+        stream = b"".join(framed)
+        if data.draw(st.booleans()):
+            stream += data.draw(st.binary(max_size=30))
+        reader = km.FrameReader(max_bytes=4096)
+        try:
+            pos = 0
+            while pos < len(stream):
+                step = data.draw(st.integers(1, 64))
+                for msg in reader.feed(stream[pos:pos + step]):
+                    assert km.validate(dict(msg)) == msg
+                    km.encode_message(msg)  # what we accept, we could have sent
+                    outcomes.add("message")
+                    event(f"message {msg['t']}")
+                pos += step
+        except RemoteProtocolError as exc:
+            assert exc.code in decoder_codes()
+            outcomes.add(exc.code)
+            event(f"refused {exc.code}")
+
+    feed()
+    assert {"message", "malformed"} <= outcomes, outcomes
 
 
 @FUZZ

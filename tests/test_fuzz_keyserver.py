@@ -4,16 +4,27 @@ with valid-shaped messages from arbitrary sessions.
 
 The service must answer every message with typed actions only (never an
 exception), every answer must be a valid wire message, and a pair key may
-only ever go to the two hosts of that pair.
+only ever go to the two hosts of that pair.  A seeded loop of fuzzed steps
+(no scripted prelude: its keys come from the fuzzed hellos and requests)
+must reach every answer a host can get and every refusal code a host can
+cause; ``HOST_REFUSALS`` is checked against the codes the service can raise.
 """
 
 from __future__ import annotations
 
+import random
+
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+import keyserverd.ca as ca_mod
+import keyserverd.mac_map as mac_map_mod
+import keyserverd.service as service_mod
+import keyserverd.store as store_mod
 import l2crypt.ks_messages as km
+from drop_reasons import refusal_codes
+from message_strategies import decoder_codes, framed_then_mutated
 from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
 from keyserverd.store import SqliteStore
@@ -30,6 +41,22 @@ TOKEN = "tok123.0123456789abcdef"
 CSR = make_csr()
 CLIENT_TYPES = ["ca", "enroll", "hello", "key_req", "rekey_req", "key_report", "mcast_req", "ping"]
 ACTION_KINDS = {"reply", "close", "push", "broadcast", "disconnect"}
+#: Every answer a host's request can get.
+HOST_ANSWERS = {"ca_cert", "enrolled", "welcome", "key", "unknown", "multicast", "pong", "error"}
+#: Every refusal code a host (role ``host``, no peering, MACs not pinned) can cause.
+HOST_REFUSALS = {"unauthenticated", "revoked", "rate_limited", "bad_request", "not_bound", "forbidden",
+                 "mac_conflict", "enroll_refused", "bad_csr"}
+#: Codes a host cannot cause here, and why.
+OTHER_REFUSALS = {
+    "mac_not_pinned": "only with require_pinned_macs",
+    "mac_held_by_peer": "only for a gateway's map_req with a peered key server",
+    "no_netkey": "only for a gateway's netkey_req",
+    "too_many": "only for a gateway's map_req or netkey_req",
+    "mac_bound": "only for a gateway's map_req",
+    "bad_token": "an enroll is told only enroll_refused",
+    "token_expired": "an enroll is told only enroll_refused",
+    "token_used": "an enroll is told only enroll_refused",
+}
 
 # --- the decoder ------------------------------------------------------------------
 
@@ -48,26 +75,37 @@ def _maps():
                      st.dictionaries(st.sampled_from(fields), values, max_size=6))
 
 
-@FUZZ
-@given(st.lists(st.one_of(_maps(), values), max_size=6), st.data())
-def test_frame_reader_in_chunks_yields_valid_messages_or_a_protocol_error(msgs, data):
-    stream = b"".join(km.LENGTH.pack(len(b)) + b for b in
-                      (msgpack.packb(m, use_bin_type=True) for m in msgs))
-    if data.draw(st.booleans()):
-        stream += data.draw(st.binary(max_size=30))
-    reader = km.FrameReader(max_bytes=4096)
-    got = []
-    try:
-        pos = 0
-        while pos < len(stream):
-            step = data.draw(st.integers(1, 64))
-            got += reader.feed(stream[pos:pos + step])
-            pos += step
-    except RemoteProtocolError as exc:
-        assert exc.code in ("malformed", "oversized")
-    for msg in got:
-        assert km.validate(dict(msg)) == msg
-        km.encode_message(msg)  # what we accept, we could have sent
+def test_frame_reader_in_chunks_yields_valid_messages_or_a_protocol_error():
+    """Random maps and values, and valid messages framed by the encoder then
+    mutated, fed in chunks; both whole messages and refusals were reached."""
+    outcomes: set = set()
+
+    @settings(FUZZ, max_examples=80)
+    @given(st.lists(st.one_of(_maps(), values).map(
+        lambda m: (lambda b: km.LENGTH.pack(len(b)) + b)(msgpack.packb(m, use_bin_type=True)))
+        | framed_then_mutated(km), max_size=4), st.data())
+    def feed(framed, data):
+        stream = b"".join(framed)
+        if data.draw(st.booleans()):
+            stream += data.draw(st.binary(max_size=30))
+        reader = km.FrameReader(max_bytes=4096)
+        try:
+            pos = 0
+            while pos < len(stream):
+                step = data.draw(st.integers(1, 64))
+                for msg in reader.feed(stream[pos:pos + step]):
+                    assert km.validate(dict(msg)) == msg
+                    km.encode_message(msg)  # what we accept, we could have sent
+                    outcomes.add("message")
+                    event(f"message {msg['t']}")
+                pos += step
+        except RemoteProtocolError as exc:
+            assert exc.code in decoder_codes()
+            outcomes.add(exc.code)
+            event(f"refused {exc.code}")
+
+    feed()
+    assert {"message", "malformed"} <= outcomes, outcomes
 
 
 @FUZZ
@@ -138,7 +176,6 @@ sessions = st.builds(
        st.lists(sessions, min_size=5, max_size=5), st.data())
 def test_service_answers_everything_and_keys_only_go_to_their_pair(service, steps, sess, data):
     svc, store = service
-    handed_out = []
     if data.draw(st.booleans()):  # most hosts said hello first, as agents do
         prelude = []
         for who, s in enumerate(sess):
@@ -148,39 +185,90 @@ def test_service_answers_everything_and_keys_only_go_to_their_pair(service, step
                 prelude.append((who, {"t": "key_req", "rid": 10, "peer_mac": HOSTS[other]}))
         steps = prelude + steps
     for i, (who, msg) in enumerate(steps):
-        session = sess[who]
-        actions = svc.handle(session, msg, NOW + i * 0.01)  # never raises
-        replies = 0
-        for target, out in actions:
-            kind = target if isinstance(target, str) else target[0]
-            assert kind in ACTION_KINDS, target
-            if kind in ("close", "disconnect"):
-                continue
-            km.encode_message(out)  # a valid wire message
+        actions = svc.handle(sess[who], msg, NOW + i * 0.01)  # never raises
+        for target, out in check_actions(store, sess[who], msg, actions):
+            event(f"answer: {out['t']}" + (f" {out['code']}" if out["t"] == "error" else ""))
+
+
+def check_actions(store, session: Session, msg: dict, actions) -> list:
+    """Check the service's answer to one message; returns the replies."""
+    replies = []
+    for target, out in actions:
+        kind = target if isinstance(target, str) else target[0]
+        assert kind in ACTION_KINDS, target
+        if kind in ("close", "disconnect"):
+            continue
+        km.encode_message(out)  # a valid wire message
+        if kind == "reply":
+            replies.append((target, out))
+            assert out["rid"] == msg["rid"]
+            if out["t"] == "error":
+                assert out["code"] != "internal"
+        if out["t"] == "key":
+            # The holder of this key message: the requester (reply) or the pushed host.
+            holder = session.identity if kind == "reply" else target[1]
+            assert holder is not None and holder != out["peer_id"]
+            assert not store.is_revoked(holder) and not store.is_revoked(out["peer_id"])
+            assert store.pair_key(holder, out["peer_id"], out["pw_id"]) == out["key"]
+            assert store.host_by_mac(out["peer_mac"]).id == out["peer_id"]
             if kind == "reply":
-                replies += 1
-                assert out["rid"] == msg["rid"]
+                assert session.bound_mac == store.get_host(holder).mac
+    assert len(replies) == 1, actions
+    return replies
+
+
+def test_the_refusal_lists_are_the_codes_the_service_can_raise():
+    in_code = set().union(*(refusal_codes(m) for m in (service_mod, store_mod, ca_mod, mac_map_mod)))
+    assert HOST_REFUSALS | set(OTHER_REFUSALS) == in_code
+    assert not HOST_REFUSALS & set(OTHER_REFUSALS)
+
+
+POOLS = {
+    "mac": list(HOSTS.values()) + [b"\xff" * 6, b"\x01\x00\x5e\x00\x00\x01", bytes.fromhex("02000000ffff")],
+    "id": list(HOSTS) + ["waiting", "nobody"],
+    "token": [TOKEN, "x" * 23],
+    "csr": [CSR, b"-----BEGIN CERTIFICATE REQUEST-----\nxx\n"],
+    "pw_id": [0, 1, 2, 2**32 - 1],
+}
+POOLS["my_mac"] = POOLS["peer_mac"] = POOLS["mac"]
+
+
+def _random_message(rng: random.Random) -> dict:
+    t = rng.choice(CLIENT_TYPES)
+    required, optional = km.SCHEMA[t]
+    msg = {"t": t, "rid": rng.randrange(1, 2**32)}
+    for name in sorted(required) + [o for o in sorted(optional) if rng.random() < 0.3]:
+        if name != "rid":
+            msg[name] = rng.choice(POOLS[name])
+    return km.validate(msg)
+
+
+def test_fuzz_loop_reaches_every_answer_and_refusal(tmp_path):
+    """A seeded loop (it runs the same alone or in any order), with no
+    scripted prelude: hosts say hello, ask for keys and make mistakes in
+    random order.  Every answer in ``HOST_ANSWERS`` and every code in
+    ``HOST_REFUSALS`` is reached, and every answer passes ``check_actions``."""
+    ca = CertificateAuthority.open(tmp_path, ())
+    store = SqliteStore.open(tmp_path / "keyserver.db", NOW)
+    for host_id in HOSTS:
+        store.add_host(host_id, None, "host", hash_token(TOKEN), NOW + 60, NOW)
+    store.add_host("waiting", None, "host", hash_token(TOKEN), NOW + 60, NOW)
+    store.revoke_host("gone", NOW)
+    # A key-request budget a busy host runs out of (40 at once, then 1 a second).
+    svc = KeyService(store, "aes-256-gcm", "ks", ca, key_requests_per_s=1, key_request_burst=40)
+    rng = random.Random(0x45)
+    sessions = [Session(identity=who, peer="198.51.100.7:4242")
+                for who in (None, "a", "a", "b", "c", "gone", "nobody", "waiting")]
+    answers, refusals = set(), set()
+    try:
+        for i in range(700):
+            session, msg = rng.choice(sessions), _random_message(rng)
+            for _, out in check_actions(store, session, msg, svc.handle(session, msg, NOW + i * 0.01)):
+                answers.add(out["t"])
                 if out["t"] == "error":
-                    assert out["code"] != "internal"
-            if out["t"] == "key":
-                # The holder of this key message: the requester (reply) or the pushed host.
-                holder = session.identity if kind == "reply" else target[1]
-                assert holder is not None and holder != out["peer_id"]
-                assert not store.is_revoked(holder) and not store.is_revoked(out["peer_id"])
-                assert store.pair_key(holder, out["peer_id"], out["pw_id"]) == out["key"]
-                assert store.host_by_mac(out["peer_mac"]).id == out["peer_id"]
-                if kind == "reply":
-                    assert session.bound_mac == store.get_host(holder).mac
-        assert replies == 1, actions
-        handed_out.extend(out["t"] for t, out in actions if t == "reply")
-    SEEN.update(handed_out)
-
-
-SEEN: set = set()
-
-
-def test_the_service_fuzzer_reached_the_key_paths():
-    """Runs after the fuzzer: it must have produced real keys, not only refusals."""
-    if not SEEN:
-        pytest.skip("run together with the service fuzzer")
-    assert {"key", "welcome", "error", "pong"} <= SEEN, SEEN
+                    refusals.add(out["code"])
+    finally:
+        store.close()
+    assert answers == HOST_ANSWERS, sorted(HOST_ANSWERS - answers)
+    assert refusals == HOST_REFUSALS, sorted(HOST_REFUSALS - refusals)
+    assert set(+svc.refusals) == refusals  # every refusal counted under its code

@@ -10,7 +10,7 @@ re-encodes to itself; a peer never gets a key for an ID outside its namespace.
 from __future__ import annotations
 
 import msgpack
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from keyserverd import multicast_peering as mp
 from keyserverd import netkey_peering as nk
@@ -18,6 +18,7 @@ from keyserverd import peer_messages as pm
 from keyserverd import revocation_peering as rp
 from keyserverd.peer_spec import PeerSpec
 from l2crypt.errors import RemoteProtocolError
+from message_strategies import decoder_codes, framed_then_mutated
 from test_fuzz_keyserver import values
 
 FUZZ = settings(max_examples=150, deadline=None,
@@ -35,14 +36,29 @@ def _packed(strategy):
     return strategy.map(lambda m: msgpack.packb(m, use_bin_type=True))
 
 
-@FUZZ
-@given(st.one_of(st.binary(max_size=300), _packed(_maps(sorted(pm._FIELDS), sorted(pm.SCHEMA)))))
-def test_peer_message_bodies(body):
-    try:
-        msg = pm.decode_body(body)
-    except RemoteProtocolError:
-        return
-    assert pm.FrameReader().feed(pm.encode_message(msg)) == [msg]
+def test_peer_message_bodies():
+    """Garbage, random maps, and valid peer messages of every type framed by
+    the encoder then mutated: a body decodes to a message that re-encodes to
+    itself or is refused as malformed; both were reached."""
+    outcomes: set = set()
+
+    @settings(FUZZ, max_examples=100)
+    @given(st.one_of(st.binary(max_size=300), _packed(_maps(sorted(pm._FIELDS), sorted(pm.SCHEMA))),
+                     framed_then_mutated(pm).map(lambda framed: framed[4:])))
+    def decode(body):
+        try:
+            msg = pm.decode_body(body)
+        except RemoteProtocolError as exc:
+            assert exc.code in decoder_codes()
+            outcomes.add(exc.code)
+            event(f"refused {exc.code}")
+            return
+        assert pm.FrameReader().feed(pm.encode_message(msg)) == [msg]
+        outcomes.add("message")
+        event(f"message {msg['t']}")
+
+    decode()
+    assert outcomes == {"message", "malformed"}, outcomes  # oversized needs a length prefix: no body has one
 
 
 @FUZZ

@@ -8,20 +8,30 @@ too: every datagram is either one frame delivered to the plain side or one
 counted drop.  Bounded examples keep CI fast.  The scapy corpus in
 ``corpus_tunnel`` is run through the tunnel and the core with the reason each
 datagram must get.
+
+Every drop reason of the tunnel's receive path must be reached:
+``TUNNEL_RX_REASONS`` is checked against what the tunnel's source can count,
+the fuzz tests record their reasons with ``hypothesis.event``, and a seeded
+fuzz loop of real sealed datagrams, mutated, asserts it reached every one.
 """
 
 from __future__ import annotations
 
+import random
+
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis.control import currently_in_test_context
 
 from corpus_tunnel import HELD_PW_ID, INNER_SRC, OTHER_PEER_GW, PEER_GW, RX_GW, crafted
+from drop_reasons import counted, returned
 from gateway import core as C
 from gateway import tunnel as T
 from gateway import tunnel_wire as W
 from gateway.core import GatewayCore
 from l2crypt.engine import EngineSettings
 from l2crypt.frame_wire import parse_mac
+from l2crypt.replay_floor import FloorBook
 from l2crypt.tunnel_keys import Endpoint, link_keys, sender_tag
 
 RX = parse_mac("02:4c:47:00:00:b1")  # gB's MAC
@@ -33,9 +43,23 @@ BCAST = b"\xff" * 6
 SEGMENT = {PEER_GW: "sha256:" + "a" * 64, RX_GW: "sha256:" + "b" * 64, OTHER_PEER_GW: "sha256:" + "a" * 64}
 TUNNEL_REASONS = {W.TRUNCATED, W.OVERSIZED, W.UNKNOWN_VERSION, W.UNKNOWN_KIND, T.NO_NETKEY, T.STALE_NETKEY,
                   T.REPLAYED, T.BAD_TAG, T.UNKNOWN_TAG, T.TAG_ADDRESS}
+#: The receive path's reasons, and those only sealing counts.
+TUNNEL_RX_REASONS = TUNNEL_REASONS | {T.FLOORS_UNSAVED}
+TUNNEL_TX_REASONS = {T.PN_EXHAUSTED, T.PN_UNRESERVED}
 CORE_REASONS = TUNNEL_REASONS | {C.UNKNOWN_PEER, C.RUNT, C.GROUP_SOURCE, C.OWN_SOURCE, C.SPOOFED_SOURCE,
                                  C.MAC_MOVED, C.TABLE_FULL, C.LEARN_HOLD_OVERFLOW, C.LEARN_HOLD_EXPIRED}
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_the_reason_lists_are_what_the_tunnel_can_count():
+    assert TUNNEL_RX_REASONS | TUNNEL_TX_REASONS == counted(T) | returned(W.decode_header)
+    assert CORE_REASONS - TUNNEL_REASONS <= counted(C)
+
+
+def _events(kind: str, drops) -> None:
+    if currently_in_test_context():
+        for reason in +drops:
+            event(f"{kind} drop: {reason}")
 
 
 def arp_from(src: bytes, i: int) -> bytes:
@@ -98,7 +122,10 @@ def run_tunnel(tun: T.Tunnel, datagrams: list[bytes], peer: str = PEER_GW) -> li
         if got is not None:
             assert got == GENUINE[d]  # genuine, with its own inner frame
             accepted.append(d)
-    assert set(tun.drops) <= TUNNEL_REASONS, tun.drops
+    _events("tunnel", tun.drops)
+    if currently_in_test_context():
+        event(f"tunnel opened: {len(accepted) > 0}")
+    assert set(+tun.drops) <= TUNNEL_RX_REASONS, tun.drops
     assert len(accepted) + sum(tun.drops.values()) - drops_before == len(datagrams), (len(accepted), tun.drops)
     assert tun.counters["tunnel_opened"] - opened_before == len(accepted)
     return accepted
@@ -115,7 +142,8 @@ def run_core(gw: GatewayCore, arrivals: list[tuple[str, bytes]]) -> list[bytes]:
         gw.take_key_requests(1.0 + i * 1e-3)
     gw.on_timer(1e6)
     drops = gw.all_drops()
-    assert set(drops) <= CORE_REASONS, drops
+    _events("core", drops)
+    assert set(+drops) <= CORE_REASONS, drops
     assert len(delivered) + sum(drops.values()) == len(arrivals), (len(delivered), drops)
     inner = set(GENUINE.values())
     assert all(f in inner for f in delivered)  # only frames the peer sealed reach the plain side
@@ -126,11 +154,20 @@ def run_core(gw: GatewayCore, arrivals: list[tuple[str, bytes]]) -> list[bytes]:
 @given(st.binary(max_size=W.MAX_DATAGRAM + 64))
 def test_decode_header_never_raises(data):
     out = W.decode_header(data)
+    event(out if isinstance(out, str) else "header")
     assert isinstance(out, W.TunnelHeader) or out in TUNNEL_REASONS
 
 
+def _any_bytes():
+    """Mostly past the length check; sometimes short, sometimes over the limit."""
+    oversized = st.integers(W.MAX_DATAGRAM + 1, W.MAX_DATAGRAM + 64).map(lambda n: W.HEADER.pack(
+        W.TUNNEL_VERSION, W.KIND_DATA, PEER, HELD_PW_ID, 1) + bytes(n - W.HEADER_LEN))
+    return st.one_of(st.binary(min_size=W.MIN_DATAGRAM, max_size=300), st.binary(max_size=W.MIN_DATAGRAM - 1),
+                     oversized)
+
+
 @FUZZ
-@given(st.lists(st.binary(max_size=300), max_size=30))
+@given(st.lists(_any_bytes(), max_size=30))
 def test_arbitrary_bytes_are_dropped_and_counted(datagrams):
     assert run_tunnel(rx_tunnel(), datagrams) == []
     assert run_core(rx_core(), [("gA", d) for d in datagrams]) == []
@@ -143,7 +180,7 @@ def _tunnel_shaped():
         st.sampled_from([2, 2, 0, 1, 255]), st.sampled_from([1, 1, 0, 2]), senders,
         st.sampled_from([0, HELD_PW_ID - 1, HELD_PW_ID, HELD_PW_ID, HELD_PW_ID + 1, 0xFFFFFFFF]),
         st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 5000, 2**63, 2**64 - 1])),
-        st.binary(max_size=200),
+        st.binary(min_size=W.MIN_DATAGRAM - W.HEADER_LEN, max_size=200),
     )
 
 
@@ -194,12 +231,63 @@ def test_mutated_real_datagrams_only_genuine_ones_get_through_once(data):
     assert sorted(delivered) == sorted(GENUINE[d] for d in set(from_peer) if d in GENUINE)
 
 
+def _fuzzed(rng: random.Random, count: int) -> list[tuple[str, bytes]]:
+    """(peer address, datagram): real sealed datagrams, resent or mutated in one place each."""
+    tags = [PEER, PEER, sender_tag(OTHER_PEER_GW), sender_tag(RX_GW)]
+    arrivals = []
+    for _ in range(count):
+        d = rng.choice(GENUINE_LIST)
+        kind = rng.choice(["resend", "flip", "truncate", "extend", "oversize", "splice", "field", "field", "field"])
+        if kind == "flip":
+            pos = rng.randrange(len(d))
+            d = d[:pos] + bytes([d[pos] ^ rng.randrange(1, 256)]) + d[pos + 1:]
+        elif kind == "truncate":
+            d = d[:rng.randrange(len(d))]
+        elif kind == "extend":
+            d += rng.randbytes(rng.randrange(1, 20))
+        elif kind == "oversize":
+            d += bytes(W.MAX_DATAGRAM + 1 - len(d) + rng.randrange(64))
+        elif kind == "splice":
+            d = d[:W.HEADER_LEN] + rng.choice(GENUINE_LIST)[W.HEADER_LEN:]
+        elif kind == "field":
+            offset, value = rng.choice([
+                (0, bytes([rng.choice([0, 1, 3, 255])])),                      # version
+                (1, bytes([rng.choice([0, 2, 255])])),                         # kind
+                (2, rng.choice(tags + [rng.randbytes(6)])),                    # sender tag
+                (8, rng.choice([0, 1, HELD_PW_ID + 1, 2**32 - 1]).to_bytes(4, "big")),  # PW_ID
+                (12, rng.randrange(2**64).to_bytes(8, "big")),                 # packet number
+            ])
+            d = d[:offset] + value + d[offset + len(value):]
+        arrivals.append((rng.choice([PEER_GW, PEER_GW, PEER_GW, OTHER_PEER_GW]), d))
+    return arrivals
+
+
+def test_fuzz_loop_reaches_every_tunnel_drop_reason():
+    """A seeded loop (it runs the same alone or in any order): real datagrams,
+    mutated, reach every reason in ``TUNNEL_RX_REASONS``; the books balance."""
+    arrivals = _fuzzed(random.Random(0x7E1), 1200)
+    tun = rx_tunnel()
+    from_peer = [d for p, d in arrivals if p == PEER_GW]
+    assert set(run_tunnel(tun, from_peer)) == {d for d in from_peer if d in GENUINE} != set()
+    assert run_tunnel(tun, [d for p, d in arrivals if p == OTHER_PEER_GW], peer=OTHER_PEER_GW) == []
+    # Genuine datagrams once the replay floors went unsaved too long: all refused.
+    late = T.Tunnel(RX_GW, (PEER_GW,), floors=FloorBook())
+    late.install(PEER_GW, HELD_PW_ID, *keys(RX_GW, PEER_GW), 0.0)
+    assert [late.open(PEER_GW, d, 1.0) for d in GENUINE_LIST] == [None] * len(GENUINE_LIST)
+    assert +late.drops == {T.FLOORS_UNSAVED: len(GENUINE_LIST)}
+    reached = set(+tun.drops) | set(+late.drops)
+    assert reached == TUNNEL_RX_REASONS, sorted(TUNNEL_RX_REASONS - reached)
+    # The same arrivals through the core: only genuine frames come out, the books balance.
+    delivered = run_core(rx_core(), arrivals)
+    assert sorted(delivered) == sorted(GENUINE[d] for d in set(from_peer) if d in GENUINE)
+
+
 def test_replay_storm_is_counted_and_genuine_traffic_still_opens():
     tun = rx_tunnel()
     first, later = GENUINE_LIST[:4], GENUINE_LIST[4:]
     storm = first + first * 200
     assert run_tunnel(tun, storm) == first
-    assert tun.drops == {T.REPLAYED: 800}
+    assert +tun.drops == {T.REPLAYED: 800}
     assert run_tunnel(tun, later) == later  # newer datagrams of the same sender still open
 
 
@@ -207,7 +295,7 @@ def test_forged_huge_packet_numbers_do_not_poison_the_window():
     tun = rx_tunnel()
     forged = [d[:12] + (2**64 - 1 - i).to_bytes(8, "big") + d[20:] for i, d in enumerate(GENUINE_LIST * 50)]
     assert run_tunnel(tun, forged) == []
-    assert tun.drops == {T.BAD_TAG: len(forged)}
+    assert +tun.drops == {T.BAD_TAG: len(forged)}
     assert run_tunnel(tun, GENUINE_LIST) == GENUINE_LIST  # PN ~5000: the window never moved
 
 
@@ -218,7 +306,7 @@ def test_made_up_sender_tags_are_dropped_before_any_state():
     body = GENUINE_LIST[0][W.HEADER_LEN:]
     forged = [W.encode_header(i.to_bytes(6, "big"), HELD_PW_ID, 1) + body for i in range(1, 300)]
     assert run_tunnel(tun, forged) == []
-    assert tun.drops == {T.UNKNOWN_TAG: len(forged)}
+    assert +tun.drops == {T.UNKNOWN_TAG: len(forged)}
     assert run_tunnel(tun, GENUINE_LIST[:1] * 3) == GENUINE_LIST[:1]
     assert tun.drops[T.REPLAYED] == 2
 

@@ -84,6 +84,7 @@ TUNNEL_TRANSIT = "tunnel_transit"
 DST_NOT_MAPPED = "dst_not_mapped"
 DST_AGED_OUT = "dst_aged_out"
 OWN_SOURCE = "own_source"
+TOO_BIG = "too_big"  # sealed, larger than the encrypted port's MTU (counted by the daemon)
 
 MAX_ENC_SEEN = 65536
 #: Most refused MACs remembered (least recently refused forgotten first).  Tuning.

@@ -2,8 +2,9 @@
 
 1. Read the gateway identity (enrolled like a host, role gateway) from the
    state directory; guard the encrypted port (only l2crypt frames arrive or
-   leave); keep the gateway's own stack off the plain port; bind the tunnel
-   socket.
+   leave); keep the gateway's own stack off the plain port and turn its GRO
+   and LRO off (it must see frames as they were on the wire); bind the
+   tunnel socket.
 2. On the asyncio loop every readable port drains up to ``BATCH`` frames
    through the core; the core's output goes to the ports.
 3. The key client says hello with the encrypted port's MAC, then asks for
@@ -48,13 +49,14 @@ from l2crypt.state_file import FloorFile
 from l2crypt.tls_files import client_context, host_identity
 
 from .config import GatewayConfig, parse_hostport
-from .core import GatewayCore, GatewaySettings, Output
+from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
 from .metrics import gateway_metrics
-from .ports import PlainPort, TunnelSocket, quiet_port
+from .ports import PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off
 
 log = logging.getLogger("l2crypt.gateway")
 
 BATCH = 64
+ETH_HEADER_BYTES = 14  # DA, SA, EtherType: a frame may be this much longer than its port's MTU
 TICK_S = 0.1
 DROP_LOG_S = 10.0
 TUNNEL_FLOORS_FILE = "tunnel_replay_floors"
@@ -122,6 +124,7 @@ class Gateway:
         if config.plain_port:
             self.guards["plain"] = PortGuard(config.plain_port, None, egress=False)
         self.enc = self.plain = self.tunnel = None
+        self.enc_max_frame = 0  # bytes, from the encrypted port's MTU at start (0: not read yet, no check)
         self.core: GatewayCore | None = None
         self.client: GatewayKeyClient | None = None
         self._logged: Counter = Counter()
@@ -131,7 +134,11 @@ class Gateway:
 
     def _send(self, out: Output) -> None:
         for frame in out.to_enc:
-            if not self.enc.write_frame(frame):
+            if self.enc_max_frame and len(frame) > self.enc_max_frame:
+                # A plain frame as large as the plain side's MTU no longer fits once sealed;
+                # a layer-2 gateway sends no ICMP answer, it counts the frame.
+                self.core.drops[TOO_BIG] += 1
+            elif not self.enc.write_frame(frame):
                 self.core.drops["tx_error"] += 1
         if self.plain is not None:
             for frame in out.to_plain:
@@ -300,8 +307,12 @@ class Gateway:
         log.info("replay_floors_loaded", extra=fields(senders=restored))
         try:
             self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
+            self.enc_max_frame = ETH_HEADER_BYTES + port_mtu(cfg.encrypted_port)
             if cfg.plain_port:
                 self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
+                turned_off = receive_offloads_off(cfg.plain_port)
+                log.info("plain_port_offloads_off", extra=fields(port=cfg.plain_port,
+                                                                 turned_off=",".join(turned_off) or "-"))
                 self.plain = PlainPort(cfg.plain_port)
             if cfg.tunnel_listen:
                 self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())

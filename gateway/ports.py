@@ -9,6 +9,10 @@
   ETH_P_ALL packet sockets, ``PlainPort`` among them, before that hook, so the
   gateway still reads every EtherType.  The host stack is turned off the port
   as on the wire port (no address, no IPv6, no ARP, strict rp_filter).
+* ``receive_offloads_off``: GRO and LRO off on the plain port.  A NIC
+  merges a plain host's TCP segments into one large frame (GRO is on by
+  default); sealed, it would not fit the encrypted port.  The gateway must
+  see the frames as they were on the wire, so it turns both off at start.
 * ``PlainPort``: an AF_PACKET socket for every EtherType on the full-decrypt
   uplink, promiscuous (it bridges for every MAC behind it), never seeing its
   own frames (PACKET_IGNORE_OUTGOING).
@@ -20,6 +24,8 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import socket
 import struct
 
@@ -34,12 +40,56 @@ IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
 MAX_FRAME = 65536
 BUFFER_BYTES = 4 * 1024 * 1024
+SIOCETHTOOL = 0x8946
+SIOCGIFMTU = 0x8921
+ETHTOOL_GFLAGS, ETHTOOL_SFLAGS = 0x25, 0x26
+ETHTOOL_GGRO, ETHTOOL_SGRO = 0x2B, 0x2C
+ETH_FLAG_LRO = 1 << 15
+IFREQ_BYTES = 40
 
 
 def quiet_port(port: str) -> PortGuard:
     """Keep the gateway's own stack off the plain ``port``, then bring it up (see
     the module docstring).  Returns its guard (for ``read``).  Raises LocalError."""
     return take_over(PortGuard(port, None, egress=False), "plain port")
+
+
+def _ethtool(sock: socket.socket, port: str, cmd: int, data: int = 0) -> int:
+    """One ``struct ethtool_value`` command (get or set) on ``port``; returns its data."""
+    value = array.array("I", [cmd, data])
+    ifreq = struct.pack("16sP", port.encode(), value.buffer_info()[0])
+    fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq.ljust(IFREQ_BYTES, b"\0"))
+    return value[1]
+
+
+def receive_offloads_off(port: str) -> list[str]:
+    """Turn GRO and LRO off on ``port`` (see the module docstring); returns the
+    names of those that were on.  Raises LocalError if the kernel refuses."""
+    turned_off = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            if _ethtool(sock, port, ETHTOOL_GGRO):
+                _ethtool(sock, port, ETHTOOL_SGRO, 0)
+                turned_off.append("gro")
+            flags = _ethtool(sock, port, ETHTOOL_GFLAGS)
+            if flags & ETH_FLAG_LRO:
+                _ethtool(sock, port, ETHTOOL_SFLAGS, flags & ~ETH_FLAG_LRO)
+                turned_off.append("lro")
+            if _ethtool(sock, port, ETHTOOL_GGRO) or _ethtool(sock, port, ETHTOOL_GFLAGS) & ETH_FLAG_LRO:
+                raise OSError("the port keeps them on")
+        except OSError as exc:
+            raise LocalError(f"plain port {port}: cannot turn GRO and LRO off: {exc.strerror or exc}") from None
+    return turned_off
+
+
+def port_mtu(port: str) -> int:
+    """The MTU of ``port`` (SIOCGIFMTU).  Raises LocalError."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock.fileno(), SIOCGIFMTU, struct.pack("16si", port.encode(), 0).ljust(IFREQ_BYTES, b"\0"))
+        except OSError as exc:
+            raise LocalError(f"cannot read the MTU of {port!r}: {exc.strerror or exc}") from None
+    return struct.unpack_from("i", ifreq, 16)[0]
 
 
 class PlainPort(LinuxWire):

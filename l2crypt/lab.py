@@ -31,7 +31,10 @@ lab made; nothing is created in the root namespace)::
   up itself.
 * As a host's network manager would, the lab makes the persistent TAP
   ``l2c0`` with its addresses once, before the first agent start; agents
-  attach to it, a restart adds nothing.  As in the README, hosts have no
+  attach to it, a restart adds nothing.  IPv6 addresses go through duplicate
+  address detection as on a real host (again whenever the TAP regains its
+  carrier, i.e. after an agent restart): ``wait_connected`` also waits until
+  none is tentative, and fails if one failed.  As in the README, hosts have no
   ``--mac`` and agents no ``--tap-mac``: the lab learns each MAC (``tap_mac_of``).
 * ``Lab(agents=False)`` builds the same switch with the test addresses on
   ``eth0`` and no key server: the plain-veth baseline of ``scripts/bench``.
@@ -69,6 +72,7 @@ from .lab_support import (  # noqa: F401  (re-exported for scripts and tests)
     ethertype_counts,
     read_pcap,
     read_pcap_records,
+    wait_dad_done,
     wait_listening,
 )
 
@@ -82,7 +86,6 @@ WIRE_IFNAME = "eth0"
 MGMT_IFNAME = "mgmt0"
 BRIDGE = "br0"
 NS_PREFIX = "l2c"
-IFA_F_NODAD = 0x02
 
 
 def _host_no(host: str) -> int:
@@ -279,11 +282,11 @@ class Lab(LabProcesses):
                 raise LabError(f"no interface {ifname} in {self.ns(role)}")
             ipr.link("set", index=idx[0], **kw)
 
-    def _addr(self, role: str, ifname: str, address: str, prefixlen: int, nodad: bool = False) -> None:
+    def _addr(self, role: str, ifname: str, address: str, prefixlen: int) -> None:
+        """Add an address as a host's network manager does (IPv6 goes through DAD)."""
         with IPRoute(netns=self.ns(role), flags=0) as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
-            kw = {"flags": IFA_F_NODAD} if nodad else {}
-            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen, **kw)
+            ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
 
     def wait_oper_up(self, role: str, ifname: str, timeout_s: float = 5.0) -> None:
         """Wait until ``ifname`` has carrier (operstate UP); a bridge port then forwards."""
@@ -358,7 +361,7 @@ class Lab(LabProcesses):
     def _addr_test_addresses(self, host: str, ifname: str) -> None:
         self._link(host, ifname, state="up")
         self._addr(host, ifname, tap_ipv4(host), 24)
-        self._addr(host, ifname, tap_ipv6(host), 64, nodad=True)
+        self._addr(host, ifname, tap_ipv6(host), 64)
 
     def add_intruder(self) -> str:
         """A namespace on the switch with no certificate; its ``eth0`` injects frames."""
@@ -493,6 +496,7 @@ class Lab(LabProcesses):
                 if self.tap_macs.setdefault(host, st["mac"]) != st["mac"]:
                     raise LabError(f"the TAP MAC of {host} changed from {self.tap_macs[host]} to {st['mac']}")
                 self.save()
+                wait_dad_done(self.ns(host), TAP_IFNAME, max(1.0, deadline - time.monotonic()))
                 return st
             time.sleep(0.2)
         raise LabError(f"agent of {host} not connected within {timeout_s} s; last status: {last}\n"
@@ -532,6 +536,8 @@ class Lab(LabProcesses):
                                                        name=f"tcpdump-life-{host}")
                 self.save()
             if not self.agents:
+                for host in self.hosts:
+                    wait_dad_done(self.ns(host), WIRE_IFNAME)
                 return self
             self.start_keyserver()
             for host in self.hosts:

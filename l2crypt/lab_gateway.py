@@ -12,7 +12,7 @@ its own key server and switch, plus (namespaces of segment A unless noted)::
     eth0 of l2c-p1-<a>:   a-gw 10.69.1.254   b-gw 10.69.2.254
     plain host p1         a-ks 10.68.1.254   b-ks 10.68.2.254
     10.66.0.31/24         |                  |
-    MTU 1468              wan0 10.68.1.1     wan0 10.68.2.1
+    MTU 1500              wan0 10.68.1.1     wan0 10.68.2.1
                           key server A       key server B  (NETKEY peering on :7789)
 
 * Each gateway also has ``mgmt0`` (10.67.0.21 or .22) on its segment's key
@@ -20,8 +20,11 @@ its own key server and switch, plus (namespaces of segment A unless noted)::
   layer-2 domain joined by the gateways.
 * The key servers' CAs are made before they start, so each is told the
   other's fingerprint; they peer through the WAN namespace.
-* ``p1``'s port has checksum and segmentation offloads off, so the gateway's
-  packet socket sees finished, MTU-sized frames (as from a real NIC).
+* ``p1``'s port has checksum and segmentation offloads off: a veth would
+  otherwise hand the gateway unfinished 64 KiB segments that no wire
+  carries.  gA's ``plain0`` has GRO on, as a NIC has by default, and the
+  plain side keeps the MTU of 1500 a plain host has: the gateway turns GRO
+  off itself, and counts frames that no longer fit once sealed (``too_big``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ GATEWAYS = {"gA": ("A", "02:4c:47:00:00:a1", "10.67.0.21", "10.69.1.1"),
 P1_MAC = "02:4c:50:00:00:31"
 P1_IPV4 = "10.66.0.31"
 P1_IPV6 = "fd66::31"
-PLAIN_MTU = 1468
 TUNNEL_PORT = 4789
 NETKEY_PORT = 7789
 KS_WAN = {"A": ("10.68.1.1", "10.68.1.254", "a-ks"), "B": ("10.68.2.1", "10.68.2.254", "b-ks")}
@@ -135,14 +137,13 @@ class GatewayLab:
         a._new_ns("p1")
         a._new_ns("gA")
         a._veth("gA", "plain0", "p1", WIRE_IFNAME, right_mac=P1_MAC)
-        for role, ifname in (("p1", WIRE_IFNAME), ("gA", "plain0")):
-            a._link(role, ifname, mtu=PLAIN_MTU)
-        # Finished frames only: no checksum offload or segmentation on the plain host's port.
+        # What a wire carries: finished frames, no checksum offload or segmentation on p1's port ...
         a.exec("p1", ["ethtool", "-K", WIRE_IFNAME, "tx", "off", "tso", "off", "gso", "off"], check=True)
-        a.exec("gA", ["ethtool", "-K", "plain0", "gro", "off"], check=False)
+        # ... and what a NIC does on receive: GRO on (the gateway turns it off).
+        a.exec("gA", ["ethtool", "-K", "plain0", "gro", "on"], check=True)
         a._link("p1", WIRE_IFNAME, state="up")
         a._addr("p1", WIRE_IFNAME, P1_IPV4, 24)
-        a._addr("p1", WIRE_IFNAME, P1_IPV6, 64, nodad=True)
+        a._addr("p1", WIRE_IFNAME, P1_IPV6, 64)
 
     def _build_gateway(self, gw: str) -> None:
         seg, mac, mgmt_ip, wan_ip = GATEWAYS[gw]

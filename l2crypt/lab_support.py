@@ -4,7 +4,8 @@ namespaces, and the pcap files its captures write.
 1. ``Proc`` records a started process by PID *and* start time, so a recycled
    PID is never signalled; ``_stop_proc`` sends SIGTERM, waits (bounded), then
    SIGKILL.
-2. ``read_pcap`` reads the frames of a classic pcap file (what tcpdump -w
+2. ``wait_dad_done`` waits out IPv6 duplicate address detection on a port.
+3. ``read_pcap`` reads the frames of a classic pcap file (what tcpdump -w
    writes), ``read_pcap_records`` with their times; ``ethertype_counts``
    summarises them.
 """
@@ -21,11 +22,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pyroute2 import IPRoute
+
 if TYPE_CHECKING:
     from .lab import Lab
 
 class LabError(Exception):
     """The lab could not be built or a step of it failed; the message says which."""
+
+
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+
+
+def wait_dad_done(ns: str, ifname: str, timeout_s: float = 10.0) -> None:
+    """Wait until duplicate address detection is over on the IPv6 addresses of
+    ``ifname`` in netns ``ns``; LabError if one failed or stays tentative."""
+    deadline = time.monotonic() + timeout_s
+    with IPRoute(netns=ns, flags=0) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        while idx:
+            flags = [a.get_attr("IFA_FLAGS", a["flags"]) for a in ipr.get_addr(family=10, index=idx[0])]
+            if any(f & IFA_F_DADFAILED for f in flags):
+                raise LabError(f"duplicate address detection failed on {ifname} in {ns}")
+            if not any(f & IFA_F_TENTATIVE for f in flags):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"IPv6 addresses of {ifname} in {ns} still tentative after {timeout_s} s")
+            time.sleep(0.1)
 
 
 # --- processes -----------------------------------------------------------------

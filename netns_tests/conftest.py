@@ -9,14 +9,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import skip_reason  # noqa: E402
+from helpers import assert_hosts_sent_only_sealed, skip_reason  # noqa: E402
+from hostile import MARKER as HOSTILE_MARKER  # noqa: E402
 
 from l2crypt import lab as L  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A running lab (key server, switch, h1-h3, intruder), captured from before the agents."""
+def lab(request, tmp_path_factory):
+    """A running lab (key server, switch, h1-h3, intruder), captured from before the agents.
+
+    At the end of the module (after the attack, fault and operations tests
+    too) the lifetime captures must hold sealed frames from every host and
+    nothing else, none of the module's ``MARKER`` nor the hostile marker."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -29,5 +34,7 @@ def lab(tmp_path_factory):
         the_lab.up(timeout_s=90)
         the_lab.add_intruder()
         yield the_lab
+        markers = tuple(m for m in (getattr(request.module, "MARKER", None), HOSTILE_MARKER) if isinstance(m, bytes))
+        assert_hosts_sent_only_sealed(the_lab, markers)
     finally:
         the_lab.down()

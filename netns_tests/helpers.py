@@ -86,6 +86,23 @@ def l2c_frames(frames: list[bytes], src: str | None = None, dst: str | None = No
     return out
 
 
+def assert_hosts_sent_only_sealed(lab: L.Lab, markers: tuple[bytes, ...] = ()) -> dict[str, int]:
+    """The lab's lifetime captures (what each host put on its switch port since
+    before its agent started) hold sealed frames from every host, and nothing
+    else: no other EtherType, none of ``markers`` (their first 16 bytes, what
+    ``ping -p`` repeats).  Returns the count of sealed frames per host."""
+    sealed = {}
+    for host, frames in lab.lifetime_frames().items():
+        sealed[host] = len(l2c_frames(frames))
+        assert sealed[host] > 0, f"the lifetime capture of {host} holds {len(frames)} frames, none sealed"
+        other = {hex(et): n for et, n in L.ethertype_counts(frames).items() if et != L.L2C_ETHERTYPE}
+        assert not other, f"{host} put non-l2crypt frames on the switch: {other}"
+        for marker in markers:
+            assert not any(marker[:16] in f for f in frames), f"{host} put {marker[:16]!r} on the switch in clear"
+    assert set(sealed) == set(lab.hosts) - {"in"}, sealed
+    return sealed
+
+
 def forged_frame(dst: str, src: str, pw_id: int, body: bytes) -> bytes:
     """An l2crypt-shaped frame (version 1, pair key id) whose body is not sealed by any key."""
     header = (L.L2C_ETHERTYPE.to_bytes(2, "big") + bytes([1, 1]) + pw_id.to_bytes(4, "big")

@@ -2,8 +2,8 @@
 bad certificates, raw floods, key-server latency probes.
 
 Each helper takes the lab and role names, so gateway and failover cases can
-reuse them (e.g. ``fresh_key_latency_s(lab, "h1", "h2", server=...)`` against
-another key server, ``flood_random_macs(lab, "gw", ...)`` from a gateway).
+reuse them (e.g. ``agent_key_latency_s(lab, "h1")`` in any segment lab,
+``flood_random_macs(lab, "gw", ...)`` from a gateway).
 """
 
 from __future__ import annotations
@@ -95,19 +95,38 @@ def flood_random_macs(lab: L.Lab, role: str, src_mac: str, count: int, per_s: fl
 # --- key server ------------------------------------------------------------------------
 
 
-def fresh_key_latency_s(lab: L.Lab, host: str, peer: str, server: str | None = None,
-                        cert_dir: Path | None = None) -> float:
-    """Seconds for a new connection of ``host`` to say hello and get its pair key with ``peer``."""
-    start = time.monotonic()
-    client = KeyServerClient(lab.ns(host), server or lab.keyserver_addr, cert_dir or lab.host_dir(host))
-    try:
-        welcome = client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of(host))})
-        assert welcome["t"] == "welcome", welcome
-        key = client.request({"t": "key_req", "rid": 2, "peer_mac": mac_bytes(lab.tap_mac_of(peer))})
-        assert key["t"] == "key", key
-    finally:
-        client.close()
-    return time.monotonic() - start
+AGENT_METRICS = "http://127.0.0.1:9478/metrics"
+_KEY_REQUEST_TIMES = (
+    "import sys, urllib.request\n"
+    "text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()\n"
+    "v = {ln.split()[0]: ln.split()[1] for ln in text.splitlines() if ln.startswith('l2crypt_key_request_duration_seconds_')}\n"
+    "print(v['l2crypt_key_request_duration_seconds_count'], v['l2crypt_key_request_duration_seconds_sum'])\n")
+
+
+def _key_request_times(lab: L.Lab, host: str) -> tuple[float, float]:
+    """(answers, seconds in total) of the agent's ``l2crypt_key_request_duration_seconds``."""
+    res = lab.exec(host, [sys.executable, "-c", _KEY_REQUEST_TIMES, AGENT_METRICS], timeout=20, check=True)
+    count, total = res.stdout.split()
+    return float(count), float(total)
+
+
+def agent_key_latency_s(lab: L.Lab, host: str, timeout_s: float = 10.0) -> float:
+    """Seconds the agent of ``host`` waits for the key server's answer when it
+    meets a peer MAC it has never seen: a frame to a fresh random MAC goes into
+    its TAP, the agent asks for the pair key on its TLS session, and its own
+    histogram (``l2crypt_key_request_duration_seconds``) times request ->
+    answer.  No process start and no TLS handshake is in the figure."""
+    count, total = _key_request_times(lab, host)
+    peer_mac = bytes([0x02, 0xEE]) + os.urandom(4)
+    lab.inject([peer_mac + mac_bytes(lab.tap_mac_of(host)) + b"\x08\x00" + bytes(46)], role=host,
+               ifname=L.TAP_IFNAME)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        new_count, new_total = _key_request_times(lab, host)
+        if new_count > count:
+            return (new_total - total) / (new_count - count)
+        assert time.monotonic() < deadline, f"the agent of {host} got no answer to a key request in {timeout_s} s"
+        time.sleep(0.05)
 
 
 def raw_tcp(lab: L.Lab, role: str, server: str | None = None, timeout_s: float = 10.0) -> socket.socket:

@@ -15,13 +15,16 @@
 #
 # h3 is an enrolled host turned hostile: it spoofs h1's MAC, floods key
 # requests, and brings bad certificates to the key server.  The intruder
-# replays and forges frames on the switch.  Every wait is bounded; latency
-# bounds are generous (the machine is shared), never tight.
+# replays and forges frames on the switch.  Every wait is bounded.  Key
+# latency is what h1's agent measures on its own TLS session for a peer MAC
+# it never met (``agent_key_latency_s``), bounded against the same figure
+# measured just before the attack.
 
 from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import ssl
 import time
 
@@ -31,10 +34,10 @@ from helpers import KeyServerClient, drop, drops_total, mac_bytes, peer, ping, w
 from hostile import (
     MARKER,
     Trickler,
+    agent_key_latency_s,
     captured_frames,
     cert_dir_with,
     flood_random_macs,
-    fresh_key_latency_s,
     marker_count,
     other_ca,
     raw_tcp,
@@ -46,7 +49,12 @@ from l2crypt.ks_messages import LENGTH, encode_message
 
 pytestmark = pytest.mark.lab
 
-LATENCY_BOUND_S = 1.0  # generous: a key request normally takes a few ms
+LATENCY_FACTOR = 10  # a key request under attack may take this many times the quiet one ...
+LATENCY_SLACK_S = 0.1  # ... plus this much (scheduling on a shared two-core machine)
+
+
+def _latency_bound_s(quiet: list[float]) -> float:
+    return LATENCY_FACTOR * statistics.median(quiet) + LATENCY_SLACK_S
 
 
 def _status_after(lab, host, before, more, timeout_s=15.0):
@@ -122,14 +130,14 @@ def test_hello_with_another_hosts_mac_is_refused(lab):
 
 
 def test_key_request_flood_is_bounded_and_others_are_served(lab):
-    base = [fresh_key_latency_s(lab, "h1", "h2") for _ in range(3)]
+    base = [agent_key_latency_s(lab, "h1") for _ in range(3)]
     before = lab.status("h3")
     flood = flood_random_macs(lab, "h3", lab.tap_mac_of("h3"), count=6000, per_s=1000)
     during, pending_seen = [], []
     try:
         deadline = time.monotonic() + 30
         while flood.alive() and time.monotonic() < deadline:
-            during.append(fresh_key_latency_s(lab, "h1", "h2"))
+            during.append(agent_key_latency_s(lab, "h1"))
             pending_seen.append(len(lab.status("h3")["pending_keys"]))
             time.sleep(0.2)
         assert not flood.alive(), "the flood sender did not finish in 30 s"
@@ -137,17 +145,20 @@ def test_key_request_flood_is_bounded_and_others_are_served(lab):
         lab.stop(flood)
     after = lab.status("h3")
     assert during, "no measurement during the flood"
-    print(f"fresh key latency before {max(base):.3f} s, during flood max {max(during):.3f} s "
-          f"({len(during)} probes), pending MACs seen up to {max(pending_seen)}")
-    assert max(during) < LATENCY_BOUND_S, (base, during)
+    print(f"h1's key latency for a new peer: before {statistics.median(base):.4f} s, during the flood max "
+          f"{max(during):.4f} s ({len(during)} probes), h3's pending MACs seen up to {max(pending_seen)}")
+    assert max(during) < _latency_bound_s(base), (base, during)
     assert max(pending_seen) <= 1024  # max_pending_keys
     requests = after["counters"]["key_requests"] - before["counters"]["key_requests"]
     assert requests < 6000 / 2, requests  # rate-limited, not one per frame
     # Every flood frame was dropped and counted (none sealed: no host holds those MACs).
     dropped = drops_total(after) - drops_total(before)
     assert dropped + len(after["pending_keys"]) * 16 >= 6000 * 0.9, after["drops"]
-    assert drop(after, "no_key") + drop(after, "pending_full") + drop(after, "hold_expired") \
-        + drop(after, "hold_overflow") > drop(before, "no_key")
+    # ... under the reasons of a key miss.
+    flood_reasons = ("no_key", "pending_full", "hold_expired", "hold_overflow")
+    flood_drops = sum(drop(after, r) - drop(before, r) for r in flood_reasons)
+    assert flood_drops + len(after["pending_keys"]) * 16 >= 6000 * 0.9, after["drops"]
+    assert flood_drops <= dropped
     assert lab.proc("agent-h3").alive() and lab.proc("keyserverd").alive()
     # h3 itself recovers once its held frames age out (hold_age_s = 2 s frees
     # the pending table the flood filled), within a bound.
@@ -158,20 +169,23 @@ def test_key_request_flood_is_bounded_and_others_are_served(lab):
 def test_key_server_limits_a_host_that_floods_it_directly(lab):
     """h3 bypasses its agent and sends key requests as fast as it can."""
     since = len(lab.log_text("keyserverd"))
+    base = [agent_key_latency_s(lab, "h1") for _ in range(3)]
     client = KeyServerClient(lab.ns("h3"), lab.keyserver_addr, lab.host_dir("h3"))
     try:
         assert client.request({"t": "hello", "rid": 1, "mac": mac_bytes(lab.tap_mac_of("h3"))})["t"] == "welcome"
         burst = b"".join(encode_message({"t": "key_req", "rid": r, "peer_mac": bytes.fromhex("02ee0000") + r.to_bytes(2, "big")})
                          for r in range(2, 1502))
         client.sock.sendall(burst)
-        latency = fresh_key_latency_s(lab, "h1", "h2")
+        latency = agent_key_latency_s(lab, "h1")
         answers = [client.request({"t": "ping", "rid": 9999}, timeout_s=30)]
         answers += client.pending
     finally:
         client.close()
     codes = [a.get("code", a["t"]) for a in answers]
     assert codes.count("rate_limited") >= 1000, codes[:20]
-    assert latency < LATENCY_BOUND_S
+    print(f"h1's key latency for a new peer: {statistics.median(base):.4f} s alone, {latency:.4f} s "
+          f"during h3's burst of 1500 requests")
+    assert latency < _latency_bound_s(base), (base, latency)
     log = lab.log_text("keyserverd")[since:]
     assert "rate_limited" in log
     assert log.count("rate_limited") < 20  # logged at a rate limit, not once per request
@@ -283,7 +297,7 @@ def test_certificate_of_another_id_is_refused_with_a_log_line(lab):
 
 def test_oversized_and_slow_connections_do_not_stop_the_service(lab):
     since = len(lab.log_text("keyserverd"))
-    base = fresh_key_latency_s(lab, "h1", "h2")
+    base = [agent_key_latency_s(lab, "h1") for _ in range(3)]
     slow = [raw_tcp(lab, "h3") for _ in range(50)]
     client_hello_start = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40)
     with Trickler(slow, client_hello_start, every_s=0.5) as trickle:
@@ -298,9 +312,10 @@ def test_oversized_and_slow_connections_do_not_stop_the_service(lab):
             assert closed, "the key server kept a connection announcing a 50 MB message"
         finally:
             big.close()
-        during = [fresh_key_latency_s(lab, "h1", "h2") for _ in range(5)]
-        print(f"fresh key latency: {base:.3f} s alone, up to {max(during):.3f} s with 50 slow connections")
-        assert max(during) < LATENCY_BOUND_S
+        during = [agent_key_latency_s(lab, "h1") for _ in range(5)]
+        print(f"h1's key latency for a new peer: {statistics.median(base):.4f} s alone, up to {max(during):.4f} s "
+              f"with 50 slow connections")
+        assert max(during) < _latency_bound_s(base), (base, during)
         # The handshake timeout (10 s) ends every slow connection.
         wait_for("the key server to drop the slow connections",
                  lambda: trickle.closed_by_server >= 45, timeout_s=40, every_s=0.5)

@@ -144,6 +144,39 @@ def test_encrypted_host_to_plain_host(glab):
     assert L.L2C_ETHERTYPE not in L.ethertype_counts(plain_frames)
 
 
+def test_plain_hosts_keep_mtu_1500_large_frames_are_counted_and_gro_is_off(glab):
+    """Issue 16.4: the plain side has the MTU of 1500 a plain host has and
+    plain0 had GRO on (as a NIC has) until gA turned it off.
+    - p1 -> h1, ``ping -s 1472`` with and without DF (``-M do``, ``-M dont``):
+      the 1514-byte frames do not fit the encrypted port once sealed; gA counts
+      each (``too_big``), no answer comes;
+    - h1 -> p1: h1's TAP has MTU 1468, so with DF h1's own stack refuses
+      (ping reports the MTU); without, the fragments reach p1 and its
+      1500-byte answer is counted at gA;
+    - the largest packets that fit go through both ways, and a TCP stream from
+      p1 (its segments would merge under GRO) loses nothing to ``too_big``."""
+    a = glab.a
+    assert "generic-receive-offload: off" in a.exec("gA", ["ethtool", "-k", "plain0"], check=True).stdout
+    assert "plain_port_offloads_off port=plain0 turned_off=gro" in a.log_text("gateway-gA")
+    _ping_ok(glab, "h1", P1_IPV4, count=1)  # neighbours and keys in place
+    before = glab.gateway_status("gA")["drops"].get("too_big", 0)
+    for df in ("do", "dont"):
+        res = ping(a, "p1", L.tap_ipv4("h1"), count=2, extra=["-s", "1472", "-M", df])
+        assert " 0 received" in res.stdout, res.stdout + res.stderr
+    res = ping(a, "h1", P1_IPV4, count=2, extra=["-s", "1472", "-M", "do"])
+    assert res.returncode != 0 and "mtu=1468" in res.stdout + res.stderr, res.stdout + res.stderr
+    res = ping(a, "h1", P1_IPV4, count=2, extra=["-s", "1472"])
+    assert " 0 received" in res.stdout, res.stdout + res.stderr
+    too_big = wait_for("gA to count 6 frames too big", lambda: (lambda n: n if n >= before + 6 else None)(
+        glab.gateway_status("gA")["drops"].get("too_big", 0)), timeout_s=5)
+    assert too_big == before + 6
+    for src, dst in (("p1", L.tap_ipv4("h1")), ("h1", P1_IPV4)):
+        _ping_ok(glab, src, dst, count=2, extra=["-s", str(1468 - 28), "-M", "do"])
+    doc = _iperf3(glab, "p1", "h1", L.tap_ipv4("h1"), 5303)
+    assert doc["end"]["sum_received"]["bytes"] > 1_000_000
+    assert glab.gateway_status("gA")["drops"].get("too_big", 0) == too_big
+
+
 def test_across_subnets(glab):
     wan = glab.a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-wan")
     try:

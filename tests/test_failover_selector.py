@@ -2,7 +2,7 @@
 
 import pytest
 
-from l2crypt.failover import TRANSITIONS, Event, FailoverSelector, IllegalTransition, ServerEntry, ServerState
+from l2crypt.failover import Event, FailoverSelector, IllegalTransition, ServerEntry, ServerState
 
 SERVERS = ("ks1:7788", "ks2:7788", "ks3:7788")
 
@@ -115,12 +115,32 @@ def test_status_lists_every_server_with_its_state_and_the_counter():
     }
 
 
+U, IN, A, D = ServerState.UNTRIED, ServerState.IN_USE, ServerState.ANSWERING, ServerState.DOWN
+#: The moves the module docstring draws, written out here (not read from the
+#: product): (state, event) -> next state; every pair not listed must raise.
+EXPECTED_MOVES = {
+    (U, Event.CONNECTED): IN, (U, Event.LOST): D, (U, Event.PROBE_OK): A, (U, Event.PROBE_FAILED): D,
+    (A, Event.CONNECTED): IN, (A, Event.LOST): D, (A, Event.PROBE_OK): A, (A, Event.PROBE_FAILED): D,
+    (D, Event.CONNECTED): IN, (D, Event.LOST): D, (D, Event.PROBE_OK): A, (D, Event.PROBE_FAILED): D,
+    (IN, Event.LOST): D, (IN, Event.RELEASED): A, (IN, Event.PROBE_OK): IN,
+}
+ILLEGAL_MOVES = {(U, Event.RELEASED), (A, Event.RELEASED), (D, Event.RELEASED), (IN, Event.CONNECTED),
+                 (IN, Event.PROBE_FAILED)}
+
+
+def test_the_expected_table_names_every_state_and_event_once():
+    every = {(state, event) for state in ServerState for event in Event}
+    assert set(EXPECTED_MOVES) | ILLEGAL_MOVES == every
+    assert not set(EXPECTED_MOVES) & ILLEGAL_MOVES
+
+
 @pytest.mark.parametrize("state", list(ServerState))
 @pytest.mark.parametrize("event", list(Event))
-def test_transition_table_is_total_or_raises_without_change(state, event):
+def test_each_state_and_event_moves_as_the_table_says_or_raises_without_change(state, event):
     entry = ServerEntry("ks", 1, state)
-    if (state, event) in TRANSITIONS:
-        assert entry.apply(event, 0.0) == TRANSITIONS[(state, event)]
+    if (state, event) in EXPECTED_MOVES:
+        assert entry.apply(event, 0.0) == EXPECTED_MOVES[(state, event)]
+        assert entry.state == EXPECTED_MOVES[(state, event)]
     else:
         with pytest.raises(IllegalTransition):
             entry.apply(event, 0.0)

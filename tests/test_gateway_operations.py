@@ -2,10 +2,10 @@
 ``l2crypt-gateway status`` prints tables and JSON, ``check-config`` names every
 problem with its key."""
 
+import asyncio
 import json
 import socket
 import threading
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client import generate_latest
@@ -15,10 +15,17 @@ from rich.console import Console
 from gateway import core as C
 from gateway.cli import main
 from gateway.config import GatewayConfig
+from gateway.daemon import Gateway, GatewayKeyClient
 from gateway.metrics import gateway_metrics
+from gateway.ports import TunnelSocket
 from gateway.status_view import rates, render_status
-from l2crypt.metrics import FunctionCollector, LatencyHistogram, new_registry
+from keyserverd.ca import CertificateAuthority
+from l2crypt.control import serve_control
+from l2crypt.metrics import FunctionCollector, new_registry
+from l2crypt.tls_files import CA_CERT, HOST_CERT, HOST_KEY
 from test_gateway_core import GA, GB, H1, MCAST_A, NETKEY, P1, arp, gateway, host, link_keys_of, serve_netkey
+from test_keyserver_tls import new_identity
+from test_port_guard import listing_of
 
 NEW_NETKEY = b"L" * 32
 
@@ -32,16 +39,64 @@ def samples(text: str) -> dict:
     return out
 
 
-def fake_gateway(core, unknown_sender=0):
-    latency = LatencyHistogram("l2crypt_key_request_duration_seconds", "Key request to answer.")
-    latency.observe(0.004)
-    client = SimpleNamespace(connected=True, connects=2, latency=latency,
-                             selector=SimpleNamespace(failovers=1, failbacks=0))
-    guards = {"encrypted": {"port_guard": "intact", "inbound_refused": 9, "egress_blocked": 2},
-              "plain": {"port_guard": "missing", "inbound_refused": None}}
-    return SimpleNamespace(core=core, client=client, gw_id="gA", tunnel=SimpleNamespace(unknown_sender=unknown_sender),
-                           config=GatewayConfig(encrypted_port="eth0", plain_port="plain0", servers=("10.0.0.1:7788",)),
-                           guard_readings=lambda: guards)
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def enrolled_state_dir(tmp_path, gw_id="gA"):
+    """A state directory as ``l2crypt enroll`` leaves it: key, certificate (CN gw_id), CA."""
+    ca = CertificateAuthority.open(tmp_path / "ca", ())
+    state = tmp_path / "state"
+    state.mkdir()
+    key_path, csr = new_identity(state, gw_id)
+    key_path.rename(state / HOST_KEY)
+    (state / HOST_CERT).write_bytes(ca.sign_csr(csr, gw_id))
+    (state / CA_CERT).write_bytes(ca.ca_cert_pem)
+    return state
+
+
+def real_gateway(tmp_path, core) -> Gateway:
+    """A ``daemon.Gateway`` made from its config and enrolled state directory,
+    with ``core`` as its core, its real tunnel socket on loopback (gB at
+    127.0.0.2) and its real key client (not started: no key server runs).
+    Only the nftables listing its port guards read stands in for the kernel's
+    (the lab's netns_tests/test_inbound_guard.py reads the kernel's)."""
+    config = GatewayConfig(encrypted_port="eth0", plain_port="plain0", servers=("127.0.0.1:9", "127.0.0.1:10"),
+                           state_dir=str(enrolled_state_dir(tmp_path)),
+                           tunnel_listen=f"127.0.0.1:{free_udp_port()}", tunnel_peers=("gB=127.0.0.2:4789",))
+    gw = Gateway(config)
+    gw.core = core
+    gw.tunnel = TunnelSocket(("127.0.0.1", int(config.tunnel_listen.rsplit(":", 1)[1])), config.peer_addresses())
+    gw.client = GatewayKeyClient(config.servers, gw.ssl_ctx, core.gw_mac, gw)
+    enc, plain = gw.guards["encrypted"], gw.guards["plain"]
+    gw.guard_readings = lambda: {"encrypted": enc.reading(listing_of(enc, packets=9)), "plain": plain.reading(None)}
+    return gw
+
+
+@pytest.fixture
+def real_gw(tmp_path, traffic):
+    """The traffic fixture's gA inside a real Gateway, after three datagrams
+    from a stranger and one (truncated) from gB reached its tunnel socket."""
+    gw = real_gateway(tmp_path, traffic[0])
+    gw._loop = asyncio.new_event_loop()
+    port = gw.tunnel._sock.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer_b:
+        stranger.bind(("127.0.0.1", 0))
+        peer_b.bind(("127.0.0.2", 0))
+        for _ in range(3):
+            stranger.sendto(b"\x01\x01" + bytes(40), ("127.0.0.1", port))
+        peer_b.sendto(b"\x01\x01" + bytes(10), ("127.0.0.1", port))
+        gw._on_tunnel()
+    # The key client's selector goes through a failover: ks1 in use, lost, ks2 in use.
+    gw.client.selector.connected(0, 1.0)
+    gw.client.selector.lost(2.0)
+    gw.client.selector.connected(1, 2.5)
+    yield gw
+    gw.tunnel.close()
+    gw._loop.close()
 
 
 def scrape(gw, now=10.0) -> tuple[dict, str]:
@@ -70,9 +125,8 @@ def traffic():
     return ga, gb
 
 
-def test_metrics_read_the_gateways_counters(traffic):
-    ga, _ = traffic
-    m, text = scrape(fake_gateway(ga, unknown_sender=3), now=11.0)
+def test_metrics_read_the_gateways_counters(real_gw):
+    m, text = scrape(real_gw, now=11.0)
     assert m["l2crypt_gateway_frames_sealed_total{port=encrypted}"] == 1  # p1's ARP onto the segment
     assert m["l2crypt_gateway_frames_opened_total{port=encrypted}"] == 1  # h1's ARP
     assert m["l2crypt_gateway_frames_sealed_total{port=tunnel}"] == 2  # both ARPs, to gB
@@ -82,7 +136,7 @@ def test_metrics_read_the_gateways_counters(traffic):
     assert m["l2crypt_gateway_plain_frames_total{direction=in}"] == 1
     assert m["l2crypt_gateway_plain_frames_total{direction=out}"] == 1
     assert m["l2crypt_gateway_plain_bytes_total{direction=out}"] == len(arp(H1))
-    assert m["l2crypt_gateway_frames_dropped_total{reason=tunnel_truncated}"] == 1
+    assert m["l2crypt_gateway_frames_dropped_total{reason=tunnel_truncated}"] == 2  # the fixture's, and gB's by UDP
     assert m["l2crypt_gateway_frames_dropped_total{reason=tunnel_unknown_sender}"] == 3
     assert m["l2crypt_gateway_rekeys_total{key=netkey}"] == 1
     assert m["l2crypt_gateway_netkey_pw_id"] == 1  # version 2 waits for the switch delay
@@ -90,11 +144,13 @@ def test_metrics_read_the_gateways_counters(traffic):
     assert m["l2crypt_gateway_macs{side=plain,state=mapped}"] == 1
     assert m["l2crypt_gateway_macs_learned_total"] == 1
     assert m["l2crypt_gateway_map_requests_total"] == 0  # nobody took them in this test
-    assert m["l2crypt_gateway_keyserver_connected"] == 1
+    assert m["l2crypt_gateway_keyserver_connected"] == 0  # the client never ran
+    assert m["l2crypt_gateway_keyserver_connects_total"] == 0
     assert m["l2crypt_gateway_keyserver_failovers_total"] == 1
-    assert m["l2crypt_key_request_duration_seconds_count"] == 1
+    assert m["l2crypt_gateway_keyserver_failbacks_total"] == 0
+    assert m["l2crypt_key_request_duration_seconds_count"] == 0
     assert m["l2crypt_gateway_port_guard_frames_dropped_total{direction=inbound,port=encrypted}"] == 9
-    assert m["l2crypt_gateway_port_guard_frames_dropped_total{direction=egress,port=encrypted}"] == 2
+    assert m["l2crypt_gateway_port_guard_frames_dropped_total{direction=egress,port=encrypted}"] == 9
     assert m["l2crypt_gateway_port_guard_intact{port=encrypted}"] == 1
     assert m["l2crypt_gateway_port_guard_intact{port=plain}"] == 0
     assert not [k for k in m if k.startswith("l2crypt_gateway_port_guard_frames_dropped_total") and "plain" in k]
@@ -104,12 +160,12 @@ def test_metrics_read_the_gateways_counters(traffic):
         assert secret.hex() not in text and secret.decode("latin-1") not in text
 
 
-def test_metrics_move_and_name_no_key(traffic):
-    ga, _ = traffic
-    before, _ = scrape(fake_gateway(ga))
+def test_metrics_move_and_name_no_key(real_gw):
+    ga = real_gw.core
+    before, _ = scrape(real_gw)
     ga.from_tunnel("gB", b"\x09" * 60, 2.0)  # unknown version
     ga.from_tunnel("stranger", b"\x01" * 60, 2.0)
-    after, text = scrape(fake_gateway(ga))
+    after, text = scrape(real_gw)
     assert after["l2crypt_gateway_frames_dropped_total{reason=tunnel_unknown_version}"] == 1
     assert after["l2crypt_gateway_frames_dropped_total{reason=tunnel_unknown_peer}"] == 1
     assert "tunnel_unknown_version" not in str(before)
@@ -117,43 +173,38 @@ def test_metrics_move_and_name_no_key(traffic):
         assert secret.hex() not in text and secret.hex().upper() not in text
 
 
-def test_no_metrics_before_the_core_exists():
-    gw = fake_gateway(None)
-    assert gateway_metrics(gw, 0.0) == []
+def test_no_metrics_before_the_core_exists(tmp_path):
+    gw = Gateway(GatewayConfig(encrypted_port="eth0", servers=("127.0.0.1:9",),
+                               state_dir=str(enrolled_state_dir(tmp_path))))
+    assert gw.core is None and gateway_metrics(gw, 0.0) == []
 
 
 # --- status -------------------------------------------------------------------------
 
 
-def status_doc(core, now=5.0) -> dict:
-    doc = core.snapshot(now)
-    doc.update({"id": "gA", "role": "gateway", "mac": C.frame_wire.format_mac(core.gw_mac), "encrypted_port": "eth0",
-                "plain_port": "plain0", "tunnel_listen": "10.69.1.1:4789", "tunnel_unknown_sender": 0,
-                "keyserver": "10.67.0.1:7788", "connected": True, "uptime_s": 12.5,
-                "port_guard": "intact", "inbound_refused": 9, "egress_blocked": 0,
-                "plain_port_guard": "missing", "plain_inbound_refused": None})
-    return json.loads(json.dumps(doc))  # as it comes over the control socket
+def status_doc(gw) -> dict:
+    """The real Gateway's snapshot, as it comes over the control socket."""
+    return json.loads(json.dumps(gw.snapshot()))
 
 
-def test_status_renders_tables(traffic):
-    ga, _ = traffic
+def test_status_renders_tables(real_gw):
     console = Console(record=True, width=140)
-    render_status(status_doc(ga), console)
+    render_status(status_doc(real_gw), console)
     text = console.export_text()
-    assert "gateway gA" in text and "10.67.0.1:7788  connected" in text
+    assert "gateway gA" in text and "key server: none  DISCONNECTED" in text
     lines = {ln.split("│")[1].strip(): ln for ln in text.splitlines() if ln.count("│") >= 6}
     assert [c.strip() for c in lines["encrypted"].split("│")[2:5]] == ["eth0", "1", "1"]
     assert [c.strip() for c in lines["plain"].split("│")[2:5]] == ["plain0", "1", "1"]
-    assert [c.strip() for c in lines["tunnel"].split("│")[2:5]] == ["10.69.1.1:4789", "0", "2"]
+    assert [c.strip() for c in lines["tunnel"].split("│")[2:5]] == [real_gw.config.tunnel_listen, "0", "2"]
     assert C.frame_wire.format_mac(P1) in text and "mapped" in text
-    assert "tunnel_truncated=1" in text and "NETKEY PW_ID: 1 (held 1, 2)" in text
-    assert "port guard on eth0: intact   frames refused inbound: 9   frames blocked outbound: 0" in text
+    assert "tunnel_truncated=2" in text and "tunnel_unknown_sender=3" in text
+    assert "NETKEY PW_ID: 1 (held 1, 2)" in text
+    assert "port guard on eth0: intact   frames refused inbound: 9   frames blocked outbound: 9" in text
     assert "port guard on plain0: MISSING (plain frames pass)" in text
 
 
-def test_watch_rates_per_port(traffic):
-    ga, _ = traffic
-    before = status_doc(ga)
+def test_watch_rates_per_port(real_gw):
+    before = status_doc(real_gw)
     after = json.loads(json.dumps(before))
     after["counters"]["tunnel_sealed"] = before["counters"]["tunnel_sealed"] + 20
     after["counters"]["from_plain_bytes"] = before["counters"]["from_plain_bytes"] + 3000
@@ -166,29 +217,27 @@ def test_watch_rates_per_port(traffic):
 
 
 @pytest.fixture
-def control_socket(tmp_path, traffic):
-    """A stand-in gateway answering ``status`` on state_dir/gateway.sock."""
-    doc = status_doc(traffic[0])
-    path = tmp_path / "gateway.sock"
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(path))
-    srv.listen(4)
-    srv.settimeout(10)
+def control_socket(real_gw):
+    """The real Gateway answering ``status`` on state_dir/gateway.sock
+    (``l2crypt.control.serve_control`` with ``Gateway.snapshot``), on its own loop."""
+    ready, done = threading.Event(), None
 
     def serve():
-        for _ in range(2):
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(256)
-                conn.sendall(json.dumps(doc).encode() + b"\n")
+        nonlocal done
+        loop = real_gw._loop
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(serve_control(real_gw.config.socket_path, real_gw.snapshot))
+        done = asyncio.Event()
+        ready.set()
+        loop.run_until_complete(done.wait())
+        server.close()
+        loop.run_until_complete(server.wait_closed())
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield tmp_path, doc
-    srv.close()
+    assert ready.wait(5)
+    yield real_gw
+    real_gw._loop.call_soon_threadsafe(done.set)
     thread.join(timeout=5)
 
 
@@ -200,10 +249,17 @@ def run(capsys, *args):
 
 
 def test_status_command_json_and_table(control_socket, capsys, monkeypatch):
-    state_dir, doc = control_socket
+    gw = control_socket
+    state_dir = gw.config.state_dir
     monkeypatch.setenv("COLUMNS", "140")
     code, out, err = run(capsys, "status", "--state-dir", str(state_dir), "--json")
-    assert code == 0 and json.loads(out) == doc
+    doc = json.loads(out)
+    assert code == 0 and doc["id"] == "gA" and doc["connected"] is False and doc["keyserver"] is None
+    assert doc["counters"]["tunnel_sealed"] == 2 and doc["drops"]["tunnel_truncated"] == 2
+    assert doc["tunnel_unknown_sender"] == 3 and doc["tunnel_listen"] == gw.config.tunnel_listen
+    assert (doc["port_guard"], doc["inbound_refused"], doc["plain_port_guard"]) == ("intact", 9, "missing")
+    assert [(e["mac"], e["side"], e["state"]) for e in doc["learned"]] == [
+        (C.frame_wire.format_mac(P1), "plain", "mapped")]
     code, out, err = run(capsys, "status", "--state-dir", str(state_dir))
     assert code == 0 and "ports" in out and "learned MACs" in out and "eth0" in out and not out.lstrip().startswith("{")
 

@@ -17,7 +17,7 @@ from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
 from keyserverd.store import SqliteStore
 from l2crypt.constants import KEYSERVER_TLS_NAME  # noqa: F401  (the name the client checks)
-from l2crypt.keyclient import KeyClient
+from l2crypt.keyclient import RECONNECT_MIN_S, KeyClient
 from test_keyserver_tls import new_identity
 
 MAC_A = bytes.fromhex("020000000001")
@@ -148,21 +148,47 @@ def test_missed_pongs_fail_over_although_the_connection_stays_open(two_servers):
     run(body)
 
 
+async def accept_and_close(name: str, attempts: list):
+    """A loopback TCP listener that takes each connection, notes (name, time) and
+    closes it at once: the TLS handshake fails, as with a dead key server."""
+    loop = asyncio.get_running_loop()
+
+    async def on_connect(reader, writer):
+        attempts.append((name, loop.time()))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_all_servers_down_keeps_trying_in_priority_order(two_servers):
-    ca, services, ctx = two_servers
+    """Three listeners that close every connection: the client tries ks1, ks2,
+    ks3 in that order, once each per round, and backs off between rounds."""
+    _, _, ctx = two_servers
 
     async def body():
+        attempts: list[tuple[str, float]] = []
+        listeners = [await accept_and_close(name, attempts) for name in ("ks1", "ks2", "ks3")]
         events = Events()
-        client = KeyClient(("127.0.0.1:9", "127.0.0.1:9"), ctx, MAC_A, events, probe_interval_s=0.1)
+        client = KeyClient(tuple(f"127.0.0.1:{port}" for _, port in listeners), ctx, MAC_A, events,
+                           probe_interval_s=0.1)
         stop = asyncio.Event()
         task = asyncio.ensure_future(client.run(stop))
         try:
-            await asyncio.sleep(0.5)
+            await wait_until("two rounds of attempts", lambda: len(attempts) >= 6, timeout_s=5)
             assert not client.connected
             assert not client.request_key(MAC_B), "nothing can be asked while every server is down"
-            assert [s["state"] for s in client.selector.snapshot()["keyservers"]] == ["down", "down"]
+            stop.set()
+            await asyncio.wait_for(task, 5)  # the round in progress ends; no new attempt
+            assert [name for name, _ in attempts] == ["ks1", "ks2", "ks3", "ks1", "ks2", "ks3"]
+            assert attempts[3][1] - attempts[2][1] >= RECONNECT_MIN_S * 0.9, "no back-off between rounds"
+            assert [s["state"] for s in client.selector.snapshot()["keyservers"]] == ["down", "down", "down"]
+            assert events.welcomes == [] and client.connects == 0
         finally:
             stop.set()
             task.cancel()
+            for server, _ in listeners:
+                server.close()
+                await server.wait_closed()
 
     run(body)

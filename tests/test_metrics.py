@@ -12,11 +12,13 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from keyserverd.server import KeyServer, make_server_ssl_context
 from l2crypt.engine import FrameEngine
 from l2crypt.keyclient import KeyClient
 from l2crypt.logs import RateLimiter, TextFormatter
 from l2crypt.metrics import FunctionCollector, agent_metrics, new_registry, parse_listen, serve_metrics
 from l2crypt.status_view import rates
+from test_keyclient_failover import MAC_A, Events, two_servers, wait_until  # noqa: F401  (two_servers is a fixture)
 
 H1 = bytes.fromhex("020000000001")
 H2 = bytes.fromhex("020000000002")
@@ -96,7 +98,7 @@ def test_no_key_material_in_a_scrape():
         assert repr(secret) not in text and secret.decode("latin-1") not in text
 
 
-def test_key_client_times_requests_and_counts_failovers():
+def test_key_client_times_requests():
     async def go():
         client = KeyClient(("ks1:7788", "ks2:7788"), None, H1, events=SimpleNamespace(
             on_key=lambda *a, **kw: None, on_unknown=lambda *a: None, on_key_refused=lambda *a: None))
@@ -113,7 +115,46 @@ def test_key_client_times_requests_and_counts_failovers():
     assert s[("l2crypt_key_request_duration_seconds_count", ())] == 1
     assert 0.04 <= s[("l2crypt_key_request_duration_seconds_sum", ())] < 5
     assert s[("l2crypt_key_request_duration_seconds_bucket", (("le", "0.025"),))] == 0
-    assert s[("l2crypt_keyserver_failovers_total", ())] == 0
+
+
+def test_key_client_counts_a_real_failover_and_fail_back(two_servers):
+    """Two keyserverd on loopback: ks1 goes away (failover to ks2), comes back
+    on its port and answers for the hold-down (fail-back); the scrape reads
+    each move from the real key client."""
+    ca, services, ctx = two_servers
+
+    async def body():
+        servers = [KeyServer(s, make_server_ssl_context(ca), "127.0.0.1", 0) for s in services]
+        ports = [(await s.start())[1] for s in servers]
+        events = Events()
+        client = KeyClient(tuple(f"127.0.0.1:{p}" for p in ports), ctx, MAC_A, events,
+                           probe_interval_s=0.05, probe_failures=2, failback_holddown_s=0.2)
+        agent = fake_agent(FrameEngine(MAC_A), client)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(client.run(stop))
+        seen = []
+        try:
+            await wait_until("ks1 in use", lambda: events.welcomes == ["ks1"] and client.connected, 5)
+            seen.append(samples(scrape(agent, 0.0)))
+            await servers[0].close()
+            await wait_until("failover to ks2", lambda: events.welcomes[-1:] == ["ks2"] and client.connected, 5)
+            seen.append(samples(scrape(agent, 0.0)))
+            servers[0] = KeyServer(services[0], make_server_ssl_context(ca), "127.0.0.1", ports[0])
+            await servers[0].start()
+            await wait_until("fail-back to ks1", lambda: events.welcomes[-1:] == ["ks1"] and client.connected, 5)
+            seen.append(samples(scrape(agent, 0.0)))
+        finally:
+            stop.set()
+            task.cancel()
+            for s in servers:
+                await s.close()
+        return seen
+
+    first, after_failover, after_failback = asyncio.run(asyncio.wait_for(body(), 20))
+    moves = [(s[("l2crypt_keyserver_failovers_total", ())], s[("l2crypt_keyserver_failbacks_total", ())],
+              s[("l2crypt_keyserver_connects_total", ())], s[("l2crypt_keyserver_connected", ())])
+             for s in (first, after_failover, after_failback)]
+    assert moves == [(0, 0, 1, 1), (1, 0, 2, 1), (1, 1, 3, 1)]
 
 
 def _free_port() -> int:

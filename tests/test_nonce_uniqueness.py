@@ -61,7 +61,9 @@ def test_many_senders_of_the_multicast_key_never_share_key_and_nonce():
     assert len(set(pairs)) == len(pairs) == 150
 
 
-def test_restart_never_reuses_a_packet_number(tmp_path):
+def test_a_restart_right_after_a_save_with_the_clock_3_s_back_never_reuses_a_number(tmp_path):
+    """The easy case: the clock is saved just before the crash.  A crash
+    between two saves is the next test."""
     wall = [1_700_000_000.0]
     clock = PacketClock(tmp_path, wall=lambda: wall[0])
     first = FrameEngine(H1, pn_start=clock.pn_start())
@@ -114,7 +116,7 @@ class Daemon:
 def test_a_crash_between_reservations_after_a_clock_step_never_reuses_a_number(tmp_path, crash_after_s):
     """Issue 15, Medium 6: the stored floor went back with the wall clock, and
     a crash between two saves was never tested (the test above saves just
-    before it).  The crash here comes ``crash_after_s`` after the last
+    before the crash).  The crash here comes ``crash_after_s`` after the last
     reservation, and the wall clock stepped back 30 s before it."""
     wall = [1_700_000_000.0]
     sent = []

@@ -109,6 +109,28 @@ def _inner_udp(dst_mac: bytes, src_mac: bytes, dst_ip: str, marker: bytes) -> by
 # --- finding 7: MAC learning cannot be frozen ----------------------------------------------
 
 
+def _from_plain(lab) -> int | None:
+    """gA's from_plain count, or None while gA is too busy with the flood to answer."""
+    try:
+        return lab.gateway_status("gA", timeout=15.0)["counters"]["from_plain"]
+    except L.LabError:
+        return None
+
+
+def _settled_count(read, quiet_s: float = 0.6, timeout_s: float = 40.0) -> int:
+    """``read()`` once it has not changed for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    last, since = read(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = read()
+        if now is None or now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"the count kept moving or went unread for {timeout_s} s (last {last})")
+
+
 def _add_plain_host(a: L.Lab) -> None:
     """p2: a new host on the plain side, a macvlan of p1's port in its own namespace."""
     a._new_ns("p2")
@@ -136,11 +158,20 @@ def test_a_flood_of_random_source_macs_on_the_plain_side_does_not_stop_learning(
     before = hlab.gateway_status("gA")
     assert a.inject(frames, role="p1", ifname=L.WIRE_IFNAME) == len(frames)
     flood_end = time.monotonic()
-    full = before["drops"].get("table_full", 0) + len(frames) - MAX_LEARNED - 200
+    # A loaded machine may lose part of the burst in gA's socket buffer: count
+    # what gA read (from_plain) once it stops growing, and judge on that.
+    got = _settled_count(lambda: _from_plain(hlab)) - before["counters"]["from_plain"]
+    assert got >= 2 * MAX_LEARNED, f"gA read only {got} of the {len(frames)} flood frames"
+    # Every flood frame gA read is learned or refused as table_full; on a slow
+    # machine the first ones may age out (MAC_AGEING_S) before the burst is
+    # read through, and the slots they free are learned again.
+    def accounted(s):
+        full = s["drops"].get("table_full", 0) - before["drops"].get("table_full", 0)
+        learned = s["counters"]["macs_learned"] - before["counters"]["macs_learned"]
+        return s if full > 0 and learned >= MAX_LEARNED and full + learned >= got - 10 else None  # 10: ARP, ND
     st = wait_for("gA to learn its fill and count the rest as table_full",
-                  lambda: (lambda s: s if s["drops"].get("table_full", 0) >= full else None)(
-                      hlab.gateway_status("gA")), timeout_s=20)
-    assert len(st["learned"]) >= MAX_LEARNED - 5  # the table is (nearly) all flood
+                  lambda: accounted(hlab.gateway_status("gA")), timeout_s=20)
+    assert st["drops"].get("table_full", 0) - before["drops"].get("table_full", 0) >= got - 2 * MAX_LEARNED - 200
     _add_plain_host(a)
     wait_for("h1 -> p2 (a new plain host) after the flood", _reaches(hlab, "h1", P2_IPV4),
              timeout_s=MAC_AGEING_S + 20, every_s=1.0)

@@ -353,11 +353,19 @@ class GatewayCore:
         entry = self.table.pop(mac, None)
         self.map_requests.pop(mac, None)
         engine = self.virtual.pop(mac, None)
+        if engine is not None:
+            self._keep_counts(engine)
         if engine is not None and self.floors is not None:
             for sender, highest in engine.replay_highest():
                 if highest >= 0:
                     self.floors.note(sender, highest)
         return entry
+
+    def _keep_counts(self, engine: FrameEngine) -> None:
+        """Keep a dropped virtual engine's counts: totals never go back."""
+        for k in ENGINE_COUNTERS:
+            self.counters[k] += engine.counters.get(k, 0)
+        self.drops.update({reason: n for reason, n in engine.drops.items() if n})
 
     def _release(self, mac: bytes, side: str) -> None:
         """Queue a ``map_release`` (at most ``max_learned_macs`` wait; a lost one is

@@ -197,3 +197,22 @@ def test_a_dropped_virtual_engine_leaves_its_replay_tops_as_floors():
     assert top > 0
     gw.on_timer(40.0)
     assert gw.floors.floor(H1) == top
+
+
+def test_totals_never_go_back_when_a_mapped_mac_ages_out():
+    """The sealed/opened counts and the drops of a virtual engine stay in the
+    gateway's totals (status, metrics) after its MAC aged out and the engine went."""
+    gw, ks, h1 = new_gateway(), KeyServer(), host(H1)
+    assert reachable(gw, ks, h1, P2, 1.0)
+    gw.virtual[P2].drops["bad_tag"] += 2  # as if two forged frames had come for P2
+    before, drops_before = gw.snapshot(1.0)["counters"], gw.all_drops()
+    assert before["opened"] >= 1 and before["sealed"] >= 1
+    t = 1.0
+    while P2 in gw.virtual and t < 1.0 + gw.settings.mac_ageing_s + 5:
+        t += 1.0
+        gw.on_timer(t)
+        ks.serve(gw, t)
+    assert P2 not in gw.virtual  # the engine went with the MAC
+    after, drops_after = gw.snapshot(t)["counters"], gw.all_drops()
+    assert all(after[k] >= before[k] for k in C.ENGINE_COUNTERS), (before, after)
+    assert drops_after["bad_tag"] >= drops_before["bad_tag"] == 2

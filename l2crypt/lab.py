@@ -111,7 +111,6 @@ def mgmt_ip(host: str) -> str:
 
 INTRUDER_MAC = "02:4c:49:00:00:66"
 
-
 # --- the lab -------------------------------------------------------------------
 
 _LIVE: list["Lab"] = []
@@ -119,9 +118,7 @@ _OWNER_PID = os.getpid()
 
 
 def _down_all() -> None:
-    # Libraries fork (pyroute2 does, to open sockets in a netns) and a forked
-    # child runs atexit handlers too: only the process that built a lab may
-    # take it down.
+    # A forked child (pyroute2 forks) runs atexit too: only the builder takes labs down.
     if os.getpid() != _OWNER_PID:
         return
     for lab in list(_LIVE):
@@ -137,8 +134,7 @@ def install_signal_cleanup() -> None:
 
     def _raise(signum, frame):
         if os.getpid() != _OWNER_PID:
-            # A forked child of a library (pyroute2 stops its helpers with
-            # SIGTERM): die as the default would, never unwind into our code.
+            # A library's forked child (pyroute2 SIGTERMs its helpers): die, never unwind.
             os._exit(128 + signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -471,8 +467,8 @@ class Lab(LabProcesses):
         return self.popen(host, [*self.agent_argv(host), *self.agent_args, *extra_args], name=f"agent-{host}")
 
     def status(self, host: str, timeout: float = 10.0) -> dict:
-        res = self.exec(host, [self.cmd("l2crypt"), "status", "--state-dir", self.host_dir(host),
-                               "--json"], timeout=timeout)
+        argv = [self.cmd("l2crypt"), "status", "--state-dir", self.host_dir(host), "--json"]
+        res = self.exec(host, argv, timeout=timeout)
         if res.returncode != 0:
             raise LabError(f"l2crypt status on {host} failed: {res.stdout}{res.stderr}")
         return json.loads(res.stdout)
@@ -480,13 +476,11 @@ class Lab(LabProcesses):
     def wait_connected(self, host: str, timeout_s: float = 30.0) -> dict:
         """Wait until the agent of ``host`` says connected; learn its TAP MAC
         (LabError if it differs from the MAC it had before: a restart must keep it)."""
-        deadline = time.monotonic() + timeout_s
-        last = "no answer"
+        deadline, last = time.monotonic() + timeout_s, "no answer"
         while time.monotonic() < deadline:
             agent = self.proc(f"agent-{host}")
             if agent is None or not agent.alive():
-                raise LabError(f"the agent of {host} is not running:\n"
-                               f"{self.log_text(f'agent-{host}')[-3000:]}")
+                raise LabError(f"the agent of {host} is not running:\n{self.log_text(f'agent-{host}')[-3000:]}")
             try:
                 st = self.status(host, timeout=5)
                 last = json.dumps(st)[:500]

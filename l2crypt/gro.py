@@ -95,22 +95,26 @@ _MAY_DIFFER = ~(CWR | FIN | PSH) & 0xFF
 class _Run:
     """The open run of segments of one flow; owned by its ``Coalescer``."""
 
-    __slots__ = ("first", "layout", "payload_offset", "signature", "payloads", "mss",
-                 "next_seq", "next_ip_id", "ip_length", "last_flags", "first_partial")
+    __slots__ = ("first", "layout", "l3", "l4", "payload_offset", "mask", "signature", "payloads", "mss",
+                 "next_seq", "next_ip_id", "ip_length", "last_flags", "first_partial", "key", "open")
 
-    def __init__(self, frame, layout: IpLayout, payload_offset: int, signature: bytes,
-                 seq: int, ip_id: int, payload, partial: bool):
+    def __init__(self, frame, layout: IpLayout, payload_offset: int, mask: int, signature: int,
+                 seq: int, ip_id: int, payload, partial: bool, key: bytes):
         self.first = frame
         self.layout = layout
+        self.l3, self.l4 = layout.l3_offset, layout.l4_offset
         self.payload_offset = payload_offset
+        self.mask = mask
         self.signature = signature
         self.payloads = [payload]
         self.mss = len(payload)
         self.next_seq = (seq + len(payload)) & 0xFFFFFFFF
         self.next_ip_id = (ip_id + 1) & 0xFFFF
-        self.ip_length = payload_offset - layout.l3_offset + len(payload)
-        self.last_flags = frame[layout.l4_offset + 13]
+        self.ip_length = payload_offset - self.l3 + len(payload)
+        self.last_flags = frame[self.l4 + 13]
         self.first_partial = partial
+        self.key = key
+        self.open = True
 
 
 class Coalescer:
@@ -125,6 +129,7 @@ class Coalescer:
     def __init__(self) -> None:
         self._entries: list = []  # (VnetHdr, frame) or _Run, in arrival order
         self._open: dict[bytes, _Run] = {}
+        self._last: _Run | None = None  # the run the previous frame went to, if still open
         self.super_frames = 0
         self.segments_joined = 0
         self.malformed = 0
@@ -134,59 +139,96 @@ class Coalescer:
     def add(self, frame: bytes, csum_partial: bool = False) -> None:
         """Take one plain Ethernet frame of the batch. Never raises."""
         try:
+            run = self._last
+            # Fast path: the frame continues the run of the previous one. Equal
+            # masked headers mean the same flow, layout and join fields, so only
+            # the lengths, sequence number and ID are left to check.
+            if (run is not None and run.open and len(frame) > run.payload_offset
+                    and int.from_bytes(frame[:run.payload_offset], "big") & run.mask == run.signature
+                    and self._join(run, frame)):
+                return
             self._add(frame, csum_partial)
         except (IndexError, TypeError, ValueError, struct.error):  # a bug must not stop the batch
             self.malformed += 1
+            self._last = None
             self._entries.append((ZERO_VNET_HDR, frame))
 
+    def _join(self, run: _Run, frame) -> bool:
+        """Append ``frame`` (headers already matched) to ``run`` if it follows it."""
+        l3, l4, payload_offset = run.l3, run.l4, run.payload_offset
+        if run.layout.ip_version == 4:
+            ip_end = l3 + ((frame[l3 + 2] << 8) | frame[l3 + 3])
+            ip_id = (frame[l3 + 4] << 8) | frame[l3 + 5]
+            if ip_id != run.next_ip_id:
+                return False
+        else:
+            ip_end = l3 + IPV6_HEADER_LEN + ((frame[l3 + 4] << 8) | frame[l3 + 5])
+            ip_id = 0
+        payload_len = ip_end - payload_offset
+        flags = frame[l4 + 13]
+        if (payload_len <= 0 or payload_len > run.mss or ip_end > len(frame) or flags & CWR
+                or _U32.unpack_from(frame, l4 + 4)[0] != run.next_seq
+                or run.ip_length + payload_len > MAX_SUPER_PACKET):
+            return False
+        run.payloads.append(memoryview(frame)[payload_offset:ip_end])
+        run.next_seq = (run.next_seq + payload_len) & 0xFFFFFFFF
+        run.next_ip_id = (ip_id + 1) & 0xFFFF
+        run.ip_length += payload_len
+        run.last_flags = flags
+        if payload_len < run.mss or flags & _RUN_ENDS:
+            self._close(run)
+        else:
+            self._last = run
+        return True
+
+    def _close(self, run: _Run) -> None:
+        run.open = False
+        del self._open[run.key]
+        if self._last is run:
+            self._last = None
+
     def _add(self, frame, partial: bool) -> None:
+        """The general path: parse, find the flow's run, join, or start a run, or pass."""
+        self._last = None
         layout = parse_ip(frame)
-        if isinstance(layout, str):
+        if type(layout) is str:
             self.malformed += layout == GSO_MALFORMED
             self._pass(frame, None, partial)
             return
-        if layout.protocol != IPPROTO_TCP:
+        l3, version, protocol, l4, ip_end = layout
+        if protocol != IPPROTO_TCP:
             self._pass(frame, layout, partial)
             return
         payload_offset = parse_tcp(frame, layout)
-        if isinstance(payload_offset, str):
+        if type(payload_offset) is str:
             self.malformed += 1
             self._pass(frame, None, partial)
             return
-        l3, l4 = layout.l3_offset, layout.l4_offset
-        key = _flow_key(frame, layout)
+        # MAC header and tags + addresses and ports (contiguous without IP options or extensions)
+        key = frame[:l3] + frame[l3 + (12 if version == 4 else 8):l4 + 4]
         run = self._open.get(key)
-        flags = frame[l4 + 13]
-        payload_len = layout.ip_end - payload_offset
-        plain_ip = l4 - l3 == (IPV4_MIN_HEADER_LEN if layout.ip_version == 4 else IPV6_HEADER_LEN)
-        if payload_len == 0 or not plain_ip:
+        payload_len = ip_end - payload_offset
+        if payload_len == 0 or l4 - l3 != (IPV4_MIN_HEADER_LEN if version == 4 else IPV6_HEADER_LEN):
             if run is not None:
-                del self._open[key]
+                self._close(run)
             self._pass(frame, layout, partial)
             return
-        signature = _signature(frame, layout, payload_offset, flags)
-        seq = _U32.unpack_from(frame, l4 + 4)[0]
-        ip_id = _U16.unpack_from(frame, l3 + 4)[0] if layout.ip_version == 4 else 0
-        payload = memoryview(frame)[payload_offset:layout.ip_end]
-        if (run is not None and not flags & CWR and seq == run.next_seq and payload_len <= run.mss
-                and signature == run.signature and run.ip_length + payload_len <= MAX_SUPER_PACKET
-                and (layout.ip_version == 6 or ip_id == run.next_ip_id)):
-            run.payloads.append(payload)
-            run.next_seq = (seq + payload_len) & 0xFFFFFFFF
-            run.next_ip_id = (ip_id + 1) & 0xFFFF
-            run.ip_length += payload_len
-            run.last_flags = flags
-            if payload_len < run.mss or flags & _RUN_ENDS:
-                del self._open[key]
-            return
+        mask = _MASKS.get((l3, version, payload_offset)) or _mask(l3, version, payload_offset)
+        signature = int.from_bytes(frame[:payload_offset], "big") & mask
         if run is not None:
-            del self._open[key]
-        if flags & _NO_RUN_START:
+            if signature == run.signature and self._join(run, frame):
+                return
+            self._close(run)
+        if frame[l4 + 13] & _NO_RUN_START:
             self._pass(frame, layout, partial)
             return
-        run = _Run(frame, layout, payload_offset, signature, seq, ip_id, payload, partial)
+        seq = _U32.unpack_from(frame, l4 + 4)[0]
+        ip_id = _U16.unpack_from(frame, l3 + 4)[0] if version == 4 else 0
+        payload = memoryview(frame)[payload_offset:ip_end]
+        run = _Run(frame, layout, payload_offset, mask, signature, seq, ip_id, payload, partial, key)
         self._open[key] = run
         self._entries.append(run)
+        self._last = run
 
     def _pass(self, frame, layout: IpLayout | None, partial: bool) -> None:
         """Queue ``frame`` as it came (with ``NEEDS_CSUM`` if its checksum is partial)."""
@@ -206,6 +248,7 @@ class Coalescer:
                 out.append(self._super_frame(entry))
         self._entries = []
         self._open = {}
+        self._last = None
         return out
 
     def _super_frame(self, run: _Run) -> tuple[VnetHdr, bytes]:
@@ -232,22 +275,26 @@ class Coalescer:
         return hdr, b"".join((head, *run.payloads))
 
 
-def _flow_key(frame, layout: IpLayout) -> bytes:
-    """MAC header with VLAN tags, IP addresses and TCP ports."""
-    l3, l4 = layout.l3_offset, layout.l4_offset
-    addresses = frame[l3 + 12:l3 + 20] if layout.ip_version == 4 else frame[l3 + 8:l3 + 40]
-    return bytes(frame[:l3]) + bytes(addresses) + bytes(frame[l4:l4 + 4])
+_MASKS: dict[tuple[int, int, int], int] = {}
 
 
-def _signature(frame, layout: IpLayout, payload_offset: int, flags: int) -> bytes:
-    """The header bytes that must be equal in every segment of a run."""
-    l3, l4 = layout.l3_offset, layout.l4_offset
-    if layout.ip_version == 4:
-        ip_part = bytes(frame[l3:l3 + 2]) + bytes(frame[l3 + 6:l3 + 10])  # version/IHL, TOS, DF/frag, TTL, protocol
+def _mask(l3: int, version: int, payload_offset: int) -> int:
+    """The mask that keeps, of the header bytes ``frame[:payload_offset]`` read
+    as one integer, what must be equal in every segment of a run: everything
+    but the IP length, IPv4 ID and checksum, the TCP sequence number, CWR/FIN/PSH,
+    the TCP checksum and urgent pointer. Cached per layout."""
+    keep = bytearray(b"\xff" * payload_offset)
+    l4 = l3 + (IPV4_MIN_HEADER_LEN if version == 4 else IPV6_HEADER_LEN)
+    if version == 4:
+        keep[l3 + 2:l3 + 6] = bytes(4)  # total length, ID
+        keep[l3 + 10:l3 + 12] = bytes(2)  # header checksum
     else:
-        ip_part = bytes(frame[l3:l3 + 4]) + bytes(frame[l3 + 6:l3 + 8])  # version, class, flow label, next header, hops
-    return (ip_part + bytes(frame[l4 + 8:l4 + 13]) + bytes((flags & _MAY_DIFFER,))
-            + bytes(frame[l4 + 14:l4 + 16]) + bytes(frame[l4 + 20:payload_offset]))
+        keep[l3 + 4:l3 + 6] = bytes(2)  # payload length
+    keep[l4 + 4:l4 + 8] = bytes(4)  # sequence number
+    keep[l4 + 13] = _MAY_DIFFER
+    keep[l4 + 16:l4 + 20] = bytes(4)  # checksum, urgent pointer (URG never joins)
+    mask = _MASKS[(l3, version, payload_offset)] = int.from_bytes(keep, "big")
+    return mask
 
 
 def _single_header(frame, layout: IpLayout | None, partial: bool, counters: Coalescer) -> VnetHdr:

@@ -91,6 +91,7 @@ GSO_MTU_TOO_SMALL = "gso_mtu_too_small"
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
+_IPV4_FAST = struct.Struct("!H2xHxB")  # from IPv4 byte 2: total length, flags/fragment offset, protocol
 
 
 class IpLayout(NamedTuple):
@@ -101,6 +102,9 @@ class IpLayout(NamedTuple):
     protocol: int  # IPv4 protocol or the IPv6 next header after the extensions
     l4_offset: int  # first byte of the L4 header
     ip_end: int  # one past the IP packet's last byte (Ethernet padding excluded)
+
+
+_new_tuple = tuple.__new__  # builds an IpLayout without NamedTuple's slower __new__ (fast path)
 
 
 class Segments(NamedTuple):
@@ -146,6 +150,10 @@ def parse_ip(frame) -> IpLayout | str:
     ``IP_FRAGMENT`` for a fragment, ``GSO_UNSUPPORTED`` for an IPv6 routing
     header, ``GSO_MALFORMED`` for lengths the buffer does not hold. Never raises."""
     size = len(frame)
+    if size >= 34 and frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45:  # fast path: untagged IPv4, no options
+        total_len, fragment, protocol = _IPV4_FAST.unpack_from(frame, 16)
+        if 20 <= total_len <= size - 14 and not fragment & 0x3FFF:
+            return _new_tuple(IpLayout, (14, 4, protocol, 34, 14 + total_len))
     l3 = ETH_HEADER_LEN
     if size < l3:
         return GSO_MALFORMED
@@ -261,39 +269,54 @@ def _complete_checksum(frame: bytes, vnet: VnetHdr, csum: bool) -> Segments | st
 
 
 def _cut_tcp(frame: bytes, layout: IpLayout, payload_offset: int, mss: int, csum: bool) -> list[bytes]:
-    """The segments of a parsed TCP super-frame (step 2 and 3 of the module docstring)."""
+    """The segments of a parsed TCP super-frame (steps 2 and 3 of the module docstring).
+
+    The header sums are taken once from a template whose varying fields are
+    zero; per segment the varying values are added (a 32-bit value is congruent
+    to the sum of its two 16-bit halves modulo 0xFFFF), so only the payload
+    chunk is summed per segment, and only with ``csum``.
+    """
     l3, l4, end = layout.l3_offset, layout.l4_offset, layout.ip_end
+    is_ipv4 = layout.ip_version == 4
     template = bytearray(frame[:payload_offset])
+    if is_ipv4:
+        template[l3 + 2:l3 + 6] = bytes(4)  # total length, ID
+        template[l3 + 10:l3 + 12] = b"\0\0"  # header checksum
+    template[l4 + 4:l4 + 8] = bytes(4)  # sequence number
+    template[l4 + 13] = 0  # flags
+    template[l4 + 16:l4 + 18] = b"\0\0"  # checksum
+    ip_header_sum = ones_sum(template[l3:l4]) if is_ipv4 else 0
+    pseudo = pseudo_header_sum(frame, layout, 0)
+    tcp_base_sum = pseudo + ones_sum(template[l4:])
+    length_offset = l3 + 2 if is_ipv4 else l3 + 4
+    ip_overhead = l4 - l3 if is_ipv4 else l4 - l3 - IPV6_HEADER_LEN
     payload = memoryview(frame)[payload_offset:end]
     tcp_header_len = payload_offset - l4
-    ip_overhead = l4 - l3 if layout.ip_version == 4 else l4 - l3 - IPV6_HEADER_LEN
-    pseudo = pseudo_header_sum(frame, layout, 0)
     flags = frame[l4 + 13]
     seq = _U32.unpack_from(frame, l4 + 4)[0]
     ip_id = _U16.unpack_from(frame, l3 + 4)[0]
-    ip_header_end = l4 if layout.ip_version == 4 else None
-    template[l4 + 16:l4 + 18] = b"\0\0"
     count = max(1, -(-len(payload) // mss))
     pack_u16, pack_u32, join = _U16.pack_into, _U32.pack_into, b"".join
     segments = []
     for index in range(count):
         chunk = payload[index * mss:(index + 1) * mss]
         tcp_len = tcp_header_len + len(chunk)
-        head = bytearray(template)
-        pack_u32(head, l4 + 4, (seq + index * mss) & 0xFFFFFFFF)
+        segment_seq = (seq + index * mss) & 0xFFFFFFFF
         segment_flags = flags
         if index:
             segment_flags &= ~CWR
         if index < count - 1:
             segment_flags &= ~(FIN | PSH)
+        head = bytearray(template)
+        pack_u32(head, l4 + 4, segment_seq)
         head[l4 + 13] = segment_flags
-        pack_u16(head, l3 + 2 if ip_header_end else l3 + 4, ip_overhead + tcp_len)
-        if ip_header_end:
-            pack_u16(head, l3 + 4, (ip_id + index) & 0xFFFF)
-            head[l3 + 10:l3 + 12] = b"\0\0"
-            pack_u16(head, l3 + 10, checksum_field(ones_sum(head[l3:ip_header_end])))
+        pack_u16(head, length_offset, ip_overhead + tcp_len)
+        if is_ipv4:
+            segment_id = (ip_id + index) & 0xFFFF
+            pack_u16(head, l3 + 4, segment_id)
+            pack_u16(head, l3 + 10, checksum_field(ip_header_sum + ip_overhead + tcp_len + segment_id))
         if csum:
-            total = pseudo + tcp_len + ones_sum(head[l4:]) + ones_sum(chunk)
+            total = tcp_base_sum + tcp_len + segment_seq + segment_flags + ones_sum(chunk)
             pack_u16(head, l4 + 16, checksum_field(total))
         else:
             pack_u16(head, l4 + 16, fold(pseudo + tcp_len))

@@ -27,7 +27,10 @@ r"""Coalescing of received TCP segments into super-frames for a TAP opened with
    segment joins; a segment that cannot join ends its flow's open run and
    starts a new one if it can (payload, no SYN/RST/URG/FIN/PSH), else it
    passes as it came. So out-of-order segments pass as they are, and a run
-   never overtakes a later frame of its own flow.
+   never overtakes a later frame of its own flow. A frame that continues the
+   run of the frame before it is recognised by one compare of its masked
+   header bytes (``_mask``) without parsing it again: the common case of a
+   batch.
 3. Other frames pass untouched with a zero header: non-TCP, TCP without
    payload, IPv4 fragments or options, malformed ones (counted in
    ``malformed``). A frame with ``csum_partial`` whose TCP or UDP checksum can
@@ -275,7 +278,7 @@ class Coalescer:
         return hdr, b"".join((head, *run.payloads))
 
 
-_MASKS: dict[tuple[int, int, int], int] = {}
+_MASKS: dict[tuple[int, int, int], int] = {}  # owned by _mask; a few layouts: VLAN tags x IP version x TCP options
 
 
 def _mask(l3: int, version: int, payload_offset: int) -> int:

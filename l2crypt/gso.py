@@ -43,10 +43,11 @@ header changes the pseudo-header and a fragment header has no place in a
 super-frame: both ``gso_unsupported``). Malformed input is returned as a drop
 reason, never raised.
 
-Cost: one copy of the payload (each segment is joined once) and, with
-``csum=True``, one ``int.from_bytes`` over each segment reduced modulo 0xFFFF
-(2**16 = 1 mod 0xFFFF, so that is the 16-bit one's complement sum), no
-per-byte Python loop.
+Cost: one copy of the payload (each segment is joined once); the header sums
+are taken once per super-frame and the per-segment fields added to them; with
+``csum=True`` one ``int.from_bytes`` over each segment's payload reduced
+modulo 0xFFFF (2**16 = 1 mod 0xFFFF, so that is the 16-bit one's complement
+sum). No per-byte Python loop.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 CORE = ["msg_codec", "frame_wire", "aead", "replay", "peer_keys", "hold_queue", "engine", "ks_messages", "constants", "fakes",
-        "l3_wire", "l3_pmtu", "l3_types", "l3_engine", "replay_floor", "key_ring", "engine_keys", "tunnel_keys"]
+        "l3_wire", "l3_pmtu", "l3_types", "l3_engine", "replay_floor", "key_ring", "engine_keys", "tunnel_keys",
+        "vnet_hdr", "gso", "gro"]
 FORBIDDEN = {"socket", "asyncio", "time", "fcntl", "select", "selectors", "subprocess", "os"}
 ROOT = Path(__file__).resolve().parent.parent / "l2crypt"
 

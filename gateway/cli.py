@@ -7,8 +7,8 @@ import sys
 import click
 
 from l2crypt import __version__
-from l2crypt.cli import enroll_options, run_click, run_enroll
-from l2crypt.config import config_keys
+from l2crypt.agent.cli import enroll_options, run_click, run_enroll
+from l2crypt.agent.config import config_keys
 
 from .config import DEFAULT_STATE_DIR, GatewayConfig, load_gateway_config
 
@@ -67,7 +67,7 @@ def _run_options(fn):
 @_run_options
 def run(config_path, servers, tunnel_peers, **overrides) -> None:
     """Run the gateway in the foreground (SIGTERM or Ctrl-C stops it)."""
-    from l2crypt.cli import run_daemon
+    from l2crypt.agent.cli import run_daemon
 
     from .daemon import Gateway
 
@@ -89,7 +89,7 @@ def run(config_path, servers, tunnel_peers, **overrides) -> None:
               help="Stop --watch after this many refreshes (0: at Ctrl-C).")
 def status(state_dir, config_path, as_json, watch, interval_s, count) -> None:
     """Show the gateway's key server, ports, learned MACs, NETKEY version, counters and drops."""
-    from l2crypt.cli import show_status
+    from l2crypt.agent.cli import show_status
 
     from .status_view import render_status
     from .status_view import watch as watch_rates

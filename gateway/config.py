@@ -22,24 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from l2crypt.config import (
+from l2crypt.agent.config import (
     LOG_FORMATS,
     LOG_LEVELS,
-    _choice,
-    _ethertype,
-    _f,
-    _iface,
-    _int_range,
-    _metrics_listen,
-    _path,
-    _seconds,
-    _servers,
+    check_choice,
+    check_ethertype,
+    check_iface,
+    check_int_range,
+    check_metrics_listen,
+    check_path,
+    check_seconds,
+    check_servers,
     config_problems,
     load_config,
     parse_hostport,
     read_toml,
+    setting,
 )
-from l2crypt.constants import (
+from l2crypt.core.constants import (
     DEFAULT_ETHERTYPE,
     DEFAULT_HOLD_AGE_S,
     DEFAULT_HOLD_FRAMES,
@@ -50,8 +50,8 @@ from l2crypt.constants import (
     DEFAULT_SWITCH_AFTER_S,
     DEFAULT_UNKNOWN_CACHE_S,
 )
-from l2crypt.errors import ConfigError
-from l2crypt.tunnel_keys import sender_tag
+from l2crypt.core.errors import ConfigError
+from l2crypt.core.tunnel_keys import sender_tag
 
 from .group_policy import GROUP_CROSSING
 
@@ -62,7 +62,7 @@ PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 
 
 def _opt_iface(value: Any) -> str | None:
-    return None if value in (None, "") else _iface(value)
+    return None if value in (None, "") else check_iface(value)
 
 
 def _opt_hostport(value: Any) -> str:
@@ -97,36 +97,36 @@ def _peers(value: Any) -> tuple[str, ...]:
 class GatewayConfig:
     """Settings of one gateway."""
 
-    encrypted_port: str = _f(None, _iface, "port on the encrypted segment (sealed frames only)")
-    plain_port: str | None = _f(None, _opt_iface, "full-decrypt uplink toward a plain network (optional)")
-    servers: tuple = _f(None, _servers, "key servers, HOST:PORT, in order of priority")
-    state_dir: str = _f(DEFAULT_STATE_DIR, _path, "certificate, clock floor, replay floors and control socket")
-    tunnel_listen: str = _f("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
-    tunnel_peers: tuple = _f((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
+    encrypted_port: str = setting(None, check_iface, "port on the encrypted segment (sealed frames only)")
+    plain_port: str | None = setting(None, _opt_iface, "full-decrypt uplink toward a plain network (optional)")
+    servers: tuple = setting(None, check_servers, "key servers, HOST:PORT, in order of priority")
+    state_dir: str = setting(DEFAULT_STATE_DIR, check_path, "certificate, clock floor, replay floors and control socket")
+    tunnel_listen: str = setting("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
+    tunnel_peers: tuple = setting((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
                              "(ID: the peer gateway's enrolled ID)")
-    group_crossing: str = _f("basic", _choice(GROUP_CROSSING),
+    group_crossing: str = setting("basic", check_choice(GROUP_CROSSING),
                              "which broadcast/multicast frames cross: basic (ARP, DHCP, IPv6 ND), all or none")
-    max_learned_macs: int = _f(4096, _int_range(1, 1 << 20), "most MACs the gateway speaks for")
-    mac_ageing_s: float = _f(300.0, _seconds(1.0, 86400.0),
+    max_learned_macs: int = setting(4096, check_int_range(1, 1 << 20), "most MACs the gateway speaks for")
+    mac_ageing_s: float = setting(300.0, check_seconds(1.0, 86400.0),
                              "a learned MAC without traffic for this long is forgotten (and released "
                              "at the key server), seconds")
-    refused_cache_s: float = _f(30.0, _seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
-    ethertype: int = _f(DEFAULT_ETHERTYPE, _ethertype, "EtherType of sealed frames")
-    replay_window_frames: int = _f(DEFAULT_REPLAY_WINDOW_FRAMES, _int_range(64, 1 << 20),
+    refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
+    ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
+    replay_window_frames: int = setting(DEFAULT_REPLAY_WINDOW_FRAMES, check_int_range(64, 1 << 20),
                                    "frames of reordering the replay windows accept")
-    hold_frames: int = _f(DEFAULT_HOLD_FRAMES, _int_range(0, 1024), "frames held per MAC while waiting")
-    hold_age_s: float = _f(DEFAULT_HOLD_AGE_S, _seconds(0.0, 60.0), "longest a frame is held, seconds")
-    key_retry_s: float = _f(DEFAULT_KEY_RETRY_S, _seconds(0.05, 60.0), "first key request retry, seconds")
-    key_retry_max_s: float = _f(DEFAULT_KEY_RETRY_MAX_S, _seconds(0.05, 600.0), "key request backoff ceiling, seconds")
-    unknown_cache_s: float = _f(DEFAULT_UNKNOWN_CACHE_S, _seconds(0.0, 3600.0),
+    hold_frames: int = setting(DEFAULT_HOLD_FRAMES, check_int_range(0, 1024), "frames held per MAC while waiting")
+    hold_age_s: float = setting(DEFAULT_HOLD_AGE_S, check_seconds(0.0, 60.0), "longest a frame is held, seconds")
+    key_retry_s: float = setting(DEFAULT_KEY_RETRY_S, check_seconds(0.05, 60.0), "first key request retry, seconds")
+    key_retry_max_s: float = setting(DEFAULT_KEY_RETRY_MAX_S, check_seconds(0.05, 600.0), "key request backoff ceiling, seconds")
+    unknown_cache_s: float = setting(DEFAULT_UNKNOWN_CACHE_S, check_seconds(0.0, 3600.0),
                                 "how long an 'unknown MAC' answer is believed, seconds")
-    switch_after_s: float = _f(DEFAULT_SWITCH_AFTER_S, _seconds(0.0, 600.0),
+    switch_after_s: float = setting(DEFAULT_SWITCH_AFTER_S, check_seconds(0.0, 600.0),
                                "longest the old key (pair key or NETKEY) is sent with after a new one, seconds")
-    retire_after_s: float = _f(DEFAULT_RETIRE_AFTER_S, _seconds(0.0, 3600.0),
+    retire_after_s: float = setting(DEFAULT_RETIRE_AFTER_S, check_seconds(0.0, 3600.0),
                                "how long an old key version is accepted after the switch, seconds")
-    log_level: str = _f("info", _choice(LOG_LEVELS), "debug, info, warning or error")
-    log_format: str = _f("text", _choice(LOG_FORMATS), "text or json")
-    metrics_listen: str = _f(DEFAULT_METRICS_LISTEN, _metrics_listen,
+    log_level: str = setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
+    log_format: str = setting("text", check_choice(LOG_FORMATS), "text or json")
+    metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, check_metrics_listen,
                              'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
 
     @property
@@ -165,7 +165,7 @@ def check_gateway_file(path: str) -> list[str]:
 
 
 def load_gateway_config(path: str | None, overrides: dict) -> GatewayConfig:
-    """File values first, then CLI overrides (see ``l2crypt.config.load_config``),
+    """File values first, then CLI overrides (see ``l2crypt.agent.config.load_config``),
     then the rules that involve more than one key."""
     config = load_config(GatewayConfig, path, overrides, REQUIRED)
     source = f"{path} (+ command line)" if path and any(v is not None for v in overrides.values()) \

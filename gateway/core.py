@@ -58,10 +58,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from l2crypt import frame_wire
-from l2crypt.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
-from l2crypt.engine import Delivered, EngineSettings, FrameEngine, use_cipher
-from l2crypt.replay_floor import FloorBook
+from l2crypt.core import frame_wire
+from l2crypt.core.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
+from l2crypt.core.engine import Delivered, EngineSettings, FrameEngine, use_cipher
+from l2crypt.core.replay_floor import FloorBook
 
 from .group_policy import group_frame_allowed
 from .tunnel import Tunnel
@@ -172,7 +172,7 @@ class GatewayCore:
 
     # ------------------------------------------------------------ helpers
 
-    def _engines(self):
+    def engines(self):
         yield self.main
         yield from self.virtual.values()
 
@@ -494,14 +494,14 @@ class GatewayCore:
     def take_key_requests(self, now: float) -> list[bytes]:
         """Host MACs (or ``engine.GROUP_MAC``) to ask the key server about."""
         macs: dict[bytes, None] = {}
-        for engine in self._engines():
+        for engine in self.engines():
             for mac in engine.take_key_requests(now):
                 macs[mac] = None
         return list(macs)
 
     def take_notices(self) -> list[tuple[str, bytes, int]]:
         seen: dict[tuple[str, bytes], int] = {}
-        for engine in self._engines():
+        for engine in self.engines():
             for kind, mac, pw_id in engine.take_notices():
                 seen[(kind, mac)] = max(pw_id, seen.get((kind, mac), 0))
         return [(kind, mac, pw_id) for (kind, mac), pw_id in seen.items()]
@@ -537,7 +537,7 @@ class GatewayCore:
 
     def use_cipher(self, cipher: str) -> bool:
         changed = False
-        for engine in self._engines():
+        for engine in self.engines():
             changed |= use_cipher(engine, cipher)
         if changed:
             self.host_keys.clear()
@@ -549,17 +549,17 @@ class GatewayCore:
         return self.tunnel.install(peer, pw_id, send_key, recv_key, now)
 
     def mark_unknown(self, mac: bytes, now: float) -> None:
-        for engine in self._engines():
+        for engine in self.engines():
             if mac in engine.holds.pending or engine is self.main:
                 engine.mark_unknown(mac, now)
 
     def revoke_peer(self, mac: bytes) -> None:
         self.host_keys.pop(mac, None)
-        for engine in self._engines():
+        for engine in self.engines():
             engine.revoke_peer(mac)
 
     def on_timer(self, now: float) -> None:
-        for engine in self._engines():
+        for engine in self.engines():
             engine.on_timer(now)
         self.tunnel.on_timer(now)
         self._age_out(now)
@@ -579,14 +579,14 @@ class GatewayCore:
     def all_drops(self) -> Counter:
         total = Counter(self.drops)
         total.update(self.tunnel.drops)
-        for engine in self._engines():
+        for engine in self.engines():
             total.update(engine.drops)
         return total
 
     def snapshot(self, now: float) -> dict:
         counters = Counter(self.counters)
         counters.update(self.tunnel.counters)
-        for engine in self._engines():
+        for engine in self.engines():
             for k in ENGINE_COUNTERS:
                 counters[k] += engine.counters.get(k, 0)
         learned = [{"mac": frame_wire.format_mac(e.mac), "side": e.side, "state": e.state,

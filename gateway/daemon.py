@@ -32,21 +32,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from l2crypt import engine as engine_mod
-from l2crypt.control import serve_control
-from l2crypt.engine import EngineSettings
-from l2crypt.errors import LocalError
-from l2crypt.frame_wire import format_mac, parse_mac
-from l2crypt.keyclient import KeyClient
-from l2crypt.ks_messages import revoked_macs
-from l2crypt.linux_wire import LinuxWire
-from l2crypt.logs import fields
-from l2crypt.metrics import FunctionCollector, new_registry, serve_metrics
-from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
-from l2crypt.port_guard import PortGuard, guard_port
-from l2crypt.replay_floor import FloorBook
-from l2crypt.state_file import FloorFile
-from l2crypt.tls_files import client_context, host_identity
+from l2crypt.agent.keyclient import KeyClient
+from l2crypt.agent.tls_files import client_context, host_identity
+from l2crypt.core import engine as engine_mod
+from l2crypt.core.engine import EngineSettings
+from l2crypt.core.errors import LocalError
+from l2crypt.core.frame_wire import format_mac, parse_mac
+from l2crypt.core.ks_messages import revoked_macs
+from l2crypt.core.replay_floor import FloorBook
+from l2crypt.io.linux_wire import LinuxWire
+from l2crypt.io.packet_clock import PERSIST_INTERVAL_S, PacketClock
+from l2crypt.io.port_guard import PortGuard, guard_port
+from l2crypt.io.state_file import FloorFile
+from l2crypt.ops.control import serve_control
+from l2crypt.ops.logs import fields
+from l2crypt.ops.metrics import FunctionCollector, new_registry, serve_metrics
 
 from .config import GatewayConfig, parse_hostport
 from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
@@ -196,7 +196,7 @@ class Gateway:
         if msg.get("key_max_age_s"):  # the server's maximum key lifetime, if lower
             max_age = min(float(msg["key_max_age_s"]), self.core.engine_settings.key_max_age_s)
             self.core.engine_settings = dataclasses.replace(self.core.engine_settings, key_max_age_s=max_age)
-            for engine in self.core._engines():
+            for engine in self.core.engines():
                 engine.set_key_max_age(max_age)
         # Revocations pushed while we were not connected (or never pushed).
         for mac in revoked_macs(msg):
@@ -208,7 +208,7 @@ class Gateway:
             self.client.request_map(mac, side)
         if self.tunnel is not None:
             self._request_tunnel_keys()
-        for engine in self.core._engines():
+        for engine in self.core.engines():
             for entry in engine.holds.pending.values():
                 entry.next_request_at = 0.0
         self._to_server(now)
@@ -253,12 +253,12 @@ class Gateway:
     # ------------------------------------------------ floors and packet clock
 
     def _replay_highest(self):
-        for engine in self.core._engines():
+        for engine in self.core.engines():
             yield from engine.replay_highest()
 
     def _reserve(self) -> None:
         """Reserve packet numbers ahead of every frame engine and the tunnel (``packet_clock``)."""
-        senders = [*self.core._engines(), self.core.tunnel]
+        senders = [*self.core.engines(), self.core.tunnel]
         limit = self.clock.reserve(max(e.send_pn for e in senders))
         for sender in senders:
             sender.pn_limit = limit

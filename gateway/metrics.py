@@ -3,7 +3,7 @@
 Read at scrape time from what the gateway already counts (the core's
 ``counters`` and drops, its engines' and tunnel's counters, the key client,
 the port guards' nftables counters),
-on the gateway's own loop (``l2crypt.metrics.serve_metrics``): the packet path
+on the gateway's own loop (``l2crypt.ops.metrics.serve_metrics``): the packet path
 pays nothing.  Ports are ``encrypted`` (sealed frames on the segment),
 ``tunnel`` (NETKEY-sealed datagrams to peer gateways) and ``plain`` (clear
 frames on the full-decrypt uplink).  No metric carries key material: counts,
@@ -16,15 +16,15 @@ from collections import Counter
 
 from prometheus_client.core import Metric
 
-from l2crypt.frame_wire import format_mac
-from l2crypt.metrics import counter, gauge, port_guard_metrics
+from l2crypt.core.frame_wire import format_mac
+from l2crypt.ops.metrics import counter, gauge, port_guard_metrics
 
 from .core import ENGINE_COUNTERS
 
 
 def _engine_totals(core) -> Counter:
     total: Counter = Counter()
-    for engine in core._engines():
+    for engine in core.engines():
         for k in ENGINE_COUNTERS:
             total[k] += engine.counters.get(k, 0)
     return total

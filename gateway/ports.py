@@ -1,9 +1,9 @@
-"""The gateway's plain port and tunnel socket (the encrypted port is ``l2crypt.linux_wire``).
+"""The gateway's plain port and tunnel socket (the encrypted port is ``l2crypt.io.linux_wire``).
 
 * ``quiet_port``: the plain port carries clear frames by design, but the
   gateway's own IP stack must stay off it (with the weak host model it would
   otherwise take a datagram for the gateway's WAN or management address
-  from any plain host).  Its guard (``l2crypt.port_guard``) has an ingress
+  from any plain host).  Its guard (``l2crypt.io.port_guard``) has an ingress
   chain that drops every frame, counted as ``inbound_refused``, and no egress
   chain (the gateway writes clear frames there); the kernel hands frames to
   ETH_P_ALL packet sockets, ``PlainPort`` among them, before that hook, so the
@@ -29,9 +29,9 @@ import fcntl
 import socket
 import struct
 
-from l2crypt.errors import LocalError
-from l2crypt.linux_wire import PACKET_IGNORE_OUTGOING, SOL_PACKET, LinuxWire
-from l2crypt.port_guard import PortGuard, take_over
+from l2crypt.core.errors import LocalError
+from l2crypt.io.linux_wire import PACKET_IGNORE_OUTGOING, SOL_PACKET, LinuxWire
+from l2crypt.io.port_guard import PortGuard, take_over
 
 ETH_P_ALL = 0x0003
 PACKET_ADD_MEMBERSHIP = 1

@@ -8,8 +8,8 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from l2crypt import status_view as agent_view
-from l2crypt.status_view import _si
+from l2crypt.ops import status_view as agent_view
+from l2crypt.ops.status_view import format_si
 
 #: Port -> (frames in, frames out, bytes in, bytes out) counter names of the snapshot.
 #: "in" is what arrives on the port (opened, or clear from the plain side), "out" what leaves it.
@@ -99,7 +99,7 @@ def rates_table(doc: dict, r: dict) -> Table:
         table.add_column(column, justify="left" if column in ("port", "interface") else "right")
     for port, pr in r["ports"].items():
         table.add_row(port, _port_name(doc, port), f"{pr['frames_in_per_s']:.1f}", f"{pr['frames_out_per_s']:.1f}",
-                      _si(pr["bytes_in_per_s"] * 8, "b/s"), _si(pr["bytes_out_per_s"] * 8, "b/s"))
+                      format_si(pr["bytes_in_per_s"] * 8, "b/s"), format_si(pr["bytes_out_per_s"] * 8, "b/s"))
     return table
 
 

@@ -2,7 +2,7 @@
 
 One *link* per configured peer gateway (named by its enrolled ID).  The key
 server hands the gateway, for every NETKEY version (PW_ID), the key of each
-direction of each link (``l2crypt.tunnel_keys``); NETKEY itself never
+direction of each link (``l2crypt.core.tunnel_keys``); NETKEY itself never
 reaches a gateway.
 
 1. ``install(peer, pw_id, send_key, recv_key, now)``: a link's versions live
@@ -40,12 +40,12 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
-from l2crypt import aead
-from l2crypt.constants import MAX_PACKET_NUMBER
-from l2crypt.key_ring import KeyRing
-from l2crypt.replay import ReplayWindow
-from l2crypt.replay_floor import FloorBook, raise_to_clock
-from l2crypt.tunnel_keys import TUNNEL_CIPHER, sender_tag
+from l2crypt.core import aead
+from l2crypt.core.constants import MAX_PACKET_NUMBER
+from l2crypt.core.key_ring import KeyRing
+from l2crypt.core.replay import ReplayWindow
+from l2crypt.core.replay_floor import FloorBook, raise_to_clock
+from l2crypt.core.tunnel_keys import TUNNEL_CIPHER, sender_tag
 
 from . import tunnel_wire
 

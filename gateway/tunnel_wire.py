@@ -14,7 +14,7 @@ Layout (offsets in bytes)::
   enrolled ID); with the PW_ID (the NETKEY version) it selects the receive
   state.  The receiver knows the tag of every configured peer and takes a
   tag only from that peer's address.
-* The key is the link key of that direction (``l2crypt.tunnel_keys``): one
+* The key is the link key of that direction (``l2crypt.core.tunnel_keys``): one
   key per (sending gateway, receiving gateway, PW_ID), and one packet counter
   per gateway, so every (key, nonce) pair is unique.  Version 1 (one key per
   sender, derived by every gateway from NETKEY) is not accepted.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from l2crypt.constants import TAG_LEN
+from l2crypt.core.constants import TAG_LEN
 
 TUNNEL_VERSION = 2
 KIND_DATA = 1

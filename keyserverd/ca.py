@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.errors import LocalError, RefusedError
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.core.errors import LocalError, RefusedError
 
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
@@ -52,7 +52,7 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
+def write_private(path: Path, data: bytes, mode: int) -> None:
     """Write a file atomically with ``mode`` from its creation on."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -68,11 +68,11 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key) -> bytes:
+def key_pem(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -152,8 +152,8 @@ class CertificateAuthority:
                 ca_cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             else:
                 ca_key, ca_cert = cls._create_ca()
-                _write_private(key_path, _key_pem(ca_key), 0o600)
-                _write_private(cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+                write_private(key_path, key_pem(ca_key), 0o600)
+                write_private(cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
             ca = cls(state_dir, ca_key, ca_cert)
             ca._ensure_server_cert(server_names)
         except (OSError, ValueError) as exc:
@@ -162,7 +162,7 @@ class CertificateAuthority:
 
     @staticmethod
     def _create_ca():
-        key = _new_key()
+        key = new_key()
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "l2crypt"),
@@ -207,8 +207,8 @@ class CertificateAuthority:
                 return
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         else:
-            key = _new_key()
-            _write_private(key_path, _key_pem(key), 0o600)
+            key = new_key()
+            write_private(key_path, key_pem(key), 0o600)
         cert = self._issue(
             key.public_key(),
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, KEYSERVER_TLS_NAME)]),
@@ -216,7 +216,7 @@ class CertificateAuthority:
             eku=ExtendedKeyUsageOID.SERVER_AUTH,
             san=[_san_entry(n) for n in sorted(wanted)],
         )
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
     def _issue(self, public_key, subject: x509.Name, days: int, eku, san=None) -> x509.Certificate:
         now = _now()

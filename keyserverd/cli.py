@@ -34,30 +34,29 @@ from pathlib import Path
 
 import click
 
-from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.errors import ConfigError, L2cryptError
-from l2crypt.frame_wire import format_mac, is_group_address, parse_mac
-from l2crypt.ks_messages import MAX_PEER_IPS, valid_host_id
+from keyserverd.peering.netkey import NETKEY_FILE, NetkeyBook
+from keyserverd.peering.spec import check_peers, owner_of
+from keyserverd.store.kek import DEFAULT_KEK_FILE, create_kek_file, load_kek, read_kek_file, replace_kek_file
+from keyserverd.store.sqlite import StoreUnavailable
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.core.errors import ConfigError, L2cryptError
+from l2crypt.core.frame_wire import format_mac, is_group_address, parse_mac
+from l2crypt.core.ks_messages import MAX_PEER_IPS, valid_host_id
+from l2crypt.ops.control import query_status, serve_control
+from l2crypt.ops.logs import fields, setup_logging
+from l2crypt.ops.metrics import serve_metrics
 
 from .ca import ROLES, CertificateAuthority
-from l2crypt.control import query_status, serve_control
-from l2crypt.logs import fields, setup_logging
-from l2crypt.metrics import serve_metrics
-
 from .config import ADMIN_SOCKET, KeyServerConfig, check_file, load_config, parse_hostport
 from .event_cursor import CURSOR_FILE, EventCursor
-from .peer_spec import check_peers, owner_of
 from .metrics import KeyServerMetrics
-from .status import render as render_status
-from .status import snapshot as status_snapshot
-from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
 from .revocations import RevocationBook
+from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
 from .server import ConnectionLimits, KeyServer, make_server_ssl_context
 from .service import CIPHERS, KeyService, revoke_and_rotate
-from .kek import DEFAULT_KEK_FILE, create_kek_file, load_kek, read_kek_file, replace_kek_file
-from .netkey_peering import NETKEY_FILE, NetkeyBook
-from .store import StoreUnavailable
-from .stores import open_configured_store
+from .status import render as render_status
+from .status import snapshot as status_snapshot
+from .store import open_configured_store
 from .tokens import hash_token, new_token
 
 DB_FILE = "keyserver.db"
@@ -480,15 +479,15 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     admin = await serve_control(admin_path, lambda: status_snapshot(server, config, shown))
     peering = multicast = revocations = None
     if config.peer_listen or config.peers:
-        from .peering import Peering, PeerSpec
-        from .revocation_peering import RevocationSync
+        from keyserverd.peering.channel import Peering, PeerSpec
+        from keyserverd.peering.revocations import RevocationSync
         peering = Peering(ca, tuple(PeerSpec.parse(p) for p in config.peers), config.peer_listen or None)
         peering.register("resolve", lambda msg, peer: service.resolve_for_peer(msg["mac"], msg["from_id"], peer,
                                                                                time.time()))
         # Hosts revoked at a peer are dropped by ours too (it answers our polls, we answer its).
         revocations = RevocationSync(peering, service, act=lambda actions: server._act(None, actions))
         if config.peers:  # peered servers agree on one multicast key (ARP/ND across switches)
-            from .multicast_peering import MulticastAgreement
+            from keyserverd.peering.multicast import MulticastAgreement
             multicast = MulticastAgreement(peering, service)
         bound = await peering.start()
         server.peering, service.peering_enabled = peering, bool(config.peers)
@@ -499,7 +498,7 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     events = asyncio.ensure_future(server.run_events())
     netkey_peering = netkey_task = None
     if config.netkey_listen:
-        from .netkey_peering import NetkeyPeering
+        from keyserverd.peering.netkey import NetkeyPeering
 
         def push_netkey(pw_id: int, key: bytes) -> None:
             try:

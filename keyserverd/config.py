@@ -50,15 +50,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from l2crypt.constants import DEFAULT_KEYSERVER_PORT
-from l2crypt.errors import ConfigError
-from l2crypt.metrics import parse_listen
-from l2crypt.tls_files import normalize_fingerprint
+from keyserverd.peering.spec import SYNTAX, check_peers
+from keyserverd.store.pg_tls import tls_parameters
+from l2crypt.agent.tls_files import normalize_fingerprint
+from l2crypt.core.constants import DEFAULT_KEYSERVER_PORT
+from l2crypt.core.errors import ConfigError
+from l2crypt.ops.metrics import parse_listen
 
-from .peer_spec import SYNTAX, check_peers
 from .service import CIPHERS, DEFAULT_CIPHER
-from .pg_tls import tls_parameters
-from .stores import PG_SCHEMES, check_store_url
+from .store import PG_SCHEMES, check_store_url
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")

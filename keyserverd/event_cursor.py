@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from l2crypt.errors import LocalError
-from l2crypt.logs import fields
+from l2crypt.core.errors import LocalError
+from l2crypt.ops.logs import fields
 
-from .ca import _write_private
+from .ca import write_private
 
 log = logging.getLogger("keyserverd")
 
@@ -64,4 +64,4 @@ class EventCursor:
 
     def save(self, seq: int) -> None:
         if self.path is not None:
-            _write_private(self.path, f"{seq}\n".encode(), 0o600)
+            write_private(self.path, f"{seq}\n".encode(), 0o600)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 
-from l2crypt.errors import RefusedError
-from l2crypt.ks_messages import pack_peer_ips
+from l2crypt.core.errors import RefusedError
+from l2crypt.core.ks_messages import pack_peer_ips
 
 log = logging.getLogger("keyserverd")
 PUSH_RID = 0

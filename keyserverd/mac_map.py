@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import re
 
-from l2crypt.errors import RefusedError
-from l2crypt.frame_wire import format_mac, is_group_address
+from l2crypt.core.errors import RefusedError
+from l2crypt.core.frame_wire import format_mac, is_group_address
 
 SIDE = re.compile(r"^(plain|tunnel:[A-Za-z0-9][A-Za-z0-9._-]{0,31})$")
 DEFAULT_MAX_PER_GATEWAY = 4096

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the key server (see ``l2crypt.metrics`` for the endpoint).
+"""Prometheus metrics of the key server (see ``l2crypt.ops.metrics`` for the endpoint).
 
 Read at scrape time from the ``KeyServer`` and its ``KeyService`` counters
 and the store's key summary; request handling time is the one histogram
@@ -12,9 +12,8 @@ import time
 from prometheus_client import Histogram
 from prometheus_client.core import Metric
 
-from l2crypt.metrics import LATENCY_BUCKETS_S, FunctionCollector, counter, gauge, new_registry
-
-from .store import StoreUnavailable
+from keyserverd.store.sqlite import StoreUnavailable
+from l2crypt.ops.metrics import LATENCY_BUCKETS_S, FunctionCollector, counter, gauge, new_registry
 
 
 class KeyServerMetrics:

@@ -4,7 +4,7 @@
    second, at most ``burst`` saved up.  ``take(host_id, now)`` spends one token
    or says no.  Idle full buckets are forgotten, so the table stays as small
    as the set of busy hosts.
-(Log lines are rate-limited with ``l2crypt.logs.RateLimiter``.)
+(Log lines are rate-limited with ``l2crypt.ops.logs.RateLimiter``.)
 """
 
 from __future__ import annotations

@@ -30,11 +30,11 @@ import json
 import logging
 from pathlib import Path
 
-from l2crypt.frame_wire import format_mac
-from l2crypt.ks_messages import MAX_REVOKED_MACS
-from l2crypt.logs import fields
+from l2crypt.core.frame_wire import format_mac
+from l2crypt.core.ks_messages import MAX_REVOKED_MACS
+from l2crypt.ops.logs import fields
 
-from .ca import _write_private
+from .ca import write_private
 
 log = logging.getLogger("keyserverd")
 
@@ -84,7 +84,7 @@ class RevocationBook:
                       for fp, e in self._peers.items()},
             "gateway_macs": {m.hex(): [g, t] for m, (g, t) in self._gateway_macs.items()},
         }
-        _write_private(self.path, json.dumps(doc).encode(), 0o600)
+        write_private(self.path, json.dumps(doc).encode(), 0o600)
 
     # --- hosts of peered key servers --------------------------------------------
     def peer_version(self, fingerprint: str) -> bytes:

@@ -45,14 +45,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from l2crypt.errors import LocalError, RemoteProtocolError
-from l2crypt.ks_messages import FrameReader, encode_message
-from l2crypt.logs import RateLimiter, fields
+from keyserverd.store.sqlite import StoreUnavailable
+from l2crypt.core.errors import LocalError, RemoteProtocolError
+from l2crypt.core.ks_messages import FrameReader, encode_message
+from l2crypt.ops.logs import RateLimiter, fields
 
 from .ca import CertificateAuthority
 from .event_cursor import EventCursor
 from .service import KeyService, Session
-from .store import StoreUnavailable
 
 log = logging.getLogger("keyserverd")
 

@@ -52,7 +52,7 @@
    ``map_release`` (a MAC they aged out), ``map_list`` and ``netkey_req
    peer_id``: the keys of the tunnel link between the requester and gateway
    ``peer_id`` of the peer segment, derived from each NETKEY version agreed
-   with the peer key server (``netkey_peering``, ``l2crypt.tunnel_keys``).
+   with the peer key server (``netkey_peering``, ``l2crypt.core.tunnel_keys``).
    NETKEY itself never leaves the key server; the requester is always one end
    of the link, as the server authenticated it.  New versions are pushed for
    every link a gateway asked about (at most ``MAX_TUNNEL_PEERS``).  A
@@ -75,18 +75,18 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
-from l2crypt.errors import RefusedError
-from l2crypt.frame_wire import format_mac, is_group_address
-from l2crypt.ks_messages import OLDER_VERSIONS_MAX
-from l2crypt.logs import RateLimiter, fields
-from l2crypt.tunnel_keys import Endpoint, link_keys
+from keyserverd.peering.service import PeerHandlers
+from keyserverd.store.sqlite import HostRecord, KeyEvent, KeyStore
+from l2crypt.core.errors import RefusedError
+from l2crypt.core.frame_wire import format_mac, is_group_address
+from l2crypt.core.ks_messages import OLDER_VERSIONS_MAX
+from l2crypt.core.tunnel_keys import Endpoint, link_keys
+from l2crypt.ops.logs import RateLimiter, fields
 
 from .l3_service import L3Handlers
 from .mac_map import MacMap
-from .peer_service import PeerHandlers
 from .ratelimit import HostBuckets
 from .revocations import RevocationBook, WelcomeRevocations
-from .store import HostRecord, KeyEvent, KeyStore
 from .tokens import hash_token
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class KeyService(L3Handlers, PeerHandlers):
         return math.ceil(KEY_MAX_AGE_FACTOR * self.rekey_after_s)
 
     def handle(self, session: Session, msg: dict, now: float) -> list[Action]:
-        """Process one validated message (see ``l2crypt.ks_messages``)."""
+        """Process one validated message (see ``l2crypt.core.ks_messages``)."""
         kind = msg["t"]
         rid = msg.get("rid", 0)
         self.requests[kind] += 1

@@ -2,7 +2,7 @@
 
 1. The server answers on an admin socket, ``state_dir/keyserverd.sock``
    (mode 0600, the same one-line protocol as the agent's control socket,
-   ``l2crypt.control``), with ``snapshot(...)``.
+   ``l2crypt.ops.control``), with ``snapshot(...)``.
 2. ``keyserverd status`` asks it and prints a table (rich) or ``--json``.
 
 The document holds host IDs, MACs, roles, connection counts, key versions
@@ -18,10 +18,9 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from l2crypt.frame_wire import format_mac
-from l2crypt.status_view import _age
-
-from .store import StoreUnavailable
+from keyserverd.store.sqlite import StoreUnavailable
+from l2crypt.core.frame_wire import format_mac
+from l2crypt.ops.status_view import format_age
 
 _NO_KEYS = {"pairs": [], "pair_versions": 0, "multicast": None}
 
@@ -74,15 +73,15 @@ def snapshot(server, config, listen: str, now: float | None = None) -> dict:
 def render(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"[bold]keyserverd[/bold] listening on {doc['listen']}  cipher {doc['cipher']}  "
-                  f"up {_age(doc['uptime_s'])}  metrics {doc['metrics_listen'] or 'off'}")
+                  f"up {format_age(doc['uptime_s'])}  metrics {doc['metrics_listen'] or 'off'}")
     console.print(f"store: {doc['store']}   KEK id {doc['kek_id']}")
     console.print(f"hosts: {doc['hosts_total']} ({doc['hosts_connected']} connected, "
                   f"{doc['connections']} connections)   event seq: {doc['event_seq']}")
     ages = doc["pair_key_age_s"]
     console.print(f"pair keys: {doc['pair_keys']} pairs, {doc['pair_key_versions']} versions held"
-                  + (f", ages {_age(ages['min'])}..{_age(ages['max'])}" if ages else "")
+                  + (f", ages {format_age(ages['min'])}..{format_age(ages['max'])}" if ages else "")
                   + f"   multicast PW_ID {doc['multicast_pw_id']}"
-                  + (f" (age {_age(doc['multicast_key_age_s'])})" if doc["multicast_key_age_s"] is not None else ""))
+                  + (f" (age {format_age(doc['multicast_key_age_s'])})" if doc["multicast_key_age_s"] is not None else ""))
     table = Table(title="hosts", title_justify="left")
     for column in ("ID", "MAC", "role", "enrolled", "revoked", "connected"):
         table.add_column(column)

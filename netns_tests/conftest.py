@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import assert_hosts_sent_only_sealed, skip_reason  # noqa: E402
 from hostile import MARKER as HOSTILE_MARKER  # noqa: E402
 
-from l2crypt import lab as L  # noqa: E402
+from l2crypt.lab import segment as L  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def lab(request, tmp_path_factory):
         pytest.skip(reason)
     # SIGINT, SIGTERM and SIGHUP become KeyboardInterrupt (in this process only,
     # never in a forked child), so this finalizer runs; an atexit hook in
-    # l2crypt.lab is the last resort.
+    # l2crypt.lab.segment is the last resort.
     L.install_signal_cleanup()
     the_lab = L.Lab(state_dir=tmp_path_factory.mktemp("lab"), capture_from_start=True)
     try:

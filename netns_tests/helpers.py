@@ -12,10 +12,10 @@ from typing import Callable, TypeVar
 
 from pyroute2 import netns
 
-from l2crypt import lab as L
-from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.frame_wire import parse_mac
-from l2crypt.ks_messages import FrameReader, encode_message
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.core.frame_wire import parse_mac
+from l2crypt.core.ks_messages import FrameReader, encode_message
+from l2crypt.lab import segment as L
 
 T = TypeVar("T")
 
@@ -208,7 +208,7 @@ def stored_keys(state_dir: Path, kek_path: Path | None = None) -> dict[tuple, by
     Reads the file only; the running key server is not disturbed."""
     import sqlite3
 
-    from keyserverd.kek import multicast_aad, pair_aad, read_kek_file
+    from keyserverd.store.kek import multicast_aad, pair_aad, read_kek_file
 
     kek = read_kek_file(kek_path or Path(state_dir) / "kek")
     db = sqlite3.connect(f"file:{Path(state_dir) / 'keyserver.db'}?mode=ro", uri=True, timeout=10)

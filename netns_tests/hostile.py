@@ -23,8 +23,8 @@ from cryptography.x509.oid import NameOID
 from pyroute2 import IPRoute, netns
 
 from helpers import KeyServerClient, l2c_frames, mac_bytes, ping
-from l2crypt import lab as L
-from l2crypt.engine import EngineSettings, FrameEngine
+from l2crypt.core.engine import EngineSettings, FrameEngine
+from l2crypt.lab import segment as L
 
 MARKER = b"L2CRYPT-HOSTILE-MARKER-5c1e"
 

@@ -11,8 +11,8 @@ import time
 from pyroute2 import netns
 
 from helpers import listening, wait_for
-from l2crypt import lab_routed as R
-from l2crypt.l3_wire import L3_IP_PROTOCOL, IPPROTO_UDP, decode_l3_header, parse_packet
+from l2crypt.core.l3_wire import L3_IP_PROTOCOL, IPPROTO_UDP, decode_l3_header, parse_packet
+from l2crypt.lab import routed as R
 
 MARKER = b"L3CRYPT-MARKER-5e1d"
 ETHERTYPES = {b"\x08\x00": 4, b"\x86\xdd": 6}

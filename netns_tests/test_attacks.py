@@ -44,8 +44,8 @@ from hostile import (
     sealed_as,
     with_pn,
 )
-from l2crypt import lab as L
-from l2crypt.ks_messages import LENGTH, encode_message
+from l2crypt.core.ks_messages import LENGTH, encode_message
+from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
 

@@ -20,9 +20,9 @@ import pytest
 
 from helpers import KeyServerClient, l2c_frames, listening, ping, skip_reason, wait_for
 
-from keyserverd.pg_throwaway import PgServer, unavailable_reason
-from l2crypt import lab as L
-from l2crypt.lab_failover import FailoverLab
+from l2crypt.lab import segment as L
+from l2crypt.lab.failover import FailoverLab
+from l2crypt.lab.pg_throwaway import PgServer, unavailable_reason
 
 HOLDDOWN_S = 4.0
 AGENT_ARGS = ("--probe-interval-s", "0.5", "--probe-failures", "2", "--failback-holddown-s", str(HOLDDOWN_S))
@@ -180,8 +180,8 @@ def test_postgresql_restart_during_key_requests(flab, tmp_path):
     acknowledged before and during the outage is in the store afterwards, the
     requests during the outage get store_unavailable, both servers answer again
     within a bounded time, and the agents carry traffic again."""
-    from keyserverd.kek import read_kek_file
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.kek import read_kek_file
+    from keyserverd.store.postgres import PgStore
 
     if flab.pg._pg_ctl is None:
         pytest.skip("PostgreSQL comes from $L2CRYPT_TEST_PG_URL: this test cannot restart it")

@@ -29,7 +29,7 @@ import pytest
 
 from helpers import KeyServerClient, listening, mac_bytes, ping, stored_keys, wait_for
 from hostile import MARKER, marker_count
-from l2crypt import lab as L
+from l2crypt.lab import segment as L
 from pyroute2 import IPRoute
 
 pytestmark = pytest.mark.lab

@@ -1,4 +1,4 @@
-# End-to-end tests of the gateway (issue 4, "Acceptance"); drawing in l2crypt/lab_gateway.py.
+# End-to-end tests of the gateway (issue 4, "Acceptance"); drawing in l2crypt/lab/gateway.py.
 #
 #   segment A: h1 h2 --br0-- gA --plain0-- p1 (plain host 10.66.0.31)
 #                             |
@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import listening, ping, skip_reason, udp_payload as _udp_payload, wait_for
 from hostile import StackListener, link_mac, nstat, plain_frames
 from gateway import tunnel_wire
-from l2crypt import lab as L
-from l2crypt.lab_gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
-from l2crypt.tunnel_keys import sender_tag
+from l2crypt.core.tunnel_keys import sender_tag
+from l2crypt.lab import segment as L
+from l2crypt.lab.gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
 
 pytestmark = pytest.mark.lab
 

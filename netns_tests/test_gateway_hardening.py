@@ -1,5 +1,5 @@
 # The gateway under attack (issue 15: findings 7 and 8, and the tunnel's share of 1).
-# Drawing in l2crypt/lab_gateway.py; this module adds a second plain host p2 and an
+# Drawing in l2crypt/lab/gateway.py; this module adds a second plain host p2 and an
 # attacker on the WAN router (raw sockets in its namespace, spoofing gB's address):
 #
 #   segment A: h1 h2 --br0-- gA --plain0-- p1 (10.66.0.31)
@@ -29,9 +29,9 @@ from pyroute2 import IPRoute, netns
 
 from gateway import tunnel_wire
 from helpers import KeyServerClient, ping, skip_reason, udp_payload, wait_for
-from l2crypt import lab as L
-from l2crypt.frame_wire import parse_mac
-from l2crypt.lab_gateway import GATEWAYS, GW_WAN_IFNAME, TUNNEL_PORT, GatewayLab
+from l2crypt.core.frame_wire import parse_mac
+from l2crypt.lab import segment as L
+from l2crypt.lab.gateway import GATEWAYS, GW_WAN_IFNAME, TUNNEL_PORT, GatewayLab
 
 pytestmark = pytest.mark.lab
 
@@ -288,7 +288,7 @@ def test_a_rogue_gateway_cannot_speak_for_gb_nor_lock_it_out(hlab):
     assert keys, "the rogue gateway got no key at all"
     h1_mac, h3_mac = parse_mac(a.status("h1")["mac"]), parse_mac(hlab.b.status("h3")["mac"])
     inner = _inner_udp(h1_mac, h3_mac, L.tap_ipv4("h1"), marker)
-    from l2crypt.tunnel_keys import sender_tag
+    from l2crypt.core.tunnel_keys import sender_tag
 
     gb_tags = [parse_mac(GATEWAYS["gB"][1]), sender_tag("gB")]
     pn = int(time.time() * 2**30) + 2**40

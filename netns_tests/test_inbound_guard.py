@@ -39,7 +39,7 @@ import pytest
 
 from helpers import mac_bytes, ping, wait_for
 from hostile import StackListener, link_mac, nstat, plain_frames
-from l2crypt import lab as L
+from l2crypt.lab import segment as L
 from test_operations import AGENT_METRICS, scrape
 
 pytestmark = pytest.mark.lab

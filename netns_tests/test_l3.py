@@ -1,7 +1,7 @@
 """Layer-3 modes end to end: routed (IP protocol 253) and NAT (UDP) across a
 router, IPv4 and IPv6.
 
-Topology (see ``l2crypt.lab_routed``)::
+Topology (see ``l2crypt.lab.routed``)::
 
     keyserverd (l2c-ks) --- management veths --- h1, h2
 
@@ -46,9 +46,9 @@ from l3_tools import (  # noqa: E402
 from scapy.layers.inet import ICMP, IP, UDP  # noqa: E402
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6  # noqa: E402
 
-from l2crypt import lab as L  # noqa: E402
-from l2crypt import lab_routed as R  # noqa: E402
-from l2crypt.l3_wire import decode_l3_header, overhead, parse_packet  # noqa: E402
+from l2crypt.lab import segment as L  # noqa: E402
+from l2crypt.lab import routed as R  # noqa: E402
+from l2crypt.core.l3_wire import decode_l3_header, overhead, parse_packet  # noqa: E402
 
 H1, H2 = R.host_ip("h1"), R.host_ip("h2")
 H1_6, H2_6 = R.host_ip6("h1"), R.host_ip6("h2")
@@ -335,7 +335,7 @@ def test_nft_backend_writes_json_rules_and_reads_its_counter(rlab):
     is read back through ``nft -j``."""
     table = "l3jsontest"
     prefixes = ["10.79.0.0/24", "fd79::/64"]
-    script = ("import sys, json\nfrom l2crypt.nft_rules import NftBackend\n"
+    script = ("import sys, json\nfrom l2crypt.io.nft_rules import NftBackend\n"
               f"b = NftBackend({table!r})\n"
               "if sys.argv[1] == 'apply': b.apply(sys.argv[2:], None, 'routed', 7789)\n"
               "elif sys.argv[1] == 'count': print(json.dumps(b.refused_inbound()))\n"

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import KeyServerClient, forged_frame, mac_bytes, peer, ping, stored_keys, wait_for
-from l2crypt import lab as L
+from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
 

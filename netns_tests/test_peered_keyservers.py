@@ -23,10 +23,10 @@ from pyroute2 import netns
 
 from helpers import KeyServerClient, iperf3, l2c_frames, mac_bytes, ping, skip_reason, stored_keys, wait_for
 
-from keyserverd import peer_messages as pm
-from l2crypt import lab as L
-from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.lab_peered import PeeredLab
+from keyserverd.peering import messages as pm
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.lab import segment as L
+from l2crypt.lab.peered import PeeredLab
 
 pytestmark = pytest.mark.lab
 

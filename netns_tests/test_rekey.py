@@ -36,8 +36,8 @@ import time
 import pytest
 
 from helpers import drop, iperf3, listening, mac_bytes, peer, ping, skip_reason, stored_keys, wait_for
-from l2crypt import lab as L
-from l2crypt.constants import KEY_ID_MULTICAST, KEY_ID_PAIR
+from l2crypt.core.constants import KEY_ID_MULTICAST, KEY_ID_PAIR
+from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
 

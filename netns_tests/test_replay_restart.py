@@ -29,7 +29,7 @@ import pytest
 
 from helpers import drop, l2c_frames, peer, ping, wait_for
 from hostile import marker_count
-from l2crypt import lab as L
+from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
 

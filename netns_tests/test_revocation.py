@@ -29,8 +29,8 @@ import time
 import pytest
 
 from helpers import drop, ping, skip_reason, wait_for
-from l2crypt import lab as L
-from l2crypt.lab_peered import PeeredLab
+from l2crypt.lab import segment as L
+from l2crypt.lab.peered import PeeredLab
 
 pytestmark = pytest.mark.lab
 

@@ -39,7 +39,7 @@ from helpers import (
     ping,
     wait_for,
 )
-from l2crypt import lab as L
+from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
 

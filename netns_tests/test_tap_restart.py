@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ping, skip_reason, wait_for
-from l2crypt import lab as L
+from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
 

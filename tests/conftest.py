@@ -4,8 +4,8 @@
 import pytest
 
 from store_kek import PG_KEK
-from keyserverd.pg_throwaway import PgServer, unavailable_reason
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
+from l2crypt.lab.pg_throwaway import PgServer, unavailable_reason
 
 
 
@@ -33,7 +33,7 @@ def store_opener(request, tmp_path):
     if request.param == "sqlite":
         path = tmp_path / "state" / "keyserver.db"
         return lambda now: SqliteStore.open(path, now)
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.postgres import PgStore
 
     url = request.getfixturevalue("pg_url")
     return lambda now: PgStore.open(url, now, kek=PG_KEK)

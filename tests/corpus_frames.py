@@ -13,7 +13,7 @@ from __future__ import annotations
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet, Raw, bind_layers
 
-from l2crypt.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
+from l2crypt.core.constants import DEFAULT_ETHERTYPE, KEY_ID_MULTICAST, KEY_ID_PAIR
 
 RX_MAC = "02:4c:32:00:00:12"
 PEER_MAC = "02:4c:32:00:00:11"

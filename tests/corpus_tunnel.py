@@ -17,8 +17,8 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from gateway import tunnel_wire
-from l2crypt.frame_wire import format_mac
-from l2crypt.tunnel_keys import sender_tag
+from l2crypt.core.frame_wire import format_mac
+from l2crypt.core.tunnel_keys import sender_tag
 
 RX_GW = "gB"
 PEER_GW = "gA"

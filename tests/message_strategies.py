@@ -1,5 +1,5 @@
-"""Hypothesis strategies for the msgpack protocols (``l2crypt.ks_messages``,
-``keyserverd.peer_messages``): schema-valid messages of every type, framed by
+"""Hypothesis strategies for the msgpack protocols (``l2crypt.core.ks_messages``,
+``keyserverd.peering.messages``): schema-valid messages of every type, framed by
 the product's own encoder, then (sometimes) mutated.
 
 A fuzzer fed only random maps never gets past the schema check; these give
@@ -12,7 +12,7 @@ from __future__ import annotations
 import msgpack
 from hypothesis import strategies as st
 
-import l2crypt.msg_codec as msg_codec
+import l2crypt.core.msg_codec as msg_codec
 from drop_reasons import refusal_codes
 
 _HOST_IDS = st.sampled_from(["h1", "gw-2", "a.b_c", "x" * 64])

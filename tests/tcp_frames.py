@@ -11,7 +11,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 from scapy.utils import checksum
 
-from l2crypt.vnet_hdr import GSO_ECN, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, VnetHdr
+from l2crypt.core.vnet_hdr import GSO_ECN, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, VnetHdr
 
 MAC_A, MAC_B = "02:4c:32:00:00:01", "02:4c:32:00:00:02"
 TIMESTAMPS = [("NOP", None), ("NOP", None), ("Timestamp", (123456, 654321))]

@@ -8,7 +8,7 @@ the daemons refuse to start on the same file naming the same keys.
 import pytest
 
 from keyserverd.cli import main as ks_main
-from l2crypt.cli import main as l2_main
+from l2crypt.agent.cli import main as l2_main
 
 AGENT_OK = 'port = "eth0"\nservers = ["192.0.2.1:7788"]\n'
 KS_OK = 'listen = "0.0.0.0:7788"\nstate_dir = "/var/lib/l2crypt/keyserver"\n'

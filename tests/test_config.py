@@ -2,8 +2,8 @@
 
 import pytest
 
-from l2crypt.config import AgentConfig, load_agent_config, parse_hostport
-from l2crypt.errors import ConfigError
+from l2crypt.agent.config import AgentConfig, load_agent_config, parse_hostport
+from l2crypt.core.errors import ConfigError
 
 BASE = 'port = "eth0"\nservers = ["192.0.2.1:7788"]\n'
 

@@ -15,10 +15,10 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 #: Section title -> "module:Class" of its config dataclass.  The gateway's
 #: section is checked against its dataclass once ``gateway.config`` exists.
 SECTIONS = {
-    "Agent": "l2crypt.config:AgentConfig",
+    "Agent": "l2crypt.agent.config:AgentConfig",
     "Key server": "keyserverd.config:KeyServerConfig",
     "Gateway": "gateway.config:GatewayConfig",
-    "Layer-3 agent": "l2crypt.l3_config:L3AgentConfig",
+    "Layer-3 agent": "l2crypt.l3.config:L3AgentConfig",
 }
 ROW = re.compile(r"^\|\s*`([a-z0-9_]+)`\s*\|")
 
@@ -67,9 +67,9 @@ def test_metrics_table_names_metrics_the_daemons_export():
     text = sections(DOC.read_text())["Metrics"]
     names = set(re.findall(r"`((?:l2crypt|keyserverd)_[a-z0-9_]+)", text))
     root = DOC.parent.parent
-    source = (root / "l2crypt" / "metrics.py").read_text() + (root / "keyserverd" / "metrics.py").read_text() \
-        + (root / "l2crypt" / "keyclient.py").read_text() + (root / "gateway" / "metrics.py").read_text() \
-        + (root / "l2crypt" / "l3_status.py").read_text()
+    source = (root / "l2crypt" / "ops" / "metrics.py").read_text() + (root / "keyserverd" / "metrics.py").read_text() \
+        + (root / "l2crypt" / "agent" / "keyclient.py").read_text() + (root / "gateway" / "metrics.py").read_text() \
+        + (root / "l2crypt" / "l3" / "status.py").read_text()
     for name in names:
         base = re.sub(r"_total$", "", name)
         assert f'"{base}"' in source, f"docs name metric {name}, no collector makes it"

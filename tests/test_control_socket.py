@@ -6,8 +6,8 @@ import asyncio
 import os
 import stat
 
-from l2crypt import control
-from l2crypt.control import query_status, serve_control
+from l2crypt.ops import control
+from l2crypt.ops.control import query_status, serve_control
 
 
 def test_the_socket_is_never_group_or_world_accessible(tmp_path, monkeypatch):

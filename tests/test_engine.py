@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from l2crypt import engine as engine_mod
-from l2crypt.constants import FRAME_OVERHEAD
-from l2crypt.engine import EngineSettings
-from l2crypt.fakes import EngineHost, FakeSwitch
+from l2crypt.core import engine as engine_mod
+from l2crypt.core.constants import FRAME_OVERHEAD
+from l2crypt.core.engine import EngineSettings
+from l2crypt.io.fakes import EngineHost, FakeSwitch
 
 H1 = bytes.fromhex("020000000001")
 H2 = bytes.fromhex("020000000002")

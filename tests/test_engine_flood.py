@@ -9,9 +9,9 @@ requests a second.
 
 import os
 
-from l2crypt import engine as engine_mod
-from l2crypt.engine import EngineSettings, FrameEngine
-from l2crypt.frame_wire import encode_frame
+from l2crypt.core import engine as engine_mod
+from l2crypt.core.engine import EngineSettings, FrameEngine
+from l2crypt.core.frame_wire import encode_frame
 
 ME = bytes.fromhex("020000000001")
 MCAST_KEY = bytes(range(32))

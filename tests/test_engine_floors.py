@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
-from l2crypt import engine as E
-from l2crypt import replay_floor as rf
-from l2crypt.aead import PN_PER_SECOND
-from l2crypt.engine import EngineSettings, FrameEngine
+from l2crypt.core import engine as E
+from l2crypt.core import replay_floor as rf
+from l2crypt.core.aead import PN_PER_SECOND
+from l2crypt.core.engine import EngineSettings, FrameEngine
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")

@@ -10,11 +10,11 @@ import os
 
 import pytest
 
-from l2crypt import aead
-from l2crypt import engine as E
-from l2crypt import replay_floor as rf
-from l2crypt.engine import EngineSettings, FrameEngine
-from l2crypt.peer_keys import KeySlot
+from l2crypt.core import replay_floor as rf
+from l2crypt.core import engine as E
+from l2crypt.core import aead
+from l2crypt.core.engine import EngineSettings, FrameEngine
+from l2crypt.core.peer_keys import KeySlot
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")
@@ -159,7 +159,7 @@ class Slot:
     ((None, 5, None), [(4, 100)], (4, 5, None)),                     # an older one, never held: receive only
 ])
 def test_merge_places_versions_as_the_peer_holds_them(held, offered, expect):
-    from l2crypt.key_ring import KeyRing
+    from l2crypt.core.key_ring import KeyRing
     ring = KeyRing()
     ring.previous, ring.current, ring.next = (Slot(p) if p else None for p in held)
     now = 100.0

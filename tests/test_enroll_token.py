@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from l2crypt.enroll import TOKEN_ON_COMMAND_LINE, read_token
-from l2crypt.errors import LocalError
+from l2crypt.agent.enroll import TOKEN_ON_COMMAND_LINE, read_token
+from l2crypt.core.errors import LocalError
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = {"l2crypt": "from l2crypt.cli import main; main()",
+CLI = {"l2crypt": "from l2crypt.agent.cli import main; main()",
        "l2crypt-gateway": "from gateway.cli import main; main()"}
 
 

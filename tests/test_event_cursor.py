@@ -14,8 +14,8 @@ import time
 import pytest
 
 from keyserverd.event_cursor import CURSOR_FILE, EventCursor
-from keyserverd.store import SqliteStore
-from l2crypt.errors import LocalError
+from keyserverd.store.sqlite import SqliteStore
+from l2crypt.core.errors import LocalError
 
 NOW = 1_700_000_000.0
 

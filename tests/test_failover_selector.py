@@ -2,7 +2,7 @@
 
 import pytest
 
-from l2crypt.failover import Event, FailoverSelector, IllegalTransition, ServerEntry, ServerState
+from l2crypt.core.failover import Event, FailoverSelector, IllegalTransition, ServerEntry, ServerState
 
 SERVERS = ("ks1:7788", "ks2:7788", "ks3:7788")
 

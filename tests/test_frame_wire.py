@@ -5,9 +5,9 @@ import hmac
 
 import pytest
 
-from l2crypt import aead, frame_wire
-from l2crypt.constants import FRAME_OVERHEAD, KEY_ID_PAIR
-from l2crypt.engine import FrameEngine
+from l2crypt.core import aead, frame_wire
+from l2crypt.core.constants import FRAME_OVERHEAD, KEY_ID_PAIR
+from l2crypt.core.engine import FrameEngine
 
 ET = 0x88B5
 DA = bytes.fromhex("020000000002")

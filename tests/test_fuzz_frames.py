@@ -22,11 +22,11 @@ from hypothesis.control import currently_in_test_context
 
 from corpus_frames import HELD, PEER_MAC, RX_MAC, STRANGER_MAC, crafted
 from drop_reasons import counted, returned
-from l2crypt import engine as engine_mod, engine_keys, frame_wire
-from l2crypt.constants import DEFAULT_KEY_MAX_AGE_S
-from l2crypt.engine import EngineSettings, FrameEngine
-from l2crypt.frame_wire import parse_mac
-from l2crypt.replay_floor import FloorBook
+from l2crypt.core import engine as engine_mod, engine_keys, frame_wire
+from l2crypt.core.constants import DEFAULT_KEY_MAX_AGE_S
+from l2crypt.core.engine import EngineSettings, FrameEngine
+from l2crypt.core.frame_wire import parse_mac
+from l2crypt.core.replay_floor import FloorBook
 
 RX = parse_mac(RX_MAC)
 PEER = parse_mac(PEER_MAC)

@@ -21,15 +21,15 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 import keyserverd.ca as ca_mod
 import keyserverd.mac_map as mac_map_mod
 import keyserverd.service as service_mod
-import keyserverd.store as store_mod
-import l2crypt.ks_messages as km
+import keyserverd.store.sqlite as store_mod
+import l2crypt.core.ks_messages as km
 from drop_reasons import refusal_codes
 from message_strategies import decoder_codes, framed_then_mutated
 from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
-from l2crypt.errors import RemoteProtocolError
+from l2crypt.core.errors import RemoteProtocolError
 from test_keyserver_service import make_csr
 
 FUZZ = settings(max_examples=120, deadline=None,

@@ -12,12 +12,12 @@ from __future__ import annotations
 import msgpack
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from keyserverd import multicast_peering as mp
-from keyserverd import netkey_peering as nk
-from keyserverd import peer_messages as pm
-from keyserverd import revocation_peering as rp
-from keyserverd.peer_spec import PeerSpec
-from l2crypt.errors import RemoteProtocolError
+from keyserverd.peering import netkey as nk
+from keyserverd.peering import revocations as rp
+from keyserverd.peering import messages as pm
+from keyserverd.peering import multicast as mp
+from keyserverd.peering.spec import PeerSpec
+from l2crypt.core.errors import RemoteProtocolError
 from message_strategies import decoder_codes, framed_then_mutated
 from test_fuzz_keyserver import values
 
@@ -108,7 +108,7 @@ def _service(factory):
     if "s" not in _SERVICES:
         from keyserverd.ca import CertificateAuthority
         from keyserverd.service import KeyService
-        from keyserverd.store import SqliteStore
+        from keyserverd.store.sqlite import SqliteStore
         d = factory.mktemp("fuzzpeer")
         store = SqliteStore.open(d / "keyserver.db", NOW)
         for host_id, mac in (("a1", "0200000000a1"), ("x0", "0200000000a0")):

@@ -25,14 +25,14 @@ from hypothesis.control import currently_in_test_context
 
 from corpus_tunnel import HELD_PW_ID, INNER_SRC, OTHER_PEER_GW, PEER_GW, RX_GW, crafted
 from drop_reasons import counted, returned
+from gateway import tunnel_wire as W
 from gateway import core as C
 from gateway import tunnel as T
-from gateway import tunnel_wire as W
 from gateway.core import GatewayCore
-from l2crypt.engine import EngineSettings
-from l2crypt.frame_wire import parse_mac
-from l2crypt.replay_floor import FloorBook
-from l2crypt.tunnel_keys import Endpoint, link_keys, sender_tag
+from l2crypt.core.engine import EngineSettings
+from l2crypt.core.frame_wire import parse_mac
+from l2crypt.core.replay_floor import FloorBook
+from l2crypt.core.tunnel_keys import Endpoint, link_keys, sender_tag
 
 RX = parse_mac("02:4c:47:00:00:b1")  # gB's MAC
 PEER = sender_tag(PEER_GW)

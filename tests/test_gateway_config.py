@@ -4,7 +4,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_gateway_config
-from l2crypt.errors import ConfigError
+from l2crypt.core.errors import ConfigError
 
 
 def test_minimal_config_and_overrides(tmp_path):

@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 
-from gateway import core as C
 from gateway import tunnel_wire
+from gateway import core as C
 from gateway.core import GatewayCore, GatewaySettings
-from l2crypt.engine import GROUP_MAC, EngineSettings, FrameEngine
-from l2crypt.tunnel_keys import Endpoint, link_keys
+from l2crypt.core.engine import GROUP_MAC, EngineSettings, FrameEngine
+from l2crypt.core.tunnel_keys import Endpoint, link_keys
 
 H1 = bytes.fromhex("024c32000011")
 H2 = bytes.fromhex("024c32000012")

@@ -11,8 +11,8 @@ import random
 
 from gateway import core as C
 from keyserverd.mac_map import MacMap
-from l2crypt.errors import RefusedError
-from l2crypt.replay_floor import FloorBook
+from l2crypt.core.errors import RefusedError
+from l2crypt.core.replay_floor import FloorBook
 from test_gateway_core import GA, H1, MCAST_A, P1, arp, frame, gateway, host, pair_key, serve_keys
 
 P2 = bytes.fromhex("024c50000002")

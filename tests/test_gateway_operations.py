@@ -20,9 +20,9 @@ from gateway.metrics import gateway_metrics
 from gateway.ports import TunnelSocket
 from gateway.status_view import rates, render_status
 from keyserverd.ca import CertificateAuthority
-from l2crypt.control import serve_control
-from l2crypt.metrics import FunctionCollector, new_registry
-from l2crypt.tls_files import CA_CERT, HOST_CERT, HOST_KEY
+from l2crypt.agent.tls_files import CA_CERT, HOST_CERT, HOST_KEY
+from l2crypt.ops.control import serve_control
+from l2crypt.ops.metrics import FunctionCollector, new_registry
 from test_gateway_core import GA, GB, H1, MCAST_A, NETKEY, P1, arp, gateway, host, link_keys_of, serve_netkey
 from test_keyserver_tls import new_identity
 from test_port_guard import listing_of
@@ -219,7 +219,7 @@ def test_watch_rates_per_port(real_gw):
 @pytest.fixture
 def control_socket(real_gw):
     """The real Gateway answering ``status`` on state_dir/gateway.sock
-    (``l2crypt.control.serve_control`` with ``Gateway.snapshot``), on its own loop."""
+    (``l2crypt.ops.control.serve_control`` with ``Gateway.snapshot``), on its own loop."""
     ready, done = threading.Event(), None
 
     def serve():

@@ -6,8 +6,8 @@ must complete (scapy's RFC 1071 sum) to scapy's checksum."""
 import pytest
 from scapy.layers.l2 import ARP, Ether
 
-from l2crypt import gro, gso
-from l2crypt.vnet_hdr import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, ZERO_VNET_HDR, VnetHdr
+from l2crypt.core import gro, gso
+from l2crypt.core.vnet_hdr import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, ZERO_VNET_HDR, VnetHdr
 from tcp_frames import Tcp, completes_to, udp_frame, with_partial_checksum
 
 MSS = 1000

@@ -9,8 +9,8 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 from scapy.utils import checksum
 
-from l2crypt import gso
-from l2crypt.vnet_hdr import GSO_NONE, GSO_TCPV6, GSO_UDP, GSO_UDP_L4, NEEDS_CSUM, VnetHdr
+from l2crypt.core import gso
+from l2crypt.core.vnet_hdr import GSO_NONE, GSO_TCPV6, GSO_UDP, GSO_UDP_L4, NEEDS_CSUM, VnetHdr
 from tcp_frames import Tcp, completes_to, udp_frame, with_partial_checksum
 
 STREAM = bytes(range(256)) * 40  # 10,240 bytes with no two equal neighbours

@@ -4,8 +4,8 @@ and flags (super-frames built with scapy; ``gso`` output fed to ``gro``)."""
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from l2crypt import gro, gso
-from l2crypt.vnet_hdr import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, ZERO_VNET_HDR
+from l2crypt.core import gro, gso
+from l2crypt.core.vnet_hdr import GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, ZERO_VNET_HDR
 from tcp_frames import TIMESTAMPS, Tcp, completes_to
 
 ROUND_TRIP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

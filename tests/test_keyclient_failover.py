@@ -15,9 +15,9 @@ import pytest
 from keyserverd.ca import CertificateAuthority
 from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
-from keyserverd.store import SqliteStore
-from l2crypt.constants import KEYSERVER_TLS_NAME  # noqa: F401  (the name the client checks)
-from l2crypt.keyclient import RECONNECT_MIN_S, KeyClient
+from keyserverd.store.sqlite import SqliteStore
+from l2crypt.core.constants import KEYSERVER_TLS_NAME  # noqa: F401  (the name the client checks)
+from l2crypt.agent.keyclient import RECONNECT_MIN_S, KeyClient
 from test_keyserver_tls import new_identity
 
 MAC_A = bytes.fromhex("020000000001")

@@ -25,16 +25,25 @@ import pytest
 from store_kek import PG_KEK
 from keyserverd.ca import CertificateAuthority
 from keyserverd.cli import main
-from keyserverd.kek import (DEFAULT_KEK_FILE, Kek, KekError, create_kek_file, multicast_aad, netkey_aad,
-                            pair_aad, read_kek_credential, read_kek_file)
-from keyserverd.netkey_peering import NETKEY_FILE, NetkeyBook
+from keyserverd.peering.netkey import NETKEY_FILE, NetkeyBook
 from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
-from keyserverd.store import MIGRATIONS, SEALED_SCHEMA, StoreUnavailable
-from keyserverd.store_pg import MIGRATIONS as PG_MIGRATIONS
-from keyserverd.stores import DB_FILE, open_store
+from keyserverd.store import DB_FILE, open_store
+from keyserverd.store.kek import (
+    DEFAULT_KEK_FILE,
+    Kek,
+    KekError,
+    create_kek_file,
+    multicast_aad,
+    netkey_aad,
+    pair_aad,
+    read_kek_credential,
+    read_kek_file,
+)
+from keyserverd.store.postgres import MIGRATIONS as PG_MIGRATIONS
+from keyserverd.store.sqlite import MIGRATIONS, SEALED_SCHEMA, StoreUnavailable
 from keyserverd.tokens import hash_token, new_token
-from l2crypt.errors import LocalError
+from l2crypt.core.errors import LocalError
 from test_keyserver_tls import Client, enroll
 
 NOW = 1_700_000_000.0

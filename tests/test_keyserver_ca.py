@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyserverd.ca import CertificateAuthority, fingerprint_of
-from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.errors import RefusedError
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.core.errors import RefusedError
 
 
 def make_csr(cn="whatever-the-host-asks", key=None) -> bytes:

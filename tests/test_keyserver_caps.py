@@ -24,18 +24,18 @@ import ssl
 
 import pytest
 
-import keyserverd.netkey_peering as netkey_peering
 from keyserverd.ca import CertificateAuthority
-from keyserverd.kek import Kek
-from keyserverd.netkey_peering import LENGTH, NetkeyPeering, encode
+import keyserverd.peering.netkey as netkey_peering
+from keyserverd.peering.netkey import LENGTH, NetkeyPeering, encode
 from keyserverd.server import ConnectionLimits, KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
-from keyserverd.store import SqliteStore
-from l2crypt import keyclient
-from l2crypt.keyclient import KeyClient
-from l2crypt.ks_messages import encode_message
-from l2crypt.logs import TextFormatter
-from l2crypt.tls_files import CA_CERT, HOST_CERT, HOST_KEY, client_context
+from keyserverd.store.kek import Kek
+from keyserverd.store.sqlite import SqliteStore
+from l2crypt.agent import keyclient
+from l2crypt.agent.keyclient import KeyClient
+from l2crypt.agent.tls_files import CA_CERT, HOST_CERT, HOST_KEY, client_context
+from l2crypt.core.ks_messages import encode_message
+from l2crypt.ops.logs import TextFormatter
 from test_keyserver_tls import Client, new_identity
 
 MAC_A = bytes.fromhex("020000000001")

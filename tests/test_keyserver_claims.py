@@ -20,9 +20,9 @@ import pytest
 from keyserverd.ca import CertificateAuthority
 from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService, Session
-from keyserverd.store import KeyEvent, SqliteStore
+from keyserverd.store.sqlite import KeyEvent, SqliteStore
 from keyserverd.tokens import hash_token
-from l2crypt.ks_messages import encode_message
+from l2crypt.core.ks_messages import encode_message
 from test_keyserver_cli import run as run_cli
 from test_keyserver_tls import Client, new_identity
 from test_peering import Side, make_peering, pinned

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from keyserverd.cli import main
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import TOKEN_RE, hash_token
 
 

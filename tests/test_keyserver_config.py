@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from keyserverd.config import KeyServerConfig, load_config, parse_hostport
-from l2crypt.errors import ConfigError
+from l2crypt.core.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -2,13 +2,13 @@
 
 import pytest
 
-from keyserverd.ca import CertificateAuthority
 from keyserverd import service as S
+from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
-from l2crypt.ks_messages import encode_message
-from l2crypt.tunnel_keys import Endpoint, link_keys
+from l2crypt.core.ks_messages import encode_message
+from l2crypt.core.tunnel_keys import Endpoint, link_keys
 
 PEER_CA = "sha256:" + "b" * 64  # the NETKEY peer server's CA
 

@@ -7,10 +7,10 @@ import pytest
 
 from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
-from l2crypt.errors import RemoteProtocolError
-from l2crypt.ks_messages import decode_message, encode_message, unpack_peer_ips
+from l2crypt.core.errors import RemoteProtocolError
+from l2crypt.core.ks_messages import decode_message, encode_message, unpack_peer_ips
 
 NOW = 1_700_000_000.0
 IP_A, IP_B, IP_C = bytes([10, 71, 0, 2]), bytes([10, 72, 0, 2]), bytes([10, 73, 0, 2])

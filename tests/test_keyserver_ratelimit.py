@@ -7,10 +7,10 @@ import pytest
 
 from keyserverd.ca import CertificateAuthority
 from keyserverd.ratelimit import HostBuckets
-from l2crypt.logs import TextFormatter
 from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
+from l2crypt.ops.logs import TextFormatter
 
 NOW = 1_700_000_000.0
 MACS = {h: bytes.fromhex(f"0200000000{i:02x}") for i, h in enumerate(("a", "b", "c"), 1)}

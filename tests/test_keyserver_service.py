@@ -10,13 +10,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import keyserverd.service
 from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
+import keyserverd.service
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
-from l2crypt.ks_messages import encode_message
-from l2crypt.logs import JsonFormatter, TextFormatter
+from l2crypt.core.ks_messages import encode_message
+from l2crypt.ops.logs import JsonFormatter, TextFormatter
 
 
 def logged(records) -> list[str]:

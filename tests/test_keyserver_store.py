@@ -1,4 +1,4 @@
-"""keyserverd.store (SQLite) and keyserverd.store_pg (PostgreSQL): durability, tokens,
+"""keyserverd.store.sqlite (SQLite) and keyserverd.store.postgres (PostgreSQL): durability, tokens,
 the ID-MAC table, pair keys, schema.  Tests taking ``store`` or ``store_opener``
 run against both back-ends (see conftest.py)."""
 
@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from keyserverd.store import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from keyserverd.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from keyserverd.tokens import TOKEN_RE, hash_token, new_token
-from l2crypt.errors import LocalError, RefusedError
+from l2crypt.core.errors import LocalError, RefusedError
 
 NOW = 1_700_000_000.0
 MAC_A = bytes.fromhex("020000000001")
@@ -330,8 +330,8 @@ def test_token_format():
 
 def test_store_url_selects_the_backend(tmp_path):
     from keyserverd.config import load_config
-    from keyserverd.stores import open_store
-    from l2crypt.errors import ConfigError
+    from keyserverd.store import open_store
+    from l2crypt.core.errors import ConfigError
 
     assert load_config(None, {}).store == ""
     with pytest.raises(ConfigError, match="--store: want postgresql"):
@@ -348,7 +348,7 @@ def test_postgresql_newer_schema_is_refused_and_password_is_not_shown(pg_url):
     import psycopg
 
     from store_kek import PG_KEK
-    from keyserverd.store_pg import PgStore, redact_url
+    from keyserverd.store.postgres import PgStore, redact_url
 
     PgStore.open(pg_url, NOW, kek=PG_KEK).close()
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -378,7 +378,7 @@ def test_a_write_the_database_cannot_take_is_a_clear_refusal(tmp_path):
     raises StoreUnavailable; the store keeps working once there is room."""
     import sqlite3
 
-    from keyserverd.store import StoreUnavailable
+    from keyserverd.store.sqlite import StoreUnavailable
 
     store = SqliteStore.open(tmp_path / "ks.db", 0.0)
     store.add_host("first", bytes.fromhex("020000000001"), "host", b"h" * 32, 1e10, 0.0)

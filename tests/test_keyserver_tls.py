@@ -17,12 +17,12 @@ from cryptography.x509.oid import NameOID
 
 from keyserverd.ca import CertificateAuthority, fingerprint_of
 from keyserverd.server import KeyServer, make_server_ssl_context
-from l2crypt.logs import TextFormatter
 from keyserverd.service import KeyService
-from keyserverd.store import SqliteStore
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token, new_token
-from l2crypt.constants import KEYSERVER_TLS_NAME
-from l2crypt.ks_messages import LENGTH, FrameReader, encode_message
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.core.ks_messages import LENGTH, FrameReader, encode_message
+from l2crypt.ops.logs import TextFormatter
 
 STEP_S = 5.0  # bound on every network wait
 MAC_A = bytes.fromhex("020000000001")

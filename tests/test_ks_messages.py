@@ -8,9 +8,9 @@ from hypothesis import event, given, settings, strategies as st
 
 from message_strategies import decoder_codes, framed_then_mutated
 
-from l2crypt import ks_messages as km
-from l2crypt.constants import MAX_MESSAGE_BYTES
-from l2crypt.errors import LocalError, RemoteProtocolError
+from l2crypt.core import ks_messages as km
+from l2crypt.core.constants import MAX_MESSAGE_BYTES
+from l2crypt.core.errors import LocalError, RemoteProtocolError
 
 MAC = bytes.fromhex("020000000001")
 KEY = bytes(range(32))

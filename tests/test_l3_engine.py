@@ -1,4 +1,4 @@
-"""l2crypt.l3_engine: sealing, opening, holding and rekeying IP packets, without I/O.
+"""l2crypt.core.l3_engine: sealing, opening, holding and rekeying IP packets, without I/O.
 
 Two engines (a: 10.71.0.2, b: 10.72.0.2) exchange packets through the test,
 which plays the kernel (and, for nat mode, a NAT rewriting the outer header).
@@ -6,9 +6,9 @@ which plays the kernel (and, for nat mode, a NAT rewriting the outer header).
 
 import pytest
 
-from l2crypt import l3_engine as E
-from l2crypt import l3_wire as W
-from l2crypt.l3_status import engine_snapshot
+from l2crypt.core import l3_wire as W
+from l2crypt.core import l3_engine as E
+from l2crypt.l3.status import engine_snapshot
 
 A_IP, B_IP = W.parse_ip("10.71.0.2"), W.parse_ip("10.72.0.2")
 NAT_IP = W.parse_ip("10.72.0.1")

@@ -1,12 +1,12 @@
-"""l2crypt.l3_engine: the limits of a hostile peer's reach (pending keys, held
+"""l2crypt.core.l3_engine: the limits of a hostile peer's reach (pending keys, held
 packets, key-request rate, no request loop), retire_after_s, and replay
 floors across a restart of the receiver.  No I/O; the test plays the kernel
 and the key server."""
 
-from l2crypt import l3_engine as E
-from l2crypt import l3_wire as W
-from l2crypt.aead import PN_PER_SECOND
-from l2crypt.replay_floor import FloorBook, decode
+from l2crypt.core import l3_wire as W
+from l2crypt.core import l3_engine as E
+from l2crypt.core.aead import PN_PER_SECOND
+from l2crypt.core.replay_floor import FloorBook, decode
 
 A_IP, B_IP = W.parse_ip("10.71.0.2"), W.parse_ip("10.72.0.2")
 KEY = b"\x44" * 32

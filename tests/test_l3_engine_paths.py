@@ -1,4 +1,4 @@
-"""l2crypt.l3_engine: IPv6 in both modes, the path MTU (MSS clamp, too-big
+"""l2crypt.core.l3_engine: IPv6 in both modes, the path MTU (MSS clamp, too-big
 answers) and nat keepalives, without I/O.
 
 Two engines (a: 10.71.0.2 and fd71::2, b: 10.72.0.2 and fd72::2) exchange
@@ -9,8 +9,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 
-from l2crypt import l3_engine as E
-from l2crypt import l3_wire as W
+from l2crypt.core import l3_wire as W
+from l2crypt.core import l3_engine as E
 
 A4, B4 = W.parse_ip("10.71.0.2"), W.parse_ip("10.72.0.2")
 A6, B6 = W.parse_ip("fd71::2"), W.parse_ip("fd72::2")

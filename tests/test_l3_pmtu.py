@@ -1,11 +1,11 @@
-"""l2crypt.l3_pmtu: MSS clamping, checked against scapy's parsers."""
+"""l2crypt.core.l3_pmtu: MSS clamping, checked against scapy's parsers."""
 
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from l2crypt import l3_pmtu as P
-from l2crypt import l3_wire as W
+from l2crypt.core import l3_wire as W
+from l2crypt.core import l3_pmtu as P
 
 
 def syn(version: int, mss: int | None = 1460, flags="S", options=None) -> bytes:

@@ -1,13 +1,13 @@
-"""l2crypt.l3_status: the l3-status document and the Prometheus metrics of the layer-3 agent."""
+"""l2crypt.l3.status: the l3-status document and the Prometheus metrics of the layer-3 agent."""
 
 from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
-from l2crypt import l3_engine as E
-from l2crypt import l3_wire as W
-from l2crypt.l3_status import engine_snapshot, l3_metrics
-from l2crypt.metrics import FunctionCollector, new_registry
+from l2crypt.core import l3_wire as W
+from l2crypt.core import l3_engine as E
+from l2crypt.l3.status import engine_snapshot, l3_metrics
+from l2crypt.ops.metrics import FunctionCollector, new_registry
 
 A4, A6, B4 = W.parse_ip("10.71.0.2"), W.parse_ip("fd71::2"), W.parse_ip("10.72.0.2")
 KEY = b"\x55" * 32

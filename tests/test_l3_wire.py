@@ -1,10 +1,10 @@
-"""l2crypt.l3_wire: round trips, truncation, wrong lengths, checksums."""
+"""l2crypt.core.l3_wire: round trips, truncation, wrong lengths, checksums."""
 
 import struct
 
 import pytest
 
-from l2crypt import l3_wire as W
+from l2crypt.core import l3_wire as W
 
 # A 20-byte IPv4 header from RFC 1071-style worked examples (Wikipedia "IPv4
 # header checksum"): its checksum field is 0xb861.

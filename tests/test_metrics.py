@@ -13,11 +13,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyserverd.server import KeyServer, make_server_ssl_context
-from l2crypt.engine import FrameEngine
-from l2crypt.keyclient import KeyClient
-from l2crypt.logs import RateLimiter, TextFormatter
-from l2crypt.metrics import FunctionCollector, agent_metrics, new_registry, parse_listen, serve_metrics
-from l2crypt.status_view import rates
+from l2crypt.agent.keyclient import KeyClient
+from l2crypt.core.engine import FrameEngine
+from l2crypt.ops.logs import RateLimiter, TextFormatter
+from l2crypt.ops.metrics import FunctionCollector, agent_metrics, new_registry, parse_listen, serve_metrics
+from l2crypt.ops.status_view import rates
 from test_keyclient_failover import MAC_A, Events, two_servers, wait_until  # noqa: F401  (two_servers is a fixture)
 
 H1 = bytes.fromhex("020000000001")
@@ -216,7 +216,7 @@ def test_rate_limiter_counts_what_it_suppresses():
 def test_a_flood_of_refusals_makes_one_line(tmp_path, caplog):
     from keyserverd.ca import CertificateAuthority
     from keyserverd.service import KeyService, Session
-    from keyserverd.store import SqliteStore
+    from keyserverd.store.sqlite import SqliteStore
 
     store = SqliteStore.open(tmp_path / "ks.db", 0.0)
     service = KeyService(store, "aes-256-gcm", "ks", CertificateAuthority.open(tmp_path / "ca"))

@@ -14,7 +14,7 @@ import time
 import msgpack
 import pytest
 
-from keyserverd import multicast_peering as mp
+from keyserverd.peering import multicast as mp
 from keyserverd.service import revoke_and_rotate
 from test_peering import NOW, make_peering, pinned, run, sides  # noqa: F401  (sides is a fixture)
 

@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from keyserverd.ca import CertificateAuthority
-from keyserverd.kek import Kek
-from keyserverd.netkey_peering import NetkeyBook, NetkeyPeering
+from keyserverd.peering.netkey import NetkeyBook, NetkeyPeering
+from keyserverd.store.kek import Kek
 
 KEK = {"a": Kek(bytes(range(32))), "b": Kek(bytes(range(1, 33)))}
 
@@ -70,8 +70,8 @@ def test_a_wrong_pinned_fingerprint_never_agrees(tmp_path):
 import math  # noqa: E402
 import ssl  # noqa: E402
 
-from keyserverd import netkey_peering as nk  # noqa: E402
-from l2crypt.constants import KEYSERVER_TLS_NAME  # noqa: E402
+from keyserverd.peering import netkey as nk  # noqa: E402
+from l2crypt.core.constants import KEYSERVER_TLS_NAME  # noqa: E402
 
 
 async def _read_all(reader, timeout_s=3.0) -> list[dict]:

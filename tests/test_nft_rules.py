@@ -1,4 +1,4 @@
-"""l2crypt.nft_rules: the rules written for each backend, and the counters
+"""l2crypt.io.nft_rules: the rules written for each backend, and the counters
 read back from nft's JSON and from iptables-save.  The samples are real
 outputs of nft 1.0.6 and iptables-save 1.8.9 (nf_tables), taken in a
 throwaway namespace with these rules loaded."""
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from l2crypt import nft_rules as N
+from l2crypt.io import nft_rules as N
 
 PREFIXES = ("10.72.0.0/24", "fd72::/64")
 

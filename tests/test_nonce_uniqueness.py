@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from l2crypt import aead
-from l2crypt.engine import FrameEngine
-from l2crypt.errors import LocalError
-from l2crypt.packet_clock import PERSIST_INTERVAL_S, PacketClock
+from l2crypt.core import aead
+from l2crypt.core.engine import FrameEngine
+from l2crypt.core.errors import LocalError
+from l2crypt.io.packet_clock import PERSIST_INTERVAL_S, PacketClock
 
 H1 = bytes.fromhex("020000000001")
 H2 = bytes.fromhex("020000000002")

@@ -14,13 +14,13 @@ import ssl
 
 import pytest
 
-from keyserverd import peer_messages as pm
-from keyserverd import peer_service
-from keyserverd.peering import Peering, PeerSpec, peer_client_files
-from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
 from keyserverd.ca import CertificateAuthority
-from l2crypt.constants import KEYSERVER_TLS_NAME
+from keyserverd.peering import messages as pm
+from keyserverd.peering import service as peer_service
+from keyserverd.peering.channel import Peering, PeerSpec, peer_client_files
+from keyserverd.service import KeyService, Session
+from keyserverd.store.sqlite import SqliteStore
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from test_peering import NOW, free_port, pinned, run
 
 MACS = {"x1": bytes.fromhex("0200000000a1"), "y1": bytes.fromhex("0200000000b1"),

@@ -1,9 +1,9 @@
-"""keyserverd.peer_messages: round trips, truncation, wrong lengths and types."""
+"""keyserverd.peering.messages: round trips, truncation, wrong lengths and types."""
 
 import pytest
 
-from keyserverd import peer_messages as pm
-from l2crypt.errors import LocalError, RemoteProtocolError
+from keyserverd.peering import messages as pm
+from l2crypt.core.errors import LocalError, RemoteProtocolError
 
 MAC = bytes.fromhex("024c32000011")
 KEY = bytes(range(32))

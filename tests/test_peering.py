@@ -13,10 +13,10 @@ import ssl
 import pytest
 
 from keyserverd.ca import CertificateAuthority
-from keyserverd.peering import Peering, PeerSpec
+from keyserverd.peering.channel import Peering, PeerSpec
 from keyserverd.service import KeyService, Session
-from keyserverd.store import SqliteStore
-from l2crypt.constants import KEYSERVER_TLS_NAME
+from keyserverd.store.sqlite import SqliteStore
+from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from test_keyserver_tls import new_identity
 
 MAC_A1 = bytes.fromhex("020000000a01")
@@ -149,7 +149,7 @@ def test_only_configured_peer_key_servers_are_trusted(sides, tmp_path):
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.load_verify_locations(cadata=b.ca.ca_cert_pem.decode())
             ctx.load_cert_chain(tmp_path / "a1.crt", key_path)
-            from keyserverd import peer_messages as pm
+            from keyserverd.peering import messages as pm
             r, w = await asyncio.open_connection("127.0.0.1", b.port, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME)
             w.write(pm.encode_message({"t": "resolve", "rid": 1, "mac": MAC_B1, "from_id": "a1", "hops": 0,
                                        "origin": []}))
@@ -166,7 +166,7 @@ def test_only_configured_peer_key_servers_are_trusted(sides, tmp_path):
 def test_garbage_at_one_peer_address_does_not_stop_pinning_the_others(sides, tmp_path):
     """A listener that answers ``ca`` with something that is not a certificate."""
     a, b = sides
-    from keyserverd import peer_messages as pm
+    from keyserverd.peering import messages as pm
 
     async def garbage(reader, writer):
         await reader.read(65536)
@@ -206,7 +206,7 @@ def test_peer_specs_name_their_host_ids_and_never_overlap():
     assert spec.ids == ("b-*", "h3") and spec.ca_fingerprint == fp1 and spec.address == "192.0.2.2:7790"
     assert spec.owns("b-web1") and spec.owns("h3") and not spec.owns("h30") and not spec.owns("a-b-1")
     assert PeerSpec.parse(str(spec)) == spec
-    from keyserverd.peer_spec import check_peers
+    from keyserverd.peering.spec import check_peers
     for bad in (f"{fp1}@192.0.2.2:7790",                       # which IDs?
                 f"={fp1}@192.0.2.2:7790", f"*={fp1}@192.0.2.2:7790", f"-x*={fp1}@192.0.2.2:7790",
                 f"a b={fp1}@192.0.2.2:7790", f"b-*={fp1}@192.0.2.2:99999", f"b-*=md5:00@192.0.2.2:7790"):

@@ -1,8 +1,8 @@
-"""The network-free part of scripts/bench (l2crypt/perf_probe.py)."""
+"""The network-free part of scripts/bench (l2crypt/lab/perf_probe.py)."""
 
 from __future__ import annotations
 
-from l2crypt import perf_probe
+from l2crypt.lab import perf_probe
 
 
 def test_engine_cost_reports_positive_per_frame_costs_for_frames_that_round_trip():

@@ -1,7 +1,7 @@
 """The PostgreSQL store's connection: TLS verify-full for a database that is not
 local (issue 14, section 3), and coming back after PostgreSQL restarts without
 losing anything acknowledged (section 4).  PostgreSQL is the throwaway server
-of ``keyserverd.pg_throwaway`` on a Unix socket; a restart test starts its own."""
+of ``l2crypt.lab.pg_throwaway`` on a Unix socket; a restart test starts its own."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import time
 import pytest
 
 from store_kek import PG_KEK
-from keyserverd import pg_connection
-from keyserverd.kek import Kek, KekError
-from keyserverd.pg_tls import tls_parameters
-from keyserverd.store import StoreUnavailable
-from l2crypt.errors import LocalError
+from keyserverd.store import pg_connection
+from keyserverd.store.kek import Kek, KekError
+from keyserverd.store.pg_tls import tls_parameters
+from keyserverd.store.sqlite import StoreUnavailable
+from l2crypt.core.errors import LocalError
 
 NOW = 1_700_000_000.0
 REMOTE = "postgresql://ks:s3cret@db.example.net:5432/l2crypt"
@@ -59,7 +59,7 @@ def test_which_tls_a_store_url_gets(url, insecure, environ, expected):
 
 def test_a_remote_database_is_verified_before_anything_is_sent(monkeypatch):
     """What reaches libpq: verify-full for a remote host; a weak mode never gets that far."""
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.postgres import PgStore
 
     import psycopg
 
@@ -82,7 +82,7 @@ def test_a_remote_database_is_verified_before_anything_is_sent(monkeypatch):
 
 
 def test_a_unix_socket_needs_no_tls(pg_url):
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.postgres import PgStore
 
     for url in (pg_url, pg_url + "&sslmode=disable"):
         store = PgStore.open(url, NOW, kek=PG_KEK)
@@ -91,7 +91,7 @@ def test_a_unix_socket_needs_no_tls(pg_url):
 
 
 def test_postgresql_needs_a_kek():
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.postgres import PgStore
 
     with pytest.raises(KekError, match="needs a KEK"):
         PgStore.open("postgresql://ks@/l2c?host=/nonexistent", NOW)
@@ -100,7 +100,7 @@ def test_postgresql_needs_a_kek():
 # --- a lost connection -----------------------------------------------------------------
 
 def _store_with_pair(url):
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.postgres import PgStore
 
     store = PgStore.open(url, NOW, kek=PG_KEK)
     store.add_host("a", None, "host", b"h" * 32, 4e9, NOW)
@@ -157,7 +157,7 @@ def test_a_connection_lost_inside_a_write_acknowledges_nothing(pg_url):
 def test_a_reconnection_checks_the_kek_again(pg_url):
     """The KEK was rotated while this instance was cut off: it does not come
     back under the old KEK (it would seal keys nobody else can open)."""
-    from keyserverd.store_pg import PgStore
+    from keyserverd.store.postgres import PgStore
 
     store, pair = _store_with_pair(pg_url)
     _terminate(pg_url, store._db.info.backend_pid)
@@ -179,8 +179,8 @@ def test_postgresql_restart_loses_nothing_acknowledged(monkeypatch):
     """A crash of PostgreSQL (immediate stop) while keys are rotated: calls fail
     fast with store_unavailable during the outage, the store is back within
     the backoff once PostgreSQL is, and every acknowledged version is there."""
-    from keyserverd.pg_throwaway import PgServer, unavailable_reason
-    from keyserverd.store_pg import PgStore
+    from l2crypt.lab.pg_throwaway import PgServer, unavailable_reason
+    from keyserverd.store.postgres import PgStore
 
     if unavailable_reason():
         pytest.skip(unavailable_reason())

@@ -8,8 +8,8 @@ import copy
 
 import pytest
 
-from l2crypt import nft_json
-from l2crypt.port_guard import EGRESS_COUNTER, INBOUND_COUNTER, PortGuard, table_name
+from l2crypt.io import nft_json
+from l2crypt.io.port_guard import EGRESS_COUNTER, INBOUND_COUNTER, PortGuard, table_name
 
 L2C = 0x88B5
 
@@ -162,7 +162,7 @@ def test_objects_skips_what_is_not_an_object_of_that_kind():
 def test_status_line_names_the_state_and_the_counts():
     from rich.console import Console
 
-    from l2crypt.status_view import guard_line
+    from l2crypt.ops.status_view import guard_line
 
     doc = {"port": "eth0", "port_guard": "intact", INBOUND_COUNTER: 60, EGRESS_COUNTER: 4}
     assert guard_line(doc, "eth0") == \

@@ -3,9 +3,9 @@ data-volume rekeys, multicast rotation and revocation — over fakes."""
 
 import os
 
-from l2crypt import engine as E
-from l2crypt.engine import EngineSettings, FrameEngine
-from l2crypt.key_ring import KeyRing
+from l2crypt.core import engine as E
+from l2crypt.core.engine import EngineSettings, FrameEngine
+from l2crypt.core.key_ring import KeyRing
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from l2crypt.replay import ReplayWindow
+from l2crypt.core.replay import ReplayWindow
 
 # (packet number, accepted?) in arrival order, window of 128 frames
 # (3 blocks of 64 bits: (3 - 1) * 64 = 128).  Source: the rules of RFC 6479
@@ -47,7 +47,7 @@ def test_check_does_not_move_the_window():
 
 
 def test_default_is_at_least_1024():
-    from l2crypt.constants import DEFAULT_REPLAY_WINDOW_FRAMES
+    from l2crypt.core.constants import DEFAULT_REPLAY_WINDOW_FRAMES
 
     assert ReplayWindow(DEFAULT_REPLAY_WINDOW_FRAMES).window_frames >= 1024
 

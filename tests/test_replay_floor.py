@@ -1,4 +1,4 @@
-"""Replay floors (l2crypt/replay_floor.py): a receiver's replay state across its restart.
+"""Replay floors (l2crypt/core/replay_floor.py): a receiver's replay state across its restart.
 
 The scenario of each test is the one the module docstring describes: a
 sender whose packet numbers follow its clock, a receiver that saves its
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from l2crypt import replay_floor as rf
-from l2crypt.aead import PN_PER_SECOND
-from l2crypt.replay import ReplayWindow
+from l2crypt.core import replay_floor as rf
+from l2crypt.core.aead import PN_PER_SECOND
+from l2crypt.core.replay import ReplayWindow
 
 S1, S2 = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
 
@@ -147,8 +147,8 @@ def test_a_bad_floors_file_is_a_clear_error(data):
 
 
 def test_floor_file_round_trip_and_fail_closed_when_unwritable(tmp_path):
-    from l2crypt.errors import LocalError
-    from l2crypt.state_file import FloorFile
+    from l2crypt.core.errors import LocalError
+    from l2crypt.io.state_file import FloorFile
 
     ff = FloorFile(tmp_path)
     book = rf.FloorBook()

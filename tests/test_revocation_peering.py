@@ -10,10 +10,10 @@ of its namespace and never for MACs of Y's own hosts."""
 import msgpack
 import pytest
 
-from keyserverd import revocation_peering as rp
+from keyserverd.peering import revocations as rp
 from keyserverd.revocations import RevocationBook, WelcomeRevocations
 from keyserverd.service import KeyService, Session, revoke_and_rotate
-from l2crypt.ks_messages import revoked_macs
+from l2crypt.core.ks_messages import revoked_macs
 from test_peer_key_theft import MACS, Server, closed, started
 from test_peering import NOW, run
 

@@ -9,8 +9,8 @@ import pytest
 
 from keyserverd.revocations import RevocationBook, WelcomeRevocations
 from keyserverd.service import KeyService, Session, revoke_and_rotate
-from l2crypt.errors import LocalError, RemoteProtocolError
-from l2crypt.ks_messages import MAX_REVOKED_MACS, decode_body, encode_body, revoked_macs
+from l2crypt.core.errors import LocalError, RemoteProtocolError
+from l2crypt.core.ks_messages import MAX_REVOKED_MACS, decode_body, encode_body, revoked_macs
 from test_keyserver_service import MAC_A, MAC_B, MAC_C, NOW, bound, call, env, reply  # noqa: F401
 
 MAC_P1 = bytes.fromhex("025000000001")

@@ -1,4 +1,4 @@
-"""The soak's intruder (l2crypt/soak_intruder.py): the frames it builds are
+"""The soak's intruder (l2crypt/lab/soak_intruder.py): the frames it builds are
 valid on the wire, the switch scan leaves exactly its own copies out, and its
 verdict fails when an injection got through or when it did not really run."""
 
@@ -9,8 +9,8 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from l2crypt import soak_support as S
-from l2crypt import soak_intruder as I
+from l2crypt.lab import soak_intruder as I
+from l2crypt.lab import soak as S
 
 H1 = bytes.fromhex("024c32000011")
 H2 = bytes.fromhex("024c32000012")

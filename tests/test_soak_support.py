@@ -1,9 +1,9 @@
-"""The capture scans and pair accounting of scripts/soak (l2crypt/soak_support.py)."""
+"""The capture scans and pair accounting of scripts/soak (l2crypt/lab/soak.py)."""
 
 import struct
 
 from gateway import tunnel_wire
-from l2crypt import soak_support as S
+from l2crypt.lab import soak as S
 
 H1 = bytes.fromhex("024c32000011")
 H2 = bytes.fromhex("024c32000012")

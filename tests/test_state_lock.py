@@ -16,16 +16,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMONS = {
-    "agent": ("l2crypt", "from l2crypt.cli import main; main()",
+    "agent": ("l2crypt", "from l2crypt.agent.cli import main; main()",
               ["agent", "--port", "nope0", "--server", "127.0.0.1:9", "--metrics-listen", ""]),
-    "l3-agent": ("l2crypt", "from l2crypt.cli import main; main()",
+    "l3-agent": ("l2crypt", "from l2crypt.agent.cli import main; main()",
                  ["l3-agent", "--mode", "routed", "--server", "127.0.0.1:9", "--address", "10.71.0.2",
                   "--prefix", "10.72.0.0/24"]),
     "gateway": ("l2crypt-gateway", "from gateway.cli import main; main()",
                 ["run", "--encrypted-port", "nope0", "--server", "127.0.0.1:9", "--metrics-listen", ""]),
 }
 HOLD = ("import sys, time\n"
-        "from l2crypt.state_lock import lock_state_dir\n"
+        "from l2crypt.io.state_lock import lock_state_dir\n"
         "lock = lock_state_dir(sys.argv[1])\n"
         "print('locked', flush=True)\n"
         "time.sleep(60)\n")

@@ -14,11 +14,11 @@ import logging
 
 import pytest
 
-from l2crypt import agent as agent_mod
-from l2crypt import linux_tap
-from l2crypt.errors import LocalError
-from l2crypt.frame_wire import parse_mac
-from l2crypt.tap_mac import choose_mac, mac_path, read_stored_mac, store_mac
+from l2crypt.agent import agent as agent_mod
+from l2crypt.core.errors import LocalError
+from l2crypt.core.frame_wire import parse_mac
+from l2crypt.io import linux_tap
+from l2crypt.io.tap_mac import choose_mac, mac_path, read_stored_mac, store_mac
 
 CONFIGURED = parse_mac("02:00:00:00:00:c0")
 STORED = parse_mac("02:00:00:00:00:5d")

@@ -2,7 +2,7 @@
 
 Segment A has gateway gA; segment B has gB and gC, both gA's tunnel peers.
 Each gateway gets from its key server only the two keys of each link it is an
-end of (``l2crypt.tunnel_keys``), never NETKEY.  The attacker in these tests
+end of (``l2crypt.core.tunnel_keys``), never NETKEY.  The attacker in these tests
 is a gateway that holds all its key server gave it (gC), or anyone on the WAN:
 it must not get a datagram opened by gA as coming from gB, nor use up gA's
 state, nor replay gB's datagrams after gA restarts.
@@ -14,12 +14,12 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway import tunnel as T
 from gateway import tunnel_wire as W
-from l2crypt import aead
-from l2crypt import replay_floor as rf
-from l2crypt.aead import PN_PER_SECOND
-from l2crypt.tunnel_keys import Endpoint, link_key, link_keys, sender_tag
+from gateway import tunnel as T
+from l2crypt.core import replay_floor as rf
+from l2crypt.core import aead
+from l2crypt.core.aead import PN_PER_SECOND
+from l2crypt.core.tunnel_keys import Endpoint, link_key, link_keys, sender_tag
 
 NETKEY = bytes(range(100, 132))
 SEG_A, SEG_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from l2crypt.cli import main
-from l2crypt.units import shipped_network_files, shipped_units
+from l2crypt.agent.cli import main
+from l2crypt.ops.units import shipped_network_files, shipped_units
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -91,7 +91,7 @@ def test_units_ship_with_the_package(tmp_path):
                           "build_py", "--build-lib", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    built = {p.name for p in (tmp_path / "l2crypt" / "systemd").iterdir()}
+    built = {p.name for p in (tmp_path / "l2crypt" / "ops" / "systemd").iterdir()}
     assert built == set(shipped_units()) | set(shipped_network_files())
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from l2crypt.vnet_hdr import (
+from l2crypt.core.vnet_hdr import (
     DATA_VALID,
     GSO_ECN,
     GSO_NONE,

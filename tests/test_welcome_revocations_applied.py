@@ -10,8 +10,8 @@ import types
 from types import SimpleNamespace
 
 from gateway.daemon import Gateway
-from l2crypt.agent import Agent
-from l2crypt.engine import REVOKED_SENDER, EngineSettings, FrameEngine
+from l2crypt.agent.agent import Agent
+from l2crypt.core.engine import REVOKED_SENDER, EngineSettings, FrameEngine
 from test_gateway_core import GA, H1, MCAST_A, arp, frame, gateway, host, pair_key
 
 H2 = bytes.fromhex("024c32000012")

@@ -1,0 +1,121 @@
+"""Keys at rest in the stores: the sealed key column, and who may re-seal it.
+
+1. ``SealedKeys`` (mixed into ``store.SqliteStore`` and ``store_pg.PgStore``)
+   seals every new key under the store's ``kek`` with the AAD of its row, and
+   opens what it reads; a value that does not open (altered, moved to another
+   row) is ``StoreUnavailable`` for the client and an error in the log, never
+   its bytes.
+2. ``reseal_key_rows`` seals every stored key under a new KEK in the caller's
+   transaction: the migration of a clear database (old KEK None) and
+   ``keyserverd kek rotate`` (``reseal``).  No PW_ID changes.
+3. ``StoreUsers``: every process that has a SQLite database open holds a
+   shared flock on ``PATH.lock``; a rotation needs it alone, so nobody keeps
+   writing under the old KEK.  (PostgreSQL does the same with an advisory lock.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from l2crypt.core.errors import LocalError, RefusedError
+from l2crypt.ops.logs import fields
+
+from .kek import Kek, KekError, multicast_aad, pair_aad
+
+log = logging.getLogger("keyserverd")
+
+KEY_BYTES = 32
+
+
+class StoreUnavailable(RefusedError):
+    """The database could not take a write (nothing of it was stored)."""
+
+    code = "store_unavailable"
+
+
+#: The tables that hold keys: (table, the columns naming a row, the row's AAD).
+KEY_TABLES = (("pair_keys", ("id1", "id2", "pw_id"), pair_aad), ("multicast_keys", ("pw_id",), multicast_aad))
+
+
+def reseal_key_rows(query, param: str, old: Kek | None, new: Kek) -> dict[str, int]:
+    """Seal every stored key under ``new``: open it under ``old``, or take it as
+    a clear key when ``old`` is None (a database made before sealing).  Runs in
+    the caller's transaction; ``query(sql, params)`` is the store's execute and
+    ``param`` its placeholder.  Returns the rows sealed per table."""
+    counts = {}
+    for table, columns, aad_of in KEY_TABLES:
+        rows = query(f"SELECT {', '.join(columns)}, key FROM {table}", ()).fetchall()
+        where = " AND ".join(f"{c} = {param}" for c in columns)
+        for *ids, stored in rows:
+            aad, what = aad_of(*ids), f"{table} row {'/'.join(map(str, ids))}"
+            if old is None:
+                key = bytes(stored)
+                if len(key) != KEY_BYTES:
+                    raise KekError(f"{what}: a clear key has {KEY_BYTES} bytes, not {len(key)}")
+            else:
+                key = old.open(aad, stored, what)
+            query(f"UPDATE {table} SET key = {param} WHERE {where}", (new.seal(aad, key), *ids))
+        counts[table] = len(rows)
+    return counts
+
+
+class SealedKeys:
+    """Sealing and opening the key column (mixed into both stores, which set ``kek``)."""
+
+    kek: Kek
+
+    def _new_pair_key(self, id1: str, id2: str, pw_id: int) -> bytes:
+        return self.kek.seal(pair_aad(id1, id2, pw_id), secrets.token_bytes(KEY_BYTES))
+
+    def _new_multicast_key(self, pw_id: int, key: bytes | None = None) -> bytes:
+        return self.kek.seal(multicast_aad(pw_id), key if key is not None else secrets.token_bytes(KEY_BYTES))
+
+    def _open_pair_key(self, id1: str, id2: str, pw_id: int, sealed) -> bytes:
+        return self._unseal(pair_aad(id1, id2, pw_id), sealed, f"pair key {id1}/{id2} pw_id {pw_id}")
+
+    def _open_multicast_key(self, pw_id: int, sealed) -> bytes:
+        return self._unseal(multicast_aad(pw_id), sealed, f"multicast key pw_id {pw_id}")
+
+    def _unseal(self, aad: bytes, sealed, what: str) -> bytes:
+        try:
+            return self.kek.open(aad, sealed, what)
+        except KekError as exc:  # a refusal for the client; the row stays as it is
+            log.error("sealed_key_unreadable", extra=fields(reason=str(exc)))
+            raise StoreUnavailable(f"the key server cannot open a stored key ({what})") from None
+
+
+class StoreUsers:
+    """A shared flock on ``PATH.lock`` while the database is open here; the
+    KEK rotation takes it exclusively, so nobody writes under the old KEK."""
+
+    def __init__(self, db_path: Path):
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise LocalError(f"database {db_path}: a KEK rotation is running on it; try again when it "
+                             f"has finished") from None
+
+    def exclusive(self) -> bool:
+        """Hold the lock alone; False (and still shared) if anyone else holds it."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            self.shared()
+            return False
+
+    def shared(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another rotation got in between; ours gave up
+
+    def close(self) -> None:
+        os.close(self._fd)

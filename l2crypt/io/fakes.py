@@ -1,0 +1,93 @@
+"""In-memory stand-ins for the kernel, shipped with the package for tests.
+
+* ``ChannelPort``: a FramePort backed by two deques (what was written, what
+  is waiting to be read) — a TAP or a wire port without a kernel.
+* ``FakeSwitch``: a hub joining the wire sides of several agents; it records
+  every frame it carries, like a capture on the bridge.
+* ``EngineHost``: one FrameEngine with a channel TAP and a channel wire port,
+  and ``pump`` helpers that move frames the way the agent's loop does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from l2crypt.core.engine import EngineSettings, FrameEngine
+
+
+class ChannelPort:
+    """A FramePort over deques.  ``inbox`` is read by the agent, ``outbox`` is what it wrote."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.inbox: deque = deque()
+        self.outbox: deque = deque()
+
+    def fileno(self) -> int:  # pragma: no cover - nothing polls a fake
+        return -1
+
+    def read_frames(self, limit: int) -> list[bytes]:
+        out = []
+        while self.inbox and len(out) < limit:
+            out.append(self.inbox.popleft())
+        return out
+
+    def write_frame(self, frame: bytes) -> bool:
+        self.outbox.append(bytes(frame))
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class FakeSwitch:
+    """Floods every frame to every other attached port and keeps a capture."""
+
+    def __init__(self):
+        self.ports: list[ChannelPort] = []
+        self.capture: list[bytes] = []
+
+    def attach(self, port: ChannelPort) -> None:
+        self.ports.append(port)
+
+    def carry(self) -> int:
+        """Move every frame written by any port to all the others.  Returns frames moved."""
+        moved = 0
+        for src in self.ports:
+            while src.outbox:
+                frame = src.outbox.popleft()
+                self.capture.append(frame)
+                for dst in self.ports:
+                    if dst is not src:
+                        dst.inbox.append(frame)
+                moved += 1
+        return moved
+
+
+class EngineHost:
+    """An engine wired to a channel TAP and a channel wire port."""
+
+    def __init__(self, mac: bytes, settings: EngineSettings = EngineSettings()):
+        self.engine = FrameEngine(mac, settings)
+        self.tap = ChannelPort("tap")
+        self.wire = ChannelPort("wire")
+        self.key_requests: list[bytes] = []
+
+    def pump(self, now: float) -> None:
+        """One loop turn: TAP -> seal -> wire, wire -> open -> TAP, collect key requests."""
+        for frame in self.tap.read_frames(1 << 30):
+            sealed = self.engine.seal_from_tap(frame, now)
+            if sealed is not None:
+                self.wire.write_frame(sealed)
+        for frame in self.wire.read_frames(1 << 30):
+            plain = self.engine.open_from_wire(frame, now)
+            if plain is not None:
+                self.tap.write_frame(plain)
+        self.engine.on_timer(now)
+        self.key_requests.extend(self.engine.take_key_requests(now))
+
+    def deliver(self, delivered) -> None:
+        for frame in delivered.to_wire:
+            self.wire.write_frame(frame)
+        for frame in delivered.to_tap:
+            self.tap.write_frame(frame)

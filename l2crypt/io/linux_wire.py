@@ -1,0 +1,74 @@
+"""The wire side of the agent: an AF_PACKET socket on the physical port.
+
+The socket is bound to the l2crypt EtherType, so the kernel hands it only
+l2crypt frames; frames this host sends are not looped back to it
+(PACKET_IGNORE_OUTGOING).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from l2crypt.core.errors import LocalError
+
+SOL_PACKET = 263            # linux/socket.h
+PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h, Linux >= 4.20
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+MAX_FRAME = 65536
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+
+
+class LinuxWire:
+    """Raw l2crypt frames on one interface, non-blocking.  Implements FramePort."""
+
+    def __init__(self, port: str, ethertype: int):
+        self.name = port
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+        except OSError as exc:
+            raise LocalError(f"cannot open a packet socket (are you root?): {exc}") from None
+        try:
+            sock.bind((port, ethertype))
+        except OSError as exc:
+            sock.close()
+            raise LocalError(f"cannot bind to port {port!r}: {exc}") from None
+        for opt, value in (
+            (socket.SO_RCVBUF, SOCKET_BUFFER_BYTES),
+            (socket.SO_SNDBUF, SOCKET_BUFFER_BYTES),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, value)
+            except OSError:
+                pass
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        except OSError:
+            pass  # older kernels: our own frames come back and are dropped as own_frame
+        sock.setblocking(False)
+        self._sock = sock
+        self.write_errors = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read_frames(self, limit: int) -> list[bytes]:
+        frames = []
+        recv = self._sock.recv
+        for _ in range(limit):
+            try:
+                frames.append(recv(MAX_FRAME))
+            except OSError:
+                break
+        return frames
+
+    def write_frame(self, frame: bytes) -> bool:
+        try:
+            self._sock.send(frame)
+            return True
+        except OSError:
+            self.write_errors += 1
+            return False
+
+    def close(self) -> None:
+        self._sock.close()

@@ -95,6 +95,7 @@ ENGINE_COUNTERS = ("sealed", "opened", "bytes_sealed", "bytes_opened", "key_requ
 
 @dataclass(frozen=True)
 class GatewaySettings:
+    """Tuning of the gateway core.  Units are in the names."""
     group_crossing: str = "basic"
     max_learned_macs: int = 4096
     learn_hold_frames: int = 16

@@ -109,6 +109,9 @@ def _port_mac(port: str) -> bytes:
 
 
 class Gateway:
+    """The gateway daemon: its two ports, the tunnel, the key-server session and the core, on
+    one event loop."""
+
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)

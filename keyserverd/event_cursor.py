@@ -34,6 +34,9 @@ CURSOR_FILE = "event_cursor"
 
 
 class EventCursor:
+    """The last key event pushed, kept in a file, so events written while keyserverd was down
+    are pushed at its start."""
+
     def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
 

@@ -38,6 +38,9 @@ DEFAULT_MAX_PER_GATEWAY = 4096
 
 
 class MacMap:
+    """Which gateway speaks for which learned MAC, with a limit per gateway (see the module
+    docstring)."""
+
     def __init__(self, max_per_gateway: int = DEFAULT_MAX_PER_GATEWAY):
         self.max_per_gateway = max_per_gateway
         self._owner: dict[bytes, tuple[str, str]] = {}  # mac -> (gateway id, side)

@@ -17,6 +17,8 @@ from l2crypt.ops.metrics import LATENCY_BUCKETS_S, FunctionCollector, counter, g
 
 
 class KeyServerMetrics:
+    """The key server's Prometheus registry: request latency by type and the server's counters."""
+
     def __init__(self, server):
         self.server = server
         self.handling = Histogram("keyserverd_request_duration_seconds",

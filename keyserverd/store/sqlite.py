@@ -20,7 +20,7 @@
    ``PATH.lock``; ``reseal`` (``keyserverd kek rotate``) needs it alone.
 
 ``KeyStore`` is the narrow interface the service uses; a PostgreSQL store for
-several keyserverd instances implements the same methods later.
+several keyserverd instances (``postgres``) implements the same methods.
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ class KeyEvents(Protocol):
 
 
 class KeyClient:
+    """The agent's TLS session to its key servers: hello, key requests and pushes, probes and
+    failover in priority order (``FailoverSelector``)."""
+
     def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_mac: bytes, events: KeyEvents,
                  probe_interval_s: float = 5.0, probe_failures: int = 3, failback_holddown_s: float = 30.0):
         self.servers = servers

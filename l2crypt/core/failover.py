@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 
 class ServerState(enum.Enum):
+    """What the agent knows of one key server."""
     UNTRIED = "untried"
     IN_USE = "in_use"
     ANSWERING = "answering"  # reachable, not in use
@@ -42,6 +43,7 @@ class ServerState(enum.Enum):
 
 
 class Event(enum.Enum):
+    """What can happen to one key server (the inputs of ``TRANSITIONS``)."""
     CONNECTED = "connected"
     LOST = "lost"            # connection dropped, probes missed, or connect failed
     RELEASED = "released"    # we left it on purpose (fail-back)

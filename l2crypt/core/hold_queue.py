@@ -24,6 +24,7 @@ RX = 1  # a sealed frame from the wire, waiting to be opened
 
 @dataclass(slots=True, eq=False)
 class PendingKey:
+    """A key asked of the key server: request backoff and the frames held for it."""
     mac: bytes
     created_at: float
     next_request_at: float

@@ -47,6 +47,8 @@ Slot = TypeVar("Slot")
 
 
 class KeyRing(Generic[Slot]):
+    """The versions of one key: ``current``, the ``next`` one being introduced and the
+    ``previous`` one being retired (see the module docstring)."""
     __slots__ = ("current", "next", "previous", "next_since", "previous_until")
 
     def __init__(self, current: Slot | None = None):

@@ -32,6 +32,9 @@ Schema = dict[str, tuple[frozenset, frozenset]]
 
 
 class MessageCodec:
+    """Length-prefixed msgpack messages checked against a schema; bad input raises
+    ``MalformedMessage``."""
+
     def __init__(self, fields: Fields, schema: Schema, max_bytes: int, what: str = "message",
                  extra_check: Callable[[dict], None] | None = None):
         self.fields = fields

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, eq=False)
 class KeySlot:
+    """One version (PW_ID) of a pair key: its two direction AEADs, replay window, creation time
+    and send count."""
     pw_id: int
     send_aead: object
     recv_aead: object
@@ -56,6 +58,7 @@ class KeySlot:
 
 @dataclass(slots=True, eq=False)
 class PeerState:
+    """One peer host (by MAC): its key ring and traffic counters."""
     mac: bytes
     peer_id: str
     keys: KeyRing
@@ -68,12 +71,14 @@ class PeerState:
 
 @dataclass(slots=True, eq=False)
 class SenderWindow:
+    """One multicast sender's receive AEAD and replay window under a group key."""
     recv_aead: object
     replay: ReplayWindow
 
 
 @dataclass(slots=True, eq=False)
 class GroupKey:
+    """One version of the multicast key: our send AEAD and a window per sender MAC."""
     cipher: str
     key: bytes
     pw_id: int

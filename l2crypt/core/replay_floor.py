@@ -97,6 +97,8 @@ def raise_to_clock(send_pn: int, pn_base: int, base_now: float, now: float) -> i
 
 @dataclass(slots=True)
 class _Entry:
+    """The book's record of one (sender, key): the highest number verified and the bound on the
+    sender's clock."""
     highest: int      # highest packet number verified (or the restored floor)
     bound: int        # upper bound of the sender's packet number at ``bound_at``
     bound_at: float   # engine time of that bound

@@ -165,6 +165,7 @@ def nft_counter_packets(doc, name: str = REFUSED) -> int | None:
 
 
 class NftBackend:
+    """The layer-3 rules as one nftables table, written and read as ``nft -j`` JSON."""
     name = "nft"
 
     def __init__(self, table: str):
@@ -232,6 +233,8 @@ def iptables_save_packets(text: str, chain: str, comment: str = REFUSED_COMMENT)
 
 
 class IptablesBackend:
+    """The layer-3 rules as iptables/ip6tables chains (where nft is missing); counters from
+    ``iptables-save -c``."""
     name = "iptables"
     HOOKS = (("OUTPUT", "_out"), ("PREROUTING", "_in"))
 

@@ -51,6 +51,9 @@ CLOCK_FILE = "clock"
 
 
 class PacketClock:
+    """The packet-number reservation kept in ``state_dir``: numbers up to ``reserved`` may have
+    been used, so a restart starts above them."""
+
     def __init__(self, state_dir: str | Path, wall=time.time):
         self.path = Path(state_dir) / CLOCK_FILE
         self._wall = wall

@@ -40,6 +40,9 @@ class L3KeyEvents(Protocol):
 
 
 class L3KeyClient(KeyClient):
+    """The layer-3 agent's key-server session: a ``KeyClient`` that names its IP addresses
+    instead of a MAC and looks peers up by IP or ID."""
+
     def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_ips: list[bytes],
                  events: L3KeyEvents, **probe):
         """``probe``: ``probe_interval_s``, ``probe_failures``, ``failback_holddown_s`` of ``KeyClient``."""

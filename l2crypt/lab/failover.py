@@ -29,6 +29,9 @@ CA_FILES = ("ca.key", "ca.crt", "server.key", "server.crt")
 
 
 class FailoverLab(Lab):
+    """The segment lab with two key servers sharing one store (SQLite file or ``store_url``),
+    for failover tests."""
+
     def __init__(self, *args, store_url: str = "", agent_args: tuple[str, ...] = (), **kw):
         super().__init__(*args, **kw)
         self.store_url = store_url

@@ -33,6 +33,9 @@ METRICS = {"ks1": "127.0.0.1:9479", "ks2": "127.0.0.1:9489"}  # one namespace: o
 
 
 class PeeredLab(Lab):
+    """The segment lab with two peered key servers, KS-A and KS-B, each with its own CA;
+    ``ks2_hosts`` are enrolled at KS-B."""
+
     def __init__(self, *args, ks2_hosts: tuple[str, ...] = ("h3",), **kw):
         super().__init__(*args, **kw)
         self.ks2_hosts = tuple(ks2_hosts)

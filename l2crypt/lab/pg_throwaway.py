@@ -56,6 +56,9 @@ def unavailable_reason() -> str | None:
 
 
 class PgServer:
+    """A PostgreSQL server for tests: a running one named by an admin URL, or a throwaway one
+    this object initdb's, starts and removes."""
+
     def __init__(self, admin_url: str, directory: Path | None = None, pg_ctl: list[str] | None = None,
                  start_args: list[str] | None = None):
         self.admin_url = admin_url

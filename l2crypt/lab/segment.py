@@ -161,7 +161,7 @@ class Lab(LabProcesses):
         self.agents = agents
         self.capture_from_start = capture_from_start
         self.bin_dir = Path(bin_dir or Path(sys.executable).parent)
-        self.agent_args = tuple(agent_args)  # extra options of every agent (e.g. --tap-gro off)
+        self.agent_args = tuple(agent_args)  # extra options of every agent
         self.namespaces: dict[str, str] = {}  # role -> netns name
         self.procs: list[Proc] = []
         self.lifetime: dict[str, Capture] = {}  # host -> capture of what it sent to the switch

@@ -18,6 +18,8 @@ def fields(**kv) -> dict:
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record: ``logger: level event k=v ...``."""
+
     def format(self, record: logging.LogRecord) -> str:
         kv = getattr(record, "fields", None) or {}
         extra = "".join(f" {k}={v}" for k, v in kv.items())
@@ -25,6 +27,8 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, event and the record's fields."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": round(record.created, 3),

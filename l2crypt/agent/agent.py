@@ -55,7 +55,7 @@ from l2crypt.ops.metrics import FunctionCollector, agent_metrics, new_registry, 
 
 from .config import AgentConfig
 from .keyclient import KeyClient
-from .tap_path import BatchedTapPath
+from .tap_path import BATCHED_COUNTERS, BatchedTapPath
 from .tls_files import client_context, host_identity
 
 log = logging.getLogger("l2crypt.agent")
@@ -257,6 +257,8 @@ class Agent:
             "wire_mtu": self.wire_mtu,
             "datapath": self.datapath,
             "datapath_reason": self.datapath_reason,
+            "datapath_counters": {k: self.engine.counters.get(k, 0) for k in BATCHED_COUNTERS}
+                                 if self.batched is not None else {},
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         })

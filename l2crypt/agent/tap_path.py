@@ -31,6 +31,7 @@ from l2crypt.core.gro import Coalescer
 from l2crypt.core.gso import segment
 from l2crypt.core.vnet_hdr import VnetHdrError, encode_vnet_hdr, split_vnet_frame
 
+BATCHED_COUNTERS = ("super_frames_read", "segments_cut", "super_frames_written", "segments_joined")
 TX_ERROR = "tx_error"
 TAP_WRITE_ERROR = "tap_write_error"
 

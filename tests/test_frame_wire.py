@@ -106,8 +106,19 @@ def test_smallest_whole_frame_parses():
 def test_wrong_ethertype_and_version():
     frame = frame_wire.encode_header(DA + SA, ET, KEY_ID_PAIR, 1, 1) + b"z" * 30
     assert frame_wire.decode_header(frame, 0x88B6) == frame_wire.NOT_L2CRYPT
-    bad_version = frame[:14] + b"\x02" + frame[15:]
+    bad_version = frame[:14] + b"\x03" + frame[15:]
     assert frame_wire.decode_header(bad_version, ET) == frame_wire.UNKNOWN_VERSION
+
+
+def test_version_2_carries_the_checksum_flag_beside_the_key_id():
+    flagged = frame_wire.encode_header(DA + SA, ET, KEY_ID_PAIR, 7, 9, csum_partial=True) + b"z" * 30
+    assert flagged[14:16] == bytes([2, 0x80 | KEY_ID_PAIR])
+    assert frame_wire.decode_header(flagged, ET) == (DA, SA, KEY_ID_PAIR, 7, 9)
+    assert frame_wire.csum_partial_of(flagged)
+    plain = frame_wire.encode_header(DA + SA, ET, KEY_ID_PAIR, 7, 9) + b"z" * 30
+    assert plain[14] == 1 and not frame_wire.csum_partial_of(plain)
+    # Version 1 has no flags: the same byte there is an unknown key id.
+    assert frame_wire.decode_header(b"\x01".join((flagged[:14], flagged[15:])), ET).key_id == 0x81
 
 
 def test_engine_output_matches_vector_layout():

@@ -71,8 +71,9 @@ class StandInTap:
 
     opened: list["StandInTap"] = []
 
-    def __init__(self, name, mtu, mac):
+    def __init__(self, name, mtu, mac, offload=False):
         self.name, self.mtu, self.asked_mac = name, mtu, mac
+        self.vnet_hdr_len = 0
         self.existing = EXISTING.get(name)
         self.created = self.existing is None
         self.old_mac = self.existing.mac if self.existing else None

@@ -9,7 +9,11 @@
    the previous life (``state_file.FloorFile``; refuses to start if they
    cannot be read or written), then open the packet socket.
 3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
-   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
+   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.  With
+   ``datapath = "batched"`` the TAP has offloads and both directions go
+   through ``tap_path.BatchedTapPath`` (segment super-frames before sealing,
+   join segments after opening); if the kernel refuses the offloads the
+   agent runs the simple path and ``datapath_reason`` says why.
 4. The key client runs beside it; every key request the engine raises is
    sent at once, answers and pushes install keys and release held frames.
 5. A tick every ``TICK_S`` saves the replay floors (every
@@ -51,6 +55,7 @@ from l2crypt.ops.metrics import FunctionCollector, agent_metrics, new_registry, 
 
 from .config import AgentConfig
 from .keyclient import KeyClient
+from .tap_path import BATCHED_COUNTERS, BatchedTapPath
 from .tls_files import client_context, host_identity
 
 log = logging.getLogger("l2crypt.agent")
@@ -68,7 +73,7 @@ def wire_mtu_of(port: str) -> int:
         raise LocalError(f"wire port {port!r} does not exist") from None
 
 
-def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None) -> LinuxTap:
+def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None, offload: bool = False) -> LinuxTap:
     """Attach to (or create) the persistent TAP with the host's MAC (see
     ``tap_mac``), and keep that MAC in the state directory."""
     configured = parse_mac(tap_mac) if tap_mac else None
@@ -78,7 +83,7 @@ def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None) -> Lin
     if configured is not None and stored not in (None, configured):
         log.warning("tap_mac_replaced", extra=fields(stored=format_mac(stored), configured=format_mac(configured),
                                                       note="the key server may have bound the stored MAC"))
-    tap = LinuxTap(name, mtu, mac)
+    tap = LinuxTap(name, mtu, mac, offload=offload)
     try:
         if tap.mac != stored:
             store_mac(state_dir, tap.mac)
@@ -88,7 +93,8 @@ def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None) -> Lin
     log.info("tap_attached", extra=fields(
         tap=tap.name, created=tap.created, mac=format_mac(tap.mac), mac_from=source,
         old_mac=format_mac(tap.old_mac) if tap.old_mac not in (None, tap.mac) else "-",
-        mtu=tap.mtu, old_mtu=tap.old_mtu if tap.old_mtu not in (None, tap.mtu) else "-"))
+        mtu=tap.mtu, old_mtu=tap.old_mtu if tap.old_mtu not in (None, tap.mtu) else "-",
+        vnet_hdr=bool(tap.vnet_hdr_len)))
     return tap
 
 
@@ -113,6 +119,10 @@ class Agent:
         self.started_at = time.monotonic()
         self._logged_drops: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.batched: BatchedTapPath | None = None
+        #: The path that runs ("simple" or "batched") and why, if not the one asked for.
+        self.datapath = "simple"
+        self.datapath_reason = "configured"
 
     # ------------------------------------------------------------- data path
 
@@ -121,6 +131,11 @@ class Agent:
         if not frames:
             return
         now = self._loop.time()
+        if self.batched is not None:
+            self.batched.seal_batch(frames, now)
+            if self.engine.holds.pending:
+                self._send_key_requests(now)
+            return
         seal = self.engine.seal_from_tap
         send = self.wire.write_frame
         for frame in frames:
@@ -135,6 +150,11 @@ class Agent:
         if not frames:
             return
         now = self._loop.time()
+        if self.batched is not None:
+            self.batched.open_batch(frames, now)
+            if self.engine.holds.pending:
+                self._send_key_requests(now)
+            return
         open_ = self.engine.open_from_wire
         write = self.tap.write_frame
         for frame in frames:
@@ -235,12 +255,20 @@ class Agent:
             "mtu": self.tap.live_mtu(),
             "mtu_expected": self.tap_mtu,
             "wire_mtu": self.wire_mtu,
+            "datapath": self.datapath,
+            "datapath_reason": self.datapath_reason,
+            "datapath_counters": {k: self.engine.counters.get(k, 0) for k in BATCHED_COUNTERS}
+                                 if self.batched is not None else {},
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         })
         doc.update(self.guard_reading())  # port_guard, inbound_refused, egress_blocked
         doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
+
+    def datapath_text(self) -> str:
+        """``batched``, or ``simple (why)``."""
+        return self.datapath if not self.datapath_reason else f"{self.datapath} ({self.datapath_reason})"
 
     def guard_reading(self) -> dict:
         """The port guard as the kernel has it now (``PortGuard.reading``)."""
@@ -270,7 +298,12 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         self.guard = await asyncio.to_thread(guard_port, cfg.port, cfg.ethertype)
-        self.tap = attach_tap(cfg.tap, self.tap_mtu, self.state_dir, cfg.tap_mac)
+        self.tap = attach_tap(cfg.tap, self.tap_mtu, self.state_dir, cfg.tap_mac, offload=cfg.datapath == "batched")
+        if self.tap.vnet_hdr_len:
+            self.datapath, self.datapath_reason = "batched", ""
+        elif cfg.datapath == "batched":
+            self.datapath_reason = self.tap.offload_refused
+            log.warning("datapath_fallback", extra=fields(datapath="simple", reason=self.datapath_reason))
         try:
             settings = EngineSettings(
                 ethertype=cfg.ethertype,
@@ -286,6 +319,7 @@ class Agent:
                 max_pending_keys=cfg.max_pending_keys,
                 key_requests_per_s=cfg.key_requests_per_s,
                 key_max_age_s=cfg.key_max_age_s,
+                complete_checksums=not self.tap.vnet_hdr_len,
             )
             now = self._loop.time()
             restored = self.floor_file.load(self.floors, now)
@@ -296,6 +330,8 @@ class Agent:
                                       floors=self.floors, now0=now)
             self.engine.pn_limit = self.clock.reserved
             self.wire = LinuxWire(cfg.port, cfg.ethertype)
+            if self.datapath == "batched":
+                self.batched = BatchedTapPath(self.engine, self.tap, self.wire, self.tap_mtu)
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,
                                     probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
                                     failback_holddown_s=cfg.failback_holddown_s)
@@ -319,7 +355,7 @@ class Agent:
         client_task = asyncio.ensure_future(self.client.run(stop))
         log.info("agent_started", extra=fields(
             id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
-            mtu=self.tap_mtu, servers=",".join(self.config.servers),
+            mtu=self.tap_mtu, datapath=self.datapath_text(), servers=",".join(self.config.servers),
             metrics=self.config.metrics_listen or "off"))
         last_persist = last_drop_log = loop.time()
         try:

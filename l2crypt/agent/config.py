@@ -37,6 +37,7 @@ DEFAULT_STATE_DIR = "/var/lib/l2crypt"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9478"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+DATAPATHS = ("simple", "batched")
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_KEYSERVER_PORT) -> tuple[str, int]:
@@ -159,6 +160,10 @@ class AgentConfig:
     tap_mac: str | None = setting(None, _mac, "MAC of the TAP; default: the one kept in state_dir/tap.mac, "
                                           "else an existing TAP's, else a random one (then kept)")
     wire_mtu: int = setting(0, check_int_range(0, 65535), "MTU of the wire port in bytes; 0 = use the port's")
+    datapath: str = setting("simple", check_choice(DATAPATHS),
+                            "simple (one frame per TAP read and write) or batched (TAP with IFF_VNET_HDR and "
+                            "TCP/checksum offloads: super-frames cut into segments, received segments joined); "
+                            "batched falls back to simple if the kernel refuses the offloads")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
     replay_window_frames: int = setting(DEFAULT_REPLAY_WINDOW_FRAMES, check_int_range(64, 1 << 20),
                                    "frames of reordering the replay window accepts")

@@ -11,6 +11,15 @@ override; changing one changes behaviour, never the format.
 DEFAULT_ETHERTYPE = 0x88B5
 #: Data-frame format version carried in every header.
 FRAME_VERSION = 1
+#: Version 2: the same layout; the top bit of the key-id byte is a flag
+#: (``KEY_FLAG_CSUM_PARTIAL``).  Senders use it only for a frame with a flag
+#: set, so a frame without flags stays readable by every version-1 receiver.
+FRAME_VERSION_FLAGS = 2
+#: Flag (version 2): the inner TCP/UDP checksum was left to the receiver (the
+#: field holds the pseudo-header sum; the AEAD tag already proves the bytes).
+KEY_FLAG_CSUM_PARTIAL = 0x80
+#: The key-id bits of the key-id byte of a version-2 frame.
+KEY_ID_MASK = 0x7F
 #: Key ids: which family of key sealed the frame.
 KEY_ID_PAIR = 1
 KEY_ID_MULTICAST = 2

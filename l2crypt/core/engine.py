@@ -8,6 +8,9 @@ Sending (a plain frame read from the TAP):
 2. a group destination (I/G bit set) is sealed with the multicast key;
 3. a unicast destination is sealed with the peer's current pair key;
 4. with no key the frame is held (bounded) and one key request is queued;
+   a frame whose L4 checksum the caller left partial (``csum_partial``) is
+   sealed as version 2 with the flag (``frame_wire``), or completed first
+   when it is held (a held frame carries no flag);
    at most ``max_pending_keys`` MACs wait for a key at once (MACs first seen
    as a source on the wire get half of them, so forged senders cannot crowd
    out our own destinations), beyond that the frame is dropped
@@ -20,7 +23,13 @@ Receiving (a frame read from the wire port):
 2. drop frames for another host, and our own frames coming back;
 3. find the key by *source* MAC and PW_ID (pair) or by PW_ID (multicast);
    with no key, hold the frame and queue a key request;
-4. check the replay window, open the AEAD, and only then move the window.
+4. check the replay window, open the AEAD, and only then move the window;
+5. a frame flagged ``csum_partial`` (``frame_wire.csum_partial_of``) has its
+   inner checksum completed (``gso.complete_l4_checksum``) unless the
+   settings say ``complete_checksums=False``: then the caller hands it to a
+   host that takes partial checksums (a TAP with ``IFF_VNET_HDR``).  Frames
+   released from the hold queue are always completed (``Delivered`` has no
+   flag); one whose checksum cannot be found is dropped (``csum_unresolved``).
 
 Replay floors and packet numbers (``replay_floor``; the agent saves the book
 every ``SAVE_INTERVAL_S`` and restores it at start):
@@ -80,6 +89,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 
 from . import aead, frame_wire
+from .gso import complete_l4_checksum
 from .constants import (
     DEFAULT_ETHERTYPE,
     DEFAULT_HOLD_AGE_S,
@@ -94,6 +104,9 @@ from .constants import (
     DEFAULT_RETIRE_AFTER_S,
     DEFAULT_SWITCH_AFTER_S,
     DEFAULT_UNKNOWN_CACHE_S,
+    FRAME_VERSION,
+    FRAME_VERSION_FLAGS,
+    KEY_FLAG_CSUM_PARTIAL,
     KEY_ID_MULTICAST,
     KEY_ID_PAIR,
     MAC_HEADER_LEN,
@@ -136,6 +149,7 @@ REVOKED_SENDER = "revoked_sender"
 PENDING_FULL = "pending_full"
 FLOORS_UNSAVED = "floors_unsaved"
 PN_UNRESERVED = "pn_unreserved"
+CSUM_UNRESOLVED = "csum_unresolved"
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,9 @@ class EngineSettings:
     max_pending_keys: int = DEFAULT_MAX_PENDING_KEYS
     key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S
     key_max_age_s: float = DEFAULT_KEY_MAX_AGE_S
+    #: Complete a checksum a sender left partial before returning the frame
+    #: (False: the caller's host takes partial checksums, see step 5).
+    complete_checksums: bool = True
 
 
 class FrameEngine(EngineKeys):
@@ -205,8 +222,10 @@ class FrameEngine(EngineKeys):
 
     # ------------------------------------------------------------------ sending
 
-    def seal_from_tap(self, frame: bytes, now: float) -> bytes | None:
-        """Seal one plain frame from the TAP; None means dropped or held."""
+    def seal_from_tap(self, frame: bytes, now: float, csum_partial: bool = False) -> bytes | None:
+        """Seal one plain frame from the TAP; None means dropped or held.
+        ``csum_partial``: its TCP/UDP checksum field holds only the
+        pseudo-header sum (``gso.segment(..., csum=False)``)."""
         if len(frame) < MIN_PLAIN_FRAME:
             self.drops[RUNT] += 1
             return None
@@ -220,7 +239,7 @@ class FrameEngine(EngineKeys):
                 self._note(GROUP_MAC, ring.promote(now, self.settings.retire_after_s))
             group = ring.current
             if group is None:  # not welcomed yet: hold it until the multicast key arrives
-                self._hold(GROUP_MAC, TX, frame, now)
+                self._hold_plain(GROUP_MAC, frame, csum_partial, now)
                 return None
             pn = self.send_pn
             if pn > self.pn_limit:
@@ -229,18 +248,28 @@ class FrameEngine(EngineKeys):
             self.send_pn = pn + 1
             group.frames_sealed += 1
             aad = frame[:MAC_HEADER_LEN] + self._header.pack(
-                self.ethertype, 1, KEY_ID_MULTICAST, group.pw_id, pn
+                self.ethertype, FRAME_VERSION_FLAGS if csum_partial else FRAME_VERSION,
+                KEY_ID_MULTICAST | KEY_FLAG_CSUM_PARTIAL if csum_partial else KEY_ID_MULTICAST, group.pw_id, pn
             )
             self.counters["sealed"] += 1
             self.counters["bytes_sealed"] += len(frame)
             return aad + group.send_aead.encrypt(_nonce(pn), frame[MAC_HEADER_LEN:], aad)
         peer = self.peers.get(dst)
         if peer is None:
-            self._hold(dst, TX, frame, now)
+            self._hold_plain(dst, frame, csum_partial, now)
             return None
-        return self._seal_pair(peer, frame, now)
+        return self._seal_pair(peer, frame, now, csum_partial)
 
-    def _seal_pair(self, peer: PeerState, frame: bytes, now: float) -> bytes | None:
+    def _hold_plain(self, mac: bytes, frame: bytes, csum_partial: bool, now: float) -> None:
+        """Hold a frame from the TAP, its checksum completed first (step 4)."""
+        if csum_partial:
+            frame = complete_l4_checksum(frame)
+            if frame.__class__ is str:
+                self.drops[CSUM_UNRESOLVED] += 1
+                return
+        self._hold(mac, TX, frame, now)
+
+    def _seal_pair(self, peer: PeerState, frame: bytes, now: float, csum_partial: bool = False) -> bytes | None:
         ring = peer.keys
         if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
             self._note(peer.mac, ring.promote(now, self.settings.retire_after_s))
@@ -254,7 +283,11 @@ class FrameEngine(EngineKeys):
         if slot.frames_sealed >= self.settings.rekey_after_frames and not slot.rekey_asked:
             slot.rekey_asked = True
             self.notices.append((REKEY, peer.mac, slot.pw_id))
-        aad = frame[:MAC_HEADER_LEN] + self._header.pack(self.ethertype, 1, KEY_ID_PAIR, slot.pw_id, pn)
+        if csum_partial:
+            aad = frame[:MAC_HEADER_LEN] + self._header.pack(
+                self.ethertype, FRAME_VERSION_FLAGS, KEY_ID_PAIR | KEY_FLAG_CSUM_PARTIAL, slot.pw_id, pn)
+        else:
+            aad = frame[:MAC_HEADER_LEN] + self._header.pack(self.ethertype, FRAME_VERSION, KEY_ID_PAIR, slot.pw_id, pn)
         peer.frames_out += 1
         peer.bytes_out += len(frame)
         self.counters["sealed"] += 1
@@ -331,6 +364,8 @@ class FrameEngine(EngineKeys):
         peer.bytes_in += len(plain) + MAC_HEADER_LEN
         self.counters["opened"] += 1
         self.counters["bytes_opened"] += len(plain) + MAC_HEADER_LEN
+        if frame[14] == FRAME_VERSION_FLAGS and frame[15] & KEY_FLAG_CSUM_PARTIAL:
+            return self._finish_partial(frame[:MAC_HEADER_LEN] + plain)
         return frame[:MAC_HEADER_LEN] + plain
 
     def _report_lag(self, peer: PeerState, now: float) -> None:
@@ -359,7 +394,18 @@ class FrameEngine(EngineKeys):
         group.keep(src, sender)
         self.counters["opened"] += 1
         self.counters["bytes_opened"] += len(plain) + MAC_HEADER_LEN
+        if frame[14] == FRAME_VERSION_FLAGS and frame[15] & KEY_FLAG_CSUM_PARTIAL:
+            return self._finish_partial(frame[:MAC_HEADER_LEN] + plain)
         return frame[:MAC_HEADER_LEN] + plain
+
+    def _finish_partial(self, plain: bytes) -> bytes | None:
+        """Receiving step 5: complete a partial checksum unless the caller takes it."""
+        if self.settings.complete_checksums or self._releasing:
+            plain = complete_l4_checksum(plain)
+            if plain.__class__ is str:
+                self.drops[CSUM_UNRESOLVED] += 1
+                return None
+        return plain
 
     # ----------------------------------------------------------------- holding
 

@@ -6,17 +6,24 @@ Layout (offsets in bytes)::
     +---+---+------+-----+-----+--------+---------------+--------------------+-----+
     |DA |SA |L2C ET| ver |keyid| PW_ID  | packet number | ciphertext of the  | tag |
     |   |   |0x88B5| u8  | u8  | u32 BE | u64 BE        | orig EtherType and |16 B |
-    |   |   |      |     |     |        |               | payload (VLAN too) |     |
+    |   |   |      |1, 2 |     |        |               | payload (VLAN too) |     |
     +---+---+------+-----+-----+--------+---------------+--------------------+-----+
     \_______________ authenticated data (AAD), 28 bytes _/
 
 The overhead over the plain frame is 32 bytes: 16 of header (the original
 EtherType moves inside the ciphertext) and 16 of tag.
 
+Version 1: the key-id byte is the key id.  Version 2 (the same layout): its
+top bit is a flag, ``KEY_FLAG_CSUM_PARTIAL`` (the inner TCP/UDP checksum is
+left to the receiver), and the low 7 bits are the key id.  A sender writes
+version 2 only for a frame with a flag set; a receiver reads both.  The
+flag is in the AAD, so it is as authentic as the rest of the header.
+
 1. ``encode_header`` builds the 28 bytes of AAD for a plain frame's MACs.
 2. ``decode_header`` parses and length-checks a received frame; it never
    raises, it returns a drop reason instead.  ``decode_fields`` does the
-   same and returns a plain tuple (the engine's per-frame path).
+   same and returns a plain tuple (the engine's per-frame path); the key id
+   comes without the flag, ``csum_partial_of`` reads the flag.
 """
 
 from __future__ import annotations
@@ -24,7 +31,16 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from .constants import FRAME_VERSION, L2C_HEADER_LEN, MAC_HEADER_LEN, MIN_PLAIN_FRAME, TAG_LEN
+from .constants import (
+    FRAME_VERSION,
+    FRAME_VERSION_FLAGS,
+    KEY_FLAG_CSUM_PARTIAL,
+    KEY_ID_MASK,
+    L2C_HEADER_LEN,
+    MAC_HEADER_LEN,
+    MIN_PLAIN_FRAME,
+    TAG_LEN,
+)
 
 HEADER = struct.Struct("!HBBIQ")  # ethertype, version, key id, PW_ID, packet number
 assert HEADER.size == L2C_HEADER_LEN
@@ -51,9 +67,13 @@ class FrameHeader(NamedTuple):
 
 
 def encode_header(
-    mac_header: bytes, ethertype: int, key_id: int, pw_id: int, packet_number: int
+    mac_header: bytes, ethertype: int, key_id: int, pw_id: int, packet_number: int, csum_partial: bool = False
 ) -> bytes:
-    """Return the 28-byte AAD: ``mac_header`` (DA+SA, 12 bytes) and the l2crypt header."""
+    """Return the 28-byte AAD: ``mac_header`` (DA+SA, 12 bytes) and the l2crypt
+    header (version 2 with the flag when ``csum_partial``, else version 1)."""
+    if csum_partial:
+        return mac_header + HEADER.pack(ethertype, FRAME_VERSION_FLAGS, key_id | KEY_FLAG_CSUM_PARTIAL,
+                                        pw_id, packet_number)
     return mac_header + HEADER.pack(ethertype, FRAME_VERSION, key_id, pw_id, packet_number)
 
 
@@ -92,8 +112,16 @@ def decode_fields(frame: bytes, ethertype: int) -> tuple[bytes, bytes, int, int,
     if et != ethertype:
         return NOT_L2CRYPT
     if version != FRAME_VERSION:
-        return UNKNOWN_VERSION
+        if version != FRAME_VERSION_FLAGS:
+            return UNKNOWN_VERSION
+        key_id &= KEY_ID_MASK
     return frame[0:6], frame[6:12], key_id, pw_id, pn
+
+
+def csum_partial_of(frame: bytes) -> bool:
+    """True if a sealed frame (header already decoded) says its inner L4
+    checksum was left to the receiver."""
+    return frame[14] == FRAME_VERSION_FLAGS and bool(frame[15] & KEY_FLAG_CSUM_PARTIAL)
 
 
 def aad_of(frame: bytes) -> bytes:

@@ -219,6 +219,26 @@ def l4_checksum_offset(frame, layout: IpLayout) -> int | None:
     return None
 
 
+def complete_l4_checksum(frame: bytes) -> bytes | str:
+    """``frame`` with its partial TCP/UDP checksum completed (the field holds
+    the pseudo-header sum, as ``segment(..., csum=False)`` leaves it); or
+    ``GSO_MALFORMED`` if no TCP or UDP checksum can be found.  For a receiver
+    whose host takes no partial checksums.  Never raises."""
+    try:
+        layout = parse_ip(frame)
+        if isinstance(layout, str):
+            return GSO_MALFORMED
+        offset = l4_checksum_offset(frame, layout)
+        if offset is None:
+            return GSO_MALFORMED
+        l4, end = layout.l4_offset, layout.ip_end
+        field = l4 + offset
+        value = checksum_field(ones_sum(memoryview(frame)[l4:end])) or 0xFFFF  # 0 is "no checksum" for UDP
+        return frame[:field] + _U16.pack(value) + frame[field + 2:]
+    except (IndexError, TypeError, ValueError, struct.error):
+        return GSO_MALFORMED
+
+
 # --- the segmenter --------------------------------------------------------------
 
 

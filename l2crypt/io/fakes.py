@@ -2,6 +2,8 @@
 
 * ``ChannelPort``: a FramePort backed by two deques (what was written, what
   is waiting to be read) — a TAP or a wire port without a kernel.
+* ``VnetChannelPort``: a ChannelPort for a TAP opened with ``IFF_VNET_HDR``:
+  what is written carries a virtio-net header (``write_vnet``).
 * ``FakeSwitch``: a hub joining the wire sides of several agents; it records
   every frame it carries, like a capture on the bridge.
 * ``EngineHost``: one FrameEngine with a channel TAP and a channel wire port,
@@ -38,6 +40,21 @@ class ChannelPort:
 
     def close(self) -> None:
         pass
+
+
+class VnetChannelPort(ChannelPort):
+    """A TAP with offloads: ``inbox`` holds header + frame buffers (as the
+    kernel hands them out), ``outbox`` gets header + frame for every write."""
+
+    vnet_hdr_len = 10
+
+    def write_frame(self, frame: bytes) -> bool:
+        self.outbox.append(bytes(10) + bytes(frame))
+        return True
+
+    def write_vnet(self, vnet_hdr: bytes, frame) -> bool:
+        self.outbox.append(bytes(vnet_hdr) + bytes(frame))
+        return True
 
 
 class FakeSwitch:

@@ -16,7 +16,18 @@ The TAP outlives the agent, so the host keeps its addresses and routes
    a TAP someone else holds open.
 3. It sets the MAC (``tap_mac``) if the TAP has another one, the MTU (wire
    MTU - overhead) if it differs, and brings the TAP up.
-4. On stop, SIGKILL or a crash the descriptor closes; the TAP stays with
+   ``IFF_VNET_HDR`` is a per-open flag too, so any TAP of the right kind can
+   be attached with it, whoever made it.
+4. With ``offload=True`` (``--datapath batched``) it opens with
+   ``IFF_VNET_HDR``, sets the header size (``TUNSETVNETHDRSZ``, 10) and turns
+   on checksum and TCP segmentation offload (``TUNSETOFFLOAD`` ``TUN_F_CSUM |
+   TUN_F_TSO4 | TUN_F_TSO6``; never UFO/USO): the host's stack then hands
+   it TCP super-frames with a virtio-net header (``core.vnet_hdr``).  If the
+   kernel refuses either, it reopens the TAP without them and says why in
+   ``offload_refused``.  Without offloads it turns them off
+   (``TUNSETOFFLOAD`` 0): they belong to the device and outlive a batched
+   agent, and a reader without headers must never get a super-frame.
+5. On stop, SIGKILL or a crash the descriptor closes; the TAP stays with
    its addresses but loses carrier: what the stack sends into it is dropped
    by the kernel (no reader) and never reaches the wire.
    ``remove_tap`` (``l2crypt remove-tap``) deletes it.
@@ -25,7 +36,9 @@ The TAP outlives the agent, so the host keeps its addresses and routes
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +46,9 @@ import pytun
 
 from l2crypt.core.errors import LocalError
 from l2crypt.core.frame_wire import format_mac, parse_mac
+from l2crypt.core.vnet_hdr import VNET_HDR_LEN, ZERO_VNET_HDR, encode_vnet_hdr
 
-MAX_FRAME = 65536
+MAX_FRAME = 65536 + 64  # a 64 KB IP super-frame with its Ethernet, VLAN and virtio-net headers
 SYS_NET = Path("/sys/class/net")
 # Bits of /sys/class/net/NAME/tun_flags (linux/if_tun.h).
 TUN_IFF_TUN = 0x0001
@@ -42,6 +56,14 @@ TUN_IFF_TAP = 0x0002
 TUN_IFF_MULTI_QUEUE = 0x0100
 TUN_IFF_PERSIST = 0x0800
 OPEN_FLAGS = pytun.IFF_TAP | pytun.IFF_NO_PI
+# linux/if_tun.h
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TAP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+_ZERO_HDR = encode_vnet_hdr(ZERO_VNET_HDR)
 MAKE_ONE = "make one with `ip tuntap add dev {name} mode tap`, or let the agent make it"
 
 
@@ -98,19 +120,50 @@ def _open_error(name: str, exc: Exception) -> str:
     return f"tap: cannot open {name!r}: {exc}"
 
 
-class LinuxTap:
-    """The agent's persistent TAP, opened IFF_TAP | IFF_NO_PI, non-blocking.  Implements FramePort.
+def _set_offloads(fd: int, vnet: bool) -> None:
+    """Step 4: header size and offloads on (``vnet``) or offloads off; OSError if refused."""
+    if vnet:
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS if vnet else 0)
 
+
+class LinuxTap:
+    """The agent's persistent TAP, opened IFF_TAP | IFF_NO_PI (| IFF_VNET_HDR), non-blocking.
+
+    Implements FramePort; with ``vnet_hdr_len`` 10 every buffer ``read_frames``
+    returns starts with the virtio-net header, ``write_frame`` adds a zero
+    header and ``write_vnet`` writes a header of the caller's.
     ``created`` says whether this start made the TAP; ``old_mac`` and
-    ``old_mtu`` are what an existing TAP had before the agent set its own.
+    ``old_mtu`` are what an existing TAP had before the agent set its own;
+    ``offload_refused`` is why offloads were asked for and are off ("" if not).
     """
 
-    def __init__(self, name: str, mtu: int, mac: bytes | None = None):
+    def __init__(self, name: str, mtu: int, mac: bytes | None = None, offload: bool = False):
         before = existing_tap(name)
-        try:
-            self._dev = pytun.TunTapDevice(name=name, flags=OPEN_FLAGS)
-        except (pytun.Error, OSError) as exc:
-            raise LocalError(_open_error(name, exc)) from None
+        self.offload_refused = ""
+        self._dev = None
+        if offload:
+            try:
+                self._dev = pytun.TunTapDevice(name=name, flags=OPEN_FLAGS | pytun.IFF_VNET_HDR)
+            except (pytun.Error, OSError) as exc:
+                self.offload_refused = f"the kernel refused IFF_VNET_HDR: {exc}"
+            else:
+                try:
+                    _set_offloads(self._dev.fileno(), True)
+                except OSError as exc:
+                    self.offload_refused = f"the kernel refused TUNSETOFFLOAD: {exc.strerror or exc}"
+                    self._dev.close()  # not persistent yet: a TAP made just now goes away
+                    self._dev = None
+        self.vnet_hdr_len = VNET_HDR_LEN if self._dev is not None else 0
+        if self._dev is None:
+            try:
+                self._dev = pytun.TunTapDevice(name=name, flags=OPEN_FLAGS)
+            except (pytun.Error, OSError) as exc:
+                raise LocalError(_open_error(name, exc)) from None
+            try:
+                _set_offloads(self._dev.fileno(), False)
+            except OSError:
+                pass  # a kernel without TUNSETOFFLOAD has no offloads to turn off
         self.name = self._dev.name
         self.created = before is None
         self.old_mac = before.mac if before else None
@@ -158,7 +211,19 @@ class LinuxTap:
 
     def write_frame(self, frame: bytes) -> bool:
         try:
-            os.write(self._fd, frame)
+            if self.vnet_hdr_len:
+                os.writev(self._fd, (_ZERO_HDR, frame))
+            else:
+                os.write(self._fd, frame)
+            return True
+        except OSError:
+            self.write_errors += 1
+            return False
+
+    def write_vnet(self, vnet_hdr: bytes, frame) -> bool:
+        """Write ``frame`` with its encoded virtio-net header (offload mode only)."""
+        try:
+            os.writev(self._fd, (vnet_hdr, frame))
             return True
         except OSError:
             self.write_errors += 1

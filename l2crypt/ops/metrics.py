@@ -118,6 +118,10 @@ def agent_metrics(agent, now: float) -> list[Metric]:
     out.append(gauge("l2crypt_agent_info", "The agent's identity (value 1).", labels=("id", "mac", "port", "tap", "cipher"),
                      samples=[([agent.host_id, _mac(engine.my_mac), agent.config.port, agent.config.tap,
                                 engine.cipher], 1)]))
+    datapath = getattr(agent, "datapath", "simple")
+    out.append(gauge("l2crypt_agent_datapath_info",
+                     "The datapath that runs (simple or batched) and why, if not the one configured (value 1).",
+                     labels=("datapath", "reason"), samples=[([datapath, getattr(agent, "datapath_reason", "")], 1)]))
     out.append(counter("l2crypt_frames_sealed", "Frames sealed and sent toward the wire.", c.get("sealed", 0)))
     out.append(counter("l2crypt_frames_opened", "Frames opened and written to the TAP.", c.get("opened", 0)))
     out.append(counter("l2crypt_bytes_sealed", "Plain bytes (whole frames) sealed.", c.get("bytes_sealed", 0)))

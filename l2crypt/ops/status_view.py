@@ -24,6 +24,9 @@ def render_status(doc: dict, console: Console | None = None) -> None:
         mtu += f", [bold red]should be {doc['mtu_expected']}[/bold red] = wire MTU - 32"
     console.print(f"[bold]{doc['id']}[/bold] {doc['mac']}  tap {doc['tap']} (MTU {mtu})  "
                   f"port {doc['port']} (MTU {doc['wire_mtu']})  cipher {doc['cipher']}")
+    if "datapath" in doc:
+        reason = doc.get("datapath_reason")
+        console.print(f"datapath: {doc['datapath']}" + (f" ({reason})" if reason else ""), markup=False)
     console.print(f"key server: {server}  {state}   multicast PW_ID: {doc.get('multicast_pw_id')}")
     servers = doc.get("keyservers") or []
     if servers:

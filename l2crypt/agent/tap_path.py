@@ -1,0 +1,100 @@
+"""The agent's batched TAP path (``--datapath batched``, issue 13 steps 1, 3, 4).
+
+The TAP is opened with ``IFF_VNET_HDR`` and offloads (``io.linux_tap``), so
+one read may hold a TCP super-frame of up to 64 KB:
+
+1. ``seal_batch``: each buffer read from the TAP is split into its
+   virtio-net header and frame (``vnet_hdr.split_vnet_frame``); ``gso.segment``
+   cuts it into segments that fit the TAP MTU, the TCP/UDP checksum left
+   partial where the receiver can find it; each segment is sealed on its
+   own into one wire frame (a lost wire frame costs one segment), flagged
+   ``csum_partial`` when its checksum was left partial.
+2. ``open_batch``: each opened frame goes to ``gro.Coalescer`` with the
+   flag of its wire frame (the engine leaves partial checksums as they are:
+   ``EngineSettings.complete_checksums=False``); at the end of the batch the
+   coalescer's super-frames and single frames are written to the TAP, each
+   with its header (``NEEDS_CSUM`` where the checksum is partial).
+3. Bad input never raises: a header or super-frame that cannot be used is
+   dropped and counted in the engine's ``drops`` under the reason
+   ``vnet_hdr``/``gso`` name (``vnet_truncated``, ``gso_malformed``, ...).
+
+Counters (in the engine's ``counters``, so status and metrics show them):
+``super_frames_read`` (TAP reads cut into more than one segment),
+``segments_cut``, ``super_frames_written``, ``segments_joined``.
+"""
+
+from __future__ import annotations
+
+from l2crypt.core.engine import FrameEngine
+from l2crypt.core.frame_wire import csum_partial_of
+from l2crypt.core.gro import Coalescer
+from l2crypt.core.gso import segment
+from l2crypt.core.vnet_hdr import VnetHdrError, encode_vnet_hdr, split_vnet_frame
+
+BATCHED_COUNTERS = ("super_frames_read", "segments_cut", "super_frames_written", "segments_joined")
+TX_ERROR = "tx_error"
+TAP_WRITE_ERROR = "tap_write_error"
+
+
+class BatchedTapPath:
+    """Moves one batch at a time between a vnet TAP and the wire port.
+
+    ``tap`` needs ``write_vnet(header_bytes, frame)``; ``wire`` is a FramePort.
+    The engine, the ports and the coalescer are owned by the caller's loop.
+    """
+
+    def __init__(self, engine: FrameEngine, tap, wire, tap_mtu: int):
+        self.engine = engine
+        self.tap = tap
+        self.wire = wire
+        self.tap_mtu = tap_mtu
+        self.coalescer = Coalescer()
+
+    # 1: TAP -> wire
+    def seal_batch(self, buffers: list[bytes], now: float) -> None:
+        engine = self.engine
+        drops, counters = engine.drops, engine.counters
+        seal, send, mtu = engine.seal_from_tap, self.wire.write_frame, self.tap_mtu
+        for buffer in buffers:
+            split = split_vnet_frame(buffer)
+            if split.__class__ is str:
+                drops[split] += 1
+                continue
+            hdr, frame = split
+            cut = segment(frame, hdr, mtu, False)
+            if cut.__class__ is str:
+                drops[cut] += 1
+                continue
+            frames, partial = cut
+            if len(frames) > 1:
+                counters["super_frames_read"] += 1
+                counters["segments_cut"] += len(frames)
+            for piece in frames:
+                sealed = seal(piece, now, partial)
+                if sealed is not None and not send(sealed):
+                    drops[TX_ERROR] += 1
+
+    # 2: wire -> TAP
+    def open_batch(self, frames: list[bytes], now: float) -> None:
+        open_, add = self.engine.open_from_wire, self.coalescer.add
+        for frame in frames:
+            plain = open_(frame, now)
+            if plain is not None:
+                add(plain, csum_partial_of(frame))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the coalescer holds (the end of a batch)."""
+        coalescer, engine = self.coalescer, self.engine
+        super_before, joined_before = coalescer.super_frames, coalescer.segments_joined
+        write = self.tap.write_vnet
+        for hdr, frame in coalescer.flush():
+            try:
+                encoded = encode_vnet_hdr(hdr)
+            except VnetHdrError as exc:
+                engine.drops[exc.code] += 1
+                continue
+            if not write(encoded, frame):
+                engine.drops[TAP_WRITE_ERROR] += 1
+        engine.counters["super_frames_written"] += coalescer.super_frames - super_before
+        engine.counters["segments_joined"] += coalescer.segments_joined - joined_before

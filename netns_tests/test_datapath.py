@@ -129,7 +129,8 @@ def test_batched_path(dlab):
     sent, got = h1["datapath_counters"], h2["datapath_counters"]
     assert sent["super_frames_read"] > 0 and sent["segments_cut"] > sent["super_frames_read"], sent
     assert got["super_frames_written"] > 0 and got["segments_joined"] > got["super_frames_written"], got
-    metrics = dlab.exec("h1", ["curl", "-s", "http://127.0.0.1:9478/metrics"]).stdout
+    fetch = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9478/metrics', timeout=5).read().decode())"
+    metrics = dlab.exec("h1", [sys.executable, "-c", fetch], timeout=20).stdout
     assert 'l2crypt_agent_datapath_info{datapath="batched",reason=""} 1.0' in metrics, metrics[:500]
 
 

@@ -8,6 +8,7 @@
    inside functions, nor those under ``if TYPE_CHECKING:``).
 3. No module imports another module's private name (``from x import _y``).
 4. Modules stay small (600 lines at most).
+5. Every class has a docstring.
 Each rule lists every offender at once.
 """
 
@@ -170,3 +171,17 @@ def test_modules_stay_small():
     sizes = {p: len(p.read_text().splitlines()) for p in sorted((ROOT / "l2crypt").rglob("*.py"))}
     assert len(sizes) > 60
     assert {str(p.relative_to(ROOT)): n for p, n in sizes.items() if n > 600} == {}
+
+
+def classes_without_docstring(path: Path) -> list[str]:
+    return [f"{rel(path)}:{node.lineno}: class {node.name}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and not ast.get_docstring(node)]
+
+
+def test_every_class_says_what_it_is(tmp_path):
+    offenders = [line for path in project_files() for line in classes_without_docstring(path)]
+    assert offenders == [], "\n".join(offenders)
+    # The same scan finds a class without a docstring where there is one.
+    sample = tmp_path / "sample.py"
+    sample.write_text('class Said:\n    """A class."""\n\n\nclass Silent:\n    x = 1\n')
+    assert [line.split(": ", 1)[1] for line in classes_without_docstring(sample)] == ["class Silent"]

@@ -99,6 +99,9 @@ def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None, offloa
 
 
 class Agent:
+    """The host agent: its TAP and wire ports, the frame engine, the key-server session,
+    control socket and metrics, on one event loop."""
+
     def __init__(self, config: AgentConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)

@@ -177,6 +177,9 @@ class EngineSettings:
 
 
 class FrameEngine(EngineKeys):
+    """The sans-I/O frame engine of one host: seals frames from the TAP, opens frames from the
+    wire, holds frames while their key is asked (see the module docstring)."""
+
     def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings(), pn_start: int = 1,
                  floors: FloorBook | None = None, now0: float | None = None):
         self.my_mac = bytes(my_mac)

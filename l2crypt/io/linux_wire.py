@@ -88,5 +88,9 @@ class LinuxWire:
             self.write_errors += 1
             return False
 
+    def write_frames(self, frames) -> int:
+        """One ``send`` per frame; how many the kernel took (see ``WirePort``)."""
+        return sum(map(self.write_frame, frames))
+
     def close(self) -> None:
         self._sock.close()

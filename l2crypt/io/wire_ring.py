@@ -58,8 +58,10 @@ ETH_HEADER = 14
 SIOCGIFMTU = 0x8921               # linux/sockios.h
 
 # Tuning
-RX_BLOCK_BYTES = 1 << 18          # 256 KiB: ~170 full-size frames per block
-RX_BLOCKS = 16                    # 4 MiB, as LinuxWire's socket buffer
+RX_BLOCK_BYTES = 1 << 15          # 32 KiB: 20 full-size frames per block
+RX_BLOCKS = 128                   # 4 MiB, as LinuxWire's socket buffer; a block not full is
+                                  # closed after RX_BLOCK_TIMEOUT_MS, so the ring holds at least
+                                  # RX_BLOCKS ms of sparse traffic
 RX_BLOCK_TIMEOUT_MS = 1           # a block not full is handed over after this
 TX_SLOTS = 512
 TX_MIN_SLOT_BYTES = 2048

@@ -137,6 +137,7 @@ class RingWire:
             "=7I", tx_block, self.tx_slots // per_block, self.slot_bytes, self.tx_slots, 0, 0, 0))
         self._rx_bytes = RX_BLOCK_BYTES * RX_BLOCKS
         size = self._rx_bytes + self.slot_bytes * self.tx_slots
+        self._tx_offsets = [self._rx_bytes + i * self.slot_bytes for i in range(self.tx_slots)]
         return mmap.mmap(sock.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def fileno(self) -> int:
@@ -181,14 +182,14 @@ class RingWire:
                 break
             try:
                 self._sock.send(b"", socket.MSG_DONTWAIT)
-                failed = False
             except OSError:
-                failed = True
+                pass
+            else:  # the kernel took every ready slot in order
+                self._tx_flushed = self._tx_head
+                break
             while self._tx_flushed < self._tx_head and \
                     self._map[self._slot_at(self._tx_flushed) + TX_STATUS_AT] != TP_STATUS_SEND_REQUEST:
                 self._tx_flushed += 1
-            if not failed:
-                break
             if self._tx_flushed < self._tx_head:
                 # The kernel stopped at this frame and would retry it first at
                 # every flush; a zero length makes it skip the frame.
@@ -200,23 +201,26 @@ class RingWire:
     def write_frames(self, frames) -> int:
         """Copy each frame into a slot, then one ``flush``.  Returns how many
         the kernel took; the others are counted in ``write_errors``."""
-        ring, queued = self._map, 0
+        ring, offsets, slots, max_frame = self._map, self._tx_offsets, self.tx_slots, self.max_frame
+        head, queued = self._tx_head, 0
         for frame in frames:
             n = len(frame)
-            if n > self.max_frame or n < ETH_HEADER:
+            if n > max_frame or n < ETH_HEADER:
                 self.write_errors += 1
                 continue
-            if self._tx_head - self._tx_flushed >= self.tx_slots:
+            if head - self._tx_flushed >= slots:
+                self._tx_head = head
                 self.flush()
-            at = self._slot_at(self._tx_head)
-            # tp_status is a little u32; its low byte holds the flags.
-            if self._tx_head - self._tx_flushed >= self.tx_slots or ring[at + TX_STATUS_AT] != TP_STATUS_AVAILABLE:
+            at = offsets[head % slots]
+            # tp_status is a little-endian u32; its low byte holds the flags.
+            if head - self._tx_flushed >= slots or ring[at + TX_STATUS_AT] != TP_STATUS_AVAILABLE:
                 self.write_errors += 1
                 continue
             ring[at + TX_DATA_OFFSET:at + TX_DATA_OFFSET + n] = frame
             TX_LEN_STATUS.pack_into(ring, at + TX_LEN_AT, n, TP_STATUS_SEND_REQUEST)
-            self._tx_head += 1
+            head += 1
             queued += 1
+        self._tx_head = head
         return queued - self.flush()
 
     def write_frame(self, frame: bytes) -> bool:

@@ -7,9 +7,12 @@
    persistent TAP (or create it), with the host's MAC (``tap_mac``: kept in
    the state directory) and MTU = wire MTU - 32; load the replay floors of
    the previous life (``state_file.FloorFile``; refuses to start if they
-   cannot be read or written), then open the packet socket.
+   cannot be read or written), then open the packet socket (``open_wire``:
+   PACKET_MMAP rings when ``L2CRYPT_WIRE_RING=1`` and the kernel allows them,
+   else one ``send``/``recv`` per frame; logged as ``wire_opened``).
 3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
-   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames.
+   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames, and the frames
+   sealed in one wakeup go to the wire in one ``write_frames``.
 4. The key client runs beside it; every key request the engine raises is
    sent at once, answers and pushes install keys and release held frames.
 5. A tick every ``TICK_S`` saves the replay floors (every

@@ -25,7 +25,7 @@ from pyroute2 import IPRoute, netns
 
 from helpers import assert_hosts_sent_only_sealed, iperf3, ping, skip_reason
 from l2crypt.io.linux_wire import LinuxWire
-from l2crypt.io.wire_ring import RingWire, open_wire
+from l2crypt.io.wire_ring import TPACKET_V2, TPACKET_V3, RingWire, open_wire
 from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
@@ -129,8 +129,9 @@ def peer_read(sock: socket.socket):
     return read
 
 
-def test_frames_of_every_size_and_batch_go_through_the_rings_both_ways_in_order(pair):
-    ring = pair.inside(pair.ns_a, lambda: RingWire("wr0", L2C))
+@pytest.mark.parametrize("version", [TPACKET_V3, TPACKET_V2])
+def test_frames_of_every_size_and_batch_go_through_the_rings_both_ways_in_order(pair, version):
+    ring = pair.inside(pair.ns_a, lambda: RingWire("wr0", L2C, version))
     peer = pair.peer_socket()
     try:
         assert ring.max_frame == MTU + 14
@@ -200,10 +201,11 @@ def test_a_frame_too_big_is_refused_and_counted_and_close_releases_everything(pa
     assert open("/proc/self/maps").read().count("\n") < maps_before  # the ring mapping is gone
     again = pair.inside(pair.ns_a, lambda: open_wire("wr0", L2C, batched=True))  # the port is free again
     again[0].close()
-    assert again[1] == "batched: packet rings"
+    assert again[1] == "batched: packet rings (TPACKET_V3)"
 
 
-def test_the_egress_guard_sees_and_counts_what_the_ring_sends(pair):
+@pytest.mark.parametrize("version", [TPACKET_V3, TPACKET_V2])
+def test_the_egress_guard_sees_and_counts_what_the_ring_sends(pair, version):
     """With the port guard on wr0, a non-l2crypt frame written through the ring is
     blocked and counted by the guard's egress chain (no qdisc bypass), the
     l2crypt frames around it arrive, and the ring keeps working after."""
@@ -212,7 +214,7 @@ def test_the_egress_guard_sees_and_counts_what_the_ring_sends(pair):
     read = ("from l2crypt.io.port_guard import PortGuard; import json; "
             f"print(json.dumps(PortGuard('wr0', {L2C}).read()))")
     before = json.loads(pair.run_a(guard))
-    ring = pair.inside(pair.ns_a, lambda: RingWire("wr0", L2C))
+    ring = pair.inside(pair.ns_a, lambda: RingWire("wr0", L2C, version))
     peer = pair.peer_socket()
     try:
         batch = [frame(1, 100), frame(2, 100, 0x0800), frame(3, 100), frame(4, 100, 0x0806), frame(5, 100)]
@@ -258,7 +260,7 @@ def test_agents_on_the_ring_carry_ping_and_iperf3_and_send_only_sealed_frames(ri
     lab = ring_lab
     for host in ("h1", "h2"):
         log = open(lab.proc(f"agent-{host}").log).read()
-        assert "wire_opened" in log and "batched: packet rings" in log, log[-2000:]
+        assert "wire_opened" in log and "batched: packet rings (TPACKET_V3)" in log, log[-2000:]
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=5).returncode == 0
     result = iperf3(lab, "h1", "h2", seconds=2)
     assert result["end"]["sum_received"]["bits_per_second"] > 1e6, result["end"]

@@ -8,7 +8,7 @@
    the state directory) and MTU = wire MTU - 32; load the replay floors of
    the previous life (``state_file.FloorFile``; refuses to start if they
    cannot be read or written), then open the packet socket (``open_wire``:
-   PACKET_MMAP rings when ``L2CRYPT_WIRE_RING=1`` and the kernel allows them,
+   PACKET_MMAP rings when ``L2CRYPT_WIRE_RING=1`` (or ``v2``) and the kernel allows them,
    else one ``send``/``recv`` per frame; logged as ``wire_opened``).
 3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
    -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames, and the frames
@@ -49,7 +49,7 @@ from l2crypt.io.packet_clock import PERSIST_INTERVAL_S, PacketClock
 from l2crypt.io.port_guard import PortGuard, guard_port
 from l2crypt.io.state_file import FloorFile
 from l2crypt.io.tap_mac import choose_mac, read_stored_mac, store_mac
-from l2crypt.io.wire_ring import open_wire
+from l2crypt.io.wire_ring import TPACKET_V2, TPACKET_V3, open_wire
 from l2crypt.ops.control import serve_control
 from l2crypt.ops.logs import fields
 from l2crypt.ops.metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
@@ -304,9 +304,11 @@ class Agent:
             self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start(),
                                       floors=self.floors, now0=now)
             self.engine.pn_limit = self.clock.reserved
-            # Until the datapath setting lands in the config: an environment switch, read only here.
-            self.wire, self.wire_path = open_wire(cfg.port, cfg.ethertype,
-                                                  batched=os.environ.get("L2CRYPT_WIRE_RING") == "1")
+            # Until the datapath setting lands in the config: an environment switch, read only here
+            # ("1": rings with TPACKET_V3 receive blocks; "v2": TPACKET_V2 slots).
+            ring = os.environ.get("L2CRYPT_WIRE_RING", "")
+            self.wire, self.wire_path = open_wire(cfg.port, cfg.ethertype, batched=ring in ("1", "v2"),
+                                                  tpacket_version=TPACKET_V2 if ring == "v2" else TPACKET_V3)
             log.info("wire_opened", extra=fields(port=cfg.port, path=self.wire_path))
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,
                                     probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,

@@ -21,6 +21,9 @@
    The frames returned are the caller's: nothing points into the ring.
    A VLAN tag the kernel took off (``tp_vlan_tci``) is not put back, as
    ``LinuxWire`` (a plain ``recv`` without PACKET_AUXDATA) does not either.
+   A block not full waits for its timer (1 ms at least): about +1 ms of
+   round trip on sparse traffic.  ``tpacket_version=TPACKET_V2`` has one
+   slot per frame instead, handed over (and polled readable) at once.
 5. ``close()`` unmaps the rings and closes the socket.
 
 No PACKET_QDISC_BYPASS: sent frames take the normal transmit path, so the
@@ -43,15 +46,19 @@ PACKET_RX_RING = 5
 PACKET_VERSION = 10
 PACKET_TX_RING = 13
 PACKET_LOSS = 14
-TPACKET_V3 = 2
+TPACKET_V2, TPACKET_V3 = 1, 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
 TP_STATUS_AVAILABLE = 0
 TP_STATUS_SEND_REQUEST = 1
 TPACKET3_HDR = struct.Struct("=IIIIIIHH")  # next_offset, sec, nsec, snaplen, len, status, mac, net
-TX_DATA_OFFSET = 48              # TPACKET_ALIGN(sizeof(struct tpacket3_hdr)): where a TX frame starts
-TX_LEN_AT, TX_STATUS_AT = 16, 20  # tp_len and tp_status in tpacket3_hdr
-TX_LEN_STATUS = struct.Struct("=II")
+TPACKET2_HDR = struct.Struct("=IIIH")      # status, len, snaplen, mac
+# Where a slot's frame starts (TPACKET_ALIGN(sizeof(struct tpacketN_hdr))), its
+# tp_len and its tp_status, by version.
+TX_DATA_OFFSET = {TPACKET_V2: 32, TPACKET_V3: 48}
+TX_LEN_AT = {TPACKET_V2: 4, TPACKET_V3: 16}
+TX_STATUS_AT = {TPACKET_V2: 0, TPACKET_V3: 20}
+U32 = struct.Struct("=I")
 BLOCK_STATUS_AT = 8               # tpacket_block_desc.hdr.bh1.block_status
 BLOCK_HDR = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at BLOCK_STATUS_AT)
 ETH_HEADER = 14
@@ -75,7 +82,7 @@ class RingRefused(LocalError):
 
 def _slot_bytes(max_frame: int) -> int:
     size = TX_MIN_SLOT_BYTES
-    while size < TX_DATA_OFFSET + max_frame:
+    while size < 2 * TX_DATA_OFFSET[TPACKET_V3] + max_frame:  # RX slots (V2) put the frame further in
         size *= 2
     return size
 
@@ -93,8 +100,12 @@ class RingWire:
     one thread (the agent's loop); nothing here is locked.
     """
 
-    def __init__(self, port: str, ethertype: int):
+    def __init__(self, port: str, ethertype: int, tpacket_version: int = TPACKET_V3):
         self.name = port
+        self.version = tpacket_version
+        self._tx_data_at = TX_DATA_OFFSET[tpacket_version]
+        self._tx_len_at = TX_LEN_AT[tpacket_version]
+        self._tx_status_at = TX_STATUS_AT[tpacket_version]
         self.write_errors = 0         # frames refused: too big, ring full, or by the kernel
         self.rx_truncated = 0         # frames the ring held only part of (dropped)
         maps = []
@@ -122,20 +133,27 @@ class RingWire:
 
     def _set_up_rings(self, sock: socket.socket, port: str) -> mmap.mmap:
         self.max_frame = _port_mtu(sock, port) + ETH_HEADER
-        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        v3 = self.version == TPACKET_V3
+        sock.setsockopt(SOL_PACKET, PACKET_VERSION, self.version)
         sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
-        self.rx_block_bytes, self.rx_blocks = RX_BLOCK_BYTES, RX_BLOCKS
-        rx_frame = TX_MIN_SLOT_BYTES
-        sock.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
-            "=7I", RX_BLOCK_BYTES, RX_BLOCKS, rx_frame, RX_BLOCKS * (RX_BLOCK_BYTES // rx_frame),
-            RX_BLOCK_TIMEOUT_MS, 0, 0))
         self.slot_bytes = _slot_bytes(self.max_frame)
         tx_block = max(self.slot_bytes, 16 * PAGE)
         per_block = tx_block // self.slot_bytes
+        self._rx_bytes = RX_BLOCK_BYTES * RX_BLOCKS
+        if v3:
+            self.rx_block_bytes, self.rx_blocks = RX_BLOCK_BYTES, RX_BLOCKS
+            rx_frame = TX_MIN_SLOT_BYTES
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
+                "=7I", RX_BLOCK_BYTES, RX_BLOCKS, rx_frame, RX_BLOCKS * (RX_BLOCK_BYTES // rx_frame),
+                RX_BLOCK_TIMEOUT_MS, 0, 0))
+        else:  # one slot per frame, as big as a TX slot; the kernel wakes us per frame
+            self.rx_block_bytes, self.rx_blocks = self.slot_bytes, self._rx_bytes // self.slot_bytes
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, struct.pack(
+                "=4I", tx_block, self._rx_bytes // tx_block, self.slot_bytes, self.rx_blocks))
         self.tx_slots = max(per_block, TX_SLOTS // per_block * per_block)
         sock.setsockopt(SOL_PACKET, PACKET_TX_RING, struct.pack(
-            "=7I", tx_block, self.tx_slots // per_block, self.slot_bytes, self.tx_slots, 0, 0, 0))
-        self._rx_bytes = RX_BLOCK_BYTES * RX_BLOCKS
+            "=7I" if v3 else "=4I", tx_block, self.tx_slots // per_block, self.slot_bytes, self.tx_slots,
+            *((0, 0, 0) if v3 else ())))
         size = self._rx_bytes + self.slot_bytes * self.tx_slots
         self._tx_offsets = [self._rx_bytes + i * self.slot_bytes for i in range(self.tx_slots)]
         return mmap.mmap(sock.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -158,11 +176,12 @@ class RingWire:
         if self._tx_head - self._tx_flushed >= self.tx_slots:
             self.flush()
         at = self._slot_at(self._tx_head)
-        if self._tx_head - self._tx_flushed >= self.tx_slots or self._map[at + TX_STATUS_AT] != TP_STATUS_AVAILABLE:
+        if self._tx_head - self._tx_flushed >= self.tx_slots or \
+                self._map[at + self._tx_status_at] != TP_STATUS_AVAILABLE:
             self.write_errors += 1  # still in flight in the kernel
             return None
         self._tx_open = at
-        return self._view[at + TX_DATA_OFFSET:at + TX_DATA_OFFSET + max_len]
+        return self._view[at + self._tx_data_at:at + self._tx_data_at + max_len]
 
     def commit(self, length: int) -> None:
         """Mark the slot from ``tx_slot`` ready with its first ``length`` bytes.
@@ -170,7 +189,9 @@ class RingWire:
         at, self._tx_open = self._tx_open, None
         if at is None or not ETH_HEADER <= length <= self.max_frame:
             raise LocalError(f"commit({length}) without a slot or with a bad length")  # our own misuse
-        TX_LEN_STATUS.pack_into(self._map, at + TX_LEN_AT, length, TP_STATUS_SEND_REQUEST)
+        # The kernel reads the slots only inside flush's send: no ordering to keep here.
+        U32.pack_into(self._map, at + self._tx_len_at, length)
+        U32.pack_into(self._map, at + self._tx_status_at, TP_STATUS_SEND_REQUEST)
         self._tx_head += 1
 
     def flush(self) -> int:
@@ -188,12 +209,12 @@ class RingWire:
                 self._tx_flushed = self._tx_head
                 break
             while self._tx_flushed < self._tx_head and \
-                    self._map[self._slot_at(self._tx_flushed) + TX_STATUS_AT] != TP_STATUS_SEND_REQUEST:
+                    self._map[self._slot_at(self._tx_flushed) + self._tx_status_at] != TP_STATUS_SEND_REQUEST:
                 self._tx_flushed += 1
             if self._tx_flushed < self._tx_head:
                 # The kernel stopped at this frame and would retry it first at
                 # every flush; a zero length makes it skip the frame.
-                struct.pack_into("=I", self._map, self._slot_at(self._tx_flushed) + TX_LEN_AT, 0)
+                U32.pack_into(self._map, self._slot_at(self._tx_flushed) + self._tx_len_at, 0)
                 refused += 1
         self.write_errors += refused
         return refused
@@ -203,6 +224,7 @@ class RingWire:
         the kernel took; the others are counted in ``write_errors``."""
         ring, offsets, slots, max_frame = self._map, self._tx_offsets, self.tx_slots, self.max_frame
         head, queued = self._tx_head, 0
+        data_at, len_at, status_at = self._tx_data_at, self._tx_len_at, self._tx_status_at
         for frame in frames:
             n = len(frame)
             if n > max_frame or n < ETH_HEADER:
@@ -213,11 +235,12 @@ class RingWire:
                 self.flush()
             at = offsets[head % slots]
             # tp_status is a little-endian u32; its low byte holds the flags.
-            if head - self._tx_flushed >= slots or ring[at + TX_STATUS_AT] != TP_STATUS_AVAILABLE:
+            if head - self._tx_flushed >= slots or ring[at + status_at] != TP_STATUS_AVAILABLE:
                 self.write_errors += 1
                 continue
-            ring[at + TX_DATA_OFFSET:at + TX_DATA_OFFSET + n] = frame
-            TX_LEN_STATUS.pack_into(ring, at + TX_LEN_AT, n, TP_STATUS_SEND_REQUEST)
+            ring[at + data_at:at + data_at + n] = frame
+            U32.pack_into(ring, at + len_at, n)
+            U32.pack_into(ring, at + status_at, TP_STATUS_SEND_REQUEST)
             head += 1
             queued += 1
         self._tx_head = head
@@ -231,6 +254,8 @@ class RingWire:
     def read_frames(self, limit: int) -> list[bytes]:
         """Up to ``limit`` frames from closed blocks, copied out; each block
         goes back to the kernel once its last frame is read."""
+        if self.version == TPACKET_V2:
+            return self._read_slots(limit)
         frames = []
         ring = self._map
         while len(frames) < limit:
@@ -255,8 +280,23 @@ class RingWire:
                 self._release_block(base)
         return frames
 
+    def _read_slots(self, limit: int) -> list[bytes]:
+        """TPACKET_V2: one frame per slot, each given back once copied."""
+        frames, ring, size, count = [], self._map, self.rx_block_bytes, self.rx_blocks
+        at = self._rx_block * size
+        while len(frames) < limit and ring[at] & TP_STATUS_USER:
+            _, length, snaplen, mac = TPACKET2_HDR.unpack_from(ring, at)
+            if snaplen == length:
+                frames.append(ring[at + mac:at + mac + snaplen])
+            else:
+                self.rx_truncated += 1
+            U32.pack_into(ring, at, TP_STATUS_KERNEL)
+            self._rx_block = (self._rx_block + 1) % count
+            at = self._rx_block * size
+        return frames
+
     def _release_block(self, base: int) -> None:
-        struct.pack_into("=I", self._map, base + BLOCK_STATUS_AT, TP_STATUS_KERNEL)
+        U32.pack_into(self._map, base + BLOCK_STATUS_AT, TP_STATUS_KERNEL)
         self._rx_left = 0
         self._rx_block = (self._rx_block + 1) % self.rx_blocks
 
@@ -273,13 +313,16 @@ class RingWire:
         self._sock.close()
 
 
-def open_wire(port: str, ethertype: int, batched: bool) -> tuple[RingWire | LinuxWire, str]:
+def open_wire(port: str, ethertype: int, batched: bool,
+              tpacket_version: int = TPACKET_V3) -> tuple[RingWire | LinuxWire, str]:
     """The wire port for the agent, and why it is the one it is.
 
-    ``batched``: rings if the kernel allows them, else ``LinuxWire``."""
+    ``batched``: rings (TPACKET_V3 receive blocks, or V2 slots) if the kernel
+    allows them, else ``LinuxWire``."""
     if not batched:
         return LinuxWire(port, ethertype), "simple: not asked for"
     try:
-        return RingWire(port, ethertype), "batched: packet rings"
+        wire = RingWire(port, ethertype, tpacket_version)
     except RingRefused as exc:
         return LinuxWire(port, ethertype), f"simple: {exc}"
+    return wire, f"batched: packet rings (TPACKET_V{tpacket_version + 1})"

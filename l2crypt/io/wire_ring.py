@@ -14,7 +14,8 @@
 3. A frame the kernel refuses in a flush (an egress filter dropped it, no
    buffer) would stay at the head of the ring and block it; it is skipped
    (its length zeroed, which PACKET_LOSS lets the kernel pass over) and
-   counted in ``write_errors``.
+   counted in ``write_errors``.  After ``FLUSH_TRIES`` refusals in one flush
+   the frames left wait for the next one.
 4. Receive: ``read_frames(limit)`` walks the blocks the kernel has closed
    (full, or older than ``RX_BLOCK_TIMEOUT_MS``), copies each frame out as
    ``bytes`` and gives each block back as soon as its last frame is read.

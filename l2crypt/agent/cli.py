@@ -92,6 +92,7 @@ def _agent_options(fn):
         click.option("--tap-mac", help=docs["tap_mac"]),
         click.option("--wire-mtu", type=int, help=docs["wire_mtu"]),
         click.option("--datapath", help=docs["datapath"] + " [default: simple]"),
+        click.option("--wire-ring", help=docs["wire_ring"] + " [default: off]"),
         click.option("--ethertype", type=lambda s: int(s, 0), help=docs["ethertype"] + " [default: 0x88b5]"),
         click.option("--replay-window-frames", type=int, help=docs["replay_window_frames"] + " [default: 2048]"),
         click.option("--hold-frames", type=int, help=docs["hold_frames"] + " [default: 16]"),

@@ -38,6 +38,9 @@ class ChannelPort:
         self.outbox.append(bytes(frame))
         return True
 
+    def write_frames(self, frames) -> int:
+        return sum(map(self.write_frame, frames))
+
     def close(self) -> None:
         pass
 

@@ -19,32 +19,50 @@ MAX_FRAME = 65536
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
+def open_packet_socket(port: str, ethertype: int, before_bind=None) -> socket.socket:
+    """A packet socket bound to ``ethertype`` on ``port``, with large buffers
+    and without our own frames looped back.  Raises LocalError.
+
+    ``before_bind(sock)``, if given, runs on the socket while it receives
+    nothing yet (protocol 0); an OSError from it closes the socket and goes
+    to the caller."""
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                             0 if before_bind else socket.htons(ethertype))
+    except OSError as exc:
+        raise LocalError(f"cannot open a packet socket (are you root?): {exc}") from None
+    if before_bind is not None:
+        try:
+            before_bind(sock)
+        except OSError:
+            sock.close()
+            raise
+    try:
+        sock.bind((port, ethertype))
+    except OSError as exc:
+        sock.close()
+        raise LocalError(f"cannot bind to port {port!r}: {exc}") from None
+    for opt, value in (
+        (socket.SO_RCVBUF, SOCKET_BUFFER_BYTES),
+        (socket.SO_SNDBUF, SOCKET_BUFFER_BYTES),
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, value)
+        except OSError:
+            pass
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    except OSError:
+        pass  # older kernels: our own frames come back and are dropped as own_frame
+    return sock
+
+
 class LinuxWire:
     """Raw l2crypt frames on one interface, non-blocking.  Implements FramePort."""
 
     def __init__(self, port: str, ethertype: int):
         self.name = port
-        try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
-        except OSError as exc:
-            raise LocalError(f"cannot open a packet socket (are you root?): {exc}") from None
-        try:
-            sock.bind((port, ethertype))
-        except OSError as exc:
-            sock.close()
-            raise LocalError(f"cannot bind to port {port!r}: {exc}") from None
-        for opt, value in (
-            (socket.SO_RCVBUF, SOCKET_BUFFER_BYTES),
-            (socket.SO_SNDBUF, SOCKET_BUFFER_BYTES),
-        ):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, value)
-            except OSError:
-                pass
-        try:
-            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-        except OSError:
-            pass  # older kernels: our own frames come back and are dropped as own_frame
+        sock = open_packet_socket(port, ethertype)
         sock.setblocking(False)
         self._sock = sock
         self.write_errors = 0
@@ -69,6 +87,10 @@ class LinuxWire:
         except OSError:
             self.write_errors += 1
             return False
+
+    def write_frames(self, frames) -> int:
+        """One ``send`` per frame; how many the kernel took (see ``WirePort``)."""
+        return sum(map(self.write_frame, frames))
 
     def close(self) -> None:
         self._sock.close()

@@ -1,7 +1,7 @@
 """The narrow interfaces between the agent's loop and the outside world.
 
 The agent only needs these; the Linux implementations live in
-``linux_tap`` and ``linux_wire``, the in-memory ones in ``fakes``.
+``linux_tap``, ``linux_wire`` and ``wire_ring``, the in-memory ones in ``fakes``.
 """
 
 from __future__ import annotations
@@ -29,3 +29,12 @@ class FramePort(Protocol):
 
     def close(self) -> None:
         """Release the descriptor.  Idempotent."""
+
+
+class WirePort(FramePort, Protocol):
+    """The wire side: a FramePort that also takes a batch of frames."""
+
+    def write_frames(self, frames) -> int:
+        """Send the frames, in order, without blocking; the number the kernel
+        took.  The others are dropped (and counted by the port); never raises
+        for that.  ``RingWire`` needs one system call per batch."""

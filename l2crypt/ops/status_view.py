@@ -27,6 +27,8 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     if "datapath" in doc:
         reason = doc.get("datapath_reason")
         console.print(f"datapath: {doc['datapath']}" + (f" ({reason})" if reason else ""), markup=False)
+    if "wire_path" in doc:
+        console.print(f"wire port: {doc['wire_path']}", markup=False)
     console.print(f"key server: {server}  {state}   multicast PW_ID: {doc.get('multicast_pw_id')}")
     servers = doc.get("keyservers") or []
     if servers:

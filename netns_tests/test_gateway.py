@@ -346,11 +346,16 @@ def test_gateway_restart_flows_recover(glab, sig):
 
 def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
     a = glab.a
+    # The tunnel first settles (an earlier test restarts the gateways): the
+    # datagram replayed below must be one gB opened, every ping answered.
+    wait_for("h1 -> h3 answered 3 of 3", lambda: "3 received" in ping(a, "h1", L.tap_ipv4("h3"), count=3).stdout,
+             timeout_s=20, every_s=0.5)
     wan = a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-gw-replay")
     try:
-        _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=2)
+        res = _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=2)
     finally:
         frames = L.read_pcap(wan.stop())
+    assert "2 received" in res.stdout, res.stdout
     src_ip = socket.inet_aton(GATEWAYS["gA"][3])
     real = [p for f in frames if f[26:30] == src_ip for p in [_udp_payload(f)] if p]
     assert real, "no gA -> gB datagram captured"
@@ -367,13 +372,19 @@ def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
     a.exec("gA", [sys.executable, "-c", code, GATEWAYS["gB"][3], str(TUNNEL_PORT)],
            input="\n".join(d.hex() for d in datagrams).encode(), check=True)
 
+    seen = {}
+
     def counted():
         drops = glab.gateway_status("gB")["drops"]
-        delta = {k: drops.get(k, 0) - before.get(k, 0) for k in
+        seen.update({k: n - before.get(k, 0) for k, n in drops.items() if n != before.get(k, 0)})
+        delta = {k: seen.get(k, 0) for k in
                  ("tunnel_truncated", "tunnel_unknown_version", "tunnel_bad_tag", "tunnel_replayed")}
-        return delta if delta == {"tunnel_truncated": 1, "tunnel_unknown_version": 1,
-                                  "tunnel_bad_tag": 1, "tunnel_replayed": 2} else None
-    wait_for("bad tunnel datagrams counted by reason", counted, timeout_s=10)
+        return delta == {"tunnel_truncated": 1, "tunnel_unknown_version": 1, "tunnel_bad_tag": 1,
+                         "tunnel_replayed": 2}
+    try:
+        wait_for("bad tunnel datagrams counted by reason", counted, timeout_s=10)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; gB's drops since: {seen}") from None
     _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=2)  # the tunnel still works
 
 

@@ -86,7 +86,9 @@ def test_captured_unicast_frames_do_not_open_after_the_receiver_restarts(lab):
     finally:
         tap_frames = L.read_pcap(tap.stop())
     assert marker_count(tap_frames, REPLAY_MARKER) == 0
-    assert drop(after, "replayed") - drop(before, "replayed") == len(recorded)
+    # Every recorded frame is refused; a genuine frame of h1 that arrives in
+    # the restored floor's lead after the SIGKILL is refused too (at most a few).
+    assert len(recorded) <= drop(after, "replayed") - drop(before, "replayed") <= len(recorded) + 3
     assert peer(after, h1_mac)["frames_in"] == 0  # nothing of the replay opened
     assert (lab.host_dir("h2") / "replay_floors").exists()
     # Positive control: a genuine ping after the restart goes through, and the
@@ -115,6 +117,8 @@ def test_captured_broadcast_frames_do_not_open_after_the_receiver_restarts(lab):
     finally:
         tap_frames = L.read_pcap(tap.stop())
     assert marker_count(tap_frames, REPLAY_MARKER) == 0
-    assert drop(after, "replayed") - drop(before, "replayed") == len(recorded)
+    # Every recorded frame is refused; a genuine frame of h1 that arrives in
+    # the restored floor's lead after the SIGKILL is refused too (at most a few).
+    assert len(recorded) <= drop(after, "replayed") - drop(before, "replayed") <= len(recorded) + 3
     # Positive control: h1's genuine broadcasts after the restart reach h2's TAP.
     assert marker_count(tap_frames, LIVE_MARKER) >= 3, live.stdout

@@ -289,10 +289,12 @@ class StackListener:
 
     def counts(self) -> dict[tuple[str, str], int]:
         out: dict[tuple[str, str], int] = {}
-        for line in self._log().splitlines():
-            if line.startswith("got "):
-                _, name, tag = line.split()
-                out[(name, tag)] = out.get((name, tag), 0) + 1
+        text = self._log()
+        # The listener is still writing: a last line without its newline is not whole yet.
+        for line in text[:text.rfind("\n") + 1].splitlines():
+            fields = line.split()
+            if len(fields) == 3 and fields[0] == "got":
+                out[(fields[1], fields[2])] = out.get((fields[1], fields[2]), 0) + 1
         return out
 
     def has_udp6(self) -> bool:

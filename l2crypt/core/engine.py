@@ -43,7 +43,8 @@ every ``SAVE_INTERVAL_S`` and restores it at start):
   sealing never uses a number above ``pn_limit``, what the agent's packet
   clock has reserved on disk (``pn_unreserved``).
 
-Key versions (PW_ID, make before break; see ``key_ring``):
+Key versions (PW_ID, make before break; see ``key_ring``; the per-peer step
+is ``peer_table``'s, shared with the layer-3 engine and the gateway tunnel):
 * a newer version offered by the server is held as ``next``; receiving accepts
   every version held; sending moves to ``next`` once the peer is seen using it,
   or ``switch_after_s`` later; the old version is dropped ``retire_after_s``
@@ -116,6 +117,7 @@ from .engine_keys import (
 from .hold_queue import HOLD_OVERFLOW, PENDING_FULL, RX, TX, HoldTable
 from .key_ring import KeyRing
 from .peer_keys import GroupKey, PeerState
+# (REKEY, REPORT, Delivered, use_cipher, PN_EXHAUSTED, PN_UNRESERVED: engine's names for its callers too)
 from .peer_table import PN_EXHAUSTED, PN_UNRESERVED, PeerSettings, PeerTable, TableOwner
 from .replay_floor import FloorBook
 

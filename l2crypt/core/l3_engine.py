@@ -42,7 +42,9 @@ and retire (``retire_after_s``), the packet counter follows the clock
 (``replay_floor.raise_to_clock``), and in nat mode every path idle for
 ``nat_keepalive_s`` gets a sealed keepalive.
 
-Key versions follow ``key_ring`` (make before break), as in ``engine``.  A
+Key versions follow ``key_ring`` (make before break) through the same
+``peer_table`` as ``engine``: every version dropped leaves its floor, and
+holding goes through the shared ``hold_queue`` (its caps and rate limit).  A
 packet released when its key arrives that still finds no key is dropped
 (``no_key``), never held again: a forged packet cannot keep a key request
 loop going.

@@ -43,21 +43,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, TypeVar
 
-from . import aead
-from .constants import (
-    DEFAULT_HOLD_AGE_S,
-    DEFAULT_HOLD_FRAMES,
-    DEFAULT_KEY_REQUESTS_PER_S,
-    DEFAULT_KEY_RETRY_MAX_S,
-    DEFAULT_KEY_RETRY_S,
-    DEFAULT_MAX_PENDING_KEYS,
-    DEFAULT_REKEY_AFTER_FRAMES,
-    DEFAULT_REPLAY_WINDOW_FRAMES,
-    DEFAULT_RETIRE_AFTER_S,
-    DEFAULT_SWITCH_AFTER_S,
-    DEFAULT_UNKNOWN_CACHE_S,
-    MAX_PACKET_NUMBER,
-)
+from . import aead, constants as C
+from .constants import MAX_PACKET_NUMBER
 from .key_ring import KeyRing
 from .replay_floor import FloorBook, raise_to_clock
 
@@ -79,18 +66,18 @@ class PeerSettings:
     """What every engine's key handling shares.  Units are in the names."""
 
     cipher: str = aead.AES_256_GCM
-    replay_window_frames: int = DEFAULT_REPLAY_WINDOW_FRAMES
-    hold_frames: int = DEFAULT_HOLD_FRAMES              # per pending peer key
-    hold_age_s: float = DEFAULT_HOLD_AGE_S
-    key_retry_s: float = DEFAULT_KEY_RETRY_S
-    key_retry_max_s: float = DEFAULT_KEY_RETRY_MAX_S
-    unknown_cache_s: float = DEFAULT_UNKNOWN_CACHE_S
-    switch_after_s: float = DEFAULT_SWITCH_AFTER_S
-    retire_after_s: float = DEFAULT_RETIRE_AFTER_S
-    rekey_after_frames: int = DEFAULT_REKEY_AFTER_FRAMES
-    report_interval_s: float = 1.0                      # inf: no lag reports
-    max_pending_keys: int = DEFAULT_MAX_PENDING_KEYS    # peer keys waiting for a key at once
-    key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S
+    replay_window_frames: int = C.DEFAULT_REPLAY_WINDOW_FRAMES
+    hold_frames: int = C.DEFAULT_HOLD_FRAMES                  # per pending peer key
+    hold_age_s: float = C.DEFAULT_HOLD_AGE_S
+    key_retry_s: float = C.DEFAULT_KEY_RETRY_S
+    key_retry_max_s: float = C.DEFAULT_KEY_RETRY_MAX_S
+    unknown_cache_s: float = C.DEFAULT_UNKNOWN_CACHE_S
+    switch_after_s: float = C.DEFAULT_SWITCH_AFTER_S
+    retire_after_s: float = C.DEFAULT_RETIRE_AFTER_S
+    rekey_after_frames: int = C.DEFAULT_REKEY_AFTER_FRAMES
+    report_interval_s: float = 1.0                            # inf: no lag reports
+    max_pending_keys: int = C.DEFAULT_MAX_PENDING_KEYS        # peer keys waiting for a key at once
+    key_requests_per_s: float = C.DEFAULT_KEY_REQUESTS_PER_S
 
 
 class PeerTable(Generic[Key, Peer]):
@@ -274,29 +261,19 @@ class PeerTable(Generic[Key, Peer]):
                 if slot.replay.highest >= 0]
 
 
+def _table_field(name: str, doc: str) -> property:
+    """An engine attribute that is its table's ``name`` (read and written)."""
+    return property(lambda self: getattr(self.table, name),
+                    lambda self, value: setattr(self.table, name, value), doc=doc)
+
+
 class TableOwner:
     """What an engine shows of its ``PeerTable`` (``self.table``) as its own
     attributes: the packet counter, its limit and the notices."""
 
     table: PeerTable
-
-    @property
-    def send_pn(self) -> int:
-        """The next packet number (``PeerTable.send_pn``)."""
-        return self.table.send_pn
-
-    @send_pn.setter
-    def send_pn(self, value: int) -> None:
-        self.table.send_pn = value
-
-    @property
-    def pn_limit(self) -> int:
-        """The highest packet number sealing may use (set by the daemon's packet clock)."""
-        return self.table.pn_limit
-
-    @pn_limit.setter
-    def pn_limit(self, value: int) -> None:
-        self.table.pn_limit = value
+    send_pn = _table_field("send_pn", "The next packet number (``PeerTable.send_pn``).")
+    pn_limit = _table_field("pn_limit", "The highest packet number sealing may use (set by the daemon's clock).")
 
     @property
     def notices(self) -> list:

@@ -6,11 +6,13 @@ direction of each link (``l2crypt.core.tunnel_keys``); NETKEY itself never
 reaches a gateway.
 
 1. ``install(peer, pw_id, send_key, recv_key, now)``: a link's versions live
-   in a ``KeyRing`` (make before break): receiving accepts every version
-   held; sending moves to a new version once the peer is seen using it, or
-   ``switch_after_s`` after it arrived; the old one is dropped
-   ``retire_after_s`` after the switch (its replay window's top is noted in
-   the floors first).
+   in a ``KeyRing`` (make before break) in the engine's ``PeerTable``
+   (``l2crypt.core.peer_table``), keyed by the link's sender tag: receiving
+   accepts every version held; sending moves to a new version once the peer
+   is seen using it, or ``switch_after_s`` after it arrived; the old one is
+   dropped ``retire_after_s`` after the switch (every version dropped leaves
+   its replay window's top in the floors first).  No rekey notices and no
+   lag reports: NETKEY rotates at the key servers.
 2. ``seal(peer, frame, now)``: the link's current version, the next packet
    number.  One counter for all links; ``on_timer`` raises it to the clock
    (``replay_floor.raise_to_clock``), so a receiver can bound it after a
@@ -40,11 +42,11 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 
-from l2crypt.core import aead
-from l2crypt.core.constants import MAX_PACKET_NUMBER
+from l2crypt.core import aead, peer_table
 from l2crypt.core.key_ring import KeyRing
-from l2crypt.core.replay import ReplayWindow
-from l2crypt.core.replay_floor import FloorBook, raise_to_clock
+from l2crypt.core.peer_keys import KeySlot
+from l2crypt.core.peer_table import PeerSettings, PeerTable, TableOwner
+from l2crypt.core.replay_floor import FloorBook
 from l2crypt.core.tunnel_keys import TUNNEL_CIPHER, sender_tag
 
 from . import tunnel_wire
@@ -64,15 +66,9 @@ FLOORS_UNSAVED = "tunnel_floors_unsaved"
 KEY_RETRY_S = 1.0
 
 
-@dataclass(slots=True, eq=False)
-class LinkKey:
-    """One NETKEY version of one link, as this gateway holds it."""
-
-    pw_id: int
-    send_aead: object
-    recv_aead: object
-    replay: ReplayWindow  # of the peer's datagrams under this version
-    created_at: float
+#: One NETKEY version of one link, as this gateway holds it (its replay
+#: window is of the peer's datagrams under that version).
+LinkKey = KeySlot
 
 
 @dataclass(slots=True, eq=False)
@@ -84,29 +80,32 @@ class Link:
     keys: KeyRing
 
 
-class Tunnel:
+class Tunnel(TableOwner):
     """The links of one gateway to its inter-subnet peers."""
 
     def __init__(self, my_id: str, peers: tuple[str, ...] = (), pn_start: int = 1, window_frames: int = 2048,
                  switch_after_s: float = 2.0, retire_after_s: float = 30.0, floors: FloorBook | None = None):
         self.my_tag = sender_tag(my_id)
         self.cipher = TUNNEL_CIPHER
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+        settings = PeerSettings(cipher=TUNNEL_CIPHER, replay_window_frames=window_frames,
+                                switch_after_s=switch_after_s, retire_after_s=retire_after_s,
+                                report_interval_s=float("inf"))
+        #: The links by sender tag, their key rings and the packet counter
+        #: (``send_pn``; ``pn_limit``: what the packet clock has reserved on
+        #: disk, set by the daemon, ``tunnel_pn_unreserved`` above it).
+        self.table: PeerTable[bytes, Link] = PeerTable(settings, pn_start, None, floors, counters=self.counters)
         self.links = {name: Link(name, sender_tag(name), KeyRing()) for name in peers}
-        self.by_tag = {link.tag: link for link in self.links.values()}
+        self.by_tag = self.table.peers
+        self.by_tag.update((link.tag, link) for link in self.links.values())
         if len(self.by_tag) != len(peers):
             raise ValueError("two tunnel peers have the same sender tag; rename one")
-        self.send_pn = pn_start
-        #: The highest number the packet clock has reserved on disk (set by the
-        #: daemon; ``tunnel_pn_unreserved`` above it).
-        self.pn_limit = MAX_PACKET_NUMBER
-        self._clock_base: tuple[int, float] | None = None  # (pn_start, engine time of the first tick)
         self.window_frames = window_frames
         self.switch_after_s = switch_after_s
         self.retire_after_s = retire_after_s
         self.floors = floors
         self.newest_pw_id = 0
-        self.drops: Counter = Counter()
-        self.counters: Counter = Counter()
         self.wants_key = False  # a datagram under a newer NETKEY arrived: ask the key server
         self._asked_at = float("-inf")
 
@@ -118,9 +117,8 @@ class Tunnel:
         if link is None or link.keys.lookup(pw_id) is not None:
             return False  # never a fresh window under a version held
         floor = self.floors.floor(link.tag) if self.floors is not None else 0
-        slot = LinkKey(pw_id, aead.make_aead(self.cipher, send_key), aead.make_aead(self.cipher, recv_key),
-                       ReplayWindow(self.window_frames, floor=floor), now)
-        if not link.keys.offer(slot, now, self.retire_after_s):
+        slot = KeySlot.from_direction_keys(self.cipher, send_key, recv_key, pw_id, self.window_frames, now, floor)
+        if not self.table.offer(link.tag, link.keys, slot, now):
             return False
         if pw_id > self.newest_pw_id:
             self.counters["netkey_installs"] += 1
@@ -132,18 +130,12 @@ class Tunnel:
 
     def seal(self, peer: str, frame: bytes, now: float) -> bytes | None:
         link = self.links.get(peer)
-        ring = link.keys if link is not None else None
-        if ring is not None and ring.due_switch(now, self.switch_after_s):
-            ring.promote(now, self.retire_after_s)
-        slot = ring.current if ring is not None else None
-        if slot is None:
-            self.drops[NO_NETKEY] += 1
+        step = self.table.send(link.tag, link.keys, now, rekey=False) if link is not None else peer_table.NO_KEY
+        if step.__class__ is str:
+            self.drops[NO_NETKEY if step == peer_table.NO_KEY
+                       else PN_EXHAUSTED if step == peer_table.PN_EXHAUSTED else PN_UNRESERVED] += 1
             return None
-        pn = self.send_pn
-        if pn > self.pn_limit:
-            self.drops[PN_EXHAUSTED if pn > MAX_PACKET_NUMBER else PN_UNRESERVED] += 1
-            return None
-        self.send_pn = pn + 1
+        slot, pn = step
         aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn)
         self.counters["tunnel_sealed"] += 1
         self.counters["tunnel_bytes_sealed"] += len(frame)
@@ -187,8 +179,8 @@ class Tunnel:
             self.drops[BAD_TAG] += 1
             return None
         slot.replay.update(pn)
-        if slot is link.keys.next:
-            link.keys.peer_used(pw_id, now, self.retire_after_s)
+        if slot is not link.keys.current:
+            self.table.opened(sender, link.keys, slot, now)
         self.counters["tunnel_opened"] += 1
         self.counters["tunnel_bytes_opened"] += len(inner)
         return inner
@@ -197,22 +189,12 @@ class Tunnel:
 
     def on_timer(self, now: float) -> None:
         """Call every tick: switches and retires versions, keeps the counter on the clock."""
-        if self._clock_base is None:
-            self._clock_base = (self.send_pn, now)
-        self.send_pn = raise_to_clock(self.send_pn, self._clock_base[0], self._clock_base[1], now)
-        for link in self.links.values():
-            ring = link.keys
-            if ring.due_switch(now, self.switch_after_s):
-                ring.promote(now, self.retire_after_s)
-            retiring = ring.previous
-            if ring.expire(now) and self.floors is not None:
-                self.floors.note(link.tag, retiring.replay.highest)
+        self.table.follow_clock(now)
+        self.table.on_timer(now)
 
     def highest(self) -> list[tuple[bytes, int]]:
         """(peer tag, highest packet number verified) of every window: for ``FloorBook.save``."""
-        return [(link.tag, slot.replay.highest) for link in self.links.values()
-                for slot in (link.keys.previous, link.keys.current, link.keys.next)
-                if slot is not None and slot.replay.highest >= 0]
+        return self.table.highest()
 
     # ------------------------------------------------------------ status
 
@@ -222,8 +204,7 @@ class Tunnel:
         return max(slots, key=lambda s: s.pw_id) if slots else None
 
     def snapshot(self) -> dict:
-        held = {s.pw_id for link in self.links.values()
-                for s in (link.keys.previous, link.keys.current, link.keys.next) if s is not None}
+        held = {s.pw_id for link in self.links.values() for s in link.keys.slots()}
         current = self.current()
         return {
             "netkey_pw_id": current.pw_id if current else None,

@@ -22,7 +22,7 @@ from hypothesis.control import currently_in_test_context
 
 from corpus_frames import HELD, PEER_MAC, RX_MAC, STRANGER_MAC, crafted
 from drop_reasons import counted, returned
-from l2crypt.core import engine as engine_mod, engine_keys, frame_wire
+from l2crypt.core import engine as engine_mod, engine_keys, frame_wire, peer_table
 from l2crypt.core.constants import DEFAULT_KEY_MAX_AGE_S
 from l2crypt.core.engine import EngineSettings, FrameEngine
 from l2crypt.core.frame_wire import parse_mac
@@ -53,7 +53,8 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 def test_the_reason_lists_are_what_the_engine_can_count():
-    in_code = counted(engine_mod) | counted(engine_keys) | returned(frame_wire.decode_fields)
+    in_code = (counted(engine_mod) | counted(engine_keys) | returned(frame_wire.decode_fields)
+               | returned(peer_table.PeerTable.send))  # the send step's refusals
     assert RX_REASONS | TX_REASONS | BOTH_REASONS == in_code
     assert not RX_REASONS & TX_REASONS
 

@@ -140,3 +140,49 @@ def test_a_cipher_change_keeps_the_floors():
     assert b.inbound("r", p, 0.1).payload
     E.use_cipher(b, "chacha20-poly1305")
     assert book.floor(b"a") >= W.decode_l3_header(p, 20).packet_number
+
+
+def test_a_retired_version_leaves_its_top_as_the_floor():
+    """Drift (issue 12, step 2): the layer-2 engine noted the top of every
+    window it retired in the replay floors; the layer-3 engine dropped it, so
+    a save after the retirement did not name the sender at all."""
+    book = FloorBook()
+    book.save([], 0.0)
+    b = E.L3Engine("b", [B_IP], E.L3Settings(switch_after_s=1.0, retire_after_s=5.0), floors=book)
+    b.install_key("a", KEY, 1, [A_IP], 0.0)
+    assert all(b.inbound("r", p, 0.1).payload for p in sealed_by("a", 1, 3, pn_start=7000))
+    b.install_key("a", KEY, 2, [A_IP], 0.5)
+    b.on_timer(1.5)  # switched: version 1 retires at 6.5
+    assert b.peers["a"].keys.lookup(1) is not None and book.floor(b"a") == 0
+    b.on_timer(6.5)
+    assert b.peers["a"].keys.lookup(1) is None
+    assert book.floor(b"a") == 7002
+    book.save(b.highest_verified(), 6.5)
+    assert decode(book.encode())[b"a"] >= 7002
+
+
+def test_a_version_pushed_out_by_quick_rotations_leaves_its_floor():
+    """Drift (issue 12, step 2): a version offered while the one before it
+    was still pending pushed the oldest out without noting its floor."""
+    book = FloorBook()
+    book.save([], 0.0)
+    b = E.L3Engine("b", [B_IP], E.L3Settings(switch_after_s=60.0), floors=book)
+    b.install_key("a", KEY, 1, [A_IP], 0.0)
+    assert all(b.inbound("r", p, 0.1).payload for p in sealed_by("a", 1, 2, pn_start=9000))
+    for pw_id, now in ((2, 0.2), (3, 0.3), (4, 0.4)):  # 3 promotes 2, 4 promotes 3: 1 leaves
+        b.install_key("a", KEY, pw_id, [A_IP], now)
+    assert [s.pw_id for s in b.peers["a"].keys.slots()] == [2, 3, 4]
+    assert book.floor(b"a") == 9001
+
+
+def test_the_sender_switching_by_time_leaves_the_floor_of_the_version_it_pushes_out():
+    book = FloorBook()
+    book.save([], 0.0)
+    b = E.L3Engine("b", [B_IP], E.L3Settings(switch_after_s=1.0, retire_after_s=30.0), floors=book)
+    b.install_key("a", KEY, 1, [A_IP], 0.0)
+    assert b.inbound("r", sealed_by("a", 1, 1, pn_start=4000)[0], 0.1).payload
+    b.install_key("a", KEY, 2, [A_IP], 0.2)
+    assert b.outbound("t", packet(src=B_IP, dst=A_IP), 1.5).payload  # sends with 2: 1 is previous
+    b.install_key("a", KEY, 3, [A_IP], 1.6)
+    assert b.outbound("t", packet(src=B_IP, dst=A_IP), 2.6).payload  # sends with 3: 1 leaves
+    assert [s.pw_id for s in b.peers["a"].keys.slots()] == [2, 3] and book.floor(b"a") == 4000

@@ -233,3 +233,20 @@ def test_datagrams_under_a_newer_version_ask_the_key_server_at_most_once_a_secon
         asked += ga.wants_key
         ga.wants_key = False
     assert ga.drops == {T.NO_NETKEY: 1000} and 10 <= asked <= 11
+
+
+def test_a_version_pushed_out_by_quick_rotations_leaves_its_floor():
+    """Drift (issue 12, step 2): the tunnel noted a version's top only when
+    it retired on time, not when a newer push promoted over it."""
+    book = rf.FloorBook()
+    book.save([], T0)
+    ga = T.Tunnel("gA", ("gB",), floors=book, switch_after_s=60.0)
+    gb = T.Tunnel("gB", ("gA",), pn_start=1 << 40)
+    for tun, me, peer in ((ga, "gA", "gB"), (gb, "gB", "gA")):
+        tun.install(peer, 1, *keys_of(me, peer, 1), T0)
+    d1 = gb.seal("gA", FRAME, T0)
+    assert ga.open("gB", d1, T0) == FRAME
+    for pw_id in (2, 3, 4):  # 3 promotes 2, 4 promotes 3: version 1 leaves
+        ga.install("gB", pw_id, *keys_of("gA", "gB", pw_id), T0 + 0.1 * pw_id)
+    assert [s.pw_id for s in ga.links["gB"].keys.slots()] == [2, 3, 4]
+    assert book.floor(sender_tag("gB")) == W.decode_header(d1).packet_number

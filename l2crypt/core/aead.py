@@ -51,18 +51,27 @@ def check_cipher(name: str) -> str:
     return name
 
 
-def _hkdf(secret: bytes, info: bytes) -> bytes:
+def hkdf(secret: bytes, info: bytes) -> bytes:
+    """``HKDF-SHA256(secret, info)``, ``KEY_LEN`` bytes, no salt: every key
+    derivation of l2crypt (the pair, group, layer-3 and tunnel keys)."""
     return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=info).derive(secret)
 
 
+def label(text: str) -> bytes:
+    """A variable part of an ``info``: one length byte, then the UTF-8 bytes."""
+    raw = text.encode()
+    if len(raw) > 255:
+        raise ValueError(f"too long for a key label: {text[:40]!r}...")
+    return bytes([len(raw)]) + raw
+
+
 def _cipher_info(cipher: str) -> bytes:
-    name = check_cipher(cipher).encode()
-    return bytes([len(name)]) + name
+    return label(check_cipher(cipher))
 
 
 def pair_direction_key(pair_key: bytes, pw_id: int, sender_mac: bytes, receiver_mac: bytes, cipher: str) -> bytes:
     """The key one host uses to send to the other under one pair-key version and cipher."""
-    return _hkdf(pair_key, _PAIR_INFO + _cipher_info(cipher) + sender_mac + receiver_mac + pw_id.to_bytes(4, "big"))
+    return hkdf(pair_key, _PAIR_INFO + _cipher_info(cipher) + sender_mac + receiver_mac + pw_id.to_bytes(4, "big"))
 
 
 def l3_direction_key(pair_key: bytes, pw_id: int, sender_id: str, receiver_id: str, cipher: str) -> bytes:
@@ -71,14 +80,13 @@ def l3_direction_key(pair_key: bytes, pw_id: int, sender_id: str, receiver_id: s
     Bound to the host IDs, not to addresses, so a NAT rewriting them changes
     nothing; the IDs are length-prefixed so no two pairs share an ``info``.
     """
-    s, r = sender_id.encode(), receiver_id.encode()
-    return _hkdf(pair_key, _L3_INFO + _cipher_info(cipher) + bytes([len(s)]) + s + bytes([len(r)]) + r
-                 + pw_id.to_bytes(4, "big"))
+    return hkdf(pair_key, _L3_INFO + _cipher_info(cipher) + label(sender_id) + label(receiver_id)
+                + pw_id.to_bytes(4, "big"))
 
 
 def group_sender_key(multicast_key: bytes, pw_id: int, sender_mac: bytes, cipher: str) -> bytes:
     """The key one host uses to send broadcast and multicast frames under one cipher."""
-    return _hkdf(multicast_key, _GROUP_INFO + _cipher_info(cipher) + sender_mac + pw_id.to_bytes(4, "big"))
+    return hkdf(multicast_key, _GROUP_INFO + _cipher_info(cipher) + sender_mac + pw_id.to_bytes(4, "big"))
 
 
 def make_aead(cipher: str, key: bytes):

@@ -43,7 +43,8 @@ every ``SAVE_INTERVAL_S`` and restores it at start):
   sealing never uses a number above ``pn_limit``, what the agent's packet
   clock has reserved on disk (``pn_unreserved``).
 
-Key versions (PW_ID, make before break; see ``key_ring``):
+Key versions (PW_ID, make before break; see ``key_ring``; the per-peer step
+is ``peer_table``'s, shared with the layer-3 engine and the gateway tunnel):
 * a newer version offered by the server is held as ``next``; receiving accepts
   every version held; sending moves to ``next`` once the peer is seen using it,
   or ``switch_after_s`` later; the old version is dropped ``retire_after_s``
@@ -92,25 +93,13 @@ from . import aead, frame_wire
 from .gso import complete_l4_checksum
 from .constants import (
     DEFAULT_ETHERTYPE,
-    DEFAULT_HOLD_AGE_S,
-    DEFAULT_HOLD_FRAMES,
     DEFAULT_KEY_MAX_AGE_S,
-    DEFAULT_KEY_REQUESTS_PER_S,
-    DEFAULT_KEY_RETRY_MAX_S,
-    DEFAULT_KEY_RETRY_S,
-    DEFAULT_MAX_PENDING_KEYS,
-    DEFAULT_REPLAY_WINDOW_FRAMES,
-    DEFAULT_REKEY_AFTER_FRAMES,
-    DEFAULT_RETIRE_AFTER_S,
-    DEFAULT_SWITCH_AFTER_S,
-    DEFAULT_UNKNOWN_CACHE_S,
     FRAME_VERSION,
     FRAME_VERSION_FLAGS,
     KEY_FLAG_CSUM_PARTIAL,
     KEY_ID_MULTICAST,
     KEY_ID_PAIR,
     MAC_HEADER_LEN,
-    MAX_PACKET_NUMBER,
     MIN_PLAIN_FRAME,
 )
 from .frame_wire import AAD_LEN, HEADER
@@ -125,10 +114,12 @@ from .engine_keys import (
     EngineKeys,
     use_cipher,
 )
-from .hold_queue import RX, TX, HoldTable
+from .hold_queue import HOLD_OVERFLOW, PENDING_FULL, RX, TX, HoldTable
 from .key_ring import KeyRing
 from .peer_keys import GroupKey, PeerState
-from .replay_floor import FloorBook, raise_to_clock
+# (REKEY, REPORT, Delivered, use_cipher, PN_EXHAUSTED, PN_UNRESERVED: engine's names for its callers too)
+from .peer_table import PN_EXHAUSTED, PN_UNRESERVED, PeerSettings, PeerTable, TableOwner
+from .replay_floor import FloorBook
 
 _decode_fields = frame_wire.decode_fields
 _nonce = aead.nonce
@@ -142,57 +133,40 @@ UNKNOWN_KEY_ID = "unknown_key_id"
 STALE_KEY = "stale_key"
 REPLAYED = "replayed"
 BAD_TAG = "bad_tag"
-HOLD_OVERFLOW = "hold_overflow"
 HOLD_EXPIRED = "hold_expired"
-PN_EXHAUSTED = "pn_exhausted"
 REVOKED_SENDER = "revoked_sender"
-PENDING_FULL = "pending_full"
 FLOORS_UNSAVED = "floors_unsaved"
-PN_UNRESERVED = "pn_unreserved"
 CSUM_UNRESOLVED = "csum_unresolved"
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    """Tuning of one engine.  Units are in the names."""
+class EngineSettings(PeerSettings):
+    """Tuning of one engine (the shared fields are ``PeerSettings``').  Units are in the names."""
 
-    cipher: str = aead.AES_256_GCM
     ethertype: int = DEFAULT_ETHERTYPE
-    replay_window_frames: int = DEFAULT_REPLAY_WINDOW_FRAMES
-    hold_frames: int = DEFAULT_HOLD_FRAMES
-    hold_age_s: float = DEFAULT_HOLD_AGE_S
-    key_retry_s: float = DEFAULT_KEY_RETRY_S
-    key_retry_max_s: float = DEFAULT_KEY_RETRY_MAX_S
-    unknown_cache_s: float = DEFAULT_UNKNOWN_CACHE_S
-    switch_after_s: float = DEFAULT_SWITCH_AFTER_S
-    retire_after_s: float = DEFAULT_RETIRE_AFTER_S
-    rekey_after_frames: int = DEFAULT_REKEY_AFTER_FRAMES
-    report_interval_s: float = 1.0
-    max_pending_keys: int = DEFAULT_MAX_PENDING_KEYS
-    key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S
     key_max_age_s: float = DEFAULT_KEY_MAX_AGE_S
     #: Complete a checksum a sender left partial before returning the frame
     #: (False: the caller's host takes partial checksums, see step 5).
     complete_checksums: bool = True
 
 
-class FrameEngine(EngineKeys):
+class FrameEngine(EngineKeys, TableOwner):
     """The sans-I/O frame engine of one host: seals frames from the TAP, opens frames from the
     wire, holds frames while their key is asked (see the module docstring)."""
 
     def __init__(self, my_mac: bytes, settings: EngineSettings = EngineSettings(), pn_start: int = 1,
                  floors: FloorBook | None = None, now0: float | None = None):
         self.my_mac = bytes(my_mac)
-        #: The next packet number.  One counter for every key this host sends
-        #: with, so (sender, packet number) never repeats; the agent seeds it
-        #: from its packet clock (safe across restarts) and ``on_timer`` keeps
-        #: it up with the clock (``replay_floor.raise_to_clock``).
-        self.send_pn = pn_start
-        #: The highest number sealing may use: what the packet clock reserved on
-        #: disk (set by the agent; ``pn_unreserved`` above it).
-        self.pn_limit = MAX_PACKET_NUMBER
-        self._pn_base = pn_start
-        self._pn_base_now = now0  # engine time of pn_start; None: the first on_timer
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+        #: The peers by MAC, their key rings, the packet counter (``send_pn``:
+        #: one counter for every key this host sends with, seeded by the agent
+        #: from its packet clock, ``pn_start`` at engine time ``now0``, None:
+        #: the first ``on_timer``; ``pn_limit``: what the clock reserved on
+        #: disk, ``pn_unreserved`` above it) and the notices.
+        self.table: PeerTable[bytes, PeerState] = PeerTable(settings, pn_start, now0, floors,
+                                                            counters=self.counters)
+        self.peers = self.table.peers
         #: Replay floors, shared by every engine of one daemon (None: windows start empty).
         self.floors = floors
         #: Frames are opened only up to this engine time: the floors' last save
@@ -204,22 +178,15 @@ class FrameEngine(EngineKeys):
         #: Maximum age of a key version (the agent may lower it to the key server's).
         self.key_max_age_s = settings.key_max_age_s
         self._expiry_due = float("inf")  # the earliest time a held version passes key_max_age_s
-        self.peers: dict[bytes, PeerState] = {}
         self.group: KeyRing[GroupKey] = KeyRing()
         self.revoked: set[bytes] = set()
-        self.notices: list[tuple[str, bytes, int]] = []
-        self._draining: dict[bytes, KeyRing] = {}  # rings with a next or previous version
         self.holds = HoldTable(
-            settings.hold_frames, settings.hold_age_s, settings.key_retry_s, settings.key_retry_max_s
+            settings.hold_frames, settings.hold_age_s, settings.key_retry_s, settings.key_retry_max_s,
+            max_pending=settings.max_pending_keys, requests_per_s=settings.key_requests_per_s, first=GROUP_MAC,
         )
         self.unknown_until: dict[bytes, float] = {}
         self.expired_until: dict[bytes, float] = {}  # MACs whose key server offered only expired keys
         self._releasing = False  # inside _release: a frame that still finds no key is dropped
-        #: Key-request token bucket (at most ``key_requests_per_s``, burst as many).
-        self._request_tokens = float(max(1.0, settings.key_requests_per_s))
-        self._request_refill_at: float | None = None
-        self.drops: Counter = Counter()
-        self.counters: Counter = Counter()
         self._header = HEADER
         self._window = settings.replay_window_frames
 
@@ -237,19 +204,14 @@ class FrameEngine(EngineKeys):
             return None
         dst = frame[0:6]
         if dst[0] & 1:
-            ring = self.group
-            if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
-                self._note(GROUP_MAC, ring.promote(now, self.settings.retire_after_s))
-            group = ring.current
-            if group is None:  # not welcomed yet: hold it until the multicast key arrives
-                self._hold_plain(GROUP_MAC, frame, csum_partial, now)
+            step = self.table.send(GROUP_MAC, self.group, now, rekey=False)
+            if step.__class__ is str:
+                if step == NO_KEY:  # not welcomed yet: hold it until the multicast key arrives
+                    self._hold_plain(GROUP_MAC, frame, csum_partial, now)
+                else:
+                    self.drops[step] += 1
                 return None
-            pn = self.send_pn
-            if pn > self.pn_limit:
-                self._pn_refused(pn)
-                return None
-            self.send_pn = pn + 1
-            group.frames_sealed += 1
+            group, pn = step
             aad = frame[:MAC_HEADER_LEN] + self._header.pack(
                 self.ethertype, FRAME_VERSION_FLAGS if csum_partial else FRAME_VERSION,
                 KEY_ID_MULTICAST | KEY_FLAG_CSUM_PARTIAL if csum_partial else KEY_ID_MULTICAST, group.pw_id, pn
@@ -273,19 +235,11 @@ class FrameEngine(EngineKeys):
         self._hold(mac, TX, frame, now)
 
     def _seal_pair(self, peer: PeerState, frame: bytes, now: float, csum_partial: bool = False) -> bytes | None:
-        ring = peer.keys
-        if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
-            self._note(peer.mac, ring.promote(now, self.settings.retire_after_s))
-        slot = ring.current
-        pn = self.send_pn
-        if pn > self.pn_limit:
-            self._pn_refused(pn)
+        step = self.table.send(peer.mac, peer.keys, now)
+        if step.__class__ is str:
+            self.drops[step] += 1
             return None
-        self.send_pn = pn + 1
-        slot.frames_sealed += 1
-        if slot.frames_sealed >= self.settings.rekey_after_frames and not slot.rekey_asked:
-            slot.rekey_asked = True
-            self.notices.append((REKEY, peer.mac, slot.pw_id))
+        slot, pn = step
         if csum_partial:
             aad = frame[:MAC_HEADER_LEN] + self._header.pack(
                 self.ethertype, FRAME_VERSION_FLAGS, KEY_ID_PAIR | KEY_FLAG_CSUM_PARTIAL, slot.pw_id, pn)
@@ -296,9 +250,6 @@ class FrameEngine(EngineKeys):
         self.counters["sealed"] += 1
         self.counters["bytes_sealed"] += len(frame)
         return aad + slot.send_aead.encrypt(_nonce(pn), frame[MAC_HEADER_LEN:], aad)
-
-    def _pn_refused(self, pn: int) -> None:
-        self.drops[PN_EXHAUSTED if pn > MAX_PACKET_NUMBER else PN_UNRESERVED] += 1
 
     # ---------------------------------------------------------------- receiving
 
@@ -346,7 +297,7 @@ class FrameEngine(EngineKeys):
                 self._hold(src, RX, frame, now)
             else:
                 self.drops[STALE_KEY] += 1
-                self._report_lag(peer, now)
+                self.table.report_lag(src, ring, now)
             return None
         if not slot.replay.check(pn):
             self.drops[REPLAYED] += 1
@@ -358,11 +309,7 @@ class FrameEngine(EngineKeys):
             return None
         slot.replay.update(pn)
         if slot is not ring.current:
-            if slot is ring.next:
-                self._note(src, ring.peer_used(pw_id, now, self.settings.retire_after_s))
-                self._draining[src] = ring
-            elif now - ring.current.created_at >= self.settings.switch_after_s:
-                self._report_lag(peer, now)  # the peer still sends with an old version (race b)
+            self.table.opened(src, ring, slot, now)
         peer.frames_in += 1
         peer.bytes_in += len(plain) + MAC_HEADER_LEN
         self.counters["opened"] += 1
@@ -370,11 +317,6 @@ class FrameEngine(EngineKeys):
         if frame[14] == FRAME_VERSION_FLAGS and frame[15] & KEY_FLAG_CSUM_PARTIAL:
             return self._finish_partial(frame[:MAC_HEADER_LEN] + plain)
         return frame[:MAC_HEADER_LEN] + plain
-
-    def _report_lag(self, peer: PeerState, now: float) -> None:
-        if now - peer.reported_at >= self.settings.report_interval_s:
-            peer.reported_at = now
-            self.notices.append((REPORT, peer.mac, peer.keys.newest_pw_id()))
 
     def _open_group(self, frame: bytes, src: bytes, pw_id: int, pn: int, now: float) -> bytes | None:
         group = self.group.lookup(pw_id)
@@ -422,80 +364,50 @@ class FrameEngine(EngineKeys):
         if direction == TX and (mac in self.revoked or self.unknown_until.get(mac, 0.0) > now):
             self.drops[NO_KEY] += 1
             return
-        if mac not in self.holds.pending and mac != GROUP_MAC:
-            limit = self.settings.max_pending_keys
-            if direction == RX:
-                limit //= 2
-            if len(self.holds.pending) >= limit:
-                self.drops[PENDING_FULL] += 1
-                return
-        new, pushed_out = self.holds.hold(mac, direction, frame, now)
-        self.counters["held"] += 1
-        if pushed_out:
-            self.drops[HOLD_OVERFLOW] += pushed_out
+        left = self.holds.hold(mac, direction, frame, now)
+        if left is None:
+            self.counters["held"] += 1
+        elif left[0] == PENDING_FULL:
+            self.drops[PENDING_FULL] += 1
+        else:
+            self.counters["held"] += 1
+            self.drops[HOLD_OVERFLOW] += 1
 
     def take_key_requests(self, now: float) -> list[bytes]:
         """MACs to request a key for now (first requests and backed-off retries),
         at most ``key_requests_per_s``; the rest stay due for a later call."""
-        rate = self.settings.key_requests_per_s
-        if self._request_refill_at is not None:
-            elapsed = max(0.0, now - self._request_refill_at)
-            self._request_tokens = min(max(1.0, rate), self._request_tokens + elapsed * rate)
-        self._request_refill_at = now
-        due = self.holds.due_requests(now, int(self._request_tokens), first=GROUP_MAC)
-        self._request_tokens -= len(due)
+        due = self.holds.take_requests(now)
         self.counters["key_requests"] += len(due)
         return due
 
     def on_timer(self, now: float) -> None:
         """Age out held frames and stale negative answers, follow the packet
-        clock, expire old keys, check the floors.  Call every tick."""
-        if self._pn_base_now is None:
-            self._pn_base, self._pn_base_now = self.send_pn, now
-        else:
-            self.send_pn = raise_to_clock(self.send_pn, self._pn_base, self._pn_base_now, now)
+        clock, expire old keys, switch and retire versions, check the floors.
+        Call every tick."""
+        self.table.follow_clock(now)
         if self.floors is not None:
             self._accept_until = self._floors_deadline()
         expired = self.holds.expire(now)
         if expired:
-            self.drops[HOLD_EXPIRED] += expired
+            self.drops[HOLD_EXPIRED] += len(expired)
         for cache in (self.unknown_until, self.expired_until):
             if cache:
                 for mac in [m for m, t in cache.items() if t <= now]:
                     del cache[mac]
         if now >= self._expiry_due:
             self._expire_keys(now)
-        if self._draining:
-            switch_after_s, retire_after_s = self.settings.switch_after_s, self.settings.retire_after_s
-            for mac, ring in list(self._draining.items()):
-                if ring.next is not None and ring.due_switch(now, switch_after_s):
-                    self._note(mac, ring.promote(now, retire_after_s))
-                self._note(mac, ring.expire(now))
-                if ring.next is None and ring.previous is None:
-                    del self._draining[mac]
+        self.table.on_timer(now)
 
     def _floors_deadline(self) -> float:
         """The last engine time a frame may be opened at without a newer save."""
         saved_at = self.floors.saved_at
         return float("-inf") if saved_at is None else saved_at + self.floors.max_unsaved_s
 
-    def take_notices(self) -> list[tuple[str, bytes, int]]:
-        """Rekey requests and lag reports for the key server, oldest first."""
-        notices, self.notices = self.notices, []
-        for kind, _, _ in notices:
-            self.counters["rekey_requests" if kind == REKEY else "lag_reports"] += 1
-        return notices
-
     def next_deadline(self) -> float | None:
         """When ``take_key_requests``/``on_timer`` next have work, in engine time."""
-        deadlines = [d for d in (self.holds.next_deadline(),) if d is not None]
+        deadlines = [d for d in (self.holds.next_deadline(), self.table.next_deadline()) if d is not None]
         if self._expiry_due != float("inf"):
             deadlines.append(self._expiry_due)
-        for ring in self._draining.values():
-            if ring.next is not None:
-                deadlines.append(ring.next_since + self.settings.switch_after_s)
-            if ring.previous is not None:
-                deadlines.append(ring.previous_until)
         return min(deadlines) if deadlines else None
 
     # ------------------------------------------------------------------ status

@@ -19,7 +19,8 @@ by the agent's key client, and by the engine's own timer.
 3. ``mark_unknown``, ``revoke_peer``, ``use_cipher``: the server's other
    answers.
 4. Every window dropped on the way hands its highest packet number to the
-   floor book (``_note``); ``replay_highest`` is what the agent saves.
+   floor book (``peer_table.PeerTable.note``); ``replay_highest`` is what
+   the agent saves.
 
 Sans-I/O, like the engine.
 """
@@ -32,14 +33,15 @@ from . import aead
 from .hold_queue import RX, TX
 from .key_ring import KeyRing
 from .peer_keys import GroupKey, KeySlot, PeerState
+from .peer_table import NO_KEY, REKEY, REPORT
 
-#: Pseudo-MAC of the multicast key in the hold table and in key requests.
+__all__ = ["GROUP_MAC", "KEY_EXPIRED", "NO_KEY", "REKEY", "REPORT", "UNKNOWN_SENDER", "Delivered", "EngineKeys",
+           "use_cipher"]
+
+#: Pseudo-MAC of the multicast key in the hold table, the peer table and key requests.
 GROUP_MAC = b"\xff" * 6
-REKEY = "rekey"
-REPORT = "report"
 
 # Drop reasons of key events (the engine has the others).
-NO_KEY = "no_key"
 UNKNOWN_SENDER = "unknown_sender"
 KEY_EXPIRED = "key_expired"
 
@@ -61,22 +63,9 @@ class EngineKeys:
     def replay_highest(self):
         """(sender MAC, highest verified packet number) of every replay window,
         for ``FloorBook.save`` (several windows of one sender may appear)."""
-        for mac, peer in self.peers.items():
-            for slot in peer.keys.slots():
-                yield mac, slot.replay.highest
+        yield from self.table.highest()
         for group in self.group.slots():
             yield from group.highest()
-
-    def _note(self, mac: bytes, dropped) -> None:
-        """Keep the floors of windows being dropped (a slot, a list of them, or None)."""
-        if dropped is None or self.floors is None:
-            return
-        for slot in dropped if isinstance(dropped, list) else (dropped,):
-            if isinstance(slot, GroupKey):
-                for sender, highest in slot.highest():
-                    self.floors.note(sender, highest)
-            else:
-                self.floors.note(mac, slot.replay.highest)
 
     # --------------------------------------------------------------- installing
 
@@ -117,14 +106,11 @@ class EngineKeys:
                                              self._window, made, floor)
                 offered.append((slot, made))
         newest = ring.newest_pw_id()
-        taken, dropped = ring.merge(offered, now, self.settings.switch_after_s, self.settings.retire_after_s)
-        self._note(peer_mac, dropped)
+        taken = self.table.merge(peer_mac, ring, offered, now)
         if peer is None:
             self.peers[peer_mac] = PeerState(peer_mac, peer_id, ring)
         elif ring.newest_pw_id() > newest:
             self.counters["rekeys"] += 1
-        if ring.next is not None or ring.previous is not None:
-            self._draining[peer_mac] = ring
         if taken:
             self._expiry_due = min(self._expiry_due, min(s.created_at for s in ring.slots()) + self.key_max_age_s)
         return self._release(peer_mac, now)
@@ -139,15 +125,10 @@ class EngineKeys:
             made = now - age_s
             group = GroupKey.create(self.cipher, key, pw_id, self.my_mac, self._window, made, floors=self.floors)
             newest = self.group.newest_pw_id()
-            taken, dropped = self.group.merge([(group, made)], now, self.settings.switch_after_s,
-                                              self.settings.retire_after_s)
-            self._note(GROUP_MAC, dropped)
-            if taken:
+            if self.table.merge(GROUP_MAC, self.group, [(group, made)], now):
                 if newest and self.group.newest_pw_id() > newest:
                     self.counters["rekeys"] += 1
                 self._expiry_due = min(self._expiry_due, made + self.key_max_age_s)
-            if self.group.next is not None or self.group.previous is not None:
-                self._draining[GROUP_MAC] = self.group
         return self._release(GROUP_MAC, now)
 
     def set_key_max_age(self, seconds: float) -> None:
@@ -165,7 +146,7 @@ class EngineKeys:
         self.counters["expired_keys_refused"] += 1
         self.expired_until[mac] = now + self.settings.unknown_cache_s
         if mac != GROUP_MAC:
-            self.notices.append((REKEY, mac, pw_id))
+            self.table.notices.append((REKEY, mac, pw_id))
         return Delivered([], [])
 
     def _expire_keys(self, now: float) -> None:
@@ -175,7 +156,7 @@ class EngineKeys:
         for mac, ring in [(m, p.keys) for m, p in self.peers.items()] + [(GROUP_MAC, self.group)]:
             dropped = ring.drop_made_by(made_by)
             if dropped:
-                self._note(mac, dropped)
+                self.table.note(mac, dropped)
                 self.counters["keys_expired"] += len(dropped)
                 if ring.current is None and mac != GROUP_MAC:
                     self._forget_peer(mac)
@@ -198,10 +179,7 @@ class EngineKeys:
         self.revoked.add(mac)
 
     def _forget_peer(self, mac: bytes) -> None:
-        peer = self.peers.pop(mac, None)
-        if peer is not None:
-            self._note(mac, peer.keys.slots())
-        self._draining.pop(mac, None)
+        self.table.forget(mac)
 
     def _release(self, mac: bytes, now: float) -> Delivered:
         out = Delivered([], [])
@@ -234,9 +212,7 @@ def use_cipher(engine, cipher: str) -> bool:
     if cipher == engine.cipher:
         return False
     engine.cipher = cipher
-    for mac in list(engine.peers):
-        engine._forget_peer(mac)
-    engine._note(GROUP_MAC, engine.group.slots())
-    engine._draining.clear()
+    engine.table.forget_all()
+    engine.table.note(GROUP_MAC, engine.group.slots())
     engine.group = KeyRing()
     return True

@@ -42,7 +42,9 @@ and retire (``retire_after_s``), the packet counter follows the clock
 (``replay_floor.raise_to_clock``), and in nat mode every path idle for
 ``nat_keepalive_s`` gets a sealed keepalive.
 
-Key versions follow ``key_ring`` (make before break), as in ``engine``.  A
+Key versions follow ``key_ring`` (make before break) through the same
+``peer_table`` as ``engine``: every version dropped leaves its floor, and
+holding goes through the shared ``hold_queue`` (its caps and rate limit).  A
 packet released when its key arrives that still finds no key is dropped
 (``no_key``), never held again: a forged packet cannot keep a key request
 loop going.
@@ -55,19 +57,18 @@ from collections import Counter
 from cryptography.exceptions import InvalidTag
 
 from . import aead, l3_pmtu, l3_wire
-from .constants import MAX_PACKET_NUMBER
-from .hold_queue import RX, TX, HoldTable
+from .hold_queue import HOLD_OVERFLOW, PENDING_FULL, RX, TX, HoldTable
 from .key_ring import KeyRing
 from .ks_messages import valid_host_id
 from .l3_types import HeldPacket, L3Peer, L3Settings, NatPath, Verdict
 from .peer_keys import KeySlot
-from .replay import ReplayWindow
-from .replay_floor import FloorBook, raise_to_clock
+from .peer_table import NO_KEY, PN_EXHAUSTED, REKEY, REPORT, PeerTable, TableOwner
+from .replay_floor import FloorBook
 
-__all__ = ["L3Engine", "L3Peer", "L3Settings", "Verdict", "use_cipher"]
+__all__ = ["L3Engine", "L3Peer", "L3Settings", "Verdict", "use_cipher", "NO_KEY", "HOLD_OVERFLOW", "PENDING_FULL",
+           "PN_EXHAUSTED", "REKEY", "REPORT"]
 
-# Drop reasons (besides those of l3_wire).
-NO_KEY = "no_key"
+# Drop reasons (besides those of l3_wire, hold_queue and peer_table).
 UNKNOWN_SENDER = "unknown_sender"
 STALE_KEY = "stale_key"
 REPLAYED = "replayed"
@@ -80,22 +81,16 @@ SPOOFED_SOURCE = "spoofed_source"
 NOT_FOR_US = "not_for_us"
 FRAGMENT = "fragment"
 TOO_BIG = "too_big"
-HOLD_OVERFLOW = "hold_overflow"
 HOLD_EXPIRED = "hold_expired"
-PENDING_FULL = "pending_full"
-PN_EXHAUSTED = "pn_exhausted"
 FLOORS_UNSAVED = "replay_floors_unsaved"
 #: Not a drop reason: the verdict of a keepalive (dropped on purpose, counted).
 KEEPALIVE = "keepalive"
-
-REKEY = "rekey"
-REPORT = "report"
 
 #: Key-request keys: ("ip", 4 or 16 bytes) for a destination, ("id", host ID) for a sender.
 BY_IP = "ip"
 BY_ID = "id"
 
-class L3Engine:
+class L3Engine(TableOwner):
     """The layer-3 engine of one agent (see the module docstring).  Owned by
     the agent's event loop; nothing in it is shared between threads."""
 
@@ -108,25 +103,22 @@ class L3Engine:
         self.settings = settings
         self.mode = l3_wire.MODES[settings.mode]
         self.cipher = settings.cipher
-        #: One counter for every key this host sends with (see ``aead``); it
-        #: follows the clock from (pn_start, now) on (``replay_floor``).
-        self.send_pn = pn_start
-        self._pn_base, self._base_now = pn_start, now
+        self.drops: Counter = Counter()
+        self.counters: Counter = Counter()
+        #: The peers by ID, their key rings, the packet counter (``send_pn``:
+        #: one counter for every key this host sends with, see ``aead``; it
+        #: follows the clock from (pn_start, now) on) and the notices.
+        self.table: PeerTable[str, L3Peer] = PeerTable(settings, pn_start, now, floors, sender_name=str.encode,
+                                                       counters=self.counters)
+        self.peers = self.table.peers
         #: Replay floors of the senders (None: not persisted, no floors).
         self.floors = floors
-        self.peers: dict[str, L3Peer] = {}
         self.ip_owner: dict[bytes, str] = {}
         self.revoked: set[str] = set()
         self.unknown_until: dict[tuple, float] = {}
-        self.holds = HoldTable(settings.hold_frames, settings.hold_age_s,
-                               settings.key_retry_s, settings.key_retry_max_s)
-        self._held = [0, 0]  # packets held, by direction (TX, RX)
-        self._request_tokens = float(max(1.0, settings.key_requests_per_s))
-        self._request_refill_at: float | None = None
-        self.notices: list[tuple[str, str, int]] = []
-        self.drops: Counter = Counter()
-        self.counters: Counter = Counter()
-        self._draining: dict[str, KeyRing] = {}
+        self.holds = HoldTable(settings.hold_frames, settings.hold_age_s, settings.key_retry_s,
+                               settings.key_retry_max_s, max_pending=settings.max_pending_keys,
+                               requests_per_s=settings.key_requests_per_s, max_held=settings.max_held_packets)
         #: Drop verdicts of held packets pushed out by newer ones (``take_late_verdicts``).
         self._late: list[Verdict] = []
         #: Whole IP packets the agent sends itself (``take_packets_to_send``): keepalives.
@@ -158,18 +150,10 @@ class L3Engine:
         sealed_len = len(packet) + over
         if sealed_len > self.settings.path_mtu and (ip.dont_fragment or sealed_len > l3_wire.IP_MAX[ip.version]):
             return self._drop(tag, TOO_BIG)  # no ICMP answer: see l3_pmtu
-        ring = peer.keys
-        if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
-            ring.promote(now, self.settings.retire_after_s)
-        slot = ring.current
-        pn = self.send_pn
-        if pn > MAX_PACKET_NUMBER:
-            return self._drop(tag, PN_EXHAUSTED)
-        self.send_pn = pn + 1
-        slot.frames_sealed += 1
-        if slot.frames_sealed >= self.settings.rekey_after_frames and not slot.rekey_asked:
-            slot.rekey_asked = True
-            self.notices.append((REKEY, peer.peer_id, slot.pw_id))
+        step = self.table.send(peer.peer_id, peer.keys, now)
+        if step.__class__ is str:
+            return self._drop(tag, step)
+        slot, pn = step
         plain = self._clamp(packet, ip)
         header = l3_wire.encode_l3_header(self.mode, slot.pw_id, pn, self.my_id)
         nonce = aead.nonce(pn)
@@ -246,7 +230,7 @@ class L3Engine:
         if slot is None:
             if pw_id > ring.newest_pw_id():  # race a: the peer holds a newer version
                 return self._hold((BY_ID, peer.peer_id), RX, HeldPacket(tag, packet), now, released)
-            self._report_lag(peer, now)
+            self.table.report_lag(peer.peer_id, ring, now)
             return self._drop(tag, STALE_KEY)
         if not slot.replay.check(pn):
             return self._drop(tag, REPLAYED)
@@ -279,11 +263,7 @@ class L3Engine:
                 return self._drop(tag, NOT_FOR_US)
         slot.replay.update(pn)
         if slot is not ring.current:
-            if slot is ring.next:
-                ring.peer_used(pw_id, now, self.settings.retire_after_s)
-                self._draining[peer.peer_id] = ring
-            elif now - ring.current.created_at >= self.settings.switch_after_s:
-                self._report_lag(peer, now)  # race b
+            self.table.opened(peer.peer_id, ring, slot, now)
         if endpoint is not None and peer.endpoints.get(ip.version) != endpoint:
             peer.endpoints[ip.version] = endpoint
             self.counters["endpoint_changes"] += 1
@@ -296,11 +276,6 @@ class L3Engine:
         self.counters["opened"] += 1
         return Verdict(tag, out)
 
-    def _report_lag(self, peer: L3Peer, now: float) -> None:
-        if now - peer.reported_at >= self.settings.report_interval_s:
-            peer.reported_at = now
-            self.notices.append((REPORT, peer.peer_id, peer.keys.newest_pw_id()))
-
     # ----------------------------------------------------------------- holding
 
     def _hold(self, key: tuple, direction: int, held: HeldPacket, now: float, released: bool) -> Verdict | None:
@@ -308,38 +283,21 @@ class L3Engine:
             return self._drop(held.tag, NO_KEY)  # released once already: never held again
         if direction == TX and self.unknown_until.get(key, 0.0) > now:
             return self._drop(held.tag, NO_KEY)
-        entry = self.holds.pending.get(key)
-        share = 1 if direction == TX else 2  # senders on the wire get half of each limit
-        if entry is None and len(self.holds.pending) >= self.settings.max_pending_keys // share:
-            return self._drop(held.tag, PENDING_FULL)
-        pushed = None
-        if entry is not None and len(entry.held) >= self.holds.max_frames:
-            pushed = entry.held.popleft()[1] if entry.held else None
-        elif sum(self._held) >= self.settings.max_held_packets or \
-                self._held[direction] >= self.settings.max_held_packets // share:
-            return self._drop(held.tag, HOLD_OVERFLOW)
-        self.holds.hold(key, direction, held, now)
-        if self.holds.max_frames <= 0:  # nothing is held, but the key is still requested
-            return self._drop(held.tag, HOLD_OVERFLOW)
+        left = self.holds.hold(key, direction, held, now)
+        if left is None:
+            self.counters["held"] += 1
+            return None
+        reason, out = left
+        if out is held:  # refused (its key is still asked unless the table is full)
+            return self._drop(held.tag, reason)
         self.counters["held"] += 1
-        if pushed is not None:
-            self.drops[HOLD_OVERFLOW] += 1
-            self._late.append(Verdict(pushed.tag, None, HOLD_OVERFLOW))
-        else:
-            self._held[direction] += 1
+        self._late.append(self._drop(out.tag, reason))  # an older packet pushed out
         return None
-
-    def _take(self, key: tuple) -> list:
-        """Remove a key's hold entry; its (direction, HeldPacket, arrived_at) items."""
-        items = list(self.holds.take(key))
-        for direction, _, _ in items:
-            self._held[direction] -= 1
-        return items
 
     @property
     def held_packets(self) -> int:
         """Packets held now, waiting for a key."""
-        return sum(self._held)
+        return sum(self.holds.held_count)
 
     def take_late_verdicts(self) -> list[Verdict]:
         """Drop verdicts of held packets pushed out by newer ones.  Call after each batch."""
@@ -356,22 +314,9 @@ class L3Engine:
         """(BY_IP, ip) and (BY_ID, peer_id) to ask the key server about now
         (first requests and backed-off retries), at most ``key_requests_per_s``;
         the rest stay due for a later call."""
-        rate = self.settings.key_requests_per_s
-        if self._request_refill_at is not None:
-            elapsed = max(0.0, now - self._request_refill_at)
-            self._request_tokens = min(max(1.0, rate), self._request_tokens + elapsed * rate)
-        self._request_refill_at = now
-        due = self.holds.due_requests(now, int(self._request_tokens))
-        self._request_tokens -= len(due)
+        due = self.holds.take_requests(now)
         self.counters["key_requests"] += len(due)
         return due
-
-    def take_notices(self) -> list[tuple[str, str, int]]:
-        """(``rekey`` or ``report``, peer ID, PW_ID) for the key server."""
-        notices, self.notices = self.notices, []
-        for kind, _, _ in notices:
-            self.counters["rekey_requests" if kind == REKEY else "lag_reports"] += 1
-        return notices
 
     # ------------------------------------------------------------------ timers
 
@@ -379,23 +324,11 @@ class L3Engine:
         """Age held packets (drop verdicts for them) and key versions, move the
         packet counter to the clock, queue due keepalives.  Call every tick
         (at most ``replay_floor.CLOCK_TICK_S`` apart)."""
-        self.send_pn = raise_to_clock(self.send_pn, self._pn_base, self._base_now, now)
-        out: list[Verdict] = []
-        limit = now - self.settings.hold_age_s
-        for entry in self.holds.pending.values():
-            while entry.held and entry.held[0][2] <= limit:
-                direction, held, _ = entry.held.popleft()
-                self._held[direction] -= 1
-                out.append(self._drop(held.tag, HOLD_EXPIRED))
-        self.holds.expire(now)
+        self.table.follow_clock(now)
+        out = [self._drop(held.tag, HOLD_EXPIRED) for held in self.holds.expire(now)]
         for key in [k for k, t in self.unknown_until.items() if t <= now]:
             del self.unknown_until[key]
-        for pid, ring in list(self._draining.items()):
-            if ring.next is not None and ring.due_switch(now, self.settings.switch_after_s):
-                ring.promote(now, self.settings.retire_after_s)
-            ring.expire(now)
-            if ring.next is None and ring.previous is None:
-                del self._draining[pid]
+        self.table.on_timer(now)
         if self.mode == l3_wire.MODE_NAT and self.settings.nat_keepalive_s > 0:
             self._keepalives(now)
         return out
@@ -403,10 +336,12 @@ class L3Engine:
     def _keepalives(self, now: float) -> None:
         for peer in self.peers.values():
             for path in peer.paths.values():
-                if now - path.sent_at < self.settings.nat_keepalive_s or self.send_pn > MAX_PACKET_NUMBER:
+                if now - path.sent_at < self.settings.nat_keepalive_s:
                     continue
-                slot, pn = peer.keys.current, self.send_pn
-                self.send_pn = pn + 1
+                pn = self.table.take_pn()
+                if pn is None:
+                    continue
+                slot = peer.keys.current
                 header = l3_wire.encode_l3_header(self.mode, slot.pw_id, pn, self.my_id)
                 tag = slot.send_aead.encrypt(aead.nonce(pn), b"", header)
                 self._to_send.append(l3_wire.encode_udp_packet(
@@ -415,12 +350,8 @@ class L3Engine:
                 self.counters["keepalives_sent"] += 1
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.holds.next_deadline(),) if d is not None]
-        for ring in self._draining.values():
-            if ring.next is not None:
-                deadlines.append(ring.next_since + self.settings.switch_after_s)
-            if ring.previous is not None:
-                deadlines.append(ring.previous_until)
+        """When ``take_key_requests``/``on_timer`` next have work, in engine time."""
+        deadlines = [d for d in (self.holds.next_deadline(), self.table.next_deadline()) if d is not None]
         return min(deadlines) if deadlines else None
 
     # --------------------------------------------------------------- installing
@@ -437,16 +368,16 @@ class L3Engine:
         if peer_id in self.revoked or peer_id == self.my_id:
             return []
         ips = frozenset(peer_ips) - self.my_ips
-        send = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, self.my_id, peer_id, self.cipher))
-        recv = aead.make_aead(self.cipher, aead.l3_direction_key(key, pw_id, peer_id, self.my_id, self.cipher))
         floor = self.floors.floor(peer_id.encode()) if self.floors is not None else 0
-        slot = KeySlot(pw_id, send, recv, ReplayWindow(self.settings.replay_window_frames, floor=floor), now)
+        slot = KeySlot.from_direction_keys(
+            self.cipher, aead.l3_direction_key(key, pw_id, self.my_id, peer_id, self.cipher),
+            aead.l3_direction_key(key, pw_id, peer_id, self.my_id, self.cipher),
+            pw_id, self.settings.replay_window_frames, now, floor)
         peer = self.peers.get(peer_id)
         if peer is None:
             peer = self.peers[peer_id] = L3Peer(peer_id, ips, KeyRing(slot))
         else:
-            if peer.keys.offer(slot, now, self.settings.retire_after_s):
-                self._draining[peer_id] = peer.keys
+            if self.table.offer(peer_id, peer.keys, slot, now):
                 self.counters["rekeys"] += 1
             for ip in peer.ips - ips:
                 if self.ip_owner.get(ip) == peer_id:
@@ -457,7 +388,7 @@ class L3Engine:
         out: list[Verdict] = []
         for hold_key in [(BY_ID, peer_id)] + [(BY_IP, ip) for ip in ips]:
             self.unknown_until.pop(hold_key, None)
-            for direction, held, _ in self._take(hold_key):
+            for direction, held, _ in self.holds.take(hold_key):
                 self.counters["hold_flushed"] += 1
                 retry = self.outbound if direction == TX else self.inbound
                 verdict = retry(held.tag, held.packet, now, released=True)
@@ -468,38 +399,33 @@ class L3Engine:
     def mark_unknown(self, key: tuple, now: float) -> list[Verdict]:
         """The key server knows no host for that IP or ID: drop what is held, stop asking."""
         self.unknown_until[key] = now + self.settings.unknown_cache_s
-        return [self._drop(h.tag, NO_KEY if d == TX else UNKNOWN_SENDER) for d, h, _ in self._take(key)]
+        return [self._drop(h.tag, NO_KEY if d == TX else UNKNOWN_SENDER) for d, h, _ in self.holds.take(key)]
 
     def revoke_peer(self, peer_id: str) -> list[Verdict]:
         """The server revoked the host: drop its keys and refuse its packets."""
         self.revoked.add(peer_id)
-        peer = self.peers.pop(peer_id, None)
-        self._draining.pop(peer_id, None)
+        peer = self.table.forget(peer_id)
         out = []
         keys = [(BY_ID, peer_id)]
         if peer is not None:
-            self._note_floor(peer)
             for ip in peer.ips:
                 if self.ip_owner.get(ip) == peer_id:
                     del self.ip_owner[ip]
                 keys.append((BY_IP, ip))
         for key in keys:
-            out += [self._drop(h.tag, REVOKED_SENDER) for _, h, _ in self._take(key)]
+            out += [self._drop(h.tag, REVOKED_SENDER) for _, h, _ in self.holds.take(key)]
         return out
 
     def forget_keys(self) -> None:
         """Drop every peer's keys (a cipher change); their replay floors stay."""
-        for peer in self.peers.values():
-            self._note_floor(peer)
-        self.peers.clear()
+        self.table.forget_all()
         self.ip_owner.clear()
-        self._draining.clear()
 
     def drain_all(self) -> list[Verdict]:
         """Drop verdicts for every held packet (the agent is stopping)."""
         out = []
         for key in list(self.holds.pending):
-            out += [self._drop(h.tag, NO_KEY) for _, h, _ in self._take(key)]
+            out += [self._drop(h.tag, NO_KEY) for _, h, _ in self.holds.take(key)]
         return out + self.take_late_verdicts()
 
     # ------------------------------------------------------------ replay floors
@@ -507,18 +433,7 @@ class L3Engine:
     def highest_verified(self) -> list[tuple[bytes, int]]:
         """(sender, highest packet number verified) for every window held, for
         ``FloorBook.save`` (nothing is tracked per packet)."""
-        return [(peer.sender, h) for peer in self.peers.values() for h in _highest(peer)]
-
-    def _note_floor(self, peer: L3Peer) -> None:
-        """The peer's windows are dropped: new ones start above what they saw."""
-        if self.floors is not None:
-            for highest in _highest(peer):
-                self.floors.note(peer.sender, highest)
-
-def _highest(peer: L3Peer) -> list[int]:
-    ring = peer.keys
-    return [s.replay.highest for s in (ring.previous, ring.current, ring.next)
-            if s is not None and s.replay.highest >= 0]
+        return self.table.highest()
 
 
 def use_cipher(engine: L3Engine, cipher: str) -> bool:

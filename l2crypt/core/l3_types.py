@@ -6,22 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import aead
-from .constants import (
-    DEFAULT_HOLD_AGE_S,
-    DEFAULT_HOLD_FRAMES,
-    DEFAULT_KEY_REQUESTS_PER_S,
-    DEFAULT_KEY_RETRY_MAX_S,
-    DEFAULT_KEY_RETRY_S,
-    DEFAULT_MAX_PENDING_KEYS,
-    DEFAULT_REKEY_AFTER_FRAMES,
-    DEFAULT_REPLAY_WINDOW_FRAMES,
-    DEFAULT_RETIRE_AFTER_S,
-    DEFAULT_SWITCH_AFTER_S,
-    DEFAULT_UNKNOWN_CACHE_S,
-    DEFAULT_WIRE_MTU,
-)
+from .constants import DEFAULT_WIRE_MTU
 from .key_ring import KeyRing
+from .peer_table import PeerSettings
 
 #: Packets held at once, all peers together (they occupy the kernel's queue).
 DEFAULT_MAX_HELD_PACKETS = 2048
@@ -30,27 +17,16 @@ DEFAULT_NAT_KEEPALIVE_S = 25.0
 
 
 @dataclass(frozen=True)
-class L3Settings:
-    """Tuning of one L3 engine.  Units are in the names."""
+class L3Settings(PeerSettings):
+    """Tuning of one L3 engine (the shared fields are ``PeerSettings``': key
+    versions, holding, ``max_pending_keys``, ``key_requests_per_s``).  Units
+    are in the names."""
 
     mode: str = "routed"           # "routed" or "nat"
     udp_port: int = 7789           # nat mode: our UDP port, and the peers' by default
-    cipher: str = aead.AES_256_GCM
-    replay_window_frames: int = DEFAULT_REPLAY_WINDOW_FRAMES
-    hold_frames: int = DEFAULT_HOLD_FRAMES
-    hold_age_s: float = DEFAULT_HOLD_AGE_S
-    key_retry_s: float = DEFAULT_KEY_RETRY_S
-    key_retry_max_s: float = DEFAULT_KEY_RETRY_MAX_S
-    max_pending_keys: int = DEFAULT_MAX_PENDING_KEYS
-    key_requests_per_s: float = DEFAULT_KEY_REQUESTS_PER_S
     max_held_packets: int = DEFAULT_MAX_HELD_PACKETS
-    unknown_cache_s: float = DEFAULT_UNKNOWN_CACHE_S
-    switch_after_s: float = DEFAULT_SWITCH_AFTER_S
-    retire_after_s: float = DEFAULT_RETIRE_AFTER_S
-    rekey_after_frames: int = DEFAULT_REKEY_AFTER_FRAMES
     path_mtu: int = DEFAULT_WIRE_MTU
     nat_keepalive_s: float = DEFAULT_NAT_KEEPALIVE_S
-    report_interval_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -87,7 +63,6 @@ class L3Peer:
     packets_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    reported_at: float = -1e18
 
     @property
     def sender(self) -> bytes:

@@ -1,6 +1,7 @@
 """Key state you can see in the types (compare wireguard-go's keypair.go).
 
-* ``KeySlot``: one version (PW_ID) of a pair key as one host holds it: the
+* ``KeySlot``: one version (PW_ID) of a pair key (or of a tunnel link's
+  keys) as one host holds it: the
   sending AEAD (me -> peer) and the receiving AEAD (peer -> me) with its
   replay window.  Packet numbers come from the engine's one counter.
 * ``PeerState``: one peer MAC: its ID, a ``KeyRing`` of slots (current, next,
@@ -55,6 +56,18 @@ class KeySlot:
         recv = aead.make_aead(cipher, aead.pair_direction_key(pair_key, pw_id, peer_mac, my_mac, cipher))
         return cls(pw_id, send, recv, ReplayWindow(window_frames, floor), now)
 
+    @classmethod
+    def from_direction_keys(cls, cipher: str, send_key: bytes, recv_key: bytes, pw_id: int,
+                            window_frames: int, now: float, floor: int = 0) -> "KeySlot":
+        """A slot from the two direction keys themselves (the tunnel's link keys,
+        the layer-3 keys)."""
+        return cls(pw_id, aead.make_aead(cipher, send_key), aead.make_aead(cipher, recv_key),
+                   ReplayWindow(window_frames, floor), now)
+
+    def windows(self, sender: bytes) -> list[tuple[bytes, int]]:
+        """(sender, highest verified) of this version's one window (``peer_table.note``)."""
+        return [(sender, self.replay.highest)]
+
 
 @dataclass(slots=True, eq=False)
 class PeerState:
@@ -66,7 +79,6 @@ class PeerState:
     frames_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    reported_at: float = -1e18  # last time we told the server this peer lags
 
 
 @dataclass(slots=True, eq=False)
@@ -122,3 +134,7 @@ class GroupKey:
     def highest(self):
         """(sender MAC, highest verified packet number) of every cached window."""
         return [(mac, w.replay.highest) for mac, w in self.senders.items()]
+
+    def windows(self, _name: bytes) -> list[tuple[bytes, int]]:
+        """Every sender's window (``peer_table.note``; the ring's name is not a sender)."""
+        return self.highest()

@@ -16,7 +16,7 @@ on (``keyserverd.peering.netkey``); it never leaves the key servers:
    one, and a gateway of one segment that takes the ID of a gateway of the
    other segment gets keys under its own segment's fingerprint, which match
    nothing.  Only a holder of NETKEY itself (a key server) can make every key.
-3. The key is ``HKDF-SHA256(NETKEY, info)`` with ``info`` = ``"l2crypt v2
+3. The key is ``HKDF-SHA256(NETKEY, info)`` (``aead.hkdf``) with ``info`` = ``"l2crypt v2
    tunnel"``, the cipher's name, the PW_ID and both ends, every variable part
    length-prefixed, so no two (cipher, version, direction, link) share a key.
 4. A datagram names its sender with ``sender_tag(gateway ID)`` (6 bytes):
@@ -31,10 +31,7 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from .aead import AES_256_GCM, KEY_LEN
+from .aead import AES_256_GCM, hkdf, label
 
 #: The tunnel's cipher (both segments must agree on it, whatever their key servers use).
 TUNNEL_CIPHER = AES_256_GCM
@@ -50,19 +47,12 @@ class Endpoint(NamedTuple):
     gateway_id: str
 
 
-def _lp(text: str) -> bytes:
-    raw = text.encode()
-    if len(raw) > 255:
-        raise ValueError(f"too long for a tunnel key label: {text[:40]!r}...")
-    return bytes([len(raw)]) + raw
-
-
 def link_key(netkey: bytes, pw_id: int, sender: Endpoint, receiver: Endpoint,
              cipher: str = TUNNEL_CIPHER) -> bytes:
     """The key ``sender`` seals its datagrams to ``receiver`` with, under NETKEY version ``pw_id``."""
-    info = (_INFO + _lp(cipher) + pw_id.to_bytes(4, "big") + _lp(sender.segment) + _lp(sender.gateway_id)
-            + _lp(receiver.segment) + _lp(receiver.gateway_id))
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None, info=info).derive(netkey)
+    info = (_INFO + label(cipher) + pw_id.to_bytes(4, "big") + label(sender.segment) + label(sender.gateway_id)
+            + label(receiver.segment) + label(receiver.gateway_id))
+    return hkdf(netkey, info)
 
 
 def link_keys(netkey: bytes, pw_id: int, me: Endpoint, peer: Endpoint) -> tuple[bytes, bytes]:
@@ -72,4 +62,4 @@ def link_keys(netkey: bytes, pw_id: int, me: Endpoint, peer: Endpoint) -> tuple[
 
 def sender_tag(gateway_id: str) -> bytes:
     """The 6 bytes that name a gateway as the sender of a tunnel datagram."""
-    return hashlib.sha256(_TAG_INFO + _lp(gateway_id)).digest()[:TAG_LEN]
+    return hashlib.sha256(_TAG_INFO + label(gateway_id)).digest()[:TAG_LEN]

@@ -253,6 +253,11 @@ class CertificateAuthority:
         """``sha256:`` + lowercase hex of SHA-256 over the CA certificate's DER."""
         return fingerprint_of(self.ca_cert_pem)
 
+    def server_fingerprint(self) -> bytes:
+        """SHA-256 of the server certificate's DER (what a token host signs, ``challenge_auth``)."""
+        cert = x509.load_pem_x509_certificate(self.server_cert_path.read_bytes())
+        return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
     # --- 3. host certificates -----------------------------------------------
     @staticmethod
     def check_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:

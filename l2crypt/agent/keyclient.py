@@ -193,8 +193,9 @@ class KeyClient:
     def _log_host_key(self, server: str, exc: LocalError) -> None:
         key = str(exc)
         if self._host_key_log.allow(key):
+            kv = {"suppressed": self._host_key_log.take_suppressed(key)}
             log.error("host_key_unavailable", extra=fields(
-                server=server, reason=key, suppressed=self._host_key_log.take_suppressed(key),
+                server=server, reason=key, **{k: v for k, v in kv.items() if v},
                 hint="no key-server session until the host key can sign again (fail closed)"))
 
     async def _session(self, index: int, stop: asyncio.Event) -> None:

@@ -20,8 +20,8 @@ from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
 from l2crypt.core.challenge_auth import CHALLENGE_TTL_S, ChallengeIssuer, answer_challenge, server_fingerprint
 from l2crypt.core.errors import RefusedError
-from l2crypt.core.ks_messages import encode_message
 from l2crypt.core.x509_der import build_csr_pem
+from test_keyserver_claims import call  # checks every answer is a valid wire message
 
 NOW = float(int(time.time()))  # certificates are issued for the real clock
 MAC_A = bytes.fromhex("020000000001")
@@ -149,32 +149,24 @@ def service(tmp_path):
     store.close()
 
 
-def handle(svc, session, msg, now=NOW):
-    actions = svc.handle(session, msg, now)
-    for target, out in actions:
-        if target != "close":
-            encode_message(out)  # every answer is a valid wire message
-    return actions
-
-
 def authenticate(svc, session, host_id, signer, cert):
-    challenge = handle(svc, session, {"t": "auth_begin", "rid": 1})[0][1]
+    challenge = call(svc, session, {"t": "auth_begin", "rid": 1}, NOW)[0][1]
     assert challenge["t"] == "challenge"
     msg = answer_challenge(challenge["challenge"], server_der(svc.ca), host_id, cert, signer)
-    return handle(svc, session, {**msg, "rid": 2}, NOW + 1)
+    return call(svc, session, {**msg, "rid": 2}, NOW + 1)
 
 
 def test_service_gives_the_session_its_identity_then_answers(service):
     signer = SoftSigner()
     cert = enroll(service.ca, "h1", signer)
     session = Session(identity=None, peer="192.0.2.1:4000")
-    refused_hello = handle(service, session, {"t": "hello", "rid": 1, "mac": MAC_A})
+    refused_hello = call(service, session, {"t": "hello", "rid": 1, "mac": MAC_A}, NOW)
     assert refused_hello[0][1]["code"] == "unauthenticated"  # nothing else before the challenge
     actions = authenticate(service, session, "h1", signer, cert)
     assert actions == [("reply", {"t": "authenticated", "rid": 2, "id": "h1"})]
     assert (session.identity, session.auth, session.challenge) == ("h1", "token", None)
-    assert handle(service, session, {"t": "hello", "rid": 3, "mac": MAC_A})[0][1]["t"] == "welcome"
-    again = handle(service, session, {"t": "auth_begin", "rid": 4})
+    assert call(service, session, {"t": "hello", "rid": 3, "mac": MAC_A}, NOW)[0][1]["t"] == "welcome"
+    again = call(service, session, {"t": "auth_begin", "rid": 4}, NOW)
     assert again[0][1]["code"] == "bad_request"
 
 

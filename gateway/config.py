@@ -25,11 +25,13 @@ from typing import Any
 from l2crypt.agent.config import (
     LOG_FORMATS,
     LOG_LEVELS,
+    PKCS11_PIN_FILE_DOC,
     check_choice,
     check_ethertype,
     check_iface,
     check_int_range,
     check_metrics_listen,
+    check_opt_path,
     check_path,
     check_seconds,
     check_servers,
@@ -101,6 +103,7 @@ class GatewayConfig:
     plain_port: str | None = setting(None, _opt_iface, "full-decrypt uplink toward a plain network (optional)")
     servers: tuple = setting(None, check_servers, "key servers, HOST:PORT, in order of priority")
     state_dir: str = setting(DEFAULT_STATE_DIR, check_path, "certificate, clock floor, replay floors and control socket")
+    pkcs11_pin_file: str = setting("", check_opt_path, PKCS11_PIN_FILE_DOC)
     tunnel_listen: str = setting("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
     tunnel_peers: tuple = setting((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
                              "(ID: the peer gateway's enrolled ID)")

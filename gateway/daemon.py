@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 from l2crypt.agent.keyclient import KeyClient
-from l2crypt.agent.tls_files import client_context, host_identity
+from l2crypt.agent.host_key import load_credentials
 from l2crypt.core import engine as engine_mod
 from l2crypt.core.engine import EngineSettings
 from l2crypt.core.errors import LocalError
@@ -115,8 +115,9 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
-        self.gw_id = host_identity(self.state_dir)
-        self.ssl_ctx = client_context(self.state_dir)
+        self.credentials = load_credentials(self.state_dir, config.pkcs11_pin_file)  # a key file or a token
+        self.gw_id = self.credentials.host_id
+        self.ssl_ctx = self.credentials.ssl_ctx
         self.clock = PacketClock(self.state_dir)
         self.floors = FloorBook()
         self.floor_file = FloorFile(self.state_dir)
@@ -273,6 +274,7 @@ class Gateway:
         doc.update({
             "id": self.gw_id,
             "role": "gateway",
+            **self.credentials.describe(),
             "mac": format_mac(self.core.gw_mac),
             "encrypted_port": self.config.encrypted_port,
             "plain_port": self.config.plain_port,
@@ -333,7 +335,8 @@ class Gateway:
                 engine_settings=settings, gw_id=self.gw_id, floors=self.floors,
                 tunnel_floors=self.tunnel_floors, now=now)
             self._reserve()
-            self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self)
+            self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self,
+                                           token_auth=self.credentials.token_auth)
             await self._serve()
         finally:
             for port in (self.enc, self.plain, self.tunnel):

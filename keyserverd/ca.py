@@ -15,6 +15,17 @@
 
 Private keys are written with mode 0600 (created by ``os.open(..., 0o600)``,
 then renamed into place), the state directory with 0700.
+
+4. The CA key may live on a PKCS#11 token instead (``CaToken``, keyserverd
+   ``--pkcs11-module``, ``--pkcs11-token-label``): at the first start the key
+   pair is made on the token (EC P-256, not extractable) and the self-signed
+   CA certificate is signed there; the state directory keeps ``ca.crt`` and
+   ``ca.token`` (module, token label, key label and id; never the PIN), no
+   ``ca.key``.  Every host and server certificate is then signed on the
+   token (``x509_der.resign_certificate``), with the PIN read from
+   ``pkcs11_pin_file`` or the systemd credential ``pkcs11-pin`` each time.  A
+   state directory with ``ca.key`` keeps its file CA: a CA is never moved.
+   The TLS server key stays a file (Python's ``ssl`` needs it).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import datetime
 import hashlib
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -33,11 +45,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.core.errors import LocalError, RefusedError
+from l2crypt.core.x509_der import resign_certificate
+from l2crypt.io.pkcs11_token import TokenRef, TokenSigner, generate_key, read_pin
 
 CA_KEY_FILE = "ca.key"
 CA_CERT_FILE = "ca.crt"
 SERVER_KEY_FILE = "server.key"
 SERVER_CERT_FILE = "server.crt"
+CA_TOKEN_FILE = "ca.token"
+CA_KEY_LABEL = "l2crypt CA"
 
 CA_DAYS = 3650
 SERVER_CERT_DAYS = 3650
@@ -78,6 +94,26 @@ def key_pem(key) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+@dataclass(frozen=True)
+class CaToken:
+    """Where the CA key is to live: a PKCS#11 module, a token label, the PIN file
+    ("" = the systemd credential ``pkcs11-pin``)."""
+
+    module: str
+    token_label: str
+    pin_file: str = ""
+
+    def pin(self) -> str:
+        return read_pin(self.pin_file, "pkcs11_pin_file")
+
+
+def _sign(builder, key):
+    """Sign a certificate builder with a key object or a ``TokenSigner``."""
+    if isinstance(key, TokenSigner):
+        return resign_certificate(builder.sign(new_key(), hashes.SHA256()), key.sign)
+    return builder.sign(key, hashes.SHA256())
 
 
 def _san_entry(name: str) -> x509.GeneralName:
@@ -133,17 +169,29 @@ class CertificateAuthority:
         return self.state_dir / SERVER_KEY_FILE
 
     # --- 1. open or create ---------------------------------------------------
+    @property
+    def on_token(self) -> bool:
+        return isinstance(self._ca_key, TokenSigner)
+
     @classmethod
-    def open(cls, state_dir: Path | str, server_names: tuple[str, ...] | None = None) -> "CertificateAuthority":
+    def open(cls, state_dir: Path | str, server_names: tuple[str, ...] | None = None,
+             token: CaToken | None = None) -> "CertificateAuthority":
         """Load the CA from ``state_dir``, creating it and the server certificate as needed.
 
         ``server_names`` are the extra SANs the server certificate must carry;
         None (the admin commands) leaves an existing server certificate alone.
+        ``token``: where a new CA key is made, or the token an existing one
+        is on (see the module docstring, 4).
         """
         state_dir = Path(state_dir)
         try:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             key_path, cert_path = state_dir / CA_KEY_FILE, state_dir / CA_CERT_FILE
+            ref_path = state_dir / CA_TOKEN_FILE
+            if ref_path.exists() or (token is not None and token.module):
+                ca = cls._open_on_token(state_dir, token)
+                ca._ensure_server_cert(server_names)
+                return ca
             if key_path.exists() != cert_path.exists():
                 missing = cert_path if key_path.exists() else key_path
                 raise LocalError(f"{missing} is missing but its pair exists; refusing to create a new CA")
@@ -160,9 +208,40 @@ class CertificateAuthority:
             raise LocalError(f"key server state in {state_dir}: {exc}") from None
         return ca
 
+    @classmethod
+    def _open_on_token(cls, state_dir: Path, token: CaToken | None) -> "CertificateAuthority":
+        """The CA whose key is on a token, made there at the first start."""
+        key_path, cert_path, ref_path = state_dir / CA_KEY_FILE, state_dir / CA_CERT_FILE, state_dir / CA_TOKEN_FILE
+        if key_path.exists():
+            raise LocalError(f"the CA key is the file {key_path}; a CA on a token is made on the token at "
+                             "the first start of a new state directory (a CA is never moved)")
+        if ref_path.exists():
+            ref = TokenRef.load(ref_path)
+            if token is not None and token.module and (token.module, token.token_label) != (ref.module,
+                                                                                           ref.token_label):
+                raise LocalError(f"the CA key is on {ref.describe()} ({ref_path}), not on token "
+                                 f"{token.token_label!r} of {token.module}")
+            if not cert_path.exists():
+                raise LocalError(f"{cert_path} is missing but {ref_path} exists; refusing to create a new CA")
+            pin_source = CaToken(ref.module, ref.token_label, token.pin_file if token else "").pin
+            return cls(state_dir, TokenSigner(ref, pin_source), x509.load_pem_x509_certificate(cert_path.read_bytes()))
+        if cert_path.exists():
+            raise LocalError(f"{cert_path} exists without its key; refusing to create a new CA on the token")
+        if not token.token_label:
+            raise LocalError("a CA on a token needs pkcs11_token_label as well as pkcs11_module")
+        pin = token.pin()
+        ref, public = generate_key(token.module, token.token_label, CA_KEY_LABEL, pin)
+        signer = TokenSigner(ref, token.pin)
+        _, cert = cls._create_ca(signer, public)
+        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_private(ref_path, ref.to_json().encode(), 0o644)
+        return cls(state_dir, signer, cert)
+
     @staticmethod
-    def _create_ca():
-        key = new_key()
+    def _create_ca(key=None, public_key=None):
+        """A new self-signed CA: with a new file key, or with ``key`` (a ``TokenSigner``) and its ``public_key``."""
+        key = key or new_key()
+        public_key = public_key or key.public_key()
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "l2crypt"),
@@ -170,12 +249,12 @@ class CertificateAuthority:
             ]
         )
         now = _now()
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (
+        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        builder = (
             x509.CertificateBuilder()
             .subject_name(name)
             .issuer_name(name)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(_random_serial())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
@@ -189,9 +268,8 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(ski, critical=False)
-            .sign(key, hashes.SHA256())
         )
-        return key, cert
+        return key, _sign(builder, key)
 
     def _ensure_server_cert(self, server_names: tuple[str, ...] | None) -> None:
         key_path, cert_path = self.server_key_path, self.server_cert_path
@@ -240,18 +318,35 @@ class CertificateAuthority:
             )
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_cert.public_key()),
                 critical=False,
             )
         )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(self._ca_key, hashes.SHA256())
+        return _sign(builder, self._ca_key)
+
+    def check_token(self) -> None:
+        """With the CA key on a token: sign once and verify, so a missing token or a
+        wrong PIN stops keyserverd at its start (LocalError) instead of at the first enrollment."""
+        if not self.on_token:
+            return
+        probe = b"l2crypt keyserverd start"
+        try:
+            self.ca_cert.public_key().verify(self._ca_key.sign(probe), probe, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise LocalError(f"the key on {self._ca_key.ref.describe()} is not the key of "
+                             f"{self.ca_cert_path}") from None
 
     # --- 2. fingerprint ------------------------------------------------------
     def ca_fingerprint(self) -> str:
         """``sha256:`` + lowercase hex of SHA-256 over the CA certificate's DER."""
         return fingerprint_of(self.ca_cert_pem)
+
+    def server_fingerprint(self) -> bytes:
+        """SHA-256 of the server certificate's DER (what a token host signs, ``challenge_auth``)."""
+        cert = x509.load_pem_x509_certificate(self.server_cert_path.read_bytes())
+        return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
     # --- 3. host certificates -----------------------------------------------
     @staticmethod

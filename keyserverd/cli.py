@@ -72,6 +72,13 @@ log = logging.getLogger("keyserverd")
 # --- options ---------------------------------------------------------------
 
 def _common_options(f):
+    f = click.option("--pkcs11-pin-file", metavar="FILE",
+                     help="File holding the CA token's user PIN [default: the systemd credential pkcs11-pin].")(f)
+    f = click.option("--pkcs11-token-label", metavar="LABEL", help="Label of the token the CA key is on.")(f)
+    f = click.option("--pkcs11-module", metavar="LIB",
+                     help="Keep the CA key on a PKCS#11 token through this module: a new CA is made on the "
+                          "token at the first start (state_dir/ca.token names it), host certificates are "
+                          "signed there.")(f)
     f = click.option("--store-tls-insecure", is_flag=True, default=None,
                      help="Allow the PostgreSQL URL's sslmode to be weaker than verify-full for a host "
                           "that is not local.")(f)
@@ -216,7 +223,7 @@ def host_add(ctx, host_id, mac, ips, role, ttl_s, server, as_json, **opts) -> No
         raise click.BadParameter(f"at most {MAX_PEER_IPS} addresses per host", param_hint="--ip")
     if server is None:
         server = _default_server(config)
-    ca = CertificateAuthority.open(config.state_dir)
+    ca = CertificateAuthority.open(config.state_dir, None, config.ca_token())
     now = time.time()
     expires = now + (ttl_s if ttl_s is not None else config.token_ttl_s)
     token = new_token()
@@ -436,7 +443,8 @@ def kek_rotate(ctx, new_kek_file, **opts) -> None:
 
 def _serve(config: KeyServerConfig) -> None:
     setup_logging(config.log_level, config.log_format)
-    ca = CertificateAuthority.open(config.state_dir, config.server_names)
+    ca = CertificateAuthority.open(config.state_dir, config.server_names, config.ca_token())
+    ca.check_token()
     store = open_configured_store(config, time.time())
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()

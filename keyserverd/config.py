@@ -37,6 +37,9 @@ Example ``/etc/l2crypt/keyserver.toml``::
     max_connections_per_host = 8
     max_unauthenticated_connections = 256
     unauth_deadline_s = 30.0
+    pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"   # the CA key on a token ("" = ca.key file)
+    pkcs11_token_label = "l2crypt-ca"
+    pkcs11_pin_file = "/etc/l2crypt/ca-token.pin"      # "" = the systemd credential pkcs11-pin
     require_pinned_macs = false    # true: hosts bind only the MAC of ``host add --mac``
     require_pinned_ips = true      # hosts bind only the addresses of ``host add --ip``
 """
@@ -57,6 +60,7 @@ from l2crypt.core.constants import DEFAULT_KEYSERVER_PORT
 from l2crypt.core.errors import ConfigError
 from l2crypt.ops.metrics import parse_listen
 
+from .ca import CaToken
 from .service import CIPHERS, DEFAULT_CIPHER
 from .store import PG_SCHEMES, check_store_url
 
@@ -145,6 +149,20 @@ class KeyServerConfig:
     #: true: a layer-3 host may bind only the addresses given at ``host add --ip``
     #: (``ip_not_pinned`` otherwise); false: first come, first served.
     require_pinned_ips: bool = True
+    #: PKCS#11 module (shared library) of the token the CA key is on; "" = the
+    #: CA key is the file ``state_dir/ca.key``.  A new CA is made on the token
+    #: at the first start; afterwards ``state_dir/ca.token`` names it.
+    pkcs11_module: str = ""
+    #: Label of that token.
+    pkcs11_token_label: str = ""
+    #: File holding the token's user PIN; "" = the systemd credential ``pkcs11-pin``.
+    pkcs11_pin_file: str = ""
+
+    def ca_token(self) -> CaToken | None:
+        """The token the CA key is on (the ``pkcs11_*`` keys), or None."""
+        if not (self.pkcs11_module or self.pkcs11_token_label or self.pkcs11_pin_file):
+            return None
+        return CaToken(self.pkcs11_module, self.pkcs11_token_label, self.pkcs11_pin_file)
 
     @property
     def listen_host(self) -> str:
@@ -257,6 +275,10 @@ def _check(key: str, value: Any) -> Any:
     if key == "kek_file":
         if not isinstance(value, (str, Path)):
             raise ValueError(f"not a path: {value!r}")
+        return str(value)
+    if key in ("pkcs11_module", "pkcs11_token_label", "pkcs11_pin_file"):
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"not a string: {value!r}")
         return str(value)
     if key == "kek_credential":
         if not isinstance(value, str) or "/" in value or value in (".", ".."):

@@ -307,6 +307,9 @@ class KeyServer:
                 if msgs:
                     unauth_deadline = loop.time() + self.unauth_idle_s
                 keep_open = self._dispatch(conn, msgs)
+                if identity is None and conn.session.identity is not None:
+                    identity = conn.session.identity
+                    keep_open = keep_open and self._promote(conn)
                 await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
                 if not keep_open:
                     reason = "closed by server"
@@ -329,6 +332,16 @@ class KeyServer:
             except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, ssl.SSLError, OSError):
                 pass
             log.debug("connection_ended", extra=fields(host=conn.session.who, reason=reason))
+
+    def _promote(self, conn: _Conn) -> bool:
+        """``conn`` answered a challenge: count it as its host's (False: over the per-host cap, closed)."""
+        identity = conn.session.identity
+        over = self._over_cap(identity)
+        if over is not None:
+            self._refuse_connection(conn.writer, identity, *over)
+            return False
+        self._by_host.setdefault(identity, set()).add(conn)
+        return True
 
     def _dispatch(self, conn: _Conn, msgs: list[dict]) -> bool:
         """Run each message through the service; False when the connection must close."""

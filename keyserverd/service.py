@@ -14,7 +14,9 @@
      ``("peer_check", kind)``  ask them who holds ``mac`` before a hello or a
                               map_req goes on (``after_peer_check``).
 3. The rules, in the order a request meets them:
-   - without a certificate only ``ca`` and ``enroll`` are allowed (``unauthenticated``);
+   - without a certificate only ``ca``, ``enroll``, ``auth_begin`` and ``auth``
+     are allowed (``unauthenticated``); the last two let a host whose key is
+     on a token take its identity by challenge (``challenge_service``);
      every refused ``enroll`` gets the same ``enroll_refused`` (unknown ID,
      wrong, used or expired token, revoked host: the log has which);
    - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
@@ -83,6 +85,7 @@ from l2crypt.core.ks_messages import OLDER_VERSIONS_MAX
 from l2crypt.core.tunnel_keys import Endpoint, link_keys
 from l2crypt.ops.logs import RateLimiter, fields
 
+from .challenge_service import ChallengeHandlers
 from .l3_service import L3Handlers
 from .mac_map import MacMap
 from .ratelimit import HostBuckets
@@ -110,7 +113,7 @@ ENROLL_REFUSED_TEXT = ("enrollment refused: unknown ID, wrong, used or expired t
                        "ask the operator for a new token (keyserverd host add)")
 
 #: Message types a client without a certificate may send.
-UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll"})
+UNAUTHENTICATED_TYPES = frozenset({"ca", "enroll", "auth_begin", "auth"})
 #: Message types that count against a host's key-request limit.
 RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req", "netkey_req"})
 DEFAULT_KEY_REQUESTS_PER_S = 100.0
@@ -124,12 +127,17 @@ KEY_MAX_AGE_FACTOR = 2
 @dataclass
 class Session:
     """Per-connection state.  Created and owned by the server layer; only
-    ``KeyService.handle`` changes ``bound_mac``."""
+    ``KeyService.handle`` changes ``bound_mac``, and ``identity`` (from None,
+    after a challenge answered: ``challenge_service``)."""
 
     identity: str | None
     peer: str = "?"  # remote address, for logs
     bound_mac: bytes | None = None
     l3: bool = False  # said l3_hello (a layer-3 agent; see l3_service)
+    #: How the identity was proven: "tls" (client certificate) or "token" (challenge).
+    auth: str = "tls"
+    #: The challenge sent on this connection and not answered yet (``challenge_service``).
+    challenge: object = None
 
     @property
     def said_hello(self) -> bool:
@@ -141,10 +149,10 @@ class Session:
         return self.identity if self.identity is not None else f"unauthenticated {self.peer}"
 
 
-class KeyService(L3Handlers, PeerHandlers):
+class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
     """Answers key-server requests.  One per keyserverd, shared by all sessions.
     The layer-3 requests are handled in ``l3_service``, what peer key servers
-    ask in ``peer_service``."""
+    ask in ``peer_service``, challenges in ``challenge_service``."""
 
     def __init__(self, store: KeyStore, cipher: str, server_name: str, ca: "CertificateAuthority",
                  cert_days: int = 365, rekey_after_s: float = 3600.0,

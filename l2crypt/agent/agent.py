@@ -61,7 +61,7 @@ from l2crypt.ops.metrics import FunctionCollector, agent_metrics, new_registry, 
 from .config import AgentConfig
 from .keyclient import KeyClient
 from .tap_path import BATCHED_COUNTERS, BatchedTapPath
-from .tls_files import client_context, host_identity
+from .host_key import load_credentials
 
 log = logging.getLogger("l2crypt.agent")
 
@@ -110,8 +110,10 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
-        self.host_id = host_identity(self.state_dir)
-        self.ssl_ctx = client_context(self.state_dir)
+        #: The host key: a file (mutual TLS) or a token (a challenge), see ``host_key``.
+        self.credentials = load_credentials(self.state_dir, config.pkcs11_pin_file)
+        self.host_id = self.credentials.host_id
+        self.ssl_ctx = self.credentials.ssl_ctx
         self.wire_mtu = config.wire_mtu or wire_mtu_of(config.port)
         self.tap_mtu = self.wire_mtu - FRAME_OVERHEAD
         if self.tap_mtu < MIN_TAP_MTU:
@@ -275,6 +277,7 @@ class Agent:
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         })
+        doc.update(self.credentials.describe())  # host_key: file or token
         doc.update(self.guard_reading())  # port_guard, inbound_refused, egress_blocked
         doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
@@ -350,7 +353,8 @@ class Agent:
                 self.batched = BatchedTapPath(self.engine, self.tap, self.wire, self.tap_mtu)
             self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,
                                     probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
-                                    failback_holddown_s=cfg.failback_holddown_s)
+                                    failback_holddown_s=cfg.failback_holddown_s,
+                                    token_auth=self.credentials.token_auth)
             await self._serve()
         finally:
             if self.wire is not None:

@@ -46,6 +46,14 @@ def enroll_options(what: str, default_state_dir: str):
         click.option("--state-dir", default=default_state_dir, show_default=True,
                      help="Where the key, certificate and CA are stored."),
         click.option("--force", is_flag=True, help="Replace an existing enrollment."),
+        click.option("--pkcs11-module", metavar="LIB",
+                     help="Make the key pair on a PKCS#11 token through this module (e.g. "
+                          "/usr/lib/softhsm/libsofthsm2.so): EC P-256, not extractable; the token "
+                          "signs the CSR and the state directory keeps only a reference to the key."),
+        click.option("--token-label", metavar="LABEL", help="With --pkcs11-module: the token's label."),
+        click.option("--pin-file", type=click.Path(dir_okay=False),
+                     help="With --pkcs11-module: file holding the token's user PIN [default: the "
+                          "systemd credential pkcs11-pin]. The PIN is never taken from the command line."),
     ]
 
     def decorate(fn):
@@ -55,17 +63,20 @@ def enroll_options(what: str, default_state_dir: str):
     return decorate
 
 
-def run_enroll(prog: str, fail, server, host_id, token, token_file, ca_fingerprint, state_dir, force) -> None:
+def run_enroll(prog: str, fail, server, host_id, token, token_file, ca_fingerprint, state_dir, force,
+               pkcs11_module=None, token_label=None, pin_file=None) -> None:
     """The body of both enroll commands: read the token, enroll, say where the certificate is."""
     from .enroll import enroll as do_enroll
     from .enroll import read_token
 
     try:
         secret = read_token(token, token_file, warn=lambda text: click.echo(f"{prog}: warning: {text}", err=True))
-        path = do_enroll(server, host_id, secret, ca_fingerprint, state_dir, force)
+        path = do_enroll(server, host_id, secret, ca_fingerprint, state_dir, force,
+                         pkcs11_module, token_label, pin_file)
     except L2cryptError as exc:
         fail(str(exc))
-    click.echo(f"enrolled as {host_id}; certificate stored in {path}")
+    where = f"; the key is on token {token_label!r}" if pkcs11_module else ""
+    click.echo(f"enrolled as {host_id}; certificate stored in {path}{where}")
 
 
 @cli.command()
@@ -75,6 +86,9 @@ def enroll(**opts) -> None:
 
     The CA is pinned by fingerprint before the token is sent.  Give the token
     with --token-file FILE or --token - (stdin), so it stays out of ps.
+    With --pkcs11-module and --token-label the host key is made on a PKCS#11
+    token and never leaves it; the agent then answers the key server's
+    challenge with it (set pkcs11_pin_file, or the credential pkcs11-pin).
     """
     run_enroll(PROG, fail, **opts)
 
@@ -90,6 +104,7 @@ def _agent_options(fn):
                      help=docs["servers"] + " (repeat for several)."),
         click.option("--state-dir", help=docs["state_dir"] + f" [default: {DEFAULT_STATE_DIR}]"),
         click.option("--tap-mac", help=docs["tap_mac"]),
+        click.option("--pkcs11-pin-file", help=docs["pkcs11_pin_file"]),
         click.option("--wire-mtu", type=int, help=docs["wire_mtu"]),
         click.option("--datapath", help=docs["datapath"] + " [default: simple]"),
         click.option("--wire-ring", help=docs["wire_ring"] + " [default: off]"),

@@ -136,6 +136,18 @@ def check_path(value: Any) -> str:
     return value
 
 
+def check_opt_path(value: Any) -> str:
+    """A path, or "" for none."""
+    if not isinstance(value, str):
+        raise ValueError(f"want a path or \"\", got {value!r}")
+    return value
+
+
+#: The doc of ``pkcs11_pin_file`` (agent, layer-3 agent and gateway alike).
+PKCS11_PIN_FILE_DOC = ("file holding the user PIN of the token the host key is on (enrolled with "
+                       "--pkcs11-module); \"\" = the systemd credential pkcs11-pin; unused with a key file")
+
+
 def check_metrics_listen(value: Any) -> str:
     from l2crypt.ops.metrics import parse_listen
 
@@ -158,6 +170,7 @@ class AgentConfig:
                                   "(with the host's addresses) when the agent stops")
     servers: tuple = setting(None, check_servers, "key servers, HOST:PORT, in order of priority")
     state_dir: str = setting(DEFAULT_STATE_DIR, check_path, "certificates, packet clock, replay floors, TAP MAC (tap.mac) and control socket")
+    pkcs11_pin_file: str = setting("", check_opt_path, PKCS11_PIN_FILE_DOC)
     tap_mac: str | None = setting(None, _mac, "MAC of the TAP; default: the one kept in state_dir/tap.mac, "
                                           "else an existing TAP's, else a random one (then kept)")
     wire_mtu: int = setting(0, check_int_range(0, 65535), "MTU of the wire port in bytes; 0 = use the port's")

@@ -5,7 +5,11 @@
    a mismatch before anything secret is sent.
 3. Reconnect, now verifying the server against that CA (and its fixed name).
 4. Make a key pair, send a CSR with the token, store the signed certificate,
-   the key (0600) and the CA in the state directory.
+   the key (0600) and the CA in the state directory.  With a PKCS#11 token
+   (``--pkcs11-module``, ``--token-label``) the key pair is made on the token
+   (EC P-256, not extractable), the token signs the CSR, and the state
+   directory gets ``host.token`` (module, token label, key label and id;
+   never the PIN) instead of ``host.key``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from cryptography.x509.oid import NameOID
 from l2crypt.core import ks_messages
 from l2crypt.core.errors import LocalError, RefusedError, RemoteProtocolError
 
+from l2crypt.core.x509_der import build_csr_pem
+from l2crypt.io.pkcs11_token import TokenSigner, generate_key, read_pin
+
 from .config import parse_hostport
+from .host_key import HOST_TOKEN
 from .tls_files import (
     CA_CERT,
     HOST_CERT,
@@ -110,8 +118,15 @@ def fetch_ca(server: str) -> bytes:
         return _check(_exchange(tls, {"t": "ca", "rid": 1}), "ca_cert")["cert"]
 
 
-def enroll(server: str, host_id: str, token: str, ca_fingerprint: str, state_dir: str, force: bool = False) -> str:
-    """Run the whole enrollment; returns the path of the stored certificate."""
+def enroll(server: str, host_id: str, token: str, ca_fingerprint: str, state_dir: str, force: bool = False,
+           pkcs11_module: str | None = None, token_label: str | None = None, pin_file: str | None = None) -> str:
+    """Run the whole enrollment; returns the path of the stored certificate.
+    ``pkcs11_module`` and ``token_label``: make the key on that token (PIN from
+    ``pin_file``, else the systemd credential ``pkcs11-pin``)."""
+    if bool(pkcs11_module) != bool(token_label) or (pin_file and not pkcs11_module):
+        raise LocalError("a key on a token needs --pkcs11-module and --token-label (and --pin-file "
+                         "or the systemd credential pkcs11-pin)")
+    pin = read_pin(pin_file) if pkcs11_module else None
     if not ks_messages.valid_host_id(host_id):
         raise LocalError(f"--id: not a valid host ID: {host_id!r}")
     try:
@@ -134,12 +149,15 @@ def enroll(server: str, host_id: str, token: str, ca_fingerprint: str, state_dir
             "nothing was sent"
         )
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id)]))
-        .sign(key, hashes.SHA256())
-    )
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id)])
+    if pkcs11_module:
+        key = None
+        ref, public = generate_key(pkcs11_module, token_label, f"l2crypt host {host_id}", pin)
+        csr_pem = build_csr_pem(subject, public, TokenSigner(ref, lambda: pin).sign)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr_pem = (x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+                   .public_bytes(serialization.Encoding.PEM))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cadata=ca_pem.decode())
@@ -148,16 +166,21 @@ def enroll(server: str, host_id: str, token: str, ca_fingerprint: str, state_dir
         reply = _check(
             _exchange(tls, {
                 "t": "enroll", "rid": 1, "id": host_id, "token": token,
-                "csr": csr.public_bytes(serialization.Encoding.PEM),
+                "csr": csr_pem,
             }),
             "enrolled",
         )
     d.mkdir(parents=True, exist_ok=True)
-    write_private(
-        d / HOST_KEY,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption()),
-    )
+    if key is None:
+        (d / HOST_KEY).unlink(missing_ok=True)  # a key file of an earlier enrollment
+        ref.save(d / HOST_TOKEN)
+    else:
+        (d / HOST_TOKEN).unlink(missing_ok=True)
+        write_private(
+            d / HOST_KEY,
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+        )
     (d / HOST_CERT).write_bytes(reply["cert"])
     (d / CA_CERT).write_bytes(ca_pem)
     return str(d / HOST_CERT)

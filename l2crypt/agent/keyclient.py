@@ -1,8 +1,12 @@
 """The agent's connection to the key server (asyncio, TLS 1.3, mutual auth).
 
 1. Connect to the best server ``failover.FailoverSelector`` names (the list
-   is in priority order); say ``hello`` with our MAC and wait for ``welcome``
-   (cipher and multicast key).
+   is in priority order).  A host whose key is on a token (``token_auth``)
+   first answers the server's challenge (``auth_begin``, ``challenge``,
+   ``auth``, ``authenticated``; see ``l2crypt.core.challenge_auth``); a token
+   that cannot sign ends the attempt with ``host_key_unavailable`` (logged at
+   ERROR, once a minute at most): no session, fail closed.  Then say
+   ``hello`` with our MAC and wait for ``welcome`` (cipher and multicast key).
 2. Forward ``key_req`` for MACs the engine asks about, ``mcast_req``, and the
    engine's notices (``rekey_req``, ``key_report``); match answers by rid.
 3. Hand answers and server pushes (``key``, ``multicast``, ``peer_revoked``)
@@ -30,9 +34,10 @@ import ssl
 from typing import Protocol
 
 from l2crypt.core import ks_messages
-from l2crypt.core.errors import RemoteProtocolError
+from l2crypt.core.challenge_auth import answer_challenge
+from l2crypt.core.errors import LocalError, RemoteProtocolError
 from l2crypt.core.failover import FailoverSelector
-from l2crypt.ops.logs import fields
+from l2crypt.ops.logs import RateLimiter, fields
 from l2crypt.ops.metrics import LatencyHistogram
 
 from .config import parse_hostport
@@ -49,6 +54,8 @@ SESSION_ENDING_CODES = ("revoked", "unauthenticated", "session_replaced")
 #: directory copied to another machine): wait this long before taking it back,
 #: so two agents of one identity alternate slowly instead of in a hot loop.
 REPLACED_WAIT_S = 10.0
+#: A host key that cannot sign is logged once per reason this often.
+HOST_KEY_LOG_S = 60.0
 
 
 class KeyEvents(Protocol):
@@ -71,8 +78,12 @@ class KeyClient:
     failover in priority order (``FailoverSelector``)."""
 
     def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_mac: bytes, events: KeyEvents,
-                 probe_interval_s: float = 5.0, probe_failures: int = 3, failback_holddown_s: float = 30.0):
+                 probe_interval_s: float = 5.0, probe_failures: int = 3, failback_holddown_s: float = 30.0,
+                 token_auth=None):
+        """``token_auth``: ``host_key.TokenAuth`` when the host key is on a token, else None (mutual TLS)."""
         self.servers = servers
+        self.token_auth = token_auth
+        self._host_key_log = RateLimiter(HOST_KEY_LOG_S)
         self.selector = FailoverSelector(servers, probe_failures, failback_holddown_s)
         self.probe_interval_s = probe_interval_s
         self.ssl_ctx = ssl_ctx
@@ -137,6 +148,8 @@ class KeyClient:
                 server = self.selector.servers[index].address
                 try:
                     await self._session(index, stop)
+                except LocalError as exc:  # the token cannot sign: no session (fail closed)
+                    self._log_host_key(server, exc)
                 except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError) as exc:
                     replaced = getattr(exc, "code", None) == "session_replaced"
                     if replaced:
@@ -177,12 +190,21 @@ class KeyClient:
             CONNECT_TIMEOUT_S,
         )
 
+    def _log_host_key(self, server: str, exc: LocalError) -> None:
+        key = str(exc)
+        if self._host_key_log.allow(key):
+            kv = {"suppressed": self._host_key_log.take_suppressed(key)}
+            log.error("host_key_unavailable", extra=fields(
+                server=server, reason=key, **{k: v for k, v in kv.items() if v},
+                hint="no key-server session until the host key can sign again (fail closed)"))
+
     async def _session(self, index: int, stop: asyncio.Event) -> None:
         server = self.selector.servers[index].address
         reader, writer = await self._open(server)
         self._writer = writer
         messages = self._messages(reader)
         try:
+            await self._authenticate(writer, messages)
             welcome = await self._handshake(writer, messages)
             self.server = server
             self.connected = True
@@ -202,6 +224,20 @@ class KeyClient:
                 watcher.cancel()
         finally:
             writer.close()
+
+    async def _authenticate(self, writer: asyncio.StreamWriter, messages) -> None:
+        """With a key on a token: answer the server's challenge, for the server
+        certificate this connection verified.  Nothing to do with a key file."""
+        auth = self.token_auth
+        if auth is None:
+            return
+        writer.write(ks_messages.encode_message({"t": "auth_begin", "rid": self._next_rid()}))
+        challenge = _expect(await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S), "challenge", "auth_begin")
+        server_der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        answer = await asyncio.get_running_loop().run_in_executor(
+            None, answer_challenge, challenge["challenge"], server_der, auth.host_id, auth.cert_pem, auth.signer)
+        writer.write(ks_messages.encode_message({**answer, "rid": self._next_rid()}))
+        _expect(await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S), "authenticated", "auth")
 
     async def _handshake(self, writer: asyncio.StreamWriter, messages) -> dict:
         """Say hello and return the welcome; RemoteProtocolError if refused.
@@ -265,17 +301,16 @@ class KeyClient:
         writer = None
         try:
             reader, writer = await self._open(server)
+            messages = self._messages(reader)
+            await self._authenticate(writer, messages)
             writer.write(ks_messages.encode_message({"t": "ping", "rid": 1}))
-            frames = ks_messages.FrameReader()
             deadline = asyncio.get_running_loop().time() + min(self.probe_interval_s, CONNECT_TIMEOUT_S)
             while True:
                 left = deadline - asyncio.get_running_loop().time()
-                data = await asyncio.wait_for(reader.read(65536), max(left, 0.01))
-                if not data:
-                    return False
-                if any(m["t"] == "pong" for m in frames.feed(data)):
+                msg = await asyncio.wait_for(anext(messages), max(left, 0.01))
+                if msg["t"] == "pong":
                     return True
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError):
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError, LocalError):
             return False
         finally:
             if writer is not None:
@@ -309,3 +344,11 @@ class KeyClient:
         else:
             log.debug("ignored_message", extra=fields(type=t))
 
+
+def _expect(msg: dict, want: str, request: str) -> dict:
+    """``msg`` if it is a ``want``; RemoteProtocolError (with the server's code if it refused) otherwise."""
+    if msg["t"] == "error":
+        raise RemoteProtocolError(f"{request} refused: {msg['msg']} ({msg['code']})", msg["code"])
+    if msg["t"] != want:
+        raise RemoteProtocolError(f"expected {want}, got {msg['t']}")
+    return msg

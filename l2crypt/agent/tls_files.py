@@ -2,7 +2,8 @@
 
 State directory layout (written by ``l2crypt enroll``):
 
-    host.key   the host's private key (mode 0600)
+    host.key   the host's private key (mode 0600), or, for a key on a PKCS#11
+    host.token token, the reference to it (``host_key``; never the PIN)
     host.crt   its certificate, signed by the key server's CA (CN = host ID)
     ca.crt     the CA, pinned by fingerprint at enrollment
 """
@@ -66,18 +67,27 @@ def host_identity(state_dir: str | Path) -> str:
     return str(names[0].value)
 
 
+def server_verifying_context(ca_path: Path) -> ssl.SSLContext:
+    """TLS 1.3 toward the key server, trusting only the pinned CA; no client certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(ca_path))
+    except (ssl.SSLError, OSError) as exc:
+        raise LocalError(f"cannot load the pinned CA {ca_path}: {exc}") from None
+    return ctx
+
+
 def client_context(state_dir: str | Path) -> ssl.SSLContext:
     """Mutual TLS 1.3 toward the key server, trusting only the pinned CA."""
     d = Path(state_dir)
     for name in (HOST_KEY, HOST_CERT, CA_CERT):
         if not (d / name).exists():
             raise LocalError(f"not enrolled: {d / name} is missing (run 'l2crypt enroll' first)")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx = server_verifying_context(d / CA_CERT)
     try:
-        ctx.load_verify_locations(cafile=str(d / CA_CERT))
         ctx.load_cert_chain(certfile=str(d / HOST_CERT), keyfile=str(d / HOST_KEY))
     except (ssl.SSLError, OSError) as exc:
         raise LocalError(f"cannot load the host certificate from {d}: {exc}") from None

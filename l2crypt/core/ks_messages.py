@@ -11,6 +11,14 @@ Types and fields (bytes fields are raw bytes, MACs are 6 bytes, keys 32):
 client -> server
     ca        rid                                  fetch the CA certificate (no client cert needed)
     enroll    rid id token csr                     csr is PEM; no client cert needed
+    auth_begin rid                                 (a host whose key is on a token, no client
+                                                   cert) send me a challenge
+    auth      rid id cert challenge nonce server_fp sig
+                                                   the answer: cert PEM, the challenge answered,
+                                                   the host's nonce (32 bytes), SHA-256 of the
+                                                   server certificate seen (32), and the ECDSA
+                                                   signature (DER, at most MAX_SIG_LEN) over
+                                                   ``challenge_wire.encode_signed_challenge``
     hello     rid mac                              bind (certificate ID, mac) in the ID-MAC table
     key_req   rid peer_mac [my_mac]                pair key for (me, owner of peer_mac)
     rekey_req rid peer_mac pw_id                   rotate our pair key, now at pw_id (data volume)
@@ -34,6 +42,8 @@ client -> server
 server -> client
     ca_cert   rid cert                             PEM of the CA
     enrolled  rid cert ca                          signed client certificate and CA, PEM
+    challenge rid challenge                        32 fresh random bytes (answer to auth_begin)
+    authenticated rid id                           the auth was accepted: this connection is host id
     welcome   rid id mac cipher multicast_key multicast_pw_id server [key_max_age_s] [revoked_macs]
                                                    key_max_age_s: the longest a pair key may be used
                                                    after it was received, seconds (agents use it if
@@ -113,12 +123,20 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "older": (list, None),  # [[pw_id, key, age_s], ...], checked in _check_older
     "key_max_age_s": (int, None),
     "revoked_macs": (_B, None),  # 0..MAX_REVOKED_MACS MACs of 6 bytes, checked in validate
+    "challenge": (_B, 32),  # challenge_wire.CHALLENGE_LEN
+    "nonce": (_B, 32),  # challenge_wire.NONCE_LEN
+    "server_fp": (_B, 32),  # challenge_wire.FINGERPRINT_LEN
+    "sig": (_B, None),  # 1..MAX_SIG_LEN, checked in validate
 }
 
 # type -> (required fields, optional fields)
 SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "ca": (frozenset({"rid"}), frozenset()),
     "enroll": (frozenset({"rid", "id", "token", "csr"}), frozenset()),
+    "auth_begin": (frozenset({"rid"}), frozenset()),
+    "auth": (frozenset({"rid", "id", "cert", "challenge", "nonce", "server_fp", "sig"}), frozenset()),
+    "challenge": (frozenset({"rid", "challenge"}), frozenset()),
+    "authenticated": (frozenset({"rid", "id"}), frozenset()),
     "hello": (frozenset({"rid", "mac"}), frozenset()),
     "key_req": (frozenset({"rid", "peer_mac"}), frozenset({"my_mac"})),
     "rekey_req": (frozenset({"rid", "peer_mac", "pw_id"}), frozenset()),
@@ -164,6 +182,8 @@ MAX_PEER_IPS = 16
 #: Most older versions a ``key`` message carries: an agent's key ring holds
 #: three versions (previous, current, next).
 OLDER_VERSIONS_MAX = 2
+#: Longest signature an ``auth`` may carry (DER ECDSA P-256 is at most 72 bytes).
+MAX_SIG_LEN = 160
 
 
 def _check_older(msg: dict) -> None:
@@ -201,6 +221,8 @@ def _check_across_fields(msg: dict) -> None:
         raise ValueError(f"{t}.peer_id: not a valid host ID")
     if "older" in msg:
         _check_older(msg)
+    if "sig" in msg and not 1 <= len(msg["sig"]) <= MAX_SIG_LEN:
+        raise ValueError(f"{t}.sig: length {len(msg['sig'])}, want 1-{MAX_SIG_LEN}")
     for name in ("ip", "peer_ip"):
         if name in msg and len(msg[name]) not in (4, 16):
             raise ValueError(f"{t}.{name}: length {len(msg[name])}, want 4 (IPv4) or 16 (IPv6)")

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from l2crypt.agent.tls_files import client_context, host_identity
+from l2crypt.agent.host_key import load_credentials
 from l2crypt.core import l3_engine, l3_wire
 from l2crypt.core.errors import LocalError
 from l2crypt.core.l3_engine import L3Engine, L3Settings, Verdict
@@ -101,8 +101,9 @@ class L3Agent:
     def __init__(self, config: L3AgentConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
-        self.host_id = host_identity(self.state_dir)
-        self.ssl_ctx = client_context(self.state_dir)
+        self.credentials = load_credentials(self.state_dir, config.pkcs11_pin_file)  # a key file or a token
+        self.host_id = self.credentials.host_id
+        self.ssl_ctx = self.credentials.ssl_ctx
         self.my_ips = [l3_wire.parse_ip(a) for a in config.addresses]
         self.versions = sorted({6 if len(ip) == 16 else 4 for ip in self.my_ips})
         self.overhead = {v: l3_wire.overhead(config.mode, len(self.host_id.encode()), v) for v in (4, 6)}
@@ -216,6 +217,7 @@ class L3Agent:
         cfg = self.config
         doc.update({
             "id": self.host_id,
+            **self.credentials.describe(),
             "addresses": list(cfg.addresses),
             "prefixes": list(cfg.prefixes),
             "table": cfg.table,
@@ -312,7 +314,8 @@ class L3Agent:
                                floors=self.floors)
         self.client = L3KeyClient(cfg.servers, self.ssl_ctx, self.my_ips, self,
                                   probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
-                                  failback_holddown_s=cfg.failback_holddown_s)
+                                  failback_holddown_s=cfg.failback_holddown_s,
+                                  token_auth=self.credentials.token_auth)
         try:
             if cfg.mode == "nat":
                 self.local = LocalSender(self.versions)

@@ -22,6 +22,7 @@ def _options(fn):
         click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
                      help=docs["servers"] + " (repeat for several)."),
         click.option("--state-dir", help=docs["state_dir"] + f" [default: {DEFAULT_STATE_DIR}]"),
+        click.option("--pkcs11-pin-file", help=docs["pkcs11_pin_file"]),
         click.option("--address", "addresses", multiple=True, metavar="IP", help=docs["addresses"] + " (repeat)."),
         click.option("--prefix", "prefixes", multiple=True, metavar="CIDR", help=docs["prefixes"] + " (repeat)."),
         click.option("--udp-port", type=int, help=docs["udp_port"] + " [default: 7789]"),

@@ -22,9 +22,11 @@ from l2crypt.agent.config import (
     DEFAULT_STATE_DIR,
     LOG_FORMATS,
     LOG_LEVELS,
+    PKCS11_PIN_FILE_DOC,
     check_choice,
     check_int_range,
     check_metrics_listen,
+    check_opt_path,
     check_path,
     check_seconds,
     check_servers,
@@ -109,6 +111,7 @@ class L3AgentConfig:
                    "routed (IP header kept, protocol 253) or nat (sealed packet over UDP)")
     servers: tuple = setting(None, check_servers, "key servers, HOST:PORT, in order of priority")
     state_dir: str = setting(DEFAULT_STATE_DIR, check_path, "certificates, clock floor and control socket")
+    pkcs11_pin_file: str = setting("", check_opt_path, PKCS11_PIN_FILE_DOC)
     addresses: tuple = setting(None, _addresses, "this host's IPv4 and IPv6 addresses, bound to its ID at the key server")
     prefixes: tuple = setting(None, _prefixes, "policy: IPv4 and IPv6 prefixes whose traffic is sealed (CIDR)")
     udp_port: int = setting(DEFAULT_L3_UDP_PORT, check_int_range(1, 65535), "nat mode: UDP port of sealed packets")

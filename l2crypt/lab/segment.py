@@ -444,12 +444,12 @@ class Lab(LabProcesses):
         return json.loads(res.stdout)
 
     def enroll(self, host: str, token: str, fingerprint: str, host_id: str | None = None,
-               state_dir: Path | None = None, timeout: float = 30.0) -> subprocess.CompletedProcess:
+               state_dir: Path | None = None, timeout: float = 30.0, extra: tuple = ()) -> subprocess.CompletedProcess:
         sd = state_dir or self.host_dir(host)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self.exec(host, [self.cmd("l2crypt"), "enroll", "--server", self.keyserver_addr,
                                 "--id", host_id or host, "--token", "-",  # on stdin: never in ps
-                                "--ca-fingerprint", fingerprint, "--state-dir", sd],
+                                "--ca-fingerprint", fingerprint, "--state-dir", sd, *extra],
                          timeout=timeout, input=token.encode() + b"\n")
 
     def agent_servers(self, host: str) -> list[str]:

@@ -15,6 +15,13 @@ def format_age(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def host_key_line(doc: dict) -> str:
+    """``host key: file (mutual TLS)`` or ``host key: token '...' (...; challenge)``."""
+    if doc.get("host_key") == "token":
+        return f"host key: {doc.get('host_key_token', 'token')}; authenticated by challenge"
+    return "host key: file (host.key, mutual TLS)"
+
+
 def render_status(doc: dict, console: Console | None = None) -> None:
     console = console or Console()
     server = doc.get("keyserver") or "none"
@@ -29,6 +36,8 @@ def render_status(doc: dict, console: Console | None = None) -> None:
         console.print(f"datapath: {doc['datapath']}" + (f" ({reason})" if reason else ""), markup=False)
     if "wire_path" in doc:
         console.print(f"wire port: {doc['wire_path']}", markup=False)
+    if "host_key" in doc:
+        console.print(host_key_line(doc), markup=False)
     console.print(f"key server: {server}  {state}   multicast PW_ID: {doc.get('multicast_pw_id')}")
     servers = doc.get("keyservers") or []
     if servers:

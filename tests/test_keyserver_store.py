@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from keyserverd.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from keyserverd.store.schema import SCHEMA_VERSION
+from keyserverd.store.sqlite import MIGRATIONS, SqliteStore
 from keyserverd.tokens import TOKEN_RE, hash_token, new_token
 from l2crypt.core.errors import LocalError, RefusedError
 
@@ -378,7 +379,7 @@ def test_a_write_the_database_cannot_take_is_a_clear_refusal(tmp_path):
     raises StoreUnavailable; the store keeps working once there is room."""
     import sqlite3
 
-    from keyserverd.store.sqlite import StoreUnavailable
+    from keyserverd.store.protocol import StoreUnavailable
 
     store = SqliteStore.open(tmp_path / "ks.db", 0.0)
     store.add_host("first", bytes.fromhex("020000000001"), "host", b"h" * 32, 1e10, 0.0)

@@ -30,13 +30,8 @@ class Dialect:
     ipv6_ips: str
 
 
-SQLITE = Dialect(
-    blob="BLOB",
-    real="REAL",
-    int64="INTEGER",
-    serial_key="INTEGER PRIMARY KEY AUTOINCREMENT",
-    # SQLite cannot change a CHECK in place: the table is copied.
-    ipv6_ips="""
+#: Migration 5 in SQLite, which cannot change a CHECK in place: the table is copied.
+SQLITE_IPV6_IPS = """
     CREATE TABLE host_ips_v6 (
         ip  BLOB PRIMARY KEY CHECK (length(ip) IN (4, 16)),
         id  TEXT NOT NULL REFERENCES hosts(id)
@@ -45,19 +40,17 @@ SQLITE = Dialect(
     DROP TABLE host_ips;
     ALTER TABLE host_ips_v6 RENAME TO host_ips;
     CREATE INDEX host_ips_by_id ON host_ips (id);
-    """,
-)
-
-POSTGRESQL = Dialect(
-    blob="BYTEA",
-    real="DOUBLE PRECISION",
-    int64="BIGINT",
-    serial_key="BIGSERIAL PRIMARY KEY",
-    ipv6_ips="""
+"""
+#: Migration 5 in PostgreSQL.
+POSTGRESQL_IPV6_IPS = """
     ALTER TABLE host_ips DROP CONSTRAINT host_ips_ip_check;
     ALTER TABLE host_ips ADD CONSTRAINT host_ips_ip_check CHECK (length(ip) IN (4, 16));
-    """,
-)
+"""
+
+SQLITE = Dialect(blob="BLOB", real="REAL", int64="INTEGER", serial_key="INTEGER PRIMARY KEY AUTOINCREMENT",
+                 ipv6_ips=SQLITE_IPV6_IPS)
+POSTGRESQL = Dialect(blob="BYTEA", real="DOUBLE PRECISION", int64="BIGINT", serial_key="BIGSERIAL PRIMARY KEY",
+                     ipv6_ips=POSTGRESQL_IPV6_IPS)
 
 #: The schema's steps; ``{name}`` is a field of ``Dialect``.
 MIGRATIONS: tuple[str, ...] = (

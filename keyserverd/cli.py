@@ -37,7 +37,7 @@ import click
 from keyserverd.peering.netkey import NETKEY_FILE, NetkeyBook
 from keyserverd.peering.spec import check_peers, owner_of
 from keyserverd.store.kek import DEFAULT_KEK_FILE, create_kek_file, load_kek, read_kek_file, replace_kek_file
-from keyserverd.store.sqlite import StoreUnavailable
+from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.core.errors import ConfigError, L2cryptError
 from l2crypt.core.frame_wire import format_mac, is_group_address, parse_mac

@@ -12,7 +12,7 @@ import time
 from prometheus_client import Histogram
 from prometheus_client.core import Metric
 
-from keyserverd.store.sqlite import StoreUnavailable
+from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.ops.metrics import LATENCY_BUCKETS_S, FunctionCollector, counter, gauge, new_registry
 
 

@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from keyserverd.store.sqlite import StoreUnavailable
+from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.errors import LocalError, RemoteProtocolError
 from l2crypt.core.ks_messages import FrameReader, encode_message
 from l2crypt.ops.logs import RateLimiter, fields

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from keyserverd.peering.service import PeerHandlers
-from keyserverd.store.sqlite import HostRecord, KeyEvent, KeyStore
+from keyserverd.store.protocol import HostRecord, KeyEvent, KeyStore
 from l2crypt.core.errors import RefusedError
 from l2crypt.core.frame_wire import format_mac, is_group_address
 from l2crypt.core.ks_messages import OLDER_VERSIONS_MAX

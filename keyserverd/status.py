@@ -18,7 +18,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from keyserverd.store.sqlite import StoreUnavailable
+from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.frame_wire import format_mac
 from l2crypt.ops.status_view import format_age
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 import keyserverd.ca as ca_mod
 import keyserverd.mac_map as mac_map_mod
 import keyserverd.service as service_mod
-import keyserverd.store.sqlite as store_mod
+import keyserverd.store.sql_store as store_mod
 import l2crypt.core.ks_messages as km
 from drop_reasons import refusal_codes
 from message_strategies import decoder_codes, framed_then_mutated
@@ -56,6 +56,8 @@ OTHER_REFUSALS = {
     "bad_token": "an enroll is told only enroll_refused",
     "token_expired": "an enroll is told only enroll_refused",
     "token_used": "an enroll is told only enroll_refused",
+    "ip_conflict": "only for a layer-3 host's ip_bind (l3_service)",
+    "too_many_ips": "only for a layer-3 host's ip_bind (l3_service)",
 }
 
 # --- the decoder ------------------------------------------------------------------

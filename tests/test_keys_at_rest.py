@@ -41,7 +41,9 @@ from keyserverd.store.kek import (
     read_kek_file,
 )
 from keyserverd.store.postgres import MIGRATIONS as PG_MIGRATIONS
-from keyserverd.store.sqlite import MIGRATIONS, SEALED_SCHEMA, StoreUnavailable
+from keyserverd.store.protocol import StoreUnavailable
+from keyserverd.store.schema import SEALED_SCHEMA
+from keyserverd.store.sqlite import MIGRATIONS
 from keyserverd.tokens import hash_token, new_token
 from l2crypt.core.errors import LocalError
 from test_keyserver_tls import Client, enroll

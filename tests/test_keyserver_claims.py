@@ -20,7 +20,8 @@ import pytest
 from keyserverd.ca import CertificateAuthority
 from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService, Session
-from keyserverd.store.sqlite import KeyEvent, SqliteStore
+from keyserverd.store.protocol import KeyEvent
+from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
 from l2crypt.core.ks_messages import encode_message
 from test_keyserver_cli import run as run_cli

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from keyserverd.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from keyserverd.store.schema import SCHEMA_VERSION
+from keyserverd.store.sqlite import MIGRATIONS, SqliteStore
 from keyserverd.tokens import TOKEN_RE, hash_token, new_token
 from l2crypt.core.errors import LocalError, RefusedError
 
@@ -378,7 +379,7 @@ def test_a_write_the_database_cannot_take_is_a_clear_refusal(tmp_path):
     raises StoreUnavailable; the store keeps working once there is room."""
     import sqlite3
 
-    from keyserverd.store.sqlite import StoreUnavailable
+    from keyserverd.store.protocol import StoreUnavailable
 
     store = SqliteStore.open(tmp_path / "ks.db", 0.0)
     store.add_host("first", bytes.fromhex("020000000001"), "host", b"h" * 32, 1e10, 0.0)
@@ -397,3 +398,22 @@ def test_a_write_the_database_cannot_take_is_a_clear_refusal(tmp_path):
     assert store.get_host("after") is not None
     store.close()
     assert sqlite3.connect(tmp_path / "ks.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_both_stores_are_the_one_implementation_of_the_protocol():
+    """The service sees ``KeyStore``; SQLite and PostgreSQL run the same methods
+    (``SqlStore``), with the protocol's parameters, and override none of them."""
+    import inspect
+
+    from keyserverd.store.postgres import PgStore
+    from keyserverd.store.protocol import KeyStore
+    from keyserverd.store.sql_store import SqlStore
+
+    methods = {n for n, f in vars(KeyStore).items() if inspect.isfunction(f) and not n.startswith("_")}
+    assert {"get_or_create_pair_key", "bind_ip", "reseal", "close"} <= methods
+    for name in methods:
+        wanted = list(inspect.signature(getattr(KeyStore, name)).parameters)
+        for store in (SqliteStore, PgStore):
+            assert list(inspect.signature(getattr(store, name)).parameters) == wanted, (store, name)
+            if name != "close":
+                assert inspect.unwrap(getattr(store, name)) is getattr(SqlStore, name), (store, name)

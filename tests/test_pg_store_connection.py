@@ -15,7 +15,7 @@ from store_kek import PG_KEK
 from keyserverd.store import pg_connection
 from keyserverd.store.kek import Kek, KekError
 from keyserverd.store.pg_tls import tls_parameters
-from keyserverd.store.sqlite import StoreUnavailable
+from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.errors import LocalError
 
 NOW = 1_700_000_000.0

@@ -3,7 +3,12 @@
 ``store`` in the config (``--store``): empty (the default) is the SQLite file
 ``keyserver.db`` in ``state_dir``; ``sqlite:///PATH`` is another SQLite file (relative; ``sqlite:////abs`` for an absolute path);
 ``postgresql://...`` (or ``postgres://``) is a PostgreSQL database that several
-keyserverd instances share (``store_pg.PgStore``).
+keyserverd instances share (``postgres.PgStore``).
+
+Both stores implement ``protocol.KeyStore``, the only interface the service
+uses: the tables are written once (``schema``), the methods once
+(``sql_store.SqlStore``), and ``sqlite`` and ``postgres`` hold only what
+their databases do differently (placeholders, locks, connections, types).
 
 Keys in either store are sealed under the KEK the config names (``kek_file``,
 ``kek_credential``; see ``kek``).  A SQLite store without one uses
@@ -17,7 +22,8 @@ from pathlib import Path
 from l2crypt.core.errors import LocalError
 
 from .kek import DEFAULT_KEK_FILE, Kek, load_kek
-from .sqlite import KeyStore, SqliteStore
+from .protocol import KeyStore
+from .sqlite import SqliteStore
 
 DB_FILE = "keyserver.db"
 PG_SCHEMES = ("postgresql://", "postgres://")

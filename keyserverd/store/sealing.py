@@ -1,6 +1,6 @@
 """Keys at rest in the stores: the sealed key column, and who may re-seal it.
 
-1. ``SealedKeys`` (mixed into ``store.SqliteStore`` and ``store_pg.PgStore``)
+1. ``SealedKeys`` (mixed into ``sql_store.SqlStore``)
    seals every new key under the store's ``kek`` with the AAD of its row, and
    opens what it reads; a value that does not open (altered, moved to another
    row) is ``StoreUnavailable`` for the client and an error in the log, never
@@ -21,35 +21,30 @@ import os
 import secrets
 from pathlib import Path
 
-from l2crypt.core.errors import LocalError, RefusedError
+from l2crypt.core.errors import LocalError
 from l2crypt.ops.logs import fields
 
 from .kek import Kek, KekError, multicast_aad, pair_aad
+from .protocol import StoreUnavailable
 
 log = logging.getLogger("keyserverd")
 
 KEY_BYTES = 32
 
 
-class StoreUnavailable(RefusedError):
-    """The database could not take a write (nothing of it was stored)."""
-
-    code = "store_unavailable"
-
-
 #: The tables that hold keys: (table, the columns naming a row, the row's AAD).
 KEY_TABLES = (("pair_keys", ("id1", "id2", "pw_id"), pair_aad), ("multicast_keys", ("pw_id",), multicast_aad))
 
 
-def reseal_key_rows(query, param: str, old: Kek | None, new: Kek) -> dict[str, int]:
+def reseal_key_rows(query, old: Kek | None, new: Kek) -> dict[str, int]:
     """Seal every stored key under ``new``: open it under ``old``, or take it as
     a clear key when ``old`` is None (a database made before sealing).  Runs in
-    the caller's transaction; ``query(sql, params)`` is the store's execute and
-    ``param`` its placeholder.  Returns the rows sealed per table."""
+    the caller's transaction; ``query(sql, params)`` is the store's execute
+    (``?`` placeholders).  Returns the rows sealed per table."""
     counts = {}
     for table, columns, aad_of in KEY_TABLES:
         rows = query(f"SELECT {', '.join(columns)}, key FROM {table}", ()).fetchall()
-        where = " AND ".join(f"{c} = {param}" for c in columns)
+        where = " AND ".join(f"{c} = ?" for c in columns)
         for *ids, stored in rows:
             aad, what = aad_of(*ids), f"{table} row {'/'.join(map(str, ids))}"
             if old is None:
@@ -58,7 +53,7 @@ def reseal_key_rows(query, param: str, old: Kek | None, new: Kek) -> dict[str, i
                     raise KekError(f"{what}: a clear key has {KEY_BYTES} bytes, not {len(key)}")
             else:
                 key = old.open(aad, stored, what)
-            query(f"UPDATE {table} SET key = {param} WHERE {where}", (new.seal(aad, key), *ids))
+            query(f"UPDATE {table} SET key = ? WHERE {where}", (new.seal(aad, key), *ids))
         counts[table] = len(rows)
     return counts
 

@@ -284,6 +284,8 @@ class Gateway:
             "plain_port": self.config.plain_port,
             "tunnel_listen": self.config.tunnel_listen or None,
             "tunnel_unknown_sender": self.tunnel.unknown_sender if self.tunnel else 0,
+            "port_read_errors": {name: getattr(port, "read_errors", 0)
+                                 for name, port in (("encrypted", self.enc), ("plain", self.plain)) if port},
             "keyserver": self.client.server,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),

@@ -9,6 +9,7 @@ import click
 from l2crypt import __version__
 from l2crypt.agent.cli import enroll_options, run_click, run_enroll
 from l2crypt.agent.config import config_keys
+from l2crypt.ops.cli_options import config_option
 
 from .config import DEFAULT_STATE_DIR, GatewayConfig, load_gateway_config
 
@@ -40,10 +41,7 @@ def enroll(**opts) -> None:
 
 
 _DOCS = config_keys(GatewayConfig)
-_TYPES = {"max_learned_macs": int, "replay_window_frames": int, "hold_frames": int,
-          "ethertype": lambda s: int(s, 0)}
-_FLOATS = ("refused_cache_s", "mac_ageing_s", "hold_age_s", "key_retry_s", "key_retry_max_s", "unknown_cache_s",
-           "switch_after_s", "retire_after_s")
+_TYPES = {"ethertype": lambda s: int(s, 0)}
 
 
 def _run_options(fn):
@@ -56,8 +54,10 @@ def _run_options(fn):
     for name, doc in _DOCS.items():
         if name in ("servers", "tunnel_peers"):
             continue
-        kind = float if name in _FLOATS else _TYPES.get(name, str)
-        opts.append(click.option("--" + name.replace("_", "-"), name, type=kind, help=doc))
+        if name in _TYPES:
+            opts.append(click.option("--" + name.replace("_", "-"), name, type=_TYPES[name], help=doc))
+        else:
+            opts.append(config_option(GatewayConfig, name, show_default=False))
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
@@ -67,7 +67,7 @@ def _run_options(fn):
 @_run_options
 def run(config_path, servers, tunnel_peers, **overrides) -> None:
     """Run the gateway in the foreground (SIGTERM or Ctrl-C stops it)."""
-    from l2crypt.agent.cli import run_daemon
+    from l2crypt.ops.daemon_shell import run_daemon
 
     from .daemon import Gateway
 

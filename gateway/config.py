@@ -24,6 +24,7 @@ from typing import Any
 
 from l2crypt.agent.config import (
     LOG_FORMATS,
+    FrameTuning,
     LOG_LEVELS,
     PKCS11_PIN_FILE_DOC,
     check_choice,
@@ -41,17 +42,7 @@ from l2crypt.agent.config import (
     read_toml,
     setting,
 )
-from l2crypt.core.constants import (
-    DEFAULT_ETHERTYPE,
-    DEFAULT_HOLD_AGE_S,
-    DEFAULT_HOLD_FRAMES,
-    DEFAULT_KEY_RETRY_MAX_S,
-    DEFAULT_KEY_RETRY_S,
-    DEFAULT_REPLAY_WINDOW_FRAMES,
-    DEFAULT_RETIRE_AFTER_S,
-    DEFAULT_SWITCH_AFTER_S,
-    DEFAULT_UNKNOWN_CACHE_S,
-)
+from l2crypt.core.constants import DEFAULT_ETHERTYPE
 from l2crypt.core.errors import ConfigError
 from l2crypt.core.tunnel_keys import sender_tag
 
@@ -96,8 +87,9 @@ def _peers(value: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
-    """Settings of one gateway."""
+class GatewayConfig(FrameTuning):
+    """Settings of one gateway; the engine tuning keys (its frame engines and
+    the tunnel) come from ``FrameTuning``."""
 
     encrypted_port: str = setting(None, check_iface, "port on the encrypted segment (sealed frames only)")
     plain_port: str | None = setting(None, _opt_iface, "full-decrypt uplink toward a plain network (optional)")
@@ -115,18 +107,6 @@ class GatewayConfig:
                              "at the key server), seconds")
     refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
-    replay_window_frames: int = setting(DEFAULT_REPLAY_WINDOW_FRAMES, check_int_range(64, 1 << 20),
-                                   "frames of reordering the replay windows accept")
-    hold_frames: int = setting(DEFAULT_HOLD_FRAMES, check_int_range(0, 1024), "frames held per MAC while waiting")
-    hold_age_s: float = setting(DEFAULT_HOLD_AGE_S, check_seconds(0.0, 60.0), "longest a frame is held, seconds")
-    key_retry_s: float = setting(DEFAULT_KEY_RETRY_S, check_seconds(0.05, 60.0), "first key request retry, seconds")
-    key_retry_max_s: float = setting(DEFAULT_KEY_RETRY_MAX_S, check_seconds(0.05, 600.0), "key request backoff ceiling, seconds")
-    unknown_cache_s: float = setting(DEFAULT_UNKNOWN_CACHE_S, check_seconds(0.0, 3600.0),
-                                "how long an 'unknown MAC' answer is believed, seconds")
-    switch_after_s: float = setting(DEFAULT_SWITCH_AFTER_S, check_seconds(0.0, 600.0),
-                               "longest the old key (pair key or NETKEY) is sent with after a new one, seconds")
-    retire_after_s: float = setting(DEFAULT_RETIRE_AFTER_S, check_seconds(0.0, 3600.0),
-                               "how long an old key version is accepted after the switch, seconds")
     log_level: str = setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
     log_format: str = setting("text", check_choice(LOG_FORMATS), "text or json")
     metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, check_metrics_listen,

@@ -575,6 +575,23 @@ class GatewayCore:
                 entry.asked_at = now
                 self.map_requests[entry.mac] = entry.side
 
+    def next_deadline(self) -> float | None:
+        """When ``on_timer`` (or ``take_key_requests``) next has work, in
+        engine time: the engines' and the tunnel's timers, the oldest learned
+        MAC's ageing, a pending MAC's map retry and its held frames' age."""
+        deadlines = [d for d in (e.next_deadline() for e in self.engines()) if d is not None]
+        tunnel = self.tunnel.next_deadline()
+        if tunnel is not None:
+            deadlines.append(tunnel)
+        if self.table:
+            deadlines.append(next(iter(self.table.values())).last_seen + self.settings.mac_ageing_s)
+        for entry in self.table.values():
+            if entry.state == PENDING:
+                deadlines.append(entry.asked_at + self.settings.map_retry_s)
+                if entry.held:
+                    deadlines.append(entry.held[0][2] + self.settings.learn_hold_age_s)
+        return min(deadlines, default=None)
+
     # ------------------------------------------------------------- status
 
     def all_drops(self) -> Counter:

@@ -13,11 +13,14 @@
    announces every learned MAC again after a reconnect; key requests, map
    requests, map releases (MACs aged out) and notices go out as the core
    raises them.
-4. A tick every ``TICK_S`` runs the core's timers, saves the replay floors
-   of the gateway's frame engines (``replay_floors``: one book for all of
-   them, a sender has one counter; loaded before the encrypted port opens)
-   and of the tunnel (``tunnel_replay_floors``), reserves packet numbers
-   ahead of every engine and the tunnel, and logs new drops.
+4. The loop is ``ops.daemon_shell.DaemonShell``: at the core's next
+   deadline (every ``daemon_shell.TICK_CAP_S`` at most) it saves the replay
+   floors of the gateway's frame engines (``replay_floors``: one book for
+   all of them, a sender has one counter; loaded before the encrypted port
+   opens) and of the tunnel (``tunnel_replay_floors``) when due, then
+   ``tick`` runs the core's timers and sends what it raised; the shell
+   reserves packet numbers ahead of every engine and the tunnel, logs new
+   drops, and saves both books as a clean stop at the end.
    ``l2crypt-gateway status`` reads the control socket; Prometheus scrapes
    ``metrics_listen`` (``gateway.metrics``).
 """
@@ -27,11 +30,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 import time
 from collections import Counter
 from pathlib import Path
 
+from l2crypt.agent.config import tuning_values
 from l2crypt.agent.keyclient import KeyClient
 from l2crypt.agent.host_key import load_credentials
 from l2crypt.core import engine as engine_mod
@@ -41,12 +44,12 @@ from l2crypt.core.frame_wire import format_mac, parse_mac
 from l2crypt.core.ks_messages import revoked_macs
 from l2crypt.core.replay_floor import FloorBook
 from l2crypt.io.linux_wire import LinuxWire
-from l2crypt.io.packet_clock import PERSIST_INTERVAL_S, PacketClock
+from l2crypt.io.packet_clock import PacketClock
 from l2crypt.io.port_guard import PortGuard, guard_port
+from l2crypt.io.ports import FramePort
 from l2crypt.io.state_file import FloorFile
-from l2crypt.ops.control import serve_control
+from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
-from l2crypt.ops.metrics import FunctionCollector, new_registry, serve_metrics
 
 from .config import GatewayConfig, parse_hostport
 from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
@@ -57,8 +60,6 @@ log = logging.getLogger("l2crypt.gateway")
 
 BATCH = 64
 ETH_HEADER_BYTES = 14  # DA, SA, EtherType: a frame may be this much longer than its port's MTU
-TICK_S = 0.1
-DROP_LOG_S = 10.0
 TUNNEL_FLOORS_FILE = "tunnel_replay_floors"
 
 
@@ -110,7 +111,11 @@ def _port_mac(port: str) -> bytes:
 
 class Gateway:
     """The gateway daemon: its two ports, the tunnel, the key-server session and the core, on
-    one event loop."""
+    the daemon shell's loop."""
+
+    name = "gateway"
+    unit = "frames"
+    log = log
 
     def __init__(self, config: GatewayConfig):
         self.config = config
@@ -127,11 +132,12 @@ class Gateway:
         self.guards = {"encrypted": PortGuard(config.encrypted_port, config.ethertype)}
         if config.plain_port:
             self.guards["plain"] = PortGuard(config.plain_port, None, egress=False)
-        self.enc = self.plain = self.tunnel = None
+        self.enc: FramePort | None = None    # the encrypted port (sealed frames)
+        self.plain: FramePort | None = None  # the plain port (clear frames), if any
+        self.tunnel: TunnelSocket | None = None
         self.enc_max_frame = 0  # bytes, from the encrypted port's MTU at start (0: not read yet, no check)
         self.core: GatewayCore | None = None
         self.client: GatewayKeyClient | None = None
-        self._logged: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ data path
@@ -260,7 +266,7 @@ class Gateway:
         for engine in self.core.engines():
             yield from engine.replay_highest()
 
-    def _reserve(self) -> None:
+    def reserve(self) -> None:
         """Reserve packet numbers ahead of every frame engine and the tunnel (``packet_clock``)."""
         senders = [*self.core.engines(), self.core.tunnel]
         limit = self.clock.reserve(max(e.send_pn for e in senders))
@@ -280,6 +286,8 @@ class Gateway:
             "plain_port": self.config.plain_port,
             "tunnel_listen": self.config.tunnel_listen or None,
             "tunnel_unknown_sender": self.tunnel.unknown_sender if self.tunnel else 0,
+            "port_read_errors": {name: getattr(port, "read_errors", 0)
+                                 for name, port in (("encrypted", self.enc), ("plain", self.plain)) if port},
             "keyserver": self.client.server,
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
@@ -321,88 +329,61 @@ class Gateway:
                 self.plain = PlainPort(cfg.plain_port)
             if cfg.tunnel_listen:
                 self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())
-            settings = EngineSettings(
-                ethertype=cfg.ethertype, replay_window_frames=cfg.replay_window_frames,
-                hold_frames=cfg.hold_frames, hold_age_s=cfg.hold_age_s, key_retry_s=cfg.key_retry_s,
-                key_retry_max_s=cfg.key_retry_max_s, unknown_cache_s=cfg.unknown_cache_s,
-                switch_after_s=cfg.switch_after_s, retire_after_s=cfg.retire_after_s)
-            self.core = GatewayCore(
-                gw_mac, self.clock.pn_start, tunnel_peers=tuple(cfg.peer_addresses()),
-                has_plain=self.plain is not None,
-                settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
-                                         learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
-                                         refused_cache_s=cfg.refused_cache_s, mac_ageing_s=cfg.mac_ageing_s),
-                engine_settings=settings, gw_id=self.gw_id, floors=self.floors,
-                tunnel_floors=self.tunnel_floors, now=now)
-            self._reserve()
-            self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self,
-                                           token_auth=self.credentials.token_auth)
-            await self._serve()
+            self.start(gw_mac, now)
+            await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
         finally:
             for port in (self.enc, self.plain, self.tunnel):
                 if port is not None:
                     port.close()
 
-    async def _serve(self) -> None:
-        loop = self._loop
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        control = await serve_control(self.config.socket_path, self.snapshot)
-        registry = new_registry()
-        registry.register(FunctionCollector(lambda: gateway_metrics(self, loop.time())))
-        try:
-            metrics = await serve_metrics(self.config.metrics_listen, registry)
-        except LocalError:
-            control.close()
-            raise
-        readers = [(self.enc, self._on_enc), (self.plain, self._on_plain), (self.tunnel, self._on_tunnel)]
-        for port, cb in readers:
-            if port is not None:
-                loop.add_reader(port.fileno(), cb)
-        client_task = asyncio.ensure_future(self.client.run(stop))
-        log.info("gateway_started", extra=fields(
-            id=self.gw_id, mac=format_mac(self.core.gw_mac), encrypted_port=self.config.encrypted_port,
-            plain_port=self.config.plain_port or "-", tunnel_peers=",".join(self.core.peers) or "-",
-            metrics=self.config.metrics_listen or "off"))
-        last_persist = last_log = loop.time()
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), TICK_S)
-                except asyncio.TimeoutError:
-                    pass
-                now = loop.time()
-                if self.floor_file.save_due(now):
-                    self.floor_file.save(self.floors, self._replay_highest(), now)
-                self.core.on_timer(now)
-                if self.tunnel is not None and self.tunnel_floor_file.save_due(now):
-                    self.tunnel_floor_file.save(self.tunnel_floors, self.core.tunnel.highest(), now)
-                self._to_server(now)
-                if now - last_persist >= PERSIST_INTERVAL_S:
-                    self._reserve()
-                    last_persist = now
-                if now - last_log >= DROP_LOG_S:
-                    new = self.core.all_drops() - self._logged
-                    if new:
-                        log.warning("frames_dropped", extra=fields(**dict(new)))
-                        self._logged = self.core.all_drops()
-                    last_log = now
-                if client_task.done() and not stop.is_set():
-                    client_task.result()
-        finally:
-            for port, _ in readers:
-                if port is not None:
-                    loop.remove_reader(port.fileno())
-            stop.set()
-            client_task.cancel()
-            control.close()
-            if metrics is not None:
-                metrics.close()
-            self.floor_file.save(self.floors, self._replay_highest(), loop.time(), stopped=True)
-            self._reserve()
-            try:
-                self.config.socket_path.unlink()
-            except OSError:
-                pass
-            log.info("gateway_stopped")
+    def start(self, gw_mac: bytes, now: float) -> None:
+        """The core (its engines on the replay floors loaded, every tuning key
+        of the config) and the key client, once the ports are open."""
+        cfg = self.config
+        settings = EngineSettings(**tuning_values(cfg), ethertype=cfg.ethertype)
+        self.core = GatewayCore(
+            gw_mac, self.clock.pn_start, tunnel_peers=tuple(cfg.peer_addresses()),
+            has_plain=self.plain is not None,
+            settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
+                                     learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
+                                     refused_cache_s=cfg.refused_cache_s, mac_ageing_s=cfg.mac_ageing_s),
+            engine_settings=settings, gw_id=self.gw_id, floors=self.floors,
+            tunnel_floors=self.tunnel_floors, now=now)
+        self.reserve()
+        self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self,
+                                       token_auth=self.credentials.token_auth)
+
+    # ------------------------------------------------- the shell's hooks (Daemon)
+
+    def readers(self) -> list:
+        return [(port.fileno(), on_readable)
+                for port, on_readable in ((self.enc, self._on_enc), (self.plain, self._on_plain),
+                                          (self.tunnel, self._on_tunnel)) if port is not None]
+
+    def floor_saves(self) -> list[FloorSave]:
+        saves = [FloorSave(self.floor_file, self.floors, self._replay_highest)]
+        if self.tunnel is not None:
+            saves.append(FloorSave(self.tunnel_floor_file, self.tunnel_floors, self.core.tunnel.highest))
+        return saves
+
+    def tick(self, now: float) -> None:
+        self.core.on_timer(now)
+        self._to_server(now)
+
+    def next_deadline(self) -> float | None:
+        return self.core.next_deadline()
+
+    def all_drops(self) -> Counter:
+        return self.core.all_drops()
+
+    def metrics(self, now: float) -> list:
+        return gateway_metrics(self, now)
+
+    def started_fields(self) -> dict:
+        cfg = self.config
+        return dict(id=self.gw_id, mac=format_mac(self.core.gw_mac), encrypted_port=cfg.encrypted_port,
+                    plain_port=cfg.plain_port or "-", tunnel_peers=",".join(self.core.peers) or "-",
+                    metrics=cfg.metrics_listen or "off")
+
+    def stopped_fields(self) -> dict:
+        return {}

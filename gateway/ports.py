@@ -115,7 +115,6 @@ class PlainPort(LinuxWire):
             pass
         sock.setblocking(False)
         self._sock = sock
-        self.write_errors = 0
 
 
 class TunnelSocket:
@@ -135,7 +134,6 @@ class TunnelSocket:
         sock.setblocking(False)
         self._sock = sock
         self.unknown_sender = 0
-        self.write_errors = 0
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -159,8 +157,7 @@ class TunnelSocket:
             self._sock.sendto(datagram, self.peers[peer])
             return True
         except OSError:
-            self.write_errors += 1
-            return False
+            return False  # the caller counts it (tunnel_tx_error)
 
     def close(self) -> None:
         self._sock.close()

@@ -192,6 +192,18 @@ class Tunnel(TableOwner):
         self.table.follow_clock(now)
         self.table.on_timer(now)
 
+    def next_deadline(self) -> float | None:
+        """When ``on_timer`` next has a version to switch or retire (engine
+        time); None: nothing waits."""
+        deadlines = []
+        for link in self.links.values():
+            ring = link.keys
+            if ring.next is not None:
+                deadlines.append(ring.next_since + self.switch_after_s)
+            if ring.previous is not None:
+                deadlines.append(ring.previous_until)
+        return min(deadlines, default=None)
+
     def highest(self) -> list[tuple[bytes, int]]:
         """(peer tag, highest packet number verified) of every window: for ``FloorBook.save``."""
         return self.table.highest()

@@ -12,7 +12,8 @@ from typing import Callable, TypeVar
 
 from pyroute2 import netns
 
-from l2crypt.core.constants import KEYSERVER_TLS_NAME
+from l2crypt.core import frame_wire
+from l2crypt.core.constants import FRAME_VERSION, KEY_ID_PAIR, KEYSERVER_TLS_NAME
 from l2crypt.core.frame_wire import parse_mac
 from l2crypt.core.ks_messages import FrameReader, encode_message
 from l2crypt.lab import segment as L
@@ -104,9 +105,9 @@ def assert_hosts_sent_only_sealed(lab: L.Lab, markers: tuple[bytes, ...] = ()) -
 
 
 def forged_frame(dst: str, src: str, pw_id: int, body: bytes) -> bytes:
-    """An l2crypt-shaped frame (version 1, pair key id) whose body is not sealed by any key."""
-    header = (L.L2C_ETHERTYPE.to_bytes(2, "big") + bytes([1, 1]) + pw_id.to_bytes(4, "big")
-              + (0xFFFF_0000_0000_0000 | int.from_bytes(os.urandom(4), "big")).to_bytes(8, "big"))
+    """An l2crypt-shaped frame (the current frame version, pair key id) whose body is not sealed by any key."""
+    header = frame_wire.HEADER.pack(L.L2C_ETHERTYPE, FRAME_VERSION, KEY_ID_PAIR, pw_id,
+                                    0xFFFF_0000_0000_0000 | int.from_bytes(os.urandom(4), "big"))
     return mac_bytes(dst) + mac_bytes(src) + header + body
 
 

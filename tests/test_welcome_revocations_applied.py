@@ -43,7 +43,7 @@ def test_the_agent_drops_hosts_named_in_the_welcome():
     engine.install_pair_key(H2, "h2", pair_key("h2", "peer"), 1, 1.0)
     assert engine.open_from_wire(sealed_by_h2(H1, 1.0), 1.0) == frame(H1, H2)  # opened before
     agent = stand_in(Agent, engine=engine, config=SimpleNamespace(key_max_age_s=7200.0),
-                     _deliver=lambda d: None, _send_key_requests=lambda now: None)
+                     pump=SimpleNamespace(deliver=lambda d: None), _send_key_requests=lambda now: None)
     Agent.on_welcome(agent, welcome(H2 + H1 + H3))  # h2 and h3 revoked; our own MAC is ignored
     assert H2 not in engine.peers and {H2, H3} <= engine.revoked and H1 not in engine.revoked
     assert engine.open_from_wire(sealed_by_h2(H1, 6.0), 6.0) is None

@@ -10,20 +10,18 @@
    cannot be read or written), then open the packet socket (``open_wire``:
    PACKET_MMAP rings when ``wire_ring`` is ``v2`` or ``v3`` and the kernel allows them,
    else one ``send``/``recv`` per frame; logged as ``wire_opened``).
-3. On the asyncio loop: TAP readable -> seal -> wire; wire readable -> open
-   -> TAP; each wakeup drains up to ``BATCH_FRAMES`` frames, and the frames
-   sealed in one wakeup go to the wire in one ``write_frames``.  With
-   ``datapath = "batched"`` the TAP has offloads and both directions go
-   through ``tap_path.BatchedTapPath`` (segment super-frames before sealing,
-   join segments after opening); if the kernel refuses the offloads the
-   agent runs the simple path and ``datapath_reason`` says why.
+3. The frame path, TAP -> seal -> wire and wire -> open -> TAP, is
+   ``frame_pump.FramePump`` (read it first).  With ``datapath = "batched"``
+   the TAP has offloads and both directions go through
+   ``tap_path.BatchedTapPath``; if the kernel refuses the offloads the agent
+   runs the simple path and ``datapath_reason`` says why.
 4. The key client runs beside it; every key request the engine raises is
    sent at once, answers and pushes install keys and release held frames.
-5. A tick every ``TICK_S`` saves the replay floors (every
-   ``replay_floor.SAVE_INTERVAL_S``; while they cannot be saved the engine
-   refuses frames), reserves packet numbers (every
-   ``packet_clock.PERSIST_INTERVAL_S``), retries requests, runs the engine's
-   timers and logs drops (once per reason per ``DROP_LOG_S``).
+5. The loop is ``ops.daemon_shell.DaemonShell``: it ticks at the engine's
+   next deadline (every ``daemon_shell.TICK_CAP_S`` at most) to save the
+   replay floors (while they cannot be saved the engine refuses frames),
+   retry key requests and run the engine's timers (``tick``), reserve packet
+   numbers every ``packet_clock.PERSIST_INTERVAL_S`` and log drops.
 6. SIGINT/SIGTERM stop it; the floors and the clock are saved a last time.
    The TAP stays, with the host's addresses and without carrier (nothing
    read from it: nothing leaves); the port guard stays.  A restart attaches
@@ -34,11 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from l2crypt.core import engine as engine_mod
 from l2crypt.core.constants import FRAME_OVERHEAD
@@ -48,26 +45,24 @@ from l2crypt.core.frame_wire import format_mac, parse_mac
 from l2crypt.core.ks_messages import revoked_macs
 from l2crypt.core.replay_floor import FloorBook
 from l2crypt.io.linux_tap import LinuxTap, existing_tap
-from l2crypt.io.ports import WirePort
-from l2crypt.io.packet_clock import PERSIST_INTERVAL_S, PacketClock
+from l2crypt.io.packet_clock import PacketClock
 from l2crypt.io.port_guard import PortGuard, guard_port
+from l2crypt.io.ports import FramePort, WirePort
 from l2crypt.io.state_file import FloorFile
 from l2crypt.io.tap_mac import choose_mac, read_stored_mac, store_mac
 from l2crypt.io.wire_ring import TPACKET_V2, TPACKET_V3, open_wire
-from l2crypt.ops.control import serve_control
+from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
-from l2crypt.ops.metrics import FunctionCollector, agent_metrics, new_registry, serve_metrics
+from l2crypt.ops.metrics import agent_metrics
 
-from .config import AgentConfig
+from .config import AgentConfig, tuning_values
+from .frame_pump import FramePump
 from .keyclient import KeyClient
 from .tap_path import BATCHED_COUNTERS, BatchedTapPath
 from .host_key import load_credentials
 
 log = logging.getLogger("l2crypt.agent")
 
-BATCH_FRAMES = 64
-TICK_S = 0.1
-DROP_LOG_S = 10.0
 MIN_TAP_MTU = 576
 
 
@@ -104,8 +99,12 @@ def attach_tap(name: str, mtu: int, state_dir: Path, tap_mac: str | None, offloa
 
 
 class Agent:
-    """The host agent: its TAP and wire ports, the frame engine, the key-server session,
-    control socket and metrics, on one event loop."""
+    """The host agent: its TAP and wire ports, the frame engine and frame pump,
+    the key-server session, on the daemon shell's loop (see the module docstring)."""
+
+    name = "agent"
+    unit = "frames"
+    log = log
 
     def __init__(self, config: AgentConfig):
         self.config = config
@@ -122,69 +121,18 @@ class Agent:
         self.wire: WirePort | None = None
         self.wire_path = "simple: not opened yet"  # which wire port runs, and why (open_wire)
         self.engine: FrameEngine | None = None
+        self.pump: FramePump | None = None
         self.client: KeyClient | None = None
         self.clock = PacketClock(self.state_dir)
         self.floors = FloorBook()
         self.floor_file = FloorFile(self.state_dir)
         self.guard = PortGuard(config.port, config.ethertype)
         self.started_at = time.monotonic()
-        self._logged_drops: Counter = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batched: BatchedTapPath | None = None
         #: The path that runs ("simple" or "batched") and why, if not the one asked for.
         self.datapath = "simple"
         self.datapath_reason = "configured"
-
-    # ------------------------------------------------------------- data path
-
-    def _on_tap_readable(self) -> None:
-        frames = self.tap.read_frames(BATCH_FRAMES)
-        if not frames:
-            return
-        now = self._loop.time()
-        if self.batched is not None:
-            self.batched.seal_batch(frames, now)
-            if self.engine.holds.pending:
-                self._send_key_requests(now)
-            return
-        seal = self.engine.seal_from_tap
-        sealed = [s for s in (seal(frame, now) for frame in frames) if s is not None]
-        if sealed:
-            self._send_to_wire(sealed)
-        if self.engine.holds.pending:
-            self._send_key_requests(now)
-
-    def _on_wire_readable(self) -> None:
-        frames = self.wire.read_frames(BATCH_FRAMES)
-        if not frames:
-            return
-        now = self._loop.time()
-        if self.batched is not None:
-            self.batched.open_batch(frames, now)
-            if self.engine.holds.pending:
-                self._send_key_requests(now)
-            return
-        open_ = self.engine.open_from_wire
-        write = self.tap.write_frame
-        for frame in frames:
-            plain = open_(frame, now)
-            if plain is not None and not write(plain):
-                self.engine.drops["tap_write_error"] += 1
-        if self.engine.holds.pending:
-            self._send_key_requests(now)
-
-    def _send_to_wire(self, frames: list[bytes]) -> None:
-        """The whole batch in one call (one system call on the ring)."""
-        sent = self.wire.write_frames(frames)
-        if sent < len(frames):
-            self.engine.drops["tx_error"] += len(frames) - sent
-
-    def _deliver(self, delivered: engine_mod.Delivered) -> None:
-        if delivered.to_wire:
-            self._send_to_wire(delivered.to_wire)
-        for frame in delivered.to_tap:
-            if not self.tap.write_frame(frame):
-                self.engine.drops["tap_write_error"] += 1
 
     # ------------------------------------------------------------ key events
 
@@ -211,7 +159,7 @@ class Agent:
         for mac in revoked_macs(msg):
             if mac != self.engine.my_mac and mac not in self.engine.revoked:
                 self.on_peer_revoked(mac)
-        self._deliver(self.engine.install_multicast_key(
+        self.pump.deliver(self.engine.install_multicast_key(
             msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))
         # Anything pending gets asked again right away on the new connection.
         for entry in self.engine.holds.pending.values():
@@ -233,7 +181,7 @@ class Agent:
                 peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id, age_s=age_s,
                 held=",".join(str(s.pw_id) for s in now_held.keys.slots()) if now_held else "-",
                 released=len(delivered.to_wire) + len(delivered.to_tap)))
-        self._deliver(delivered)
+        self.pump.deliver(delivered)
 
     def on_unknown(self, peer_mac: bytes) -> None:
         log.info("peer_unknown", extra=fields(peer_mac=format_mac(peer_mac)))
@@ -245,7 +193,7 @@ class Agent:
 
     def on_multicast(self, key: bytes, pw_id: int) -> None:
         held = self.engine.group.newest_pw_id()
-        self._deliver(self.engine.install_multicast_key(key, pw_id, self._loop.time()))
+        self.pump.deliver(self.engine.install_multicast_key(key, pw_id, self._loop.time()))
         if pw_id > held:
             log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
 
@@ -274,6 +222,7 @@ class Agent:
             "datapath_counters": {k: self.engine.counters.get(k, 0) for k in BATCHED_COUNTERS}
                                  if self.batched is not None else {},
             "wire_path": self.wire_path,
+            "wire_read_errors": getattr(self.wire, "read_errors", 0),
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         })
@@ -290,25 +239,42 @@ class Agent:
         """The port guard as the kernel has it now (``PortGuard.reading``)."""
         return self.guard.read()
 
-    # ------------------------------------------------------------- lifecycle
+    # ------------------------------------------------- the shell's hooks (Daemon)
 
-    def _tick(self, now: float) -> None:
-        if self.floor_file.save_due(now):
-            self.floor_file.save(self.floors, self.engine.replay_highest(), now)
+    def readers(self) -> list:
+        return [(self.tap.fileno(), self.pump.on_tap_readable), (self.wire.fileno(), self.pump.on_wire_readable)]
+
+    def floor_saves(self) -> list[FloorSave]:
+        return [FloorSave(self.floor_file, self.floors, self.engine.replay_highest)]
+
+    def tick(self, now: float) -> None:
         self._send_key_requests(now)
         self.engine.on_timer(now)
         if self.engine.notices:
             self._send_notices()
 
-    def _reserve(self) -> None:
+    def next_deadline(self) -> float | None:
+        return self.engine.next_deadline()
+
+    def reserve(self) -> None:
         """Reserve packet numbers ahead of the engine (see ``packet_clock``)."""
         self.engine.pn_limit = self.clock.reserve(self.engine.send_pn)
 
-    def _log_drops(self) -> None:
-        new = self.engine.drops - self._logged_drops
-        if new:
-            log.warning("frames_dropped", extra=fields(**dict(new)))
-            self._logged_drops = Counter(self.engine.drops)
+    def all_drops(self) -> Counter:
+        return self.engine.drops
+
+    def metrics(self, now: float) -> list:
+        return agent_metrics(self, now)
+
+    def started_fields(self) -> dict:
+        return dict(id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
+                    mtu=self.tap_mtu, datapath=self.datapath_text(), servers=",".join(self.config.servers),
+                    metrics=self.config.metrics_listen or "off")
+
+    def stopped_fields(self) -> dict:
+        return dict(self.engine.counters)
+
+    # ------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -320,94 +286,44 @@ class Agent:
         elif cfg.datapath == "batched":
             self.datapath_reason = self.tap.offload_refused
             log.warning("datapath_fallback", extra=fields(datapath="simple", reason=self.datapath_reason))
+        ring = cfg.wire_ring  # "off", or the PACKET_MMAP receive ring: "v2" (a slot per frame), "v3" (blocks)
+
+        def open_wire_port() -> tuple[WirePort, str]:
+            return open_wire(cfg.port, cfg.ethertype, batched=ring != "off",
+                             tpacket_version=TPACKET_V2 if ring == "v2" else TPACKET_V3)
+
         try:
-            settings = EngineSettings(
-                ethertype=cfg.ethertype,
-                replay_window_frames=cfg.replay_window_frames,
-                hold_frames=cfg.hold_frames,
-                hold_age_s=cfg.hold_age_s,
-                key_retry_s=cfg.key_retry_s,
-                key_retry_max_s=cfg.key_retry_max_s,
-                unknown_cache_s=cfg.unknown_cache_s,
-                switch_after_s=cfg.switch_after_s,
-                retire_after_s=cfg.retire_after_s,
-                rekey_after_frames=cfg.rekey_after_frames,
-                max_pending_keys=cfg.max_pending_keys,
-                key_requests_per_s=cfg.key_requests_per_s,
-                key_max_age_s=cfg.key_max_age_s,
-                complete_checksums=not self.tap.vnet_hdr_len,
-            )
-            now = self._loop.time()
-            restored = self.floor_file.load(self.floors, now)
-            if not self.floor_file.save(self.floors, (), now):
-                raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
-            log.info("replay_floors_loaded", extra=fields(senders=restored))
-            self.engine = FrameEngine(self.tap.mac, settings, pn_start=self.clock.pn_start(),
-                                      floors=self.floors, now0=now)
-            self.engine.pn_limit = self.clock.reserved
-            ring = cfg.wire_ring  # "off", or the PACKET_MMAP receive ring: "v2" (a slot per frame), "v3" (blocks)
-            self.wire, self.wire_path = open_wire(cfg.port, cfg.ethertype, batched=ring != "off",
-                                                  tpacket_version=TPACKET_V2 if ring == "v2" else TPACKET_V3)
-            log.info("wire_opened", extra=fields(port=cfg.port, path=self.wire_path))
-            if self.datapath == "batched":
-                self.batched = BatchedTapPath(self.engine, self.tap, self.wire, self.tap_mtu)
-            self.client = KeyClient(cfg.servers, self.ssl_ctx, self.tap.mac, self,
-                                    probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
-                                    failback_holddown_s=cfg.failback_holddown_s,
-                                    token_auth=self.credentials.token_auth)
-            await self._serve()
+            self.start(self.tap, open_wire_port, self._loop.time())
+            await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
         finally:
             if self.wire is not None:
                 self.wire.close()
             self.tap.close()
 
-    async def _serve(self) -> None:
-        loop = self._loop
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        registry = new_registry()
-        registry.register(FunctionCollector(lambda: agent_metrics(self, loop.time())))
-        metrics = await serve_metrics(self.config.metrics_listen, registry)
-        control = await serve_control(self.config.socket_path, self.snapshot)
-        loop.add_reader(self.tap.fileno(), self._on_tap_readable)
-        loop.add_reader(self.wire.fileno(), self._on_wire_readable)
-        client_task = asyncio.ensure_future(self.client.run(stop))
-        log.info("agent_started", extra=fields(
-            id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
-            mtu=self.tap_mtu, datapath=self.datapath_text(), servers=",".join(self.config.servers),
-            metrics=self.config.metrics_listen or "off"))
-        last_persist = last_drop_log = loop.time()
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), TICK_S)
-                except asyncio.TimeoutError:
-                    pass
-                now = loop.time()
-                self._tick(now)
-                if now - last_persist >= PERSIST_INTERVAL_S:
-                    self._reserve()
-                    last_persist = now
-                if now - last_drop_log >= DROP_LOG_S:
-                    self._log_drops()
-                    last_drop_log = now
-                if client_task.done() and not stop.is_set():
-                    client_task.result()  # surface a bug in the client
-        finally:
-            loop.remove_reader(self.tap.fileno())
-            loop.remove_reader(self.wire.fileno())
-            stop.set()
-            client_task.cancel()
-            control.close()
-            if metrics is not None:
-                metrics.close()
-            # The readers are gone and the key client is stopped: no frame is
-            # opened after this save, so the next start needs no lead.
-            self.floor_file.save(self.floors, self.engine.replay_highest(), loop.time(), stopped=True)
-            self._reserve()
-            try:
-                self.config.socket_path.unlink()
-            except OSError:
-                pass
-            log.info("agent_stopped", extra=fields(**{k: v for k, v in self.engine.counters.items()}))
+    def start(self, tap: FramePort, open_wire_port: Callable[[], tuple[WirePort, str]], now: float) -> None:
+        """Everything between the TAP and the loop: the replay floors of the
+        previous life, the engine on them, the wire port (``open_wire_port``:
+        after the floors, so a start that cannot keep them opens nothing),
+        the frame pump and the key client.  Raises LocalError."""
+        cfg = self.config
+        self.tap = tap
+        settings = EngineSettings(**tuning_values(cfg), ethertype=cfg.ethertype,
+                                  complete_checksums=not getattr(tap, "vnet_hdr_len", 0))
+        restored = self.floor_file.load(self.floors, now)
+        if not self.floor_file.save(self.floors, (), now):
+            raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
+        log.info("replay_floors_loaded", extra=fields(senders=restored))
+        self.engine = FrameEngine(tap.mac, settings, pn_start=self.clock.pn_start(), floors=self.floors, now0=now)
+        self.engine.pn_limit = self.clock.reserved
+        self.wire, self.wire_path = open_wire_port()
+        log.info("wire_opened", extra=fields(port=cfg.port, path=self.wire_path))
+        if self.datapath == "batched":
+            self.batched = BatchedTapPath(self.engine, tap, self.wire, self.tap_mtu)
+        self.pump = FramePump(self.engine, tap, self.wire, self._now, self._send_key_requests, self.batched)
+        self.client = KeyClient(cfg.servers, self.ssl_ctx, tap.mac, self,
+                                probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
+                                failback_holddown_s=cfg.failback_holddown_s,
+                                token_auth=self.credentials.token_auth)
+
+    def _now(self) -> float:
+        return self._loop.time()

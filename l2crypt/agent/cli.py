@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 
@@ -10,6 +9,7 @@ import click
 
 from l2crypt import __version__
 from l2crypt.core.errors import ConfigError, L2cryptError
+from l2crypt.ops.cli_options import tuning_options
 
 from .config import DEFAULT_METRICS_LISTEN, DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
 
@@ -109,18 +109,7 @@ def _agent_options(fn):
         click.option("--datapath", help=docs["datapath"] + " [default: simple]"),
         click.option("--wire-ring", help=docs["wire_ring"] + " [default: off]"),
         click.option("--ethertype", type=lambda s: int(s, 0), help=docs["ethertype"] + " [default: 0x88b5]"),
-        click.option("--replay-window-frames", type=int, help=docs["replay_window_frames"] + " [default: 2048]"),
-        click.option("--hold-frames", type=int, help=docs["hold_frames"] + " [default: 16]"),
-        click.option("--hold-age-s", type=float, help=docs["hold_age_s"] + " [default: 2.0]"),
-        click.option("--key-retry-s", type=float, help=docs["key_retry_s"] + " [default: 0.5]"),
-        click.option("--key-retry-max-s", type=float, help=docs["key_retry_max_s"] + " [default: 8.0]"),
-        click.option("--max-pending-keys", type=int, help=docs["max_pending_keys"] + " [default: 1024]"),
-        click.option("--key-requests-per-s", type=float, help=docs["key_requests_per_s"] + " [default: 50]"),
-        click.option("--unknown-cache-s", type=float, help=docs["unknown_cache_s"] + " [default: 5.0]"),
-        click.option("--switch-after-s", type=float, help=docs["switch_after_s"] + " [default: 2.0]"),
-        click.option("--retire-after-s", type=float, help=docs["retire_after_s"] + " [default: 30.0]"),
-        click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"] + " [default: 2^32]"),
-        click.option("--key-max-age-s", type=float, help=docs["key_max_age_s"] + " [default: 7200]"),
+        *tuning_options(AgentConfig),
         click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"] + " [default: 5.0]"),
         click.option("--probe-failures", type=int, help=docs["probe_failures"] + " [default: 3]"),
         click.option("--failback-holddown-s", type=float, help=docs["failback_holddown_s"] + " [default: 30.0]"),
@@ -144,31 +133,12 @@ def agent(config_path, servers, **overrides) -> None:
     it stops, so the host keeps its addresses; it keeps the TAP's MAC in the
     state directory (tap.mac).  `l2crypt remove-tap` deletes the TAP.
     """
+    from l2crypt.ops.daemon_shell import run_daemon
+
     from .agent import Agent
 
     overrides["servers"] = list(servers) if servers else None
     run_daemon(lambda: load_agent_config(config_path, overrides), Agent, fail)
-
-
-def run_daemon(load_config, daemon_class, fail) -> None:
-    """Load a daemon's config (a bad one: one line, exit 2), set up logging, lock
-    the state directory (``state_lock``) and run the daemon in the foreground
-    until SIGTERM or Ctrl-C.  Shared by the agent, the layer-3 agent and the gateway."""
-    from l2crypt.ops.logs import setup_logging
-    from l2crypt.io.state_lock import lock_state_dir
-
-    try:
-        config = load_config()
-    except L2cryptError as exc:
-        fail(str(exc), 2)
-    setup_logging(config.log_level, config.log_format)
-    try:
-        lock = lock_state_dir(config.state_dir)  # noqa: F841 - held until the daemon returns
-        asyncio.run(daemon_class(config).run())
-    except L2cryptError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        pass
 
 
 @cli.command()

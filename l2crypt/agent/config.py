@@ -162,7 +162,53 @@ def setting(default, check, doc):
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class EngineTuning:
+    """The engine tuning keys every daemon takes (host agent, layer-3 agent,
+    gateway), with one meaning, range and default each.  A *frame* is a
+    packet for the layer-3 agent, a *MAC* a peer (by IP or ID).  The daemons'
+    configs inherit these fields; ``tuning_values`` hands them to the engine
+    settings."""
+
+    replay_window_frames: int = setting(DEFAULT_REPLAY_WINDOW_FRAMES, check_int_range(64, 1 << 20),
+                                        "frames of reordering a replay window accepts")
+    hold_frames: int = setting(DEFAULT_HOLD_FRAMES, check_int_range(0, 1024),
+                               "frames held per MAC while its key is requested")
+    hold_age_s: float = setting(DEFAULT_HOLD_AGE_S, check_seconds(0.0, 60.0), "longest a frame is held, seconds")
+    key_retry_s: float = setting(DEFAULT_KEY_RETRY_S, check_seconds(0.05, 60.0), "first key request retry, seconds")
+    key_retry_max_s: float = setting(DEFAULT_KEY_RETRY_MAX_S, check_seconds(0.05, 600.0),
+                                     "key request backoff ceiling, seconds")
+    max_pending_keys: int = setting(DEFAULT_MAX_PENDING_KEYS, check_int_range(2, 1 << 20),
+                                    "MACs waiting for a key at once; frames to more are dropped (pending_full)")
+    key_requests_per_s: float = setting(DEFAULT_KEY_REQUESTS_PER_S, check_seconds(1.0, 100000.0),
+                                        "key requests sent per second at most")
+    unknown_cache_s: float = setting(DEFAULT_UNKNOWN_CACHE_S, check_seconds(0.0, 3600.0),
+                                     "how long an 'unknown MAC' answer is believed, seconds")
+    switch_after_s: float = setting(DEFAULT_SWITCH_AFTER_S, check_seconds(0.0, 600.0),
+                                    "longest a sender keeps the old key after a new version arrives, seconds")
+    retire_after_s: float = setting(DEFAULT_RETIRE_AFTER_S, check_seconds(0.0, 3600.0),
+                                    "how long an old key version is still accepted after the switch, seconds")
+    rekey_after_frames: int = setting(DEFAULT_REKEY_AFTER_FRAMES, check_int_range(16, 2**62),
+                                      "frames sent under one pair key before the daemon asks for a new one")
+
+
+@dataclass(frozen=True)
+class FrameTuning(EngineTuning):
+    """``EngineTuning`` plus the keys only the layer-2 frame engines have (host agent, gateway)."""
+
+    key_max_age_s: float = setting(DEFAULT_KEY_MAX_AGE_S, check_seconds(60.0, 30 * 86400.0),
+                                   "longest a key version is used after the key server made it, seconds "
+                                   "(the server's key_max_age_s wins if lower)")
+
+
+def tuning_values(config: EngineTuning) -> dict[str, Any]:
+    """The tuning keys ``config`` has (``EngineTuning``, and ``FrameTuning``'s
+    if it is one), by name: what an ``EngineSettings`` or ``L3Settings`` takes."""
+    cls = FrameTuning if isinstance(config, FrameTuning) else EngineTuning
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class AgentConfig(FrameTuning):
     """Settings of one host agent (one wire port, one TAP)."""
 
     port: str = setting(None, check_iface, "wire port: the physical interface toward the switch")
@@ -183,28 +229,6 @@ class AgentConfig:
                              "receive slots) or v3 (TPACKET_V3 receive blocks: about 1 ms more round trip on "
                              "sparse traffic); falls back to off if the kernel refuses the rings")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
-    replay_window_frames: int = setting(DEFAULT_REPLAY_WINDOW_FRAMES, check_int_range(64, 1 << 20),
-                                   "frames of reordering the replay window accepts")
-    hold_frames: int = setting(DEFAULT_HOLD_FRAMES, check_int_range(0, 1024),
-                          "frames held per MAC while its key is requested")
-    hold_age_s: float = setting(DEFAULT_HOLD_AGE_S, check_seconds(0.0, 60.0), "longest a frame is held, seconds")
-    key_retry_s: float = setting(DEFAULT_KEY_RETRY_S, check_seconds(0.05, 60.0), "first key request retry, seconds")
-    key_retry_max_s: float = setting(DEFAULT_KEY_RETRY_MAX_S, check_seconds(0.05, 600.0), "key request backoff ceiling, seconds")
-    max_pending_keys: int = setting(DEFAULT_MAX_PENDING_KEYS, check_int_range(1, 1 << 20),
-                               "MACs waiting for a key at once; frames to more are dropped (pending_full)")
-    key_requests_per_s: float = setting(DEFAULT_KEY_REQUESTS_PER_S, check_seconds(1.0, 100000.0),
-                                   "key requests sent per second at most")
-    unknown_cache_s: float = setting(DEFAULT_UNKNOWN_CACHE_S, check_seconds(0.0, 3600.0),
-                                "how long an 'unknown MAC' answer is believed, seconds")
-    switch_after_s: float = setting(DEFAULT_SWITCH_AFTER_S, check_seconds(0.0, 600.0),
-                               "longest a sender keeps the old key after a new version arrives, seconds")
-    retire_after_s: float = setting(DEFAULT_RETIRE_AFTER_S, check_seconds(0.0, 3600.0),
-                               "how long an old key version is still accepted after the switch, seconds")
-    rekey_after_frames: int = setting(DEFAULT_REKEY_AFTER_FRAMES, check_int_range(16, 2**62),
-                                 "frames sent under one pair key before the agent asks for a new one")
-    key_max_age_s: float = setting(DEFAULT_KEY_MAX_AGE_S, check_seconds(60.0, 30 * 86400.0),
-                              "longest a key version is used after the key server made it, seconds "
-                              "(the server's key_max_age_s wins if lower)")
     probe_interval_s: float = setting(5.0, check_seconds(0.05, 600.0),
                                  "seconds between pings of the key server in use (and of better ones)")
     probe_failures: int = setting(3, check_int_range(1, 100), "missed pongs in a row before failing over to the next server")

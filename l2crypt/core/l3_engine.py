@@ -350,8 +350,12 @@ class L3Engine(TableOwner):
                 self.counters["keepalives_sent"] += 1
 
     def next_deadline(self) -> float | None:
-        """When ``take_key_requests``/``on_timer`` next have work, in engine time."""
+        """When ``take_key_requests``/``on_timer`` next have work (held packets,
+        key versions, nat keepalives), in engine time; None: nothing waits."""
         deadlines = [d for d in (self.holds.next_deadline(), self.table.next_deadline()) if d is not None]
+        if self.mode == l3_wire.MODE_NAT and self.settings.nat_keepalive_s > 0:
+            deadlines += [path.sent_at + self.settings.nat_keepalive_s
+                          for peer in self.peers.values() for path in peer.paths.values()]
         return min(deadlines) if deadlines else None
 
     # --------------------------------------------------------------- installing

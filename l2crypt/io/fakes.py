@@ -2,6 +2,8 @@
 
 * ``ChannelPort``: a FramePort backed by two deques (what was written, what
   is waiting to be read) — a TAP or a wire port without a kernel.
+* ``ChannelTap``: a ChannelPort with what the agent reads of its TAP (MAC,
+  MTU, no virtio-net header).
 * ``VnetChannelPort``: a ChannelPort for a TAP opened with ``IFF_VNET_HDR``:
   what is written carries a virtio-net header (``write_vnet``).
 * ``FakeSwitch``: a hub joining the wire sides of several agents; it records
@@ -43,6 +45,20 @@ class ChannelPort:
 
     def close(self) -> None:
         pass
+
+
+class ChannelTap(ChannelPort):
+    """A TAP without a kernel: a ChannelPort with a MAC and an MTU (``LinuxTap``'s attributes)."""
+
+    vnet_hdr_len = 0
+
+    def __init__(self, name: str, mac: bytes, mtu: int = 1468):
+        super().__init__(name)
+        self.mac = bytes(mac)
+        self.mtu = mtu
+
+    def live_mtu(self) -> int:
+        return self.mtu
 
 
 class VnetChannelPort(ChannelPort):

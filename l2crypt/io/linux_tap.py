@@ -186,7 +186,6 @@ class LinuxTap:
         self.mtu = mtu
         self._fd = self._dev.fileno()
         os.set_blocking(self._fd, False)
-        self.write_errors = 0
 
     def fileno(self) -> int:
         return self._fd
@@ -217,8 +216,7 @@ class LinuxTap:
                 os.write(self._fd, frame)
             return True
         except OSError:
-            self.write_errors += 1
-            return False
+            return False  # the caller counts it (tap_write_error)
 
     def write_vnet(self, vnet_hdr: bytes, frame) -> bool:
         """Write ``frame`` with its encoded virtio-net header (offload mode only)."""
@@ -226,8 +224,7 @@ class LinuxTap:
             os.writev(self._fd, (vnet_hdr, frame))
             return True
         except OSError:
-            self.write_errors += 1
-            return False
+            return False  # the caller counts it (tap_write_error)
 
     def close(self) -> None:
         """Close the descriptor; the persistent TAP stays (without carrier)."""

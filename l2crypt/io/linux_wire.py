@@ -3,20 +3,33 @@
 The socket is bound to the l2crypt EtherType, so the kernel hands it only
 l2crypt frames; frames this host sends are not looped back to it
 (PACKET_IGNORE_OUTGOING).
+
+A read that finds nothing waiting (EAGAIN, EWOULDBLOCK, EINTR) ends the
+batch quietly.  Any other error (ENETDOWN when the port goes down, ...) ends
+it too, is counted in ``read_errors`` (status: ``wire_read_errors``) and
+logged as ``wire_read_error``, at most once per ``READ_ERROR_LOG_S``.  A
+refused write returns False; the caller counts it as a drop (``tx_error``).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import socket
+import time
 
 from l2crypt.core.errors import LocalError
+from l2crypt.ops.logs import fields
+
+log = logging.getLogger("l2crypt.wire")
 
 SOL_PACKET = 263            # linux/socket.h
 PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h, Linux >= 4.20
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 MAX_FRAME = 65536
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+#: A read error is logged at most this often (seconds), with the count so far.
+READ_ERROR_LOG_S = 10.0
 
 
 def open_packet_socket(port: str, ethertype: int, before_bind=None) -> socket.socket:
@@ -58,14 +71,17 @@ def open_packet_socket(port: str, ethertype: int, before_bind=None) -> socket.so
 
 
 class LinuxWire:
-    """Raw l2crypt frames on one interface, non-blocking.  Implements FramePort."""
+    """Raw l2crypt frames on one interface, non-blocking.  Implements WirePort."""
+
+    #: Reads that failed with an error other than "nothing waiting" (see the module docstring).
+    read_errors = 0
+    _next_error_log = 0.0
 
     def __init__(self, port: str, ethertype: int):
         self.name = port
         sock = open_packet_socket(port, ethertype)
         sock.setblocking(False)
         self._sock = sock
-        self.write_errors = 0
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -76,16 +92,25 @@ class LinuxWire:
         for _ in range(limit):
             try:
                 frames.append(recv(MAX_FRAME))
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in _AGAIN:
+                    self._read_failed(exc)
                 break
         return frames
+
+    def _read_failed(self, exc: OSError) -> None:
+        self.read_errors += 1
+        now = time.monotonic()
+        if now >= self._next_error_log:
+            self._next_error_log = now + READ_ERROR_LOG_S
+            log.warning("wire_read_error", extra=fields(
+                port=self.name, reason=errno.errorcode.get(exc.errno, str(exc)), read_errors=self.read_errors))
 
     def write_frame(self, frame: bytes) -> bool:
         try:
             self._sock.send(frame)
             return True
         except OSError:
-            self.write_errors += 1
             return False
 
     def write_frames(self, frames) -> int:

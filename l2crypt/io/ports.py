@@ -1,14 +1,17 @@
 """The narrow interfaces between the agent's loop and the outside world.
 
-The agent only needs these; the Linux implementations live in
-``linux_tap``, ``linux_wire`` and ``wire_ring``, the in-memory ones in ``fakes``.
+The agent's frame pump and the gateway only need these; the Linux
+implementations live in ``linux_tap``, ``linux_wire`` and ``wire_ring`` (and
+the gateway's ``ports.PlainPort``), the in-memory ones in ``fakes``.  Both are
+``runtime_checkable``: tests/test_ports.py checks every implementation.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
+@runtime_checkable
 class FramePort(Protocol):
     """A place Ethernet frames come from and go to (a TAP, a wire port)."""
 
@@ -31,6 +34,7 @@ class FramePort(Protocol):
         """Release the descriptor.  Idempotent."""
 
 
+@runtime_checkable
 class WirePort(FramePort, Protocol):
     """The wire side: a FramePort that also takes a batch of frames."""
 

@@ -17,13 +17,14 @@
    sockets.
 4. The key client runs beside it: ``l3_hello`` + ``ip_bind`` of the host's
    addresses, key requests by IP and by sender ID, pushes of new versions.
-5. A tick every ``TICK_S`` retries requests, ages held packets and key
-   versions, moves the packet counter to the clock, sends keepalives, saves
-   the replay floors every ``replay_floor.SAVE_INTERVAL_S`` (the engine
-   refuses packets while they are unsaved), persists the packet clock, reads
-   the inbound rule's counter (in a thread: it runs iptables-save or nft) and
-   logs drops.
-6. SIGINT/SIGTERM stop it: held packets are dropped; with ``fail_closed`` the
+5. The loop is ``ops.daemon_shell.DaemonShell``: at the engine's next
+   deadline (every ``daemon_shell.TICK_CAP_S`` at most) it saves the replay
+   floors when due (the engine refuses packets while they are unsaved), then
+   ``tick`` retries requests, ages held packets and key versions, moves the
+   packet counter to the clock, sends keepalives and reads the inbound
+   rule's counter (every ``REFUSED_READ_S``, in a thread: it runs
+   iptables-save or nft); the shell persists the packet clock and logs drops.
+6. SIGINT/SIGTERM stop it: the floors are saved as a clean stop; held packets are dropped; with ``fail_closed`` the
    rules are replaced by ones that drop the policy's traffic, else removed.
    After a crash the queue rules stay, and a queue with no listener drops.
 """
@@ -32,23 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 import time
 from collections import Counter
 from pathlib import Path
 
 from l2crypt.agent.host_key import load_credentials
+from l2crypt.agent.config import tuning_values
 from l2crypt.core import l3_engine, l3_wire
 from l2crypt.core.errors import LocalError
 from l2crypt.core.l3_engine import L3Engine, L3Settings, Verdict
 from l2crypt.core.replay_floor import FloorBook
 from l2crypt.io import nft_rules
-from l2crypt.io.packet_clock import PERSIST_INTERVAL_S, PacketClock
+from l2crypt.io.packet_clock import PacketClock
 from l2crypt.io.state_file import FloorFile
-from l2crypt.ops.control import serve_control
+from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
-from l2crypt.ops.metrics import FunctionCollector, new_registry, serve_metrics
 
 from .config import L3AgentConfig
 from .keyclient import L3KeyClient
@@ -56,8 +56,6 @@ from .status import engine_snapshot, l3_metrics
 
 log = logging.getLogger("l2crypt.l3agent")
 
-TICK_S = 0.1
-DROP_LOG_S = 10.0
 QUEUE_MAX_PACKETS = 4096
 NF_INET_LOCAL_OUT = 3
 #: The replay floors file in the state directory (the layer-2 agent has its own).
@@ -96,7 +94,11 @@ class LocalSender:
 
 
 class L3Agent:
-    """One layer-3 agent (see the module docstring)."""
+    """One layer-3 agent on the daemon shell's loop (see the module docstring)."""
+
+    name = "l3_agent"
+    unit = "packets"
+    log = log
 
     def __init__(self, config: L3AgentConfig):
         self.config = config
@@ -120,8 +122,8 @@ class L3Agent:
         self.refused_inbound = 0
         self._refused_read: asyncio.Future | None = None
         self._udp: list[socket.socket] = []
+        self._refused_read_at = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._logged_drops: Counter = Counter()
 
     # ------------------------------------------------------------- data path
 
@@ -296,19 +298,13 @@ class L3Agent:
             raise LocalError(f"cannot write {self.floor_file.path}: the replay floors must survive a restart")
         log.info("replay_floors_loaded", extra=fields(senders=restored, path=str(self.floor_file.path)))
 
-    async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def start(self, now: float) -> None:
+        """The replay floors of the previous life, the engine on them and the
+        key client (no queue, no rules yet).  Raises LocalError."""
         cfg = self.config
-        now = self._loop.time()
-        settings = L3Settings(
-            mode=cfg.mode, udp_port=cfg.udp_port, replay_window_frames=cfg.replay_window_frames,
-            hold_frames=cfg.hold_frames, hold_age_s=cfg.hold_age_s, key_retry_s=cfg.key_retry_s,
-            key_retry_max_s=cfg.key_retry_max_s, max_pending_keys=cfg.max_pending_keys,
-            key_requests_per_s=cfg.key_requests_per_s, max_held_packets=QUEUE_MAX_PACKETS // 2,
-            unknown_cache_s=cfg.unknown_cache_s, switch_after_s=cfg.switch_after_s,
-            retire_after_s=cfg.retire_after_s, rekey_after_frames=cfg.rekey_after_frames,
-            path_mtu=cfg.path_mtu, nat_keepalive_s=cfg.nat_keepalive_s,
-        )
+        settings = L3Settings(**tuning_values(cfg), mode=cfg.mode, udp_port=cfg.udp_port,
+                              max_held_packets=QUEUE_MAX_PACKETS // 2, path_mtu=cfg.path_mtu,
+                              nat_keepalive_s=cfg.nat_keepalive_s)
         self._start_floors(now)
         self.engine = L3Engine(self.host_id, self.my_ips, settings, pn_start=self.clock.pn_start(), now=now,
                                floors=self.floors)
@@ -316,6 +312,11 @@ class L3Agent:
                                   probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
                                   failback_holddown_s=cfg.failback_holddown_s,
                                   token_auth=self.credentials.token_auth)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.start(self._loop.time())
         try:
             if cfg.mode == "nat":
                 self.local = LocalSender(self.versions)
@@ -323,7 +324,7 @@ class L3Agent:
             self._bind_queue()
             self._rules_on()
             try:
-                await self._serve()
+                await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
             finally:
                 self._rules_off()
                 self._give_all(self.engine.drain_all())
@@ -335,67 +336,43 @@ class L3Agent:
             if self.local is not None:
                 self.local.close()
 
-    async def _serve(self) -> None:
-        loop = self._loop
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        registry = new_registry()
-        registry.register(FunctionCollector(lambda: l3_metrics(self, loop.time())))
-        metrics = await serve_metrics(self.config.metrics_listen, registry)
-        control = await serve_control(self.config.socket_path, self.snapshot)
-        fd = self.queue.get_fd()
-        loop.add_reader(fd, self._on_queue_readable)
-        client_task = asyncio.ensure_future(self.client.run(stop))
-        log.info("l3_agent_started", extra=fields(
-            id=self.host_id, mode=self.config.mode, addresses=",".join(self.config.addresses),
-            prefixes=",".join(self.config.prefixes), queue=self.config.queue_num, table=self.config.table,
-            rules=self.rules.name, overhead=self.overhead[4], path_mtu=self.config.path_mtu,
-            servers=",".join(self.config.servers), metrics=self.config.metrics_listen or "off"))
-        last_persist = last_drop_log = last_refused = loop.time()
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), TICK_S)
-                except asyncio.TimeoutError:
-                    pass
-                now = loop.time()
-                self._give_all(self.engine.on_timer(now))
-                self._after_batch(now)
-                for kind, peer_id, pw_id in self.engine.take_notices():
-                    log.info("key_notice", extra=fields(kind=kind, peer_id=peer_id, pw_id=pw_id))
-                    self.client.send_l3_notice(kind, peer_id, pw_id)
-                if self.floor_file.save_due(now):
-                    self.floor_file.save(self.floors, self.engine.highest_verified(), now)
-                if now - last_persist >= PERSIST_INTERVAL_S:
-                    self.clock.persist()
-                    last_persist = now
-                if now - last_refused >= REFUSED_READ_S or self._refused_read is not None:
-                    self._read_refused()
-                    last_refused = now
-                if now - last_drop_log >= DROP_LOG_S:
-                    self._log_drops()
-                    last_drop_log = now
-                if client_task.done() and not stop.is_set():
-                    client_task.result()
-        finally:
-            loop.remove_reader(fd)
-            stop.set()
-            client_task.cancel()
-            control.close()
-            if metrics is not None:
-                metrics.close()
-            self.clock.persist()
-            self.floor_file.save(self.floors, self.engine.highest_verified(), loop.time())
-            try:
-                self.config.socket_path.unlink()
-            except OSError:
-                pass
-            log.info("l3_agent_stopped", extra=fields(fail_closed=self.config.fail_closed,
-                                                      **dict(self.engine.counters)))
+    # ------------------------------------------------- the shell's hooks (Daemon)
 
-    def _log_drops(self) -> None:
-        new = self.engine.drops - self._logged_drops
-        if new:
-            log.warning("packets_dropped", extra=fields(**dict(new)))
-            self._logged_drops = Counter(self.engine.drops)
+    def readers(self) -> list:
+        return [(self.queue.get_fd(), self._on_queue_readable)]
+
+    def floor_saves(self) -> list[FloorSave]:
+        return [FloorSave(self.floor_file, self.floors, self.engine.highest_verified)]
+
+    def tick(self, now: float) -> None:
+        self._give_all(self.engine.on_timer(now))
+        self._after_batch(now)
+        for kind, peer_id, pw_id in self.engine.take_notices():
+            log.info("key_notice", extra=fields(kind=kind, peer_id=peer_id, pw_id=pw_id))
+            self.client.send_l3_notice(kind, peer_id, pw_id)
+        if now - self._refused_read_at >= REFUSED_READ_S or self._refused_read is not None:
+            self._read_refused()
+            self._refused_read_at = now
+
+    def next_deadline(self) -> float | None:
+        return self.engine.next_deadline()
+
+    def reserve(self) -> None:
+        """Persist the packet clock (the engine's counter follows it, see ``packet_clock``)."""
+        self.clock.persist()
+
+    def all_drops(self) -> Counter:
+        return self.engine.drops
+
+    def metrics(self, now: float) -> list:
+        return l3_metrics(self, now)
+
+    def started_fields(self) -> dict:
+        cfg = self.config
+        return dict(id=self.host_id, mode=cfg.mode, addresses=",".join(cfg.addresses),
+                    prefixes=",".join(cfg.prefixes), queue=cfg.queue_num, table=cfg.table,
+                    rules=self.rules.name if self.rules is not None else "-", overhead=self.overhead[4],
+                    path_mtu=cfg.path_mtu, servers=",".join(cfg.servers), metrics=cfg.metrics_listen or "off")
+
+    def stopped_fields(self) -> dict:
+        return dict(fail_closed=self.config.fail_closed, **dict(self.engine.counters))

@@ -9,6 +9,7 @@ import click
 
 from l2crypt.agent.config import DEFAULT_STATE_DIR, config_keys
 from l2crypt.core.errors import L2cryptError
+from l2crypt.ops.cli_options import tuning_options
 
 from .config import L3AgentConfig, load_l3_config
 
@@ -30,17 +31,7 @@ def _options(fn):
         click.option("--table", help=docs["table"] + " [default: l2crypt_l3]"),
         click.option("--rules-backend", help=docs["rules_backend"] + " [default: auto]"),
         click.option("--fail-closed/--no-fail-closed", default=None, help=docs["fail_closed"] + " [default: on]"),
-        click.option("--replay-window-frames", type=int, help=docs["replay_window_frames"]),
-        click.option("--hold-frames", type=int, help=docs["hold_frames"]),
-        click.option("--hold-age-s", type=float, help=docs["hold_age_s"]),
-        click.option("--key-retry-s", type=float, help=docs["key_retry_s"]),
-        click.option("--key-retry-max-s", type=float, help=docs["key_retry_max_s"]),
-        click.option("--unknown-cache-s", type=float, help=docs["unknown_cache_s"]),
-        click.option("--switch-after-s", type=float, help=docs["switch_after_s"]),
-        click.option("--retire-after-s", type=float, help=docs["retire_after_s"]),
-        click.option("--rekey-after-frames", type=int, help=docs["rekey_after_frames"]),
-        click.option("--max-pending-keys", type=int, help=docs["max_pending_keys"]),
-        click.option("--key-requests-per-s", type=float, help=docs["key_requests_per_s"]),
+        *tuning_options(L3AgentConfig),
         click.option("--path-mtu", type=int, help=docs["path_mtu"] + " [default: 1500]"),
         click.option("--nat-keepalive-s", type=float, help=docs["nat_keepalive_s"] + " [default: 25]"),
         click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"]),
@@ -64,7 +55,7 @@ def register(cli: click.Group, fail) -> None:
         """Run the layer-3 agent: seal IPv4 and IPv6 traffic to the policy
         prefixes (routed: IP protocol 253; nat: over UDP) through NFQUEUE, and
         refuse plain packets from them."""
-        from l2crypt.agent.cli import run_daemon
+        from l2crypt.ops.daemon_shell import run_daemon
         from .agent import L3Agent
 
         overrides["servers"] = list(servers) if servers else None

@@ -20,6 +20,7 @@ from typing import Any
 
 from l2crypt.agent.config import (
     DEFAULT_STATE_DIR,
+    EngineTuning,
     LOG_FORMATS,
     LOG_LEVELS,
     PKCS11_PIN_FILE_DOC,
@@ -33,20 +34,7 @@ from l2crypt.agent.config import (
     load_config,
     setting,
 )
-from l2crypt.core.constants import (
-    DEFAULT_HOLD_AGE_S,
-    DEFAULT_HOLD_FRAMES,
-    DEFAULT_KEY_REQUESTS_PER_S,
-    DEFAULT_KEY_RETRY_MAX_S,
-    DEFAULT_KEY_RETRY_S,
-    DEFAULT_MAX_PENDING_KEYS,
-    DEFAULT_REKEY_AFTER_FRAMES,
-    DEFAULT_REPLAY_WINDOW_FRAMES,
-    DEFAULT_RETIRE_AFTER_S,
-    DEFAULT_SWITCH_AFTER_S,
-    DEFAULT_UNKNOWN_CACHE_S,
-    DEFAULT_WIRE_MTU,
-)
+from l2crypt.core.constants import DEFAULT_WIRE_MTU
 from l2crypt.core.ks_messages import MAX_PEER_IPS
 from l2crypt.core.l3_types import DEFAULT_NAT_KEEPALIVE_S
 from l2crypt.io.nft_rules import BACKENDS, check_table_name
@@ -104,8 +92,9 @@ def _table(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class L3AgentConfig:
-    """Settings of one layer-3 agent (one policy, one NFQUEUE, one nft table)."""
+class L3AgentConfig(EngineTuning):
+    """Settings of one layer-3 agent (one policy, one NFQUEUE, one nft table);
+    the engine tuning keys come from ``EngineTuning`` (frames are packets here)."""
 
     mode: str = setting("routed", check_choice(("routed", "nat")),
                    "routed (IP header kept, protocol 253) or nat (sealed packet over UDP)")
@@ -119,26 +108,6 @@ class L3AgentConfig:
     table: str = setting(DEFAULT_TABLE, _table, "name of this instance's rule set (nft table / iptables chains)")
     rules_backend: str = setting("auto", check_choice(BACKENDS), "auto (nft if the kernel has nft_queue, else iptables), nft or iptables")
     fail_closed: bool = setting(True, _bool, "on stop, keep dropping the policy's traffic (true) or remove the rules")
-    replay_window_frames: int = setting(DEFAULT_REPLAY_WINDOW_FRAMES, check_int_range(64, 1 << 20),
-                                   "packets of reordering the replay window accepts")
-    hold_frames: int = setting(DEFAULT_HOLD_FRAMES, check_int_range(0, 1024),
-                          "packets held per peer while its key is requested")
-    hold_age_s: float = setting(DEFAULT_HOLD_AGE_S, check_seconds(0.0, 60.0), "longest a packet is held, seconds")
-    key_retry_s: float = setting(DEFAULT_KEY_RETRY_S, check_seconds(0.05, 60.0), "first key request retry, seconds")
-    key_retry_max_s: float = setting(DEFAULT_KEY_RETRY_MAX_S, check_seconds(0.05, 600.0), "key request backoff ceiling, seconds")
-    max_pending_keys: int = setting(DEFAULT_MAX_PENDING_KEYS, check_int_range(2, 1 << 20),
-                               "peers (by IP or ID) waiting for a key at once; packets to more are dropped "
-                               "(pending_full)")
-    key_requests_per_s: float = setting(DEFAULT_KEY_REQUESTS_PER_S, check_seconds(1.0, 100000.0),
-                                   "key requests sent per second at most")
-    unknown_cache_s: float = setting(DEFAULT_UNKNOWN_CACHE_S, check_seconds(0.0, 3600.0),
-                                "how long an 'unknown peer' answer is believed, seconds")
-    switch_after_s: float = setting(DEFAULT_SWITCH_AFTER_S, check_seconds(0.0, 600.0),
-                               "longest a sender keeps the old key after a new version arrives, seconds")
-    retire_after_s: float = setting(DEFAULT_RETIRE_AFTER_S, check_seconds(0.0, 3600.0),
-                               "how long an old key version is still accepted after the switch, seconds")
-    rekey_after_frames: int = setting(DEFAULT_REKEY_AFTER_FRAMES, check_int_range(16, 2**62),
-                                 "packets sent under one pair key before the agent asks for a new one")
     path_mtu: int = setting(DEFAULT_WIRE_MTU, check_int_range(576, 65535),
                        "MTU of the path between the hosts, bytes: sealed packets are kept within it "
                        "(TCP MSS clamp; larger packets that may not be fragmented are dropped: too_big)")

@@ -76,7 +76,7 @@ from .support import (
     wait_listening,
 )
 
-L2C_ETHERTYPE = 0x88B5
+L2C_ETHERTYPE = 0x88B5  # constants.DEFAULT_ETHERTYPE (the lab runs the defaults)
 HOSTS = ("h1", "h2", "h3")
 KS_IP = "10.67.0.1"
 KS_PORT = 7788

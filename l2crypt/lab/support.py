@@ -20,12 +20,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 
-if TYPE_CHECKING:
-    from .segment import Lab
 
 class LabError(Exception):
     """The lab could not be built or a step of it failed; the message says which."""
@@ -168,7 +165,7 @@ def ethertype_counts(frames: list[bytes]) -> dict[int, int]:
 class Capture:
     """A tcpdump writing ``pcap`` until ``stop()``; started by ``Lab.capture``."""
 
-    def __init__(self, lab: "Lab", proc: Proc, pcap: Path):
+    def __init__(self, lab: LabProcesses, proc: Proc, pcap: Path):
         self.lab, self.proc, self.pcap = lab, proc, pcap
 
     def frames(self) -> list[bytes]:

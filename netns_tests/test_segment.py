@@ -17,8 +17,9 @@
 #
 # TAP addresses are 10.66.0.1x/24 and fd66::1x/64.  Tcpdump watches what each
 # host port receives from before the agents start (-Q in), for the lab's life.
-# One lab serves the whole module; the key-miss test runs first, while the
-# pair h2-h3 has never talked.
+# One lab serves the whole module.  A key miss, nothing plain on the switch and
+# a replayed frame are scenarios of tests/scenarios.py, run here by
+# netns_tests/test_scenarios_netns.py and over fakes by tests/test_scenarios.py.
 
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import pytest
 
 from helpers import (
     KeyServerClient,
-    assert_hosts_sent_only_sealed,
     drop,
     drops_total,
     forged_frame,
@@ -70,29 +70,6 @@ def _real_frame(lab, src: str, dst: str) -> bytes:
     return mine[-1]
 
 
-def test_key_miss_requests_once_then_traffic_flows(lab):
-    if peer(_status(lab, "h2"), lab.tap_mac_of("h3")) or peer(_status(lab, "h3"), lab.tap_mac_of("h2")):
-        lab.restart_agent("h2")  # make h2-h3 a pair with no key again
-    before2, before3 = _status(lab, "h2"), _status(lab, "h3")
-    res = ping(lab, "h2", L.tap_ipv4("h3"), count=5)
-    after2, after3 = _status(lab, "h2"), _status(lab, "h3")
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "5 received" in res.stdout or "4 received" in res.stdout, res.stdout
-    # The first end to miss asks for the key, once; the other end asks at most
-    # once too (the server may push the new pair key to it instead).
-    seen = {h: (b["counters"], b["drops"], a["counters"], a["drops"])
-            for h, b, a in (("h2", before2, after2), ("h3", before3, after3))}
-    requests = [a["counters"]["key_requests"] - b["counters"]["key_requests"]
-                for a, b in ((after2, before2), (after3, before3))]
-    assert max(requests) == 1 and all(0 <= r <= 1 for r in requests), seen
-    # The first frames waited for the key: held (and flushed) or dropped as no_key.
-    waited = sum(a["counters"]["held"] - b["counters"]["held"] + drop(a, "no_key") - drop(b, "no_key")
-                 for a, b in ((after2, before2), (after3, before3)))
-    assert waited >= 1
-    assert peer(after2, lab.tap_mac_of("h3"))["frames_out"] >= 4
-    assert peer(after3, lab.tap_mac_of("h2"))["frames_out"] >= 4
-
-
 @pytest.mark.parametrize("src,dst", [("h1", "h2"), ("h2", "h3"), ("h1", "h3")])
 def test_traffic_flows_ping_ping6_iperf3(lab, src, dst):
     for addr in (L.tap_ipv4(dst), L.tap_ipv6(dst)):  # ARP, then neighbour discovery
@@ -100,31 +77,6 @@ def test_traffic_flows_ping_ping6_iperf3(lab, src, dst):
         assert res.returncode == 0, f"{src} -> {addr}: {res.stdout}{res.stderr}"
     result = iperf3(lab, src, dst, seconds=3)
     assert result["end"]["sum_received"]["bits_per_second"] > 1e6
-
-
-def test_no_plaintext_on_the_switch(lab):
-    switch = lab.capture("br0", name="tcpdump-marker-br0")
-    tap = lab.capture(L.TAP_IFNAME, role="h2", name="tcpdump-marker-h2-tap")
-    pattern = MARKER[:16].hex()
-    try:
-        for addr in (L.tap_ipv4("h2"), L.tap_ipv6("h2")):
-            res = ping(lab, "h1", addr, count=5, extra=["-s", "1000", "-p", pattern])
-            assert res.returncode == 0, res.stdout + res.stderr
-        code = ("import socket, sys\n"
-                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-                "for _ in range(20): s.sendto(sys.argv[2].encode() * 40, (sys.argv[1], 9))\n")
-        lab.exec("h1", ["python3", "-c", code, L.tap_ipv4("h2"), MARKER.decode()], check=True)
-    finally:
-        switch_frames = L.read_pcap(switch.stop())
-        tap_frames = L.read_pcap(tap.stop())
-    # The marker really went h1 -> h2 (it is on h2's TAP) ...
-    assert sum(f.count(MARKER[:16]) for f in tap_frames) >= 10
-    # ... and never crossed the switch in clear.
-    assert len(l2c_frames(switch_frames, src=lab.tap_mac_of("h1"))) >= 10
-    assert sum(f.count(MARKER[:16]) for f in switch_frames) == 0
-    # So far in the life of the lab, start-up included, every frame a host put
-    # on the switch is an l2crypt frame (the lab fixture checks again at the end).
-    assert_hosts_sent_only_sealed(lab, (MARKER,))
 
 
 def test_pair_keys_stay_private(lab):
@@ -163,15 +115,6 @@ def test_forged_frames_are_dropped_and_never_reach_the_tap(lab):
     assert drops_total(after) - drops_total(before) == len(frames), (before["drops"], after["drops"])
     assert drop(after, "bad_tag") - drop(before, "bad_tag") >= 10
     assert sum(f.count(MARKER) for f in tap_frames) == 0
-
-
-def test_replayed_frame_is_dropped(lab):
-    frame = _real_frame(lab, "h1", "h2")
-    before = _status(lab, "h2")
-    lab.inject([frame])
-    after = _wait_status(lab, "h2", "h2 to count the replay",
-                         lambda s: drop(s, "replayed") > drop(before, "replayed"))
-    assert drop(after, "replayed") - drop(before, "replayed") == 1
 
 
 def test_damaged_frames_are_dropped_and_the_agent_keeps_running(lab):

@@ -8,15 +8,15 @@
   what is written carries a virtio-net header (``write_vnet``).
 * ``FakeSwitch``: a hub joining the wire sides of several agents; it records
   every frame it carries, like a capture on the bridge.
-* ``EngineHost``: one FrameEngine with a channel TAP and a channel wire port,
-  and ``pump`` helpers that move frames the way the agent's loop does.
+
+The real daemons run on them without root: ``l2crypt.lab.fake_world`` builds
+a segment of real agents and a real key server on these ports, and the
+end-to-end scenarios (tests/scenarios.py) run there as in the namespace lab.
 """
 
 from __future__ import annotations
 
 from collections import deque
-
-from l2crypt.core.engine import EngineSettings, FrameEngine
 
 
 class ChannelPort:
@@ -27,7 +27,8 @@ class ChannelPort:
         self.inbox: deque = deque()
         self.outbox: deque = deque()
 
-    def fileno(self) -> int:  # pragma: no cover - nothing polls a fake
+    def fileno(self) -> int:
+        """-1: nothing polls a fake; its reader callback is called directly (``fake_world.step``)."""
         return -1
 
     def read_frames(self, limit: int) -> list[bytes]:
@@ -98,32 +99,3 @@ class FakeSwitch:
                         dst.inbox.append(frame)
                 moved += 1
         return moved
-
-
-class EngineHost:
-    """An engine wired to a channel TAP and a channel wire port."""
-
-    def __init__(self, mac: bytes, settings: EngineSettings = EngineSettings()):
-        self.engine = FrameEngine(mac, settings)
-        self.tap = ChannelPort("tap")
-        self.wire = ChannelPort("wire")
-        self.key_requests: list[bytes] = []
-
-    def pump(self, now: float) -> None:
-        """One loop turn: TAP -> seal -> wire, wire -> open -> TAP, collect key requests."""
-        for frame in self.tap.read_frames(1 << 30):
-            sealed = self.engine.seal_from_tap(frame, now)
-            if sealed is not None:
-                self.wire.write_frame(sealed)
-        for frame in self.wire.read_frames(1 << 30):
-            plain = self.engine.open_from_wire(frame, now)
-            if plain is not None:
-                self.tap.write_frame(plain)
-        self.engine.on_timer(now)
-        self.key_requests.extend(self.engine.take_key_requests(now))
-
-    def deliver(self, delivered) -> None:
-        for frame in delivered.to_wire:
-            self.wire.write_frame(frame)
-        for frame in delivered.to_tap:
-            self.tap.write_frame(frame)

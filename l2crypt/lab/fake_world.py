@@ -45,7 +45,7 @@ from l2crypt.agent.enroll import enroll
 from l2crypt.io.fakes import ChannelPort, ChannelTap, FakeSwitch
 from l2crypt.ops.daemon_shell import DaemonShell
 
-from .worlds import HOSTS, Seen
+from .worlds import HOSTS, Seen, wait_until
 
 #: Real time the event loop runs per step, seconds.
 STEP_S = 0.002
@@ -186,14 +186,7 @@ class FakeWorld:
 
     def wait(self, what: str, probe: Callable[[], object], timeout_s: float = 10.0):
         """Step until ``probe()`` is truthy and return it; AssertionError after ``timeout_s`` (real time)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = probe()
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {got!r})")
-            self.step()
+        return wait_until(what, probe, timeout_s, between=self.step)
 
     def pause(self, seconds: float) -> None:
         """Let ``seconds`` pass for the daemons (module docstring, 3)."""

@@ -27,7 +27,7 @@ from l2crypt.core.frame_wire import parse_mac
 from .segment import BRIDGE, HOSTS, TAP_IFNAME, Lab
 from .support import read_pcap
 
-__all__ = ["HOSTS", "NetnsWorld", "Seen", "World"]
+__all__ = ["HOSTS", "NetnsWorld", "Seen", "World", "wait_until"]
 
 
 class Seen:
@@ -88,8 +88,10 @@ class World(Protocol):
         """Rotate the multicast key (``keyserverd rekey --multicast``); the new PW_ID."""
 
 
-def wait_until(what: str, probe: Callable[[], object], timeout_s: float = 10.0, every_s: float = 0.1):
-    """Poll ``probe`` until it returns something truthy; AssertionError after ``timeout_s``."""
+def wait_until(what: str, probe: Callable[[], object], timeout_s: float = 10.0,
+               between: Callable[[], None] = lambda: time.sleep(0.1)):
+    """Call ``probe`` until it returns something truthy (returned), ``between`` after
+    each miss; AssertionError after ``timeout_s`` (real time)."""
     deadline = time.monotonic() + timeout_s
     while True:
         got = probe()
@@ -97,7 +99,7 @@ def wait_until(what: str, probe: Callable[[], object], timeout_s: float = 10.0, 
             return got
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {got!r})")
-        time.sleep(every_s)
+        between()
 
 
 class NetnsSeen(Seen):

@@ -143,7 +143,7 @@ def test_replayed_frame_is_dropped_and_counted(world):
                            lambda: (lambda s: s if moved(before, s, "drops", "replayed") else None)(world.status("h2")))
     assert moved(before, after, "drops", "replayed") == 1
     assert sum(after["drops"].values()) - sum(before["drops"].values()) == 1
-    assert seen.switch() == [real]  # the replay crossed the switch ...
+    assert seen.switch().count(real) == 1  # the replay crossed the switch ...
     assert not marked(seen.tap("h2"))  # ... and never reached h2's stack
 
 

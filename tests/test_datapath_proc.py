@@ -170,6 +170,9 @@ def test_a_stopped_datapath_saves_its_floors_as_a_clean_stop(tmp_path):
     wait_stats(process, lambda v: v.counters["key_requests"] == 1)
     process.on_readable()
     assert requests == [H2]
+    os.kill(process.pid, signal.SIGTERM)  # reaches the whole group at a stop: only the control process acts
+    time.sleep(0.2)
+    assert process.died() is None
     process.stop()
     assert process.died() == "exited with code 0"
     bounds, stopped = decode_file(agent.floor_file.path.read_bytes())

@@ -18,9 +18,11 @@ them ever delays a frame.
    process as ``KeyRequest``/``Notice``), the packet clock reserved on disk.
    Every ``STATS_INTERVAL_S`` a ``Stats`` message carries the engine's
    status snapshot, counters and drops (status and metrics read it).
-4. ``Stop``, SIGTERM/SIGINT, or the control process gone (EOF): the floors
-   are saved a last time as a clean stop, the clock reserved, exit 0.  An
-   exception: exit 1.  The child always leaves by ``os._exit``.
+4. ``Stop``, or the control process gone (EOF): the floors are saved a
+   last time as a clean stop, the clock reserved, exit 0.  An exception:
+   exit 1.  SIGTERM and SIGINT are ignored (they reach the whole process
+   group; the control process stops the datapath).  The child always
+   leaves by ``os._exit``.
 """
 
 from __future__ import annotations
@@ -211,13 +213,11 @@ def fork_datapath(engine: FrameEngine, pump: FramePump, floor_saves: list[FloorS
         try:
             control_end.sock.close()
             signal.set_wakeup_fd(-1)  # the parent's asyncio loop owns that pipe
-            worker = DatapathWorker(engine, pump, datapath_end, floor_saves, reserve)
-
-            def stop(signum, frame):
-                worker.stopping = True
+            # SIGTERM/SIGINT reach the whole group (Ctrl-C, systemd's stop): only
+            # the control process acts on them, it sends Stop (or closes the channel).
             for sig in STOP_SIGNALS:
-                signal.signal(sig, stop)
-            code = worker.run()
+                signal.signal(sig, signal.SIG_IGN)
+            code = DatapathWorker(engine, pump, datapath_end, floor_saves, reserve).run()
         except BaseException:  # noqa: BLE001 - the child must leave by os._exit, whatever happened
             log.exception("datapath_failed")
         finally:

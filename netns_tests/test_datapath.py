@@ -10,13 +10,18 @@
 #
 # One lab for the module, the agents started with --datapath batched; the
 # tests run in file order: both batched, then h2 restarted simple (mixed),
-# then h1 restarted simple too (both simple).
+# then h1 restarted simple too (both simple), then both batched with
+# --datapath-process (step 5: the frame path in a process of its own),
+# and h1's datapath process killed.
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
+import time
 
 import pytest
 
@@ -154,3 +159,57 @@ def test_simple_path(dlab):
     check_path(dlab, "simple")
     status = dlab.status("h1")
     assert status["datapath_reason"] == "configured" and status["datapath_counters"] == {}
+
+
+def datapath_pid(lab: L.Lab, host: str) -> int:
+    text = lab.status(host)["datapath_process"]
+    assert text.startswith("pid "), text
+    return int(text.split()[1])
+
+
+def test_datapath_process(dlab):
+    for host in dlab.hosts:  # both restarted at once, as systemd would
+        dlab.stop(dlab.proc(f"agent-{host}"))
+        dlab.start_agent(host, ("--datapath", "batched", "--datapath-process"))
+    for host in dlab.hosts:
+        dlab.wait_connected(host)
+    pids = {host: datapath_pid(dlab, host) for host in dlab.hosts}
+    assert all(pid != dlab.proc(f"agent-{host}").pid for host, pid in pids.items())
+    check_path(dlab, "batched")
+    assert dlab.status("h2")["datapath_counters"]["super_frames_written"] > 0  # counters come from the datapath
+    # A rekey (pair and multicast) during traffic loses nothing.
+    before = dlab.status("h1")["peers"][0]["pw_id"]
+    pinger = dlab.popen("h1", ["ping", "-4", "-n", "-i", "0.05", "-c", "40", "-W", "2", L.tap_ipv4("h2")],
+                        name="ping-dp-rekey")
+    time.sleep(0.5)
+    res = dlab.keyserverd("rekey", "--pair", "h1", "h2", "--multicast")
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for("the ping across the rekey", lambda: not pinger.alive(), timeout_s=15)
+    dlab.stop(pinger)
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", dlab.log_text("ping-dp-rekey"))
+    assert summary and summary.group(1) == summary.group(2) == "40", dlab.log_text("ping-dp-rekey")[-800:]
+    wait_for("h1 to use the new pair key", lambda: dlab.status("h1")["peers"][0]["pw_id"] > before, timeout_s=10)
+    for host in dlab.hosts:
+        drops = dlab.status(host)["drops"]
+        assert not {k: v for k, v in drops.items() if k in ("no_key", "bad_tag", "replayed")}, (host, drops)
+    # h1's datapath process killed: the agent stops with one line, nothing passes, the port guard stays.
+    agent = dlab.proc("agent-h1")
+    os.kill(pids["h1"], signal.SIGKILL)
+    wait_for("h1's agent to stop", lambda: not agent.alive(), timeout_s=5)
+    log = dlab.log_text("agent-h1")
+    assert f"error: the datapath process (pid {pids['h1']}) was killed by SIGKILL" in log, log[-1500:]
+    switch = dlab.capture("br0", name="tcpdump-br0-dp-killed")
+    try:
+        res = ping(dlab, "h1", L.tap_ipv4("h2"), count=2, extra=["-s", "1200", "-p", MARKER.hex()])
+        assert res.returncode != 0
+        res = ping(dlab, "h2", L.tap_ipv4("h1"), count=2, extra=["-p", MARKER.hex()])
+        assert res.returncode != 0
+    finally:
+        switch.stop()
+    frames = switch.frames()
+    assert len(l2c_frames(frames)) > 0  # h2's pings (sealed) reached the switch
+    assert not any(MARKER in f for f in frames)
+    guard = "from l2crypt.io.port_guard import PortGuard; print(PortGuard('eth0', 0x88b5, egress=True).read())"
+    assert "'port_guard': 'intact'" in dlab.exec("h1", [sys.executable, "-c", guard], timeout=20).stdout
+    dlab.restart_agent("h1", extra_args=("--datapath", "batched", "--datapath-process"))
+    assert ping(dlab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0

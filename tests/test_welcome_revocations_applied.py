@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 from gateway.daemon import Gateway
 from l2crypt.agent.agent import Agent
+from l2crypt.agent.engine_driver import EngineDriver
 from l2crypt.core.engine import REVOKED_SENDER, EngineSettings, FrameEngine
 from test_gateway_core import GA, H1, MCAST_A, arp, frame, gateway, host, pair_key
 
@@ -42,8 +43,8 @@ def test_the_agent_drops_hosts_named_in_the_welcome():
     engine = FrameEngine(H1, EngineSettings())
     engine.install_pair_key(H2, "h2", pair_key("h2", "peer"), 1, 1.0)
     assert engine.open_from_wire(sealed_by_h2(H1, 1.0), 1.0) == frame(H1, H2)  # opened before
-    agent = stand_in(Agent, engine=engine, config=SimpleNamespace(key_max_age_s=7200.0),
-                     pump=SimpleNamespace(deliver=lambda d: None), _send_key_requests=lambda now: None)
+    driver = EngineDriver(engine, SimpleNamespace(deliver=lambda d: None), lambda mac: None, lambda *notice: None)
+    agent = stand_in(Agent, engine=engine, config=SimpleNamespace(key_max_age_s=7200.0), driver=driver)
     Agent.on_welcome(agent, welcome(H2 + H1 + H3))  # h2 and h3 revoked; our own MAC is ignored
     assert H2 not in engine.peers and {H2, H3} <= engine.revoked and H1 not in engine.revoked
     assert engine.open_from_wire(sealed_by_h2(H1, 6.0), 6.0) is None

@@ -16,7 +16,14 @@
    ``tap_path.BatchedTapPath``; if the kernel refuses the offloads the agent
    runs the simple path and ``datapath_reason`` says why.
 4. The key client runs beside it; every key request the engine raises is
-   sent at once, answers and pushes install keys and release held frames.
+   sent at once, answers and pushes install keys and release held frames
+   (``engine_driver.EngineDriver``: what each key event does to the engine).
+   With ``datapath_process = true`` the engine, the pump and both ports move
+   to a process of their own once started (``datapath_link``,
+   ``datapath_proc``): the key events become messages to it, its key
+   requests, notices and Stats come back, and it saves the floors and
+   reserves packet numbers itself.  If it dies the agent stops with one
+   line (fail closed: nothing reads the ports, the port guard stays).
 5. The loop is ``ops.daemon_shell.DaemonShell``: it ticks at the engine's
    next deadline (every ``daemon_shell.TICK_CAP_S`` at most) to save the
    replay floors (while they cannot be saved the engine refuses frames),
@@ -56,6 +63,8 @@ from l2crypt.ops.logs import fields
 from l2crypt.ops.metrics import agent_metrics
 
 from .config import AgentConfig, tuning_values
+from .datapath_link import ProcessDatapath
+from .engine_driver import EngineDriver
 from .frame_pump import FramePump
 from .keyclient import KeyClient
 from .tap_path import BATCHED_COUNTERS, BatchedTapPath
@@ -122,6 +131,10 @@ class Agent:
         self.wire_path = "simple: not opened yet"  # which wire port runs, and why (open_wire)
         self.engine: FrameEngine | None = None
         self.pump: FramePump | None = None
+        #: Where key events go: the engine's EngineDriver, or the ProcessDatapath.
+        self.driver: EngineDriver | ProcessDatapath | None = None
+        #: The datapath process (``datapath_process = true``), or None: the frames pass here.
+        self.process: ProcessDatapath | None = None
         self.client: KeyClient | None = None
         self.clock = PacketClock(self.state_dir)
         self.floors = FloorBook()
@@ -135,71 +148,47 @@ class Agent:
         self.datapath_reason = "configured"
 
     # ------------------------------------------------------------ key events
+    # Each goes to ``self.driver``: the EngineDriver of the engine in this
+    # process, or the ProcessDatapath that sends it to the datapath process.
 
-    def _send_key_requests(self, now: float) -> None:
-        for mac in self.engine.take_key_requests(now):
-            if mac == engine_mod.GROUP_MAC:
-                self.client.request_multicast()
-            elif self.client.request_key(mac):
-                log.debug("key_requested", extra=fields(peer_mac=format_mac(mac)))
+    def request_key(self, mac: bytes) -> None:
+        """Send one key request the engine raised (``GROUP_MAC``: the multicast key)."""
+        if mac == engine_mod.GROUP_MAC:
+            self.client.request_multicast()
+        elif self.client.request_key(mac):
+            log.debug("key_requested", extra=fields(peer_mac=format_mac(mac)))
 
-    def _send_notices(self) -> None:
-        for kind, mac, pw_id in self.engine.take_notices():
-            log.info("key_notice", extra=fields(kind=kind, peer_mac=format_mac(mac), pw_id=pw_id))
-            self.client.send_notice(kind, mac, pw_id)
+    def send_notice(self, kind: str, mac: bytes, pw_id: int) -> None:
+        self.client.send_notice(kind, mac, pw_id)
 
     def on_welcome(self, msg: dict) -> None:
-        if engine_mod.use_cipher(self.engine, msg["cipher"]):
-            log.info("cipher_selected", extra=fields(cipher=msg["cipher"]))
-        max_age = min(self.config.key_max_age_s, msg.get("key_max_age_s") or self.config.key_max_age_s)
-        if max_age != self.engine.key_max_age_s:
-            self.engine.set_key_max_age(max_age)
-            log.info("key_max_age", extra=fields(seconds=max_age))
+        driver, now = self.driver, self._loop.time()
+        driver.use_cipher(msg["cipher"])
+        driver.set_key_max_age(min(self.config.key_max_age_s, msg.get("key_max_age_s") or self.config.key_max_age_s))
         # Revocations pushed while we were not connected (or never pushed).
         for mac in revoked_macs(msg):
-            if mac != self.engine.my_mac and mac not in self.engine.revoked:
-                self.on_peer_revoked(mac)
-        self.pump.deliver(self.engine.install_multicast_key(
-            msg["multicast_key"], msg["multicast_pw_id"], self._loop.time()))
+            driver.revoke_peer(mac)
+        driver.install_multicast_key(msg["multicast_key"], msg["multicast_pw_id"], now)
         # Anything pending gets asked again right away on the new connection.
-        for entry in self.engine.holds.pending.values():
-            entry.next_request_at = 0.0
-        self._send_key_requests(self._loop.time())
+        driver.retry_pending(now)
 
     def on_key(self, peer_mac: bytes, peer_id: str, key: bytes, pw_id: int,
                age_s: int = 0, older: list = ()) -> None:
-        peer = self.engine.peers.get(peer_mac)
-        held = peer.keys.newest_pw_id() if peer is not None else 0
-        if peer is not None and peer.peer_id != peer_id:
-            log.warning("peer_replaced", extra=fields(peer_mac=format_mac(peer_mac), was=peer.peer_id, now=peer_id))
-            held = 0
-        delivered = self.engine.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time(),
-                                                 age_s=age_s, older=older)
-        if pw_id > held:
-            now_held = self.engine.peers.get(peer_mac)
-            log.info("key_installed", extra=fields(
-                peer_mac=format_mac(peer_mac), peer_id=peer_id, pw_id=pw_id, age_s=age_s,
-                held=",".join(str(s.pw_id) for s in now_held.keys.slots()) if now_held else "-",
-                released=len(delivered.to_wire) + len(delivered.to_tap)))
-        self.pump.deliver(delivered)
+        self.driver.install_pair_key(peer_mac, peer_id, key, pw_id, self._loop.time(), age_s=age_s, older=older)
 
     def on_unknown(self, peer_mac: bytes) -> None:
         log.info("peer_unknown", extra=fields(peer_mac=format_mac(peer_mac)))
-        self.engine.mark_unknown(peer_mac, self._loop.time())
+        self.driver.mark_unknown(peer_mac, self._loop.time())
 
     def on_key_refused(self, peer_mac: bytes, code: str, text: str) -> None:
         log.warning("key_refused", extra=fields(peer_mac=format_mac(peer_mac), code=code, reason=text))
-        self.engine.mark_unknown(peer_mac, self._loop.time())
+        self.driver.mark_unknown(peer_mac, self._loop.time())
 
     def on_multicast(self, key: bytes, pw_id: int) -> None:
-        held = self.engine.group.newest_pw_id()
-        self.pump.deliver(self.engine.install_multicast_key(key, pw_id, self._loop.time()))
-        if pw_id > held:
-            log.info("multicast_key_installed", extra=fields(pw_id=pw_id))
+        self.driver.install_multicast_key(key, pw_id, self._loop.time())
 
     def on_peer_revoked(self, peer_mac: bytes) -> None:
-        log.warning("peer_revoked", extra=fields(peer_mac=format_mac(peer_mac)))
-        self.engine.revoke_peer(peer_mac)
+        self.driver.revoke_peer(peer_mac)
 
     def on_disconnect(self) -> None:
         log.warning("keyserver_disconnected", extra=fields(keys_kept=len(self.engine.peers)))
@@ -222,7 +211,9 @@ class Agent:
             "datapath_counters": {k: self.engine.counters.get(k, 0) for k in BATCHED_COUNTERS}
                                  if self.batched is not None else {},
             "wire_path": self.wire_path,
-            "wire_read_errors": getattr(self.wire, "read_errors", 0),
+            "wire_read_errors": (self.engine.doc.get("wire_read_errors", 0) if self.process is not None
+                                 else getattr(self.wire, "read_errors", 0)),
+            "datapath_process": self.process_text(),
             "connected": self.client.connected,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
         })
@@ -230,6 +221,10 @@ class Agent:
         doc.update(self.guard_reading())  # port_guard, inbound_refused, egress_blocked
         doc.update(self.client.selector.snapshot())  # keyserver, keyservers, failovers, failbacks
         return doc
+
+    def process_text(self) -> str:
+        """``off``, or ``pid N`` of the datapath process."""
+        return "off" if self.process is None else f"pid {self.process.pid}"
 
     def datapath_text(self) -> str:
         """``batched``, or ``simple (why)``."""
@@ -241,22 +236,31 @@ class Agent:
 
     # ------------------------------------------------- the shell's hooks (Daemon)
 
+    # With a datapath process, the floors, the packet clock and the engine's
+    # timers are the datapath's (``datapath_proc``); the tick here checks it.
+
     def readers(self) -> list:
+        if self.process is not None:
+            return [(self.process.channel.fileno(), self.process.on_readable)]
         return [(self.tap.fileno(), self.pump.on_tap_readable), (self.wire.fileno(), self.pump.on_wire_readable)]
 
     def floor_saves(self) -> list[FloorSave]:
+        return self.local_floor_saves() if self.process is None else []
+
+    def local_floor_saves(self) -> list[FloorSave]:
         return [FloorSave(self.floor_file, self.floors, self.engine.replay_highest)]
 
     def tick(self, now: float) -> None:
-        self._send_key_requests(now)
-        self.engine.on_timer(now)
-        if self.engine.notices:
-            self._send_notices()
+        self.driver.tick(now)
 
     def next_deadline(self) -> float | None:
         return self.engine.next_deadline()
 
     def reserve(self) -> None:
+        if self.process is None:
+            self.local_reserve()
+
+    def local_reserve(self) -> None:
         """Reserve packet numbers ahead of the engine (see ``packet_clock``)."""
         self.engine.pn_limit = self.clock.reserve(self.engine.send_pn)
 
@@ -268,7 +272,7 @@ class Agent:
 
     def started_fields(self) -> dict:
         return dict(id=self.host_id, mac=format_mac(self.tap.mac), tap=self.tap.name, port=self.config.port,
-                    mtu=self.tap_mtu, datapath=self.datapath_text(), servers=",".join(self.config.servers),
+                    mtu=self.tap_mtu, datapath=self.datapath_text(), datapath_process=self.process_text(), servers=",".join(self.config.servers),
                     metrics=self.config.metrics_listen or "off")
 
     def stopped_fields(self) -> dict:
@@ -294,8 +298,13 @@ class Agent:
 
         try:
             self.start(self.tap, open_wire_port, self._loop.time())
+            if cfg.datapath_process:
+                self.process = self.driver = ProcessDatapath.start(self)
+                self.engine, self.pump = self.process.view, None  # the datapath's now, not touched here
             await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
         finally:
+            if self.process is not None:
+                self.process.stop()
             if self.wire is not None:
                 self.wire.close()
             self.tap.close()
@@ -319,7 +328,8 @@ class Agent:
         log.info("wire_opened", extra=fields(port=cfg.port, path=self.wire_path))
         if self.datapath == "batched":
             self.batched = BatchedTapPath(self.engine, tap, self.wire, self.tap_mtu)
-        self.pump = FramePump(self.engine, tap, self.wire, self._now, self._send_key_requests, self.batched)
+        self.pump = FramePump(self.engine, tap, self.wire, self._now, self._keys_wanted, self.batched)
+        self.driver = EngineDriver(self.engine, self.pump, self.request_key, self.send_notice)
         self.client = KeyClient(cfg.servers, self.ssl_ctx, tap.mac, self,
                                 probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
                                 failback_holddown_s=cfg.failback_holddown_s,
@@ -327,3 +337,6 @@ class Agent:
 
     def _now(self) -> float:
         return self._loop.time()
+
+    def _keys_wanted(self, now: float) -> None:
+        self.driver.send_key_requests(now)

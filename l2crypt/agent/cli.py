@@ -108,6 +108,8 @@ def _agent_options(fn):
         click.option("--wire-mtu", type=int, help=docs["wire_mtu"]),
         click.option("--datapath", help=docs["datapath"] + " [default: simple]"),
         click.option("--wire-ring", help=docs["wire_ring"] + " [default: off]"),
+        click.option("--datapath-process/--no-datapath-process", default=None,
+                     help=docs["datapath_process"] + " [default: off]"),
         click.option("--ethertype", type=lambda s: int(s, 0), help=docs["ethertype"] + " [default: 0x88b5]"),
         *tuning_options(AgentConfig),
         click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"] + " [default: 5.0]"),

@@ -106,6 +106,12 @@ def check_choice(options):
     return check
 
 
+def check_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"want true or false, got {value!r}")
+    return value
+
+
 def _cipher(value: Any) -> str:
     return aead.check_cipher(value)
 
@@ -228,6 +234,10 @@ class AgentConfig(FrameTuning):
                              "wire port over PACKET_MMAP rings: off (one send/recv per frame), v2 (TPACKET_V2 "
                              "receive slots) or v3 (TPACKET_V3 receive blocks: about 1 ms more round trip on "
                              "sparse traffic); falls back to off if the kernel refuses the rings")
+    datapath_process: bool = setting(False, check_bool,
+                                     "run the frame path (TAP <-> seal/open <-> wire) in a process of its own, "
+                                     "so the key client, control socket and metrics never delay a frame; if "
+                                     "that process dies the agent stops (frames stay blocked)")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
     probe_interval_s: float = setting(5.0, check_seconds(0.05, 600.0),
                                  "seconds between pings of the key server in use (and of better ones)")

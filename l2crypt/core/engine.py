@@ -431,6 +431,7 @@ class FrameEngine(EngineKeys, TableOwner):
         return {
             "cipher": self.cipher,
             "multicast_pw_id": self.group.current.pw_id if self.group.current else None,
+            "multicast_key_age_s": round(now - self.group.current.created_at, 1) if self.group.current else None,
             "revoked_peers": [frame_wire.format_mac(m) for m in self.revoked],
             "peers": peers,
             "pending_keys": [frame_wire.format_mac(m) for m in self.holds.pending],

@@ -6,6 +6,8 @@
   MTU, no virtio-net header).
 * ``VnetChannelPort``: a ChannelPort for a TAP opened with ``IFF_VNET_HDR``:
   what is written carries a virtio-net header (``write_vnet``).
+* ``SocketPort``: a FramePort over a socketpair: it polls like a kernel
+  port, for tests that fork the datapath process.
 * ``FakeSwitch``: a hub joining the wire sides of several agents; it records
   every frame it carries, like a capture on the bridge.
 
@@ -16,6 +18,7 @@ end-to-end scenarios (tests/scenarios.py) run there as in the namespace lab.
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 
 
@@ -75,6 +78,49 @@ class VnetChannelPort(ChannelPort):
     def write_vnet(self, vnet_hdr: bytes, frame) -> bool:
         self.outbox.append(bytes(vnet_hdr) + bytes(frame))
         return True
+
+
+class SocketPort:
+    """A FramePort (and a TAP: MAC, MTU) over one end of an ``AF_UNIX``
+    ``SOCK_SEQPACKET`` socketpair, one frame per packet; ``peer`` is the
+    other end, the test's (blocking, 5 s timeout)."""
+
+    vnet_hdr_len = 0
+
+    def __init__(self, name: str, mac: bytes = bytes(6), mtu: int = 1468):
+        self.name, self.mac, self.mtu = name, bytes(mac), mtu
+        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.setblocking(False)
+        self.peer.settimeout(5.0)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read_frames(self, limit: int) -> list[bytes]:
+        out = []
+        while len(out) < limit:
+            try:
+                out.append(self.sock.recv(65536))
+            except OSError:
+                break
+        return out
+
+    def write_frame(self, frame: bytes) -> bool:
+        try:
+            self.sock.send(frame)
+        except OSError:
+            return False
+        return True
+
+    def write_frames(self, frames) -> int:
+        return sum(map(self.write_frame, frames))
+
+    def live_mtu(self) -> int:
+        return self.mtu
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
 
 
 class FakeSwitch:

@@ -64,11 +64,26 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of ``pid`` so far, in seconds."""
+def cpu_seconds(pid: int, with_children: bool = False) -> float:
+    """User plus system CPU time of ``pid`` so far, in seconds; ``with_children``:
+    plus that of its live descendants (an agent's datapath process)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if not with_children:
+        return own
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(c) for c in task.read_text().split()]
+        except OSError:
+            pass
+    for child in children:
+        try:
+            own += cpu_seconds(child, True)
+        except OSError:
+            pass  # it ended meanwhile
+    return own
 
 
 @dataclass

@@ -109,19 +109,24 @@ def port_guard_metrics(intact_name: str, dropped_name: str, readings: dict[str, 
 
 
 def agent_metrics(agent, now: float) -> list[Metric]:
-    """Every agent metric, read from ``agent.engine`` and ``agent.client`` at ``now`` (engine time)."""
+    """Every agent metric, read from ``agent.engine`` (its ``snapshot(now)``,
+    ``counters`` and ``drops``: the engine, or the datapath process's last
+    Stats) and ``agent.client`` at ``now`` (engine time)."""
     engine, client = agent.engine, agent.client
     out: list[Metric] = []
     if engine is None:
         return out
+    doc = engine.snapshot(now)
     c = engine.counters
     out.append(gauge("l2crypt_agent_info", "The agent's identity (value 1).", labels=("id", "mac", "port", "tap", "cipher"),
                      samples=[([agent.host_id, _mac(engine.my_mac), agent.config.port, agent.config.tap,
-                                engine.cipher], 1)]))
+                                doc["cipher"]], 1)]))
     datapath = getattr(agent, "datapath", "simple")
     out.append(gauge("l2crypt_agent_datapath_info",
                      "The datapath that runs (simple or batched) and why, if not the one configured (value 1).",
                      labels=("datapath", "reason"), samples=[([datapath, getattr(agent, "datapath_reason", "")], 1)]))
+    out.append(gauge("l2crypt_agent_datapath_process", "1 when the frame path runs in a process of its own.",
+                     1 if getattr(agent, "process", None) is not None else 0))
     out.append(counter("l2crypt_frames_sealed", "Frames sealed and sent toward the wire.", c.get("sealed", 0)))
     out.append(counter("l2crypt_frames_opened", "Frames opened and written to the TAP.", c.get("opened", 0)))
     out.append(counter("l2crypt_bytes_sealed", "Plain bytes (whole frames) sealed.", c.get("bytes_sealed", 0)))
@@ -137,20 +142,18 @@ def agent_metrics(agent, now: float) -> list[Metric]:
                        c.get("rekey_requests", 0)))
     out.append(counter("l2crypt_lag_reports", "Peers reported to the key server for using an old version.",
                        c.get("lag_reports", 0)))
-    out.append(gauge("l2crypt_pending_keys", "MACs whose key is being requested now.", len(engine.holds.pending)))
-    out.append(gauge("l2crypt_peers", "Peers with a pair key.", len(engine.peers)))
+    out.append(gauge("l2crypt_pending_keys", "MACs whose key is being requested now.", len(doc["pending_keys"])))
+    out.append(gauge("l2crypt_peers", "Peers with a pair key.", len(doc["peers"])))
     out.append(gauge("l2crypt_key_age_seconds", "Age of the current pair key, by peer MAC.", labels=("peer",),
-                     samples=[([_mac(mac)], round(now - p.keys.current.created_at, 3))
-                              for mac, p in engine.peers.items()]))
+                     samples=[([p["mac"]], p["key_age_s"]) for p in doc["peers"]]))
     out.append(gauge("l2crypt_key_pw_id", "Current key version (PW_ID), by peer MAC.", labels=("peer",),
-                     samples=[([_mac(mac)], p.keys.current.pw_id) for mac, p in engine.peers.items()]))
+                     samples=[([p["mac"]], p["pw_id"]) for p in doc["peers"]]))
     out += port_guard_metrics("l2crypt_port_guard_intact", "l2crypt_port_guard_frames_dropped",
                               {agent.config.port: agent.guard_reading()})
-    group = engine.group.current
-    if group is not None:
+    if doc["multicast_pw_id"] is not None:
         out.append(gauge("l2crypt_multicast_key_age_seconds", "Age of the current multicast key.",
-                         round(now - group.created_at, 3)))
-        out.append(gauge("l2crypt_multicast_key_pw_id", "Current multicast key version.", group.pw_id))
+                         doc["multicast_key_age_s"]))
+        out.append(gauge("l2crypt_multicast_key_pw_id", "Current multicast key version.", doc["multicast_pw_id"]))
     if client is not None:
         out.extend(keyclient_metrics(client))
     return out

@@ -11,6 +11,13 @@
    certificate, or None) and a ``FrameReader``.
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
+   Group commit: the messages read in one turn of the event loop, from every
+   connection, are handled together inside one ``store.group()``, so their
+   writes (new pair keys, rotations, bindings) are committed with one fsync;
+   only then are their actions carried out.  No answer leaves before the
+   write it reports is durable.  If the commit fails, each of those
+   connections is told ``store_unavailable`` and closed (its client
+   reconnects and asks again).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
@@ -176,6 +183,12 @@ class KeyServer:
         self.observe_request = None
         #: ``peering.Peering`` when key servers are peered (set by the CLI), else None.
         self.peering = None
+        #: Messages waiting for the next store group: (connection, messages, future).
+        self._queued: list[tuple[_Conn, list[dict], asyncio.Future]] = []
+        #: Store groups committed and failed, and the requests they held (status, metrics).
+        self.group_commits = 0
+        self.group_commits_failed = 0
+        self.grouped_requests = 0
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
@@ -306,7 +319,7 @@ class KeyServer:
                     break
                 if msgs:
                     unauth_deadline = loop.time() + self.unauth_idle_s
-                keep_open = self._dispatch(conn, msgs)
+                keep_open = await self._submit(conn, msgs) if msgs else True
                 if identity is None and conn.session.identity is not None:
                     identity = conn.session.identity
                     keep_open = keep_open and self._promote(conn)
@@ -343,21 +356,58 @@ class KeyServer:
         self._by_host.setdefault(identity, set()).add(conn)
         return True
 
-    def _dispatch(self, conn: _Conn, msgs: list[dict]) -> bool:
-        """Run each message through the service; False when the connection must close."""
+    def _submit(self, conn: _Conn, msgs: list[dict]) -> asyncio.Future:
+        """Queue ``msgs`` for the next group (``_run_group``); the future is
+        False when the connection must close."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._run_group)
+        self._queued.append((conn, msgs, done))
+        return done
+
+    def _run_group(self) -> None:
+        """Handle every queued message in one store group, then act (see the module docstring, 3)."""
+        queued, self._queued = self._queued, []
+        handled = []
+        try:
+            with self.service.store.group():
+                for conn, msgs, done in queued:
+                    handled.append((conn, self._handle(conn, msgs), done))
+        except StoreUnavailable as exc:
+            self.group_commits_failed += 1
+            for conn, msgs, done in queued:
+                for msg in msgs:
+                    conn.send({"t": "error", "rid": msg.get("rid", 0), "code": exc.code, "msg": str(exc)})
+                if not done.done():
+                    done.set_result(False)
+            return
+        self.group_commits += 1
+        self.grouped_requests += sum(len(msgs) for _, msgs, _ in queued)
+        for conn, answers, done in handled:
+            keep_open = all(self._act(conn, actions) for actions in answers)
+            if not done.done():
+                done.set_result(keep_open)
+
+    def _handle(self, conn: _Conn, msgs: list[dict]) -> list[list]:
+        """The service's actions for each message, up to the first that closes the connection."""
+        answers = []
         for msg in msgs:
             started = time.perf_counter()
             try:
                 actions = self.service.handle(conn.session, msg, now=time.time())
+            except StoreUnavailable:
+                raise  # the group cannot commit
             except Exception:
                 log.exception("request_internal_error", extra=fields(type=msg.get("t"), host=conn.session.who))
                 actions = [("reply", {"t": "error", "rid": msg.get("rid", 0), "code": "internal",
                                       "msg": "internal error; see the key server log"})]
             if self.observe_request is not None:
                 self.observe_request(msg.get("t"), time.perf_counter() - started)
-            if not self._act(conn, actions):
-                return False
-        return True
+            answers.append(actions)
+            if any(target == "close" for target, _ in actions):
+                break
+        return answers
 
     def _log_close(self, level: int, conn: _Conn, code: str, reason: str) -> None:
         """A closed connection, logged once per (client, code) every ``CLOSE_LOG_S``."""

@@ -94,8 +94,11 @@ class SqliteStore(SqlStore):
     def _q(self, sql: str, params=()):
         return self._db.execute(sql, params)
 
-    def _write(self):
+    def _transaction(self):
         return _Transaction(self._db)
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.OperationalError)
 
     def _lock_until_commit(self, name: str) -> None:
         pass  # BEGIN IMMEDIATE holds the file's write lock until the commit

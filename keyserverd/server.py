@@ -157,10 +157,12 @@ class KeyServer:
 
     def __init__(self, service: KeyService, ssl_context: ssl.SSLContext, host: str, port: int,
                  unauth_idle_s: float = 10.0, limits: ConnectionLimits = ConnectionLimits(),
-                 event_cursor: EventCursor | None = None):
+                 event_cursor: EventCursor | None = None, reuse_port: bool = False):
         self.service = service
         self._ssl = ssl_context
         self._host, self._port = host, port
+        #: Listen with SO_REUSEPORT (``workers``: several processes on one port).
+        self._reuse_port = reuse_port
         self.unauth_idle_s = unauth_idle_s
         self.limits = limits
         #: Accepted connections not yet closed (handshaking ones included); owned by ``_accept``.
@@ -189,6 +191,10 @@ class KeyServer:
         self.group_commits = 0
         self.group_commits_failed = 0
         self.grouped_requests = 0
+        #: ``workers``: ``relay(host_id, msg)`` sends a request's push to the other
+        #: workers; ``siblings()`` their connection reports (worker 0).  Set by ``Workers.attach``.
+        self.relay = None
+        self.siblings = None
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
@@ -196,6 +202,7 @@ class KeyServer:
         try:
             self._server = await asyncio.start_server(
                 self._accept, self._host, self._port, reuse_address=True,
+                reuse_port=self._reuse_port or None,
             )
         except OSError as exc:
             raise LocalError(f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}") from None
@@ -422,13 +429,29 @@ class KeyServer:
                 kv["suppressed"] = suppressed
             log.log(level, event, extra=fields(**kv))
 
-    def connected_hosts(self) -> dict[str, int]:
-        """Host ID -> number of live authenticated connections."""
+    def local_hosts(self) -> dict[str, int]:
+        """Host ID -> number of live authenticated connections in this process."""
         return {host: len(conns) for host, conns in self._by_host.items()}
 
     @property
-    def connections(self) -> int:
+    def local_connections(self) -> int:
         return len(self._conns)
+
+    def connected_hosts(self) -> dict[str, int]:
+        """Host ID -> number of live authenticated connections (of every worker, as last reported)."""
+        hosts = Counter(self.local_hosts())
+        for report in self.siblings() if self.siblings is not None else ():
+            hosts.update(report["hosts"])
+        return dict(hosts)
+
+    @property
+    def connections(self) -> int:
+        return self.local_connections + sum(r["connections"] for r in (self.siblings() if self.siblings else ()))
+
+    def deliver(self, host_id: str, msg: dict) -> None:
+        """A push relayed by another worker: send it on this process's connections of ``host_id``."""
+        for other in list(self._by_host.get(host_id, ())):
+            other.send(msg)
 
     def _act(self, conn: _Conn | None, actions: list) -> bool:
         """Carry out service actions; False when ``conn`` must close."""
@@ -442,8 +465,9 @@ class KeyServer:
             elif target == "close":
                 keep_open = False
             elif isinstance(target, tuple) and target[0] == "push":
-                for other in list(self._by_host.get(target[1], ())):
-                    other.send(out)
+                self.deliver(target[1], out)
+                if conn is not None and self.relay is not None:  # events reach the other workers themselves
+                    self.relay(target[1], out)
             elif isinstance(target, tuple) and target[0] == "broadcast":
                 for other in list(self._conns):
                     if other.session.said_hello:

@@ -451,6 +451,7 @@ def _serve(config: KeyServerConfig) -> None:
     count = workers_for(config)
     if count > 1:
         open_configured_store(config, time.time()).close()  # migrate once, before the workers open it
+    ssl_context = make_server_ssl_context(ca)  # before the fork: every worker takes every TLS ticket
     workers = Workers.start(count)
     store = open_configured_store(config, time.time())
     try:
@@ -464,21 +465,21 @@ def _serve(config: KeyServerConfig) -> None:
                              require_pinned_macs=config.require_pinned_macs,
                              require_pinned_ips=config.require_pinned_ips,
                              revocation_book=RevocationBook(config.state_dir / REVOCATION_BOOK_FILE))
-        asyncio.run(_run(config, service, ca, workers))
+        asyncio.run(_run(config, service, ca, workers, ssl_context))
     finally:
         store.close()
         workers.stop()
 
 
 async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority,
-               workers: Workers) -> None:
+               workers: Workers, ssl_context) -> None:
     limits = ConnectionLimits(max_connections=config.max_connections,
                               max_connections_per_host=config.max_connections_per_host,
                               max_unauthenticated_connections=config.max_unauthenticated_connections,
                               unauth_deadline_s=config.unauth_deadline_s)
     _raise_fd_limit(config.max_connections + FD_HEADROOM)
     cursor = CURSOR_FILE if workers.index == 0 else f"{CURSOR_FILE}.{workers.index}"
-    server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
+    server = KeyServer(service, ssl_context, config.listen_host, config.listen_port,
                        unauth_idle_s=config.unauth_idle_s, limits=limits,
                        event_cursor=EventCursor(config.state_dir / cursor), reuse_port=workers.count > 1)
     loop = asyncio.get_running_loop()

@@ -189,6 +189,8 @@ class KeyServer:
         self._queued: list[tuple[_Conn, list[dict], asyncio.Future]] = []
         #: Store groups committed and failed, and the requests they held (status, metrics).
         self.group_commits = 0
+        #: TLS handshakes that resumed a session (a client's ticket: no certificate exchange).
+        self.tls_resumed = 0
         self.group_commits_failed = 0
         self.grouped_requests = 0
         #: ``workers``: ``relay(host_id, msg)`` sends a request's push to the other
@@ -268,6 +270,9 @@ class KeyServer:
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         try:
             await writer.start_tls(self._ssl, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            tls = writer.get_extra_info("ssl_object")
+            if tls is not None and tls.session_reused:
+                self.tls_resumed += 1
             return True
         except asyncio.CancelledError:
             writer.transport.abort()
@@ -447,6 +452,18 @@ class KeyServer:
     @property
     def connections(self) -> int:
         return self.local_connections + sum(r["connections"] for r in (self.siblings() if self.siblings else ()))
+
+    def counters(self) -> dict[str, int]:
+        """Group commits, resumed handshakes and connections opened, of every worker (as last reported)."""
+        total = Counter(self.local_counters())
+        for report in self.siblings() if self.siblings is not None else ():
+            total.update(report.get("counters", {}))
+        return dict(total)
+
+    def local_counters(self) -> dict[str, int]:
+        return {"group_commits": self.group_commits, "group_commits_failed": self.group_commits_failed,
+                "grouped_requests": self.grouped_requests, "tls_resumed": self.tls_resumed,
+                "connections_total": self.connections_total}
 
     def deliver(self, host_id: str, msg: dict) -> None:
         """A push relayed by another worker: send it on this process's connections of ``host_id``."""

@@ -13,7 +13,9 @@ port and one store.
    admin socket and the metrics endpoint; each worker has its own store
    connection and its own event cursor (``event_cursor.N``).  A worker dies
    with worker 0 (``PR_SET_PDEATHSIG``); worker 0 stops the others
-   (SIGTERM) when it stops, and logs a worker that exits on its own.
+   (SIGTERM) when it stops, and logs a worker that exits on its own.  The
+   TLS server context is made before the fork, so every worker takes the
+   session tickets any of them issued (a reconnect resumes wherever it lands).
 3. Every worker listens on the port with ``SO_REUSEPORT``, so the kernel
    spreads the connections over them.
 4. Pushes reach every connection of a host, whichever worker holds it:
@@ -135,7 +137,7 @@ class Workers:
         """Tell worker 0 this worker's connections (workers 1..N-1)."""
         if self._links and self.index != 0:
             self._send(0, {"report": self.index, "connections": server.local_connections,
-                           "hosts": server.local_hosts()})
+                           "hosts": server.local_hosts(), "counters": server.local_counters()})
 
     def sibling_reports(self) -> list[dict]:
         """The fresh reports of the other workers (worker 0)."""

@@ -52,7 +52,7 @@ from .event_cursor import CURSOR_FILE, EventCursor
 from .metrics import KeyServerMetrics
 from .revocations import RevocationBook
 from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
-from .server import ConnectionLimits, KeyServer, make_server_ssl_context
+from .server import ConnectionLimits, KeyServer, make_server_ssl_context, shrink_tls_buffers
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .status import render as render_status
 from .status import snapshot as status_snapshot
@@ -478,6 +478,7 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
                               max_unauthenticated_connections=config.max_unauthenticated_connections,
                               unauth_deadline_s=config.unauth_deadline_s)
     _raise_fd_limit(config.max_connections + FD_HEADROOM)
+    shrink_tls_buffers()
     cursor = CURSOR_FILE if workers.index == 0 else f"{CURSOR_FILE}.{workers.index}"
     server = KeyServer(service, ssl_context, config.listen_host, config.listen_port,
                        unauth_idle_s=config.unauth_idle_s, limits=limits,

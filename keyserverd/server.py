@@ -11,7 +11,8 @@
    certificate, or None) and a ``FrameReader``.
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
-   Group commit: the messages read in one turn of the event loop, from every
+   Group commit: the messages read in one turn of the event loop (or while
+   another worker had the store's turn, ``store.take_turn``), from every
    connection, are handled together inside one ``store.group()``, so their
    writes (new pair keys, rotations, bindings) are committed with one fsync;
    only then are their actions carried out.  No answer leaves before the
@@ -64,9 +65,15 @@ from .service import KeyService, Session
 log = logging.getLogger("keyserverd")
 
 READ_CHUNK = 65536
+#: The read buffer of each TLS connection.  asyncio's default (256 KiB, made
+#: and zeroed per connection) was most of a connection's memory; a TLS record
+#: holds at most 16 KiB, so this costs no extra reads for our small messages.
+TLS_READ_BUFFER_BYTES = 32 * 1024
 #: A connection whose unsent output grows past this is closed (it is not reading).
 MAX_WRITE_BUFFER_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
+#: How soon a worker asks again for its turn to write (``store.take_turn``).
+TURN_RETRY_S = 0.0005
 #: A client that leaves our replies unread this long is dropped.
 DRAIN_TIMEOUT_S = 30.0
 #: How often the event log is read, and the rotation timers run.
@@ -95,6 +102,15 @@ class ConnectionLimits:
     max_unauthenticated_connections: int = 256
     #: Seconds a connection without a client certificate may stay open in all.
     unauth_deadline_s: float = 30.0
+
+
+def shrink_tls_buffers(size: int = TLS_READ_BUFFER_BYTES) -> None:
+    """Make every TLS connection of this process read through a ``size`` buffer
+    (``asyncio.sslproto.SSLProtocol.max_size``; keyserverd calls it at start)."""
+    from asyncio import sslproto
+
+    if getattr(sslproto.SSLProtocol, "max_size", 0) > size:
+        sslproto.SSLProtocol.max_size = size
 
 
 def set_keepalive(sock) -> None:
@@ -380,6 +396,9 @@ class KeyServer:
 
     def _run_group(self) -> None:
         """Handle every queued message in one store group, then act (see the module docstring, 3)."""
+        if not self.service.store.take_turn():  # another worker is writing: read on, try again
+            asyncio.get_running_loop().call_later(TURN_RETRY_S, self._run_group)
+            return
         queued, self._queued = self._queued, []
         handled = []
         try:

@@ -51,8 +51,7 @@ def test_a_reconnect_resumes_the_tls_session(tmp_path):
             for n in range(1, 4):  # the server end drops; the client comes back on its ticket
                 await _wait(f"session {n}", lambda: client.connected and events.welcomes == n)
                 if n < 3:
-                    client._writer.transport.abort()
-                    await _wait("the drop", lambda: not client.connected)
+                    client._writer.transport.abort()  # the next welcome says it came back
             assert client.connects == 3
             assert client.resumed == 2  # every reconnect resumed: no certificate exchange
         finally:

@@ -64,6 +64,10 @@ class KeyStore(Protocol):
     #: The KEK the stored keys are sealed under (``kek``).
     kek: Kek
 
+    def take_turn(self) -> bool:
+        """True if a ``group()`` may start now without waiting for another
+        process's write (it holds the turn until it ends); False: ask again soon."""
+
     def group(self) -> ContextManager[None]:
         """A block whose writes are committed together, with one fsync, when it
         ends; StoreUnavailable (nothing of it stored) if that commit fails.

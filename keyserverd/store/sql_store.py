@@ -15,7 +15,10 @@ log and the ID-IP table.
    the first write and committed, with one fsync, when the block ends; a
    write that raises rolls back to its savepoint only.  The caller answers
    none of those requests before the block has returned (a failed commit is
-   ``StoreUnavailable``, and nothing of the group was stored).
+   ``StoreUnavailable``, and nothing of the group was stored).  Before a
+   group, ``take_turn()`` says whether it can start without waiting for
+   another process's write (SQLite: a lock file that keyserverd workers take
+   in turn, without blocking); the group gives the turn back when it ends.
 3. Several writers (processes on one SQLite file, keyserverd instances on one
    PostgreSQL database) are settled by the database, not by timing:
    - a row read to decide a write is read ``FOR UPDATE`` (PostgreSQL; a SQLite
@@ -401,6 +404,11 @@ class SqlStore(SealedKeys):
                 "multicast": tuple(mc) if mc else None}
 
     # --- group commit ----------------------------------------------------------
+    def take_turn(self) -> bool:
+        """True if a ``group()`` may start now without waiting for another
+        process's write; it then holds the turn until it ends.  False: ask again soon."""
+        return self._take_turn()
+
     def group(self):
         """The writes inside are committed together, with one fsync, when the
         block ends (see the module docstring, 2); ``StoreUnavailable`` if that
@@ -417,9 +425,11 @@ class SqlStore(SealedKeys):
         except BaseException as exc:
             self._group = None
             group.abandon(exc)
+            self._give_turn()
             raise
         self._group = None
         if group.transaction is None:
+            self._give_turn()
             return  # nothing was written
         try:
             if group.broken:
@@ -431,6 +441,8 @@ class SqlStore(SealedKeys):
             log.warning("group_commit_failed", extra=fields(database=self.shown, writes=group.writes,
                                                             reason=str(exc).splitlines()[0] if str(exc) else ""))
             raise StoreUnavailable(f"the key server cannot write its database: {exc}") from None
+        finally:
+            self._give_turn()
 
     def _write(self):
         """One write: its own transaction, or a savepoint of the open ``group()``."""
@@ -489,6 +501,13 @@ class SqlStore(SealedKeys):
         returns (durable), rolled back when the block raises.  A database
         that cannot take it raises ``StoreUnavailable``."""
         raise NotImplementedError
+
+    def _take_turn(self) -> bool:
+        """See ``take_turn``; a database that queues writers itself always says True."""
+        return True
+
+    def _give_turn(self) -> None:
+        """End the turn ``_take_turn`` gave (nothing if none)."""
 
     def _is_unavailable(self, exc: Exception) -> bool:
         """True if ``exc`` is the database failing to take a write (full disk,

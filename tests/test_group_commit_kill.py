@@ -2,7 +2,9 @@
 killed (SIGKILL) while groups of new pair keys and rotations are in flight,
 then every answer a client got is checked against the store after a restart:
 each acknowledged key is there, under the PW_ID answered, so nothing was
-answered before its commit was durable."""
+answered before its commit was durable.  keyserverd runs with its default
+``workers`` (one per core), so on a machine with several cores its workers
+take turns writing the same file."""
 
 import asyncio
 import os

@@ -52,12 +52,13 @@ from .event_cursor import CURSOR_FILE, EventCursor
 from .metrics import KeyServerMetrics
 from .revocations import RevocationBook
 from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
-from .server import ConnectionLimits, KeyServer, make_server_ssl_context
+from .server import ConnectionLimits, KeyServer, make_server_ssl_context, shrink_tls_buffers
 from .service import CIPHERS, KeyService, revoke_and_rotate
 from .status import render as render_status
 from .status import snapshot as status_snapshot
 from .store import open_configured_store
 from .tokens import hash_token, new_token
+from .workers import REPORT_S, Workers, workers_for
 
 DB_FILE = "keyserver.db"
 #: File descriptors wanted beyond ``max_connections`` (database, sockets, peering, logs).
@@ -120,6 +121,8 @@ def _serve_options(f):
                      help="Connections without a client certificate open at once [default: 256].")(f)
     f = click.option("--max-connections-per-host", type=int,
                      help="Connections one enrolled host may hold at once [default: 8].")(f)
+    f = click.option("--workers", type=int,
+                     help="Processes sharing the listening port and the store [default: 0 = one per core].")(f)
     f = click.option("--max-connections", type=int,
                      help="Connections open at once, handshakes included [default: 4096].")(f)
     f = click.option("--unauth-idle-s", type=float, help="Seconds a client without a certificate may stay silent.")(f)
@@ -445,6 +448,11 @@ def _serve(config: KeyServerConfig) -> None:
     setup_logging(config.log_level, config.log_format)
     ca = CertificateAuthority.open(config.state_dir, config.server_names, config.ca_token())
     ca.check_token()
+    count = workers_for(config)
+    if count > 1:
+        open_configured_store(config, time.time()).close()  # migrate once, before the workers open it
+    ssl_context = make_server_ssl_context(ca)  # before the fork: every worker takes every TLS ticket
+    workers = Workers.start(count)
     store = open_configured_store(config, time.time())
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
@@ -457,28 +465,38 @@ def _serve(config: KeyServerConfig) -> None:
                              require_pinned_macs=config.require_pinned_macs,
                              require_pinned_ips=config.require_pinned_ips,
                              revocation_book=RevocationBook(config.state_dir / REVOCATION_BOOK_FILE))
-        asyncio.run(_run(config, service, ca))
+        asyncio.run(_run(config, service, ca, workers, ssl_context))
     finally:
         store.close()
+        workers.stop()
 
 
-async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority) -> None:
+async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuthority,
+               workers: Workers, ssl_context) -> None:
     limits = ConnectionLimits(max_connections=config.max_connections,
                               max_connections_per_host=config.max_connections_per_host,
                               max_unauthenticated_connections=config.max_unauthenticated_connections,
                               unauth_deadline_s=config.unauth_deadline_s)
     _raise_fd_limit(config.max_connections + FD_HEADROOM)
-    server = KeyServer(service, make_server_ssl_context(ca), config.listen_host, config.listen_port,
+    shrink_tls_buffers()
+    cursor = CURSOR_FILE if workers.index == 0 else f"{CURSOR_FILE}.{workers.index}"
+    server = KeyServer(service, ssl_context, config.listen_host, config.listen_port,
                        unauth_idle_s=config.unauth_idle_s, limits=limits,
-                       event_cursor=EventCursor(config.state_dir / CURSOR_FILE))
-    metrics = await serve_metrics(config.metrics_listen, KeyServerMetrics(server).registry)
+                       event_cursor=EventCursor(config.state_dir / cursor), reuse_port=workers.count > 1)
+    loop = asyncio.get_running_loop()
+    workers.attach(loop, server)
     host, port = await server.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if workers.index != 0:
+        await _run_worker(server, workers, stop)
+        return
+    metrics = await serve_metrics(config.metrics_listen, KeyServerMetrics(server).registry)
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     line = f"{PROG}: listening on {shown} ca-fingerprint {ca.ca_fingerprint()} cipher {config.cipher}"
+    if workers.count > 1:
+        line += f" workers {workers.count}"
     click.echo(line)
     sys.stdout.flush()
     log.info("keyserverd_started", extra=fields(listen=shown, ca_fingerprint=ca.ca_fingerprint(),
@@ -520,7 +538,12 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
         service.netkeys, service.netkey_peer_ca = netkey_peering.book, config.netkey_peer_ca
         netkey_task = asyncio.ensure_future(netkey_peering.run())
     try:
-        await stop.wait()
+        while not stop.is_set():
+            workers.reap()
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
     finally:
         log.info("keyserverd_stopping")
         events.cancel()
@@ -540,6 +563,21 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
         if netkey_peering is not None:
             netkey_task.cancel()
             await netkey_peering.close()
+        await server.close()
+
+
+async def _run_worker(server: KeyServer, workers: Workers, stop: asyncio.Event) -> None:
+    """Workers 1..N-1: serve and read the event log; report to worker 0 until stopped."""
+    events = asyncio.ensure_future(server.run_events())
+    try:
+        while not stop.is_set():
+            workers.report(server)
+            try:
+                await asyncio.wait_for(stop.wait(), REPORT_S)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        events.cancel()
         await server.close()
 
 

@@ -33,6 +33,7 @@ Example ``/etc/l2crypt/keyserver.toml``::
     netkey_rekey_after_s = 3600
     key_requests_per_s = 100
     key_request_burst = 200
+    workers = 0                    # processes sharing the port; 0 = one per core
     max_connections = 4096
     max_connections_per_host = 8
     max_unauthenticated_connections = 256
@@ -70,6 +71,7 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:9479"
 #: The admin socket (``keyserverd status``) in the state directory, mode 0600.
 ADMIN_SOCKET = "keyserverd.sock"
 DEFAULT_STATE_DIR = Path("/var/lib/l2crypt/keyserver")
+MAX_WORKERS = 64
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -133,8 +135,13 @@ class KeyServerConfig:
     key_requests_per_s: float = 100.0
     #: Key requests one host may make at once after a quiet spell.
     key_request_burst: int = 200
+    #: Processes serving the listening port (``SO_REUSEPORT``) and the one
+    #: store; 0 = one per core (1 with peering, NETKEY or a CA token, or
+    #: listening on port 0).  See ``keyserverd.workers``.
+    workers: int = 0
     #: Connections open at once, TLS handshakes included (each costs about
     #: 0.3 MiB of memory and a file descriptor); more are refused at accept.
+    #: Each worker counts its own.
     max_connections: int = 4096
     #: Connections one enrolled host (certificate ID) may hold at once.
     max_connections_per_host: int = 8
@@ -239,6 +246,10 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"not a positive integer: {value!r}")
         return value
+    if key == "workers":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_WORKERS:
+            raise ValueError(f"not a number of processes from 0 (one per core) to {MAX_WORKERS}: {value!r}")
+        return value
     if key in ("netkey_listen", "netkey_peer"):
         if value != "":
             parse_hostport(value)
@@ -332,6 +343,11 @@ def config_problems(path: Path | str | None, overrides: dict[str, Any] | None = 
     if netkey and len(netkey) != 3:
         missing = next(k for k in ("netkey_listen", "netkey_peer", "netkey_peer_ca") if k not in netkey)
         problems.append(f"{missing}: missing (NETKEY peering needs netkey_listen, netkey_peer and netkey_peer_ca)")
+    if values.get("workers", 0) > 1:
+        single = [k for k in ("peers", "peer_listen", "netkey_listen", "pkcs11_module", "pkcs11_token_label")
+                  if values.get(k)]
+        if single:
+            problems.append(f"workers: {single[0]} runs in one process; set workers = 1 (or 0, which is then 1)")
     return values, problems
 
 

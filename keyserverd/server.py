@@ -11,6 +11,14 @@
    certificate, or None) and a ``FrameReader``.
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
+   Group commit: the messages read in one turn of the event loop (or while
+   another worker had the store's turn, ``store.take_turn``), from every
+   connection, are handled together inside one ``store.group()``, so their
+   writes (new pair keys, rotations, bindings) are committed with one fsync;
+   only then are their actions carried out.  No answer leaves before the
+   write it reports is durable.  If the commit fails, each of those
+   connections is told ``store_unavailable`` and closed (its client
+   reconnects and asks again).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
@@ -57,9 +65,15 @@ from .service import KeyService, Session
 log = logging.getLogger("keyserverd")
 
 READ_CHUNK = 65536
+#: The read buffer of each TLS connection.  asyncio's default (256 KiB, made
+#: and zeroed per connection) was most of a connection's memory; a TLS record
+#: holds at most 16 KiB, so this costs no extra reads for our small messages.
+TLS_READ_BUFFER_BYTES = 32 * 1024
 #: A connection whose unsent output grows past this is closed (it is not reading).
 MAX_WRITE_BUFFER_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
+#: How soon a worker asks again for its turn to write (``store.take_turn``).
+TURN_RETRY_S = 0.0005
 #: A client that leaves our replies unread this long is dropped.
 DRAIN_TIMEOUT_S = 30.0
 #: How often the event log is read, and the rotation timers run.
@@ -88,6 +102,15 @@ class ConnectionLimits:
     max_unauthenticated_connections: int = 256
     #: Seconds a connection without a client certificate may stay open in all.
     unauth_deadline_s: float = 30.0
+
+
+def shrink_tls_buffers(size: int = TLS_READ_BUFFER_BYTES) -> None:
+    """Make every TLS connection of this process read through a ``size`` buffer
+    (``asyncio.sslproto.SSLProtocol.max_size``; keyserverd calls it at start)."""
+    from asyncio import sslproto
+
+    if getattr(sslproto.SSLProtocol, "max_size", 0) > size:
+        sslproto.SSLProtocol.max_size = size
 
 
 def set_keepalive(sock) -> None:
@@ -150,10 +173,12 @@ class KeyServer:
 
     def __init__(self, service: KeyService, ssl_context: ssl.SSLContext, host: str, port: int,
                  unauth_idle_s: float = 10.0, limits: ConnectionLimits = ConnectionLimits(),
-                 event_cursor: EventCursor | None = None):
+                 event_cursor: EventCursor | None = None, reuse_port: bool = False):
         self.service = service
         self._ssl = ssl_context
         self._host, self._port = host, port
+        #: Listen with SO_REUSEPORT (``workers``: several processes on one port).
+        self._reuse_port = reuse_port
         self.unauth_idle_s = unauth_idle_s
         self.limits = limits
         #: Accepted connections not yet closed (handshaking ones included); owned by ``_accept``.
@@ -176,6 +201,18 @@ class KeyServer:
         self.observe_request = None
         #: ``peering.Peering`` when key servers are peered (set by the CLI), else None.
         self.peering = None
+        #: Messages waiting for the next store group: (connection, messages, future).
+        self._queued: list[tuple[_Conn, list[dict], asyncio.Future]] = []
+        #: Store groups committed and failed, and the requests they held (status, metrics).
+        self.group_commits = 0
+        #: TLS handshakes that resumed a session (a client's ticket: no certificate exchange).
+        self.tls_resumed = 0
+        self.group_commits_failed = 0
+        self.grouped_requests = 0
+        #: ``workers``: ``relay(host_id, msg)`` sends a request's push to the other
+        #: workers; ``siblings()`` their connection reports (worker 0).  Set by ``Workers.attach``.
+        self.relay = None
+        self.siblings = None
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
@@ -183,6 +220,7 @@ class KeyServer:
         try:
             self._server = await asyncio.start_server(
                 self._accept, self._host, self._port, reuse_address=True,
+                reuse_port=self._reuse_port or None,
             )
         except OSError as exc:
             raise LocalError(f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}") from None
@@ -248,6 +286,9 @@ class KeyServer:
         peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         try:
             await writer.start_tls(self._ssl, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            tls = writer.get_extra_info("ssl_object")
+            if tls is not None and tls.session_reused:
+                self.tls_resumed += 1
             return True
         except asyncio.CancelledError:
             writer.transport.abort()
@@ -306,7 +347,7 @@ class KeyServer:
                     break
                 if msgs:
                     unauth_deadline = loop.time() + self.unauth_idle_s
-                keep_open = self._dispatch(conn, msgs)
+                keep_open = await self._submit(conn, msgs) if msgs else True
                 if identity is None and conn.session.identity is not None:
                     identity = conn.session.identity
                     keep_open = keep_open and self._promote(conn)
@@ -343,21 +384,61 @@ class KeyServer:
         self._by_host.setdefault(identity, set()).add(conn)
         return True
 
-    def _dispatch(self, conn: _Conn, msgs: list[dict]) -> bool:
-        """Run each message through the service; False when the connection must close."""
+    def _submit(self, conn: _Conn, msgs: list[dict]) -> asyncio.Future:
+        """Queue ``msgs`` for the next group (``_run_group``); the future is
+        False when the connection must close."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._run_group)
+        self._queued.append((conn, msgs, done))
+        return done
+
+    def _run_group(self) -> None:
+        """Handle every queued message in one store group, then act (see the module docstring, 3)."""
+        if not self.service.store.take_turn():  # another worker is writing: read on, try again
+            asyncio.get_running_loop().call_later(TURN_RETRY_S, self._run_group)
+            return
+        queued, self._queued = self._queued, []
+        handled = []
+        try:
+            with self.service.store.group():
+                for conn, msgs, done in queued:
+                    handled.append((conn, self._handle(conn, msgs), done))
+        except StoreUnavailable as exc:
+            self.group_commits_failed += 1
+            for conn, msgs, done in queued:
+                for msg in msgs:
+                    conn.send({"t": "error", "rid": msg.get("rid", 0), "code": exc.code, "msg": str(exc)})
+                if not done.done():
+                    done.set_result(False)
+            return
+        self.group_commits += 1
+        self.grouped_requests += sum(len(msgs) for _, msgs, _ in queued)
+        for conn, answers, done in handled:
+            keep_open = all(self._act(conn, actions) for actions in answers)
+            if not done.done():
+                done.set_result(keep_open)
+
+    def _handle(self, conn: _Conn, msgs: list[dict]) -> list[list]:
+        """The service's actions for each message, up to the first that closes the connection."""
+        answers = []
         for msg in msgs:
             started = time.perf_counter()
             try:
                 actions = self.service.handle(conn.session, msg, now=time.time())
+            except StoreUnavailable:
+                raise  # the group cannot commit
             except Exception:
                 log.exception("request_internal_error", extra=fields(type=msg.get("t"), host=conn.session.who))
                 actions = [("reply", {"t": "error", "rid": msg.get("rid", 0), "code": "internal",
                                       "msg": "internal error; see the key server log"})]
             if self.observe_request is not None:
                 self.observe_request(msg.get("t"), time.perf_counter() - started)
-            if not self._act(conn, actions):
-                return False
-        return True
+            answers.append(actions)
+            if any(target == "close" for target, _ in actions):
+                break
+        return answers
 
     def _log_close(self, level: int, conn: _Conn, code: str, reason: str) -> None:
         """A closed connection, logged once per (client, code) every ``CLOSE_LOG_S``."""
@@ -372,13 +453,41 @@ class KeyServer:
                 kv["suppressed"] = suppressed
             log.log(level, event, extra=fields(**kv))
 
-    def connected_hosts(self) -> dict[str, int]:
-        """Host ID -> number of live authenticated connections."""
+    def local_hosts(self) -> dict[str, int]:
+        """Host ID -> number of live authenticated connections in this process."""
         return {host: len(conns) for host, conns in self._by_host.items()}
 
     @property
-    def connections(self) -> int:
+    def local_connections(self) -> int:
         return len(self._conns)
+
+    def connected_hosts(self) -> dict[str, int]:
+        """Host ID -> number of live authenticated connections (of every worker, as last reported)."""
+        hosts = Counter(self.local_hosts())
+        for report in self.siblings() if self.siblings is not None else ():
+            hosts.update(report["hosts"])
+        return dict(hosts)
+
+    @property
+    def connections(self) -> int:
+        return self.local_connections + sum(r["connections"] for r in (self.siblings() if self.siblings else ()))
+
+    def counters(self) -> dict[str, int]:
+        """Group commits, resumed handshakes and connections opened, of every worker (as last reported)."""
+        total = Counter(self.local_counters())
+        for report in self.siblings() if self.siblings is not None else ():
+            total.update(report.get("counters", {}))
+        return dict(total)
+
+    def local_counters(self) -> dict[str, int]:
+        return {"group_commits": self.group_commits, "group_commits_failed": self.group_commits_failed,
+                "grouped_requests": self.grouped_requests, "tls_resumed": self.tls_resumed,
+                "connections_total": self.connections_total}
+
+    def deliver(self, host_id: str, msg: dict) -> None:
+        """A push relayed by another worker: send it on this process's connections of ``host_id``."""
+        for other in list(self._by_host.get(host_id, ())):
+            other.send(msg)
 
     def _act(self, conn: _Conn | None, actions: list) -> bool:
         """Carry out service actions; False when ``conn`` must close."""
@@ -392,8 +501,9 @@ class KeyServer:
             elif target == "close":
                 keep_open = False
             elif isinstance(target, tuple) and target[0] == "push":
-                for other in list(self._by_host.get(target[1], ())):
-                    other.send(out)
+                self.deliver(target[1], out)
+                if conn is not None and self.relay is not None:  # events reach the other workers themselves
+                    self.relay(target[1], out)
             elif isinstance(target, tuple) and target[0] == "broadcast":
                 for other in list(self._conns):
                     if other.session.said_hello:

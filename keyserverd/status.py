@@ -53,7 +53,7 @@ def snapshot(server, config, listen: str, now: float | None = None) -> dict:
         "hosts_total": len(hosts),
         "hosts_connected": len(connected),
         "connections": server.connections,
-        "connections_total": server.connections_total,
+        **server.counters(),
         "connections_refused": dict(server.connections_refused),
         "event_seq": server.event_seq,
         "pair_keys": len(keys["pairs"]),

@@ -125,8 +125,11 @@ class PgStore(SqlStore):
     def _q(self, sql: str, params=()):
         return self._db.execute(sql.replace("?", "%s"), params)
 
-    def _write(self):
+    def _transaction(self):
         return self._db.transaction()
+
+    def _is_unavailable(self, exc: Exception) -> bool:
+        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
     def _lock_until_commit(self, name: str) -> None:
         self._q("SELECT pg_advisory_xact_lock(?)", (XACT_LOCKS[name],))

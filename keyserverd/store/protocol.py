@@ -10,7 +10,7 @@ nothing of it was stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 from l2crypt.core.errors import RefusedError
 
@@ -63,6 +63,15 @@ class KeyStore(Protocol):
 
     #: The KEK the stored keys are sealed under (``kek``).
     kek: Kek
+
+    def take_turn(self) -> bool:
+        """True if a ``group()`` may start now without waiting for another
+        process's write (it holds the turn until it ends); False: ask again soon."""
+
+    def group(self) -> ContextManager[None]:
+        """A block whose writes are committed together, with one fsync, when it
+        ends; StoreUnavailable (nothing of it stored) if that commit fails.
+        Nothing written inside may be acknowledged before the block returns."""
 
     def add_host(self, host_id: str, mac: bytes | None, role: str, token_hash: bytes,
                  token_expires: float, now: float) -> None:

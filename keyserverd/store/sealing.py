@@ -4,7 +4,9 @@
    seals every new key under the store's ``kek`` with the AAD of its row, and
    opens what it reads; a value that does not open (altered, moved to another
    row) is ``StoreUnavailable`` for the client and an error in the log, never
-   its bytes.
+   its bytes.  New key material is drawn ahead, ``KEYS_DRAWN_AHEAD`` keys
+   from the system's CSPRNG at once (``FreshKeys``), so a group of new pairs
+   costs one call; a key is used once and its slice dropped.
 2. ``reseal_key_rows`` seals every stored key under a new KEK in the caller's
    transaction: the migration of a clear database (old KEK None) and
    ``keyserverd kek rotate`` (``reseal``).  No PW_ID changes.
@@ -30,6 +32,8 @@ from .protocol import StoreUnavailable
 log = logging.getLogger("keyserverd")
 
 KEY_BYTES = 32
+#: New keys drawn from the CSPRNG at once (``FreshKeys``).
+KEYS_DRAWN_AHEAD = 64
 
 
 #: The tables that hold keys: (table, the columns naming a row, the row's AAD).
@@ -58,16 +62,36 @@ def reseal_key_rows(query, old: Kek | None, new: Kek) -> dict[str, int]:
     return counts
 
 
+class FreshKeys:
+    """New random keys, drawn ``KEYS_DRAWN_AHEAD`` at a time; each is handed out
+    once.  A forked child (a keyserverd worker) never uses what its parent drew."""
+
+    def __init__(self, ahead: int = KEYS_DRAWN_AHEAD):
+        self._ahead = ahead
+        self._drawn: list[bytes] = []
+        self._pid = os.getpid()
+
+    def take(self) -> bytes:
+        if self._pid != os.getpid():
+            self._drawn, self._pid = [], os.getpid()
+        if not self._drawn:
+            block = secrets.token_bytes(KEY_BYTES * self._ahead)
+            self._drawn = [block[i:i + KEY_BYTES] for i in range(0, len(block), KEY_BYTES)]
+        return self._drawn.pop()
+
+
 class SealedKeys:
     """Sealing and opening the key column (mixed into both stores, which set ``kek``)."""
 
     kek: Kek
+    #: New key material, drawn ahead (one per process: see ``FreshKeys``).
+    _fresh = FreshKeys()
 
     def _new_pair_key(self, id1: str, id2: str, pw_id: int) -> bytes:
-        return self.kek.seal(pair_aad(id1, id2, pw_id), secrets.token_bytes(KEY_BYTES))
+        return self.kek.seal(pair_aad(id1, id2, pw_id), self._fresh.take())
 
     def _new_multicast_key(self, pw_id: int, key: bytes | None = None) -> bytes:
-        return self.kek.seal(multicast_aad(pw_id), key if key is not None else secrets.token_bytes(KEY_BYTES))
+        return self.kek.seal(multicast_aad(pw_id), key if key is not None else self._fresh.take())
 
     def _open_pair_key(self, id1: str, id2: str, pw_id: int, sealed) -> bytes:
         return self._unseal(pair_aad(id1, id2, pw_id), sealed, f"pair key {id1}/{id2} pw_id {pw_id}")

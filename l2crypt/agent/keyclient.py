@@ -21,6 +21,13 @@
    says hello with ours it closes this one with ``session_replaced``; the
    client logs it as an error and waits ``REPLACED_WAIT_S`` before it
    connects again.
+6. Reconnects are cheap and spread out: after a session ends the client
+   waits a random time up to ``reconnect_jitter_s`` before it connects
+   again, and backs off with jitter while no server takes it
+   (``failover.ReconnectSchedule``).  It keeps the TLS session of each server
+   (its TLS 1.3 ticket) and offers it on the next connection there, so a
+   reconnect skips the certificate exchange and signatures when the server
+   still knows the ticket (``TlsSessions``; ``resumed`` counts them).
 
 The data path never waits for this: keys already installed keep working
 while the client is disconnected.
@@ -36,7 +43,7 @@ from typing import Protocol
 from l2crypt.core import ks_messages
 from l2crypt.core.challenge_auth import answer_challenge
 from l2crypt.core.errors import LocalError, RemoteProtocolError
-from l2crypt.core.failover import FailoverSelector
+from l2crypt.core.failover import RECONNECT_JITTER_S, RECONNECT_MAX_S, FailoverSelector, ReconnectSchedule
 from l2crypt.ops.logs import RateLimiter, fields
 from l2crypt.ops.metrics import LatencyHistogram
 
@@ -46,8 +53,6 @@ from .tls_files import SERVER_NAME
 log = logging.getLogger("l2crypt.keyclient")
 
 CONNECT_TIMEOUT_S = 5.0
-RECONNECT_MIN_S = 0.2
-RECONNECT_MAX_S = 5.0
 #: Error codes (pushed with rid 0) after which the session is over.
 SESSION_ENDING_CODES = ("revoked", "unauthenticated", "session_replaced")
 #: Another connection said hello with our identity (a clone, or a state
@@ -73,18 +78,63 @@ class KeyEvents(Protocol):
     def on_disconnect(self) -> None: ...
 
 
+class TlsSessions:
+    """The TLS session last made with each key server, offered again on the
+    next connection to it (TLS 1.3 resumption).  asyncio has no way to pass a
+    session to ``open_connection``, so ``install`` wraps the context's
+    ``wrap_bio``: the session set by ``offer`` goes to the next TLS object
+    made from the context, and only to that one."""
+
+    def __init__(self):
+        self._by_server: dict[str, ssl.SSLSession] = {}
+        self._offered: ssl.SSLSession | None = None
+
+    def install(self, ctx: ssl.SSLContext | None) -> None:
+        if ctx is None or getattr(ctx.wrap_bio, "__self__", None) is self:
+            return
+        plain = ctx.wrap_bio
+
+        def wrap_bio(incoming, outgoing, server_side=False, server_hostname=None, session=None):
+            offered, self._offered = self._offered, None
+            return plain(incoming, outgoing, server_side, server_hostname, session=session or offered)
+
+        wrap_bio.__self__ = self
+        ctx.wrap_bio = wrap_bio
+
+    def offer(self, server: str) -> None:
+        """The next connection made from the context resumes ``server``'s session, if any."""
+        self._offered = self._by_server.get(server)
+
+    def keep(self, server: str, writer: asyncio.StreamWriter) -> bool:
+        """Remember the session of an established connection; True if it was resumed."""
+        self._offered = None
+        tls = writer.get_extra_info("ssl_object")
+        if tls is None:
+            return False
+        if tls.session is not None:
+            self._by_server[server] = tls.session
+        return bool(tls.session_reused)
+
+
 class KeyClient:
     """The agent's TLS session to its key servers: hello, key requests and pushes, probes and
     failover in priority order (``FailoverSelector``)."""
 
     def __init__(self, servers: tuple[str, ...], ssl_ctx: ssl.SSLContext, my_mac: bytes, events: KeyEvents,
                  probe_interval_s: float = 5.0, probe_failures: int = 3, failback_holddown_s: float = 30.0,
-                 token_auth=None):
-        """``token_auth``: ``host_key.TokenAuth`` when the host key is on a token, else None (mutual TLS)."""
+                 token_auth=None, reconnect_jitter_s: float = RECONNECT_JITTER_S,
+                 reconnect_max_s: float = RECONNECT_MAX_S):
+        """``token_auth``: ``host_key.TokenAuth`` when the host key is on a token, else None (mutual TLS).
+        ``reconnect_jitter_s``, ``reconnect_max_s``: see ``failover.ReconnectSchedule``."""
         self.servers = servers
         self.token_auth = token_auth
         self._host_key_log = RateLimiter(HOST_KEY_LOG_S)
         self.selector = FailoverSelector(servers, probe_failures, failback_holddown_s)
+        self.schedule = ReconnectSchedule(reconnect_jitter_s, max_s=max(reconnect_max_s, 0.2))
+        self.tls_sessions = TlsSessions()
+        self.tls_sessions.install(ssl_ctx)
+        #: Sessions that resumed a TLS session (no certificate exchange).
+        self.resumed = 0
         self.probe_interval_s = probe_interval_s
         self.ssl_ctx = ssl_ctx
         self.my_mac = my_mac
@@ -139,7 +189,6 @@ class KeyClient:
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        delay = RECONNECT_MIN_S
         while not stop.is_set():
             had_session = replaced = False
             for index in self.selector.order():
@@ -172,16 +221,16 @@ class KeyClient:
                     self._sent_at.clear()
                 if had_session:
                     break  # choose again from the top: fail over, or fail back
-            if had_session and not replaced:
-                delay = RECONNECT_MIN_S
-                continue
             if replaced:
-                delay = REPLACED_WAIT_S
+                delay = self.schedule.fixed(REPLACED_WAIT_S)
+            elif had_session:
+                delay = self.schedule.after_session()
+            else:
+                delay = self.schedule.after_failure()
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
                 pass
-            delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _open(self, server: str):
         host, port = parse_hostport(server)
@@ -200,6 +249,7 @@ class KeyClient:
 
     async def _session(self, index: int, stop: asyncio.Event) -> None:
         server = self.selector.servers[index].address
+        self.tls_sessions.offer(server)
         reader, writer = await self._open(server)
         self._writer = writer
         messages = self._messages(reader)
@@ -209,6 +259,7 @@ class KeyClient:
             self.server = server
             self.connected = True
             self.connects += 1
+            self.resumed += self.tls_sessions.keep(server, writer)
             self.selector.connected(index, asyncio.get_running_loop().time())
             log.info("keyserver_connected", extra=fields(server=server, id=welcome["id"], priority=index + 1))
             self.events.on_welcome(welcome)

@@ -15,6 +15,13 @@ what to do.  The servers are listed by priority, first = highest.
    without a miss for ``failback_holddown_s``; the client then ``release()``s
    the one in use and connects to it.
 
+4. ``ReconnectSchedule`` says how long to wait before connecting again:
+   after a session ended, a random time up to ``jitter_s`` (when a key
+   server restarts, its hosts come back spread out, not all in one
+   instant); after a round in which no server took us, an exponential
+   backoff from ``min_s`` to ``max_s``, each wait drawn between half and all
+   of it, so hosts that failed together drift apart.
+
 Each server's state follows this table (an illegal move raises
 ``IllegalTransition`` and leaves the state unchanged)::
 
@@ -31,7 +38,14 @@ Each server's state follows this table (an illegal move raises
 from __future__ import annotations
 
 import enum
+import random
 from dataclasses import dataclass
+from typing import Callable
+
+#: Defaults of ``ReconnectSchedule`` (seconds).
+RECONNECT_JITTER_S = 1.0
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 5.0
 
 
 class ServerState(enum.Enum):
@@ -191,3 +205,32 @@ class FailoverSelector:
             "failovers": self.failovers,
             "failbacks": self.failbacks,
         }
+
+
+class ReconnectSchedule:
+    """The waits of a key client between connection attempts (see the module
+    docstring, 4).  ``rand`` returns a float in [0, 1) (tests pass their own)."""
+
+    def __init__(self, jitter_s: float = RECONNECT_JITTER_S, min_s: float = RECONNECT_MIN_S,
+                 max_s: float = RECONNECT_MAX_S, rand: Callable[[], float] = random.random):
+        if not (jitter_s >= 0 and 0 < min_s <= max_s):
+            raise ValueError("want jitter_s >= 0 and 0 < min_s <= max_s")
+        self.jitter_s, self.min_s, self.max_s = jitter_s, min_s, max_s
+        self._rand = rand
+        self.failures = 0
+
+    def after_session(self) -> float:
+        """A session ended: wait up to ``jitter_s``, then try from the top."""
+        self.failures = 0
+        return self._rand() * self.jitter_s
+
+    def after_failure(self) -> float:
+        """No server took us this round: back off (``min_s`` doubling up to ``max_s``, jittered)."""
+        ceiling = min(self.max_s, self.min_s * 2 ** min(self.failures, 32))
+        self.failures += 1
+        return ceiling * (0.5 + 0.5 * self._rand())
+
+    def fixed(self, wait_s: float) -> float:
+        """A wait the caller chose (``session_replaced``); the backoff starts again after it."""
+        self.failures = 0
+        return wait_s

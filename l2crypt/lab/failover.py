@@ -74,7 +74,7 @@ class FailoverLab(Lab):
         # Both servers share the ks namespace: give each its own metrics port.
         metrics = f"127.0.0.1:{9479 if name == 'ks1' else 9489}"
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", state, "--listen", self.addr_of(name),
-                                 "--metrics-listen", metrics, *self._store_args()],
+                                 "--metrics-listen", metrics, "--workers", "1", *self._store_args()],
                           name="keyserverd" if name == "ks1" else name)
         return wait_listening(proc, KS_IPS[name], KS_PORT, timeout_s, name)
 

@@ -422,7 +422,7 @@ class Lab(LabProcesses):
     def start_keyserver(self, timeout_s: float = 20.0) -> Proc:
         self.ks_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         proc = self.popen("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir,
-                                 "--listen", self.keyserver_addr, *self.keyserver_args], name="keyserverd")
+                                 "--listen", self.keyserver_addr, "--workers", "1", *self.keyserver_args], name="keyserverd")
         return wait_listening(proc, KS_IP, KS_PORT, timeout_s, "keyserverd")
 
     def kill_keyserver(self, sig: int = signal.SIGKILL) -> None:

@@ -23,8 +23,11 @@
 # down until its agent notices (connected=false), so the push reaches the
 # other end only.  The revocation test runs last: h3 is gone after it.
 #
-# Rekeys during traffic (nothing lost) are a scenario of tests/scenarios.py,
-# run here by netns_tests/test_scenarios_netns.py and over fakes by tests/.
+# Rekeys during frame traffic (nothing lost) are a scenario of tests/scenarios.py,
+# run here by netns_tests/test_scenarios_netns.py and over fakes by tests/; the
+# first test here does the same under real kernel traffic (iperf3 TCP, ping)
+# and prints the goodput with and without rotations (pytest -s; also written to
+# rekey_goodput.json in the test's tmp dir and the lab state dir).
 
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import time
 
 import pytest
 
-from helpers import drop, iperf3, mac_bytes, peer, ping, skip_reason, stored_keys, wait_for
+from helpers import drop, iperf3, listening, mac_bytes, peer, ping, skip_reason, stored_keys, wait_for
 from l2crypt.core.constants import KEY_ID_MULTICAST, KEY_ID_PAIR
 from l2crypt.lab import segment as L
 
@@ -139,6 +142,30 @@ def _warm_up(lab, pairs) -> None:
         assert res.returncode == 0, f"{a} -> {b}: {res.stdout}{res.stderr}"
 
 
+def _iperf3_background(lab, client: str, server: str, seconds: int, logfile, port: int = 5202):
+    srv = lab.popen(server, ["iperf3", "-s", "-1", "-B", L.tap_ipv4(server), "-p", str(port)],
+                    name=f"iperf3-server-{server}-{port}")
+    wait_for("iperf3 server", lambda: listening(srv.pid, port), timeout_s=10)
+    cli = lab.popen(client, ["iperf3", "-c", L.tap_ipv4(server), "-p", str(port), "-t", str(seconds),
+                             "-J", "--logfile", str(logfile)], name=f"iperf3-client-{client}-{port}")
+    return srv, cli
+
+
+def _ping_counts(lab, name: str) -> tuple[int, int]:
+    """(transmitted, received) from a background ping's log."""
+    text = lab.log_text(name)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+    assert m, f"no ping summary in {name}:\n{text[-1500:]}"
+    return int(m.group(1)), int(m.group(2))
+
+
+def _wait_exit(lab, proc: L.Proc, timeout_s: float) -> None:
+    try:
+        wait_for(f"{proc.name} to finish", lambda: not proc.alive(), timeout_s=timeout_s)
+    finally:
+        lab.stop(proc)  # reaps it (or ends it, if it overran)
+
+
 def _leaked_keys(lab, texts: dict[str, str]) -> list[str]:
     """Names of the ``texts`` that hold any pair or multicast key version (hex or base64)."""
     keys = list(stored_keys(lab.ks_dir).values())
@@ -151,7 +178,76 @@ def _goodput(result: dict) -> float:
     return result["end"]["sum_received"]["bits_per_second"]
 
 
-# --- 1. rekeys during traffic lose nothing: tests/scenarios.py (both worlds) --------------
+# --- 1. rekeys during traffic lose nothing (frames: tests/scenarios.py, both worlds) ------
+
+
+def test_rekeys_under_tcp_and_ping_lose_nothing(lab, tmp_path):
+    """Real kernel traffic (iperf3 TCP h1->h2, pings h1<->h3) while the pair and
+    multicast keys rotate every 1.5 s: no ping lost, no key drop, every agent
+    ends on the newest versions.  (The frame-level scenario is in tests/scenarios.py.)"""
+    _warm_up(lab, [("h1", "h2"), ("h1", "h3")])
+    baseline = iperf3(lab, "h1", "h2", seconds=5)
+
+    period_s, every_s = 18, 1.5
+    before = _statuses(lab)
+    pw_before = peer(before["h1"], lab.tap_mac_of("h2"))["pw_id"]
+    pings = [_bg_ping(lab, "h1", "h3", 0.2, int(period_s / 0.2), "ping-rekey-h1-h3"),
+             _bg_ping(lab, "h3", "h1", 0.2, int(period_s / 0.2), "ping-rekey-h3-h1")]
+    logfile = tmp_path / "iperf3-rekeys.json"
+    srv, cli = _iperf3_background(lab, "h1", "h2", period_s, logfile)
+    rotations: list[dict[str, int]] = []
+    try:
+        start = time.monotonic()
+        tick = start + every_s
+        while time.monotonic() < start + period_s - 1 and cli.alive():
+            time.sleep(max(0.0, tick - time.monotonic()))
+            tick += every_s
+            rotations.append(_rekey(lab, "--pair", "h1", "h2", "--multicast"))
+        _wait_exit(lab, cli, timeout_s=period_s + 30)
+        for p in pings:
+            _wait_exit(lab, p, timeout_s=period_s + 20)
+    finally:
+        for p in (srv, cli, *pings):
+            lab.stop(p)
+    text = logfile.read_text()
+    assert text.strip(), "iperf3 wrote nothing"
+    with_rekeys = json.loads(text)
+    assert "error" not in with_rekeys, with_rekeys["error"]
+
+    last_pair, last_mcast = rotations[-1]["pair"], rotations[-1]["multicast"]
+    # Every agent ends on the newest versions (after the switch delay).
+    for host in ("h1", "h2"):
+        other = "h2" if host == "h1" else "h1"
+        wait_for(f"{host} to send with pair pw_id {last_pair}",
+                 lambda h=host, o=other: _pw(lab, h, o)["pw_id"] == last_pair, timeout_s=15)
+    for host in L.HOSTS:
+        wait_for(f"{host} to send with multicast pw_id {last_mcast}",
+                 lambda h=host: lab.status(h)["multicast_pw_id"] == last_mcast, timeout_s=15)
+    after = _statuses(lab)
+
+    figures = {
+        "goodput_without_rekeys_mbit_s": round(_goodput(baseline) / 1e6, 1),
+        "goodput_with_rekeys_mbit_s": round(_goodput(with_rekeys) / 1e6, 1),
+        "baseline_seconds": 5, "rekey_run_seconds": period_s,
+        "pair_rotations": len(rotations), "pair_pw_id": [pw_before, last_pair],
+        "multicast_rotations": len(rotations),
+        "rekeys_counted": {h: _counter(after[h], "rekeys") - _counter(before[h], "rekeys") for h in L.HOSTS},
+        "ping_h1_h3": _ping_counts(lab, "ping-rekey-h1-h3"),
+        "ping_h3_h1": _ping_counts(lab, "ping-rekey-h3-h1"),
+    }
+    for path in (tmp_path / "rekey_goodput.json", lab.state_dir / "rekey_goodput.json"):
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nREKEY GOODPUT (iperf3 TCP h1->h2): {json.dumps(figures)}")
+
+    assert _key_drop_deltas(before, after) == {}, {h: after[h]["drops"] for h in L.HOSTS}
+    for name in ("ping-rekey-h1-h3", "ping-rekey-h3-h1"):
+        sent, got = _ping_counts(lab, name)
+        assert sent >= 80 and got == sent, f"{name}: {sent} sent, {got} received"
+    assert len(rotations) >= 8, rotations  # about 11: one every 1.5 s for 18 s
+    assert last_pair - pw_before == len(rotations)
+    assert with_rekeys["end"]["sum_received"]["bytes"] > 0
+
+
 
 
 # --- 2. the two races --------------------------------------------------------------

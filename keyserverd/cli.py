@@ -59,6 +59,7 @@ from .status import snapshot as status_snapshot
 from .store import open_configured_store
 from .tokens import hash_token, new_token
 from .workers import REPORT_S, Workers, workers_for
+from l2crypt.io.aio_timeout import wait_for
 
 DB_FILE = "keyserver.db"
 #: File descriptors wanted beyond ``max_connections`` (database, sockets, peering, logs).
@@ -541,7 +542,7 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
         while not stop.is_set():
             workers.reap()
             try:
-                await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
     finally:
@@ -573,7 +574,7 @@ async def _run_worker(server: KeyServer, workers: Workers, stop: asyncio.Event) 
         while not stop.is_set():
             workers.report(server)
             try:
-                await asyncio.wait_for(stop.wait(), REPORT_S)
+                await wait_for(stop.wait(), REPORT_S)
             except asyncio.TimeoutError:
                 pass
     finally:

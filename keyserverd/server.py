@@ -61,6 +61,7 @@ from l2crypt.ops.logs import RateLimiter, fields
 from .ca import CertificateAuthority
 from .event_cursor import EventCursor
 from .service import KeyService, Session
+from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("keyserverd")
 
@@ -328,7 +329,7 @@ class KeyServer:
             while True:
                 timeout = max(0.0, min(unauth_deadline, unauth_end) - loop.time()) if identity is None else None
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+                    data = await wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
                     if loop.time() >= unauth_end:
                         reason = f"unauthenticated and open for {self.limits.unauth_deadline_s:g} s"
@@ -351,7 +352,7 @@ class KeyServer:
                 if identity is None and conn.session.identity is not None:
                     identity = conn.session.identity
                     keep_open = keep_open and self._promote(conn)
-                await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
+                await wait_for(writer.drain(), DRAIN_TIMEOUT_S)
                 if not keep_open:
                     reason = "closed by server"
                     break
@@ -369,7 +370,7 @@ class KeyServer:
             self._forget(conn)
             writer.close()
             try:
-                await asyncio.wait_for(writer.wait_closed(), 2.0)
+                await wait_for(writer.wait_closed(), 2.0)
             except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, ssl.SSLError, OSError):
                 pass
             log.debug("connection_ended", extra=fields(host=conn.session.who, reason=reason))

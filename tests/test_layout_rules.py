@@ -10,6 +10,8 @@
 3. No module imports another module's private name (``from x import _y``).
 4. Modules stay small (600 lines at most).
 5. Every class has a docstring.
+6. Nothing calls ``asyncio.wait_for``: on Python 3.11 it can swallow a
+   cancellation; ``l2crypt.io.aio_timeout.wait_for`` is the one to use.
 Each rule lists every offender at once.
 """
 
@@ -189,3 +191,19 @@ def test_every_class_says_what_it_is(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text('class Said:\n    """A class."""\n\n\nclass Silent:\n    x = 1\n')
     assert [line.split(": ", 1)[1] for line in classes_without_docstring(sample)] == ["class Silent"]
+
+
+def wait_for_calls(path: Path) -> list[str]:
+    """``asyncio.wait_for(...)`` calls in ``path``, as 'file:line'."""
+    return [f"{rel(path)}:{node.lineno}" for node in ast.walk(parse(path))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "wait_for" and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "asyncio"]
+
+
+def test_nothing_calls_asyncio_wait_for(tmp_path):
+    offenders = [line for path in project_files() for line in wait_for_calls(path)]
+    assert offenders == [], "use l2crypt.io.aio_timeout.wait_for: " + ", ".join(offenders)
+    sample = tmp_path / "sample.py"
+    sample.write_text("import asyncio\n\nasync def f(r):\n    return await asyncio.wait_for(r.read(), 1)\n")
+    assert wait_for_calls(sample) == ["sample.py:4"]

@@ -53,6 +53,7 @@ from . import messages as pm
 from keyserverd.ca import CertificateAuthority, fingerprint_of, key_pem, new_key, write_private
 from .spec import PeerSpec, check_specs  # noqa: F401  (PeerSpec re-exported)
 from keyserverd.server import identity_of
+from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("keyserverd.peering")
 
@@ -196,7 +197,7 @@ class Peering:
 
     async def _exchange(self, spec: PeerSpec, msg: dict, ctx: ssl.SSLContext) -> dict:
         host, port = parse_hostport(spec.address)
-        reader, writer = await asyncio.wait_for(
+        reader, writer = await wait_for(
             asyncio.open_connection(host, port, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME),
             self.request_timeout_s)
         try:
@@ -205,7 +206,7 @@ class Peering:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.request_timeout_s
             while True:
-                data = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
+                data = await wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
                 if not data:
                     raise EOFError(f"peer {spec.address} closed the connection")
                 for answer in frames.feed(data):
@@ -280,17 +281,17 @@ class Peering:
         end = loop.time() + (IDLE_TIMEOUT_S if peer is None else float("inf"))
         try:
             while True:  # without a peer certificate (``ca`` only): IDLE_TIMEOUT_S in all
-                data = await asyncio.wait_for(reader.read(65536), min(IDLE_TIMEOUT_S, max(0.0, end - loop.time())))
+                data = await wait_for(reader.read(65536), min(IDLE_TIMEOUT_S, max(0.0, end - loop.time())))
                 if not data:
                     return
                 for msg in frames.feed(data):
                     writer.write(pm.encode_message(self._answer(peer, msg)))
-                await asyncio.wait_for(writer.drain(), IDLE_TIMEOUT_S)
+                await wait_for(writer.drain(), IDLE_TIMEOUT_S)
         except RemoteProtocolError as exc:  # one clear refusal, then the connection closes
             writer.write(pm.encode_message(self._refuse(
                 0, exc.code, f"from {peer.address if peer else 'an unknown client'}: {exc}")))
             try:
-                await asyncio.wait_for(writer.drain(), 2.0)
+                await wait_for(writer.drain(), 2.0)
             except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
                 pass
         except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError) as exc:

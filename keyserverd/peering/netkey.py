@@ -67,6 +67,7 @@ from keyserverd.store.kek import Kek, KekError, netkey_aad
 from l2crypt.agent.tls_files import fingerprint_of_pem
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.ops.logs import fields
+from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("keyserverd.netkey")
 
@@ -303,10 +304,10 @@ class NetkeyPeering:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # the CA is checked against the pinned fingerprint below
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.peer, ssl=ctx), TIMEOUT_S)
+        reader, writer = await wait_for(asyncio.open_connection(*self.peer, ssl=ctx), TIMEOUT_S)
         try:
             writer.write(encode({"t": "ca"}))
-            msg = await asyncio.wait_for(read_message(reader), TIMEOUT_S)
+            msg = await wait_for(read_message(reader), TIMEOUT_S)
         finally:
             writer.close()
         pem = msg.get("cert")
@@ -331,7 +332,7 @@ class NetkeyPeering:
                     timeout = TIMEOUT_S
                 else:
                     timeout = max(0.0, end - loop.time())
-                msg = await asyncio.wait_for(read_message(reader), timeout)
+                msg = await wait_for(read_message(reader), timeout)
                 if msg["t"] == "ca":
                     writer.write(encode({"t": "ca_cert", "cert": self.ca.ca_cert_pem}))
                 elif msg["t"] == "sync" and authenticated and self.leader:
@@ -339,7 +340,7 @@ class NetkeyPeering:
                 else:
                     log.warning("netkey peering: refused %r (authenticated %s)", msg["t"], authenticated)
                     break
-                await asyncio.wait_for(writer.drain(), TIMEOUT_S)
+                await wait_for(writer.drain(), TIMEOUT_S)
         except asyncio.TimeoutError:
             log.info("netkey peering: closed a connection (authenticated %s): too slow", authenticated)
         except ValueError as exc:
@@ -382,14 +383,14 @@ class NetkeyPeering:
         ctx.load_cert_chain(self.cert_path, self.key_path)
         while True:
             try:
-                reader, writer = await asyncio.wait_for(
+                reader, writer = await wait_for(
                     asyncio.open_connection(*self.peer, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME), TIMEOUT_S)
                 set_keepalive(writer.get_extra_info("socket"))
                 try:
                     writer.write(encode({"t": "sync", "pw_id": self.book.newest_pw_id()}))
                     timeout = TIMEOUT_S  # the leader answers a sync at once; later versions come when they come
                     while True:
-                        msg = await asyncio.wait_for(read_message(reader), timeout)
+                        msg = await wait_for(read_message(reader), timeout)
                         timeout = None
                         if msg.get("t") != "netkey":
                             raise ValueError(f"unexpected {msg.get('t')!r}")

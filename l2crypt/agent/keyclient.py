@@ -49,6 +49,7 @@ from l2crypt.ops.metrics import LatencyHistogram
 
 from .config import parse_hostport
 from .tls_files import SERVER_NAME
+from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("l2crypt.keyclient")
 
@@ -228,13 +229,13 @@ class KeyClient:
             else:
                 delay = self.schedule.after_failure()
             try:
-                await asyncio.wait_for(stop.wait(), delay)
+                await wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
                 pass
 
     async def _open(self, server: str):
         host, port = parse_hostport(server)
-        return await asyncio.wait_for(
+        return await wait_for(
             asyncio.open_connection(host, port, ssl=self.ssl_ctx, server_hostname=SERVER_NAME),
             CONNECT_TIMEOUT_S,
         )
@@ -283,18 +284,18 @@ class KeyClient:
         if auth is None:
             return
         writer.write(ks_messages.encode_message({"t": "auth_begin", "rid": self._next_rid()}))
-        challenge = _expect(await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S), "challenge", "auth_begin")
+        challenge = _expect(await wait_for(anext(messages), CONNECT_TIMEOUT_S), "challenge", "auth_begin")
         server_der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         answer = await asyncio.get_running_loop().run_in_executor(
             None, answer_challenge, challenge["challenge"], server_der, auth.host_id, auth.cert_pem, auth.signer)
         writer.write(ks_messages.encode_message({**answer, "rid": self._next_rid()}))
-        _expect(await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S), "authenticated", "auth")
+        _expect(await wait_for(anext(messages), CONNECT_TIMEOUT_S), "authenticated", "auth")
 
     async def _handshake(self, writer: asyncio.StreamWriter, messages) -> dict:
         """Say hello and return the welcome; RemoteProtocolError if refused.
         (The layer-3 client, ``l3_keyclient``, says its own hello.)"""
         writer.write(ks_messages.encode_message({"t": "hello", "rid": self._next_rid(), "mac": self.my_mac}))
-        welcome = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
+        welcome = await wait_for(anext(messages), CONNECT_TIMEOUT_S)
         if welcome["t"] == "error":
             raise RemoteProtocolError(f"hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
         if welcome["t"] != "welcome":
@@ -319,7 +320,7 @@ class KeyClient:
             self._pong.clear()
             writer.write(ks_messages.encode_message({"t": "ping", "rid": self._next_rid()}))
             try:
-                await asyncio.wait_for(self._pong.wait(), self.probe_interval_s)
+                await wait_for(self._pong.wait(), self.probe_interval_s)
                 self.selector.pong(loop.time())
                 await asyncio.sleep(self.probe_interval_s)
             except asyncio.TimeoutError:
@@ -358,7 +359,7 @@ class KeyClient:
             deadline = asyncio.get_running_loop().time() + min(self.probe_interval_s, CONNECT_TIMEOUT_S)
             while True:
                 left = deadline - asyncio.get_running_loop().time()
-                msg = await asyncio.wait_for(anext(messages), max(left, 0.01))
+                msg = await wait_for(anext(messages), max(left, 0.01))
                 if msg["t"] == "pong":
                     return True
         except (OSError, asyncio.TimeoutError, ssl.SSLError, RemoteProtocolError, EOFError, LocalError):

@@ -25,6 +25,7 @@ from l2crypt.core.errors import RemoteProtocolError
 from l2crypt.core.l3_engine import BY_ID, BY_IP
 from l2crypt.core.l3_wire import format_ip
 from l2crypt.ops.logs import fields
+from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("l2crypt.keyclient")
 
@@ -53,14 +54,14 @@ class L3KeyClient(KeyClient):
     async def _handshake(self, writer: asyncio.StreamWriter, messages) -> dict:
         self._lookups.clear()
         writer.write(ks_messages.encode_message({"t": "l3_hello", "rid": self._next_rid()}))
-        welcome = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
+        welcome = await wait_for(anext(messages), CONNECT_TIMEOUT_S)
         if welcome["t"] == "error":
             raise RemoteProtocolError(f"l3_hello refused: {welcome['msg']} ({welcome['code']})", welcome["code"])
         if welcome["t"] != "l3_welcome":
             raise RemoteProtocolError(f"expected l3_welcome, got {welcome['t']}")
         for ip in self.my_ips:
             writer.write(ks_messages.encode_message({"t": "ip_bind", "rid": self._next_rid(), "ip": ip}))
-            answer = await asyncio.wait_for(anext(messages), CONNECT_TIMEOUT_S)
+            answer = await wait_for(anext(messages), CONNECT_TIMEOUT_S)
             if answer["t"] == "error":
                 raise RemoteProtocolError(f"binding {format_ip(ip)} refused: {answer['msg']} ({answer['code']})",
                                           answer["code"])

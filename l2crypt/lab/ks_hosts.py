@@ -27,6 +27,7 @@ from keyserverd.store import open_store
 from keyserverd.store.kek import DEFAULT_KEK_FILE, create_kek_file
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.core.ks_messages import FrameReader, encode_message
+from l2crypt.io.aio_timeout import wait_for
 
 #: The CA certificate clients trust, in the state directory.
 CA_FILE = "ca.crt"
@@ -115,7 +116,7 @@ class KsConnection:
 
     @classmethod
     async def open(cls, port: int, ctx: ssl.SSLContext, timeout: float = 30.0, session=None) -> "KsConnection":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+        reader, writer = await wait_for(asyncio.open_connection(
             "127.0.0.1", port, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME, ssl_handshake_timeout=timeout),
             timeout)
         return cls(reader, writer)
@@ -130,7 +131,7 @@ class KsConnection:
         return answer
 
     async def call(self, msg: dict, timeout: float = 30.0) -> dict:
-        return await asyncio.wait_for(self.send(msg), timeout)
+        return await wait_for(self.send(msg), timeout)
 
     async def _read(self) -> None:
         error: BaseException = EOFError("keyserverd closed the connection")

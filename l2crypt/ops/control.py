@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from l2crypt.core.errors import LocalError
+from l2crypt.io.aio_timeout import wait_for
 
 MAX_REQUEST = 256
 CLIENT_TIMEOUT_S = 5.0
@@ -27,7 +28,7 @@ async def serve_control(path: Path, snapshot: Callable[[], dict]) -> asyncio.Abs
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), CLIENT_TIMEOUT_S)
+            line = await wait_for(reader.readline(), CLIENT_TIMEOUT_S)
             if line.strip() == b"status":
                 writer.write(json.dumps(snapshot()).encode() + b"\n")
             else:

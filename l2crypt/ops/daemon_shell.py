@@ -47,6 +47,7 @@ from l2crypt.io.state_lock import lock_state_dir
 from l2crypt.ops.control import serve_control
 from l2crypt.ops.logs import fields, setup_logging
 from l2crypt.ops.metrics import FunctionCollector, new_registry, serve_metrics
+from l2crypt.io.aio_timeout import wait_for
 
 #: The longest sleep between two ticks, seconds.
 TICK_CAP_S = CLOCK_TICK_S
@@ -183,7 +184,7 @@ class DaemonShell:
             self._last_persist = self._last_drop_log = loop.time()
             while not self.stop.is_set():
                 try:
-                    await asyncio.wait_for(self.stop.wait(), self.sleep_s(loop.time()))
+                    await wait_for(self.stop.wait(), self.sleep_s(loop.time()))
                 except asyncio.TimeoutError:
                     pass
                 self.tick(loop.time())

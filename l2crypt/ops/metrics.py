@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from l2crypt.core.errors import LocalError
 from l2crypt.io.port_guard import EGRESS_COUNTER, INBOUND_COUNTER
+from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("l2crypt.metrics")
 
@@ -210,7 +211,7 @@ async def serve_metrics(listen: str, registry: CollectorRegistry) -> asyncio.Abs
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S)
+            head = await wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT_S)
             parts = head.split(b"\r\n", 1)[0].split()
             if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
                 status, body, ctype = b"405 Method Not Allowed", b"only GET\n", b"text/plain"
@@ -221,7 +222,7 @@ async def serve_metrics(listen: str, registry: CollectorRegistry) -> asyncio.Abs
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype
                          + b"\r\nContent-Length: " + str(len(body)).encode()
                          + b"\r\nConnection: close\r\n\r\n" + (body if parts[:1] != [b"HEAD"] else b""))
-            await asyncio.wait_for(writer.drain(), CLIENT_TIMEOUT_S)
+            await wait_for(writer.drain(), CLIENT_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass
         except Exception:  # a collector bug must not take the daemon down

@@ -542,6 +542,30 @@ def _genuine_from_the_wan(glab, genuine: bytes) -> None:
                 check=True)
 
 
+def _inject_at_gA(glab, port, frames, inject_kwargs, injected, genuine):
+    """Inject ``frames`` (by ``a.inject(frames, **inject_kwargs)``) while a
+    listener on gA's ``port`` and stack watches, then send one genuine datagram
+    from the WAN: the port saw every injected frame, the stack only the genuine
+    datagram and no echo request. Returns gA's nstat before and after."""
+    a = glab.a
+    listener = StackListener(a, "gA", port, GUARD_UDP_PORT, injected, genuine)
+    try:
+        stack_before = nstat(a, "gA")
+        assert a.inject(frames, **inject_kwargs) == len(frames)
+        wait_for(f"every injected frame to reach gA's {port}",
+                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
+        _genuine_from_the_wan(glab, genuine)
+        wait_for("the genuine datagram at gA's listener",
+                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
+        stack_after = nstat(a, "gA")
+        counts = listener.counts()
+    finally:
+        listener.stop()
+    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
+    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    return stack_before, stack_after
+
+
 def test_plain_frames_on_the_gateways_encrypted_port_reach_nothing(glab):
     """An intruder on segment A sends gA's encrypted port plain IPv4 UDP, IPv6 UDP,
     ARP and ICMP echo frames as if from h1, to gA's MAC, to a plain-side MAC the
@@ -553,21 +577,8 @@ def test_plain_frames_on_the_gateways_encrypted_port_reach_nothing(glab):
     injected, genuine = _guard_markers()
     frames = plain_frames([GATEWAYS["gA"][1], P1_MAC, "ff:ff:ff:ff:ff:ff"], h1["mac"], L.tap_ipv4("h1"),
                           GATEWAYS["gA"][3], L.tap_ipv6("h1"), "fd66::21", GUARD_UDP_PORT, injected)
-    listener = StackListener(a, "gA", L.WIRE_IFNAME, GUARD_UDP_PORT, injected, genuine)
-    try:
-        before, stack_before, m_before = glab.gateway_status("gA"), nstat(a, "gA"), scrape_gw(glab, "gA")
-        assert a.inject(frames) == len(frames)
-        wait_for("every injected frame to reach gA's encrypted port",
-                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
-        _genuine_from_the_wan(glab, genuine)
-        wait_for("the genuine datagram at gA's listener",
-                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
-        stack_after = nstat(a, "gA")
-        counts = listener.counts()
-    finally:
-        listener.stop()
-    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
-    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    before, m_before = glab.gateway_status("gA"), scrape_gw(glab, "gA")
+    stack_before, stack_after = _inject_at_gA(glab, L.WIRE_IFNAME, frames, {}, injected, genuine)
     assert stack_after["UdpInDatagrams"] - stack_before["UdpInDatagrams"] >= 1  # the genuine one
     after = wait_for("gA to count the refused frames", lambda: (
         lambda s: s if s.get("inbound_refused", 0) - before.get("inbound_refused", 0) >= len(frames) else None)(
@@ -589,21 +600,8 @@ def test_the_plain_port_feeds_the_gateway_but_not_its_stack(glab):
     plain_mac = link_mac(a, "gA", "plain0")
     frames = plain_frames([plain_mac, "ff:ff:ff:ff:ff:ff"], P1_MAC, P1_IPV4, GATEWAYS["gA"][3], "fd66::31",
                           "fd66::21", GUARD_UDP_PORT, injected)
-    listener = StackListener(a, "gA", "plain0", GUARD_UDP_PORT, injected, genuine)
-    try:
-        before, stack_before = glab.gateway_status("gA"), nstat(a, "gA")
-        assert a.inject(frames, role="p1", ifname=L.WIRE_IFNAME) == len(frames)
-        wait_for("every injected frame to reach gA's plain port",
-                 lambda: listener.counts().get(("pkt_all", "injected"), 0) >= len(frames), timeout_s=10)
-        _genuine_from_the_wan(glab, genuine)
-        wait_for("the genuine datagram at gA's listener",
-                 lambda: listener.counts().get(("udp4", "genuine")), timeout_s=10)
-        stack_after = nstat(a, "gA")
-        counts = listener.counts()
-    finally:
-        listener.stop()
-    assert counts == {("pkt_all", "injected"): len(frames), ("udp4", "genuine"): 1}
-    assert stack_after["IcmpInEchos"] - stack_before["IcmpInEchos"] == 0
+    before = glab.gateway_status("gA")
+    _inject_at_gA(glab, "plain0", frames, {"role": "p1", "ifname": L.WIRE_IFNAME}, injected, genuine)
     after = wait_for("gA to read and count the frames", lambda: (
         lambda s: s if s.get("plain_inbound_refused", 0) - before.get("plain_inbound_refused", 0) >= len(frames)
         and s["counters"]["from_plain"] - before["counters"]["from_plain"] >= len(frames) else None)(

@@ -22,6 +22,7 @@ from hypothesis.control import currently_in_test_context
 
 from corpus_frames import HELD, PEER_MAC, RX_MAC, STRANGER_MAC, crafted
 from drop_reasons import counted, returned
+from mutations import mutation
 from l2crypt.core import engine as engine_mod, engine_keys, frame_wire, peer_table
 from l2crypt.core.constants import DEFAULT_KEY_MAX_AGE_S
 from l2crypt.core.engine import EngineSettings, FrameEngine
@@ -148,20 +149,7 @@ def test_l2crypt_shaped_garbage_is_dropped_and_counted(frames):
 
 
 def _mutation(frame: bytes, data) -> bytes:
-    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "field", "splice"]))
-    if kind == "flip":
-        pos = data.draw(st.integers(0, len(frame) - 1))
-        return frame[:pos] + bytes([frame[pos] ^ data.draw(st.integers(1, 255))]) + frame[pos + 1:]
-    if kind == "truncate":
-        return frame[:data.draw(st.integers(0, len(frame) - 1))]
-    if kind == "extend":
-        return frame + data.draw(st.binary(min_size=1, max_size=20))
-    if kind == "splice":  # another genuine frame's body under this header
-        other = data.draw(st.sampled_from(GENUINE_LIST))
-        return frame[:28] + other[28:]
-    offset, size = data.draw(st.sampled_from([(0, 6), (6, 6), (12, 2), (14, 1), (15, 1), (16, 4), (20, 8)]))
-    value = data.draw(st.integers(0, 2 ** (8 * size) - 1))
-    return frame[:offset] + value.to_bytes(size, "big") + frame[offset + size:]
+    return mutation(frame, data, GENUINE_LIST, 28, [(0, 6), (6, 6), (12, 2), (14, 1), (15, 1), (16, 4), (20, 8)])
 
 
 @FUZZ

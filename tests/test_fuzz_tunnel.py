@@ -25,6 +25,7 @@ from hypothesis.control import currently_in_test_context
 
 from corpus_tunnel import HELD_PW_ID, INNER_SRC, OTHER_PEER_GW, PEER_GW, RX_GW, crafted
 from drop_reasons import counted, returned
+from mutations import mutation
 from gateway import tunnel_wire as W
 from gateway import core as C
 from gateway import tunnel as T
@@ -194,20 +195,7 @@ def test_tunnel_shaped_garbage_is_dropped_and_counted(arrivals):
 
 
 def _mutation(datagram: bytes, data) -> bytes:
-    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "field", "splice"]))
-    if kind == "flip":
-        pos = data.draw(st.integers(0, len(datagram) - 1))
-        return datagram[:pos] + bytes([datagram[pos] ^ data.draw(st.integers(1, 255))]) + datagram[pos + 1:]
-    if kind == "truncate":
-        return datagram[:data.draw(st.integers(0, len(datagram) - 1))]
-    if kind == "extend":
-        return datagram + data.draw(st.binary(min_size=1, max_size=20))
-    if kind == "splice":  # another genuine datagram's body under this header
-        other = data.draw(st.sampled_from(GENUINE_LIST))
-        return datagram[:W.HEADER_LEN] + other[W.HEADER_LEN:]
-    offset, size = data.draw(st.sampled_from([(0, 1), (1, 1), (2, 6), (8, 4), (12, 8)]))
-    value = data.draw(st.integers(0, 2 ** (8 * size) - 1))
-    return datagram[:offset] + value.to_bytes(size, "big") + datagram[offset + size:]
+    return mutation(datagram, data, GENUINE_LIST, W.HEADER_LEN, [(0, 1), (1, 1), (2, 6), (8, 4), (12, 8)])
 
 
 @FUZZ

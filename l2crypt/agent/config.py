@@ -167,6 +167,34 @@ def setting(default, check, doc):
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
+# The key-server failover and logging keys the host agent and the layer-3
+# agent share (one meaning, range and default each).
+def probe_interval_setting():
+    return setting(5.0, check_seconds(0.05, 600.0),
+                   "seconds between pings of the key server in use (and of better ones)")
+
+
+def probe_failures_setting():
+    return setting(3, check_int_range(1, 100), "missed pongs in a row before failing over to the next server")
+
+
+def failback_holddown_setting():
+    return setting(30.0, check_seconds(0.0, 86400.0),
+                   "seconds a higher-priority server must answer before the agent returns to it")
+
+
+def log_level_setting():
+    return setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
+
+
+def log_format_setting():
+    return setting("text", check_choice(LOG_FORMATS), "text or json")
+
+
+def metrics_listen_setting(default: str):
+    return setting(default, check_metrics_listen, 'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
+
+
 @dataclass(frozen=True)
 class EngineTuning:
     """The engine tuning keys every daemon takes (host agent, layer-3 agent,
@@ -239,15 +267,12 @@ class AgentConfig(FrameTuning):
                                      "so the key client, control socket and metrics never delay a frame; if "
                                      "that process dies the agent stops (frames stay blocked)")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
-    probe_interval_s: float = setting(5.0, check_seconds(0.05, 600.0),
-                                 "seconds between pings of the key server in use (and of better ones)")
-    probe_failures: int = setting(3, check_int_range(1, 100), "missed pongs in a row before failing over to the next server")
-    failback_holddown_s: float = setting(30.0, check_seconds(0.0, 86400.0),
-                                    "seconds a higher-priority server must answer before the agent returns to it")
-    log_level: str = setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
-    log_format: str = setting("text", check_choice(LOG_FORMATS), "text or json")
-    metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, check_metrics_listen,
-                             'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
+    probe_interval_s: float = probe_interval_setting()
+    probe_failures: int = probe_failures_setting()
+    failback_holddown_s: float = failback_holddown_setting()
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
+    metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 
     @property
     def socket_path(self) -> Path:

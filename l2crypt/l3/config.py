@@ -21,17 +21,20 @@ from typing import Any
 from l2crypt.agent.config import (
     DEFAULT_STATE_DIR,
     EngineTuning,
-    LOG_FORMATS,
-    LOG_LEVELS,
     PKCS11_PIN_FILE_DOC,
     check_choice,
     check_int_range,
-    check_metrics_listen,
     check_opt_path,
     check_path,
     check_seconds,
     check_servers,
+    failback_holddown_setting,
     load_config,
+    log_format_setting,
+    log_level_setting,
+    metrics_listen_setting,
+    probe_failures_setting,
+    probe_interval_setting,
     setting,
 )
 from l2crypt.core.constants import DEFAULT_WIRE_MTU
@@ -113,15 +116,12 @@ class L3AgentConfig(EngineTuning):
                        "(TCP MSS clamp; larger packets that may not be fragmented are dropped: too_big)")
     nat_keepalive_s: float = setting(DEFAULT_NAT_KEEPALIVE_S, check_seconds(0.0, 3600.0),
                                 "nat mode: a sealed keepalive on every path idle this long, seconds; 0 = off")
-    probe_interval_s: float = setting(5.0, check_seconds(0.05, 600.0),
-                                 "seconds between pings of the key server in use (and of better ones)")
-    probe_failures: int = setting(3, check_int_range(1, 100), "missed pongs in a row before failing over to the next server")
-    failback_holddown_s: float = setting(30.0, check_seconds(0.0, 86400.0),
-                                    "seconds a higher-priority server must answer before the agent returns to it")
-    log_level: str = setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
-    log_format: str = setting("text", check_choice(LOG_FORMATS), "text or json")
-    metrics_listen: str = setting(DEFAULT_L3_METRICS_LISTEN, check_metrics_listen,
-                             'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
+    probe_interval_s: float = probe_interval_setting()
+    probe_failures: int = probe_failures_setting()
+    failback_holddown_s: float = failback_holddown_setting()
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
+    metrics_listen: str = metrics_listen_setting(DEFAULT_L3_METRICS_LISTEN)
 
     @property
     def socket_path(self) -> Path:

@@ -23,23 +23,28 @@ from pathlib import Path
 from typing import Any
 
 from l2crypt.agent.config import (
-    LOG_FORMATS,
     FrameTuning,
-    LOG_LEVELS,
     PKCS11_PIN_FILE_DOC,
     check_choice,
     check_ethertype,
     check_iface,
     check_int_range,
-    check_metrics_listen,
     check_opt_path,
     check_path,
     check_seconds,
     check_servers,
     config_problems,
+    failback_holddown_setting,
     load_config,
+    log_format_setting,
+    log_level_setting,
+    metrics_listen_setting,
     parse_hostport,
+    probe_failures_setting,
+    probe_interval_setting,
     read_toml,
+    reconnect_jitter_setting,
+    reconnect_max_setting,
     setting,
 )
 from l2crypt.core.constants import DEFAULT_ETHERTYPE
@@ -107,10 +112,14 @@ class GatewayConfig(FrameTuning):
                              "at the key server), seconds")
     refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
-    log_level: str = setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
-    log_format: str = setting("text", check_choice(LOG_FORMATS), "text or json")
-    metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, check_metrics_listen,
-                             'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
+    probe_interval_s: float = probe_interval_setting()
+    probe_failures: int = probe_failures_setting()
+    failback_holddown_s: float = failback_holddown_setting()
+    reconnect_jitter_s: float = reconnect_jitter_setting()
+    reconnect_max_s: float = reconnect_max_setting()
+    log_level: str = log_level_setting()
+    log_format: str = log_format_setting()
+    metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 
     @property
     def socket_path(self) -> Path:

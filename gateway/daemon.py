@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from l2crypt.agent.config import tuning_values
+from l2crypt.agent.config import key_client_options, tuning_values
 from l2crypt.agent.keyclient import KeyClient
 from l2crypt.agent.host_key import load_credentials
 from l2crypt.core import engine as engine_mod
@@ -351,7 +351,7 @@ class Gateway:
             tunnel_floors=self.tunnel_floors, now=now)
         self.reserve()
         self.client = GatewayKeyClient(cfg.servers, self.ssl_ctx, gw_mac, self,
-                                       token_auth=self.credentials.token_auth)
+                                       token_auth=self.credentials.token_auth, **key_client_options(cfg))
 
     # ------------------------------------------------- the shell's hooks (Daemon)
 

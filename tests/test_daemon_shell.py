@@ -203,3 +203,28 @@ def test_serve_ticks_at_the_next_deadline_and_cleans_up(tmp_path, caplog, monkey
     events = [r.getMessage() for r in caplog.records]
     assert events[0] == "stub_started" and events[-1] == "stub_stopped"
     assert events.count("frames_dropped") == 1  # new drops once, not again while unchanged
+
+
+def client_settings(client) -> tuple:
+    s = client.schedule
+    return (client.probe_interval_s, client.selector.probe_failures, client.selector.failback_holddown_s,
+            s.jitter_s, s.max_s)
+
+
+def test_every_daemon_hands_its_failover_and_reconnect_keys_to_its_key_client(tmp_path):
+    keys = dict(probe_interval_s=2.5, probe_failures=5, failback_holddown_s=12.0,
+                reconnect_jitter_s=0.3, reconnect_max_s=40.0)
+    want = (2.5, 5, 12.0, 0.3, 40.0)
+    agent = agent_on(tmp_path, "h1", H1, FakeSwitch(), 1.0, **keys)
+    assert client_settings(agent.client) == want
+    l3 = L3Agent(L3AgentConfig(servers=KS, addresses=("10.71.0.2",), prefixes=("10.72.0.0/24",),
+                               state_dir=enrolled(tmp_path, "l3a"), metrics_listen="", **keys))
+    l3._loop = FakeLoop(1.0)
+    l3.start(1.0)
+    assert client_settings(l3.client) == want
+    gw = Gateway(GatewayConfig(encrypted_port="eth0", plain_port="plain0", servers=KS,
+                               state_dir=enrolled(tmp_path, "gA"), metrics_listen="", **keys))
+    gw._loop = FakeLoop(1.0)
+    gw.enc, gw.plain = ChannelPort("eth0"), ChannelPort("plain0")
+    gw.start(GA, 1.0)
+    assert client_settings(gw.client) == want

@@ -62,7 +62,7 @@ from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
 from l2crypt.ops.metrics import agent_metrics
 
-from .config import AgentConfig, tuning_values
+from .config import AgentConfig, key_client_options, tuning_values
 from .datapath_link import ProcessDatapath
 from .engine_driver import EngineDriver
 from .frame_pump import FramePump
@@ -331,9 +331,7 @@ class Agent:
         self.pump = FramePump(self.engine, tap, self.wire, self._now, self._keys_wanted, self.batched)
         self.driver = EngineDriver(self.engine, self.pump, self.request_key, self.send_notice)
         self.client = KeyClient(cfg.servers, self.ssl_ctx, tap.mac, self,
-                                probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
-                                failback_holddown_s=cfg.failback_holddown_s,
-                                token_auth=self.credentials.token_auth)
+                                token_auth=self.credentials.token_auth, **key_client_options(cfg))
 
     def _now(self) -> float:
         return self._loop.time()

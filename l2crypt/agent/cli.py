@@ -9,7 +9,7 @@ import click
 
 from l2crypt import __version__
 from l2crypt.core.errors import ConfigError, L2cryptError
-from l2crypt.ops.cli_options import tuning_options
+from l2crypt.ops.cli_options import key_client_cli_options, tuning_options
 
 from .config import DEFAULT_METRICS_LISTEN, DEFAULT_STATE_DIR, AgentConfig, config_keys, load_agent_config
 
@@ -112,9 +112,7 @@ def _agent_options(fn):
                      help=docs["datapath_process"] + " [default: off]"),
         click.option("--ethertype", type=lambda s: int(s, 0), help=docs["ethertype"] + " [default: 0x88b5]"),
         *tuning_options(AgentConfig),
-        click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"] + " [default: 5.0]"),
-        click.option("--probe-failures", type=int, help=docs["probe_failures"] + " [default: 3]"),
-        click.option("--failback-holddown-s", type=float, help=docs["failback_holddown_s"] + " [default: 30.0]"),
+        *key_client_cli_options(AgentConfig),
         click.option("--log-level", help=docs["log_level"] + " [default: info]"),
         click.option("--log-format", help=docs["log_format"] + " [default: text]"),
         click.option("--metrics-listen", metavar="HOST:PORT",

@@ -30,6 +30,7 @@ from l2crypt.core.constants import (
     DEFAULT_UNKNOWN_CACHE_S,
 )
 from l2crypt.core.errors import ConfigError
+from l2crypt.core.failover import RECONNECT_JITTER_S, RECONNECT_MAX_S
 from l2crypt.core.frame_wire import parse_mac
 
 DEFAULT_CONFIG_PATH = "/etc/l2crypt/agent.toml"
@@ -183,6 +184,25 @@ def failback_holddown_setting():
                    "seconds a higher-priority server must answer before the agent returns to it")
 
 
+def reconnect_jitter_setting():
+    return setting(RECONNECT_JITTER_S, check_seconds(0.0, 600.0),
+                   "longest random wait before connecting again after a session ends, seconds "
+                   "(spreads the reconnects of many hosts)")
+
+
+def reconnect_max_setting():
+    return setting(RECONNECT_MAX_S, check_seconds(0.2, 3600.0),
+                   "ceiling of the doubling wait between rounds in which no key server answered, seconds")
+
+
+KEY_CLIENT_KEYS = ("probe_interval_s", "probe_failures", "failback_holddown_s", "reconnect_jitter_s", "reconnect_max_s")
+
+
+def key_client_options(config) -> dict[str, float]:
+    """The failover and reconnect keys of a daemon's config (or config class), as its key client takes them."""
+    return {name: getattr(config, name) for name in KEY_CLIENT_KEYS}
+
+
 def log_level_setting():
     return setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
 
@@ -270,6 +290,8 @@ class AgentConfig(FrameTuning):
     probe_interval_s: float = probe_interval_setting()
     probe_failures: int = probe_failures_setting()
     failback_holddown_s: float = failback_holddown_setting()
+    reconnect_jitter_s: float = reconnect_jitter_setting()
+    reconnect_max_s: float = reconnect_max_setting()
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
     metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 from l2crypt.agent.host_key import load_credentials
-from l2crypt.agent.config import tuning_values
+from l2crypt.agent.config import key_client_options, tuning_values
 from l2crypt.core import l3_engine, l3_wire
 from l2crypt.core.errors import LocalError
 from l2crypt.core.l3_engine import L3Engine, L3Settings, Verdict
@@ -309,9 +309,7 @@ class L3Agent:
         self.engine = L3Engine(self.host_id, self.my_ips, settings, pn_start=self.clock.pn_start(), now=now,
                                floors=self.floors)
         self.client = L3KeyClient(cfg.servers, self.ssl_ctx, self.my_ips, self,
-                                  probe_interval_s=cfg.probe_interval_s, probe_failures=cfg.probe_failures,
-                                  failback_holddown_s=cfg.failback_holddown_s,
-                                  token_auth=self.credentials.token_auth)
+                                  token_auth=self.credentials.token_auth, **key_client_options(cfg))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ import click
 
 from l2crypt.agent.config import DEFAULT_STATE_DIR, config_keys
 from l2crypt.core.errors import L2cryptError
-from l2crypt.ops.cli_options import tuning_options
+from l2crypt.ops.cli_options import key_client_cli_options, tuning_options
 
 from .config import L3AgentConfig, load_l3_config
 
@@ -34,9 +34,7 @@ def _options(fn):
         *tuning_options(L3AgentConfig),
         click.option("--path-mtu", type=int, help=docs["path_mtu"] + " [default: 1500]"),
         click.option("--nat-keepalive-s", type=float, help=docs["nat_keepalive_s"] + " [default: 25]"),
-        click.option("--probe-interval-s", type=float, help=docs["probe_interval_s"]),
-        click.option("--probe-failures", type=int, help=docs["probe_failures"]),
-        click.option("--failback-holddown-s", type=float, help=docs["failback_holddown_s"]),
+        *key_client_cli_options(L3AgentConfig),
         click.option("--log-level", help=docs["log_level"] + " [default: info]"),
         click.option("--log-format", help=docs["log_format"] + " [default: text]"),
         click.option("--metrics-listen", help=docs["metrics_listen"] + " [default: 127.0.0.1:9481]"),

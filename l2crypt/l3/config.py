@@ -35,6 +35,8 @@ from l2crypt.agent.config import (
     metrics_listen_setting,
     probe_failures_setting,
     probe_interval_setting,
+    reconnect_jitter_setting,
+    reconnect_max_setting,
     setting,
 )
 from l2crypt.core.constants import DEFAULT_WIRE_MTU
@@ -119,6 +121,8 @@ class L3AgentConfig(EngineTuning):
     probe_interval_s: float = probe_interval_setting()
     probe_failures: int = probe_failures_setting()
     failback_holddown_s: float = failback_holddown_setting()
+    reconnect_jitter_s: float = reconnect_jitter_setting()
+    reconnect_max_s: float = reconnect_max_setting()
     log_level: str = log_level_setting()
     log_format: str = log_format_setting()
     metrics_listen: str = metrics_listen_setting(DEFAULT_L3_METRICS_LISTEN)

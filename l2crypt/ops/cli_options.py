@@ -13,7 +13,7 @@ import dataclasses
 
 import click
 
-from l2crypt.agent.config import FrameTuning
+from l2crypt.agent.config import KEY_CLIENT_KEYS, FrameTuning
 
 #: Field annotation (a string: the configs use postponed annotations) -> click type.
 _TYPES = {"int": int, "float": float}
@@ -32,3 +32,8 @@ def tuning_options(cls) -> list:
     """The options of the tuning keys ``cls`` (a daemon's config) has, in their order."""
     names = {f.name for f in dataclasses.fields(cls)}
     return [config_option(cls, f.name) for f in dataclasses.fields(FrameTuning) if f.name in names]
+
+
+def key_client_cli_options(cls) -> list:
+    """The options of the key-server failover and reconnect keys (``probe_interval_s`` ...)."""
+    return [config_option(cls, name) for name in KEY_CLIENT_KEYS]

@@ -82,6 +82,9 @@ class Kek:
     def shown_id(self) -> str:
         return shown_kek_id(self.kek_id)
 
+    def close(self) -> None:
+        """Let go of what holds the KEK (a token session); nothing for a KEK in memory."""
+
     def seal(self, aad: bytes, value: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
         return bytes([SEALED_FORMAT]) + nonce + self._aead.encrypt(nonce, value, aad)
@@ -155,6 +158,9 @@ class TokenKek(Kek):
             raise KekError(f"{what} does not open under KEK id {self.shown_id} "
                            f"(altered, or copied from another row)")
         return value
+
+    def close(self) -> None:
+        self._key.close()
 
 
 def create_token_kek(where: KekToken) -> TokenKek:

@@ -47,6 +47,10 @@ MISSING_LIBRARY = ("python-pkcs11 is not installed; keys on a token need it: "
 KEY_ID_BYTES = 8
 #: One token operation at a time in this process (python-pkcs11 sessions are not thread-safe).
 _TOKEN_LOCK = threading.Lock()
+#: The logged-in session a ``TokenSecretKey`` keeps open, by (module, token label).  PKCS#11
+#: logs the whole process in: while one is open, other sessions on that token open without
+#: the PIN (a second login fails with UserAlreadyLoggedIn) and do not log out when they close.
+_LOGINS: dict[tuple[str, str], object] = {}
 
 
 class TokenError(LocalError):
@@ -140,6 +144,8 @@ def _open(module: str, token_label: str, pin: str, rw: bool = False):
     lib = _library(module)
     try:
         token = lib.get_token(token_label=token_label)
+        if (module, token_label) in _LOGINS:
+            return lib, token.open(rw=rw)
         return lib, token.open(user_pin=pin, rw=rw)
     except errors.NoSuchToken:
         raise TokenError(f"token {token_label!r} is not present in {module} (removed, or another label?)") \
@@ -265,7 +271,8 @@ class TokenSecretKey:
     operation then costs some 40 us on SoftHSM2, a login each time some 3 ms).
     An operation that fails opens the session again and is tried once more, so
     a token put back works without a restart and a pulled one is a TokenError.
-    The PIN is read by ``pin_source`` at each login."""
+    The PIN is read by ``pin_source`` at each login; while the session is open,
+    other sessions of this process on the token share its login (``_LOGINS``)."""
 
     def __init__(self, module: str, token_label: str, key_label: str, pin_source: Callable[[], str]):
         self.module, self.token_label, self.key_label = module, token_label, key_label
@@ -341,8 +348,11 @@ class TokenSecretKey:
             _close(lib, session)
             raise TokenError(f"token {self.token_label!r}: {type(exc).__name__} {exc}".rstrip()) from None
         self._lib, self._session, self._key = lib, session, key
+        _LOGINS.setdefault((self.module, self.token_label), session)
 
     def _drop(self) -> None:
         if self._session is not None:
+            if _LOGINS.get((self.module, self.token_label)) is self._session:
+                del _LOGINS[(self.module, self.token_label)]
             _close(self._lib, self._session)
         self._lib = self._session = self._key = None

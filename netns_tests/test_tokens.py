@@ -175,12 +175,18 @@ def test_ca_on_a_token_signed_the_enrollments(lab):
         assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == host
 
 
+def _token_kek(lab):
+    """The key server's KEK on the token, used from this process."""
+    from keyserverd.store.kek import KekToken, TokenKek
+
+    return TokenKek(KekToken(MODULE, CA_TOKEN, KEK_LABEL, str(lab.pin_file)))
+
+
 def _stored_keys(lab) -> dict[str, bytes]:
     """Every key in the key server's database, opened by the KEK on the token (from this process)."""
     from keyserverd.store import DB_FILE, open_store
-    from keyserverd.store.kek import KekToken, TokenKek
 
-    kek = TokenKek(KekToken(MODULE, CA_TOKEN, KEK_LABEL, str(lab.pin_file)))
+    kek = _token_kek(lab)
     store = open_store("", lab.ks_dir, time.time(), create=False, kek=kek)
     try:
         with sqlite3.connect(lab.ks_dir / DB_FILE) as db:
@@ -196,17 +202,26 @@ def _stored_keys(lab) -> dict[str, bytes]:
 
 def test_the_kek_on_the_token_leaves_no_key_in_clear_in_the_database(lab):
     from keyserverd.store import DB_FILE
+    from keyserverd.store.kek import KekError, pair_aad
 
     keys = _stored_keys(lab)
     assert "h1/h2/1" in keys and len(keys["h1/h2/1"]) == 32 and any(k.startswith("multicast/") for k in keys)
     with sqlite3.connect(lab.ks_dir / DB_FILE) as db:
         (kek_id,), = db.execute("SELECT kek_id FROM kek_check")
         stored = {bytes(v) for (v,) in db.execute("SELECT key FROM pair_keys UNION ALL SELECT key FROM multicast_keys")}
+        (h1_h2,), = db.execute("SELECT key FROM pair_keys WHERE id1 = 'h1' AND id2 = 'h2' AND pw_id = 1")
     assert kek_id.startswith("pkcs11:") and not (lab.ks_dir / "kek").exists()  # no KEK file was made
     assert not set(keys.values()) & stored  # the column holds sealed values, not the keys
     raw = b"".join(p.read_bytes() for p in lab.ks_dir.iterdir() if p.name.startswith(DB_FILE) and p.is_file())
     for name, key in keys.items():
         assert key not in raw and key.hex().encode() not in raw, f"{name} is in clear in the database"
+    kek = _token_kek(lab)  # the token opens a sealed value for its own row only
+    try:
+        assert kek.open(pair_aad("h1", "h2", 1), h1_h2, "h1/h2/1") == keys["h1/h2/1"]
+        with pytest.raises(KekError, match="does not open under KEK id pkcs11:"):
+            kek.open(pair_aad("h1", "h2", 2), h1_h2, "h1/h2/1 as pw_id 2")
+    finally:
+        kek.close()
     import pkcs11  # and the KEK cannot be read off the token
 
     with pkcs11.lib(MODULE).get_token(token_label=CA_TOKEN).open(user_pin=PIN) as session:
@@ -214,23 +229,16 @@ def test_the_kek_on_the_token_leaves_no_key_in_clear_in_the_database(lab):
         assert kek[pkcs11.Attribute.EXTRACTABLE] is False and kek[pkcs11.Attribute.SENSITIVE] is True
 
 
-def test_a_wrong_pin_stops_keyserverd_and_a_restart_reads_the_keys_back(lab):
+def test_keys_sealed_on_the_token_are_read_back_after_a_restart(lab):
     before = _stored_keys(lab)
     lab.kill_keyserver(signal.SIGTERM)
-    wrong = lab.pin_file.with_name("wrong-pin")
-    wrong.write_text("000000\n")
-    wrong.chmod(0o600)
-    args = [a if a != str(lab.pin_file) else str(wrong) for a in lab.keyserver_args]
-    refused = lab.serve_once(*args)
-    assert refused.returncode == 1 and refused.stdout == "", refused.stdout + refused.stderr
-    assert refused.stderr.splitlines() == [
-        f"keyserverd: error: pkcs11_kek_label {KEK_LABEL!r}: the PIN of token {CA_TOKEN!r} is wrong"]
     lab.start_keyserver()
     for host in ("h1", "h2"):
         lab.wait_connected(host, 30)
     assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0
     after = _stored_keys(lab)
     assert after["h1/h2/1"] == before["h1/h2/1"] and set(before) <= set(after)
+    assert "sealed_key_unreadable" not in lab.log_text("keyserverd")
 
 
 def test_deleting_the_token_fails_the_next_reconnect_closed(lab):
@@ -248,10 +256,17 @@ def test_deleting_the_token_fails_the_next_reconnect_closed(lab):
     assert lab.proc("agent-h1").alive()  # it keeps trying; it did not crash
 
 
-def test_deleting_the_kek_token_stops_keyserverd_with_one_line(lab):
+def test_a_wrong_pin_or_a_deleted_kek_token_stops_keyserverd_with_one_line(lab):
+    lab.kill_keyserver(signal.SIGTERM)
+    wrong = lab.pin_file.with_name("wrong-pin")
+    wrong.write_text("000000\n")
+    wrong.chmod(0o600)
+    refused = lab.serve_once(*[str(wrong) if a == str(lab.pin_file) else a for a in lab.keyserver_args])
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout + refused.stderr
+    assert refused.stderr.splitlines() == [
+        f"keyserverd: error: pkcs11_kek_label {KEK_LABEL!r}: the PIN of token {CA_TOKEN!r} is wrong"]
     gone = _softhsm("--delete-token", "--token", CA_TOKEN)
     assert gone.returncode == 0, gone.stdout + gone.stderr
-    lab.kill_keyserver(signal.SIGTERM)
     refused = lab.serve_once(*lab.keyserver_args)
     assert refused.returncode == 1 and refused.stdout == "", refused.stdout + refused.stderr
     assert refused.stderr.splitlines() == [

@@ -497,3 +497,19 @@ def test_check_config_accepts_a_verified_or_explicitly_insecure_store(tmp_path, 
         with pytest.raises(SystemExit) as code:
             main(["check-config", str(path)])
         assert code.value.code == 0, capsys.readouterr().err
+
+
+def test_a_kek_on_a_token_is_named_by_the_pkcs11_keys_and_may_keep_a_file_ca():
+    from keyserverd.config import load_config
+    from keyserverd.store.kek import KekToken
+    from keyserverd.workers import workers_for
+
+    token = {"pkcs11_module": "/m.so", "pkcs11_token_label": "t", "pkcs11_pin_file": "/p",
+             "listen": "127.0.0.1:7788"}
+    both = load_config(None, {**token, "pkcs11_kek_label": "kek"})
+    assert both.kek_token() == KekToken("/m.so", "t", "kek", "/p") and both.ca_token() is not None
+    kek_only = load_config(None, {**token, "pkcs11_kek_label": "kek", "pkcs11_ca": False})
+    assert kek_only.kek_token() is not None and kek_only.ca_token() is None
+    assert workers_for(kek_only) == 1  # the token's session is not shared across a fork
+    ca_only = load_config(None, token)
+    assert ca_only.kek_token() is None and ca_only.ca_token() is not None

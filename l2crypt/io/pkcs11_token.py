@@ -282,21 +282,15 @@ class TokenSecretKey:
     def describe(self) -> str:
         return f"key {self.key_label!r} on token {self.token_label!r} (module {self.module})"
 
-    def connect(self) -> None:
-        """Open the session and find the key now; TokenError with the reason otherwise."""
-        with _TOKEN_LOCK:
-            if self._key is None:
-                self._connect()
-
     def gcm_encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
         """Ciphertext and 16-byte tag."""
-        mech = self._gcm(nonce, aad)
-        return self._call(lambda key: key.encrypt(data, mechanism=mech[0], mechanism_param=mech[1]), "encrypt")
+        gcm = _gcm(nonce, aad)
+        return self._call(lambda key: key.encrypt(data, **gcm), "encrypt")
 
     def gcm_decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes | None:
         """The plaintext, or None if ``data`` does not authenticate under ``nonce`` and ``aad``."""
-        mech = self._gcm(nonce, aad)
-        return self._call(lambda key: key.decrypt(data, mechanism=mech[0], mechanism_param=mech[1]), None)
+        gcm = _gcm(nonce, aad)
+        return self._call(lambda key: key.decrypt(data, **gcm), None)
 
     def cmac(self, data: bytes) -> bytes:
         """AES-CMAC of ``data`` (16 bytes)."""
@@ -307,29 +301,22 @@ class TokenSecretKey:
         with _TOKEN_LOCK:
             self._drop()
 
-    def _gcm(self, nonce: bytes, aad: bytes):
-        pkcs11 = _pkcs11()
-        from pkcs11.mechanisms import GCMParams
-        return pkcs11.Mechanism.AES_GCM, GCMParams(nonce, aad, 128)
-
     def _call(self, op, failing: str | None):
         """``op(key)``; after a PKCS#11 error the session is opened again and ``op`` tried once more.
         If that fails too: TokenError (``failing`` says what), or None when ``failing`` is None."""
         errors = _pkcs11().exceptions
         with _TOKEN_LOCK:
-            for attempt in (1, 2):
+            for last in (False, True):
                 if self._key is None:
                     self._connect()
                 try:
                     return bytes(op(self._key))
                 except errors.PKCS11Error as exc:
                     self._drop()
-                    if attempt == 2:
-                        if failing is None:
-                            return None
+                    if last and failing is not None:
                         raise TokenError(f"{self.describe()} cannot {failing}: {type(exc).__name__} "
                                          f"{exc}".rstrip()) from None
-        return None  # not reached
+        return None
 
     def _connect(self) -> None:
         pkcs11 = _pkcs11()
@@ -356,3 +343,11 @@ class TokenSecretKey:
                 del _LOGINS[(self.module, self.token_label)]
             _close(self._lib, self._session)
         self._lib = self._session = self._key = None
+
+
+def _gcm(nonce: bytes, aad: bytes) -> dict:
+    """The mechanism arguments of AES-GCM with a 128-bit tag."""
+    pkcs11 = _pkcs11()
+    from pkcs11.mechanisms import GCMParams
+
+    return {"mechanism": pkcs11.Mechanism.AES_GCM, "mechanism_param": GCMParams(nonce, aad, 128)}

@@ -348,6 +348,9 @@ class TokenSecretKey:
 def _gcm(nonce: bytes, aad: bytes) -> dict:
     """The mechanism arguments of AES-GCM with a 128-bit tag."""
     pkcs11 = _pkcs11()
-    from pkcs11.mechanisms import GCMParams
-
+    try:
+        from pkcs11.mechanisms import GCMParams
+    except ImportError:
+        raise TokenError("this python-pkcs11 has no GCMParams; AES-GCM on a token needs a newer one "
+                         "(tested with 0.10): pip install -U 'l2crypt[pkcs11]'") from None
     return {"mechanism": pkcs11.Mechanism.AES_GCM, "mechanism_param": GCMParams(nonce, aad, 128)}

@@ -10,6 +10,7 @@
     keyserverd check-config FILE               name every problem of a config file
     keyserverd kek rotate --new-kek-file FILE  re-seal every stored key under a new KEK
     keyserverd kek generate FILE               write a new random KEK (0600)
+    keyserverd kek generate --pkcs11-kek-label L ...   make a new KEK on the PKCS#11 token
 
 ``--config`` and ``--state-dir`` are accepted on the group and on every
 subcommand (the subcommand's value wins).  A bad argument or config value
@@ -36,7 +37,8 @@ import click
 
 from keyserverd.peering.netkey import NETKEY_FILE, NetkeyBook
 from keyserverd.peering.spec import check_peers, owner_of
-from keyserverd.store.kek import DEFAULT_KEK_FILE, create_kek_file, load_kek, read_kek_file, replace_kek_file
+from keyserverd.store.kek import (DEFAULT_KEK_FILE, create_kek_file, create_token_kek, load_kek, read_kek_file,
+                                  replace_kek_file)
 from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.core.errors import ConfigError, L2cryptError
@@ -74,13 +76,19 @@ log = logging.getLogger("keyserverd")
 # --- options ---------------------------------------------------------------
 
 def _common_options(f):
+    f = click.option("--pkcs11-ca/--no-pkcs11-ca", default=None,
+                     help="--no-pkcs11-ca: the CA key stays the file ca.key, only the KEK is on the token "
+                          "[default: the CA key is on the token too].")(f)
+    f = click.option("--pkcs11-kek-label", metavar="LABEL",
+                     help="Seal the stored keys under the AES-256 key of this label on the token instead of a "
+                          "KEK file; it never leaves the token ('keyserverd kek generate' makes it).")(f)
     f = click.option("--pkcs11-pin-file", metavar="FILE",
-                     help="File holding the CA token's user PIN [default: the systemd credential pkcs11-pin].")(f)
-    f = click.option("--pkcs11-token-label", metavar="LABEL", help="Label of the token the CA key is on.")(f)
+                     help="File holding the token's user PIN [default: the systemd credential pkcs11-pin].")(f)
+    f = click.option("--pkcs11-token-label", metavar="LABEL", help="Label of the token the CA key (or KEK) is on.")(f)
     f = click.option("--pkcs11-module", metavar="LIB",
                      help="Keep the CA key on a PKCS#11 token through this module: a new CA is made on the "
                           "token at the first start (state_dir/ca.token names it), host certificates are "
-                          "signed there.")(f)
+                          "signed there.  With --pkcs11-kek-label the KEK is on that token too.")(f)
     f = click.option("--store-tls-insecure", is_flag=True, default=None,
                      help="Allow the PostgreSQL URL's sslmode to be weaker than verify-full for a host "
                           "that is not local.")(f)
@@ -375,12 +383,30 @@ def kek(ctx: click.Context, **opts) -> None:
 
 
 @kek.command("generate")
-@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
-def kek_generate(path) -> None:
+@click.argument("path", metavar="[FILE]", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_common_options
+@click.pass_context
+def kek_generate(ctx, path, **opts) -> None:
     """Write a new random KEK (32 bytes, mode 0600) to FILE, which must not exist.
-    Name it with kek_file (or install it as a systemd credential)."""
-    new = create_kek_file(path)
-    click.echo(f"{path}: new KEK, id {new.shown_id}; back it up apart from the database")
+    Name it with kek_file (or install it as a systemd credential).
+
+    Without FILE: make the KEK on the PKCS#11 token (--pkcs11-module,
+    --pkcs11-token-label, --pkcs11-kek-label, --pkcs11-pin-file, or their
+    config keys): an AES-256 key that never leaves the token; a key of that
+    label already there is never replaced.  Run it once, before the first
+    start with pkcs11_kek_label."""
+    if path is not None:
+        new = create_kek_file(path)
+        click.echo(f"{path}: new KEK, id {new.shown_id}; back it up apart from the database")
+        return
+    config = _config(_merged(ctx, opts))
+    where = config.kek_token()
+    if where is None:
+        raise click.UsageError("say where the new KEK goes: FILE, or --pkcs11-kek-label LABEL with the token's "
+                               "--pkcs11-module and --pkcs11-token-label")
+    new = create_token_kek(where)
+    click.echo(f"new KEK {new.source[len('the KEK '):]}, id {new.shown_id}; it cannot be copied off the token: "
+               f"without the token (or its vendor's backup) the stored keys are lost")
 
 
 @kek.command("rotate")
@@ -403,14 +429,15 @@ def kek_rotate(ctx, new_kek_file, **opts) -> None:
     still need the old KEK.
     """
     config = _config(_merged(ctx, opts))
-    current = load_kek(config.kek_file, config.kek_credential)
+    current = load_kek(config.kek_file, config.kek_credential, token=config.kek_token())
     current_file = (Path(config.kek_file) if config.kek_file
-                    else None if config.kek_credential else config.state_dir / DEFAULT_KEK_FILE)
+                    else None if config.kek_credential or current is not None
+                    else config.state_dir / DEFAULT_KEK_FILE)
     if current is None and not current_file.exists():
         raise L2cryptError(f"no KEK at {current_file}: nothing is sealed yet, or the KEK is elsewhere "
                            f"(--kek-file, --kek-credential)")
     new = read_kek_file(new_kek_file, "--new-kek-file") if new_kek_file.exists() else create_kek_file(new_kek_file)
-    store = open_configured_store(config, time.time(), create=False)
+    store = open_configured_store(config, time.time(), create=False, kek=current)
     resealed = {}
 
     def then() -> None:  # after the commit, before any keyserverd can open the store again
@@ -437,6 +464,9 @@ def kek_rotate(ctx, new_kek_file, **opts) -> None:
     if current_file is not None:
         click.echo(f"{current_file} now holds the new KEK: copy it to every keyserverd sharing this store, and "
                    f"back it up apart from the database (older backups still need the old KEK)")
+    elif config.pkcs11_kek_label:
+        click.echo(f"now set kek_file = {new_kek_file} and remove pkcs11_kek_label on every keyserverd sharing "
+                   f"this store")
     else:
         click.echo(f"now replace the credential {config.kek_credential!r} with {new_kek_file} (e.g. "
                    f"systemd-creds encrypt --name={config.kek_credential} {new_kek_file} "
@@ -447,14 +477,15 @@ def kek_rotate(ctx, new_kek_file, **opts) -> None:
 
 def _serve(config: KeyServerConfig) -> None:
     setup_logging(config.log_level, config.log_format)
+    kek = load_kek(config.kek_file, config.kek_credential, token=config.kek_token())  # a token KEK: opened now
     ca = CertificateAuthority.open(config.state_dir, config.server_names, config.ca_token())
     ca.check_token()
     count = workers_for(config)
     if count > 1:
-        open_configured_store(config, time.time()).close()  # migrate once, before the workers open it
+        open_configured_store(config, time.time(), kek=kek).close()  # migrate once, before the workers open it
     ssl_context = make_server_ssl_context(ca)  # before the fork: every worker takes every TLS ticket
     workers = Workers.start(count)
-    store = open_configured_store(config, time.time())
+    store = open_configured_store(config, time.time(), kek=kek)
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
         service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,

@@ -41,6 +41,8 @@ Example ``/etc/l2crypt/keyserver.toml``::
     pkcs11_module = "/usr/lib/softhsm/libsofthsm2.so"   # the CA key on a token ("" = ca.key file)
     pkcs11_token_label = "l2crypt-ca"
     pkcs11_pin_file = "/etc/l2crypt/ca-token.pin"      # "" = the systemd credential pkcs11-pin
+    pkcs11_kek_label = "l2crypt-kek"   # the KEK on that token too (keyserverd kek generate makes it)
+    pkcs11_ca = true                   # false: the CA key stays the file ca.key (only the KEK on the token)
     require_pinned_macs = false    # true: hosts bind only the MAC of ``host add --mac``
     require_pinned_ips = true      # hosts bind only the addresses of ``host add --ip``
 """
@@ -62,6 +64,7 @@ from l2crypt.core.errors import ConfigError
 from l2crypt.ops.metrics import parse_listen
 
 from .ca import CaToken
+from .store.kek import KekToken
 from .service import CIPHERS, DEFAULT_CIPHER
 from .store import PG_SCHEMES, check_store_url
 
@@ -164,12 +167,23 @@ class KeyServerConfig:
     pkcs11_token_label: str = ""
     #: File holding the token's user PIN; "" = the systemd credential ``pkcs11-pin``.
     pkcs11_pin_file: str = ""
+    #: Label of an AES-256 key on that token to seal the stored keys under
+    #: instead of a KEK file ("" = none); ``keyserverd kek generate`` makes it.
+    pkcs11_kek_label: str = ""
+    #: false: the CA key stays the file ``ca.key`` while the KEK is on the token.
+    pkcs11_ca: bool = True
 
     def ca_token(self) -> CaToken | None:
         """The token the CA key is on (the ``pkcs11_*`` keys), or None."""
-        if not (self.pkcs11_module or self.pkcs11_token_label or self.pkcs11_pin_file):
+        if not self.pkcs11_ca or not (self.pkcs11_module or self.pkcs11_token_label or self.pkcs11_pin_file):
             return None
         return CaToken(self.pkcs11_module, self.pkcs11_token_label, self.pkcs11_pin_file)
+
+    def kek_token(self) -> KekToken | None:
+        """The token key the stored keys are sealed under (``pkcs11_kek_label``), or None."""
+        if not self.pkcs11_kek_label:
+            return None
+        return KekToken(self.pkcs11_module, self.pkcs11_token_label, self.pkcs11_kek_label, self.pkcs11_pin_file)
 
     @property
     def listen_host(self) -> str:
@@ -237,7 +251,7 @@ def _check(key: str, value: Any) -> Any:
         if value not in CIPHERS:
             raise ValueError(f"must be one of {', '.join(CIPHERS)}, not {value!r}")
         return value
-    if key in ("require_pinned_macs", "require_pinned_ips"):
+    if key in ("require_pinned_macs", "require_pinned_ips", "pkcs11_ca"):
         if not isinstance(value, bool):
             raise ValueError(f"not true or false: {value!r}")
         return value
@@ -287,7 +301,7 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, (str, Path)):
             raise ValueError(f"not a path: {value!r}")
         return str(value)
-    if key in ("pkcs11_module", "pkcs11_token_label", "pkcs11_pin_file"):
+    if key in ("pkcs11_module", "pkcs11_token_label", "pkcs11_pin_file", "pkcs11_kek_label"):
         if not isinstance(value, (str, Path)):
             raise ValueError(f"not a string: {value!r}")
         return str(value)
@@ -344,7 +358,8 @@ def config_problems(path: Path | str | None, overrides: dict[str, Any] | None = 
         missing = next(k for k in ("netkey_listen", "netkey_peer", "netkey_peer_ca") if k not in netkey)
         problems.append(f"{missing}: missing (NETKEY peering needs netkey_listen, netkey_peer and netkey_peer_ca)")
     if values.get("workers", 0) > 1:
-        single = [k for k in ("peers", "peer_listen", "netkey_listen", "pkcs11_module", "pkcs11_token_label")
+        single = [k for k in ("peers", "peer_listen", "netkey_listen", "pkcs11_module", "pkcs11_token_label",
+                              "pkcs11_kek_label")
                   if values.get(k)]
         if single:
             problems.append(f"workers: {single[0]} runs in one process; set workers = 1 (or 0, which is then 1)")
@@ -354,14 +369,21 @@ def config_problems(path: Path | str | None, overrides: dict[str, Any] | None = 
 def _store_problems(values: dict[str, Any]) -> list[str]:
     """The KEK and the PostgreSQL TLS settings, which depend on each other and on ``store``."""
     problems = []
-    if values.get("kek_file") and values.get("kek_credential"):
-        problems.append("kek_credential: set kek_file or kek_credential, not both")
+    named = [k for k in ("kek_file", "kek_credential", "pkcs11_kek_label") if values.get(k)]
+    if len(named) > 1:
+        problems.append(f"{named[1]}: set one of kek_file, kek_credential and pkcs11_kek_label, not both "
+                        f"{named[0]} and {named[1]}")
+    if values.get("pkcs11_kek_label"):
+        missing = [k for k in ("pkcs11_module", "pkcs11_token_label") if not values.get(k)]
+        if missing:
+            problems.append(f"{missing[0]}: missing: a KEK on a token (pkcs11_kek_label) needs pkcs11_module "
+                            f"and pkcs11_token_label")
     store = values.get("store", "")
     if not store.startswith(PG_SCHEMES):
         return problems
-    if not (values.get("kek_file") or values.get("kek_credential")):
-        problems.append("kek_file: missing: a PostgreSQL store needs kek_file or kek_credential (every "
-                        "keyserverd sharing the store uses the same KEK)")
+    if not named:
+        problems.append("kek_file: missing: a PostgreSQL store needs kek_file, kek_credential or "
+                        "pkcs11_kek_label (every keyserverd sharing the store uses the same KEK)")
     try:
         tls_parameters(store, values.get("store_tls_insecure", False))
     except ValueError as exc:

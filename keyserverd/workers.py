@@ -4,7 +4,7 @@ port and one store.
 1. ``workers_for(config)`` is how many: ``workers`` from the config, where 0
    (the default) means one per core.  It is 1 whatever the config says when
    the listening port is 0 (each worker would get another port), and 0 means
-   1 with peering, NETKEY or a PKCS#11 CA token, which run in one process
+   1 with peering, NETKEY or a PKCS#11 token (CA key or KEK), which run in one process
    (``config`` refuses an explicit ``workers`` > 1 with them).
 2. ``Workers.start(count)`` runs before any event loop or store connection
    exists: it makes a Unix datagram socket pair between every two workers
@@ -59,7 +59,8 @@ def workers_for(config) -> int:
         return 1
     if config.workers:
         return config.workers
-    if config.peers or config.peer_listen or config.netkey_listen or config.ca_token() is not None:
+    if config.peers or config.peer_listen or config.netkey_listen or config.ca_token() is not None \
+            or config.kek_token() is not None:
         return 1
     return os.cpu_count() or 1
 

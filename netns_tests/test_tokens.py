@@ -1,6 +1,7 @@
 # Host keys and the CA key on SoftHSM2 tokens (issue 19), on real kernels.
 #
-#            l2c-ks-<s>: keyserverd 10.67.0.1:7788, its CA key on token "ks-ca"
+#            l2c-ks-<s>: keyserverd 10.67.0.1:7788, its CA key and its KEK
+#                        ("ks-kek", AES-256) on token "ks-ca"
 #            |  management veths (mgmt0 10.67.0.1x in each host)  |
 #      +--------------------------+          +--------------------------+
 #      | h1: host key on token    |          | h2: host key in host.key |
@@ -17,7 +18,8 @@
 #
 # SOFTHSM2_CONF points into a temporary directory of this module (every lab
 # process inherits it); the tokens live there and nowhere else.  One lab
-# serves the module; the token is deleted by the last test.
+# serves the module; h1's token is deleted by the last test but one, the key
+# server's by the last.
 
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,7 @@ SO_PIN = "31415926"
 MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 MODULE = next((m for m in MODULES if os.path.exists(m)), MODULES[0])
 HOST_TOKEN, CA_TOKEN = "h1", "ks-ca"
+KEK_LABEL = "ks-kek"
 
 
 def _softhsm(*args: str) -> subprocess.CompletedProcess:
@@ -55,7 +60,15 @@ class TokenLab(L.Lab):
         super().__init__(state_dir=state_dir, hosts=("h1", "h2"), capture_from_start=True)
         self.pin_file = pin_file
         self.keyserver_args = ["--pkcs11-module", MODULE, "--pkcs11-token-label", CA_TOKEN,
-                               "--pkcs11-pin-file", str(pin_file)]
+                               "--pkcs11-pin-file", str(pin_file), "--pkcs11-kek-label", KEK_LABEL]
+
+    def keyserverd(self, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+        return super().keyserverd(*args, *self.keyserver_args, timeout=timeout)  # the store needs the token KEK
+
+    def serve_once(self, *args: str) -> subprocess.CompletedProcess:
+        """keyserverd started with ``args`` in place of the token options, expected to stop at once."""
+        return self.exec("ks", [self.cmd("keyserverd"), "--state-dir", self.ks_dir, "--listen",
+                                self.keyserver_addr, "--workers", "1", *args], timeout=20)
 
     def enroll(self, host: str, *args, **kw) -> subprocess.CompletedProcess:
         if host == "h1":
@@ -91,6 +104,9 @@ def lab(tmp_path_factory):
         for label in (HOST_TOKEN, CA_TOKEN):
             made = _softhsm("--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN)
             assert made.returncode == 0, made.stdout + made.stderr
+        kek = subprocess.run([the_lab.cmd("keyserverd"), "kek", "generate", *the_lab.keyserver_args],
+                             capture_output=True, text=True, timeout=30)  # the explicit step before a first start
+        assert kek.returncode == 0 and f"new KEK key {KEK_LABEL!r} on token {CA_TOKEN!r}" in kek.stdout, kek.stderr
         the_lab.up(timeout_s=60)
         yield the_lab
     finally:
@@ -159,6 +175,72 @@ def test_ca_on_a_token_signed_the_enrollments(lab):
         assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == host
 
 
+def _token_kek(lab):
+    """The key server's KEK on the token, used from this process."""
+    from keyserverd.store.kek import KekToken, TokenKek
+
+    return TokenKek(KekToken(MODULE, CA_TOKEN, KEK_LABEL, str(lab.pin_file)))
+
+
+def _stored_keys(lab) -> dict[str, bytes]:
+    """Every key in the key server's database, opened by the KEK on the token (from this process)."""
+    from keyserverd.store import DB_FILE, open_store
+
+    kek = _token_kek(lab)
+    store = open_store("", lab.ks_dir, time.time(), create=False, kek=kek)
+    try:
+        with sqlite3.connect(lab.ks_dir / DB_FILE) as db:
+            pairs = db.execute("SELECT id1, id2, pw_id FROM pair_keys").fetchall()
+            groups = [p for (p,) in db.execute("SELECT pw_id FROM multicast_keys")]
+        keys = {f"{a}/{b}/{p}": store.pair_key(a, b, p) for a, b, p in pairs}
+        keys.update({f"multicast/{p}": store.multicast_key(p) for p in groups})
+    finally:
+        store.close()
+        kek.close()
+    return keys
+
+
+def test_the_kek_on_the_token_leaves_no_key_in_clear_in_the_database(lab):
+    from keyserverd.store import DB_FILE
+    from keyserverd.store.kek import KekError, pair_aad
+
+    keys = _stored_keys(lab)
+    assert "h1/h2/1" in keys and len(keys["h1/h2/1"]) == 32 and any(k.startswith("multicast/") for k in keys)
+    with sqlite3.connect(lab.ks_dir / DB_FILE) as db:
+        (kek_id,), = db.execute("SELECT kek_id FROM kek_check")
+        stored = {bytes(v) for (v,) in db.execute("SELECT key FROM pair_keys UNION ALL SELECT key FROM multicast_keys")}
+        (h1_h2,), = db.execute("SELECT key FROM pair_keys WHERE id1 = 'h1' AND id2 = 'h2' AND pw_id = 1")
+    assert kek_id.startswith("pkcs11:") and not (lab.ks_dir / "kek").exists()  # no KEK file was made
+    assert not set(keys.values()) & stored  # the column holds sealed values, not the keys
+    raw = b"".join(p.read_bytes() for p in lab.ks_dir.iterdir() if p.name.startswith(DB_FILE) and p.is_file())
+    for name, key in keys.items():
+        assert key not in raw and key.hex().encode() not in raw, f"{name} is in clear in the database"
+    kek = _token_kek(lab)  # the token opens a sealed value for its own row only
+    try:
+        assert kek.open(pair_aad("h1", "h2", 1), h1_h2, "h1/h2/1") == keys["h1/h2/1"]
+        with pytest.raises(KekError, match="does not open under KEK id pkcs11:"):
+            kek.open(pair_aad("h1", "h2", 2), h1_h2, "h1/h2/1 as pw_id 2")
+    finally:
+        kek.close()
+    import pkcs11  # and the KEK cannot be read off the token
+
+    with pkcs11.lib(MODULE).get_token(token_label=CA_TOKEN).open(user_pin=PIN) as session:
+        kek = session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, label=KEK_LABEL)
+        assert kek[pkcs11.Attribute.EXTRACTABLE] is False and kek[pkcs11.Attribute.SENSITIVE] is True
+
+
+def test_keys_sealed_on_the_token_are_read_back_after_a_restart(lab):
+    before = _stored_keys(lab)
+    lab.kill_keyserver(signal.SIGTERM)
+    lab.start_keyserver()
+    for host in ("h1", "h2"):
+        lab.wait_connected(host, 30)
+    assert ping(lab, "h1", L.tap_ipv4("h2"), count=2).returncode == 0
+    after = _stored_keys(lab)
+    assert after["h1/h2/1"] == before["h1/h2/1"] and set(before) <= set(after)
+    assert "sealed_key_unreadable" not in lab.log_text("keyserverd")
+
+
 def test_deleting_the_token_fails_the_next_reconnect_closed(lab):
     gone = _softhsm("--delete-token", "--token", HOST_TOKEN)
     assert gone.returncode == 0, gone.stdout + gone.stderr
@@ -172,3 +254,21 @@ def test_deleting_the_token_fails_the_next_reconnect_closed(lab):
     status = lab.status("h1")
     assert status["connected"] is False and status["host_key"] == "token"
     assert lab.proc("agent-h1").alive()  # it keeps trying; it did not crash
+
+
+def test_a_wrong_pin_or_a_deleted_kek_token_stops_keyserverd_with_one_line(lab):
+    lab.kill_keyserver(signal.SIGTERM)
+    wrong = lab.pin_file.with_name("wrong-pin")
+    wrong.write_text("000000\n")
+    wrong.chmod(0o600)
+    refused = lab.serve_once(*[str(wrong) if a == str(lab.pin_file) else a for a in lab.keyserver_args])
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout + refused.stderr
+    assert refused.stderr.splitlines() == [
+        f"keyserverd: error: pkcs11_kek_label {KEK_LABEL!r}: the PIN of token {CA_TOKEN!r} is wrong"]
+    gone = _softhsm("--delete-token", "--token", CA_TOKEN)
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    refused = lab.serve_once(*lab.keyserver_args)
+    assert refused.returncode == 1 and refused.stdout == "", refused.stdout + refused.stderr
+    assert refused.stderr.splitlines() == [
+        f"keyserverd: error: pkcs11_kek_label {KEK_LABEL!r}: token {CA_TOKEN!r} is not present in {MODULE} "
+        f"(removed, or another label?)"]

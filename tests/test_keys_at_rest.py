@@ -284,6 +284,27 @@ def test_a_start_with_the_wrong_kek_is_refused_and_changes_nothing(backend, caps
     again.close()
 
 
+def test_a_store_sealed_under_a_token_kek_is_not_read_with_a_file_kek(tmp_path, capsys):
+    """The other way round (a file-KEK store and a token KEK) runs on SoftHSM2 in
+    netns_tests/test_tokens.py; here the store names a token KEK's id."""
+    state = tmp_path / "ks"
+    open_store("", state, NOW).close()
+    token_id = "pkcs11:" + "5e" * 16
+    with sqlite3.connect(state / DB_FILE) as db:
+        db.execute("UPDATE kek_check SET kek_id = ?", (token_id,))
+    for kek_file in (state / DEFAULT_KEK_FILE, None):  # the default file, then none at all
+        with pytest.raises(SystemExit) as code:
+            main(["host", "list", "--state-dir", str(state)])
+        assert code.value.code == 1
+        out, errors = capsys.readouterr()
+        assert out == "" and len(errors.splitlines()) == 1, errors
+        assert "sealed under a KEK on a PKCS#11 token (id pkcs11:5e5e5e5e5e5e5e5e)" in errors
+        assert "start with pkcs11_kek_label" in errors and "nothing was changed" in errors
+        if kek_file is not None:
+            kek_file.unlink()
+    assert not (state / DEFAULT_KEK_FILE).exists()  # no new KEK file was made for it
+
+
 def _clear_v3_database(backend) -> dict[str, bytes]:
     """A database as f3b867d made it (schema 3, its migrations unchanged since),
     with clear keys written by raw SQL; one pair key deleted again (retired)."""
@@ -445,7 +466,13 @@ def test_kek_file_readable_by_others_and_credentials(tmp_path):
 
 @pytest.mark.parametrize("text, problem", [
     ('store = "postgresql://ks@/l2c?host=/run/postgresql"\n', "kek_file: missing: a PostgreSQL store needs"),
-    ('kek_file = "/etc/k"\nkek_credential = "k"\n', "set kek_file or kek_credential, not both"),
+    ('kek_file = "/etc/k"\nkek_credential = "k"\n', "not both kek_file and kek_credential"),
+    ('kek_file = "/etc/k"\npkcs11_kek_label = "kek"\npkcs11_module = "/m.so"\npkcs11_token_label = "t"\n',
+     "pkcs11_kek_label: set one of kek_file, kek_credential and pkcs11_kek_label"),
+    ('pkcs11_kek_label = "kek"\npkcs11_module = "/m.so"\n', "pkcs11_token_label: missing: a KEK on a token"),
+    ('pkcs11_ca = "no"\n', "pkcs11_ca: not true or false"),
+    ('pkcs11_kek_label = "kek"\npkcs11_module = "/m.so"\npkcs11_token_label = "t"\nworkers = 2\n',
+     "workers: pkcs11_module runs in one process"),
     ('kek_credential = "a/b"\n', "kek_credential: not a credential name"),
     ('store = "postgresql://ks@db.example.net/l2c?sslmode=require"\nkek_file = "/k"\n', "sslmode=require"),
     ('store_tls_insecure = "yes"\n', "store_tls_insecure: not true or false"),
@@ -462,9 +489,27 @@ def test_check_config_names_kek_and_store_tls_problems(tmp_path, capsys, text, p
 def test_check_config_accepts_a_verified_or_explicitly_insecure_store(tmp_path, capsys):
     path = tmp_path / "ks.toml"
     for text in ('store = "postgresql://ks@db.example.net/l2c?sslrootcert=/etc/ca.crt"\nkek_credential = "k"\n',
+                 'store = "postgresql://ks@db.example.net/l2c?sslrootcert=/etc/ca.crt"\npkcs11_kek_label = "k"\n'
+                 'pkcs11_module = "/m.so"\npkcs11_token_label = "t"\n',
                  'store = "postgresql://ks@db.example.net/l2c?sslmode=require"\nkek_file = "/k"\n'
                  'store_tls_insecure = true\n'):
         path.write_text(text)
         with pytest.raises(SystemExit) as code:
             main(["check-config", str(path)])
         assert code.value.code == 0, capsys.readouterr().err
+
+
+def test_a_kek_on_a_token_is_named_by_the_pkcs11_keys_and_may_keep_a_file_ca():
+    from keyserverd.config import load_config
+    from keyserverd.store.kek import KekToken
+    from keyserverd.workers import workers_for
+
+    token = {"pkcs11_module": "/m.so", "pkcs11_token_label": "t", "pkcs11_pin_file": "/p",
+             "listen": "127.0.0.1:7788"}
+    both = load_config(None, {**token, "pkcs11_kek_label": "kek"})
+    assert both.kek_token() == KekToken("/m.so", "t", "kek", "/p") and both.ca_token() is not None
+    kek_only = load_config(None, {**token, "pkcs11_kek_label": "kek", "pkcs11_ca": False})
+    assert kek_only.kek_token() is not None and kek_only.ca_token() is None
+    assert workers_for(kek_only) == 1  # the token's session is not shared across a fork
+    ca_only = load_config(None, token)
+    assert ca_only.kek_token() is None and ca_only.ca_token() is not None

@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyserverd.server import set_keepalive
-from keyserverd.store.kek import Kek, KekError, netkey_aad
+from keyserverd.store.kek import Kek, KekError, netkey_aad, shown_kek_id
 from l2crypt.agent.tls_files import fingerprint_of_pem
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.ops.logs import fields
@@ -133,7 +133,7 @@ class NetkeyBook:
                 log.info("netkey file %s sealed (%d versions)", self.path, len(self._versions))
             elif doc["kek_id"] != kek.kek_id:
                 log.warning("ignoring %s: sealed under KEK id %s, not this key server's %s", self.path,
-                            str(doc["kek_id"])[:16], kek.shown_id)
+                            shown_kek_id(str(doc["kek_id"])), kek.shown_id)
             else:
                 for item in doc["versions"]:
                     pw_id = int(item["pw_id"])

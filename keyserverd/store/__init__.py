@@ -11,7 +11,7 @@ uses: the tables are written once (``schema``), the methods once
 their databases do differently (placeholders, locks, connections, types).
 
 Keys in either store are sealed under the KEK the config names (``kek_file``,
-``kek_credential``; see ``kek``).  A SQLite store without one uses
+``kek_credential``, or ``pkcs11_kek_label`` on a token; see ``kek``).  A SQLite store without one uses
 ``state_dir/kek``, created with a new database; a PostgreSQL store needs one.
 """
 
@@ -56,8 +56,9 @@ def open_store(store_url: str, state_dir: Path, now: float, create: bool = True,
     return SqliteStore.open(Path(state_dir) / DB_FILE, now, create=create, kek=kek, default_kek=default_kek)
 
 
-def open_configured_store(config, now: float, create: bool = True) -> KeyStore:
-    """The store of a ``KeyServerConfig``, with the KEK it names."""
-    return open_store(config.store, config.state_dir, now, create,
-                      kek=load_kek(config.kek_file, config.kek_credential),
+def open_configured_store(config, now: float, create: bool = True, kek: Kek | None = None) -> KeyStore:
+    """The store of a ``KeyServerConfig``, with ``kek`` or else the KEK it names."""
+    if kek is None:
+        kek = load_kek(config.kek_file, config.kek_credential, token=config.kek_token())
+    return open_store(config.store, config.state_dir, now, create, kek=kek,
                       tls_insecure=config.store_tls_insecure)

@@ -16,9 +16,11 @@ or a copied state directory opens nothing without the KEK.
    The AAD names the row (``pair_aad``, ``multicast_aad``, ``netkey_aad``), so
    a sealed value copied to another row (another pair, PW_ID or table) does
    not open.  Sealed value: ``FORMAT (1 byte) | nonce (12) | ciphertext | tag (16)``.
-3. ``Kek.kek_id`` is an HMAC-SHA256 of a fixed label under the KEK.  The store
-   keeps it (``check_kek``), so a start with another KEK is refused before
-   anything is written, with one line that names both IDs.
+3. ``Kek.kek_id`` is an HMAC-SHA256 of a fixed label under the KEK (for a KEK
+   on a token: ``pkcs11:`` and the AES-CMAC of that label, computed by the
+   token).  The store keeps it (``check_kek``), so a start with another KEK is
+   refused before anything is written, with one line that names both IDs (and
+   says so when one KEK is on a token and the other is not).
 The KEK's bytes never appear in a message, a log line or a ``repr``.
 """
 
@@ -29,12 +31,14 @@ import hmac
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from l2crypt.core.errors import LocalError
+from l2crypt.io.pkcs11_token import NoSuchTokenKey, TokenError, TokenSecretKey, generate_secret_key, read_pin
 from l2crypt.ops.logs import fields
 
 log = logging.getLogger("keyserverd")
@@ -48,6 +52,8 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 #: Characters of ``kek_id`` shown in messages.
 SHOWN_ID = 16
+#: How the id of a KEK on a PKCS#11 token begins.
+TOKEN_KEK_PREFIX = "pkcs11:"
 
 _ID_LABEL = b"l2crypt keyserverd kek id v1"
 _AAD_LABEL = b"l2crypt sealed key v1"
@@ -70,11 +76,14 @@ class Kek:
         self.source = source
 
     def __repr__(self) -> str:
-        return f"Kek(id={self.kek_id[:SHOWN_ID]}, source={self.source})"
+        return f"Kek(id={self.shown_id}, source={self.source})"
 
     @property
     def shown_id(self) -> str:
-        return self.kek_id[:SHOWN_ID]
+        return shown_kek_id(self.kek_id)
+
+    def close(self) -> None:
+        """Let go of what holds the KEK (a token session); nothing for a KEK in memory."""
 
     def seal(self, aad: bytes, value: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
@@ -90,6 +99,77 @@ class Kek:
         except InvalidTag:
             raise KekError(f"{what} does not open under KEK id {self.shown_id} "
                            f"(altered, or copied from another row)") from None
+
+
+def shown_kek_id(kek_id: str) -> str:
+    """What messages show of a KEK id: its first ``SHOWN_ID`` hex digits (after ``pkcs11:``)."""
+    prefix = TOKEN_KEK_PREFIX if kek_id.startswith(TOKEN_KEK_PREFIX) else ""
+    return prefix + kek_id[len(prefix):len(prefix) + SHOWN_ID]
+
+
+@dataclass(frozen=True)
+class KekToken:
+    """Where a KEK on a PKCS#11 token is: the module, the token label, the key
+    label, and the PIN file ("" = the systemd credential ``pkcs11-pin``)."""
+
+    module: str
+    token_label: str
+    key_label: str
+    pin_file: str = ""
+
+    def pin(self) -> str:
+        return read_pin(self.pin_file, "pkcs11_pin_file")
+
+
+class TokenKek(Kek):
+    """A KEK that is an AES-256 key on a PKCS#11 token: ``seal`` and ``open``
+    are AES-GCM on the token (``TokenSecretKey``), in the format of a file KEK.
+    Made with the token open and the key found, or KekError with the reason."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, where: KekToken):
+        self._key = TokenSecretKey(where.module, where.token_label, where.key_label, where.pin)
+        self.source = f"the KEK {self._key.describe()}"
+        try:
+            self.kek_id = TOKEN_KEK_PREFIX + self._key.cmac(_ID_LABEL).hex()
+        except NoSuchTokenKey as exc:
+            raise KekError(f"pkcs11_kek_label: {exc}: make it with 'keyserverd kek generate' and the same "
+                           f"pkcs11_* settings") from None
+        except TokenError as exc:
+            raise KekError(f"pkcs11_kek_label {where.key_label!r}: {exc}") from None
+
+    def seal(self, aad: bytes, value: bytes) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        try:
+            return bytes([SEALED_FORMAT]) + nonce + self._key.gcm_encrypt(nonce, value, aad)
+        except TokenError as exc:
+            raise KekError(f"cannot seal a key: {exc}") from None
+
+    def open(self, aad: bytes, sealed: bytes, what: str) -> bytes:
+        sealed = bytes(sealed)
+        if len(sealed) < 1 + NONCE_BYTES + TAG_BYTES or sealed[0] != SEALED_FORMAT:
+            raise KekError(f"{what} is not a sealed value")
+        try:
+            value = self._key.gcm_decrypt(sealed[1:1 + NONCE_BYTES], sealed[1 + NONCE_BYTES:], aad)
+        except TokenError as exc:
+            raise KekError(f"{what}: {exc}") from None
+        if value is None:
+            raise KekError(f"{what} does not open under KEK id {self.shown_id} "
+                           f"(altered, or copied from another row)")
+        return value
+
+    def close(self) -> None:
+        self._key.close()
+
+
+def create_token_kek(where: KekToken) -> TokenKek:
+    """Make a new KEK on the token (never over a key of the same label) and load it."""
+    try:
+        generate_secret_key(where.module, where.token_label, where.key_label, where.pin())
+    except TokenError as exc:
+        raise KekError(f"pkcs11_kek_label {where.key_label!r}: {exc}") from None
+    return TokenKek(where)
 
 
 def _aad(*parts: str | int) -> bytes:
@@ -115,10 +195,19 @@ def netkey_aad(pw_id: int) -> bytes:
 
 def check_kek(stored_id: str, kek: Kek, where: str) -> None:
     """KekError unless ``kek`` is the KEK whose id the store holds."""
-    if not hmac.compare_digest(stored_id, kek.kek_id):
-        raise KekError(
-            f"{where}: the KEK from {kek.source} (id {kek.shown_id}) does not open it: its keys are sealed "
-            f"under KEK id {stored_id[:SHOWN_ID]}; start with that KEK (nothing was changed)")
+    if hmac.compare_digest(stored_id, kek.kek_id):
+        return
+    on_token = stored_id.startswith(TOKEN_KEK_PREFIX)
+    if on_token != isinstance(kek, TokenKek):
+        raise KekError(f"{where}: its keys are sealed under " + (
+            f"a KEK on a PKCS#11 token (id {shown_kek_id(stored_id)}), not under the KEK from {kek.source}: start with "
+            f"pkcs11_kek_label and the token's pkcs11_* settings" if on_token else
+            f"a KEK file or credential (id {shown_kek_id(stored_id)}), not under {kek.source} (id "
+            f"{kek.shown_id}): start with that KEK (kek_file, kek_credential or STATE_DIR/kek)")
+            + " (nothing was changed)")
+    raise KekError(
+        f"{where}: the KEK from {kek.source} (id {kek.shown_id}) does not open it: its keys are sealed "
+        f"under KEK id {shown_kek_id(stored_id)}; start with that KEK (nothing was changed)")
 
 
 # --- loading -------------------------------------------------------------------
@@ -171,8 +260,11 @@ def read_kek_credential(name: str, environ: dict | None = None) -> Kek:
     return Kek(parse_kek(data, f"kek_credential {name!r}"), source=f"credential {name}")
 
 
-def load_kek(kek_file: str, kek_credential: str, environ: dict | None = None) -> Kek | None:
+def load_kek(kek_file: str, kek_credential: str, environ: dict | None = None, *,
+             token: KekToken | None = None) -> Kek | None:
     """The KEK the config names, or None when it names none (the SQLite default applies)."""
+    if token is not None:
+        return TokenKek(token)
     if kek_credential:
         return read_kek_credential(kek_credential, environ)
     if kek_file:
@@ -184,10 +276,14 @@ def default_kek(path: Path, sealed_under: str | None, where: str) -> Kek:
     """The KEK of a SQLite store whose config names none: the file ``path``
     (``state_dir/kek``).  It is created for a new database, or one made before
     sealing; a sealed database whose KEK file is gone is refused."""
+    if sealed_under is not None and sealed_under.startswith(TOKEN_KEK_PREFIX):
+        raise KekError(f"{where}: its keys are sealed under a KEK on a PKCS#11 token (id "
+                       f"{shown_kek_id(sealed_under)}): start with pkcs11_kek_label and the token's pkcs11_* "
+                       f"settings (nothing was changed)")
     if path.exists():
         return read_kek_file(path, "KEK file")
     if sealed_under is not None:
-        raise KekError(f"{where} is sealed under KEK id {sealed_under[:SHOWN_ID]}, but the KEK file {path} is "
+        raise KekError(f"{where} is sealed under KEK id {shown_kek_id(sealed_under)}, but the KEK file {path} is "
                        f"missing: restore it from its backup (the database alone opens nothing)")
     try:
         kek = create_kek_file(path)

@@ -88,10 +88,17 @@ class SealedKeys:
     _fresh = FreshKeys()
 
     def _new_pair_key(self, id1: str, id2: str, pw_id: int) -> bytes:
-        return self.kek.seal(pair_aad(id1, id2, pw_id), self._fresh.take())
+        return self._seal(pair_aad(id1, id2, pw_id), self._fresh.take())
 
     def _new_multicast_key(self, pw_id: int, key: bytes | None = None) -> bytes:
-        return self.kek.seal(multicast_aad(pw_id), key if key is not None else self._fresh.take())
+        return self._seal(multicast_aad(pw_id), key if key is not None else self._fresh.take())
+
+    def _seal(self, aad: bytes, key: bytes) -> bytes:
+        try:
+            return self.kek.seal(aad, key)
+        except KekError as exc:  # a KEK on a token that is gone: a refusal for the client
+            log.error("key_not_sealed", extra=fields(reason=str(exc)))
+            raise StoreUnavailable("the key server cannot seal a new key") from None
 
     def _open_pair_key(self, id1: str, id2: str, pw_id: int, sealed) -> bytes:
         return self._unseal(pair_aad(id1, id2, pw_id), sealed, f"pair key {id1}/{id2} pw_id {pw_id}")

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from helpers import listening, ping, skip_reason, udp_payload as _udp_payload, wait_for
 from hostile import StackListener, link_mac, nstat, plain_frames
 from gateway import tunnel_wire
+from l2crypt.core.aead import PN_PER_SECOND
 from l2crypt.core.tunnel_keys import sender_tag
 from l2crypt.lab import segment as L
 from l2crypt.lab.gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
@@ -361,7 +362,9 @@ def test_malformed_and_replayed_tunnel_packets_are_dropped_and_counted(glab):
     assert real, "no gA -> gB datagram captured"
     good = real[-1]
     bad_version = b"\x09" + good[1:]
-    pn = int.from_bytes(good[12:20], "big") + 1_000_000  # ahead of the window: the tag decides
+    # An hour of the sender's clock ahead (packet numbers follow it, PN_PER_SECOND
+    # a second): ahead of whatever gA sends meanwhile, so the tag decides.
+    pn = int.from_bytes(good[12:20], "big") + 3600 * PN_PER_SECOND
     forged = good[:12] + pn.to_bytes(8, "big") + good[20:]
     datagrams = [good[:10], bad_version, forged, good, good]
     before = glab.gateway_status("gB")["drops"]

@@ -36,22 +36,6 @@ NETKEY_REKEY_S = 6.0
 KEY_DROPS = ("tunnel_no_netkey", "tunnel_stale_netkey", "tunnel_bad_tag", "no_key", "stale_key", "bad_tag")
 
 
-@pytest.fixture(scope="module")
-def glab(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
-        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
-    L.install_signal_cleanup()
-    lab = GatewayLab(tmp_path_factory.mktemp("gwlab"), netkey_rekey_after_s=NETKEY_REKEY_S)
-    try:
-        lab.up(timeout_s=150)
-        yield lab
-    finally:
-        lab.down()
-
-
 def _ping_ok(lab, src, addr, count=3, extra=None):
     res = ping(lab.lab_of(src), src, addr, count=count, extra=extra, timeout=count * 0.5 + 20)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -84,7 +84,8 @@ def keyed(world, a: str, b: str) -> None:
 
 def assert_sealed_only(world, switch: list[bytes], src: str, at_least: int) -> None:
     """``src`` put at least ``at_least`` sealed frames on the switch, and no frame carried MARKER."""
-    assert len(sealed_from(world, switch, src)) >= at_least
+    sealed = len(sealed_from(world, switch, src))
+    assert sealed >= at_least, f"{src} put {sealed} sealed frames on the switch, want {at_least} or more"
     assert not [f for f in switch if MARKER in f]
 
 

@@ -102,11 +102,16 @@ def test_encrypted_host_reaches_the_plain_host_through_the_gateway_and_back(worl
     assert marked(seen.tap(p1)) == first + burst  # each once, in order, in clear; nothing meant for h2
     assert marked(seen.tap("h2"), b"h2only") == to_h2
     assert not [f for f in seen.tap(p1) if f[12:14] == L2C_ETHERTYPE]  # no sealed frame on the plain side
+    assert not [f for f in seen.tap(p1) if f[0:6] == world.mac("h2")]
     assert moved(before[h1], keyed, "counters", "key_requests") == 1  # for p1's MAC, once
     assert moved(before[h1], keyed, "counters", "held") >= 1
     assert peer_entry(after[h1], world.mac(p1))["frames_out"] >= 105
+    # gA holds its pair key with h1 (asked for once, or pushed by the key server) and opened every frame.
+    assert {"mac": format_mac(world.mac(h1)), "id": h1} in [{k: e[k] for k in ("mac", "id")} for e in after[gw]["hosts"]]
+    assert moved(before[gw], after[gw], "counters", "key_requests") in (0, 1)
     assert moved(before[gw], after[gw], "counters", "to_plain") >= 105
     assert_sealed_only(world, seen.switch(), h1, 108)
+    assert {f[12:14] for f in seen.switch()} == {L2C_ETHERTYPE}  # the segment carries sealed frames only
 
     reply = frames(world, p1, world.mac(h1), 5, b"reply")
     with world.watching(h1) as seen:

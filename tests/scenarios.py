@@ -6,7 +6,9 @@
 server on in-memory ports, no root, seconds) or ``netns`` (``l2crypt.lab``'s
 namespace lab, one for the module, root).  tests/test_scenarios.py runs the
 fake world (``pytest tests``), netns_tests/test_scenarios_netns.py the
-namespace world (``pytest netns_tests``); each scenario passes alone.
+namespace world (``pytest netns_tests``); each scenario passes alone.  The
+scenarios of a gateway and its plain host are written the same way, in
+tests/gateway_scenarios.py, with the helpers below.
 
 The hosts send frames of a local experimental EtherType: their stacks ignore
 them and nothing answers, so every frame a scenario counts is one it sent.

@@ -24,6 +24,11 @@ kernel in the way::
    ``s`` ahead at once (timers fire as if ``s`` had passed), so waits on the
    engines' delays (the switch to a new key version) cost no real time.
 4. ``down`` stops the key clients and the server and closes the store.
+
+``fake_gateway_world.FakeGatewayWorld`` adds a gateway through the hooks
+``enroll`` (any role), ``shells`` (the daemons a step serves and ticks),
+``carry`` (the cables a step moves frames on), ``stack_got`` and
+``stop_daemons``.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def lab(request, tmp_path_factory):
 def glab(request, tmp_path_factory):
     """A running gateway lab: segments A and B, gA (with p1 on its plain port), gB, the WAN.
     The key servers rotate NETKEY every ``NETKEY_REKEY_S`` seconds of the test module
-    (default: an hour)."""
+    (default: an hour); ``GATEWAY_ARGS`` of the module: extra ``l2crypt-gateway run``
+    options per gateway."""
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
@@ -56,7 +57,8 @@ def glab(request, tmp_path_factory):
         pytest.skip("l2crypt-gateway is not installed in this virtualenv")
     L.install_signal_cleanup()
     the_lab = GatewayLab(tmp_path_factory.mktemp("gwlab"),
-                         netkey_rekey_after_s=getattr(request.module, "NETKEY_REKEY_S", 3600.0))
+                         netkey_rekey_after_s=getattr(request.module, "NETKEY_REKEY_S", 3600.0),
+                         gateway_args=getattr(request.module, "GATEWAY_ARGS", None))
     try:
         the_lab.up(timeout_s=150)
         yield the_lab

@@ -1,7 +1,10 @@
-"""The lab fixture shared by the namespace tests (see test_segment.py for the drawing)."""
+"""The lab fixtures shared by the namespace tests: ``lab`` (one segment, see
+test_segment.py for the drawing) and ``glab`` (the gateway lab, drawn in
+l2crypt/lab/gateway.py), each one per module."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from helpers import assert_hosts_sent_only_sealed, skip_reason  # noqa: E402
 from hostile import MARKER as HOSTILE_MARKER  # noqa: E402
 
 from l2crypt.lab import segment as L  # noqa: E402
+from l2crypt.lab.gateway import GatewayLab  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,5 +40,27 @@ def lab(request, tmp_path_factory):
         yield the_lab
         markers = tuple(m for m in (getattr(request.module, "MARKER", None), HOSTILE_MARKER) if isinstance(m, bytes))
         assert_hosts_sent_only_sealed(the_lab, markers)
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture(scope="module")
+def glab(request, tmp_path_factory):
+    """A running gateway lab: segments A and B, gA (with p1 on its plain port), gB, the WAN.
+    The key servers rotate NETKEY every ``NETKEY_REKEY_S`` seconds of the test module
+    (default: an hour); ``GATEWAY_ARGS`` of the module: extra ``l2crypt-gateway run``
+    options per gateway."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
+        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
+    L.install_signal_cleanup()
+    the_lab = GatewayLab(tmp_path_factory.mktemp("gwlab"),
+                         netkey_rekey_after_s=getattr(request.module, "NETKEY_REKEY_S", 3600.0),
+                         gateway_args=getattr(request.module, "GATEWAY_ARGS", None))
+    try:
+        the_lab.up(timeout_s=150)
+        yield the_lab
     finally:
         the_lab.down()

@@ -8,6 +8,9 @@
 #
 # Key servers A and B peer over mutual TLS through the WAN and rotate NETKEY
 # every NETKEY_REKEY_S seconds, so every test below runs across rotations.
+# h1 -> p1 through gA and back, and plain frames an intruder puts on segment A,
+# are gateway scenarios (tests/gateway_scenarios.py), run over these
+# namespaces by test_gateway_scenarios_netns.py and over fakes in tests/.
 
 from __future__ import annotations
 
@@ -22,35 +25,19 @@ import pytest
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import listening, ping, skip_reason, udp_payload as _udp_payload, wait_for
+from helpers import listening, ping, udp_payload as _udp_payload, wait_for
 from hostile import StackListener, link_mac, nstat, plain_frames
 from gateway import tunnel_wire
 from l2crypt.core.aead import PN_PER_SECOND
 from l2crypt.core.tunnel_keys import sender_tag
 from l2crypt.lab import segment as L
-from l2crypt.lab.gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT, GatewayLab
+from l2crypt.lab.gateway import GW_WAN_IFNAME, GATEWAYS, P1_IPV4, P1_MAC, TUNNEL_PORT
 
 pytestmark = pytest.mark.lab
 
 MARKER = b"L2CRYPT-GW-MARK!"  # 16 bytes: ping -p repeats it through the payload
 NETKEY_REKEY_S = 6.0
 KEY_DROPS = ("tunnel_no_netkey", "tunnel_stale_netkey", "tunnel_bad_tag", "no_key", "stale_key", "bad_tag")
-
-
-@pytest.fixture(scope="module")
-def glab(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
-        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
-    L.install_signal_cleanup()
-    lab = GatewayLab(tmp_path_factory.mktemp("gwlab"), netkey_rekey_after_s=NETKEY_REKEY_S)
-    try:
-        lab.up(timeout_s=150)
-        yield lab
-    finally:
-        lab.down()
 
 
 def _ping_ok(lab, src, addr, count=3, extra=None):
@@ -117,32 +104,6 @@ def _assert_only_tunnel_on_wan(frames: list[bytes]) -> int:
 
 def _key_drops(status: dict) -> dict:
     return {k: v for k, v in status["drops"].items() if k in KEY_DROPS}
-
-
-def test_encrypted_host_to_plain_host(glab):
-    a = glab.a
-    seg = a.capture("br0", name="tcpdump-gw-brA")
-    plain = a.capture("plain0", role="gA", name="tcpdump-gw-plain")
-    try:
-        _ping_ok(glab, "h1", P1_IPV4, count=3, extra=["-p", MARKER.hex()])
-        _ping_ok(glab, "h1", L.tap_ipv4("h2"), count=3,
-                 extra=["-p", b"H1-H2-ONLY-MARK!".hex()])
-        doc = _iperf3(glab, "h1", "p1", P1_IPV4, 5301)
-    finally:
-        seg_frames, plain_frames = L.read_pcap(seg.stop()), L.read_pcap(plain.stop())
-    assert doc["end"]["sum_received"]["bytes"] > 100_000
-    # The segment carries only ciphertext.
-    assert set(L.ethertype_counts(seg_frames)) == {L.L2C_ETHERTYPE}
-    assert not any(MARKER in f or b"H1-H2-ONLY-MARK!" in f for f in seg_frames)
-    # On the plain side h1 <-> p1 is in clear; h1 <-> h2 never appears.
-    h1, p1 = bytes.fromhex(glab.lab_of("h1").tap_mac_of("h1").replace(":", "")), bytes.fromhex(P1_MAC.replace(":", ""))
-    clear = [f for f in plain_frames if f[12:14] == b"\x08\x00" and {f[0:6], f[6:12]} == {h1, p1}]
-    assert any(MARKER in f for f in clear), "the h1 -> p1 ping is not in clear on the plain side"
-    assert len(clear) > 100  # the iperf3 stream
-    assert not any(b"H1-H2-ONLY-MARK!" in f for f in plain_frames)
-    h2 = bytes.fromhex(glab.lab_of("h2").tap_mac_of("h2").replace(":", ""))
-    assert not any(f[0:6] == h2 and f[12:14] != b"\x08\x06" for f in plain_frames)
-    assert L.L2C_ETHERTYPE not in L.ethertype_counts(plain_frames)
 
 
 def test_plain_hosts_keep_mtu_1500_large_frames_are_counted_and_gro_is_off(glab):

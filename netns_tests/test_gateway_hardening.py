@@ -18,7 +18,6 @@ import os
 import random
 import socket
 import struct
-import sys
 import time
 
 import pytest
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pyroute2 import IPRoute, netns
 
 from gateway import tunnel_wire
-from helpers import KeyServerClient, ping, skip_reason, udp_payload, wait_for
+from helpers import KeyServerClient, ping, udp_payload, wait_for
 from l2crypt.core.frame_wire import parse_mac
 from l2crypt.lab import segment as L
 from l2crypt.lab.gateway import GATEWAYS, GW_WAN_IFNAME, TUNNEL_PORT, GatewayLab
@@ -38,24 +37,9 @@ pytestmark = pytest.mark.lab
 MAC_AGEING_S = 4.0
 MAX_LEARNED = 300
 GA_ARGS = ["--mac-ageing-s", str(MAC_AGEING_S), "--max-learned-macs", str(MAX_LEARNED)]
+GATEWAY_ARGS = {"gA": GA_ARGS}  # the gateway lab of the module (conftest.py ``glab``) starts gA with them
 P2_MAC, P2_IPV4 = "02:4c:50:00:00:32", "10.66.0.32"
 GX_MAC = "02:4c:47:00:00:c1"
-
-
-@pytest.fixture(scope="module")
-def hlab(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
-        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
-    L.install_signal_cleanup()
-    lab = GatewayLab(tmp_path_factory.mktemp("gwhard"), netkey_rekey_after_s=3600.0, gateway_args={"gA": GA_ARGS})
-    try:
-        lab.up(timeout_s=150)
-        yield lab
-    finally:
-        lab.down()
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -147,20 +131,20 @@ def _add_plain_host(a: L.Lab) -> None:
     a._link("p2", "mv0", state="up")
 
 
-def test_a_flood_of_random_source_macs_on_the_plain_side_does_not_stop_learning(hlab):
+def test_a_flood_of_random_source_macs_on_the_plain_side_does_not_stop_learning(glab):
     """1,500 frames with made-up source MACs from the plain side fill gA's table
     (300 here) and the rest are dropped as table_full; a new plain host p2 is then
     reachable from h1 within the ageing time and a few seconds."""
-    a = hlab.a
+    a = glab.a
     rnd = random.Random(15_7)
     macs = {bytes([0x02 | (rnd.randrange(256) & 0xFC)]) + rnd.randbytes(5) for _ in range(1500)}
     frames = [b"\xff" * 6 + mac + b"\x88\xb6" + bytes(46) for mac in macs]  # broadcasts that never cross
-    before = hlab.gateway_status("gA")
+    before = glab.gateway_status("gA")
     assert a.inject(frames, role="p1", ifname=L.WIRE_IFNAME) == len(frames)
     flood_end = time.monotonic()
     # A loaded machine may lose part of the burst in gA's socket buffer: count
     # what gA read (from_plain) once it stops growing, and judge on that.
-    got = _settled_count(lambda: _from_plain(hlab)) - before["counters"]["from_plain"]
+    got = _settled_count(lambda: _from_plain(glab)) - before["counters"]["from_plain"]
     assert got >= 2 * MAX_LEARNED, f"gA read only {got} of the {len(frames)} flood frames"
     # Every flood frame gA read is learned or refused as table_full; on a slow
     # machine the first ones may age out (MAC_AGEING_S) before the burst is
@@ -170,47 +154,47 @@ def test_a_flood_of_random_source_macs_on_the_plain_side_does_not_stop_learning(
         learned = s["counters"]["macs_learned"] - before["counters"]["macs_learned"]
         return s if full > 0 and learned >= MAX_LEARNED and full + learned >= got - 10 else None  # 10: ARP, ND
     st = wait_for("gA to learn its fill and count the rest as table_full",
-                  lambda: accounted(hlab.gateway_status("gA")), timeout_s=20)
+                  lambda: accounted(glab.gateway_status("gA")), timeout_s=20)
     assert st["drops"].get("table_full", 0) - before["drops"].get("table_full", 0) >= got - 2 * MAX_LEARNED - 200
     _add_plain_host(a)
-    wait_for("h1 -> p2 (a new plain host) after the flood", _reaches(hlab, "h1", P2_IPV4),
+    wait_for("h1 -> p2 (a new plain host) after the flood", _reaches(glab, "h1", P2_IPV4),
              timeout_s=MAC_AGEING_S + 20, every_s=1.0)
     assert time.monotonic() - flood_end <= MAC_AGEING_S + 30
     # The flood MACs were learned over a second or two and age out in that
     # order, so p2 may get a slot before the last of them goes.
     st = wait_for("gA to age out the flood MACs",
                   lambda: (lambda s: s if s["counters"].get("macs_aged_out", 0) >= MAX_LEARNED - 5 else None)(
-                      hlab.gateway_status("gA")), timeout_s=10)
+                      glab.gateway_status("gA")), timeout_s=10)
     assert any(e["mac"] == P2_MAC and e["state"] == "mapped" for e in st["learned"])
-    _ping_ok(hlab, "h1", P2_IPV4, count=3)
+    _ping_ok(glab, "h1", P2_IPV4, count=3)
 
 
 # --- finding 1 (tunnel part): replay after a gateway restart -------------------------------
 
 
-def test_tunnel_datagrams_replayed_after_a_gateway_restart_are_refused(hlab):
+def test_tunnel_datagrams_replayed_after_a_gateway_restart_are_refused(glab):
     """Capture gB -> gA datagrams on the WAN, kill -9 and restart gA, replay the capture
     with gB's address: gA refuses every one (tunnel_replayed), h1 sees none of them, and
     genuine traffic flows afterwards."""
-    a = hlab.a
+    a = glab.a
     marker, after_marker = b"TUNNEL-REPLAY-M!", b"AFTER-REPLAY-MK!"
     gb_ip, ga_ip = socket.inet_aton(GATEWAYS["gB"][3]), socket.inet_aton(GATEWAYS["gA"][3])
     wan = a.capture(GW_WAN_IFNAME["gA"], role="wan", name="tcpdump-hard-replay-wan")
     try:
-        _ping_ok(hlab, "h3", L.tap_ipv4("h1"), count=5, extra=["-p", marker.hex()])
+        _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=5, extra=["-p", marker.hex()])
     finally:
         frames = L.read_pcap(wan.stop())
     recorded = [p for f in frames if f[26:30] == gb_ip and f[30:34] == ga_ip for p in [udp_payload(f)] if p]
     assert len(recorded) >= 5 and not any(marker in f for f in frames)  # sealed on the WAN
-    _restart_ga(hlab)
-    before = hlab.gateway_status("gA")["drops"].get("tunnel_replayed", 0)
+    _restart_ga(glab)
+    before = glab.gateway_status("gA")["drops"].get("tunnel_replayed", 0)
     tap = a.capture(L.TAP_IFNAME, role="h1", name="tcpdump-hard-replay-h1")
     try:
-        _spoof_from_gb(hlab, recorded)
-        wait_for("gA to refuse every replayed datagram", lambda: hlab.gateway_status("gA")["drops"].get(
+        _spoof_from_gb(glab, recorded)
+        wait_for("gA to refuse every replayed datagram", lambda: glab.gateway_status("gA")["drops"].get(
             "tunnel_replayed", 0) - before >= len(recorded), timeout_s=15)
-        wait_for("h3 -> h1 after the restart", _reaches(hlab, "h3", L.tap_ipv4("h1")), timeout_s=20, every_s=0.5)
-        _ping_ok(hlab, "h3", L.tap_ipv4("h1"), count=3, extra=["-p", after_marker.hex()])
+        wait_for("h3 -> h1 after the restart", _reaches(glab, "h3", L.tap_ipv4("h1")), timeout_s=20, every_s=0.5)
+        _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=3, extra=["-p", after_marker.hex()])
     finally:
         h1_frames = L.read_pcap(tap.stop())
     assert not any(marker in f for f in h1_frames), "a replayed datagram reached h1"
@@ -275,18 +259,18 @@ def _forged(key: bytes, tag: bytes, pw_id: int, pn: int, inner: bytes) -> bytes:
     return aad + AESGCM(key).encrypt(struct.pack("!IQ", 0, pn), inner, aad)
 
 
-def test_a_rogue_gateway_cannot_speak_for_gb_nor_lock_it_out(hlab):
+def test_a_rogue_gateway_cannot_speak_for_gb_nor_lock_it_out(glab):
     """gX, a gateway of segment B, takes every key its key server gives it.  From the
     WAN, with gB's address, it sends gA datagrams under gB's tag (and gB's MAC), sealed
     with each of those keys and with each key a NETKEY holder could derive, and 300
     datagrams under made-up tags, right after gA restarted (no peer state yet).  gA opens
     none of them (h1 never sees the forged frame), counts them all, and gB's genuine
     traffic flows."""
-    a = hlab.a
+    a = glab.a
     marker, genuine = b"FORGED-AS-GB-MK!", b"GENUINE-GB-MARK!"
-    keys = _keys_of_a_gateway(hlab, _enroll_rogue_gateway(hlab))
+    keys = _keys_of_a_gateway(glab, _enroll_rogue_gateway(glab))
     assert keys, "the rogue gateway got no key at all"
-    h1_mac, h3_mac = parse_mac(a.status("h1")["mac"]), parse_mac(hlab.b.status("h3")["mac"])
+    h1_mac, h3_mac = parse_mac(a.status("h1")["mac"]), parse_mac(glab.b.status("h3")["mac"])
     inner = _inner_udp(h1_mac, h3_mac, L.tap_ipv4("h1"), marker)
     from l2crypt.core.tunnel_keys import sender_tag
 
@@ -303,19 +287,19 @@ def test_a_rogue_gateway_cannot_speak_for_gb_nor_lock_it_out(hlab):
     for _ in range(300):
         tag, pn = rnd.randbytes(6), pn + 1
         datagrams.append(_forged(_v1_sender_key(key, pw_id, tag), tag, pw_id, pn, inner))
-    _restart_ga(hlab)
-    before = _tunnel_drops(hlab, "gA")
+    _restart_ga(glab)
+    before = _tunnel_drops(glab, "gA")
     tap = a.capture(L.TAP_IFNAME, role="h1", name="tcpdump-hard-forged-h1")
     try:
-        _spoof_from_gb(hlab, datagrams)
-        wait_for("gA to drop every forged datagram", lambda: _tunnel_drops(hlab, "gA") - before >= len(datagrams),
+        _spoof_from_gb(glab, datagrams)
+        wait_for("gA to drop every forged datagram", lambda: _tunnel_drops(glab, "gA") - before >= len(datagrams),
                  timeout_s=20)
-        wait_for("h3 -> h1 after the forgeries", _reaches(hlab, "h3", L.tap_ipv4("h1")), timeout_s=15, every_s=0.5)
-        _ping_ok(hlab, "h3", L.tap_ipv4("h1"), count=3, extra=["-p", genuine.hex()])
+        wait_for("h3 -> h1 after the forgeries", _reaches(glab, "h3", L.tap_ipv4("h1")), timeout_s=15, every_s=0.5)
+        _ping_ok(glab, "h3", L.tap_ipv4("h1"), count=3, extra=["-p", genuine.hex()])
     finally:
         h1_frames = L.read_pcap(tap.stop())
     assert not any(marker in f for f in h1_frames), "gA opened a datagram forged under gB's tag"
     assert any(genuine in f for f in h1_frames)  # the capture on h1 works
-    st = hlab.gateway_status("gA")
+    st = glab.gateway_status("gA")
     assert st["counters"].get("tunnel_opened", 0) > 0
     print(json.dumps({k: v for k, v in st["drops"].items() if k.startswith("tunnel_")}))

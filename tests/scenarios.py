@@ -6,7 +6,9 @@
 server on in-memory ports, no root, seconds) or ``netns`` (``l2crypt.lab``'s
 namespace lab, one for the module, root).  tests/test_scenarios.py runs the
 fake world (``pytest tests``), netns_tests/test_scenarios_netns.py the
-namespace world (``pytest netns_tests``); each scenario passes alone.
+namespace world (``pytest netns_tests``); each scenario passes alone.  The
+scenarios of a gateway and its plain host are written the same way, in
+tests/gateway_scenarios.py, with the helpers below.
 
 The hosts send frames of a local experimental EtherType: their stacks ignore
 them and nothing answers, so every frame a scenario counts is one it sent.
@@ -84,7 +86,8 @@ def keyed(world, a: str, b: str) -> None:
 
 def assert_sealed_only(world, switch: list[bytes], src: str, at_least: int) -> None:
     """``src`` put at least ``at_least`` sealed frames on the switch, and no frame carried MARKER."""
-    assert len(sealed_from(world, switch, src)) >= at_least
+    sealed = len(sealed_from(world, switch, src))
+    assert sealed >= at_least, f"{src} put {sealed} sealed frames on the switch, want {at_least} or more"
     assert not [f for f in switch if MARKER in f]
 
 

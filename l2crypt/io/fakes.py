@@ -12,8 +12,10 @@
   every frame it carries, like a capture on the bridge.
 
 The real daemons run on them without root: ``l2crypt.lab.fake_world`` builds
-a segment of real agents and a real key server on these ports, and the
-end-to-end scenarios (tests/scenarios.py) run there as in the namespace lab.
+a segment of real agents and a real key server on these ports
+(``l2crypt.lab.fake_gateway_world`` adds the real gateway daemon and a plain
+host), and the end-to-end scenarios (tests/scenarios.py,
+tests/gateway_scenarios.py) run there as in the namespace labs.
 """
 
 from __future__ import annotations

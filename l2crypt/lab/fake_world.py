@@ -24,6 +24,11 @@ kernel in the way::
    ``s`` ahead at once (timers fire as if ``s`` had passed), so waits on the
    engines' delays (the switch to a new key version) cost no real time.
 4. ``down`` stops the key clients and the server and closes the store.
+
+``fake_gateway_world.FakeGatewayWorld`` adds a gateway through the hooks
+``enroll`` (any role), ``shells`` (the daemons a step serves and ticks),
+``carry`` (the cables a step moves frames on), ``stack_got`` and
+``stop_daemons``.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class FakeWorld:
         self.events_task: asyncio.Task | None = None
         self.store: SqliteStore | None = None
         self.server: KeyServer | None = None
+        self.ca: CertificateAuthority | None = None
+        self.address = ""  # the key server's host:port, once up
 
     # ------------------------------------------------------------------ up and down
 
@@ -115,20 +122,23 @@ class FakeWorld:
 
     async def _up(self) -> None:
         ks_dir = self.state_dir / "keyserver"
-        ca = CertificateAuthority.open(ks_dir, ())
+        self.ca = ca = CertificateAuthority.open(ks_dir, ())
         self.store = SqliteStore.open(ks_dir / "keyserver.db", time.time())
         self.server = KeyServer(KeyService(self.store, "aes-256-gcm", "ks-fake", ca),
                                 make_server_ssl_context(ca), "127.0.0.1", 0)
         _, port = await self.server.start()
         self.events_task = asyncio.ensure_future(self.server.run_events())
-        address = f"127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{port}"
         for host in self.hosts:
-            token = new_token()
-            self.store.add_host(host, None, "host", hash_token(token), time.time() + 3600, time.time())
-            state = self.state_dir / "hosts" / host
-            await asyncio.get_running_loop().run_in_executor(
-                None, enroll, address, host, token, ca.ca_fingerprint(), str(state))
-            self.start_agent(host, address)
+            await self.enroll(host, "host", self.state_dir / "hosts" / host)
+            self.start_agent(host, self.address)
+
+    async def enroll(self, ident: str, role: str, state: Path) -> None:
+        """``keyserverd host add ident --role role`` and its ``enroll`` into ``state``."""
+        token = new_token()
+        self.store.add_host(ident, None, role, hash_token(token), time.time() + 3600, time.time())
+        await asyncio.get_running_loop().run_in_executor(
+            None, enroll, self.address, ident, token, self.ca.ca_fingerprint(), str(state))
 
     def start_agent(self, host: str, address: str) -> None:
         """The agent of ``host`` on its state directory, new ports, its key client as a task."""
@@ -149,9 +159,13 @@ class FakeWorld:
         self.switch.ports.remove(member.wire)
         return member.client_task
 
+    def stop_daemons(self) -> list[asyncio.Task]:
+        """Stop every daemon's key client (a subclass adds its own); their tasks."""
+        return [self.stop_agent(h) for h in list(self.members)]
+
     def down(self) -> None:
         async def close() -> None:
-            tasks = [self.stop_agent(h) for h in list(self.members)]
+            tasks = self.stop_daemons()
             if self.events_task is not None:
                 self.events_task.cancel()
                 tasks.append(self.events_task)
@@ -172,16 +186,26 @@ class FakeWorld:
         """One turn of every daemon's loop (module docstring, 2)."""
         self.loop.run_until_complete(self._step())
 
-    async def _step(self) -> None:
-        now = self.clock.time()
-        for member in self.members.values():
-            for _fd, on_readable in member.agent.readers():
-                on_readable()
+    def shells(self) -> list[DaemonShell]:
+        """The shell of every running daemon (a subclass adds its own)."""
+        return [member.shell for member in self.members.values()]
+
+    def carry(self) -> None:
+        """Move what the daemons wrote: the switch, and the hosts' TAPs to their stacks."""
         self.switch.carry()
         for member in self.members.values():
             member.tap_got.extend(member.tap.outbox)
             member.tap.outbox.clear()
-            member.shell.tick(now)
+
+    async def _step(self) -> None:
+        now = self.clock.time()
+        shells = self.shells()
+        for shell in shells:
+            for _fd, on_readable in shell.daemon.readers():
+                on_readable()
+        self.carry()
+        for shell in shells:
+            shell.tick(now)
         await asyncio.sleep(STEP_S)
 
     def wait(self, what: str, probe: Callable[[], object], timeout_s: float = 10.0):
@@ -205,6 +229,10 @@ class FakeWorld:
     def inject(self, frames: list[bytes]) -> None:
         self.intruder.outbox.extend(frames)
         self.step()
+
+    def stack_got(self, host: str) -> list[bytes]:
+        """Every frame the stack of ``host`` got (its agent wrote to its TAP), in order."""
+        return self.members[host].tap_got
 
     def watching(self, *hosts: str) -> "FakeSeen":
         return FakeSeen(self, hosts)
@@ -238,13 +266,13 @@ class FakeSeen(Seen):
         self.world = world
         self.hosts = hosts
         self.switch_start = len(world.switch.capture)
-        self.tap_start = {h: len(world.members[h].tap_got) for h in hosts}
+        self.tap_start = {h: len(world.stack_got(h)) for h in hosts}
 
     def switch(self) -> list[bytes]:
         return self.world.switch.capture[self.switch_start:]
 
     def tap(self, host: str) -> list[bytes]:
-        return self.world.members[host].tap_got[self.tap_start[host]:]
+        return self.world.stack_got(host)[self.tap_start[host]:]
 
     def __exit__(self, *exc) -> None:
         self.world.step()

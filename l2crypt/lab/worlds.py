@@ -8,6 +8,15 @@ run over two implementations:
 * ``NetnsWorld``: the namespace lab (``segment.Lab``: h1-h3 with their agents,
   the switch, the key server, the intruder), one lab for a whole module.
 
+The gateway scenarios (tests/gateway_scenarios.py) are written against
+``GatewayWorld``, a segment (h1, h2) that also has gateway gA, whose plain
+port is cabled to the plain host p1:
+
+* ``fake_gateway_world.FakeGatewayWorld``: FakeWorld plus the real gateway
+  daemon (``l2crypt-gateway run``'s) on in-memory ports;
+* ``NetnsGatewayWorld``: segment A of the gateway lab (``gateway.GatewayLab``:
+  h1, h2, gA and p1; segment B, gB and the WAN are there but unused).
+
 Frames are whole Ethernet frames.  A host "sends" a frame as its stack would
 (written to its TAP: the agent reads it), a host "gets" what its agent wrote
 to its TAP, the switch carries the sealed frames, the intruder puts frames on
@@ -24,10 +33,11 @@ from typing import Callable, Protocol
 
 from l2crypt.core.frame_wire import parse_mac
 
-from .segment import BRIDGE, HOSTS, TAP_IFNAME, Lab
+from .gateway import GATEWAYS, P1_MAC, GatewayLab
+from .segment import BRIDGE, HOSTS, TAP_IFNAME, WIRE_IFNAME, Lab
 from .support import read_pcap
 
-__all__ = ["HOSTS", "NetnsWorld", "Seen", "World", "wait_until"]
+__all__ = ["HOSTS", "GatewayWorld", "NetnsGatewayWorld", "NetnsWorld", "Seen", "World", "wait_until"]
 
 
 class Seen:
@@ -88,6 +98,18 @@ class World(Protocol):
         """Rotate the multicast key (``keyserverd rekey --multicast``); the new PW_ID."""
 
 
+class GatewayWorld(World, Protocol):
+    """A ``World`` (hosts h1, h2) whose segment also has the gateway ``gateway``
+    (gA), with its plain port cabled to the plain host ``plain_host`` (p1).
+
+    ``mac``, ``send`` and ``watching`` take p1 as they take a host: its stack
+    sends plain frames out of its port, and what it "gets" is what gA wrote
+    to its plain port.  ``status(gateway)`` is ``l2crypt-gateway status --json``."""
+
+    gateway: str
+    plain_host: str
+
+
 def wait_until(what: str, probe: Callable[[], object], timeout_s: float = 10.0,
                between: Callable[[], None] = lambda: time.sleep(0.1)):
     """Call ``probe`` until it returns something truthy (returned), ``between`` after
@@ -102,14 +124,22 @@ def wait_until(what: str, probe: Callable[[], object], timeout_s: float = 10.0,
         between()
 
 
+#: tcpdump's snapshot length on ports of MTU 1500 (the switch, p1's port): every frame
+#: fits, and tcpdump's 2 MiB ring holds hundreds of them (with its default of 256 KiB,
+#: eight: a burst of frames was "dropped by kernel").
+WIRE_SNAPLEN = 4096
+
+
 class NetnsSeen(Seen):
     """tcpdump on the switch (``br0``) and on each watched host's TAP (what its agent writes: ``-Q in``)."""
 
-    def __init__(self, lab: Lab, hosts: tuple[str, ...]):
+    def __init__(self, lab: Lab, ports: dict[str, str]):
+        """``ports``: host -> the port its stack gets frames from (its TAP, or p1's ``eth0``)."""
         self.lab = lab
-        self.captures = {None: lab.capture(BRIDGE)}
-        for host in hosts:
-            self.captures[host] = lab.capture(TAP_IFNAME, role=host, direction="in")
+        self.captures = {None: lab.capture(BRIDGE, snaplen=WIRE_SNAPLEN)}
+        for host, ifname in ports.items():
+            self.captures[host] = lab.capture(ifname, role=host, direction="in",
+                                              snaplen=WIRE_SNAPLEN if ifname == WIRE_IFNAME else None)
         self.frames: dict[str | None, list[bytes]] | None = None
 
     def __exit__(self, *exc) -> None:
@@ -145,7 +175,7 @@ class NetnsWorld:
         assert self.lab.inject(frames) == len(frames)
 
     def watching(self, *hosts: str) -> NetnsSeen:
-        return NetnsSeen(self.lab, hosts)
+        return NetnsSeen(self.lab, {host: TAP_IFNAME for host in hosts})
 
     def wait(self, what: str, probe: Callable[[], object], timeout_s: float = 10.0):
         return wait_until(what, probe, timeout_s)
@@ -169,3 +199,35 @@ class NetnsWorld:
 
     def rekey_multicast(self) -> int:
         return self._rekey("--multicast", pattern=r"multicast key rotated to pw_id (\d+)")
+
+
+class NetnsGatewayWorld(NetnsWorld):
+    """``GatewayWorld`` over segment A of a running ``GatewayLab``: h1, h2, gA, p1 and
+    an intruder on A's switch (module docstring)."""
+
+    gateway = "gA"
+    plain_host = "p1"
+
+    def __init__(self, glab: GatewayLab):
+        super().__init__(glab.a)
+        self.glab = glab
+        glab.a.add_intruder()
+
+    def mac(self, host: str) -> bytes:
+        if host == self.plain_host:
+            return parse_mac(P1_MAC)
+        if host == self.gateway:
+            return parse_mac(GATEWAYS[self.gateway][1])
+        return super().mac(host)
+
+    def send(self, host: str, frames: list[bytes]) -> None:
+        if host != self.plain_host:
+            return super().send(host, frames)
+        assert self.lab.inject(frames, role=host, ifname=WIRE_IFNAME) == len(frames)
+
+    def watching(self, *hosts: str) -> NetnsSeen:
+        """tcpdump on the switch, each host's TAP and p1's port (what reaches p1: ``-Q in``)."""
+        return NetnsSeen(self.lab, {h: WIRE_IFNAME if h == self.plain_host else TAP_IFNAME for h in hosts})
+
+    def status(self, host: str) -> dict:
+        return self.glab.gateway_status(host) if host == self.gateway else super().status(host)

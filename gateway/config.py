@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from l2crypt.agent.config import (
+    DaemonKeys,
     FrameTuning,
     PKCS11_PIN_FILE_DOC,
     check_choice,
@@ -34,17 +35,10 @@ from l2crypt.agent.config import (
     check_seconds,
     check_servers,
     config_problems,
-    failback_holddown_setting,
     load_config,
-    log_format_setting,
-    log_level_setting,
     metrics_listen_setting,
     parse_hostport,
-    probe_failures_setting,
-    probe_interval_setting,
     read_toml,
-    reconnect_jitter_setting,
-    reconnect_max_setting,
     setting,
 )
 from l2crypt.core.constants import DEFAULT_ETHERTYPE
@@ -92,7 +86,7 @@ def _peers(value: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class GatewayConfig(FrameTuning):
+class GatewayConfig(FrameTuning, DaemonKeys):
     """Settings of one gateway; the engine tuning keys (its frame engines and
     the tunnel) come from ``FrameTuning``."""
 
@@ -112,13 +106,6 @@ class GatewayConfig(FrameTuning):
                              "at the key server), seconds")
     refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
-    probe_interval_s: float = probe_interval_setting()
-    probe_failures: int = probe_failures_setting()
-    failback_holddown_s: float = failback_holddown_setting()
-    reconnect_jitter_s: float = reconnect_jitter_setting()
-    reconnect_max_s: float = reconnect_max_setting()
-    log_level: str = log_level_setting()
-    log_format: str = log_format_setting()
     metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 
     @property

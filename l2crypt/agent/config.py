@@ -168,33 +168,6 @@ def setting(default, check, doc):
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
-# The key-server failover and logging keys the host agent and the layer-3
-# agent share (one meaning, range and default each).
-def probe_interval_setting():
-    return setting(5.0, check_seconds(0.05, 600.0),
-                   "seconds between pings of the key server in use (and of better ones)")
-
-
-def probe_failures_setting():
-    return setting(3, check_int_range(1, 100), "missed pongs in a row before failing over to the next server")
-
-
-def failback_holddown_setting():
-    return setting(30.0, check_seconds(0.0, 86400.0),
-                   "seconds a higher-priority server must answer before the agent returns to it")
-
-
-def reconnect_jitter_setting():
-    return setting(RECONNECT_JITTER_S, check_seconds(0.0, 600.0),
-                   "longest random wait before connecting again after a session ends, seconds "
-                   "(spreads the reconnects of many hosts)")
-
-
-def reconnect_max_setting():
-    return setting(RECONNECT_MAX_S, check_seconds(0.2, 3600.0),
-                   "ceiling of the doubling wait between rounds in which no key server answered, seconds")
-
-
 KEY_CLIENT_KEYS = ("probe_interval_s", "probe_failures", "failback_holddown_s", "reconnect_jitter_s", "reconnect_max_s")
 
 
@@ -203,16 +176,32 @@ def key_client_options(config) -> dict[str, float]:
     return {name: getattr(config, name) for name in KEY_CLIENT_KEYS}
 
 
-def log_level_setting():
-    return setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
-
-
-def log_format_setting():
-    return setting("text", check_choice(LOG_FORMATS), "text or json")
-
-
 def metrics_listen_setting(default: str):
     return setting(default, check_metrics_listen, 'Prometheus endpoint HOST:PORT (GET /metrics); "" turns it off')
+
+
+@dataclass(frozen=True)
+class DaemonKeys:
+    """The keys every daemon (host agent, layer-3 agent, gateway) takes with one
+    meaning, range and default: key-server failover and reconnects, logging,
+    metrics (each daemon has its own default port: it sets ``metrics_listen``
+    again)."""
+
+    probe_interval_s: float = setting(5.0, check_seconds(0.05, 600.0),
+                                      "seconds between pings of the key server in use (and of better ones)")
+    probe_failures: int = setting(3, check_int_range(1, 100),
+                                  "missed pongs in a row before failing over to the next server")
+    failback_holddown_s: float = setting(30.0, check_seconds(0.0, 86400.0),
+                                         "seconds a higher-priority server must answer before the daemon returns to it")
+    reconnect_jitter_s: float = setting(RECONNECT_JITTER_S, check_seconds(0.0, 600.0),
+                                        "longest random wait before connecting again after a session ends, "
+                                        "seconds (spreads the reconnects of many hosts)")
+    reconnect_max_s: float = setting(RECONNECT_MAX_S, check_seconds(0.2, 3600.0),
+                                     "ceiling of the doubling wait between rounds in which no key server "
+                                     "answered, seconds")
+    log_level: str = setting("info", check_choice(LOG_LEVELS), "debug, info, warning or error")
+    log_format: str = setting("text", check_choice(LOG_FORMATS), "text or json")
+    metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 
 
 @dataclass(frozen=True)
@@ -262,7 +251,7 @@ def tuning_values(config: EngineTuning) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class AgentConfig(FrameTuning):
+class AgentConfig(FrameTuning, DaemonKeys):
     """Settings of one host agent (one wire port, one TAP)."""
 
     port: str = setting(None, check_iface, "wire port: the physical interface toward the switch")
@@ -287,14 +276,6 @@ class AgentConfig(FrameTuning):
                                      "so the key client, control socket and metrics never delay a frame; if "
                                      "that process dies the agent stops (frames stay blocked)")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
-    probe_interval_s: float = probe_interval_setting()
-    probe_failures: int = probe_failures_setting()
-    failback_holddown_s: float = failback_holddown_setting()
-    reconnect_jitter_s: float = reconnect_jitter_setting()
-    reconnect_max_s: float = reconnect_max_setting()
-    log_level: str = log_level_setting()
-    log_format: str = log_format_setting()
-    metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 
     @property
     def socket_path(self) -> Path:
@@ -305,8 +286,11 @@ REQUIRED = ("port", "servers")
 
 
 def config_keys(cls=AgentConfig) -> dict[str, str]:
-    """Every config key with its one-line description (used by the docs test)."""
-    return {f.name: f.metadata["doc"] for f in dataclasses.fields(cls)}
+    """Every config key with its one-line description, the daemon's own first and
+    the ``DaemonKeys`` last (the order of ``--help``; the docs test uses it too)."""
+    common = {f.name for f in dataclasses.fields(DaemonKeys)}
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name in common)  # stable: each group keeps its order
+    return {f.name: f.metadata["doc"] for f in fields}
 
 
 def read_toml(path: str | Path) -> dict:

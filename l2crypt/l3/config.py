@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from l2crypt.agent.config import (
+    DaemonKeys,
     DEFAULT_STATE_DIR,
     EngineTuning,
     PKCS11_PIN_FILE_DOC,
@@ -28,15 +29,8 @@ from l2crypt.agent.config import (
     check_path,
     check_seconds,
     check_servers,
-    failback_holddown_setting,
     load_config,
-    log_format_setting,
-    log_level_setting,
     metrics_listen_setting,
-    probe_failures_setting,
-    probe_interval_setting,
-    reconnect_jitter_setting,
-    reconnect_max_setting,
     setting,
 )
 from l2crypt.core.constants import DEFAULT_WIRE_MTU
@@ -97,7 +91,7 @@ def _table(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class L3AgentConfig(EngineTuning):
+class L3AgentConfig(EngineTuning, DaemonKeys):
     """Settings of one layer-3 agent (one policy, one NFQUEUE, one nft table);
     the engine tuning keys come from ``EngineTuning`` (frames are packets here)."""
 
@@ -118,13 +112,6 @@ class L3AgentConfig(EngineTuning):
                        "(TCP MSS clamp; larger packets that may not be fragmented are dropped: too_big)")
     nat_keepalive_s: float = setting(DEFAULT_NAT_KEEPALIVE_S, check_seconds(0.0, 3600.0),
                                 "nat mode: a sealed keepalive on every path idle this long, seconds; 0 = off")
-    probe_interval_s: float = probe_interval_setting()
-    probe_failures: int = probe_failures_setting()
-    failback_holddown_s: float = failback_holddown_setting()
-    reconnect_jitter_s: float = reconnect_jitter_setting()
-    reconnect_max_s: float = reconnect_max_setting()
-    log_level: str = log_level_setting()
-    log_format: str = log_format_setting()
     metrics_listen: str = metrics_listen_setting(DEFAULT_L3_METRICS_LISTEN)
 
     @property

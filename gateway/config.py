@@ -40,6 +40,7 @@ from l2crypt.agent.config import (
     parse_hostport,
     read_toml,
     setting,
+    wire_ring_setting,
 )
 from l2crypt.core.constants import DEFAULT_ETHERTYPE
 from l2crypt.core.errors import ConfigError
@@ -105,6 +106,7 @@ class GatewayConfig(FrameTuning, DaemonKeys):
                              "a learned MAC without traffic for this long is forgotten (and released "
                              "at the key server), seconds")
     refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
+    wire_ring: str = wire_ring_setting("encrypted port")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
     metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 

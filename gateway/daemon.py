@@ -5,8 +5,15 @@
    leave); keep the gateway's own stack off the plain port and turn its GRO
    and LRO off (it must see frames as they were on the wire); bind the
    tunnel socket.
-2. On the asyncio loop every readable port drains up to ``BATCH`` frames
-   through the core; the core's output goes to the ports.
+2. The encrypted port is a packet socket (``wire_ring = "off"``: one
+   ``send``/``recv`` per frame) or PACKET_MMAP rings (``"v2"``/``"v3"``),
+   opened as the agent opens its wire port (``wire_ring.open_wire_ring``:
+   the same fallback to ``off`` if the kernel refuses the rings; status
+   ``wire_path`` and the log ``wire_opened`` say which and why).  On the
+   asyncio loop every readable port drains up to ``BATCH`` frames through
+   the core; what the core gives for the batch is queued per port and
+   leaves in one ``write_frames`` per port at its end (one system call on a
+   ring).
 3. The key client says hello with the encrypted port's MAC, then asks for
    the MACs mapped to this gateway (``map_list``, so a restart resumes at
    once) and for the keys of each tunnel link (``netkey_req peer_id``); it
@@ -43,11 +50,11 @@ from l2crypt.core.errors import LocalError
 from l2crypt.core.frame_wire import format_mac, parse_mac
 from l2crypt.core.ks_messages import revoked_macs
 from l2crypt.core.replay_floor import FloorBook
-from l2crypt.io.linux_wire import LinuxWire
 from l2crypt.io.packet_clock import PacketClock
 from l2crypt.io.port_guard import PortGuard, guard_port
-from l2crypt.io.ports import FramePort
+from l2crypt.io.ports import WirePort
 from l2crypt.io.state_file import FloorFile
+from l2crypt.io.wire_ring import open_wire_ring
 from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
 
@@ -132,8 +139,11 @@ class Gateway:
         self.guards = {"encrypted": PortGuard(config.encrypted_port, config.ethertype)}
         if config.plain_port:
             self.guards["plain"] = PortGuard(config.plain_port, None, egress=False)
-        self.enc: FramePort | None = None    # the encrypted port (sealed frames)
-        self.plain: FramePort | None = None  # the plain port (clear frames), if any
+        self.enc: WirePort | None = None     # the encrypted port (sealed frames)
+        self.wire_path = "simple: not opened yet"  # which encrypted port runs, and why (open_wire)
+        self._to_enc: list[bytes] = []    # frames queued for the encrypted port (_collect, _flush)
+        self._to_plain: list[bytes] = []  # and for the plain port
+        self.plain: WirePort | None = None  # the plain port (clear frames), if any
         self.tunnel: TunnelSocket | None = None
         self.enc_max_frame = 0  # bytes, from the encrypted port's MTU at start (0: not read yet, no check)
         self.core: GatewayCore | None = None
@@ -143,37 +153,55 @@ class Gateway:
     # ------------------------------------------------------------ data path
 
     def _send(self, out: Output) -> None:
+        """What one call of the core gave, sent now (key events)."""
+        self._collect(out)
+        self._flush(self._loop.time())
+
+    def _collect(self, out: Output) -> None:
+        """Queue the core's output; ``_flush`` sends it (one batch per port)."""
         for frame in out.to_enc:
             if self.enc_max_frame and len(frame) > self.enc_max_frame:
                 # A plain frame as large as the plain side's MTU no longer fits once sealed;
                 # a layer-2 gateway sends no ICMP answer, it counts the frame.
                 self.core.drops[TOO_BIG] += 1
-            elif not self.enc.write_frame(frame):
-                self.core.drops["tx_error"] += 1
+            else:
+                self._to_enc.append(frame)
         if self.plain is not None:
-            for frame in out.to_plain:
-                if not self.plain.write_frame(frame):
-                    self.core.drops["plain_tx_error"] += 1
+            self._to_plain += out.to_plain
         if self.tunnel is not None:
             for peer, datagram in out.to_tunnel:
                 if not self.tunnel.send(peer, datagram):
                     self.core.drops["tunnel_tx_error"] += 1
-        self._to_server(self._loop.time())
+
+    def _flush(self, now: float) -> None:
+        """The queued frames, each port's in one ``write_frames`` (one system call on a ring)."""
+        drops = self.core.drops
+        for frames, port, reason in ((self._to_enc, self.enc, "tx_error"),
+                                     (self._to_plain, self.plain, "plain_tx_error")):
+            if frames:
+                sent = port.write_frames(frames)
+                if sent < len(frames):
+                    drops[reason] += len(frames) - sent
+                frames.clear()
+        self._to_server(now)
 
     def _on_enc(self) -> None:
-        now = self._loop.time()
+        now, collect, from_encrypted = self._loop.time(), self._collect, self.core.from_encrypted
         for frame in self.enc.read_frames(BATCH):
-            self._send(self.core.from_encrypted(frame, now))
+            collect(from_encrypted(frame, now))
+        self._flush(now)
 
     def _on_plain(self) -> None:
-        now = self._loop.time()
+        now, collect, from_plain = self._loop.time(), self._collect, self.core.from_plain
         for frame in self.plain.read_frames(BATCH):
-            self._send(self.core.from_plain(frame, now))
+            collect(from_plain(frame, now))
+        self._flush(now)
 
     def _on_tunnel(self) -> None:
-        now = self._loop.time()
+        now, collect, from_tunnel = self._loop.time(), self._collect, self.core.from_tunnel
         for peer, datagram in self.tunnel.read(BATCH):
-            self._send(self.core.from_tunnel(peer, datagram, now))
+            collect(from_tunnel(peer, datagram, now))
+        self._flush(now)
 
     def _to_server(self, now: float) -> None:
         if not self.client.connected:
@@ -284,6 +312,7 @@ class Gateway:
             "mac": format_mac(self.core.gw_mac),
             "encrypted_port": self.config.encrypted_port,
             "plain_port": self.config.plain_port,
+            "wire_path": self.wire_path,
             "tunnel_listen": self.config.tunnel_listen or None,
             "tunnel_unknown_sender": self.tunnel.unknown_sender if self.tunnel else 0,
             "port_read_errors": {name: getattr(port, "read_errors", 0)
@@ -319,7 +348,8 @@ class Gateway:
             raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
         log.info("replay_floors_loaded", extra=fields(senders=restored))
         try:
-            self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
+            self.enc, self.wire_path = open_wire_ring(cfg.encrypted_port, cfg.ethertype, cfg.wire_ring)
+            log.info("wire_opened", extra=fields(port=cfg.encrypted_port, path=self.wire_path))
             self.enc_max_frame = ETH_HEADER_BYTES + port_mtu(cfg.encrypted_port)
             if cfg.plain_port:
                 self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
@@ -382,7 +412,7 @@ class Gateway:
     def started_fields(self) -> dict:
         cfg = self.config
         return dict(id=self.gw_id, mac=format_mac(self.core.gw_mac), encrypted_port=cfg.encrypted_port,
-                    plain_port=cfg.plain_port or "-", tunnel_peers=",".join(self.core.peers) or "-",
+                    plain_port=cfg.plain_port or "-", wire_path=self.wire_path, tunnel_peers=",".join(self.core.peers) or "-",
                     metrics=cfg.metrics_listen or "off")
 
     def stopped_fields(self) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from l2crypt.agent.config import (
+    DATAPATHS,
     DaemonKeys,
     FrameTuning,
     PKCS11_PIN_FILE_DOC,
@@ -107,6 +108,11 @@ class GatewayConfig(FrameTuning, DaemonKeys):
                              "at the key server), seconds")
     refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
     wire_ring: str = wire_ring_setting("encrypted port")
+    datapath: str = setting("simple", check_choice(DATAPATHS),
+                            "plain port: simple (one frame per read and write, GRO and LRO off) or batched "
+                            "(PACKET_VNET_HDR, GRO on: received super-frames cut into segments that fit the "
+                            "encrypted port, sent segments joined into super-frames the kernel cuts); batched "
+                            "falls back to simple if the kernel refuses PACKET_VNET_HDR")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
     metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 

@@ -3,8 +3,14 @@
 1. Read the gateway identity (enrolled like a host, role gateway) from the
    state directory; guard the encrypted port (only l2crypt frames arrive or
    leave); keep the gateway's own stack off the plain port and turn its GRO
-   and LRO off (it must see frames as they were on the wire); bind the
-   tunnel socket.
+   and LRO off (it must see frames as they were on the wire), or with
+   ``datapath = "batched"`` open it with PACKET_VNET_HDR and GRO on: each
+   super-frame read is cut into segments that fit the encrypted port
+   (``tap_path.cut_buffer``, checksums completed), and the frames sent in one
+   batch are joined into GSO super-frames (``tap_path.write_coalesced``)
+   whose checksums the kernel completes; if the kernel refuses
+   PACKET_VNET_HDR it runs ``simple`` and status ``datapath_reason`` says
+   why; bind the tunnel socket.
 2. The encrypted port is a packet socket (``wire_ring = "off"``: one
    ``send``/``recv`` per frame) or PACKET_MMAP rings (``"v2"``/``"v3"``),
    opened as the agent opens its wire port (``wire_ring.open_wire_ring``:
@@ -43,11 +49,14 @@ from pathlib import Path
 
 from l2crypt.agent.config import key_client_options, tuning_values
 from l2crypt.agent.keyclient import KeyClient
+from l2crypt.agent.tap_path import cut_buffer, write_coalesced
 from l2crypt.agent.host_key import load_credentials
 from l2crypt.core import engine as engine_mod
+from l2crypt.core.constants import FRAME_OVERHEAD
 from l2crypt.core.engine import EngineSettings
 from l2crypt.core.errors import LocalError
 from l2crypt.core.frame_wire import format_mac, parse_mac
+from l2crypt.core.gro import Coalescer
 from l2crypt.core.ks_messages import revoked_macs
 from l2crypt.core.replay_floor import FloorBook
 from l2crypt.io.packet_clock import PacketClock
@@ -61,7 +70,7 @@ from l2crypt.ops.logs import fields
 from .config import GatewayConfig, parse_hostport
 from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
 from .metrics import gateway_metrics
-from .ports import PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off
+from .ports import PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off, set_receive_offloads
 
 log = logging.getLogger("l2crypt.gateway")
 
@@ -143,6 +152,9 @@ class Gateway:
         self.wire_path = "simple: not opened yet"  # which encrypted port runs, and why (open_wire)
         self._to_enc: list[bytes] = []    # frames queued for the encrypted port (_collect, _flush)
         self._to_plain: list[bytes] = []  # and for the plain port
+        #: The plain port's path ("simple" or "batched", ``datapath``) and why, if not the one asked for.
+        self.datapath, self.datapath_reason = "simple", "configured"
+        self.coalescer: Coalescer | None = None  # batched: joins the segments sent to the plain port
         self.plain: WirePort | None = None  # the plain port (clear frames), if any
         self.tunnel: TunnelSocket | None = None
         self.enc_max_frame = 0  # bytes, from the encrypted port's MTU at start (0: not read yet, no check)
@@ -176,6 +188,12 @@ class Gateway:
     def _flush(self, now: float) -> None:
         """The queued frames, each port's in one ``write_frames`` (one system call on a ring)."""
         drops = self.core.drops
+        if self._to_plain and self.coalescer is not None:  # batched: segments joined into super-frames
+            add = self.coalescer.add
+            for frame in self._to_plain:
+                add(frame)
+            self._to_plain.clear()
+            write_coalesced(self.coalescer, self.plain.write_vnet, drops, self.core.counters, "plain_tx_error")
         for frames, port, reason in ((self._to_enc, self.enc, "tx_error"),
                                      (self._to_plain, self.plain, "plain_tx_error")):
             if frames:
@@ -193,8 +211,16 @@ class Gateway:
 
     def _on_plain(self) -> None:
         now, collect, from_plain = self._loop.time(), self._collect, self.core.from_plain
-        for frame in self.plain.read_frames(BATCH):
-            collect(from_plain(frame, now))
+        if self.coalescer is None:
+            for frame in self.plain.read_frames(BATCH):
+                collect(from_plain(frame, now))
+        else:  # batched: GRO super-frames cut into segments that fit the encrypted port
+            core, mtu = self.core, self.enc_max_frame - ETH_HEADER_BYTES - FRAME_OVERHEAD
+            for buffer in self.plain.read_frames(BATCH):
+                cut = cut_buffer(buffer, mtu, True, core.drops, core.counters)
+                if cut is not None:
+                    for frame in cut[0]:
+                        collect(from_plain(frame, now))
         self._flush(now)
 
     def _on_tunnel(self) -> None:
@@ -313,6 +339,8 @@ class Gateway:
             "encrypted_port": self.config.encrypted_port,
             "plain_port": self.config.plain_port,
             "wire_path": self.wire_path,
+            "datapath": self.datapath if self.config.plain_port else None,
+            "datapath_reason": self.datapath_reason if self.config.plain_port else None,
             "tunnel_listen": self.config.tunnel_listen or None,
             "tunnel_unknown_sender": self.tunnel.unknown_sender if self.tunnel else 0,
             "port_read_errors": {name: getattr(port, "read_errors", 0)
@@ -353,10 +381,7 @@ class Gateway:
             self.enc_max_frame = ETH_HEADER_BYTES + port_mtu(cfg.encrypted_port)
             if cfg.plain_port:
                 self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
-                turned_off = receive_offloads_off(cfg.plain_port)
-                log.info("plain_port_offloads_off", extra=fields(port=cfg.plain_port,
-                                                                 turned_off=",".join(turned_off) or "-"))
-                self.plain = PlainPort(cfg.plain_port)
+                self.open_plain(cfg.plain_port, cfg.datapath == "batched")
             if cfg.tunnel_listen:
                 self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())
             self.start(gw_mac, now)
@@ -365,6 +390,22 @@ class Gateway:
             for port in (self.enc, self.plain, self.tunnel):
                 if port is not None:
                     port.close()
+
+    def open_plain(self, port: str, batched: bool) -> None:
+        """The plain port: with PACKET_VNET_HDR and GRO on (``batched``) if the kernel
+        allows it, else one frame per read and write with GRO and LRO off."""
+        self.plain = PlainPort(port, vnet=batched)
+        if self.plain.vnet_hdr_len:
+            self.datapath, self.datapath_reason = "batched", ""
+            self.coalescer = Coalescer()
+            changed = set_receive_offloads(port, gro=True)
+            log.info("plain_port_offloads_on", extra=fields(port=port, changed=",".join(changed) or "-"))
+            return
+        self.datapath_reason = self.plain.offload_refused
+        if batched:
+            log.warning("datapath_fallback", extra=fields(datapath="simple", reason=self.datapath_reason))
+        turned_off = receive_offloads_off(port)
+        log.info("plain_port_offloads_off", extra=fields(port=port, turned_off=",".join(turned_off) or "-"))
 
     def start(self, gw_mac: bytes, now: float) -> None:
         """The core (its engines on the replay floors loaded, every tuning key
@@ -412,7 +453,10 @@ class Gateway:
     def started_fields(self) -> dict:
         cfg = self.config
         return dict(id=self.gw_id, mac=format_mac(self.core.gw_mac), encrypted_port=cfg.encrypted_port,
-                    plain_port=cfg.plain_port or "-", wire_path=self.wire_path, tunnel_peers=",".join(self.core.peers) or "-",
+                    plain_port=cfg.plain_port or "-", wire_path=self.wire_path,
+                    datapath=(self.datapath + (f" ({self.datapath_reason})" if self.datapath_reason else "")
+                              if self.config.plain_port else "-"),
+                    tunnel_peers=",".join(self.core.peers) or "-",
                     metrics=cfg.metrics_listen or "off")
 
     def stopped_fields(self) -> dict:

@@ -9,13 +9,18 @@
   ETH_P_ALL packet sockets, ``PlainPort`` among them, before that hook, so the
   gateway still reads every EtherType.  The host stack is turned off the port
   as on the wire port (no address, no IPv6, no ARP, strict rp_filter).
-* ``receive_offloads_off``: GRO and LRO off on the plain port.  A NIC
+* ``receive_offloads_off``: GRO and LRO off on the plain port (``datapath
+  = "simple"``).  A NIC
   merges a plain host's TCP segments into one large frame (GRO is on by
   default); sealed, it would not fit the encrypted port.  The gateway must
   see the frames as they were on the wire, so it turns both off at start.
 * ``PlainPort``: an AF_PACKET socket for every EtherType on the full-decrypt
   uplink, promiscuous (it bridges for every MAC behind it), never seeing its
-  own frames (PACKET_IGNORE_OUTGOING).
+  own frames (PACKET_IGNORE_OUTGOING).  With ``datapath = "batched"`` it
+  has PACKET_VNET_HDR and GRO on (``set_receive_offloads``; the gateway cuts the super-frames it
+  reads into segments that fit the encrypted port, ``tap_path.cut_buffer``)
+  and the segments it sends are joined into GSO super-frames
+  (``tap_path.write_coalesced``) that the kernel cuts, checksums included.
 * ``TunnelSocket``: one UDP socket for every inter-subnet peer; datagrams
   from an address that is not a configured peer are counted and dropped.
   Fragmentation is allowed (a full-size inner frame plus the tunnel overhead
@@ -30,6 +35,7 @@ import socket
 import struct
 
 from l2crypt.core.errors import LocalError
+from l2crypt.core.vnet_hdr import VNET_HDR_LEN
 from l2crypt.io.linux_wire import PACKET_IGNORE_OUTGOING, SOL_PACKET, LinuxWire
 from l2crypt.io.port_guard import PortGuard, take_over
 
@@ -46,6 +52,9 @@ ETHTOOL_GFLAGS, ETHTOOL_SFLAGS = 0x25, 0x26
 ETHTOOL_GGRO, ETHTOOL_SGRO = 0x2B, 0x2C
 ETH_FLAG_LRO = 1 << 15
 IFREQ_BYTES = 40
+PACKET_VNET_HDR = 15  # linux/if_packet.h
+ETH_HEADER_BYTES = 14
+NO_VNET_HDR = bytes(VNET_HDR_LEN)  # a frame as it is: no offload asked
 
 
 def quiet_port(port: str) -> PortGuard:
@@ -65,21 +74,28 @@ def _ethtool(sock: socket.socket, port: str, cmd: int, data: int = 0) -> int:
 def receive_offloads_off(port: str) -> list[str]:
     """Turn GRO and LRO off on ``port`` (see the module docstring); returns the
     names of those that were on.  Raises LocalError if the kernel refuses."""
-    turned_off = []
+    return [name.split()[0] for name in set_receive_offloads(port, gro=False)]
+
+
+def set_receive_offloads(port: str, gro: bool) -> list[str]:
+    """GRO on or off (``gro``) and LRO off on ``port``; returns what changed
+    (``"gro off"``, ``"lro off"``, ``"gro on"``).  Raises LocalError if the kernel refuses."""
+    changed = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
-            if _ethtool(sock, port, ETHTOOL_GGRO):
-                _ethtool(sock, port, ETHTOOL_SGRO, 0)
-                turned_off.append("gro")
+            if bool(_ethtool(sock, port, ETHTOOL_GGRO)) != gro:
+                _ethtool(sock, port, ETHTOOL_SGRO, int(gro))
+                changed.append("gro on" if gro else "gro off")
             flags = _ethtool(sock, port, ETHTOOL_GFLAGS)
             if flags & ETH_FLAG_LRO:
                 _ethtool(sock, port, ETHTOOL_SFLAGS, flags & ~ETH_FLAG_LRO)
-                turned_off.append("lro")
-            if _ethtool(sock, port, ETHTOOL_GGRO) or _ethtool(sock, port, ETHTOOL_GFLAGS) & ETH_FLAG_LRO:
-                raise OSError("the port keeps them on")
+                changed.append("lro off")
+            if bool(_ethtool(sock, port, ETHTOOL_GGRO)) != gro or _ethtool(sock, port, ETHTOOL_GFLAGS) & ETH_FLAG_LRO:
+                raise OSError(f"the port keeps GRO {'off' if gro else 'on'} or LRO on")
         except OSError as exc:
-            raise LocalError(f"plain port {port}: cannot turn GRO and LRO off: {exc.strerror or exc}") from None
-    return turned_off
+            raise LocalError(f"plain port {port}: cannot turn GRO {'on' if gro else 'off'} and LRO off: "
+                             f"{exc.strerror or exc}") from None
+    return changed
 
 
 def port_mtu(port: str) -> int:
@@ -93,10 +109,18 @@ def port_mtu(port: str) -> int:
 
 
 class PlainPort(LinuxWire):
-    """Every frame on the plain port, non-blocking.  Implements FramePort."""
+    """Every frame on the plain port, non-blocking.  Implements WirePort.
 
-    def __init__(self, port: str):
+    ``vnet=True`` (``datapath = "batched"``) asks for PACKET_VNET_HDR: every frame read
+    then starts with a virtio-net header and may be a GRO super-frame of up to 64 KiB,
+    and ``write_vnet`` sends one with its header (a GSO super-frame the kernel cuts);
+    ``vnet_hdr_len`` is 0 if the kernel refused it, and ``offload_refused`` says why.
+    """
+
+    def __init__(self, port: str, vnet: bool = False):
         self.name = port
+        self.vnet_hdr_len = 0
+        self.offload_refused = "" if vnet else "configured"
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             sock.bind((port, ETH_P_ALL))
@@ -113,8 +137,29 @@ class PlainPort(LinuxWire):
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError:
             pass
+        if vnet:
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            except OSError as exc:
+                self.offload_refused = f"the kernel refused PACKET_VNET_HDR on {port!r}: {exc.strerror or exc}"
+            else:
+                self.vnet_hdr_len = VNET_HDR_LEN
+                self.read_size = MAX_FRAME + VNET_HDR_LEN + ETH_HEADER_BYTES
         sock.setblocking(False)
         self._sock = sock
+
+    def write_vnet(self, header: bytes, frame: bytes) -> bool:
+        """One frame (or GSO super-frame) with its virtio-net header, in one ``sendmsg``."""
+        try:
+            self._sock.sendmsg((header, frame))
+            return True
+        except OSError:
+            return False
+
+    def write_frame(self, frame: bytes) -> bool:
+        if not self.vnet_hdr_len:
+            return super().write_frame(frame)
+        return self.write_vnet(NO_VNET_HDR, frame)
 
 
 class TunnelSocket:

@@ -201,6 +201,8 @@ def test_status_renders_tables(real_gw):
     assert "NETKEY PW_ID: 1 (held 1, 2)" in text
     assert "port guard on eth0: intact   frames refused inbound: 9   frames blocked outbound: 9" in text
     assert "port guard on plain0: MISSING (plain frames pass)" in text
+    assert "encrypted port path: simple: not opened yet" in text
+    assert "plain port path: simple (configured)" in text
 
 
 def test_watch_rates_per_port(real_gw):

@@ -27,6 +27,7 @@ from l2crypt.agent.config import (
     DaemonKeys,
     FrameTuning,
     PKCS11_PIN_FILE_DOC,
+    check_bool,
     check_choice,
     check_ethertype,
     check_iface,
@@ -100,6 +101,10 @@ class GatewayConfig(FrameTuning, DaemonKeys):
     tunnel_listen: str = setting("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
     tunnel_peers: tuple = setting((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
                              "(ID: the peer gateway's enrolled ID)")
+    tunnel_offload: bool = setting(False, check_bool,
+                                   "tunnel socket with UDP GSO (the datagrams of one batch to a peer in one send) "
+                                   "and UDP GRO (many datagrams in one receive); falls back to one datagram per "
+                                   "system call if the kernel refuses")
     group_crossing: str = setting("basic", check_choice(GROUP_CROSSING),
                              "which broadcast/multicast frames cross: basic (ARP, DHCP, IPv6 ND), all or none")
     max_learned_macs: int = setting(4096, check_int_range(1, 1 << 20), "most MACs the gateway speaks for")

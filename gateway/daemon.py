@@ -152,6 +152,7 @@ class Gateway:
         self.wire_path = "simple: not opened yet"  # which encrypted port runs, and why (open_wire)
         self._to_enc: list[bytes] = []    # frames queued for the encrypted port (_collect, _flush)
         self._to_plain: list[bytes] = []  # and for the plain port
+        self._to_tunnel: list[tuple[str, bytes]] = []  # and (peer, datagram) for the tunnel
         #: The plain port's path ("simple" or "batched", ``datapath``) and why, if not the one asked for.
         self.datapath, self.datapath_reason = "simple", "configured"
         self.coalescer: Coalescer | None = None  # batched: joins the segments sent to the plain port
@@ -181,9 +182,7 @@ class Gateway:
         if self.plain is not None:
             self._to_plain += out.to_plain
         if self.tunnel is not None:
-            for peer, datagram in out.to_tunnel:
-                if not self.tunnel.send(peer, datagram):
-                    self.core.drops["tunnel_tx_error"] += 1
+            self._to_tunnel += out.to_tunnel
 
     def _flush(self, now: float) -> None:
         """The queued frames, each port's in one ``write_frames`` (one system call on a ring)."""
@@ -194,6 +193,8 @@ class Gateway:
                 add(frame)
             self._to_plain.clear()
             write_coalesced(self.coalescer, self.plain.write_vnet, drops, self.core.counters, "plain_tx_error")
+        if self._to_tunnel:
+            self._send_tunnel()
         for frames, port, reason in ((self._to_enc, self.enc, "tx_error"),
                                      (self._to_plain, self.plain, "plain_tx_error")):
             if frames:
@@ -202,6 +203,19 @@ class Gateway:
                     drops[reason] += len(frames) - sent
                 frames.clear()
         self._to_server(now)
+
+    def _send_tunnel(self) -> None:
+        """The queued datagrams, each peer's consecutive run in one ``send_batch``."""
+        queued, run, peer = self._to_tunnel, [], None
+        for to, datagram in [*queued, (None, b"")]:  # a sentinel ends the last run
+            if to != peer and run:
+                sent = self.tunnel.send_batch(peer, run)
+                if sent < len(run):
+                    self.core.drops["tunnel_tx_error"] += len(run) - sent
+                run = []
+            peer = to
+            run.append(datagram)
+        queued.clear()
 
     def _on_enc(self) -> None:
         now, collect, from_encrypted = self._loop.time(), self._collect, self.core.from_encrypted
@@ -343,6 +357,7 @@ class Gateway:
             "datapath_reason": self.datapath_reason if self.config.plain_port else None,
             "tunnel_listen": self.config.tunnel_listen or None,
             "tunnel_unknown_sender": self.tunnel.unknown_sender if self.tunnel else 0,
+            "tunnel_path": self.tunnel.path if self.tunnel else None,
             "port_read_errors": {name: getattr(port, "read_errors", 0)
                                  for name, port in (("encrypted", self.enc), ("plain", self.plain)) if port},
             "keyserver": self.client.server,
@@ -383,7 +398,9 @@ class Gateway:
                 self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
                 self.open_plain(cfg.plain_port, cfg.datapath == "batched")
             if cfg.tunnel_listen:
-                self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())
+                self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses(),
+                                           offload=cfg.tunnel_offload)
+                log.info("tunnel_opened", extra=fields(listen=cfg.tunnel_listen, path=self.tunnel.path))
             self.start(gw_mac, now)
             await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
         finally:

@@ -23,6 +23,8 @@
   (``tap_path.write_coalesced``) that the kernel cuts, checksums included.
 * ``TunnelSocket``: one UDP socket for every inter-subnet peer; datagrams
   from an address that is not a configured peer are counted and dropped.
+  With ``tunnel_offload`` it sends the datagrams of a batch with UDP GSO and
+  receives with UDP GRO (``gso_runs``, ``split_gro``).
   Fragmentation is allowed (a full-size inner frame plus the tunnel overhead
   exceeds a 1500-byte path).
 """
@@ -53,6 +55,12 @@ ETHTOOL_GGRO, ETHTOOL_SGRO = 0x2B, 0x2C
 ETH_FLAG_LRO = 1 << 15
 IFREQ_BYTES = 40
 PACKET_VNET_HDR = 15  # linux/if_packet.h
+SOL_UDP = 17
+UDP_SEGMENT, UDP_GRO = 103, 104  # linux/udp.h
+GSO_MAX_BYTES = 65000     # payload bytes of one UDP GSO send (the kernel allows 65,507)
+GSO_MAX_SEGMENTS = 64     # datagrams of one UDP GSO send (the kernel allows 128)
+U16, INT = struct.Struct("=H"), struct.Struct("=i")
+GRO_CMSG_SPACE = socket.CMSG_SPACE(INT.size)
 ETH_HEADER_BYTES = 14
 NO_VNET_HDR = bytes(VNET_HDR_LEN)  # a frame as it is: no offload asked
 
@@ -162,10 +170,46 @@ class PlainPort(LinuxWire):
         return self.write_vnet(NO_VNET_HDR, frame)
 
 
-class TunnelSocket:
-    """UDP datagrams to and from the peer gateways."""
+def gso_runs(datagrams, max_bytes: int = GSO_MAX_BYTES, max_segments: int = GSO_MAX_SEGMENTS) -> list[list]:
+    """``datagrams`` in order, cut into runs one UDP GSO send can carry: each as long as the
+    run's first, except the last one, which may be shorter; at most ``max_segments`` and
+    ``max_bytes`` in all."""
+    runs: list[list] = []
+    run: list = []
+    size = total = 0
+    for datagram in datagrams:
+        n = len(datagram)
+        if run and n <= size and len(run[-1]) == size and len(run) < max_segments and total + n <= max_bytes:
+            run.append(datagram)
+            total += n
+            continue
+        if run:
+            runs.append(run)
+        run, size, total = [datagram], n, n
+    if run:
+        runs.append(run)
+    return runs
 
-    def __init__(self, local: tuple[str, int], peers: dict[str, tuple[str, int]]):
+
+def split_gro(data: bytes, gso_size: int) -> list[bytes]:
+    """The datagrams of one UDP GRO receive: ``gso_size`` bytes each, the last one possibly shorter."""
+    if gso_size <= 0 or len(data) <= gso_size:
+        return [data]
+    return [data[i:i + gso_size] for i in range(0, len(data), gso_size)]
+
+
+class TunnelSocket:
+    """UDP datagrams to and from the peer gateways.
+
+    ``offload`` (``tunnel_offload``): the datagrams of one batch to one peer leave in one
+    ``sendmsg`` with UDP_SEGMENT (UDP GSO: the kernel cuts them; the wire carries the same
+    datagrams), and one ``recvmsg`` may return many datagrams of one sender joined by UDP
+    GRO; ``path`` says whether that runs, and why not if it was asked for.  A GSO send the
+    kernel refuses (a datagram over the path MTU, no support) is sent again one datagram
+    per call.
+    """
+
+    def __init__(self, local: tuple[str, int], peers: dict[str, tuple[str, int]], offload: bool = False):
         self.peers = {name: (socket.gethostbyname(h), p) for name, (h, p) in peers.items()}
         self.by_addr = {addr[0]: name for name, addr in self.peers.items()}  # by IP: a NAT may move the port
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -176,6 +220,17 @@ class TunnelSocket:
         except OSError as exc:
             sock.close()
             raise LocalError(f"tunnel_listen: cannot bind {local[0]}:{local[1]}: {exc.strerror or exc}") from None
+        self.offload = False
+        self.path = "simple: not asked for"
+        if offload:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)  # a kernel without UDP GSO refuses the option
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
+            except OSError as exc:
+                self.path = f"simple: the kernel refused UDP GSO/GRO: {exc.strerror or exc}"
+            else:
+                self.offload, self.path = True, "batched: UDP GSO and GRO"
         sock.setblocking(False)
         self._sock = sock
         self.unknown_sender = 0
@@ -187,14 +242,23 @@ class TunnelSocket:
         out = []
         for _ in range(limit):
             try:
-                data, addr = self._sock.recvfrom(MAX_FRAME)
+                if self.offload:
+                    data, ancillary, _, addr = self._sock.recvmsg(MAX_FRAME, GRO_CMSG_SPACE)
+                else:
+                    data, addr = self._sock.recvfrom(MAX_FRAME)
+                    ancillary = ()
             except OSError:
                 break
             name = self.by_addr.get(addr[0])
             if name is None:
                 self.unknown_sender += 1
                 continue
-            out.append((name, data))
+            gso_size = next((INT.unpack_from(d)[0] for level, kind, d in ancillary
+                             if level == SOL_UDP and kind == UDP_GRO and len(d) >= INT.size), 0)
+            if gso_size:
+                out += [(name, datagram) for datagram in split_gro(data, gso_size)]
+            else:
+                out.append((name, data))
         return out
 
     def send(self, peer: str, datagram: bytes) -> bool:
@@ -203,6 +267,22 @@ class TunnelSocket:
             return True
         except OSError:
             return False  # the caller counts it (tunnel_tx_error)
+
+    def send_batch(self, peer: str, datagrams: list[bytes]) -> int:
+        """Every datagram to ``peer`` (one GSO send per run with ``offload``); how many left."""
+        if not self.offload:
+            return sum(self.send(peer, d) for d in datagrams)
+        sent, addr = 0, self.peers[peer]
+        for run in gso_runs(datagrams):
+            if len(run) > 1:
+                try:
+                    self._sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, U16.pack(len(run[0])))], 0, addr)
+                    sent += len(run)
+                    continue
+                except OSError:
+                    pass  # one by one below
+            sent += sum(self.send(peer, d) for d in run)
+        return sent
 
     def close(self) -> None:
         self._sock.close()

@@ -574,7 +574,7 @@ def test_the_plain_port_feeds_the_gateway_but_not_its_stack(glab):
     _ping_ok(glab, "h1", P1_IPV4, count=3)  # the plain side still works both ways
 
 
-NEW_PATH = ["--wire-ring", "v2", "--datapath", "batched"]
+NEW_PATH = ["--wire-ring", "v2", "--datapath", "batched", "--tunnel-offload"]
 
 
 def _csum_errors(glab, roles) -> dict:
@@ -593,14 +593,15 @@ def _restart_gateways(glab, extra: list) -> None:
 
 def test_gateways_on_packet_rings_with_plain_port_offloads(glab):
     """Issue 13.6 (last test: it restarts both gateways): gA and gB with ``wire_ring =
-    "v2"`` and ``datapath = "batched"`` carry h1 -> p1 (both ways: p1's stream
-    reaches gA as GRO super-frames, h1's leaves it as GSO super-frames) and
-    h1 -> h3 TCP; the segments' bridges carry only sealed frames, and no receiver
-    counts a bad TCP checksum."""
+    "v2"``, ``datapath = "batched"`` and ``tunnel_offload`` carry h1 -> p1 (both
+    ways: p1's stream reaches gA as GRO super-frames, h1's leaves it as GSO
+    super-frames) and h1 -> h3 TCP (UDP GSO and GRO on the tunnel); the segments'
+    bridges carry only sealed frames, and no receiver counts a bad TCP checksum."""
     _restart_gateways(glab, NEW_PATH)
     st = glab.gateway_status("gA")
     assert st["wire_path"] == "batched: packet rings (TPACKET_V2)" and st["datapath"] == "batched", st
     assert glab.gateway_status("gB")["wire_path"] == "batched: packet rings (TPACKET_V2)"
+    assert st["tunnel_path"] == glab.gateway_status("gB")["tunnel_path"] == "batched: UDP GSO and GRO"
     assert "generic-receive-offload: on" in glab.a.exec("gA", ["ethtool", "-k", "plain0"], check=True).stdout
     caps = {"A": glab.a.capture("br0", name="tcpdump-gw-newpath-A", snaplen=256),
             "B": glab.b.capture("br0", name="tcpdump-gw-newpath-B", snaplen=256)}

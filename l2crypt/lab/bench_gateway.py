@@ -203,7 +203,7 @@ def run_round(rows: dict[str, list[str]], agent_opts: list[str], args, base: Pat
             _inner_mtu(glab, TAP_IFNAME)
             results[name] = measure_paths(glab, name, _gateway_procs(glab, "gateway-"), args)
             results[name]["status"] = {gw: {k: v for k, v in glab.gateway_status(gw).items()
-                                            if k in ("wire_path", "datapath", "datapath_reason", "plain_path")}
+                                            if k in ("wire_path", "datapath", "datapath_reason", "tunnel_path")}
                                        for gw in GATEWAYS}
             if i == len(names) - 1 and not args.no_openvpn:
                 BP.install_peers()
@@ -236,6 +236,10 @@ def ratios(results: dict) -> dict:
                    for path in PATHS} for name, r in results.items() if name != OPENVPN}
 
 
+def _whole(value, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_table(results: dict, args) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -249,9 +253,9 @@ def print_table(results: dict, args) -> None:
     for path in PATHS:
         for name, r in results.items():
             m = r[path]
-            table.add_row(path, name, f"{m['tcp_mbit_s']:.0f}", str(m["retransmits"]), f"{m['rtt_avg_ms']:.3f}",
-                          f"{m['rtt_p99_ms']:.3f}", str(m["gw_cpu_s_per_gb"]), f"{m['gw_cpu_percent']:.0f}",
-                          str(m["csum_errors"]))
+            table.add_row(path, name, f"{m['tcp_mbit_s']:.0f}", _whole(m["retransmits"]), f"{m['rtt_avg_ms']:.3f}",
+                          f"{m['rtt_p99_ms']:.3f}", _whole(m["gw_cpu_s_per_gb"], ".1f"),
+                          _whole(m["gw_cpu_percent"]), _whole(m["csum_errors"]))
     Console(width=150).print(table)
     for name, by_path in ratios(results).items():
         print(f"{name} / {OPENVPN}: " + "; ".join(

@@ -205,6 +205,7 @@ def test_status_renders_tables(real_gw):
     assert "port guard on plain0: MISSING (plain frames pass)" in text
     assert "encrypted port path: simple: not opened yet" in text
     assert "plain port path: simple (configured)" in text
+    assert "tunnel path: simple: not asked for" in text
 
 
 def test_watch_rates_per_port(real_gw):

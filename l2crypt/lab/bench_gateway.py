@@ -85,7 +85,8 @@ def rtt(glab: GatewayLab, src: str, addr: str, count: int) -> dict:
 def tcp(glab: GatewayLab, src: str, dst: str, addr: str, seconds: float, carriers: list) -> dict:
     """One iperf3 TCP stream ``src`` -> ``addr`` (in ``dst``), with the CPU of ``carriers``."""
     dlab, slab = glab.lab_of(dst), glab.lab_of(src)
-    srv = dlab.popen(dst, ["iperf3", "-s", "-1", "--forceflush", "-B", addr, "-p", str(PORT)], name=f"iperf3-bench-{dst}")
+    srv = dlab.popen(dst, ["iperf3", "-s", "-1", "--forceflush", "-B", addr, "-p", str(PORT)],
+                     name=f"iperf3-bench-{dst}")
     try:
         deadline = time.monotonic() + 10
         while "listening" not in dlab.log_text(srv.name):
@@ -266,7 +267,9 @@ def print_table(results: dict, args) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench gateway", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="bench gateway", description="The gateway lab's two paths, h1 -> p1 (X86) and h1 -> h3 (NETID), "
+                                          "beside OpenVPN-tap, in one run (see l2crypt/lab/bench_gateway.py).")
     parser.add_argument("--seconds", type=float, default=10, help="iperf3 duration of each path (10)")
     parser.add_argument("--pings", type=int, default=200, help="pings at 0.01 s per path (200)")
     parser.add_argument("--rounds", type=int, default=1, help="every row this many times; medians (1)")

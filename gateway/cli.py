@@ -54,7 +54,10 @@ def _run_options(fn):
     for name, doc in _DOCS.items():
         if name in ("servers", "tunnel_peers"):
             continue
-        if name in _TYPES:
+        if name == "tunnel_offload":
+            opts.append(click.option("--tunnel-offload/--no-tunnel-offload", name, default=None,
+                                     help=doc + " [default: off]"))
+        elif name in _TYPES:
             opts.append(click.option("--" + name.replace("_", "-"), name, type=_TYPES[name], help=doc))
         else:
             opts.append(config_option(GatewayConfig, name, show_default=False))

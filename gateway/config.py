@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from l2crypt.agent.config import (
+    DATAPATHS,
     DaemonKeys,
     FrameTuning,
     PKCS11_PIN_FILE_DOC,
+    check_bool,
     check_choice,
     check_ethertype,
     check_iface,
@@ -40,6 +42,7 @@ from l2crypt.agent.config import (
     parse_hostport,
     read_toml,
     setting,
+    wire_ring_setting,
 )
 from l2crypt.core.constants import DEFAULT_ETHERTYPE
 from l2crypt.core.errors import ConfigError
@@ -98,6 +101,10 @@ class GatewayConfig(FrameTuning, DaemonKeys):
     tunnel_listen: str = setting("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
     tunnel_peers: tuple = setting((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
                              "(ID: the peer gateway's enrolled ID)")
+    tunnel_offload: bool = setting(False, check_bool,
+                                   "tunnel socket with UDP GSO (the datagrams of one batch to a peer in one send) "
+                                   "and UDP GRO (many datagrams in one receive); falls back to one datagram per "
+                                   "system call if the kernel refuses")
     group_crossing: str = setting("basic", check_choice(GROUP_CROSSING),
                              "which broadcast/multicast frames cross: basic (ARP, DHCP, IPv6 ND), all or none")
     max_learned_macs: int = setting(4096, check_int_range(1, 1 << 20), "most MACs the gateway speaks for")
@@ -105,6 +112,12 @@ class GatewayConfig(FrameTuning, DaemonKeys):
                              "a learned MAC without traffic for this long is forgotten (and released "
                              "at the key server), seconds")
     refused_cache_s: float = setting(30.0, check_seconds(0.0, 3600.0), "how long a refused MAC stays refused, seconds")
+    wire_ring: str = wire_ring_setting("encrypted port")
+    datapath: str = setting("simple", check_choice(DATAPATHS),
+                            "plain port: simple (one frame per read and write, GRO and LRO off) or batched "
+                            "(PACKET_VNET_HDR, GRO on: received super-frames cut into segments that fit the "
+                            "encrypted port, sent segments joined into super-frames the kernel cuts); batched "
+                            "falls back to simple if the kernel refuses PACKET_VNET_HDR")
     ethertype: int = setting(DEFAULT_ETHERTYPE, check_ethertype, "EtherType of sealed frames")
     metrics_listen: str = metrics_listen_setting(DEFAULT_METRICS_LISTEN)
 

@@ -3,10 +3,23 @@
 1. Read the gateway identity (enrolled like a host, role gateway) from the
    state directory; guard the encrypted port (only l2crypt frames arrive or
    leave); keep the gateway's own stack off the plain port and turn its GRO
-   and LRO off (it must see frames as they were on the wire); bind the
-   tunnel socket.
-2. On the asyncio loop every readable port drains up to ``BATCH`` frames
-   through the core; the core's output goes to the ports.
+   and LRO off (it must see frames as they were on the wire), or with
+   ``datapath = "batched"`` open it with PACKET_VNET_HDR and GRO on: each
+   super-frame read is cut into segments that fit the encrypted port
+   (``tap_path.cut_buffer``, checksums completed), and the frames sent in one
+   batch are joined into GSO super-frames (``tap_path.write_coalesced``)
+   whose checksums the kernel completes; if the kernel refuses
+   PACKET_VNET_HDR it runs ``simple`` and status ``datapath_reason`` says
+   why; bind the tunnel socket.
+2. The encrypted port is a packet socket (``wire_ring = "off"``: one
+   ``send``/``recv`` per frame) or PACKET_MMAP rings (``"v2"``/``"v3"``),
+   opened as the agent opens its wire port (``wire_ring.open_wire_ring``:
+   the same fallback to ``off`` if the kernel refuses the rings; status
+   ``wire_path`` and the log ``wire_opened`` say which and why).  On the
+   asyncio loop every readable port drains up to ``BATCH`` frames through
+   the core; what the core gives for the batch is queued per port and
+   leaves in one ``write_frames`` per port at its end (one system call on a
+   ring).
 3. The key client says hello with the encrypted port's MAC, then asks for
    the MACs mapped to this gateway (``map_list``, so a restart resumes at
    once) and for the keys of each tunnel link (``netkey_req peer_id``); it
@@ -36,25 +49,28 @@ from pathlib import Path
 
 from l2crypt.agent.config import key_client_options, tuning_values
 from l2crypt.agent.keyclient import KeyClient
+from l2crypt.agent.tap_path import cut_buffer, write_coalesced
 from l2crypt.agent.host_key import load_credentials
 from l2crypt.core import engine as engine_mod
+from l2crypt.core.constants import FRAME_OVERHEAD
 from l2crypt.core.engine import EngineSettings
 from l2crypt.core.errors import LocalError
 from l2crypt.core.frame_wire import format_mac, parse_mac
+from l2crypt.core.gro import Coalescer
 from l2crypt.core.ks_messages import revoked_macs
 from l2crypt.core.replay_floor import FloorBook
-from l2crypt.io.linux_wire import LinuxWire
 from l2crypt.io.packet_clock import PacketClock
 from l2crypt.io.port_guard import PortGuard, guard_port
-from l2crypt.io.ports import FramePort
+from l2crypt.io.ports import WirePort
 from l2crypt.io.state_file import FloorFile
+from l2crypt.io.wire_ring import open_wire_ring
 from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
 
 from .config import GatewayConfig, parse_hostport
 from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
 from .metrics import gateway_metrics
-from .ports import PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off
+from .ports import PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off, set_receive_offloads
 
 log = logging.getLogger("l2crypt.gateway")
 
@@ -132,8 +148,15 @@ class Gateway:
         self.guards = {"encrypted": PortGuard(config.encrypted_port, config.ethertype)}
         if config.plain_port:
             self.guards["plain"] = PortGuard(config.plain_port, None, egress=False)
-        self.enc: FramePort | None = None    # the encrypted port (sealed frames)
-        self.plain: FramePort | None = None  # the plain port (clear frames), if any
+        self.enc: WirePort | None = None     # the encrypted port (sealed frames)
+        self.wire_path = "simple: not opened yet"  # which encrypted port runs, and why (open_wire)
+        self._to_enc: list[bytes] = []    # frames queued for the encrypted port (_collect, _flush)
+        self._to_plain: list[bytes] = []  # and for the plain port
+        self._to_tunnel: list[tuple[str, bytes]] = []  # and (peer, datagram) for the tunnel
+        #: The plain port's path ("simple" or "batched", ``datapath``) and why, if not the one asked for.
+        self.datapath, self.datapath_reason = "simple", "configured"
+        self.coalescer: Coalescer | None = None  # batched: joins the segments sent to the plain port
+        self.plain: WirePort | None = None  # the plain port (clear frames), if any
         self.tunnel: TunnelSocket | None = None
         self.enc_max_frame = 0  # bytes, from the encrypted port's MTU at start (0: not read yet, no check)
         self.core: GatewayCore | None = None
@@ -143,37 +166,82 @@ class Gateway:
     # ------------------------------------------------------------ data path
 
     def _send(self, out: Output) -> None:
+        """What one call of the core gave, sent now (key events)."""
+        self._collect(out)
+        self._flush(self._loop.time())
+
+    def _collect(self, out: Output) -> None:
+        """Queue the core's output; ``_flush`` sends it (one batch per port)."""
         for frame in out.to_enc:
             if self.enc_max_frame and len(frame) > self.enc_max_frame:
                 # A plain frame as large as the plain side's MTU no longer fits once sealed;
                 # a layer-2 gateway sends no ICMP answer, it counts the frame.
                 self.core.drops[TOO_BIG] += 1
-            elif not self.enc.write_frame(frame):
-                self.core.drops["tx_error"] += 1
+            else:
+                self._to_enc.append(frame)
         if self.plain is not None:
-            for frame in out.to_plain:
-                if not self.plain.write_frame(frame):
-                    self.core.drops["plain_tx_error"] += 1
+            self._to_plain += out.to_plain
         if self.tunnel is not None:
-            for peer, datagram in out.to_tunnel:
-                if not self.tunnel.send(peer, datagram):
-                    self.core.drops["tunnel_tx_error"] += 1
-        self._to_server(self._loop.time())
+            self._to_tunnel += out.to_tunnel
+
+    def _flush(self, now: float) -> None:
+        """The queued frames, each port's in one ``write_frames`` (one system call on a ring)."""
+        drops = self.core.drops
+        if self._to_plain and self.coalescer is not None:  # batched: segments joined into super-frames
+            add = self.coalescer.add
+            for frame in self._to_plain:
+                add(frame)
+            self._to_plain.clear()
+            write_coalesced(self.coalescer, self.plain.write_vnet, drops, self.core.counters, "plain_tx_error")
+        if self._to_tunnel:
+            self._send_tunnel()
+        for frames, port, reason in ((self._to_enc, self.enc, "tx_error"),
+                                     (self._to_plain, self.plain, "plain_tx_error")):
+            if frames:
+                sent = port.write_frames(frames)
+                if sent < len(frames):
+                    drops[reason] += len(frames) - sent
+                frames.clear()
+        self._to_server(now)
+
+    def _send_tunnel(self) -> None:
+        """The queued datagrams, each peer's consecutive run in one ``send_batch``."""
+        queued, run, peer = self._to_tunnel, [], None
+        for to, datagram in [*queued, (None, b"")]:  # a sentinel ends the last run
+            if to != peer and run:
+                sent = self.tunnel.send_batch(peer, run)
+                if sent < len(run):
+                    self.core.drops["tunnel_tx_error"] += len(run) - sent
+                run = []
+            peer = to
+            run.append(datagram)
+        queued.clear()
 
     def _on_enc(self) -> None:
-        now = self._loop.time()
+        now, collect, from_encrypted = self._loop.time(), self._collect, self.core.from_encrypted
         for frame in self.enc.read_frames(BATCH):
-            self._send(self.core.from_encrypted(frame, now))
+            collect(from_encrypted(frame, now))
+        self._flush(now)
 
     def _on_plain(self) -> None:
-        now = self._loop.time()
-        for frame in self.plain.read_frames(BATCH):
-            self._send(self.core.from_plain(frame, now))
+        now, collect, from_plain = self._loop.time(), self._collect, self.core.from_plain
+        if self.coalescer is None:
+            for frame in self.plain.read_frames(BATCH):
+                collect(from_plain(frame, now))
+        else:  # batched: GRO super-frames cut into segments that fit the encrypted port
+            core, mtu = self.core, self.enc_max_frame - ETH_HEADER_BYTES - FRAME_OVERHEAD
+            for buffer in self.plain.read_frames(BATCH):
+                cut = cut_buffer(buffer, mtu, True, core.drops, core.counters)
+                if cut is not None:
+                    for frame in cut[0]:
+                        collect(from_plain(frame, now))
+        self._flush(now)
 
     def _on_tunnel(self) -> None:
-        now = self._loop.time()
+        now, collect, from_tunnel = self._loop.time(), self._collect, self.core.from_tunnel
         for peer, datagram in self.tunnel.read(BATCH):
-            self._send(self.core.from_tunnel(peer, datagram, now))
+            collect(from_tunnel(peer, datagram, now))
+        self._flush(now)
 
     def _to_server(self, now: float) -> None:
         if not self.client.connected:
@@ -284,8 +352,12 @@ class Gateway:
             "mac": format_mac(self.core.gw_mac),
             "encrypted_port": self.config.encrypted_port,
             "plain_port": self.config.plain_port,
+            "wire_path": self.wire_path,
+            "datapath": self.datapath if self.config.plain_port else None,
+            "datapath_reason": self.datapath_reason if self.config.plain_port else None,
             "tunnel_listen": self.config.tunnel_listen or None,
             "tunnel_unknown_sender": self.tunnel.unknown_sender if self.tunnel else 0,
+            "tunnel_path": self.tunnel.path if self.tunnel else None,
             "port_read_errors": {name: getattr(port, "read_errors", 0)
                                  for name, port in (("encrypted", self.enc), ("plain", self.plain)) if port},
             "keyserver": self.client.server,
@@ -319,22 +391,38 @@ class Gateway:
             raise LocalError(f"cannot write the replay floors {self.floor_file.path}")
         log.info("replay_floors_loaded", extra=fields(senders=restored))
         try:
-            self.enc = LinuxWire(cfg.encrypted_port, cfg.ethertype)
+            self.enc, self.wire_path = open_wire_ring(cfg.encrypted_port, cfg.ethertype, cfg.wire_ring)
+            log.info("wire_opened", extra=fields(port=cfg.encrypted_port, path=self.wire_path))
             self.enc_max_frame = ETH_HEADER_BYTES + port_mtu(cfg.encrypted_port)
             if cfg.plain_port:
                 self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
-                turned_off = receive_offloads_off(cfg.plain_port)
-                log.info("plain_port_offloads_off", extra=fields(port=cfg.plain_port,
-                                                                 turned_off=",".join(turned_off) or "-"))
-                self.plain = PlainPort(cfg.plain_port)
+                self.open_plain(cfg.plain_port, cfg.datapath == "batched")
             if cfg.tunnel_listen:
-                self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses())
+                self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses(),
+                                           offload=cfg.tunnel_offload)
+                log.info("tunnel_opened", extra=fields(listen=cfg.tunnel_listen, path=self.tunnel.path))
             self.start(gw_mac, now)
             await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
         finally:
             for port in (self.enc, self.plain, self.tunnel):
                 if port is not None:
                     port.close()
+
+    def open_plain(self, port: str, batched: bool) -> None:
+        """The plain port: with PACKET_VNET_HDR and GRO on (``batched``) if the kernel
+        allows it, else one frame per read and write with GRO and LRO off."""
+        self.plain = PlainPort(port, vnet=batched)
+        if self.plain.vnet_hdr_len:
+            self.datapath, self.datapath_reason = "batched", ""
+            self.coalescer = Coalescer()
+            changed = set_receive_offloads(port, gro=True)
+            log.info("plain_port_offloads_on", extra=fields(port=port, changed=",".join(changed) or "-"))
+            return
+        self.datapath_reason = self.plain.offload_refused
+        if batched:
+            log.warning("datapath_fallback", extra=fields(datapath="simple", reason=self.datapath_reason))
+        turned_off = receive_offloads_off(port)
+        log.info("plain_port_offloads_off", extra=fields(port=port, turned_off=",".join(turned_off) or "-"))
 
     def start(self, gw_mac: bytes, now: float) -> None:
         """The core (its engines on the replay floors loaded, every tuning key
@@ -382,7 +470,10 @@ class Gateway:
     def started_fields(self) -> dict:
         cfg = self.config
         return dict(id=self.gw_id, mac=format_mac(self.core.gw_mac), encrypted_port=cfg.encrypted_port,
-                    plain_port=cfg.plain_port or "-", tunnel_peers=",".join(self.core.peers) or "-",
+                    plain_port=cfg.plain_port or "-", wire_path=self.wire_path,
+                    datapath=(self.datapath + (f" ({self.datapath_reason})" if self.datapath_reason else "")
+                              if self.config.plain_port else "-"),
+                    tunnel_peers=",".join(self.core.peers) or "-",
                     metrics=cfg.metrics_listen or "off")
 
     def stopped_fields(self) -> dict:

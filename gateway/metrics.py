@@ -42,6 +42,13 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
               labels=("id", "mac", "encrypted_port", "plain_port", "cipher"),
               samples=[([gw.gw_id, format_mac(core.gw_mac), cfg.encrypted_port, cfg.plain_port or "",
                          core.main.cipher], 1)]),
+        gauge("l2crypt_gateway_datapath_info",
+              "The path of each port that runs (encrypted: wire_path; plain: simple or batched) and why, "
+              "if not the one configured (value 1).",
+              labels=("port", "path", "reason"),
+              samples=[(["encrypted", *gw.wire_path.partition(": ")[::2]], 1)]
+              + ([(["plain", gw.datapath, gw.datapath_reason], 1)] if cfg.plain_port else [])
+              + ([(["tunnel", *gw.tunnel.path.partition(": ")[::2]], 1)] if gw.tunnel is not None else [])),
         counter("l2crypt_gateway_frames_sealed", "Frames sealed, by port (encrypted segment, tunnel).",
                 labels=("port",), samples=[(["encrypted"], e["sealed"]), (["tunnel"], t["tunnel_sealed"])]),
         counter("l2crypt_gateway_frames_opened", "Frames opened, by port (encrypted segment, tunnel).",

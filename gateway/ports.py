@@ -9,15 +9,22 @@
   ETH_P_ALL packet sockets, ``PlainPort`` among them, before that hook, so the
   gateway still reads every EtherType.  The host stack is turned off the port
   as on the wire port (no address, no IPv6, no ARP, strict rp_filter).
-* ``receive_offloads_off``: GRO and LRO off on the plain port.  A NIC
+* ``receive_offloads_off``: GRO and LRO off on the plain port (``datapath
+  = "simple"``).  A NIC
   merges a plain host's TCP segments into one large frame (GRO is on by
   default); sealed, it would not fit the encrypted port.  The gateway must
   see the frames as they were on the wire, so it turns both off at start.
 * ``PlainPort``: an AF_PACKET socket for every EtherType on the full-decrypt
   uplink, promiscuous (it bridges for every MAC behind it), never seeing its
-  own frames (PACKET_IGNORE_OUTGOING).
+  own frames (PACKET_IGNORE_OUTGOING).  With ``datapath = "batched"`` it
+  has PACKET_VNET_HDR and GRO on (``set_receive_offloads``; the gateway cuts the super-frames it
+  reads into segments that fit the encrypted port, ``tap_path.cut_buffer``)
+  and the segments it sends are joined into GSO super-frames
+  (``tap_path.write_coalesced``) that the kernel cuts, checksums included.
 * ``TunnelSocket``: one UDP socket for every inter-subnet peer; datagrams
   from an address that is not a configured peer are counted and dropped.
+  With ``tunnel_offload`` it sends the datagrams of a batch with UDP GSO and
+  receives with UDP GRO (``gso_runs``, ``split_gro``).
   Fragmentation is allowed (a full-size inner frame plus the tunnel overhead
   exceeds a 1500-byte path).
 """
@@ -30,6 +37,7 @@ import socket
 import struct
 
 from l2crypt.core.errors import LocalError
+from l2crypt.core.vnet_hdr import VNET_HDR_LEN
 from l2crypt.io.linux_wire import PACKET_IGNORE_OUTGOING, SOL_PACKET, LinuxWire
 from l2crypt.io.port_guard import PortGuard, take_over
 
@@ -46,6 +54,15 @@ ETHTOOL_GFLAGS, ETHTOOL_SFLAGS = 0x25, 0x26
 ETHTOOL_GGRO, ETHTOOL_SGRO = 0x2B, 0x2C
 ETH_FLAG_LRO = 1 << 15
 IFREQ_BYTES = 40
+PACKET_VNET_HDR = 15  # linux/if_packet.h
+SOL_UDP = 17
+UDP_SEGMENT, UDP_GRO = 103, 104  # linux/udp.h
+GSO_MAX_BYTES = 65000     # payload bytes of one UDP GSO send (the kernel allows 65,507)
+GSO_MAX_SEGMENTS = 64     # datagrams of one UDP GSO send (the kernel allows 128)
+U16, INT = struct.Struct("=H"), struct.Struct("=i")
+GRO_CMSG_SPACE = socket.CMSG_SPACE(INT.size)
+ETH_HEADER_BYTES = 14
+NO_VNET_HDR = bytes(VNET_HDR_LEN)  # a frame as it is: no offload asked
 
 
 def quiet_port(port: str) -> PortGuard:
@@ -65,21 +82,28 @@ def _ethtool(sock: socket.socket, port: str, cmd: int, data: int = 0) -> int:
 def receive_offloads_off(port: str) -> list[str]:
     """Turn GRO and LRO off on ``port`` (see the module docstring); returns the
     names of those that were on.  Raises LocalError if the kernel refuses."""
-    turned_off = []
+    return [name.split()[0] for name in set_receive_offloads(port, gro=False)]
+
+
+def set_receive_offloads(port: str, gro: bool) -> list[str]:
+    """GRO on or off (``gro``) and LRO off on ``port``; returns what changed
+    (``"gro off"``, ``"lro off"``, ``"gro on"``).  Raises LocalError if the kernel refuses."""
+    changed = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
-            if _ethtool(sock, port, ETHTOOL_GGRO):
-                _ethtool(sock, port, ETHTOOL_SGRO, 0)
-                turned_off.append("gro")
+            if bool(_ethtool(sock, port, ETHTOOL_GGRO)) != gro:
+                _ethtool(sock, port, ETHTOOL_SGRO, int(gro))
+                changed.append("gro on" if gro else "gro off")
             flags = _ethtool(sock, port, ETHTOOL_GFLAGS)
             if flags & ETH_FLAG_LRO:
                 _ethtool(sock, port, ETHTOOL_SFLAGS, flags & ~ETH_FLAG_LRO)
-                turned_off.append("lro")
-            if _ethtool(sock, port, ETHTOOL_GGRO) or _ethtool(sock, port, ETHTOOL_GFLAGS) & ETH_FLAG_LRO:
-                raise OSError("the port keeps them on")
+                changed.append("lro off")
+            if bool(_ethtool(sock, port, ETHTOOL_GGRO)) != gro or _ethtool(sock, port, ETHTOOL_GFLAGS) & ETH_FLAG_LRO:
+                raise OSError(f"the port keeps GRO {'off' if gro else 'on'} or LRO on")
         except OSError as exc:
-            raise LocalError(f"plain port {port}: cannot turn GRO and LRO off: {exc.strerror or exc}") from None
-    return turned_off
+            raise LocalError(f"plain port {port}: cannot turn GRO {'on' if gro else 'off'} and LRO off: "
+                             f"{exc.strerror or exc}") from None
+    return changed
 
 
 def port_mtu(port: str) -> int:
@@ -93,10 +117,18 @@ def port_mtu(port: str) -> int:
 
 
 class PlainPort(LinuxWire):
-    """Every frame on the plain port, non-blocking.  Implements FramePort."""
+    """Every frame on the plain port, non-blocking.  Implements WirePort.
 
-    def __init__(self, port: str):
+    ``vnet=True`` (``datapath = "batched"``) asks for PACKET_VNET_HDR: every frame read
+    then starts with a virtio-net header and may be a GRO super-frame of up to 64 KiB,
+    and ``write_vnet`` sends one with its header (a GSO super-frame the kernel cuts);
+    ``vnet_hdr_len`` is 0 if the kernel refused it, and ``offload_refused`` says why.
+    """
+
+    def __init__(self, port: str, vnet: bool = False):
         self.name = port
+        self.vnet_hdr_len = 0
+        self.offload_refused = "" if vnet else "configured"
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             sock.bind((port, ETH_P_ALL))
@@ -113,14 +145,71 @@ class PlainPort(LinuxWire):
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError:
             pass
+        if vnet:
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            except OSError as exc:
+                self.offload_refused = f"the kernel refused PACKET_VNET_HDR on {port!r}: {exc.strerror or exc}"
+            else:
+                self.vnet_hdr_len = VNET_HDR_LEN
+                self.read_size = MAX_FRAME + VNET_HDR_LEN + ETH_HEADER_BYTES
         sock.setblocking(False)
         self._sock = sock
 
+    def write_vnet(self, header: bytes, frame: bytes) -> bool:
+        """One frame (or GSO super-frame) with its virtio-net header, in one ``sendmsg``."""
+        try:
+            self._sock.sendmsg((header, frame))
+            return True
+        except OSError:
+            return False
+
+    def write_frame(self, frame: bytes) -> bool:
+        if not self.vnet_hdr_len:
+            return super().write_frame(frame)
+        return self.write_vnet(NO_VNET_HDR, frame)
+
+
+def gso_runs(datagrams, max_bytes: int = GSO_MAX_BYTES, max_segments: int = GSO_MAX_SEGMENTS) -> list[list]:
+    """``datagrams`` in order, cut into runs one UDP GSO send can carry: each as long as the
+    run's first, except the last one, which may be shorter; at most ``max_segments`` and
+    ``max_bytes`` in all."""
+    runs: list[list] = []
+    run: list = []
+    size = total = 0
+    for datagram in datagrams:
+        n = len(datagram)
+        if run and n <= size and len(run[-1]) == size and len(run) < max_segments and total + n <= max_bytes:
+            run.append(datagram)
+            total += n
+            continue
+        if run:
+            runs.append(run)
+        run, size, total = [datagram], n, n
+    if run:
+        runs.append(run)
+    return runs
+
+
+def split_gro(data: bytes, gso_size: int) -> list[bytes]:
+    """The datagrams of one UDP GRO receive: ``gso_size`` bytes each, the last one possibly shorter."""
+    if gso_size <= 0 or len(data) <= gso_size:
+        return [data]
+    return [data[i:i + gso_size] for i in range(0, len(data), gso_size)]
+
 
 class TunnelSocket:
-    """UDP datagrams to and from the peer gateways."""
+    """UDP datagrams to and from the peer gateways.
 
-    def __init__(self, local: tuple[str, int], peers: dict[str, tuple[str, int]]):
+    ``offload`` (``tunnel_offload``): the datagrams of one batch to one peer leave in one
+    ``sendmsg`` with UDP_SEGMENT (UDP GSO: the kernel cuts them; the wire carries the same
+    datagrams), and one ``recvmsg`` may return many datagrams of one sender joined by UDP
+    GRO; ``path`` says whether that runs, and why not if it was asked for.  A GSO send the
+    kernel refuses (a datagram over the path MTU, no support) is sent again one datagram
+    per call.
+    """
+
+    def __init__(self, local: tuple[str, int], peers: dict[str, tuple[str, int]], offload: bool = False):
         self.peers = {name: (socket.gethostbyname(h), p) for name, (h, p) in peers.items()}
         self.by_addr = {addr[0]: name for name, addr in self.peers.items()}  # by IP: a NAT may move the port
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -131,6 +220,17 @@ class TunnelSocket:
         except OSError as exc:
             sock.close()
             raise LocalError(f"tunnel_listen: cannot bind {local[0]}:{local[1]}: {exc.strerror or exc}") from None
+        self.offload = False
+        self.path = "simple: not asked for"
+        if offload:
+            try:
+                sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)  # a kernel without UDP GSO refuses the option
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER_BYTES)
+            except OSError as exc:
+                self.path = f"simple: the kernel refused UDP GSO/GRO: {exc.strerror or exc}"
+            else:
+                self.offload, self.path = True, "batched: UDP GSO and GRO"
         sock.setblocking(False)
         self._sock = sock
         self.unknown_sender = 0
@@ -142,14 +242,23 @@ class TunnelSocket:
         out = []
         for _ in range(limit):
             try:
-                data, addr = self._sock.recvfrom(MAX_FRAME)
+                if self.offload:
+                    data, ancillary, _, addr = self._sock.recvmsg(MAX_FRAME, GRO_CMSG_SPACE)
+                else:
+                    data, addr = self._sock.recvfrom(MAX_FRAME)
+                    ancillary = ()
             except OSError:
                 break
             name = self.by_addr.get(addr[0])
             if name is None:
                 self.unknown_sender += 1
                 continue
-            out.append((name, data))
+            gso_size = next((INT.unpack_from(d)[0] for level, kind, d in ancillary
+                             if level == SOL_UDP and kind == UDP_GRO and len(d) >= INT.size), 0)
+            if gso_size:
+                out += [(name, datagram) for datagram in split_gro(data, gso_size)]
+            else:
+                out.append((name, data))
         return out
 
     def send(self, peer: str, datagram: bytes) -> bool:
@@ -158,6 +267,22 @@ class TunnelSocket:
             return True
         except OSError:
             return False  # the caller counts it (tunnel_tx_error)
+
+    def send_batch(self, peer: str, datagrams: list[bytes]) -> int:
+        """Every datagram to ``peer`` (one GSO send per run with ``offload``); how many left."""
+        if not self.offload:
+            return sum(self.send(peer, d) for d in datagrams)
+        sent, addr = 0, self.peers[peer]
+        for run in gso_runs(datagrams):
+            if len(run) > 1:
+                try:
+                    self._sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, U16.pack(len(run[0])))], 0, addr)
+                    sent += len(run)
+                    continue
+                except OSError:
+                    pass  # one by one below
+            sent += sum(self.send(peer, d) for d in run)
+        return sent
 
     def close(self) -> None:
         self._sock.close()

@@ -43,6 +43,12 @@ def render_status(doc: dict, console: Console | None = None) -> None:
                   f"{doc.get('multicast_pw_id')}   NETKEY PW_ID: {doc.get('netkey_pw_id')} "
                   f"(held {', '.join(map(str, doc.get('netkey_pw_ids_held', []))) or '-'})")
     console.print(f"tunnel peers: {', '.join(doc.get('tunnel_peers', [])) or '-'}")
+    console.print(f"encrypted port path: {doc.get('wire_path') or '-'}", markup=False)
+    if doc.get("tunnel_path"):
+        console.print(f"tunnel path: {doc['tunnel_path']}", markup=False)
+    if doc.get("plain_port"):
+        reason = f" ({doc['datapath_reason']})" if doc.get("datapath_reason") else ""
+        console.print(f"plain port path: {doc.get('datapath')}{reason}", markup=False)
     if "host_key" in doc:
         console.print(agent_view.host_key_line(doc), markup=False)
     c = doc.get("counters", {})

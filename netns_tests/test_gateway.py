@@ -46,13 +46,13 @@ def _ping_ok(lab, src, addr, count=3, extra=None):
     return res
 
 
-def _iperf3(glab, client: str, server: str, server_addr: str, port: int) -> dict:
+def _iperf3(glab, client: str, server: str, server_addr: str, port: int, extra: tuple = ("-t", "3")) -> dict:
     slab, clab = glab.lab_of(server), glab.lab_of(client)
     srv = slab.popen(server, ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
                      name=f"iperf3-{server}-{port}")
     try:
         wait_for("iperf3 server", lambda: listening(srv.pid, port), timeout_s=10)
-        res = clab.exec(client, ["iperf3", "-c", server_addr, "-p", str(port), "-t", "3", "-J"], timeout=40)
+        res = clab.exec(client, ["iperf3", "-c", server_addr, "-p", str(port), *extra, "-J"], timeout=40)
         assert res.returncode == 0, f"iperf3 {client}->{server}: {res.stdout[-1500:]}{res.stderr}"
         doc = json.loads(res.stdout)
         assert doc["end"]["sum_received"]["bytes"] > 0
@@ -572,3 +572,53 @@ def test_the_plain_port_feeds_the_gateway_but_not_its_stack(glab):
             glab.gateway_status("gA")), timeout_s=10)
     assert before["plain_port_guard"] == after["plain_port_guard"] == "intact"
     _ping_ok(glab, "h1", P1_IPV4, count=3)  # the plain side still works both ways
+
+
+NEW_PATH = ["--wire-ring", "v2", "--datapath", "batched", "--tunnel-offload"]
+
+
+def _csum_errors(glab, roles) -> dict:
+    return {r: nstat(glab.lab_of(r), r).get("TcpInCsumErrors", 0) for r in roles}
+
+
+def _restart_gateways(glab, extra: list) -> None:
+    for gw in GATEWAYS:
+        glab.stop_gateway(gw, signal.SIGTERM)
+        glab.gateway_args[gw] = extra
+    for gw in GATEWAYS:
+        glab.start_gateway(gw)
+    for gw in GATEWAYS:
+        glab.wait_gateway(gw, lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
+
+
+def test_gateways_on_packet_rings_with_plain_port_offloads(glab):
+    """Issue 13.6 (last test: it restarts both gateways): gA and gB with ``wire_ring =
+    "v2"``, ``datapath = "batched"`` and ``tunnel_offload`` carry h1 -> p1 (both
+    ways: p1's stream reaches gA as GRO super-frames, h1's leaves it as GSO
+    super-frames) and h1 -> h3 TCP (UDP GSO and GRO on the tunnel); the segments'
+    bridges carry only sealed frames, and no receiver counts a bad TCP checksum."""
+    _restart_gateways(glab, NEW_PATH)
+    st = glab.gateway_status("gA")
+    assert st["wire_path"] == "batched: packet rings (TPACKET_V2)" and st["datapath"] == "batched", st
+    assert glab.gateway_status("gB")["wire_path"] == "batched: packet rings (TPACKET_V2)"
+    assert st["tunnel_path"] == glab.gateway_status("gB")["tunnel_path"] == "batched: UDP GSO and GRO"
+    assert "generic-receive-offload: on" in glab.a.exec("gA", ["ethtool", "-k", "plain0"], check=True).stdout
+    caps = {"A": glab.a.capture("br0", name="tcpdump-gw-newpath-A", snaplen=256),
+            "B": glab.b.capture("br0", name="tcpdump-gw-newpath-B", snaplen=256)}
+    before = _csum_errors(glab, ("p1", "h1", "h3"))
+    try:
+        _ping_ok(glab, "h1", P1_IPV4, count=2, extra=["-p", MARKER.hex()])
+        _ping_ok(glab, "h1", L.tap_ipv4("h3"), count=2, extra=["-p", MARKER.hex()])
+        both = _iperf3(glab, "h1", "p1", P1_IPV4, 5304, extra=("-t", "2", "--bidir"))
+        across = _iperf3(glab, "h1", "h3", L.tap_ipv4("h3"), 5305, extra=("-t", "2"))
+    finally:
+        frames = {k: L.read_pcap(c.stop()) for k, c in caps.items()}
+    for key in ("sum_received", "sum_received_bidir_reverse"):
+        assert both["end"][key]["bytes"] > 1_000_000, key
+    assert across["end"]["sum_received"]["bytes"] > 1_000_000
+    for seg, seen in frames.items():
+        assert set(L.ethertype_counts(seen)) == {L.L2C_ETHERTYPE}, seg
+        assert not any(MARKER in f for f in seen), seg
+    assert _csum_errors(glab, ("p1", "h1", "h3")) == before
+    c = glab.gateway_status("gA")["counters"]
+    assert c.get("super_frames_written", 0) > 0 and c.get("super_frames_read", 0) > 0, c

@@ -13,6 +13,9 @@ def test_minimal_config_and_overrides(tmp_path):
     cfg = load_gateway_config(str(path), {"group_crossing": "all", "tunnel_peers": None})
     assert (cfg.encrypted_port, cfg.plain_port, cfg.group_crossing) == ("eth0", "eth1", "all")
     assert cfg.tunnel_peers == () and cfg.socket_path.name == "gateway.sock"
+    assert (cfg.wire_ring, cfg.datapath) == ("off", "simple")  # the agent's defaults
+    cfg = load_gateway_config(str(path), {"wire_ring": "v2", "datapath": "batched"})
+    assert (cfg.wire_ring, cfg.datapath) == ("v2", "batched")
 
 
 @pytest.mark.parametrize("values, key", [
@@ -22,6 +25,8 @@ def test_minimal_config_and_overrides(tmp_path):
     ({"encrypted_port": "eth0", "servers": ["a:1"], "tunnel_peers": ["b=1.2.3.4:5"]}, "tunnel_listen"),
     ({"encrypted_port": "eth0", "servers": ["a:1"], "plain_port": "eth0"}, "plain_port"),
     ({"encrypted_port": "eth0", "servers": ["a:1"], "bogus": 1}, "bogus"),
+    ({"encrypted_port": "eth0", "servers": ["a:1"], "wire_ring": "v4"}, "wire_ring"),
+    ({"encrypted_port": "eth0", "servers": ["a:1"], "datapath": "fast"}, "datapath"),
 ])
 def test_errors_name_the_key(values, key):
     with pytest.raises(ConfigError, match=f": {key}: "):

@@ -153,6 +153,8 @@ def test_metrics_read_the_gateways_counters(real_gw):
     assert m["l2crypt_gateway_port_guard_frames_dropped_total{direction=egress,port=encrypted}"] == 9
     assert m["l2crypt_gateway_port_guard_intact{port=encrypted}"] == 1
     assert m["l2crypt_gateway_port_guard_intact{port=plain}"] == 0
+    assert m["l2crypt_gateway_datapath_info{path=simple,port=encrypted,reason=not opened yet}"] == 1
+    assert m["l2crypt_gateway_datapath_info{path=simple,port=plain,reason=configured}"] == 1
     assert not [k for k in m if k.startswith("l2crypt_gateway_port_guard_frames_dropped_total") and "plain" in k]
     assert m[f"l2crypt_gateway_info{{cipher=aes-256-gcm,encrypted_port=eth0,id=gA,mac={C.frame_wire.format_mac(GA)},"
              f"plain_port=plain0}}"] == 1
@@ -201,6 +203,9 @@ def test_status_renders_tables(real_gw):
     assert "NETKEY PW_ID: 1 (held 1, 2)" in text
     assert "port guard on eth0: intact   frames refused inbound: 9   frames blocked outbound: 9" in text
     assert "port guard on plain0: MISSING (plain frames pass)" in text
+    assert "encrypted port path: simple: not opened yet" in text
+    assert "plain port path: simple (configured)" in text
+    assert "tunnel path: simple: not asked for" in text
 
 
 def test_watch_rates_per_port(real_gw):

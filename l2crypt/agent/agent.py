@@ -57,7 +57,7 @@ from l2crypt.io.port_guard import PortGuard, guard_port
 from l2crypt.io.ports import FramePort, WirePort
 from l2crypt.io.state_file import FloorFile
 from l2crypt.io.tap_mac import choose_mac, read_stored_mac, store_mac
-from l2crypt.io.wire_ring import TPACKET_V2, TPACKET_V3, open_wire
+from l2crypt.io.wire_ring import open_wire_ring
 from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
 from l2crypt.ops.metrics import agent_metrics
@@ -290,11 +290,9 @@ class Agent:
         elif cfg.datapath == "batched":
             self.datapath_reason = self.tap.offload_refused
             log.warning("datapath_fallback", extra=fields(datapath="simple", reason=self.datapath_reason))
-        ring = cfg.wire_ring  # "off", or the PACKET_MMAP receive ring: "v2" (a slot per frame), "v3" (blocks)
 
         def open_wire_port() -> tuple[WirePort, str]:
-            return open_wire(cfg.port, cfg.ethertype, batched=ring != "off",
-                             tpacket_version=TPACKET_V2 if ring == "v2" else TPACKET_V3)
+            return open_wire_ring(cfg.port, cfg.ethertype, cfg.wire_ring)
 
         try:
             self.start(self.tap, open_wire_port, self._loop.time())

@@ -171,6 +171,14 @@ def setting(default, check, doc):
 KEY_CLIENT_KEYS = ("probe_interval_s", "probe_failures", "failback_holddown_s", "reconnect_jitter_s", "reconnect_max_s")
 
 
+def wire_ring_setting(port: str):
+    """``wire_ring`` of the agent (its wire port) and of the gateway (its encrypted port)."""
+    return setting("off", check_choice(WIRE_RINGS),
+                   f"{port} over PACKET_MMAP rings: off (one send/recv per frame), v2 (TPACKET_V2 "
+                   "receive slots) or v3 (TPACKET_V3 receive blocks: about 1 ms more round trip on "
+                   "sparse traffic); falls back to off if the kernel refuses the rings")
+
+
 def key_client_options(config) -> dict[str, float]:
     """The failover and reconnect keys of a daemon's config (or config class), as its key client takes them."""
     return {name: getattr(config, name) for name in KEY_CLIENT_KEYS}
@@ -267,10 +275,7 @@ class AgentConfig(FrameTuning, DaemonKeys):
                             "simple (one frame per TAP read and write) or batched (TAP with IFF_VNET_HDR and "
                             "TCP/checksum offloads: super-frames cut into segments, received segments joined); "
                             "batched falls back to simple if the kernel refuses the offloads")
-    wire_ring: str = setting("off", check_choice(WIRE_RINGS),
-                             "wire port over PACKET_MMAP rings: off (one send/recv per frame), v2 (TPACKET_V2 "
-                             "receive slots) or v3 (TPACKET_V3 receive blocks: about 1 ms more round trip on "
-                             "sparse traffic); falls back to off if the kernel refuses the rings")
+    wire_ring: str = wire_ring_setting("wire port")
     datapath_process: bool = setting(False, check_bool,
                                      "run the frame path (TAP <-> seal/open <-> wire) in a process of its own, "
                                      "so the key client, control socket and metrics never delay a frame; if "

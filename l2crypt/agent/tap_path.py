@@ -21,14 +21,20 @@ one read may hold a TCP super-frame of up to 64 KB:
 Counters (in the engine's ``counters``, so status and metrics show them):
 ``super_frames_read`` (TAP reads cut into more than one segment),
 ``segments_cut``, ``super_frames_written``, ``segments_joined``.
+
+``cut_buffer`` and ``write_coalesced`` are the two halves on their own; the
+gateway's plain port (``datapath = "batched"``) uses them too.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Callable
+
 from l2crypt.core.engine import FrameEngine
 from l2crypt.core.frame_wire import csum_partial_of
 from l2crypt.core.gro import Coalescer
-from l2crypt.core.gso import segment
+from l2crypt.core.gso import Segments, segment
 from l2crypt.core.vnet_hdr import VnetHdrError, encode_vnet_hdr, split_vnet_frame
 
 BATCHED_COUNTERS = ("super_frames_read", "segments_cut", "super_frames_written", "segments_joined")
@@ -57,19 +63,10 @@ class BatchedTapPath:
         seal, mtu = engine.seal_from_tap, self.tap_mtu
         out: list[bytes] = []
         for buffer in buffers:
-            split = split_vnet_frame(buffer)
-            if split.__class__ is str:
-                drops[split] += 1
-                continue
-            hdr, frame = split
-            cut = segment(frame, hdr, mtu, False)
-            if cut.__class__ is str:
-                drops[cut] += 1
+            cut = cut_buffer(buffer, mtu, False, drops, counters)
+            if cut is None:
                 continue
             frames, partial = cut
-            if len(frames) > 1:
-                counters["super_frames_read"] += 1
-                counters["segments_cut"] += len(frames)
             for piece in frames:
                 sealed = seal(piece, now, partial)
                 if sealed is not None:
@@ -90,16 +87,44 @@ class BatchedTapPath:
 
     def flush(self) -> None:
         """Write what the coalescer holds (the end of a batch)."""
-        coalescer, engine = self.coalescer, self.engine
-        super_before, joined_before = coalescer.super_frames, coalescer.segments_joined
-        write = self.tap.write_vnet
-        for hdr, frame in coalescer.flush():
-            try:
-                encoded = encode_vnet_hdr(hdr)
-            except VnetHdrError as exc:
-                engine.drops[exc.code] += 1
-                continue
-            if not write(encoded, frame):
-                engine.drops[TAP_WRITE_ERROR] += 1
-        engine.counters["super_frames_written"] += coalescer.super_frames - super_before
-        engine.counters["segments_joined"] += coalescer.segments_joined - joined_before
+        engine = self.engine
+        write_coalesced(self.coalescer, self.tap.write_vnet, engine.drops, engine.counters, TAP_WRITE_ERROR)
+
+
+def cut_buffer(buffer: bytes, mtu: int, csum: bool, drops: Counter, counters: Counter) -> Segments | None:
+    """A buffer read with its virtio-net header (a vnet TAP, or the gateway's plain port
+    with PACKET_VNET_HDR) cut into segments whose IP packets fit ``mtu`` (``gso.segment``;
+    ``csum``: checksums completed, else left partial where the receiver finds them).
+    None if it cannot be used, counted in ``drops`` under its reason; a super-frame
+    counts in ``counters`` (``super_frames_read``, ``segments_cut``).  Never raises."""
+    split = split_vnet_frame(buffer)
+    if split.__class__ is str:
+        drops[split] += 1
+        return None
+    hdr, frame = split
+    cut = segment(frame, hdr, mtu, csum)
+    if cut.__class__ is str:
+        drops[cut] += 1
+        return None
+    if len(cut[0]) > 1:
+        counters["super_frames_read"] += 1
+        counters["segments_cut"] += len(cut[0])
+    return cut
+
+
+def write_coalesced(coalescer: Coalescer, write_vnet: Callable[[bytes, bytes], bool], drops: Counter,
+                    counters: Counter, write_error: str) -> None:
+    """Write what ``coalescer`` holds, each frame with its virtio-net header, through
+    ``write_vnet(header, frame)`` (False: refused, counted in ``drops[write_error]``);
+    counts ``super_frames_written`` and ``segments_joined``.  Never raises."""
+    super_before, joined_before = coalescer.super_frames, coalescer.segments_joined
+    for hdr, frame in coalescer.flush():
+        try:
+            encoded = encode_vnet_hdr(hdr)
+        except VnetHdrError as exc:
+            drops[exc.code] += 1
+            continue
+        if not write_vnet(encoded, frame):
+            drops[write_error] += 1
+    counters["super_frames_written"] += coalescer.super_frames - super_before
+    counters["segments_joined"] += coalescer.segments_joined - joined_before

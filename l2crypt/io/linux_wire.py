@@ -75,6 +75,8 @@ class LinuxWire:
 
     #: Reads that failed with an error other than "nothing waiting" (see the module docstring).
     read_errors = 0
+    #: Bytes asked of each ``recv``.
+    read_size = MAX_FRAME
     _next_error_log = 0.0
 
     def __init__(self, port: str, ethertype: int):
@@ -88,10 +90,10 @@ class LinuxWire:
 
     def read_frames(self, limit: int) -> list[bytes]:
         frames = []
-        recv = self._sock.recv
+        recv, size = self._sock.recv, self.read_size
         for _ in range(limit):
             try:
-                frames.append(recv(MAX_FRAME))
+                frames.append(recv(size))
             except OSError as exc:
                 if exc.errno not in _AGAIN:
                     self._read_failed(exc)

@@ -327,3 +327,10 @@ def open_wire(port: str, ethertype: int, batched: bool,
     except RingRefused as exc:
         return LinuxWire(port, ethertype), f"simple: {exc}"
     return wire, f"batched: packet rings (TPACKET_V{tpacket_version + 1})"
+
+
+def open_wire_ring(port: str, ethertype: int, ring: str) -> tuple[RingWire | LinuxWire, str]:
+    """``open_wire`` for the config key ``wire_ring``: ``off``, ``v2`` (TPACKET_V2 receive
+    slots) or ``v3`` (TPACKET_V3 receive blocks)."""
+    return open_wire(port, ethertype, batched=ring != "off",
+                     tpacket_version=TPACKET_V2 if ring == "v2" else TPACKET_V3)

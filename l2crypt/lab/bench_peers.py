@@ -55,15 +55,6 @@ def _ip(lab: L.Lab, host: str, *args: str) -> None:
     lab.exec(host, ["ip", *args], check=True)
 
 
-def _wait_link(lab: L.Lab, host: str, ifname: str, proc_name: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not lab.has_link(host, ifname):
-        proc = lab.proc(proc_name)
-        if proc is None or not proc.alive() or time.monotonic() > deadline:
-            raise LabError(f"{proc_name}: no {ifname} in {host}:\n{lab.log_text(proc_name)[-3000:]}")
-        time.sleep(0.1)
-
-
 def _inner_up(lab: L.Lab, host: str, ifname: str) -> None:
     _ip(lab, host, "link", "set", ifname, "mtu", str(INNER_MTU), "up")
     _ip(lab, host, "addr", "add", f"{L.tap_ipv4(host)}/24", "dev", ifname)
@@ -102,29 +93,53 @@ def _openssl(workdir: Path, *args: str) -> None:
         raise LabError(f"openssl {' '.join(args[:2])} failed: {res.stderr[-1000:]}")
 
 
-def setup_openvpn(lab: L.Lab) -> list[str]:
-    h1, h2 = lab.hosts
-    d = lab.state_dir / "openvpn"
+def openvpn_certs(d: Path, names) -> Path:
+    """A throw-away CA and an EC certificate per name in ``d`` (made if missing); returns ``d``."""
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl(d, "req", "-x509", *ec, "-subj", "/CN=bench-ca", "-days", "2",
              "-keyout", "ca.key", "-out", "ca.crt")
-    for host in (h1, h2):
-        _openssl(d, "req", *ec, "-subj", f"/CN={host}", "-keyout", f"{host}.key", "-out", f"{host}.csr")
-        _openssl(d, "x509", "-req", "-in", f"{host}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{host}.crt")
+    for name in names:
+        _openssl(d, "req", *ec, "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-out", f"{name}.crt")
+    return d
+
+
+def start_openvpn(lab: L.Lab, role: str, cert_dir: Path, cert: str, dev: str, local: str, remote: str,
+                  port: int, server: bool, name: str) -> None:
+    """One point-to-point OpenVPN 2 in tap mode (UDP, TLS with ``cert`` of ``openvpn_certs``,
+    AES-256-GCM, tun-mtu ``INNER_MTU``) in ``role``, TAP ``dev``; the lab process ``name``."""
+    argv = ["openvpn", "--dev", dev, "--dev-type", "tap", "--proto", "udp",
+            "--local", local, "--remote", remote, "--port", str(port),
+            "--tls-server" if server else "--tls-client", "--ca", cert_dir / "ca.crt",
+            "--cert", cert_dir / f"{cert}.crt", "--key", cert_dir / f"{cert}.key",
+            "--data-ciphers", "AES-256-GCM", "--cipher", "AES-256-GCM",
+            "--tun-mtu", str(INNER_MTU), "--verb", "3", "--ping", "10"]
+    if server:
+        argv += ["--dh", "none"]
+    lab.popen(role, argv, name=name)
+
+
+def wait_link(lab: L.Lab, host: str, ifname: str, proc_name: str, timeout_s: float = 20.0) -> None:
+    """Wait until ``ifname`` exists in ``host`` (made by the process ``proc_name``)."""
+    deadline = time.monotonic() + timeout_s
+    while not lab.has_link(host, ifname):
+        proc = lab.proc(proc_name)
+        if proc is None or not proc.alive() or time.monotonic() > deadline:
+            raise LabError(f"{proc_name}: no {ifname} in {host}:\n{lab.log_text(proc_name)[-3000:]}")
+        time.sleep(0.1)
+
+
+def setup_openvpn(lab: L.Lab) -> list[str]:
+    h1, h2 = lab.hosts
+    d = openvpn_certs(lab.state_dir / "openvpn", (h1, h2))
     _to_underlay(lab, lab.hosts)
-    for host, peer, role in ((h1, h2, "--tls-server"), (h2, h1, "--tls-client")):
-        argv = ["openvpn", "--dev", OVPN_IF, "--dev-type", "tap", "--proto", "udp",
-                "--local", underlay_ip(host), "--remote", underlay_ip(peer), "--port", "1194",
-                role, "--ca", d / "ca.crt", "--cert", d / f"{host}.crt", "--key", d / f"{host}.key",
-                "--data-ciphers", "AES-256-GCM", "--cipher", "AES-256-GCM",
-                "--tun-mtu", str(INNER_MTU), "--verb", "3", "--ping", "10"]
-        if role == "--tls-server":
-            argv += ["--dh", "none"]
-        lab.popen(host, argv, name=f"openvpn-{host}")
+    for host, peer, server in ((h1, h2, True), (h2, h1, False)):
+        start_openvpn(lab, host, d, host, OVPN_IF, underlay_ip(host), underlay_ip(peer), 1194, server,
+                      f"openvpn-{host}")
     for host in (h1, h2):
-        _wait_link(lab, host, OVPN_IF, f"openvpn-{host}")
+        wait_link(lab, host, OVPN_IF, f"openvpn-{host}")
         _inner_up(lab, host, OVPN_IF)
     wait_ping(lab, h1, L.tap_ipv4(h2), 45)
     return [f"openvpn-{h}" for h in (h1, h2)]
@@ -155,7 +170,7 @@ def setup_tinc(lab: L.Lab) -> list[str]:
         lab.popen(host, ["tincd", "-c", d, "-D", "--pidfile", d / "tinc.pid",
                          "--logfile", d / "tinc.log"], name=f"tincd-{host}")
     for host in (h1, h2):
-        _wait_link(lab, host, TINC_IF, f"tincd-{host}")
+        wait_link(lab, host, TINC_IF, f"tincd-{host}")
         _inner_up(lab, host, TINC_IF)
     wait_ping(lab, h1, L.tap_ipv4(h2), 45)
     return [f"tincd-{h}" for h in (h1, h2)]

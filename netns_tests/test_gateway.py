@@ -581,23 +581,31 @@ def _csum_errors(glab, roles) -> dict:
     return {r: nstat(glab.lab_of(r), r).get("TcpInCsumErrors", 0) for r in roles}
 
 
-def _restart_gateways(glab, extra: list) -> None:
+def _restart_gateways(glab, extra: dict) -> None:
     for gw in GATEWAYS:
         glab.stop_gateway(gw, signal.SIGTERM)
-        glab.gateway_args[gw] = extra
+        glab.gateway_args[gw] = extra[gw]
     for gw in GATEWAYS:
         glab.start_gateway(gw)
     for gw in GATEWAYS:
         glab.wait_gateway(gw, lambda st: st.get("connected") and st.get("netkey_pw_id"), 30)
 
 
-def test_gateways_on_packet_rings_with_plain_port_offloads(glab):
-    """Issue 13.6 (last test: it restarts both gateways): gA and gB with ``wire_ring =
+@pytest.fixture
+def gateways_on_the_new_path(glab):
+    """gA and gB restarted with ``NEW_PATH``; afterwards with the options they had."""
+    before = {gw: list(glab.gateway_args.get(gw, [])) for gw in GATEWAYS}
+    _restart_gateways(glab, {gw: NEW_PATH for gw in GATEWAYS})
+    yield
+    _restart_gateways(glab, before)
+
+
+def test_gateways_on_packet_rings_with_plain_port_offloads(glab, gateways_on_the_new_path):
+    """Issue 13.6 (the gateways restarted on the new path, and back after): gA and gB with ``wire_ring =
     "v2"``, ``datapath = "batched"`` and ``tunnel_offload`` carry h1 -> p1 (both
     ways: p1's stream reaches gA as GRO super-frames, h1's leaves it as GSO
     super-frames) and h1 -> h3 TCP (UDP GSO and GRO on the tunnel); the segments'
     bridges carry only sealed frames, and no receiver counts a bad TCP checksum."""
-    _restart_gateways(glab, NEW_PATH)
     st = glab.gateway_status("gA")
     assert st["wire_path"] == "batched: packet rings (TPACKET_V2)" and st["datapath"] == "batched", st
     assert glab.gateway_status("gB")["wire_path"] == "batched: packet rings (TPACKET_V2)"

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
 from helpers import drop, l2c_frames, peer, ping, wait_for
 from hostile import marker_count
+from l2crypt.core.replay_floor import MAX_UNSAVED_S, SAVE_INTERVAL_S, SLACK_S
 from l2crypt.lab import segment as L
 
 pytestmark = pytest.mark.lab
@@ -72,6 +74,7 @@ def test_captured_unicast_frames_do_not_open_after_the_receiver_restarts(lab):
     h1_mac, h2_mac = lab.status("h1")["mac"], lab.status("h2")["mac"]
     recorded = l2c_frames(_record(lab, "h1", L.tap_ipv4("h2"), count=12), src=h1_mac, dst=h2_mac)
     assert len(recorded) >= 12 and marker_count(recorded, REPLAY_MARKER) == 0  # sealed: no marker in clear
+    killed_at = time.monotonic()
     _kill_9_and_restart(lab, "h2")
     tap = lab.capture(L.TAP_IFNAME, role="h2", name=f"tcpdump-h2-tap-{os.urandom(2).hex()}")
     try:
@@ -82,6 +85,9 @@ def test_captured_unicast_frames_do_not_open_after_the_receiver_restarts(lab):
         wait_for("h2 to hold h1's key again", lambda: peer(lab.status("h2"), h1_mac), timeout_s=10)
         lab.inject(recorded[1:])
         after = _settled(lab, "h2", before, len(recorded))
+        # h1's genuine frames pass once its clock is past the restored floor: at
+        # most SAVE_INTERVAL_S + MAX_UNSAVED_S + SLACK_S after h2's last save.
+        time.sleep(max(0.0, killed_at + SAVE_INTERVAL_S + MAX_UNSAVED_S + SLACK_S - time.monotonic()))
         live = ping(lab, "h1", L.tap_ipv4("h2"), count=3, extra=_pattern(LIVE_MARKER))
     finally:
         tap_frames = L.read_pcap(tap.stop())

@@ -137,6 +137,8 @@ def test_damaged_frames_are_dropped_and_the_agent_keeps_running(lab):
 
 
 def test_key_server_crash(lab):
+    # h1 and h2 hold their pair key (also when this test runs alone).
+    wait_for("h1 -> h2 answered", lambda: ping(lab, "h1", L.tap_ipv4("h2"), count=1).returncode == 0, timeout_s=20)
     lab.kill_keyserver()  # SIGKILL
     try:
         res = ping(lab, "h1", L.tap_ipv4("h2"), count=5)  # a pair with a key keeps flowing

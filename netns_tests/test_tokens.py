@@ -200,10 +200,18 @@ def _stored_keys(lab) -> dict[str, bytes]:
     return keys
 
 
+def _h1_h2_keyed(lab) -> None:
+    """h1 and h2 have talked, so the key server holds their pair key (h1/h2/1):
+    a test that reads it runs alone too, not only after the traffic tests."""
+    wait_for("h1 -> h2 answered", lambda: ping(lab, "h1", L.tap_ipv4("h2"), count=1).returncode == 0,
+             timeout_s=20, every_s=0.5)
+
+
 def test_the_kek_on_the_token_leaves_no_key_in_clear_in_the_database(lab):
     from keyserverd.store import DB_FILE
     from keyserverd.store.kek import KekError, pair_aad
 
+    _h1_h2_keyed(lab)
     keys = _stored_keys(lab)
     assert "h1/h2/1" in keys and len(keys["h1/h2/1"]) == 32 and any(k.startswith("multicast/") for k in keys)
     with sqlite3.connect(lab.ks_dir / DB_FILE) as db:
@@ -230,6 +238,7 @@ def test_the_kek_on_the_token_leaves_no_key_in_clear_in_the_database(lab):
 
 
 def test_keys_sealed_on_the_token_are_read_back_after_a_restart(lab):
+    _h1_h2_keyed(lab)
     before = _stored_keys(lab)
     lab.kill_keyserver(signal.SIGTERM)
     lab.start_keyserver()

@@ -313,7 +313,7 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         log.info("pair_key_sent", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
         answer = self._key_msg(rid, peer_mac, peer.id, session.identity, key, pw_id, now)
-        push = self._key_msg(PUSH_RID, session.bound_mac, session.identity, peer.id, key, pw_id, now)
+        push = _renamed(answer, PUSH_RID, session.bound_mac, session.identity)
         return [("reply", answer), (("push", peer.id), push)]
 
     def _on_ping(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -456,12 +456,11 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
         if msg["pw_id"] > pw_id:
             raise RefusedError(f"pw_id {msg['pw_id']} does not exist (newest is {pw_id})", "bad_request")
-        actions: list[Action] = [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, session.identity,
-                                                         key, pw_id, now))]
+        answer = self._key_msg(msg["rid"], peer.mac, peer.id, session.identity, key, pw_id, now)
+        actions: list[Action] = [("reply", answer)]
         if msg["pw_id"] == pw_id:
             log.info("peer_lagging", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
-            actions.append((("push", peer.id), self._key_msg(PUSH_RID, session.bound_mac, session.identity,
-                                                             peer.id, key, pw_id, now)))
+            actions.append((("push", peer.id), _renamed(answer, PUSH_RID, session.bound_mac, session.identity)))
         return actions
 
     def _on_mcast_req(self, session: Session, msg: dict, now: float) -> list[Action]:
@@ -482,14 +481,11 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
             a, b = self.store.get_host(event.id1), self.store.get_host(event.id2)
             if key is None or a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
                 return []
-            actions: list[Action] = [
-                (("push", a.id), self._key_msg(PUSH_RID, b.mac, b.id, a.id, key, event.pw_id)),
-                (("push", b.id), self._key_msg(PUSH_RID, a.mac, a.id, b.id, key, event.pw_id)),
-            ]
+            to_a = self._key_msg(PUSH_RID, b.mac, b.id, a.id, key, event.pw_id)  # the pair's versions read once
+            actions: list[Action] = [(("push", a.id), to_a), (("push", b.id), _renamed(to_a, PUSH_RID, a.mac, a.id))]
             for gw, other in ((a, b), (b, a)):  # the host holds the gateway's key under mapped MACs too
                 for mac, _ in self.macs.macs_of(gw.id) if gw.role == "gateway" else ():
-                    actions.append((("push", other.id),
-                                    self._key_msg(PUSH_RID, mac, gw.id, other.id, key, event.pw_id)))
+                    actions.append((("push", other.id), _renamed(to_a, PUSH_RID, mac, gw.id)))
             return actions
         if event.kind == "multicast":
             key = self.store.multicast_key(event.pw_id)
@@ -546,6 +542,12 @@ def revoke_and_rotate(store: KeyStore, host_id: str, now: float) -> tuple[bool, 
             rotated += 1
     store.rotate_multicast_key(now)
     return newly, rotated
+
+
+def _renamed(msg: dict, rid: int, peer_mac: bytes, peer_id: str) -> dict:
+    """The same ``key`` message (key, version, older versions, ages: they belong
+    to the pair) as the pair's other end, or one of a gateway's MACs, gets it."""
+    return {**msg, "rid": rid, "peer_mac": peer_mac, "peer_id": peer_id}
 
 
 def _age_s(now: float, created_at: float) -> int:

@@ -70,12 +70,11 @@ from l2crypt.ops.logs import fields
 from .config import GatewayConfig, parse_hostport
 from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
 from .metrics import gateway_metrics
-from .ports import PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off, set_receive_offloads
+from .ports import ETH_HEADER_BYTES, PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off, set_receive_offloads
 
 log = logging.getLogger("l2crypt.gateway")
 
 BATCH = 64
-ETH_HEADER_BYTES = 14  # DA, SA, EtherType: a frame may be this much longer than its port's MTU
 TUNNEL_FLOORS_FILE = "tunnel_replay_floors"
 
 

@@ -37,6 +37,7 @@ import socket
 import struct
 
 from l2crypt.core.errors import LocalError
+from l2crypt.core.gso import ETH_HEADER_LEN as ETH_HEADER_BYTES  # DA, SA, EtherType
 from l2crypt.core.vnet_hdr import VNET_HDR_LEN
 from l2crypt.io.linux_wire import PACKET_IGNORE_OUTGOING, SOL_PACKET, LinuxWire
 from l2crypt.io.port_guard import PortGuard, take_over
@@ -61,7 +62,6 @@ GSO_MAX_BYTES = 65000     # payload bytes of one UDP GSO send (the kernel allows
 GSO_MAX_SEGMENTS = 64     # datagrams of one UDP GSO send (the kernel allows 128)
 U16, INT = struct.Struct("=H"), struct.Struct("=i")
 GRO_CMSG_SPACE = socket.CMSG_SPACE(INT.size)
-ETH_HEADER_BYTES = 14
 NO_VNET_HDR = bytes(VNET_HDR_LEN)  # a frame as it is: no offload asked
 
 

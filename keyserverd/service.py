@@ -57,7 +57,7 @@
    with the peer key server (``netkey_peering``, ``l2crypt.core.tunnel_keys``).
    NETKEY itself never leaves the key server; the requester is always one end
    of the link, as the server authenticated it.  New versions are pushed for
-   every link a gateway asked about (at most ``MAX_TUNNEL_PEERS``).  A
+   every link path a gateway asked about (at most ``MAX_TUNNEL_PATHS``).  A
    ``key_req`` for a mapped MAC is answered with KEY(requester, gateway) under
    that MAC; the gateway asks for the same key by the requester's MAC.
 7. Key requests (``key_req``, ``rekey_req``, ``key_report``, ``mcast_req``, ``netkey_req``)
@@ -119,7 +119,7 @@ RATE_LIMITED_TYPES = frozenset({"key_req", "rekey_req", "key_report", "mcast_req
 DEFAULT_KEY_REQUESTS_PER_S = 100.0
 DEFAULT_KEY_REQUEST_BURST = 200
 #: Most tunnel peers one gateway may ask link keys for.
-MAX_TUNNEL_PEERS = 64
+MAX_TUNNEL_PATHS = 64
 #: ``key_max_age_s`` in a welcome, in units of ``rekey_after_s``.
 KEY_MAX_AGE_FACTOR = 2
 
@@ -187,7 +187,7 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         #: the other end's segment in the tunnel link keys.
         self.netkey_peer_ca = ""
         #: Gateway ID -> the tunnel peers it asked link keys for (pushed on rotation).
-        self.tunnel_links: dict[str, set[str]] = {}
+        self.tunnel_links: dict[str, set[tuple[str, int]]] = {}
         self.key_requests = HostBuckets(key_requests_per_s, key_request_burst)
         #: Binding policy (see the module docstring, 3, and ``l3_service``).
         self.require_pinned_macs = require_pinned_macs
@@ -390,28 +390,32 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         if peer_id is None:
             raise RefusedError("netkey_req needs peer_id (the tunnel peer's gateway ID): "
                                "upgrade the gateway", "bad_request")
+        path = msg.get("path", 0)
         versions = self.netkeys.versions() if self.netkeys is not None else []
         if not versions:
             raise RefusedError("no NETKEY: this key server has no peer", "no_netkey")
         links = self.tunnel_links.setdefault(session.identity, set())
-        if peer_id not in links and len(links) >= MAX_TUNNEL_PEERS:
-            raise RefusedError(f"at most {MAX_TUNNEL_PEERS} tunnel peers per gateway", "too_many")
-        links.add(peer_id)
-        return [("reply", self._link_msg(msg["rid"], session.identity, peer_id, pw_id, key))
+        if (peer_id, path) not in links and len(links) >= MAX_TUNNEL_PATHS:
+            raise RefusedError(f"at most {MAX_TUNNEL_PATHS} tunnel paths per gateway", "too_many")
+        links.add((peer_id, path))
+        return [("reply", self._link_msg(msg["rid"], session.identity, peer_id, pw_id, key, path))
                 for pw_id, key in versions]
 
-    def _link_msg(self, rid: int, gateway_id: str, peer_id: str, pw_id: int, netkey: bytes) -> dict:
-        """The keys of the link (this segment's ``gateway_id``) -> (peer segment's ``peer_id``)."""
+    def _link_msg(self, rid: int, gateway_id: str, peer_id: str, pw_id: int, netkey: bytes, path: int = 0) -> dict:
+        """The keys of ``path`` of the link (this segment's ``gateway_id``) -> (peer segment's ``peer_id``)."""
         me = Endpoint(self.ca.ca_fingerprint(), gateway_id)
-        send_key, recv_key = link_keys(netkey, pw_id, me, Endpoint(self.netkey_peer_ca, peer_id))
-        return {"t": "netkey", "rid": rid, "peer_id": peer_id, "pw_id": pw_id,
-                "send_key": send_key, "recv_key": recv_key}
+        send_key, recv_key = link_keys(netkey, pw_id, me, Endpoint(self.netkey_peer_ca, peer_id), path)
+        msg = {"t": "netkey", "rid": rid, "peer_id": peer_id, "pw_id": pw_id,
+               "send_key": send_key, "recv_key": recv_key}
+        if path:
+            msg["path"] = path
+        return msg
 
     def netkey_pushes(self, pw_id: int, key: bytes) -> list[Action]:
-        """Push a new NETKEY version: the keys of every link a gateway asked about."""
-        return [(("push", h.id), self._link_msg(PUSH_RID, h.id, peer_id, pw_id, key))
+        """Push a new NETKEY version: the keys of every link path a gateway asked about."""
+        return [(("push", h.id), self._link_msg(PUSH_RID, h.id, peer_id, pw_id, key, path))
                 for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked
-                for peer_id in sorted(self.tunnel_links.get(h.id, ()))]
+                for peer_id, path in sorted(self.tunnel_links.get(h.id, ()))]
 
     def _key_msg(self, rid: int, peer_mac: bytes, peer_id: str, other_id: str, key: bytes, pw_id: int,
                  now: float | None = None) -> dict:

@@ -7,6 +7,7 @@ from keyserverd.ca import CertificateAuthority
 from keyserverd.service import KeyService, Session
 from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
+from l2crypt.core.errors import LocalError
 from l2crypt.core.ks_messages import encode_message
 from l2crypt.core.tunnel_keys import Endpoint, link_keys
 
@@ -149,11 +150,11 @@ def test_a_gateway_gets_only_the_keys_of_its_own_links_never_netkey(env):
 def test_tunnel_peers_per_gateway_are_capped(env):
     service, store, s = env
     service.netkeys, service.netkey_peer_ca = Book(), PEER_CA
-    for i in range(S.MAX_TUNNEL_PEERS):
+    for i in range(S.MAX_TUNNEL_PATHS):
         assert replies(call(service, s["gw"], {"t": "netkey_req", "rid": 2, "peer_id": f"p{i}"}))[0]["t"] == "netkey"
     (err,) = replies(call(service, s["gw"], {"t": "netkey_req", "rid": 3, "peer_id": "one-more"}))
     assert err["code"] == "too_many"
-    assert len(service.netkey_pushes(3, b"3" * 32)) == S.MAX_TUNNEL_PEERS
+    assert len(service.netkey_pushes(3, b"3" * 32)) == S.MAX_TUNNEL_PATHS
 
 
 def test_map_release_frees_the_mac_for_the_gateway_that_holds_it_only(env):
@@ -185,3 +186,27 @@ def test_rotation_of_a_gateway_pair_reaches_the_host_under_mapped_macs(env):
     (event,) = [e for e in store.events_since(0) if e.kind == "pair"]
     to_h1 = [m["peer_mac"] for t, m in service.on_event(event) if t == ("push", "h1")]
     assert sorted(to_h1) == sorted([MAC_GW, MAC_P1]) and pw_id == 2
+
+
+def test_each_path_of_a_link_gets_its_own_keys_and_its_own_pushes(env):
+    """Issue 17: a link over several paths gets one key pair per path (path 0 keeps the
+    one-path key), pushed per path on a NETKEY rotation; a path outside 0-15 is refused."""
+    service, store, s = env
+    service.netkeys, service.netkey_peer_ca = Book(), PEER_CA
+    got = {}
+    for path in (0, 1, 2):
+        req = {"t": "netkey_req", "rid": 2, "peer_id": "gB"} | ({"path": path} if path else {})
+        for ans in replies(call(service, s["gw"], req)):
+            assert ans["t"] == "netkey" and ans.get("path", 0) == path
+            got[(path, ans["pw_id"])] = (ans["send_key"], ans["recv_key"])
+    pw_ids = {pw for _, pw in got}
+    for pw in pw_ids:
+        assert len({got[(p, pw)] for p in (0, 1, 2)}) == 3  # no two paths share a key
+    netkey = dict(service.netkeys.versions())[max(pw_ids)]
+    assert got[(0, max(pw_ids))] == _link(service, "gw", "gB", netkey, max(pw_ids))
+    me, peer = Endpoint(service.ca.ca_fingerprint(), "gw"), Endpoint(PEER_CA, "gB")
+    assert got[(2, max(pw_ids))] == link_keys(netkey, max(pw_ids), me, peer, path=2)
+    pushes = service.netkey_pushes(9, b"9" * 32)
+    assert sorted(m.get("path", 0) for _, m in pushes) == [0, 1, 2]
+    with pytest.raises(LocalError, match="netkey_req.path: 16, want 0-15"):
+        encode_message({"t": "netkey_req", "rid": 3, "peer_id": "gB", "path": 16})

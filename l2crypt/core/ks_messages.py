@@ -28,9 +28,10 @@ client -> server
     map_req   rid mac side                         (gateways) map a MAC learned on ``side`` to me
     map_release rid mac                            (gateways) I no longer speak for this MAC (aged out)
     map_list  rid                                  (gateways) every MAC mapped to me, as ``mapped``
-    netkey_req rid peer_id                         (gateways) the keys of my tunnel link to gateway
+    netkey_req rid peer_id [path]                  (gateways) the keys of my tunnel link to gateway
                                                    peer_id (of the NETKEY peer segment), for every
-                                                   live NETKEY version, as ``netkey``
+                                                   live NETKEY version, as ``netkey``; ``path``
+                                                   (0-15, default 0): the keys of that path only
     l3_hello  rid                                  start a layer-3 session (l2crypt l3-agent)
     ip_bind   rid ip                               bind (certificate ID, ip) in the ID-IP table;
                                                    ip is an IPv4 (4 bytes) or IPv6 (16) address
@@ -62,9 +63,10 @@ server -> client
     unmapped  rid mac                              the MAC is not (or no longer) mapped to the asking
                                                    gateway (answer to map_release; or a push, rid 0:
                                                    an enrolled host said hello with it, stop speaking for it)
-    netkey    rid peer_id pw_id send_key recv_key  the keys of one tunnel link under one NETKEY
-                                                   version (answer or push, gateways only;
-                                                   NETKEY itself never leaves the key server)
+    netkey    rid peer_id pw_id send_key recv_key [path]
+                                                   the keys of one path of one tunnel link under
+                                                   one NETKEY version (answer or push, gateways
+                                                   only; NETKEY itself never leaves the key server)
     pong      rid
     error     rid code msg                         request refused; code is a stable name
     l3_welcome rid id cipher server                answer to l3_hello
@@ -108,6 +110,7 @@ _FIELDS: dict[str, tuple[type, int | None]] = {
     "send_key": (_B, 32),
     "recv_key": (_B, 32),
     "pw_id": (int, None),
+    "path": (int, None),  # 0..MAX_TUNNEL_PATH, checked in validate
     "cipher": (str, None),
     "multicast_key": (_B, 32),
     "multicast_pw_id": (int, None),
@@ -146,10 +149,10 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "map_req": (frozenset({"rid", "mac", "side"}), frozenset()),
     "map_release": (frozenset({"rid", "mac"}), frozenset()),
     "map_list": (frozenset({"rid"}), frozenset()),
-    "netkey_req": (frozenset({"rid"}), frozenset({"peer_id"})),
+    "netkey_req": (frozenset({"rid"}), frozenset({"peer_id", "path"})),
     "mapped": (frozenset({"rid", "mac", "side"}), frozenset()),
     "unmapped": (frozenset({"rid", "mac"}), frozenset()),
-    "netkey": (frozenset({"rid", "peer_id", "pw_id", "send_key", "recv_key"}), frozenset()),
+    "netkey": (frozenset({"rid", "peer_id", "pw_id", "send_key", "recv_key"}), frozenset({"path"})),
     "ca_cert": (frozenset({"rid", "cert"}), frozenset()),
     "enrolled": (frozenset({"rid", "cert", "ca"}), frozenset()),
     "welcome": (
@@ -205,6 +208,9 @@ def _check_older(msg: dict) -> None:
         below = pw_id
 
 
+#: The highest tunnel path ID (``netkey_req path``, ``l2crypt.core.tunnel_keys``).
+MAX_TUNNEL_PATH = 15
+
 #: Most MACs one ``welcome`` names as revoked (24 KiB of the message limit).
 MAX_REVOKED_MACS = 4096
 
@@ -221,6 +227,8 @@ def _check_across_fields(msg: dict) -> None:
         raise ValueError(f"{t}.peer_id: not a valid host ID")
     if "older" in msg:
         _check_older(msg)
+    if "path" in msg and not 0 <= msg["path"] <= MAX_TUNNEL_PATH:
+        raise ValueError(f"{t}.path: {msg['path']}, want 0-{MAX_TUNNEL_PATH}")
     if "sig" in msg and not 1 <= len(msg["sig"]) <= MAX_SIG_LEN:
         raise ValueError(f"{t}.sig: length {len(msg['sig'])}, want 1-{MAX_SIG_LEN}")
     for name in ("ip", "peer_ip"):

@@ -19,6 +19,10 @@ on (``keyserverd.peering.netkey``); it never leaves the key servers:
 3. The key is ``HKDF-SHA256(NETKEY, info)`` (``aead.hkdf``) with ``info`` = ``"l2crypt v2
    tunnel"``, the cipher's name, the PW_ID and both ends, every variable part
    length-prefixed, so no two (cipher, version, direction, link) share a key.
+   A link can run over several *paths* (``netkey_req path``, 1-15; path 0 is
+   the link's first path and keeps the key above): a path's key adds
+   ``"path"`` and the path ID to ``info``, so one path's key opens none of
+   the other paths' datagrams.
 4. A datagram names its sender with ``sender_tag(gateway ID)`` (6 bytes):
    the receiver knows the tag of each configured peer, and accepts a tag only
    from that peer's address.  The tag selects state; the key authenticates.
@@ -38,6 +42,7 @@ TUNNEL_CIPHER = AES_256_GCM
 TAG_LEN = 6
 _INFO = b"l2crypt v2 tunnel"
 _TAG_INFO = b"l2crypt v2 tunnel tag"
+_PATH_INFO = b"path"
 
 
 class Endpoint(NamedTuple):
@@ -48,16 +53,18 @@ class Endpoint(NamedTuple):
 
 
 def link_key(netkey: bytes, pw_id: int, sender: Endpoint, receiver: Endpoint,
-             cipher: str = TUNNEL_CIPHER) -> bytes:
-    """The key ``sender`` seals its datagrams to ``receiver`` with, under NETKEY version ``pw_id``."""
+             cipher: str = TUNNEL_CIPHER, path: int = 0) -> bytes:
+    """The key ``sender`` seals its datagrams to ``receiver`` with on ``path``, under NETKEY version ``pw_id``."""
     info = (_INFO + label(cipher) + pw_id.to_bytes(4, "big") + label(sender.segment) + label(sender.gateway_id)
             + label(receiver.segment) + label(receiver.gateway_id))
+    if path:
+        info += _PATH_INFO + path.to_bytes(1, "big")
     return hkdf(netkey, info)
 
 
-def link_keys(netkey: bytes, pw_id: int, me: Endpoint, peer: Endpoint) -> tuple[bytes, bytes]:
-    """(send key, receive key) of ``me``'s link to ``peer``: what a key server hands ``me``."""
-    return link_key(netkey, pw_id, me, peer), link_key(netkey, pw_id, peer, me)
+def link_keys(netkey: bytes, pw_id: int, me: Endpoint, peer: Endpoint, path: int = 0) -> tuple[bytes, bytes]:
+    """(send key, receive key) of ``me``'s link to ``peer`` on ``path``: what a key server hands ``me``."""
+    return (link_key(netkey, pw_id, me, peer, path=path), link_key(netkey, pw_id, peer, me, path=path))
 
 
 def sender_tag(gateway_id: str) -> bytes:

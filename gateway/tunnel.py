@@ -1,27 +1,32 @@
-"""The sans-I/O tunnel of the inter-subnet port: frames in, sealed datagrams out.
+"""The sans-I/O tunnel of the inter-subnet port: messages in, sealed datagrams out.
 
-One *link* per configured peer gateway (named by its enrolled ID).  The key
+One *link* per configured peer gateway (named by its enrolled ID), over one
+or more *paths* (IDs 0-15, ``multipath`` chooses between them).  The key
 server hands the gateway, for every NETKEY version (PW_ID), the key of each
-direction of each link (``l2crypt.core.tunnel_keys``); NETKEY itself never
-reaches a gateway.
+direction of each path of each link (``l2crypt.core.tunnel_keys``); NETKEY
+itself never reaches a gateway, and one path's keys open only that path's
+datagrams.
 
-1. ``install(peer, pw_id, send_key, recv_key, now)``: a link's versions live
+1. ``install(peer, pw_id, send_key, recv_key, now, path)``: a link path's versions live
    in a ``KeyRing`` (make before break) in the engine's ``PeerTable``
-   (``l2crypt.core.peer_table``), keyed by the link's sender tag: receiving
+   (``l2crypt.core.peer_table``), keyed by the link's sender tag (and the
+   path ID after it, for paths other than 0): receiving
    accepts every version held; sending moves to a new version once the peer
    is seen using it, or ``switch_after_s`` after it arrived; the old one is
    dropped ``retire_after_s`` after the switch (every version dropped leaves
    its replay window's top in the floors first).  No rekey notices and no
    lag reports: NETKEY rotates at the key servers.
-2. ``seal(peer, frame, now)``: the link's current version, the next packet
+2. ``seal(peer, message, now, path, kind)``: the path's current version, the next packet
    number.  One counter for all links; ``on_timer`` raises it to the clock
    (``replay_floor.raise_to_clock``), so a receiver can bound it after a
    restart.
-3. ``open(peer, datagram, now)``, where ``peer`` is the configured peer whose
-   address the datagram came from: parse the header (``tunnel_wire``); the
-   sender tag must be a configured peer's (``tunnel_unknown_tag``: dropped
-   before any state is looked up) and that peer must be ``peer``
-   (``tunnel_tag_address``); find the version; check the replay window,
+3. ``open(peer, datagram, now, path)``, where ``peer`` and ``path`` are
+   the configured peer and path whose addresses the datagram came by: parse
+   the header (``tunnel_wire``); the sender tag must be a configured peer's
+   (``tunnel_unknown_tag``: dropped before any state is looked up), that
+   peer must be ``peer`` (``tunnel_tag_address``) and the header's path
+   ``path`` (``tunnel_path_address``; a path the link does not have:
+   ``tunnel_unknown_path``); find the version; check the replay window,
    open, and only then move the window.  The state per (peer, version) is
    made when the key arrives: forged tags use up nothing.
 4. Replay floors (``floors``, a ``replay_floor.FloorBook`` the daemon
@@ -60,6 +65,8 @@ PN_EXHAUSTED = "tunnel_pn_exhausted"
 PN_UNRESERVED = "tunnel_pn_unreserved"
 UNKNOWN_TAG = "tunnel_unknown_tag"
 TAG_ADDRESS = "tunnel_tag_address"
+UNKNOWN_PATH = "tunnel_unknown_path"
+PATH_ADDRESS = "tunnel_path_address"
 FLOORS_UNSAVED = "tunnel_floors_unsaved"
 
 #: A datagram under a newer NETKEY version asks the key server again at most this often (seconds).
@@ -72,19 +79,41 @@ LinkKey = KeySlot
 
 
 @dataclass(slots=True, eq=False)
+class LinkPath:
+    """One path of one link: its key versions.  Owned by its ``Link``."""
+
+    name: str  # the link's (the peer gateway's ID)
+    path: int
+    key: bytes  # in the peer table and the floors: the sender tag, then the path ID unless 0
+    keys: KeyRing
+
+
+@dataclass(slots=True, eq=False)
 class Link:
-    """One configured peer gateway.  Owned by its ``Tunnel``."""
+    """One configured peer gateway and its paths.  Owned by its ``Tunnel``."""
 
     name: str
     tag: bytes
-    keys: KeyRing
+    paths: dict[int, LinkPath]
+
+    @property
+    def keys(self) -> KeyRing:
+        """The ring of the link's first path (the one path of a one-path link)."""
+        return next(iter(self.paths.values())).keys
+
+
+def path_key(tag: bytes, path: int) -> bytes:
+    """A link path's name in the peer table and the replay floors."""
+    return tag if path == 0 else tag + bytes((path,))
 
 
 class Tunnel(TableOwner):
     """The links of one gateway to its inter-subnet peers."""
 
     def __init__(self, my_id: str, peers: tuple[str, ...] = (), pn_start: int = 1, window_frames: int = 2048,
-                 switch_after_s: float = 2.0, retire_after_s: float = 30.0, floors: FloorBook | None = None):
+                 switch_after_s: float = 2.0, retire_after_s: float = 30.0, floors: FloorBook | None = None,
+                 paths: dict[str, tuple[int, ...]] | None = None):
+        """``paths``: the path IDs of each peer (default: path 0 only)."""
         self.my_tag = sender_tag(my_id)
         self.cipher = TUNNEL_CIPHER
         self.drops: Counter = Counter()
@@ -96,11 +125,16 @@ class Tunnel(TableOwner):
         #: (``send_pn``; ``pn_limit``: what the packet clock has reserved on
         #: disk, set by the daemon, ``tunnel_pn_unreserved`` above it).
         self.table: PeerTable[bytes, Link] = PeerTable(settings, pn_start, None, floors, counters=self.counters)
-        self.links = {name: Link(name, sender_tag(name), KeyRing()) for name in peers}
-        self.by_tag = self.table.peers
-        self.by_tag.update((link.tag, link) for link in self.links.values())
+        self.links = {}
+        for name in peers:
+            tag = sender_tag(name)
+            ids = (paths or {}).get(name) or (0,)
+            self.links[name] = Link(name, tag, {p: LinkPath(name, p, path_key(tag, p), KeyRing()) for p in ids})
+        self.by_tag = {link.tag: link for link in self.links.values()}
         if len(self.by_tag) != len(peers):
             raise ValueError("two tunnel peers have the same sender tag; rename one")
+        self.by_key = self.table.peers
+        self.by_key.update((lp.key, lp) for link in self.links.values() for lp in link.paths.values())
         self.window_frames = window_frames
         self.switch_after_s = switch_after_s
         self.retire_after_s = retire_after_s
@@ -111,14 +145,15 @@ class Tunnel(TableOwner):
 
     # ------------------------------------------------------------- keys
 
-    def install(self, peer: str, pw_id: int, send_key: bytes, recv_key: bytes, now: float) -> bool:
-        """Offer one version of the link to ``peer``; True if it was new."""
+    def install(self, peer: str, pw_id: int, send_key: bytes, recv_key: bytes, now: float, path: int = 0) -> bool:
+        """Offer one version of a path of the link to ``peer``; True if it was new."""
         link = self.links.get(peer)
-        if link is None or link.keys.lookup(pw_id) is not None:
+        lp = link.paths.get(path) if link is not None else None
+        if lp is None or lp.keys.lookup(pw_id) is not None:
             return False  # never a fresh window under a version held
-        floor = self.floors.floor(link.tag) if self.floors is not None else 0
+        floor = self.floors.floor(lp.key) if self.floors is not None else 0
         slot = KeySlot.from_direction_keys(self.cipher, send_key, recv_key, pw_id, self.window_frames, now, floor)
-        if not self.table.offer(link.tag, link.keys, slot, now):
+        if not self.table.offer(lp.key, lp.keys, slot, now):
             return False
         if pw_id > self.newest_pw_id:
             self.counters["netkey_installs"] += 1
@@ -128,28 +163,32 @@ class Tunnel(TableOwner):
 
     # ----------------------------------------------------------- sending
 
-    def seal(self, peer: str, frame: bytes, now: float) -> bytes | None:
+    def seal(self, peer: str, message: bytes, now: float, path: int = 0,
+             kind: int = tunnel_wire.KIND_DATA) -> bytes | None:
+        """A datagram carrying ``message`` on ``path`` of the link to ``peer``, or None (counted)."""
         link = self.links.get(peer)
-        step = self.table.send(link.tag, link.keys, now, rekey=False) if link is not None else peer_table.NO_KEY
+        lp = link.paths.get(path) if link is not None else None
+        step = self.table.send(lp.key, lp.keys, now, rekey=False) if lp is not None else peer_table.NO_KEY
         if step.__class__ is str:
             self.drops[NO_NETKEY if step == peer_table.NO_KEY
                        else PN_EXHAUSTED if step == peer_table.PN_EXHAUSTED else PN_UNRESERVED] += 1
             return None
         slot, pn = step
-        aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn)
+        aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn, path, kind)
         self.counters["tunnel_sealed"] += 1
-        self.counters["tunnel_bytes_sealed"] += len(frame)
-        return aad + slot.send_aead.encrypt(aead.nonce(pn), frame, aad)
+        self.counters["tunnel_bytes_sealed"] += len(message)
+        return aad + slot.send_aead.encrypt(aead.nonce(pn), message, aad)
 
     # --------------------------------------------------------- receiving
 
-    def open(self, peer: str, datagram: bytes, now: float) -> bytes | None:
-        """The inner frame of a datagram from ``peer``'s address, or None (dropped and counted)."""
+    def open(self, peer: str, datagram: bytes, now: float, path: int = 0) -> bytes | None:
+        """The message of a datagram that came by ``path`` from ``peer``, or None (dropped and
+        counted); its kind is ``tunnel_wire.decode_header(datagram).kind``."""
         header = tunnel_wire.decode_header(datagram)
         if isinstance(header, str):
             self.drops[header] += 1
             return None
-        sender, pw_id, pn = header
+        sender, pw_id, pn, sent_path, _ = header
         link = self.by_tag.get(sender)
         if link is None:
             self.drops[UNKNOWN_TAG] += 1
@@ -157,9 +196,13 @@ class Tunnel(TableOwner):
         if link.name != peer:
             self.drops[TAG_ADDRESS] += 1
             return None
-        slot = link.keys.lookup(pw_id)
+        lp = link.paths.get(sent_path)
+        if lp is None or sent_path != path:
+            self.drops[UNKNOWN_PATH if lp is None else PATH_ADDRESS] += 1
+            return None
+        slot = lp.keys.lookup(pw_id)
         if slot is None:
-            if pw_id > link.keys.newest_pw_id():
+            if pw_id > lp.keys.newest_pw_id():
                 self.drops[NO_NETKEY] += 1
                 if now - self._asked_at >= KEY_RETRY_S:  # forged versions cost one request a second
                     self.wants_key, self._asked_at = True, now
@@ -179,8 +222,8 @@ class Tunnel(TableOwner):
             self.drops[BAD_TAG] += 1
             return None
         slot.replay.update(pn)
-        if slot is not link.keys.current:
-            self.table.opened(sender, link.keys, slot, now)
+        if slot is not lp.keys.current:
+            self.table.opened(lp.key, lp.keys, slot, now)
         self.counters["tunnel_opened"] += 1
         self.counters["tunnel_bytes_opened"] += len(inner)
         return inner
@@ -196,8 +239,8 @@ class Tunnel(TableOwner):
         """When ``on_timer`` next has a version to switch or retire (engine
         time); None: nothing waits."""
         deadlines = []
-        for link in self.links.values():
-            ring = link.keys
+        for lp in self.by_key.values():
+            ring = lp.keys
             if ring.next is not None:
                 deadlines.append(ring.next_since + self.switch_after_s)
             if ring.previous is not None:
@@ -212,16 +255,22 @@ class Tunnel(TableOwner):
 
     def current(self) -> LinkKey | None:
         """The newest version sent with on any link (for the NETKEY age and PW_ID)."""
-        slots = [link.keys.current for link in self.links.values() if link.keys.current is not None]
+        slots = [lp.keys.current for lp in self.by_key.values() if lp.keys.current is not None]
         return max(slots, key=lambda s: s.pw_id) if slots else None
 
+    def pw_id_of(self, peer: str, path: int) -> int | None:
+        """The version a path sends with now (None: no key yet)."""
+        lp = self.links[peer].paths.get(path) if peer in self.links else None
+        return lp.keys.current.pw_id if lp is not None and lp.keys.current is not None else None
+
     def snapshot(self) -> dict:
-        held = {s.pw_id for link in self.links.values() for s in link.keys.slots()}
+        held = {s.pw_id for lp in self.by_key.values() for s in lp.keys.slots()}
         current = self.current()
         return {
             "netkey_pw_id": current.pw_id if current else None,
             "netkey_pw_ids_held": sorted(held),
             "tunnel_links": [{"peer": link.name, "tag": link.tag.hex(),
-                              "pw_id": link.keys.current.pw_id if link.keys.current else None}
+                              "pw_id": self.pw_id_of(link.name, next(iter(link.paths))),
+                              "paths": {str(p): self.pw_id_of(link.name, p) for p in link.paths}}
                              for link in self.links.values()],
         }

@@ -66,10 +66,11 @@ def crafted() -> list[tuple[str, bytes, str]]:
         ("oversized", _tun() / Raw(b"\x00" * too_big), "tunnel_oversized"),
         ("version_0", _tun(version=0) / BODY, "tunnel_unknown_version"),
         ("version_1", _tun(version=1) / BODY, "tunnel_unknown_version"),
-        ("version_3", _tun(version=3) / BODY, "tunnel_unknown_version"),
+        ("version_2", _tun(version=2) / BODY, "tunnel_unknown_version"),
         ("version_255", _tun(version=255) / BODY, "tunnel_unknown_version"),
         ("kind_0", _tun(kind=0) / BODY, "tunnel_unknown_kind"),
-        ("kind_2", _tun(kind=2) / BODY, "tunnel_unknown_kind"),
+        ("kind_5", _tun(kind=5) / BODY, "tunnel_unknown_kind"),
+        ("path_9", _tun(kind=0x91) / BODY, "tunnel_unknown_path"),
         ("kind_255", _tun(kind=255) / BODY, "tunnel_unknown_kind"),
         # Something else on the port: a whole IP packet, a VXLAN packet, a clear Ethernet frame.
         ("ip_udp_packet", IP(src="10.69.1.1", dst="10.69.2.1") / UDP(sport=4789, dport=4789) / BODY,

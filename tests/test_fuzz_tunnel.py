@@ -43,7 +43,7 @@ MCAST_KEY = bytes(range(32))
 BCAST = b"\xff" * 6
 SEGMENT = {PEER_GW: "sha256:" + "a" * 64, RX_GW: "sha256:" + "b" * 64, OTHER_PEER_GW: "sha256:" + "a" * 64}
 TUNNEL_REASONS = {W.TRUNCATED, W.OVERSIZED, W.UNKNOWN_VERSION, W.UNKNOWN_KIND, T.NO_NETKEY, T.STALE_NETKEY,
-                  T.REPLAYED, T.BAD_TAG, T.UNKNOWN_TAG, T.TAG_ADDRESS}
+                  T.REPLAYED, T.BAD_TAG, T.UNKNOWN_TAG, T.TAG_ADDRESS, T.UNKNOWN_PATH, T.PATH_ADDRESS}
 #: The receive path's reasons, and those only sealing counts.
 TUNNEL_RX_REASONS = TUNNEL_REASONS | {T.FLOORS_UNSAVED}
 TUNNEL_TX_REASONS = {T.PN_EXHAUSTED, T.PN_UNRESERVED}
@@ -95,7 +95,7 @@ GENUINE_LIST = list(GENUINE)
 
 
 def rx_tunnel() -> T.Tunnel:
-    tun = T.Tunnel(RX_GW, (PEER_GW, OTHER_PEER_GW))
+    tun = T.Tunnel(RX_GW, (PEER_GW, OTHER_PEER_GW), paths={PEER_GW: (0, 1)})  # everything arrives on path 0
     for peer in (PEER_GW, OTHER_PEER_GW):
         tun.install(peer, HELD_PW_ID, *keys(RX_GW, peer), 0.0)
     return tun
@@ -239,8 +239,8 @@ def _fuzzed(rng: random.Random, count: int) -> list[tuple[str, bytes]]:
             d = d[:W.HEADER_LEN] + rng.choice(GENUINE_LIST)[W.HEADER_LEN:]
         elif kind == "field":
             offset, value = rng.choice([
-                (0, bytes([rng.choice([0, 1, 3, 255])])),                      # version
-                (1, bytes([rng.choice([0, 2, 255])])),                         # kind
+                (0, bytes([rng.choice([0, 1, 2, 255])])),                      # version
+                (1, bytes([rng.choice([0, 5, 255, 0x11, 0x21])])),             # path and kind
                 (2, rng.choice(tags + [rng.randbytes(6)])),                    # sender tag
                 (8, rng.choice([0, 1, HELD_PW_ID + 1, 2**32 - 1]).to_bytes(4, "big")),  # PW_ID
                 (12, rng.randrange(2**64).to_bytes(8, "big")),                 # packet number

@@ -250,3 +250,65 @@ def test_a_version_pushed_out_by_quick_rotations_leaves_its_floor():
         ga.install("gB", pw_id, *keys_of("gA", "gB", pw_id), T0 + 0.1 * pw_id)
     assert [s.pw_id for s in ga.links["gB"].keys.slots()] == [2, 3, 4]
     assert book.floor(sender_tag("gB")) == W.decode_header(d1).packet_number
+
+
+# --- issue 17: a key per path ---------------------------------------------------------
+
+
+def path_keys(me: str, peer: str, path: int, pw_id: int = 1) -> tuple[bytes, bytes]:
+    """What the key server hands ``me`` for ``path`` of its link to ``peer`` (netkey_req path)."""
+    return link_keys(NETKEY, pw_id, Endpoint(SEGMENT[me], me), Endpoint(SEGMENT[peer], peer), path=path)
+
+
+def multipath_pair(paths=(1, 2, 3)) -> tuple[T.Tunnel, T.Tunnel]:
+    ga = T.Tunnel("gA", ("gB",), pn_start=1 << 40, paths={"gB": paths})
+    gb = T.Tunnel("gB", ("gA",), pn_start=1 << 40, paths={"gA": paths})
+    for path in paths:
+        assert ga.install("gB", 1, *path_keys("gA", "gB", path), T0, path)
+        assert gb.install("gA", 1, *path_keys("gB", "gA", path), T0, path)
+    return ga, gb
+
+
+def test_each_path_has_its_own_key_and_says_its_path_in_the_clear():
+    ga, gb = multipath_pair()
+    for path in (1, 2, 3):
+        datagram = gb.seal("gA", FRAME, T0, path)
+        header = W.decode_header(datagram)
+        assert (header.path, header.kind, header.pw_id) == (path, W.KIND_DATA, 1)
+        assert ga.open("gB", datagram, T0, path) == FRAME
+    assert len({k for p in (1, 2, 3) for k in path_keys("gA", "gB", p)}) == 6
+    assert path_keys("gA", "gB", 0) == keys_of("gA", "gB")  # path 0 keeps the one-path key
+
+
+def test_one_paths_key_opens_none_of_the_other_paths_datagrams():
+    """Issue 17: who holds path 1's key (a relay operator given it, say) opens path 1's
+    share and nothing else; a datagram moved to another path's address is refused."""
+    _, gb = multipath_pair()
+    send_1, _ = path_keys("gB", "gA", 1)
+    opener = aead.make_aead(aead.AES_256_GCM, send_1)
+    opened = {}
+    for path in (1, 2, 3):
+        datagram = gb.seal("gA", FRAME, T0, path)
+        header = W.decode_header(datagram)
+        try:
+            opened[path] = opener.decrypt(aead.nonce(header.packet_number), W.body_of(datagram), W.aad_of(datagram))
+        except Exception:
+            opened[path] = None
+    assert opened == {1: FRAME, 2: None, 3: None}
+    ga, gb = multipath_pair()
+    datagram = gb.seal("gA", FRAME, T0, 2)
+    assert ga.open("gB", datagram, T0, 1) is None and ga.drops[T.PATH_ADDRESS] == 1
+    relabelled = bytearray(datagram)
+    relabelled[1] = 1 << 4 | W.KIND_DATA  # claims path 1, sealed under path 2's key
+    assert ga.open("gB", bytes(relabelled), T0, 1) is None and ga.drops[T.BAD_TAG] == 1
+    relabelled[1] = 9 << 4 | W.KIND_DATA
+    assert ga.open("gB", bytes(relabelled), T0, 9) is None and ga.drops[T.UNKNOWN_PATH] == 1
+    assert ga.open("gB", datagram, T0, 2) == FRAME
+
+
+def test_paths_keep_replay_floors_of_their_own():
+    ga, gb = multipath_pair((0, 1))
+    ga.open("gB", gb.seal("gA", FRAME, T0, 0), T0, 0)
+    ga.open("gB", gb.seal("gA", FRAME, T0, 1), T0, 1)
+    names = {name for name, _ in ga.highest()}
+    assert names == {sender_tag("gB"), sender_tag("gB") + b"\x01"}

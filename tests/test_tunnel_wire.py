@@ -14,7 +14,7 @@ SENDER = bytes.fromhex("024c470000a1")
 def test_round_trip(pw_id, pn, body):
     datagram = T.encode_datagram(SENDER, pw_id, pn, body)
     assert len(datagram) == T.HEADER_LEN + len(body)
-    assert T.decode_header(datagram) == (SENDER, pw_id, pn)
+    assert T.decode_header(datagram) == (SENDER, pw_id, pn, 0, T.KIND_DATA)
     assert T.aad_of(datagram) == T.encode_header(SENDER, pw_id, pn)
     assert T.body_of(datagram) == body
 
@@ -33,18 +33,33 @@ def test_oversized():
     assert T.decode_header(T.encode_datagram(SENDER, 1, 1, bytes(T.MAX_DATAGRAM))) == T.OVERSIZED
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255])  # 1: one key per sender, derived by every NETKEY holder
-def test_wrong_version(version):
+@pytest.mark.parametrize("version", [0, 1, 2, 255])  # 1: one key per sender, derived by every NETKEY holder
+def test_wrong_version(version):                        # 2: no path, no kinds
     datagram = bytearray(T.encode_datagram(SENDER, 1, 1, bytes(40)))
-    assert datagram[0] == T.TUNNEL_VERSION == 2
+    assert datagram[0] == T.TUNNEL_VERSION == 3
     datagram[0] = version
     assert T.decode_header(bytes(datagram)) == T.UNKNOWN_VERSION
 
 
-def test_wrong_kind():
+@pytest.mark.parametrize("byte", [0, 5, 7, 15, 0xF0, 0x35])
+def test_wrong_kind(byte):
     datagram = bytearray(T.encode_datagram(SENDER, 1, 1, bytes(40)))
-    datagram[1] = 7
+    datagram[1] = byte
     assert T.decode_header(bytes(datagram)) == T.UNKNOWN_KIND
+
+
+@pytest.mark.parametrize("path", [0, 1, 7, 15])
+@pytest.mark.parametrize("kind", sorted(T.KINDS))
+def test_path_and_kind_share_the_second_byte(path, kind):
+    datagram = T.encode_datagram(SENDER, 9, 5, bytes(40), path=path, kind=kind)
+    assert datagram[1] == path << 4 | kind
+    assert T.decode_header(datagram) == (SENDER, 9, 5, path, kind)
+
+
+@pytest.mark.parametrize("path, kind", [(16, 1), (-1, 1), (0, 0), (0, 5)])
+def test_encode_refuses_a_path_or_kind_out_of_range(path, kind):
+    with pytest.raises(ValueError, match="out of range"):
+        T.encode_header(SENDER, 1, 1, path, kind)
 
 
 @pytest.mark.parametrize("sender", [b"", b"12345", b"1234567"])

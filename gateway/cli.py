@@ -50,13 +50,15 @@ def _run_options(fn):
             click.option("--server", "servers", multiple=True, metavar="HOST:PORT",
                          help=_DOCS["servers"] + " (repeat for several)."),
             click.option("--tunnel-peer", "tunnel_peers", multiple=True, metavar="ID=HOST:PORT",
-                         help=_DOCS["tunnel_peers"] + " (repeat for several).")]
+                         help=_DOCS["tunnel_peers"] + " (repeat for several)."),
+            click.option("--tunnel-path", "tunnel_paths", multiple=True, metavar="'PEER path=N local=.. remote=..'",
+                         help=_DOCS["tunnel_paths"] + " (repeat for several).")]
     for name, doc in _DOCS.items():
-        if name in ("servers", "tunnel_peers"):
+        if name in ("servers", "tunnel_peers", "tunnel_paths"):
             continue
-        if name == "tunnel_offload":
-            opts.append(click.option("--tunnel-offload/--no-tunnel-offload", name, default=None,
-                                     help=doc + " [default: off]"))
+        if name in ("tunnel_offload", "tunnel_spray"):
+            flag = name.replace("_", "-")
+            opts.append(click.option(f"--{flag}/--no-{flag}", name, default=None, help=doc + " [default: off]"))
         elif name in _TYPES:
             opts.append(click.option("--" + name.replace("_", "-"), name, type=_TYPES[name], help=doc))
         else:
@@ -68,7 +70,7 @@ def _run_options(fn):
 
 @cli.command()
 @_run_options
-def run(config_path, servers, tunnel_peers, **overrides) -> None:
+def run(config_path, servers, tunnel_peers, tunnel_paths, **overrides) -> None:
     """Run the gateway in the foreground (SIGTERM or Ctrl-C stops it)."""
     from l2crypt.ops.daemon_shell import run_daemon
 
@@ -76,6 +78,7 @@ def run(config_path, servers, tunnel_peers, **overrides) -> None:
 
     overrides["servers"] = list(servers) if servers else None
     overrides["tunnel_peers"] = list(tunnel_peers) if tunnel_peers else None
+    overrides["tunnel_paths"] = list(tunnel_paths) if tunnel_paths else None
     run_daemon(lambda: load_gateway_config(config_path, overrides), Gateway, fail)
 
 

@@ -49,6 +49,7 @@ from l2crypt.core.errors import ConfigError
 from l2crypt.core.tunnel_keys import sender_tag
 
 from .group_policy import GROUP_CROSSING
+from .path_config import MODES, PathSpec, check_paths, parse_path
 
 DEFAULT_STATE_DIR = "/var/lib/l2crypt-gateway"
 DEFAULT_CONFIG_PATH = "/etc/l2crypt/gateway.toml"
@@ -101,6 +102,28 @@ class GatewayConfig(FrameTuning, DaemonKeys):
     tunnel_listen: str = setting("", _opt_hostport, "local HOST:PORT of the inter-subnet UDP port ('' = none)")
     tunnel_peers: tuple = setting((), _peers, "peer gateways of the NETKEY peer segment, ID=HOST:PORT "
                              "(ID: the peer gateway's enrolled ID)")
+    tunnel_paths: tuple = setting((), check_paths, "more paths to tunnel peers (several uplinks, or a relay): "
+                                  "'PEER path=N local=HOST:PORT remote=HOST:PORT [weight=W]', path 1-15 (0 is "
+                                  "the tunnel_peers address), the same IDs at both ends; each path has its own keys")
+    tunnel_mode: str = setting("split", check_choice(MODES),
+                               "how frames use a peer's paths: split (each flow on one path, flows spread by the "
+                               "paths' measured weights), redundant (every frame on the two best paths, the "
+                               "duplicate dropped) or fec (split, plus one XOR parity frame per tunnel_fec_k)")
+    tunnel_spray: bool = setting(False, check_bool,
+                                 "split mode: spread single frames rather than flows over the paths (per-packet "
+                                 "spraying; the receiver puts them back in order, waiting at most tunnel_reorder_ms)")
+    tunnel_fec_k: int = setting(4, check_int_range(2, 32), "fec mode: frames per parity frame")
+    tunnel_probe_interval_s: float = setting(0.1, check_seconds(0.02, 10.0),
+                                             "authenticated probe on each path every this many seconds")
+    tunnel_probe_misses: int = setting(3, check_int_range(2, 100),
+                                       "a path without an answer for this many probe intervals is taken out")
+    tunnel_weight_interval_s: float = setting(1.0, check_seconds(0.1, 60.0),
+                                              "path weights are re-computed from RTT, loss and delivered rate "
+                                              "this often, seconds")
+    tunnel_path_holddown_s: float = setting(3.0, check_seconds(0.0, 600.0),
+                                            "a path taken out comes back after answering probes for this long")
+    tunnel_reorder_ms: float = setting(30.0, check_seconds(1.0, 1000.0),
+                                       "most a sprayed frame waits for an earlier one, milliseconds")
     tunnel_offload: bool = setting(False, check_bool,
                                    "tunnel socket with UDP GSO (the datagrams of one batch to a peer in one send) "
                                    "and UDP GRO (many datagrams in one receive); falls back to one datagram per "
@@ -132,6 +155,24 @@ class GatewayConfig(FrameTuning, DaemonKeys):
             out[name] = parse_hostport(addr, default_port=0)
         return out
 
+    def path_specs(self) -> list[PathSpec]:
+        """Every path of every tunnel peer: path 0 of each ``tunnel_peers`` entry, then ``tunnel_paths``."""
+        specs = []
+        if self.tunnel_listen:
+            local = parse_hostport(self.tunnel_listen, default_port=0)
+            specs += [PathSpec(name, 0, local, addr) for name, addr in self.peer_addresses().items()]
+        return specs + [parse_path(item) for item in self.tunnel_paths]
+
+    def tunnel_peer_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(spec.peer for spec in self.path_specs()))
+
+    def tunnel_path_ids(self) -> dict[str, tuple[int, ...]]:
+        """The path IDs of each peer, in config order."""
+        out: dict[str, tuple[int, ...]] = {}
+        for spec in self.path_specs():
+            out[spec.peer] = out.get(spec.peer, ()) + (spec.path,)
+        return out
+
 
 REQUIRED = ("encrypted_port", "servers")
 
@@ -141,6 +182,12 @@ def _cross_problems(values: dict, source: str) -> list[str]:
     problems = []
     if values.get("tunnel_peers") and not values.get("tunnel_listen"):
         problems.append(f"{source}: tunnel_listen: missing (tunnel_peers need a local UDP port)")
+    with_address = {item.partition("=")[0] for item in values.get("tunnel_peers") or ()}
+    for item in values.get("tunnel_paths") or ():
+        spec = parse_path(item)
+        if spec.path == 0 and spec.peer in with_address:
+            problems.append(f"{source}: tunnel_paths: {item!r}: path 0 of {spec.peer!r} is its tunnel_peers "
+                            "address; number this one 1-15")
     if values.get("plain_port") and values.get("plain_port") == values.get("encrypted_port"):
         problems.append(f"{source}: plain_port: must differ from encrypted_port")
     return problems

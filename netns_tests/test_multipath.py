@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 
 import pytest
 from pyroute2 import netns
 
-from helpers import listening, ping, skip_reason, wait_for
-from l2crypt.lab import segment as L
+from helpers import listening, ping, skip_unless_gateway_lab, wait_for
 from l2crypt.lab.gateway import TUNNEL_PORT
 from l2crypt.lab.multipath import PATHS, RELAY_IP, MultipathLab, path_ip
 
@@ -34,12 +32,7 @@ RELAY = (RELAY_IP, TUNNEL_PORT)
 
 @pytest.fixture(scope="module")
 def mlab(tmp_path_factory):
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
-        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
-    L.install_signal_cleanup()
+    skip_unless_gateway_lab()
     the_lab = MultipathLab(tmp_path_factory.mktemp("mplab"))
     try:
         the_lab.up(timeout_s=150)

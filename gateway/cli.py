@@ -1,4 +1,4 @@
-"""``l2crypt-gateway``: enroll the gateway, run it, show its status, check its config."""
+"""``l2crypt-gateway``: enroll the gateway, run it, show its status, check its config; run a tunnel relay."""
 
 from __future__ import annotations
 
@@ -117,6 +117,48 @@ def check_config(path) -> None:
     if problems:
         sys.exit(2)
     click.echo(f"{path}: ok")
+
+
+def _endpoint(ctx, param, value):
+    from .relay import parse_endpoint
+
+    try:
+        if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+            return [tuple(parse_endpoint(v) for v in pair) for pair in value]
+        return parse_endpoint(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@click.option("--listen", required=True, metavar="HOST:PORT", callback=_endpoint,
+              help="The relay's UDP address (an IPv4 address: the gateways send to it).")
+@click.option("--join", "joins", multiple=True, required=True, nargs=2, metavar="A_HOST:PORT B_HOST:PORT",
+              callback=_endpoint,
+              help="Two gateway tunnel endpoints: a datagram from one (same IP and port) goes to the other "
+                   "(repeat for several pairs; an endpoint stands in one join only).")
+@click.option("--stats-interval-s", type=click.FloatRange(0.1, 86400), default=10.0, show_default=True,
+              help="Seconds between two JSON lines of counters on stderr (one more at exit).")
+@click.option("--stats-file", type=click.Path(dir_okay=False), default=None,
+              help="Also write the counters as a JSON document to this file (atomically) at each interval and at exit.")
+@click.option("--max-datagram-bytes", type=click.IntRange(1, 65507), default=16384, show_default=True,
+              help="Longer datagrams are dropped and counted (oversized).")
+def relay(listen, joins, stats_interval_s, stats_file, max_datagram_bytes) -> None:
+    """Forward sealed tunnel datagrams between gateways (one path of a multipath
+    tunnel through a third host).  The relay holds no key and reads no datagram
+    beyond its length; anything not from a joined endpoint, empty or oversized is
+    dropped and counted.  Counters (forwarded datagrams and bytes per direction,
+    drops per reason) go to stderr as JSON lines.  SIGTERM or Ctrl-C stops it."""
+    from .relay import RelayTable, run_relay
+
+    try:
+        table = RelayTable(list(joins), max_datagram_bytes)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    try:
+        run_relay(listen, table, stats_interval_s, stats_file)
+    except OSError as exc:
+        fail(str(exc))
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,6 @@ l2crypt/lab/gateway.py), each one per module."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import assert_hosts_sent_only_sealed, skip_reason  # noqa: E402
+from helpers import assert_hosts_sent_only_sealed, skip_reason, skip_unless_gateway_lab  # noqa: E402
 from hostile import MARKER as HOSTILE_MARKER  # noqa: E402
 
 from l2crypt.lab import segment as L  # noqa: E402
@@ -50,12 +49,7 @@ def glab(request, tmp_path_factory):
     The key servers rotate NETKEY every ``NETKEY_REKEY_S`` seconds of the test module
     (default: an hour); ``GATEWAY_ARGS`` of the module: extra ``l2crypt-gateway run``
     options per gateway."""
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "l2crypt-gateway")):
-        pytest.skip("l2crypt-gateway is not installed in this virtualenv")
-    L.install_signal_cleanup()
+    skip_unless_gateway_lab()
     the_lab = GatewayLab(tmp_path_factory.mktemp("gwlab"),
                          netkey_rekey_after_s=getattr(request.module, "NETKEY_REKEY_S", 3600.0),
                          gateway_args=getattr(request.module, "GATEWAY_ARGS", None))

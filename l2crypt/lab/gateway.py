@@ -186,15 +186,17 @@ class GatewayLab:
 
     # -- gateways
 
-    def start_gateway(self, gw: str) -> Proc:
-        seg, _, _, wan_ip = GATEWAYS[gw]
-        lab = self.seg[seg]
+    def tunnel_argv(self, gw: str) -> list[str]:
+        """The tunnel options of ``gw``'s ``l2crypt-gateway run``: one peer over the WAN."""
         other = "gB" if gw == "gA" else "gA"
+        return ["--tunnel-listen", f"{GATEWAYS[gw][3]}:{TUNNEL_PORT}",
+                "--tunnel-peer", f"{other}={GATEWAYS[other][3]}:{TUNNEL_PORT}"]
+
+    def start_gateway(self, gw: str) -> Proc:
+        lab = self.lab_of(gw)
         argv = [lab.cmd("l2crypt-gateway"), "run", "--encrypted-port", WIRE_IFNAME,
                 "--server", lab.keyserver_addr, "--state-dir", self.gw_dir(gw),
-                "--tunnel-listen", f"{wan_ip}:{TUNNEL_PORT}",
-                "--tunnel-peer", f"{other}={GATEWAYS[other][3]}:{TUNNEL_PORT}",
-                "--group-crossing", self.group_crossing]
+                *self.tunnel_argv(gw), "--group-crossing", self.group_crossing]
         if gw == "gA":
             argv += ["--plain-port", "plain0"]
         argv += self.gateway_args.get(gw, [])

@@ -64,6 +64,7 @@ from l2crypt.core.engine import Delivered, EngineSettings, FrameEngine, use_ciph
 from l2crypt.core.replay_floor import FloorBook
 
 from .group_policy import group_frame_allowed
+from .multipath import Multipath, MultipathSettings
 from .tunnel import Tunnel
 
 ENC = "encrypted"
@@ -140,7 +141,9 @@ class GatewayCore:
                  has_plain: bool = True, settings: GatewaySettings = GatewaySettings(),
                  engine_settings: EngineSettings = EngineSettings(), gw_id: str = "gateway",
                  floors: FloorBook | None = None, tunnel_floors: FloorBook | None = None,
-                 now: float | None = None):
+                 now: float | None = None, tunnel_paths: dict[str, tuple[int, ...]] | None = None,
+                 multipath: MultipathSettings = MultipathSettings(),
+                 path_weights: dict[tuple[str, int], float] | None = None):
         self.gw_mac = bytes(gw_mac)
         self.pn_source = pn_source
         #: Replay floors of every engine (a sender has one counter for all of them).
@@ -164,10 +167,12 @@ class GatewayCore:
         self.multicast: tuple[bytes, int] | None = None
         self.map_requests: dict[bytes, str] = {}  # mac -> side, to send (one per MAC)
         self.map_releases: dict[bytes, str] = {}  # mac -> side, to send
+        paths = {peer: (tunnel_paths or {}).get(peer) or (0,) for peer in self.peers}
         self.tunnel = Tunnel(gw_id, self.peers, pn_start=pn_source(),
                              window_frames=engine_settings.replay_window_frames,
                              switch_after_s=engine_settings.switch_after_s,
-                             retire_after_s=engine_settings.retire_after_s, floors=tunnel_floors)
+                             retire_after_s=engine_settings.retire_after_s, floors=tunnel_floors, paths=paths)
+        self.multipath = Multipath(self.tunnel, paths, pn_source(), multipath, path_weights)
         self.drops: Counter = Counter()
         self.counters: Counter = Counter()
 
@@ -190,10 +195,7 @@ class GatewayCore:
             self.counters["to_plain"] += 1
             self.counters["to_plain_bytes"] += len(frame)
         elif side.startswith(TUNNEL):
-            peer = side[len(TUNNEL):]
-            datagram = self.tunnel.seal(peer, frame, now)
-            if datagram is not None:
-                out.to_tunnel.append((peer, datagram))
+            out.to_tunnel += self.multipath.send(side[len(TUNNEL):], frame, now)
 
     def _touch(self, mac: bytes, now: float, talked_to: bool = False) -> None:
         """``mac`` spoke on its side, or (``talked_to``) a frame from another side went to it: in use."""
@@ -288,14 +290,14 @@ class GatewayCore:
         self._from_side(frame, PLAIN, now, out)
         return out
 
-    def from_tunnel(self, peer: str, datagram: bytes, now: float) -> Output:
-        """A datagram from the address of configured peer ``peer``."""
+    def from_tunnel(self, peer: str, datagram: bytes, now: float, path: int = 0) -> Output:
+        """A datagram that came by ``path`` from configured peer ``peer`` (its addresses)."""
         out = Output()
         if peer not in self.peers:
             self.drops[UNKNOWN_PEER] += 1
             return out
-        inner = self.tunnel.open(peer, datagram, now)
-        if inner is not None:
+        frames, out.to_tunnel = self.multipath.receive(peer, path, datagram, now)
+        for inner in frames:
             self._from_side(inner, TUNNEL + peer, now, out)
         return out
 
@@ -545,9 +547,10 @@ class GatewayCore:
             self.multicast = None
         return changed
 
-    def install_tunnel_keys(self, peer: str, pw_id: int, send_key: bytes, recv_key: bytes, now: float) -> bool:
-        """One NETKEY version of the link to ``peer`` (see ``tunnel``); True if new."""
-        return self.tunnel.install(peer, pw_id, send_key, recv_key, now)
+    def install_tunnel_keys(self, peer: str, pw_id: int, send_key: bytes, recv_key: bytes, now: float,
+                            path: int = 0) -> bool:
+        """One NETKEY version of a path of the link to ``peer`` (see ``tunnel``); True if new."""
+        return self.tunnel.install(peer, pw_id, send_key, recv_key, now, path)
 
     def mark_unknown(self, mac: bytes, now: float) -> None:
         for engine in self.engines():
@@ -559,10 +562,15 @@ class GatewayCore:
         for engine in self.engines():
             engine.revoke_peer(mac)
 
-    def on_timer(self, now: float) -> None:
+    def on_timer(self, now: float) -> Output:
+        """Every tick; returns the tunnel's probes and the frames its reorder buffers let go."""
+        out = Output()
         for engine in self.engines():
             engine.on_timer(now)
         self.tunnel.on_timer(now)
+        frames, out.to_tunnel = self.multipath.on_timer(now)
+        for peer, inner in frames:
+            self._from_side(inner, TUNNEL + peer, now, out)
         self._age_out(now)
         for entry in self.table.values():
             if entry.state != PENDING:
@@ -574,15 +582,14 @@ class GatewayCore:
             if now - entry.asked_at >= self.settings.map_retry_s:
                 entry.asked_at = now
                 self.map_requests[entry.mac] = entry.side
+        return out
 
     def next_deadline(self) -> float | None:
         """When ``on_timer`` (or ``take_key_requests``) next has work, in
         engine time: the engines' and the tunnel's timers, the oldest learned
         MAC's ageing, a pending MAC's map retry and its held frames' age."""
         deadlines = [d for d in (e.next_deadline() for e in self.engines()) if d is not None]
-        tunnel = self.tunnel.next_deadline()
-        if tunnel is not None:
-            deadlines.append(tunnel)
+        deadlines += [d for d in (self.tunnel.next_deadline(), self.multipath.next_deadline()) if d is not None]
         if self.table:
             deadlines.append(next(iter(self.table.values())).last_seen + self.settings.mac_ageing_s)
         for entry in self.table.values():
@@ -597,6 +604,7 @@ class GatewayCore:
     def all_drops(self) -> Counter:
         total = Counter(self.drops)
         total.update(self.tunnel.drops)
+        total.update(self.multipath.drops)
         for engine in self.engines():
             total.update(engine.drops)
         return total
@@ -604,6 +612,7 @@ class GatewayCore:
     def snapshot(self, now: float) -> dict:
         counters = Counter(self.counters)
         counters.update(self.tunnel.counters)
+        counters.update(self.multipath.counters)
         for engine in self.engines():
             for k in ENGINE_COUNTERS:
                 counters[k] += engine.counters.get(k, 0)
@@ -622,4 +631,5 @@ class GatewayCore:
             "counters": dict(counters),
         }
         doc.update(self.tunnel.snapshot())
+        doc["tunnel_paths"] = self.multipath.snapshot()
         return doc

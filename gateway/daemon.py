@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -67,10 +68,11 @@ from l2crypt.io.wire_ring import open_wire_ring
 from l2crypt.ops.daemon_shell import DaemonShell, FloorSave
 from l2crypt.ops.logs import fields
 
-from .config import GatewayConfig, parse_hostport
+from .config import GatewayConfig
 from .core import TOO_BIG, GatewayCore, GatewaySettings, Output
+from .multipath import MultipathSettings
 from .metrics import gateway_metrics
-from .ports import ETH_HEADER_BYTES, PlainPort, TunnelSocket, port_mtu, quiet_port, receive_offloads_off, set_receive_offloads
+from .ports import ETH_HEADER_BYTES, PlainPort, TunnelPorts, port_mtu, quiet_port, receive_offloads_off, set_receive_offloads
 
 log = logging.getLogger("l2crypt.gateway")
 
@@ -96,8 +98,9 @@ class GatewayKeyClient(KeyClient):
     def request_map_list(self) -> bool:
         return self._send({"t": "map_list", "rid": self._next_rid()})
 
-    def request_netkey(self, peer_id: str) -> bool:
-        return self._send({"t": "netkey_req", "rid": self._next_rid(), "peer_id": peer_id})
+    def request_netkey(self, peer_id: str, path: int = 0) -> bool:
+        msg = {"t": "netkey_req", "rid": self._next_rid(), "peer_id": peer_id}
+        return self._send(msg | {"path": path} if path else msg)
 
     def _dispatch(self, msg: dict) -> None:
         t = msg["t"]
@@ -108,7 +111,8 @@ class GatewayKeyClient(KeyClient):
             if msg["rid"] == 0:  # a push: an enrolled host took the MAC (else: a map_release answer)
                 self.events.on_unmapped(msg["mac"])
         elif t == "netkey":
-            self.events.on_netkey(msg["peer_id"], msg["pw_id"], msg["send_key"], msg["recv_key"])
+            self.events.on_netkey(msg["peer_id"], msg["pw_id"], msg["send_key"], msg["recv_key"],
+                                  msg.get("path", 0))
         elif t == "error" and msg["rid"] in self._map_rids:
             self.events.on_map_refused(self._map_rids.pop(msg["rid"]), msg["code"], msg["msg"])
         elif t == "error" and msg["code"] == "no_netkey":
@@ -151,12 +155,12 @@ class Gateway:
         self.wire_path = "simple: not opened yet"  # which encrypted port runs, and why (open_wire)
         self._to_enc: list[bytes] = []    # frames queued for the encrypted port (_collect, _flush)
         self._to_plain: list[bytes] = []  # and for the plain port
-        self._to_tunnel: list[tuple[str, bytes]] = []  # and (peer, datagram) for the tunnel
+        self._to_tunnel: list[tuple[str, int, bytes]] = []  # and (peer, path, datagram) for the tunnel
         #: The plain port's path ("simple" or "batched", ``datapath``) and why, if not the one asked for.
         self.datapath, self.datapath_reason = "simple", "configured"
         self.coalescer: Coalescer | None = None  # batched: joins the segments sent to the plain port
         self.plain: WirePort | None = None  # the plain port (clear frames), if any
-        self.tunnel: TunnelSocket | None = None
+        self.tunnel: TunnelPorts | None = None
         self.enc_max_frame = 0  # bytes, from the encrypted port's MTU at start (0: not read yet, no check)
         self.core: GatewayCore | None = None
         self.client: GatewayKeyClient | None = None
@@ -205,14 +209,14 @@ class Gateway:
 
     def _send_tunnel(self) -> None:
         """The queued datagrams, each peer's consecutive run in one ``send_batch``."""
-        queued, run, peer = self._to_tunnel, [], None
-        for to, datagram in [*queued, (None, b"")]:  # a sentinel ends the last run
-            if to != peer and run:
-                sent = self.tunnel.send_batch(peer, run)
+        queued, run, route = self._to_tunnel, [], None
+        for to, path, datagram in [*queued, (None, 0, b"")]:  # a sentinel ends the last run
+            if (to, path) != route and run:
+                sent = self.tunnel.send_batch(*route, run)
                 if sent < len(run):
                     self.core.drops["tunnel_tx_error"] += len(run) - sent
                 run = []
-            peer = to
+            route = (to, path)
             run.append(datagram)
         queued.clear()
 
@@ -236,10 +240,10 @@ class Gateway:
                         collect(from_plain(frame, now))
         self._flush(now)
 
-    def _on_tunnel(self) -> None:
+    def _on_tunnel(self, sock) -> None:
         now, collect, from_tunnel = self._loop.time(), self._collect, self.core.from_tunnel
-        for peer, datagram in self.tunnel.read(BATCH):
-            collect(from_tunnel(peer, datagram, now))
+        for (peer, path), datagram in sock.read(BATCH):
+            collect(from_tunnel(peer, datagram, now, path))
         self._flush(now)
 
     def _to_server(self, now: float) -> None:
@@ -261,8 +265,9 @@ class Gateway:
             self._request_tunnel_keys()
 
     def _request_tunnel_keys(self) -> None:
-        for peer in self.core.peers:
-            self.client.request_netkey(peer)
+        for peer, link in self.core.tunnel.links.items():
+            for path in link.paths:
+                self.client.request_netkey(peer, path)
 
     # ----------------------------------------------------------- key events
 
@@ -323,9 +328,9 @@ class Gateway:
         log.warning("mac_unmapped", extra=fields(mac=format_mac(mac), reason="an enrolled host said hello with it"))
         self.core.on_unmapped(mac)
 
-    def on_netkey(self, peer_id: str, pw_id: int, send_key: bytes, recv_key: bytes) -> None:
-        if self.core.install_tunnel_keys(peer_id, pw_id, send_key, recv_key, self._loop.time()):
-            log.info("netkey_installed", extra=fields(peer=peer_id, pw_id=pw_id))
+    def on_netkey(self, peer_id: str, pw_id: int, send_key: bytes, recv_key: bytes, path: int = 0) -> None:
+        if self.core.install_tunnel_keys(peer_id, pw_id, send_key, recv_key, self._loop.time(), path):
+            log.info("netkey_installed", extra=fields(peer=peer_id, path=path, pw_id=pw_id))
 
     # ------------------------------------------------ floors and packet clock
 
@@ -380,7 +385,7 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         gw_mac = _port_mac(cfg.encrypted_port)
-        if cfg.tunnel_listen:
+        if cfg.path_specs():
             restored = self.tunnel_floor_file.load(self.tunnel_floors, self._loop.time())
             log.info("tunnel_replay_floors_restored", extra=fields(peers=restored))
         self.guards["encrypted"] = await asyncio.to_thread(guard_port, cfg.encrypted_port, cfg.ethertype)
@@ -396,10 +401,12 @@ class Gateway:
             if cfg.plain_port:
                 self.guards["plain"] = await asyncio.to_thread(quiet_port, cfg.plain_port)
                 self.open_plain(cfg.plain_port, cfg.datapath == "batched")
-            if cfg.tunnel_listen:
-                self.tunnel = TunnelSocket(parse_hostport(cfg.tunnel_listen, default_port=0), cfg.peer_addresses(),
-                                           offload=cfg.tunnel_offload)
-                log.info("tunnel_opened", extra=fields(listen=cfg.tunnel_listen, path=self.tunnel.path))
+            specs = cfg.path_specs()
+            if specs:
+                self.tunnel = TunnelPorts(specs, offload=cfg.tunnel_offload)
+                log.info("tunnel_opened", extra=fields(
+                    listen=",".join(f"{h}:{p}" for h, p in dict.fromkeys(s.local for s in specs)),
+                    paths=len(specs), mode=cfg.tunnel_mode, path=self.tunnel.path))
             self.start(gw_mac, now)
             await DaemonShell(self, cfg.socket_path, cfg.metrics_listen).serve()
         finally:
@@ -429,7 +436,13 @@ class Gateway:
         cfg = self.config
         settings = EngineSettings(**tuning_values(cfg), ethertype=cfg.ethertype)
         self.core = GatewayCore(
-            gw_mac, self.clock.pn_start, tunnel_peers=tuple(cfg.peer_addresses()),
+            gw_mac, self.clock.pn_start, tunnel_peers=cfg.tunnel_peer_names(),
+            tunnel_paths=cfg.tunnel_path_ids(), path_weights={(s.peer, s.path): s.weight for s in cfg.path_specs()},
+            multipath=MultipathSettings(
+                mode=cfg.tunnel_mode, spray=cfg.tunnel_spray, fec_k=cfg.tunnel_fec_k,
+                probe_interval_s=cfg.tunnel_probe_interval_s, probe_misses=cfg.tunnel_probe_misses,
+                weight_interval_s=cfg.tunnel_weight_interval_s, holddown_s=cfg.tunnel_path_holddown_s,
+                reorder_ms=cfg.tunnel_reorder_ms),
             has_plain=self.plain is not None,
             settings=GatewaySettings(group_crossing=cfg.group_crossing, max_learned_macs=cfg.max_learned_macs,
                                      learn_hold_frames=max(1, cfg.hold_frames), learn_hold_age_s=cfg.hold_age_s,
@@ -443,9 +456,12 @@ class Gateway:
     # ------------------------------------------------- the shell's hooks (Daemon)
 
     def readers(self) -> list:
-        return [(port.fileno(), on_readable)
-                for port, on_readable in ((self.enc, self._on_enc), (self.plain, self._on_plain),
-                                          (self.tunnel, self._on_tunnel)) if port is not None]
+        readers = [(port.fileno(), on_readable)
+                   for port, on_readable in ((self.enc, self._on_enc), (self.plain, self._on_plain))
+                   if port is not None]
+        for sock in self.tunnel.sockets if self.tunnel is not None else ():
+            readers.append((sock.fileno(), functools.partial(self._on_tunnel, sock)))
+        return readers
 
     def floor_saves(self) -> list[FloorSave]:
         saves = [FloorSave(self.floor_file, self.floors, self._replay_highest)]
@@ -454,8 +470,8 @@ class Gateway:
         return saves
 
     def tick(self, now: float) -> None:
-        self.core.on_timer(now)
-        self._to_server(now)
+        self._collect(self.core.on_timer(now))
+        self._flush(now)
 
     def next_deadline(self) -> float | None:
         return self.core.next_deadline()

@@ -105,6 +105,7 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         out.append(gauge("l2crypt_gateway_netkey_age_seconds", "Age of the NETKEY version sent with.",
                          round(now - netkey.created_at, 3)))
         out.append(gauge("l2crypt_gateway_netkey_pw_id", "NETKEY version sent with.", netkey.pw_id))
+    out += _path_metrics(core.multipath.snapshot())
     if client is not None:
         out += [
             gauge("l2crypt_gateway_keyserver_connected", "1 when connected to a key server.",
@@ -119,3 +120,29 @@ def gateway_metrics(gw, now: float) -> list[Metric]:
         if latency is not None:
             out.extend(latency.collect())
     return out
+
+
+def _path_metrics(paths: list[dict]) -> list:
+    """Per path of every multi-path tunnel link (``tunnel_paths``): none for one-path links."""
+    if not paths:
+        return []
+    labels = ("peer", "path")
+
+    def each(key: str, scale: float = 1.0) -> list:
+        return [([p["peer"], str(p["id"])], round(p[key] * scale, 6) if p[key] is not None else 0) for p in paths]
+
+    return [
+        gauge("l2crypt_gateway_tunnel_path_up", "1 while the path is in use (state up), 0 while out or held down.",
+              labels=labels, samples=[([p["peer"], str(p["id"])], 1 if p["state"] == "up" else 0) for p in paths]),
+        gauge("l2crypt_gateway_tunnel_path_rtt_seconds", "Round trip of the path's probes (smoothed).",
+              labels=labels, samples=each("rtt_ms", 1e-3)),
+        gauge("l2crypt_gateway_tunnel_path_loss_ratio", "Share of the path's frames lost in the last interval.",
+              labels=labels, samples=each("loss")),
+        gauge("l2crypt_gateway_tunnel_path_weight", "The path's share of new traffic (sums to 1 over live paths).",
+              labels=labels, samples=each("weight")),
+        counter("l2crypt_gateway_tunnel_path_bytes", "Bytes of datagrams on the path, by direction.",
+                labels=labels + ("direction",),
+                samples=[([p["peer"], str(p["id"]), d], p[f"{d}_bytes"]) for p in paths for d in ("tx", "rx")]),
+        gauge("l2crypt_gateway_tunnel_path_pw_id", "Key version (PW_ID) the path sends with.",
+              labels=labels, samples=[([p["peer"], str(p["id"])], p["pw_id"] or 0) for p in paths]),
+    ]

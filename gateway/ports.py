@@ -21,8 +21,11 @@
   reads into segments that fit the encrypted port, ``tap_path.cut_buffer``)
   and the segments it sends are joined into GSO super-frames
   (``tap_path.write_coalesced``) that the kernel cuts, checksums included.
-* ``TunnelSocket``: one UDP socket for every inter-subnet peer; datagrams
-  from an address that is not a configured peer are counted and dropped.
+* ``TunnelSocket``: one UDP socket on one local address, for every path of
+  every inter-subnet peer that leaves from it (``TunnelPorts``: one socket
+  per local address of ``tunnel_listen`` and ``tunnel_paths``); a datagram
+  names its path by the address it came from, and datagrams from an address
+  that is no configured path's are counted and dropped.
   With ``tunnel_offload`` it sends the datagrams of a batch with UDP GSO and
   receives with UDP GRO (``gso_runs``, ``split_gro``).
   Fragmentation is allowed (a full-size inner frame plus the tunnel overhead
@@ -209,7 +212,8 @@ class TunnelSocket:
     per call.
     """
 
-    def __init__(self, local: tuple[str, int], peers: dict[str, tuple[str, int]], offload: bool = False):
+    def __init__(self, local: tuple[str, int], peers: dict, offload: bool = False):
+        """``peers``: route name (a peer, or a (peer, path) pair) -> its remote address."""
         self.peers = {name: (socket.gethostbyname(h), p) for name, (h, p) in peers.items()}
         self.by_addr = {addr[0]: name for name, addr in self.peers.items()}  # by IP: a NAT may move the port
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -286,3 +290,37 @@ class TunnelSocket:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class TunnelPorts:
+    """The tunnel's sockets: one per local address of the configured paths (``PathSpec``s).
+    ``read`` of a socket gives ((peer, path), datagram)."""
+
+    def __init__(self, specs, offload: bool = False):
+        by_local: dict[tuple[str, int], dict] = {}
+        for spec in specs:
+            by_local.setdefault(spec.local, {})[(spec.peer, spec.path)] = spec.remote
+        self.sockets: list[TunnelSocket] = []
+        self.route: dict[tuple[str, int], TunnelSocket] = {}
+        try:
+            for local, routes in by_local.items():
+                sock = TunnelSocket(local, routes, offload)
+                self.sockets.append(sock)
+                self.route.update((name, sock) for name in routes)
+        except BaseException:
+            self.close()
+            raise
+        self.path = self.sockets[0].path if self.sockets else "simple: not asked for"
+
+    @property
+    def unknown_sender(self) -> int:
+        return sum(sock.unknown_sender for sock in self.sockets)
+
+    def send_batch(self, peer: str, path: int, datagrams: list[bytes]) -> int:
+        """Every datagram to ``peer`` on ``path``; how many left (0 for a path not configured)."""
+        sock = self.route.get((peer, path))
+        return sock.send_batch((peer, path), datagrams) if sock is not None else 0
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()

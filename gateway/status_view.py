@@ -64,6 +64,8 @@ def render_status(doc: dict, console: Console | None = None) -> None:
     for entry in doc.get("learned", []):
         learned.add_row(entry["mac"], entry["side"], entry["state"])
     console.print(learned)
+    if doc.get("tunnel_paths"):
+        console.print(paths_table(doc["tunnel_paths"]))
     hosts = Table(title="encrypted hosts", title_justify="left")
     for column in ("MAC", "ID", "PW_ID"):
         hosts.add_column(column, justify="right" if column == "PW_ID" else "left")
@@ -79,6 +81,19 @@ def render_status(doc: dict, console: Console | None = None) -> None:
         line = agent_view.guard_line(doc, doc.get(port_key), prefix)
         if line:
             console.print(line)
+
+
+def paths_table(paths: list[dict]) -> Table:
+    """The paths of the multi-path tunnel links: state, RTT, loss, weight, bytes, key PW_ID."""
+    table = Table(title="tunnel paths", title_justify="left")
+    for column in ("peer", "path", "state", "RTT ms", "loss", "weight", "bytes out", "bytes in", "PW_ID"):
+        table.add_column(column, justify="left" if column in ("peer", "state") else "right")
+    for p in paths:
+        rtt = f"{p['rtt_ms']:.2f}" if p.get("rtt_ms") is not None else "-"
+        table.add_row(p["peer"], str(p["id"]), p["state"], rtt, f"{p.get('loss', 0):.1%}",
+                      f"{p.get('weight', 0):.2f}", str(p.get("tx_bytes", 0)), str(p.get("rx_bytes", 0)),
+                      str(p.get("pw_id") if p.get("pw_id") is not None else "-"))
+    return table
 
 
 # --- live rates -------------------------------------------------------------------------

@@ -175,8 +175,9 @@ class Tunnel(TableOwner):
             return None
         slot, pn = step
         aad = tunnel_wire.encode_header(self.my_tag, slot.pw_id, pn, path, kind)
-        self.counters["tunnel_sealed"] += 1
-        self.counters["tunnel_bytes_sealed"] += len(message)
+        if kind == tunnel_wire.KIND_DATA:
+            self.counters["tunnel_sealed"] += 1
+            self.counters["tunnel_bytes_sealed"] += len(message) - tunnel_wire.DATA_SEQ_LEN
         return aad + slot.send_aead.encrypt(aead.nonce(pn), message, aad)
 
     # --------------------------------------------------------- receiving
@@ -188,7 +189,7 @@ class Tunnel(TableOwner):
         if isinstance(header, str):
             self.drops[header] += 1
             return None
-        sender, pw_id, pn, sent_path, _ = header
+        sender, pw_id, pn, sent_path, kind = header
         link = self.by_tag.get(sender)
         if link is None:
             self.drops[UNKNOWN_TAG] += 1
@@ -224,8 +225,9 @@ class Tunnel(TableOwner):
         slot.replay.update(pn)
         if slot is not lp.keys.current:
             self.table.opened(lp.key, lp.keys, slot, now)
-        self.counters["tunnel_opened"] += 1
-        self.counters["tunnel_bytes_opened"] += len(inner)
+        if kind == tunnel_wire.KIND_DATA:
+            self.counters["tunnel_opened"] += 1
+            self.counters["tunnel_bytes_opened"] += len(inner) - tunnel_wire.DATA_SEQ_LEN
         return inner
 
     # ------------------------------------------------------------ timers

@@ -48,6 +48,8 @@ KIND_ECHO = 3
 KIND_PARITY = 4
 KINDS = frozenset({KIND_DATA, KIND_PROBE, KIND_ECHO, KIND_PARITY})
 MAX_PATH = 15
+#: A DATA message is the link's sequence number (u64) and the inner frame.
+DATA_SEQ_LEN = 8
 HEADER = struct.Struct("!BB6sIQ")  # version, path << 4 | kind, sender tag, PW_ID, packet number
 HEADER_LEN = HEADER.size  # 20
 #: The smallest inner frame: DA, SA and the EtherType.

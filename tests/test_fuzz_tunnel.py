@@ -80,13 +80,18 @@ def peer_tunnel(pn_start: int = 5000) -> T.Tunnel:
     return sender
 
 
+def data_message(seq: int, frame: bytes) -> bytes:
+    """What a gateway seals for a frame: the link's sequence number, then the frame (``multipath``)."""
+    return seq.to_bytes(8, "big") + frame
+
+
 def _genuine() -> dict[bytes, bytes]:
     """Datagrams the peer gateway sealed -> their inner frame."""
     sender = peer_tunnel()
     out = {}
     for i in range(8):
         frame = arp_from(INNER, i) + bytes(40 * i)
-        out[sender.seal(RX_GW, frame, 0.0)] = frame
+        out[sender.seal(RX_GW, data_message(5000 + i, frame), 0.0)] = frame
     return out
 
 
@@ -121,7 +126,7 @@ def run_tunnel(tun: T.Tunnel, datagrams: list[bytes], peer: str = PEER_GW) -> li
     for i, d in enumerate(datagrams):
         got = tun.open(peer, d, 1.0 + i * 1e-3)
         if got is not None:
-            assert got == GENUINE[d]  # genuine, with its own inner frame
+            assert got == data_message(5000 + GENUINE_LIST.index(d), GENUINE[d])  # genuine, its own frame
             accepted.append(d)
     _events("tunnel", tun.drops)
     if currently_in_test_context():
@@ -322,7 +327,7 @@ def test_crafted_corpus_mixed_with_real_traffic():
 
 def _sealed_by_peer(frames: list[bytes]) -> list[bytes]:
     sender = peer_tunnel(pn_start=9000)
-    return [sender.seal(RX_GW, f, 0.0) for f in frames]
+    return [sender.seal(RX_GW, data_message(9000 + i, f), 0.0) for i, f in enumerate(frames)]
 
 
 HOSTILE_INNER = {

@@ -148,7 +148,7 @@ def _two_segments():
 
 
 def _tunnel_to(gw_out, peer):
-    return [d for p, d in gw_out.to_tunnel if p == peer]
+    return [d for p, _, d in gw_out.to_tunnel if p == peer]
 
 
 def test_frames_cross_subnets_sealed_with_netkey():

@@ -17,7 +17,7 @@ from gateway.cli import main
 from gateway.config import GatewayConfig
 from gateway.daemon import Gateway, GatewayKeyClient
 from gateway.metrics import gateway_metrics
-from gateway.ports import TunnelSocket
+from gateway.ports import TunnelPorts
 from gateway.status_view import rates, render_status
 from keyserverd.ca import CertificateAuthority
 from l2crypt.agent.tls_files import CA_CERT, HOST_CERT, HOST_KEY
@@ -68,7 +68,7 @@ def real_gateway(tmp_path, core) -> Gateway:
                            tunnel_listen=f"127.0.0.1:{free_udp_port()}", tunnel_peers=("gB=127.0.0.2:4789",))
     gw = Gateway(config)
     gw.core = core
-    gw.tunnel = TunnelSocket(("127.0.0.1", int(config.tunnel_listen.rsplit(":", 1)[1])), config.peer_addresses())
+    gw.tunnel = TunnelPorts(config.path_specs())
     gw.client = GatewayKeyClient(config.servers, gw.ssl_ctx, core.gw_mac, gw)
     enc, plain = gw.guards["encrypted"], gw.guards["plain"]
     gw.guard_readings = lambda: {"encrypted": enc.reading(listing_of(enc, packets=9)), "plain": plain.reading(None)}
@@ -81,7 +81,8 @@ def real_gw(tmp_path, traffic):
     from a stranger and one (truncated) from gB reached its tunnel socket."""
     gw = real_gateway(tmp_path, traffic[0])
     gw._loop = asyncio.new_event_loop()
-    port = gw.tunnel._sock.getsockname()[1]
+    sock = gw.tunnel.sockets[0]
+    port = int(gw.config.tunnel_listen.rsplit(":", 1)[1])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer_b:
         stranger.bind(("127.0.0.1", 0))
@@ -89,7 +90,7 @@ def real_gw(tmp_path, traffic):
         for _ in range(3):
             stranger.sendto(b"\x01\x01" + bytes(40), ("127.0.0.1", port))
         peer_b.sendto(b"\x01\x01" + bytes(10), ("127.0.0.1", port))
-        gw._on_tunnel()
+        gw._on_tunnel(sock)
     # The key client's selector goes through a failover: ks1 in use, lost, ks2 in use.
     gw.client.selector.connected(0, 1.0)
     gw.client.selector.lost(2.0)
@@ -118,7 +119,7 @@ def traffic():
     assert len(ga.on_mapped(P1, C.PLAIN, 0.2).to_enc) == 1
     out = ga.from_encrypted(h1.seal_from_tap(arp(H1), 1.0), 1.0)  # to the plain side and the tunnel
     assert len(out.to_plain) == 1 and len(out.to_tunnel) == 1
-    gb.from_tunnel("gA", out.to_tunnel[0][1], 1.1)
+    gb.from_tunnel("gA", out.to_tunnel[0][2], 1.1)
     assert gb.tunnel.counters["tunnel_opened"] == 1
     ga.from_tunnel("gB", b"\x01\x01" + bytes(10), 1.2)  # truncated
     serve_netkey(ga, "gA", NEW_NETKEY, 2, 1.5)

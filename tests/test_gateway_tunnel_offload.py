@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gateway.ports import TunnelSocket, gso_runs, split_gro
+from gateway.ports import TunnelPorts, TunnelSocket, gso_runs, split_gro
 
 
 def sizes(runs):
@@ -66,6 +66,35 @@ def test_a_batch_crosses_in_one_gso_send_and_arrives_as_the_same_datagrams(recei
         mixed = [b"x" * 300, b"y" * 300, b"z" * 900, b"w" * 900, b"v" * 20]
         assert a.send_batch("gB", mixed) == len(mixed)
         assert received(b, len(mixed)) == [("gA", d) for d in mixed]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_paths_from_two_local_addresses_arrive_named_by_peer_and_path():
+    """Issue 17: one socket per local address of the paths; a datagram is named by the
+    path whose addresses it came by, and one from an address of no path is counted."""
+    from gateway.path_config import PathSpec
+
+    pa1, pa2, pb1, pb2 = free_port(), free_port(), free_port(), free_port()
+    a = TunnelPorts([PathSpec("gB", 1, ("127.0.0.1", pa1), ("127.0.0.3", pb1)),
+                     PathSpec("gB", 2, ("127.0.0.2", pa2), ("127.0.0.4", pb2))])
+    b = TunnelPorts([PathSpec("gA", 1, ("127.0.0.3", pb1), ("127.0.0.1", pa1)),
+                     PathSpec("gA", 2, ("127.0.0.4", pb2), ("127.0.0.2", pa2))])
+    try:
+        assert len(a.sockets) == 2 and len(b.sockets) == 2
+        assert a.send_batch("gB", 1, [b"one"]) == 1 and a.send_batch("gB", 2, [b"two", b"2b"]) == 2
+        assert a.send_batch("gB", 7, [b"no such path"]) == 0
+        assert received(b.sockets[0], 1) == [(("gA", 1), b"one")]
+        assert received(b.sockets[1], 2) == [(("gA", 2), b"two"), (("gA", 2), b"2b")]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+            stranger.bind(("127.0.0.9", 0))
+            stranger.sendto(b"who", ("127.0.0.3", pb1))
+        deadline = time.monotonic() + 5
+        while b.unknown_sender == 0 and time.monotonic() < deadline:
+            b.sockets[0].read(8)
+            time.sleep(0.01)
+        assert b.unknown_sender == 1
     finally:
         a.close()
         b.close()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("l2crypt", "keyserverd", "gateway")
-GATEWAY_CORE = ("core", "tunnel", "tunnel_wire", "group_policy")
+GATEWAY_CORE = ("core", "tunnel", "tunnel_wire", "group_policy", "multipath", "path_scheduler", "reorder_buffer",
+                "fec_parity", "probe_wire")
 CORE_FILES = sorted((ROOT / "l2crypt" / "core").glob("*.py")) + [ROOT / "gateway" / f"{m}.py" for m in GATEWAY_CORE]
 CORE_MODULES = ("l2crypt.core",) + tuple(f"gateway.{m}" for m in GATEWAY_CORE)
 NO_IO = {"socket", "asyncio", "os", "time", "subprocess", "fcntl", "select", "selectors", "threading"}

@@ -53,13 +53,14 @@ class GatewayLab:
     """Segments A and B, gateways gA (plain port and tunnel) and gB (tunnel), the WAN."""
 
     def __init__(self, state_dir: str | Path, netkey_rekey_after_s: float = 3600.0, group_crossing: str = "basic",
-                 gateway_args: dict[str, list[str]] | None = None):
-        """``gateway_args``: extra ``l2crypt-gateway run`` options per gateway (``{"gA": [...]}``)."""
+                 gateway_args: dict[str, list[str]] | None = None, wire_mtu: int | None = None):
+        """``gateway_args``: extra ``l2crypt-gateway run`` options per gateway (``{"gA": [...]}``);
+        ``wire_mtu``: the segments' switch port MTU (``Lab``)."""
         self.state_dir = Path(state_dir).resolve()
         self.gateway_args = dict(gateway_args or {})
         sa, sb = secrets.token_hex(3)[:5], secrets.token_hex(3)[:5]
-        self.seg = {"A": Lab(self.state_dir / "A", hosts=("h1", "h2"), suffix=sa),
-                    "B": Lab(self.state_dir / "B", hosts=("h3",), suffix=sb)}
+        self.seg = {"A": Lab(self.state_dir / "A", hosts=("h1", "h2"), suffix=sa, wire_mtu=wire_mtu),
+                    "B": Lab(self.state_dir / "B", hosts=("h3",), suffix=sb, wire_mtu=wire_mtu)}
         self.netkey_rekey_after_s = netkey_rekey_after_s
         self.group_crossing = group_crossing
 

@@ -16,7 +16,7 @@ own router namespace (in segment A's lab, suffix ``<a>``)::
 * Each gateway routes ``10.7k.0.0/16`` out of ``wan{k}``, so its datagrams to
   path k's addresses leave with path k's address as source.  On path 3 both
   gateways' remote is the relay (10.73.3.1:4789).
-* Every path link has MTU 9000 (``WAN_MTU``): tunnel datagrams of jumbo inner
+* Every path link has MTU 9200 (``WAN_MTU``): tunnel datagrams of jumbo inner
   frames pass unfragmented.  The segments keep ``Lab``'s MTU (1500): ``Lab``
   has no MTU option yet, so there is no ``segment_mtu`` here.
 * ``shape``, ``set_loss`` and ``path_down`` act in the router namespace only
@@ -39,7 +39,7 @@ from .support import Capture, LabError, Proc
 
 PATHS = (1, 2, 3)
 RELAY_PATH = 3
-WAN_MTU = 9000
+WAN_MTU = 9200  # a jumbo inner frame (MTU 9000) plus the tunnel and IP/UDP overhead
 RELAY_IP = "10.73.3.1"
 RELAY_GW_IP = "10.73.3.254"
 #: The interface of a router namespace toward each gateway.

@@ -36,12 +36,11 @@ lab made; nothing is created in the root namespace)::
   carrier, i.e. after an agent restart): ``wait_connected`` also waits until
   none is tentative, and fails if one failed.  As in the README, hosts have no
   ``--mac`` and agents no ``--tap-mac``: the lab learns each MAC (``tap_mac_of``).
-* ``Lab(agents=False)`` builds the same switch with the test addresses on
-  ``eth0`` and no key server: the plain-veth baseline of ``scripts/bench``.
-* Every process runs through ``ip netns exec`` in its own session; the lab
-  keeps its PID (and start time, against PID reuse) and logs it to
-  ``<state_dir>/logs/<name>.log``.  ``<state_dir>/lab.json`` records all of it,
-  so ``Lab.load(state_dir).down()`` cleans up a lab another process left.
+* ``Lab(agents=False)``: the same switch, test addresses on ``eth0``, no key
+  server (``scripts/bench``'s baseline).  ``Lab(wire_mtu=9000)``: jumbo ports.
+* Every process runs via ``ip netns exec`` in its own session; its PID (and
+  start time) go to ``<state_dir>/lab.json`` and its output to
+  ``logs/<name>.log``: ``Lab.load(state_dir).down()`` cleans up another's lab.
 * Captures run tcpdump (``-U -w``) inside the switch namespace.  With
   ``capture_from_start`` the lab captures what each host port receives
   (``-Q in``) before any agent starts, for the lab's whole life.
@@ -61,20 +60,8 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
-from .support import (
-    Capture,
-    LabError,
-    LabProcesses,
-    Proc,
-    STARTED_CHILDREN,
-    cpu_seconds,
-    ethertype_counts,
-    read_pcap,
-    read_pcap_records,
-    stop_proc,
-    wait_dad_done,
-    wait_listening,
-)
+from .support import (STARTED_CHILDREN, Capture, LabError, LabProcesses, Proc, cpu_seconds, ethertype_counts,
+                      read_pcap, read_pcap_records, stop_proc, wait_dad_done, wait_listening)
 
 L2C_ETHERTYPE = 0x88B5  # constants.DEFAULT_ETHERTYPE (the lab runs the defaults)
 HOSTS = ("h1", "h2", "h3")
@@ -154,8 +141,10 @@ class Lab(LabProcesses):
         suffix: str | None = None,
         bin_dir: str | Path | None = None,
         agent_args: tuple[str, ...] = (),
+        wire_mtu: int | None = None,
     ):
         self.suffix = suffix or secrets.token_hex(3)[:5]
+        self.wire_mtu = wire_mtu
         self.state_dir = Path(state_dir or f"/tmp/l2crypt-lab-{self.suffix}").resolve()
         self.hosts = tuple(hosts)
         self.agents = agents
@@ -270,6 +259,8 @@ class Lab(LabProcesses):
                 ipr.link("add", ifname=left, kind="veth", peer=peer)
         finally:
             os.close(fd)
+        for role, ifname in ((left_role, left), (right_role, right)) if left_role == "sw" and self.wire_mtu else ():
+            self._link(role, ifname, mtu=self.wire_mtu)
 
     def _link(self, role: str, ifname: str, **kw) -> None:
         with IPRoute(netns=self.ns(role), flags=0) as ipr:

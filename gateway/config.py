@@ -113,9 +113,9 @@ class GatewayConfig(FrameTuning, DaemonKeys):
                                  "split mode: spread single frames rather than flows over the paths (per-packet "
                                  "spraying; the receiver puts them back in order, waiting at most tunnel_reorder_ms)")
     tunnel_fec_k: int = setting(4, check_int_range(2, 32), "fec mode: frames per parity frame")
-    tunnel_probe_interval_s: float = setting(0.1, check_seconds(0.02, 10.0),
+    tunnel_probe_interval_s: float = setting(0.05, check_seconds(0.01, 10.0),
                                              "authenticated probe on each path every this many seconds")
-    tunnel_probe_misses: int = setting(3, check_int_range(2, 100),
+    tunnel_probe_misses: int = setting(6, check_int_range(2, 100),
                                        "a path without an answer for this many probe intervals is taken out")
     tunnel_weight_interval_s: float = setting(1.0, check_seconds(0.1, 60.0),
                                               "path weights are re-computed from RTT, loss and delivered rate "

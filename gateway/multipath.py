@@ -57,8 +57,8 @@ class MultipathSettings:
     mode: str = "split"
     spray: bool = False
     fec_k: int = 4
-    probe_interval_s: float = 0.1
-    probe_misses: int = 3
+    probe_interval_s: float = 0.05
+    probe_misses: int = 6
     weight_interval_s: float = 1.0
     holddown_s: float = 3.0
     reorder_ms: float = 30.0

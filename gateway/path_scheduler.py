@@ -46,7 +46,7 @@ from . import probe_wire
 UP, DOWN, HOLDDOWN = "up", "down", "holddown"
 LOSS_PENALTY = 60.0
 LOSS_ALLOWED = 0.02
-LOSS_GAIN = 0.75  # a single interval's loss moves the smoothed loss this far
+LOSS_GAIN = 0.85  # a single interval's loss moves the smoothed loss this far
 RTT_FLOOR_S = 0.02
 MIN_FRAMES_FOR_LOSS = 50
 RTT_GAIN = 0.2
@@ -60,8 +60,8 @@ class SchedulerSettings:
 
     mode: str = "split"
     spray: bool = False
-    probe_interval_s: float = 0.1
-    probe_misses: int = 3
+    probe_interval_s: float = 0.05
+    probe_misses: int = 6
     weight_interval_s: float = 1.0
     holddown_s: float = 3.0
     weights: dict = field(default_factory=dict)  # path -> base weight

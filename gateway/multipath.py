@@ -29,6 +29,7 @@ path with that path's keys).  Per link (peer gateway):
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -51,16 +52,10 @@ DUPLICATE_WINDOW = 1 << 15
 
 
 @dataclass(frozen=True)
-class MultipathSettings:
-    """``tunnel_mode`` and friends (``gateway.config``)."""
+class MultipathSettings(SchedulerSettings):
+    """``tunnel_mode`` and friends (``gateway.config``): the scheduler's, parity and reordering."""
 
-    mode: str = "split"
-    spray: bool = False
     fec_k: int = 4
-    probe_interval_s: float = 0.05
-    probe_misses: int = 6
-    weight_interval_s: float = 1.0
-    holddown_s: float = 3.0
     reorder_ms: float = 30.0
 
 
@@ -94,10 +89,8 @@ class Multipath:
             multi = len(ids) > 1
             sched = None
             if multi:
-                sched = PathScheduler(tuple(ids), SchedulerSettings(
-                    mode=s.mode, spray=s.spray, probe_interval_s=s.probe_interval_s, probe_misses=s.probe_misses,
-                    weight_interval_s=s.weight_interval_s, holddown_s=s.holddown_s,
-                    weights={p: (weights or {}).get((peer, p), 1.0) for p in ids}))
+                sched = PathScheduler(tuple(ids), dataclasses.replace(
+                    s, weights={p: (weights or {}).get((peer, p), 1.0) for p in ids}))
             self.links[peer] = LinkState(
                 peer, tuple(ids), seq_start, sched,
                 reorder=ReorderBuffer(max_wait_s=s.reorder_ms / 1000.0) if multi and s.spray and s.mode == "split"

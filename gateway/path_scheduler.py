@@ -109,6 +109,7 @@ class PathScheduler:
         self.flows: dict[int, list] = {}  # flow -> [path, last seen]
         self.next_weights_at = now + settings.weight_interval_s
         self.moved_flows = 0
+        self.intervals = 0  # weight computations so far
         self._share()
 
     # ------------------------------------------------------------ probes
@@ -210,6 +211,7 @@ class PathScheduler:
     def _measure(self, now: float) -> None:
         interval = self.settings.weight_interval_s + max(0.0, now - self.next_weights_at)
         self.next_weights_at = now + self.settings.weight_interval_s
+        self.intervals += 1
         for p in self.paths.values():
             if p.sent_frames >= MIN_FRAMES_FOR_LOSS:
                 measured = min(1.0, max(0.0, 1.0 - p.got_frames / p.sent_frames))
@@ -293,7 +295,8 @@ class PathScheduler:
         return [{"id": p.id, "state": p.state, "rtt_ms": round(p.rtt_s * 1e3, 3) if p.rtt_s is not None else None,
                  "loss": round(p.loss, 4), "weight": round(p.weight, 4), "base_weight": p.base,
                  "tx_frames": p.tx_frames, "tx_bytes": p.tx_bytes, "rx_frames": p.rx_frames,
-                 "rx_bytes": p.rx_bytes, "delivered_bps": round(p.rate_bps), "flows": p.flows}
+                 "rx_bytes": p.rx_bytes, "delivered_bps": round(p.rate_bps), "flows": p.flows,
+                 "intervals": self.intervals}
                 for p in self.paths.values()]
 
 

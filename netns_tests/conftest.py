@@ -15,7 +15,15 @@ from helpers import assert_hosts_sent_only_sealed, skip_reason, skip_unless_gate
 from hostile import MARKER as HOSTILE_MARKER  # noqa: E402
 
 from l2crypt.lab import segment as L  # noqa: E402
+from l2crypt.lab.cpu_share import share_cpu  # noqa: E402
 from l2crypt.lab.gateway import GatewayLab  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_share(request):
+    """A module with ``ALONE = True`` (it asserts rates) runs with no other module beside it."""
+    with share_cpu(alone=getattr(request.module, "ALONE", False)):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from l2crypt.lab.gateway import TUNNEL_PORT
 from l2crypt.lab.multipath import PATHS, MultipathLab
 
 pytestmark = pytest.mark.lab
+ALONE = True  # rates are asserted: no other test module runs meanwhile (l2crypt/lab/cpu_share.py)
 
 SEGMENT_MTU = 9000
 CAP_MBIT = 100
@@ -238,12 +239,13 @@ def test_a_lossy_path_loses_its_weight_within_two_intervals_and_throughput_recov
         time.sleep(1.0)
         now = _paths(mp)
         lossy = max(PATHS, key=lambda k: now[k]["tx_bytes"] - before[k])
-        weight_before = now[lossy]["weight"]
+        weight_before, intervals_before = now[lossy]["weight"], now[lossy]["intervals"]
         mp.set_loss(lossy, 5)
         started = time.monotonic()
-        low = wait_for("the lossy path's weight to fall", lambda: (w := _paths(mp)[lossy]["weight"]) < weight_before / 2
-                       and (w,), timeout_s=10, every_s=0.1)[0]
-        took = time.monotonic() - started
+        low, intervals_after = wait_for(
+            "the lossy path's weight to fall", lambda: (p := _paths(mp)[lossy])["weight"] < weight_before / 2
+            and (p["weight"], p["intervals"]), timeout_s=10, every_s=0.1)
+        took, intervals = time.monotonic() - started, intervals_after - intervals_before
         wait_for("iperf3 to end", lambda: not client.alive(), timeout_s=30)
         text = mp.a.log_text("iperf3-adapt-client")
         doc = json.loads(text[text.index("{"):])
@@ -251,10 +253,11 @@ def test_a_lossy_path_loses_its_weight_within_two_intervals_and_throughput_recov
         mp.b.stop(srv)
     rates = [i["sum"]["bits_per_second"] / 1e6 for i in doc["intervals"]]
     recovered = sum(rates[-6:]) / 6
-    print(f"adaptation: path {lossy} (5% loss) weight {weight_before:.2f} -> {low:.2f} in {took:.1f} s; "
+    print(f"adaptation: path {lossy} (5% loss) weight {weight_before:.2f} -> {low:.2f} in {took:.1f} s "
+          f"({intervals} weight intervals); "
           f"4 streams {clean:.1f} Mbit/s clean, {recovered:.1f} Mbit/s in the last 3 s; per 0.5 s: "
           f"{[round(r) for r in rates]}")
-    assert took <= 2 * 1.0 + 0.5
+    assert intervals <= 2  # the weights computed since the loss began (the first may have seen little of it)
     assert recovered >= 0.7 * clean
 
 

@@ -5,7 +5,15 @@ import pytest
 
 from store_kek import PG_KEK
 from keyserverd.store.sqlite import SqliteStore
+from l2crypt.lab.cpu_share import share_cpu
 from l2crypt.lab.pg_throwaway import PgServer, unavailable_reason
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_share():
+    """Unit test modules never run beside a lab module that asserts rates (see netns_tests)."""
+    with share_cpu():
+        yield
 
 
 

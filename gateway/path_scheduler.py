@@ -8,9 +8,8 @@ The paths of one tunnel link (``multipath``), each with a *base weight*
    have keys), with this end's count of frames sent on it; the echo brings
    back the peer's count of frames received.  The echo gives the RTT
    (smoothed), and between two echoes the path's loss (``1 - received /
-   sent``, exact because a probe queues behind the frames sent before it;
-   smoothed with ``LOSS_GAIN`` per interval, so one congested interval does
-   not move flows) and delivered rate.  Fewer than ``MIN_FRAMES_FOR_LOSS`` frames in an interval:
+   sent``, exact because a probe queues behind the frames sent before it)
+   and delivered rate.  Fewer than ``MIN_FRAMES_FOR_LOSS`` frames in an interval:
    the loss is the share of probes not answered.
 2. States: a path is ``up`` until ``probe_misses`` probe intervals pass with
    a probe out and no echo (``down``: its flows move at once).  A ``down``
@@ -46,7 +45,6 @@ from . import probe_wire
 UP, DOWN, HOLDDOWN = "up", "down", "holddown"
 LOSS_PENALTY = 60.0
 LOSS_ALLOWED = 0.02
-LOSS_GAIN = 0.85  # a single interval's loss moves the smoothed loss this far
 RTT_FLOOR_S = 0.02
 MIN_FRAMES_FOR_LOSS = 50
 RTT_GAIN = 0.2
@@ -214,8 +212,7 @@ class PathScheduler:
         self.intervals += 1
         for p in self.paths.values():
             if p.sent_frames >= MIN_FRAMES_FOR_LOSS:
-                measured = min(1.0, max(0.0, 1.0 - p.got_frames / p.sent_frames))
-                p.loss += LOSS_GAIN * (measured - p.loss)
+                p.loss = min(1.0, max(0.0, 1.0 - p.got_frames / p.sent_frames))
             elif p.probes_out >= 3:
                 p.loss = min(1.0, max(0.0, 1.0 - p.echoes / p.probes_out))
             else:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 
@@ -20,9 +21,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import tunnel_wire as W
-from helpers import KeyServerClient, listening, skip_unless_gateway_lab, wait_for
+from helpers import listening, skip_unless_gateway_lab, wait_for
 from test_gateway import scrape_gw
-from l2crypt.core.frame_wire import parse_mac
 from l2crypt.lab import segment as L
 from l2crypt.lab.gateway import TUNNEL_PORT
 from l2crypt.lab.multipath import PATHS, MultipathLab
@@ -32,6 +32,7 @@ ALONE = True  # rates are asserted: no other test module runs meanwhile (l2crypt
 
 SEGMENT_MTU = 9000
 CAP_MBIT = 100
+NETKEY_REKEY_S = 12.0  # every path's key rotates under all these tests
 #: The usual TCP (this machine's default may be BBR, which fills a capped path until it
 #: drops many packets, and shrugs off random loss: neither is what these tests measure).
 CUBIC = ("-C", "cubic")
@@ -41,7 +42,7 @@ CUBIC = ("-C", "cubic")
 def mp(tmp_path_factory):
     skip_unless_gateway_lab()
     the_lab = MultipathLab(tmp_path_factory.mktemp("mptraffic"), multipath=True, wire_mtu=SEGMENT_MTU,
-                           tunnel_args={"mode": "split"})
+                           tunnel_args={"mode": "split"}, netkey_rekey_after_s=NETKEY_REKEY_S)
     try:
         the_lab.up(timeout_s=150)
         _wait_paths(the_lab, lambda p: p["state"] == "up" and p["pw_id"] is not None, "every path up and keyed")
@@ -52,12 +53,13 @@ def mp(tmp_path_factory):
 
 @pytest.fixture
 def clean_paths(mp):
-    """Every path up, unshaped and without loss after the test."""
+    """Every path up, unshaped and without loss, and the weights even again, before the next test."""
     yield
     for k in PATHS:
         mp.path_up(k)
         mp.set_loss(k, 0)
         mp.shape(k, None)
+    _wait_paths(mp, lambda p: p["state"] == "up" and p["weight"] > 0.25, "every path up with its share")
 
 
 def _paths(mp, gw: str = "gA") -> dict[int, dict]:
@@ -114,18 +116,21 @@ def _tunnel_datagrams(frames: list[bytes]) -> list[bytes]:
     return out
 
 
-def _path_key(mp, k: int) -> tuple[int, bytes]:
-    """(PW_ID, key gB seals path k with): what an operator of path k might have been given.
-    Asked from segment B's key server with gB's own certificate, as gB asks it."""
-    b = mp.b
-    client = KeyServerClient(b.ns("gB"), b.keyserver_addr, mp.gw_dir("gB"))
-    try:
-        assert client.request({"t": "hello", "rid": 1, "mac": parse_mac("02:4c:47:00:00:b1")})["t"] == "welcome"
-        got = client.request({"t": "netkey_req", "rid": 2, "peer_id": "gA", "path": k})
-    finally:
-        client.close()
-    assert got["t"] == "netkey" and got.get("path", 0) == k, got
-    return got["pw_id"], got["send_key"]
+def _path_keys(mp, k: int) -> dict[int, bytes]:
+    """PW_ID -> the key gB seals path k with, for every NETKEY version the key servers hold:
+    what an operator of path k might have been given.  Derived from NETKEY as segment B's key
+    server derives it (its state files, read only: no session disturbs the gateways)."""
+    from keyserverd.ca import CertificateAuthority
+    from keyserverd.peering.netkey import NETKEY_FILE, NetkeyBook
+    from keyserverd.store.kek import read_kek_file
+    from l2crypt.core.tunnel_keys import Endpoint, link_key
+
+    a_ca, b_ca = (CertificateAuthority.open(lab.ks_dir, ()).ca_fingerprint() for lab in (mp.a, mp.b))
+    book = NetkeyBook(mp.b.ks_dir / NETKEY_FILE, read_kek_file(mp.b.ks_dir / "kek"))
+    keys = {pw_id: link_key(netkey, pw_id, Endpoint(b_ca, "gB"), Endpoint(a_ca, "gA"), path=k)
+            for pw_id, netkey in book.versions()}
+    assert keys, "no NETKEY version on record"
+    return keys
 
 
 def _opens(key: bytes, datagram: bytes) -> bytes | None:
@@ -272,7 +277,7 @@ def test_each_path_carries_only_its_own_key_and_a_share_of_the_flows(mp, clean_p
     finally:
         frames = {k: _tunnel_datagrams(L.read_pcap(cap.stop())) for k, cap in caps.items()}
     status = _paths(mp, "gB")
-    pw_id, key = _path_key(mp, 1)
+    keys = _path_keys(mp, 1)
     flows_on = {}
     for k, datagrams in frames.items():
         from_gb = [d for d in datagrams if len(d) >= W.MIN_DATAGRAM and W.decode_header(d).sender == _tag("gB")]
@@ -280,7 +285,7 @@ def test_each_path_carries_only_its_own_key_and_a_share_of_the_flows(mp, clean_p
         headers = [W.decode_header(d) for d in from_gb]
         assert {h.path for h in headers} == {k}
         assert {h.pw_id for h in headers} <= {status[k]["pw_id"], status[k]["pw_id"] - 1}
-        opened = [_opens(key, d) for d in from_gb if W.decode_header(d).pw_id == pw_id]
+        opened = [_opens(keys[h.pw_id], d) for h, d in zip(headers, from_gb) if h.pw_id in keys]
         if k == 1:
             assert opened and all(m is not None for m in opened)
             flows_on[k] = {m[8 + 14 + 28 + len(marker)] for m in opened if marker in m}
@@ -288,6 +293,32 @@ def test_each_path_carries_only_its_own_key_and_a_share_of_the_flows(mp, clean_p
             assert all(m is None for m in opened), f"path 1's key opened a datagram of path {k}"
         assert not any(marker in d for d in datagrams)
     assert 0 < len(flows_on[1]) < 12, f"path 1 carried {len(flows_on[1])} of 12 flows"
+
+
+KEY_DROPS = ("tunnel_no_netkey", "tunnel_stale_netkey", "tunnel_bad_tag", "tunnel_replayed")
+
+
+def test_every_paths_key_rotates_make_before_break_without_losing_a_frame(mp, clean_paths):
+    """A key per path, rotated with NETKEY: across a rotation every path moves to a new
+    PW_ID, 3 flows of pings lose nothing, and no datagram is dropped for its key."""
+    before = {gw: mp.gateway_status(gw) for gw in ("gA", "gB")}
+    flows = [mp.a.popen("h1", ["ping", "-c", str(int(NETKEY_REKEY_S * 1.5 / 0.1)), "-i", "0.1", "-s", str(size),
+                               L.tap_ipv4("h3")], name=f"ping-rekey-{size}") for size in (56, 200, 1000)]
+    wait_for("the pings", lambda: not any(p.alive() for p in flows), timeout_s=NETKEY_REKEY_S * 3)
+    after = {gw: mp.gateway_status(gw) for gw in ("gA", "gB")}
+    drops = {gw: {r: n - before[gw]["drops"].get(r, 0) for r, n in after[gw]["drops"].items()
+                  if n != before[gw]["drops"].get(r, 0)} for gw in ("gA", "gB")}
+    for size in (56, 200, 1000):
+        log = mp.a.log_text(f"ping-rekey-{size}")
+        got = {int(m) for m in re.findall(r"icmp_seq=(\d+)", log)}
+        lost = sorted(set(range(1, max(got, default=0) + 1)) - got)
+        assert " 0% packet loss" in log, (size, lost, drops, log[-200:])
+    for gw in ("gA", "gB"):
+        old = {p["id"]: p["pw_id"] for p in before[gw]["tunnel_paths"]}
+        new = {p["id"]: p["pw_id"] for p in after[gw]["tunnel_paths"]}
+        assert all(new[k] > old[k] for k in PATHS), (gw, old, new)
+        assert {r: after[gw]["drops"].get(r, 0) - before[gw]["drops"].get(r, 0) for r in KEY_DROPS} == \
+            dict.fromkeys(KEY_DROPS, 0), gw
 
 
 def test_redundant_mode_delivers_everything_once_over_a_lossy_path(mp, clean_paths):
@@ -318,8 +349,8 @@ def test_the_relay_holds_no_key_and_sees_no_plaintext(mp, clean_paths):
         frames = L.read_pcap(cap.stop())
     assert mp.relay_stats()["forwarded"], "the relay forwarded nothing"
     memory = mp.process_memory(mp.relay_pid())
-    keys = [_path_key(mp, k)[1] for k in PATHS]
-    assert memory and not any(k in memory for k in keys)
+    keys = [key for k in PATHS for key in _path_keys(mp, k).values()]
+    assert memory and len(keys) >= 3 and not any(k in memory for k in keys)
     assert not any(marker in f for f in frames)
 
 

@@ -100,7 +100,8 @@ def test_parity_messages_are_the_documented_layout():
 
 structured_parity = st.builds(lambda first, k, lens, body: F.HEADER.pack(first, k, lens) + body,
                               st.integers(0, (1 << 64) - 1), st.integers(0, 34),
-                              st.one_of(st.integers(0, 60), st.integers(0, 0xFFFF)), st.binary(min_size=12, max_size=40))
+                              st.one_of(st.integers(0, 60), st.integers(0, 0xFFFF)),
+                              st.binary(min_size=12, max_size=40))
 
 
 @settings(max_examples=400, deadline=None)

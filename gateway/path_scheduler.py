@@ -23,7 +23,10 @@ The paths of one tunnel link (``multipath``), each with a *base weight*
    path that TCP fills drops a little (its queue is full), and moving flows
    for that would make the paths take turns.  5 % loss divides a path's
    quality by 6; a path whose share fell by half or more loses its flows to
-   the others.  RTT weighs little: queueing under load lengthens it.
+   the others, and a path holding ``OVERLOAD`` times its share of the flows
+   and a whole flow more (another path came back, or got better) gives the
+   excess away, so a path back from ``down`` gets its share of long-lived
+   flows.  RTT weighs little: queueing under load lengthens it.
 4. ``pick(flow, now)``: ``split``/``fec`` keep a flow on one path (a new
    flow goes to the ``up`` path with the fewest active flows per weight;
    flows idle for ``flow_idle_s`` are forgotten), or with ``spray`` take the
@@ -48,6 +51,8 @@ LOSS_ALLOWED = 0.02
 RTT_FLOOR_S = 0.02
 MIN_FRAMES_FOR_LOSS = 50
 RTT_GAIN = 0.2
+#: A path holding this many times its share of the flows (and a whole flow more) gives the excess away.
+OVERLOAD = 1.25
 #: Probes remembered for their send time and count (older echoes only count as "alive").
 PROBES_KEPT = 64
 
@@ -116,9 +121,11 @@ class PathScheduler:
         """(path, PROBE plaintext) of each path whose probe is due and ``sendable(path)``."""
         out = []
         for p in self.paths.values():
-            if now < p.next_probe_at or not sendable(p.id):
+            if now < p.next_probe_at:
                 continue
-            p.next_probe_at = now + self.settings.probe_interval_s
+            p.next_probe_at = now + self.settings.probe_interval_s  # unsendable: ask again then
+            if not sendable(p.id):
+                continue
             p.probe_no = (p.probe_no + 1) & 0xFFFFFFFF
             p.sent[p.probe_no] = (now, p.tx_frames)
             if len(p.sent) > PROBES_KEPT:
@@ -228,17 +235,23 @@ class PathScheduler:
         quality = {p.id: p.base * math.exp(-LOSS_PENALTY * max(0.0, p.loss - LOSS_ALLOWED))
                    * math.sqrt(best / ((p.rtt_s if p.rtt_s is not None else best) + RTT_FLOOR_S)) for p in live}
         total = sum(quality.values())
+        flows = len(self.flows)
         for p in self.paths.values():
             old = p.weight
             p.weight = quality[p.id] / total if total > 0 and p.id in quality else 0.0
+            excess = int(p.flows - flows * p.weight)
             if p.flows and p.weight <= old / 2:
-                self._move_flows(p.id)
+                self._move_flows(p.id, p.flows)
+            elif excess >= 1 and p.flows >= OVERLOAD * flows * p.weight:
+                self._move_flows(p.id, excess)  # a path came back or got better: share out
 
-    def _move_flows(self, path: int) -> None:
-        for flow in [f for f, entry in self.flows.items() if entry[0] == path]:
+    def _move_flows(self, path: int, count: int) -> None:
+        """Forget ``count`` of the path's flows (the newest): their next frame picks a path again."""
+        on_path = [f for f, entry in self.flows.items() if entry[0] == path]
+        for flow in on_path[len(on_path) - count:]:
             del self.flows[flow]
             self.moved_flows += 1
-        self.paths[path].flows = 0
+        self.paths[path].flows -= min(count, len(on_path))
 
     # -------------------------------------------------------------- picking
 
@@ -253,9 +266,10 @@ class PathScheduler:
             return tuple(p.id for p in live[:2])
         if s.spray:
             live = self._live()
-            total = sum(p.weight for p in live) or float(len(live))
-            for p in live:
-                p.swrr += p.weight or 1.0
+            weights = [p.weight for p in live] if any(p.weight > 0 for p in live) else [1.0] * len(live)
+            total = sum(weights)
+            for p, w in zip(live, weights):
+                p.swrr += w
             chosen = max(live, key=lambda p: p.swrr)
             chosen.swrr -= total
             return (chosen.id,)

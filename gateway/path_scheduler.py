@@ -41,6 +41,7 @@ else the MAC pair and EtherType).  Nothing here raises on a bad message.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from . import probe_wire
@@ -53,6 +54,8 @@ MIN_FRAMES_FOR_LOSS = 50
 RTT_GAIN = 0.2
 #: A path holding this many times its share of the flows (and a whole flow more) gives the excess away.
 OVERLOAD = 1.25
+#: Weight intervals whose weights a path's status shows.
+HISTORY = 10
 #: Probes remembered for their send time and count (older echoes only count as "alive").
 PROBES_KEPT = 64
 
@@ -100,6 +103,7 @@ class PathState:
     probes_out: int = 0
     echoes: int = 0
     swrr: float = 0.0
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (interval, weight) of the last ones
 
 
 class PathScheduler:
@@ -195,12 +199,15 @@ class PathScheduler:
             elif p.state == HOLDDOWN and now - p.answered_since >= s.holddown_s:
                 p.state = UP
                 changed = True
-        if now >= self.next_weights_at:
+        measured = now >= self.next_weights_at
+        if measured:
             self._measure(now)
             self._forget_idle(now, s.flow_idle_s)
-            changed = True
-        if changed:
+        if changed or measured:
             self._share()
+        if measured:
+            for p in self.paths.values():
+                p.history.append((self.intervals, round(p.weight, 4)))
 
     def next_deadline(self) -> float | None:
         s = self.settings
@@ -307,7 +314,7 @@ class PathScheduler:
                  "loss": round(p.loss, 4), "weight": round(p.weight, 4), "base_weight": p.base,
                  "tx_frames": p.tx_frames, "tx_bytes": p.tx_bytes, "rx_frames": p.rx_frames,
                  "rx_bytes": p.rx_bytes, "delivered_bps": round(p.rate_bps), "flows": p.flows,
-                 "intervals": self.intervals}
+                 "intervals": self.intervals, "weights": [list(h) for h in p.history]}
                 for p in self.paths.values()]
 
 

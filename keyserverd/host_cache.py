@@ -65,22 +65,19 @@ class HostCache:
             self._by_mac.pop(host.mac, None)
 
     def get_host(self, host_id: str) -> HostRecord | None:
-        self._follow()
-        host = self._by_id.get(host_id)
-        if host is not None:
-            self.hits += 1
-            return host
-        self.misses += 1
-        return self._keep(self.store.get_host(host_id))
+        return self._lookup(self._by_id, host_id, self.store.get_host)
 
     def host_by_mac(self, mac: bytes) -> HostRecord | None:
+        return self._lookup(self._by_mac, mac, self.store.host_by_mac)
+
+    def _lookup(self, kept: dict, key, read) -> HostRecord | None:
         self._follow()
-        host = self._by_mac.get(mac)
+        host = kept.get(key)
         if host is not None:
             self.hits += 1
             return host
         self.misses += 1
-        return self._keep(self.store.host_by_mac(mac))
+        return self._keep(read(key))
 
     def is_revoked(self, host_id: str) -> bool:
         """True if the host is revoked or unknown (as ``store.is_revoked``)."""

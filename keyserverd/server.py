@@ -18,7 +18,9 @@
    only then are their actions carried out.  No answer leaves before the
    write it reports is durable.  If the commit fails, each of those
    connections is told ``store_unavailable`` and closed (its client
-   reconnects and asks again).
+   reconnects and asks again).  A group begins and ends with
+   ``KeyService.begin_group``/``end_group``, so the host rows it answers
+   from are checked against the event log once per group (``host_cache``).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.

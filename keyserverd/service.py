@@ -19,7 +19,9 @@
      on a token take its identity by challenge (``challenge_service``);
      every refused ``enroll`` gets the same ``enroll_refused`` (unknown ID,
      wrong, used or expired token, revoked host: the log has which);
-   - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
+   - a certificate of a revoked or unknown ID gets ``revoked`` and the close
+     (host rows come from ``host_cache``, exact to every revocation committed
+     before the request's store group began);
    - ``hello`` binds (certificate ID, mac) in the ID-MAC table (``mac_conflict``);
      with ``require_pinned_macs`` only the MAC of ``host add --mac``
      (``mac_not_pinned``).  A first binding is checked with the peered key
@@ -435,8 +437,8 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         version ``pw_id`` with its age, and up to ``OLDER_VERSIONS_MAX`` older
         versions still held with theirs, from ``versions`` (the pair's
         (pw_id, created_at, key), newest first: ``store.pair_key_versions``,
-        one read), which hold ``pw_id``.  Ages count to ``now``; without it (a push of the version
-        just made), to ``pw_id``'s creation."""
+        one read), which hold ``pw_id``.  Ages count to ``now``; without it
+        (a push of the version just made), to ``pw_id``'s creation."""
         held = [v for v in versions if v[0] <= pw_id]  # held[0] is pw_id: the callers check it is held
         ref = now if now is not None else held[0][1]
         msg = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer_id, "key": held[0][2],

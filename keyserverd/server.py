@@ -18,16 +18,14 @@
    only then are their actions carried out.  No answer leaves before the
    write it reports is durable.  If the commit fails, each of those
    connections is told ``store_unavailable`` and closed (its client
-   reconnects and asks again).  A group begins and ends with
-   ``KeyService.begin_group``/``end_group``, so the host rows it answers
-   from are checked against the event log once per group (``host_cache``).
+   reconnects and asks again).  ``KeyService.begin_group``/``end_group``
+   bracket a group (``host_cache`` reads the event log once per group).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
    It starts after the last event it pushed before (``event_cursor``), so what
    was written while keyserverd was down is pushed when it starts.  A pair
-   event whose two hosts are not connected to this worker is only counted:
-   its pushes go to those hosts alone (other workers push to theirs).
+   event of two hosts not connected here is only counted (its pushes are theirs).
 5. A malformed or oversized message, an unauthenticated client that does
    not complete a message within ``unauth_idle_s`` (silent or trickling), a client that does not read its pushes, or any error in
    one connection closes that connection only, with a logged reason.  The

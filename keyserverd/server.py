@@ -18,12 +18,14 @@
    only then are their actions carried out.  No answer leaves before the
    write it reports is durable.  If the commit fails, each of those
    connections is told ``store_unavailable`` and closed (its client
-   reconnects and asks again).
+   reconnects and asks again).  ``KeyService.begin_group``/``end_group``
+   bracket a group (``host_cache`` reads the event log once per group).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
    It starts after the last event it pushed before (``event_cursor``), so what
-   was written while keyserverd was down is pushed when it starts.
+   was written while keyserverd was down is pushed when it starts.  A pair
+   event of two hosts not connected here is only counted (its pushes are theirs).
 5. A malformed or oversized message, an unauthenticated client that does
    not complete a message within ``unauth_idle_s`` (silent or trickling), a client that does not read its pushes, or any error in
    one connection closes that connection only, with a logged reason.  The
@@ -210,6 +212,8 @@ class KeyServer:
         self.tls_resumed = 0
         self.group_commits_failed = 0
         self.grouped_requests = 0
+        #: Pair events none of whose hosts is connected to this worker (nothing to push here).
+        self.events_skipped = 0
         #: ``workers``: ``relay(host_id, msg)`` sends a request's push to the other
         #: workers; ``siblings()`` their connection reports (worker 0).  Set by ``Workers.attach``.
         self.relay = None
@@ -404,6 +408,7 @@ class KeyServer:
         handled = []
         try:
             with self.service.store.group():
+                self.service.begin_group()
                 for conn, msgs, done in queued:
                     handled.append((conn, self._handle(conn, msgs), done))
         except StoreUnavailable as exc:
@@ -414,6 +419,8 @@ class KeyServer:
                 if not done.done():
                     done.set_result(False)
             return
+        finally:
+            self.service.end_group()
         self.group_commits += 1
         self.grouped_requests += sum(len(msgs) for _, msgs, _ in queued)
         for conn, answers, done in handled:
@@ -571,6 +578,10 @@ class KeyServer:
                 events = store.events_since(seq)
                 for event in events:
                     seq = self.event_seq = event.seq
+                    if event.kind == "pair" and event.id1 not in self._by_host and event.id2 not in self._by_host:
+                        self.service.events["pair"] += 1
+                        self.events_skipped += 1
+                        continue  # its pushes go to the pair's two hosts only, and none is connected here
                     self._act(None, self.service.on_event(event))
                 if events:
                     self._cursor.save(seq)

@@ -19,7 +19,9 @@
      on a token take its identity by challenge (``challenge_service``);
      every refused ``enroll`` gets the same ``enroll_refused`` (unknown ID,
      wrong, used or expired token, revoked host: the log has which);
-   - a certificate of a revoked or unknown ID gets ``revoked`` and the close;
+   - a certificate of a revoked or unknown ID gets ``revoked`` and the close
+     (host rows come from ``host_cache``, exact to every revocation committed
+     before the request's store group began);
    - ``hello`` binds (certificate ID, mac) in the ID-MAC table (``mac_conflict``);
      with ``require_pinned_macs`` only the MAC of ``host add --mac``
      (``mac_not_pinned``).  A first binding is checked with the peered key
@@ -86,6 +88,7 @@ from l2crypt.core.tunnel_keys import Endpoint, link_keys
 from l2crypt.ops.logs import RateLimiter, fields
 
 from .challenge_service import ChallengeHandlers
+from .host_cache import HostCache
 from .l3_service import L3Handlers
 from .mac_map import MacMap
 from .ratelimit import HostBuckets
@@ -164,6 +167,8 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         if cipher not in CIPHERS:
             raise ValueError(f"cipher must be one of {', '.join(CIPHERS)}, not {cipher!r}")
         self.store = store
+        #: Bound, unrevoked host rows, exact to the event log (``host_cache``).
+        self.hosts = HostCache(store)
         self.cipher = cipher
         self.server_name = server_name
         self.ca = ca
@@ -212,7 +217,7 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
             if session.identity is None and kind not in UNAUTHENTICATED_TYPES:
                 raise RefusedError(f"{kind} needs a client certificate", "unauthenticated")
             if session.identity is not None and kind not in UNAUTHENTICATED_TYPES:
-                if self.store.is_revoked(session.identity):
+                if self.hosts.is_revoked(session.identity):
                     raise RefusedError(f"host {session.identity!r} is revoked", "revoked")
                 if kind in RATE_LIMITED_TYPES and not self.key_requests.take(session.identity, now):
                     raise RefusedError(f"too many key requests from {session.identity!r}; slow down",
@@ -223,6 +228,14 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
             return handler(session, msg, now)
         except RefusedError as exc:
             return self._refused(session, kind, rid, exc, now)
+
+    def begin_group(self) -> None:
+        """The requests of one store group come next (``host_cache``, 3)."""
+        self.hosts.expire()
+
+    def end_group(self) -> None:
+        """The store group has ended: the next lookup reads the event log again."""
+        self.hosts.expire()
 
     def _refused(self, session: Session, kind: str, rid: int, exc: RefusedError, now: float) -> list[Action]:
         """Count, log (rate-limited) and answer a refusal."""
@@ -310,9 +323,10 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
             self._limited(logging.INFO, "key_req_unknown_mac", (session.identity, "unknown"), now,
                           host=session.identity, peer_mac=format_mac(peer_mac))
             return [("reply", {"t": "unknown", "rid": rid, "peer_mac": peer_mac})]
-        key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
+        versions = self.store.pair_key_versions(session.identity, peer.id, now)
+        pw_id = versions[0][0]
         log.info("pair_key_sent", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
-        answer = self._key_msg(rid, peer_mac, peer.id, session.identity, key, pw_id, now)
+        answer = self._key_msg(rid, peer_mac, peer.id, versions, pw_id, now)
         push = _renamed(answer, PUSH_RID, session.bound_mac, session.identity)
         return [("reply", answer), (("push", peer.id), push)]
 
@@ -330,17 +344,17 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
 
     def _resolve(self, mac: bytes) -> HostRecord | None:
         """The host bound to ``mac``, or the gateway it is mapped to (with ``mac`` as its MAC)."""
-        host = self.store.host_by_mac(mac)
+        host = self.hosts.host_by_mac(mac)
         if host is not None:
             return host
         owner = self.macs.owner(mac)
-        gateway = self.store.get_host(owner) if owner is not None else None
+        gateway = self.hosts.get_host(owner) if owner is not None else None
         return dataclasses.replace(gateway, mac=mac) if gateway is not None else None
 
     def _gateway(self, session: Session, kind: str) -> None:
         if session.bound_mac is None:
             raise RefusedError(f"{kind} before hello on this connection", "not_bound")
-        host = self.store.get_host(session.identity)
+        host = self.hosts.get_host(session.identity)
         if host is None or host.role != "gateway":
             raise RefusedError(f"{kind} is for gateways only", "forbidden")
 
@@ -417,26 +431,19 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
                 for h in self.store.list_hosts() if h.role == "gateway" and not h.revoked
                 for peer_id, path in sorted(self.tunnel_links.get(h.id, ()))]
 
-    def _key_msg(self, rid: int, peer_mac: bytes, peer_id: str, other_id: str, key: bytes, pw_id: int,
-                 now: float | None = None) -> dict:
-        """A ``key`` message to ``other_id`` naming its peer (``peer_mac``,
-        ``peer_id``): version ``pw_id`` with its age, and up to
-        ``OLDER_VERSIONS_MAX`` older versions still held with theirs.  Ages
-        count to ``now``; without it (a push of the version just made), to
-        ``pw_id``'s creation.  The versions are listed without key bytes and
-        each older key is read on its own (``store.pair_key``)."""
-        versions = [v for v in self.store.pair_versions(peer_id, other_id) if v[0] <= pw_id]
-        made = dict(versions)
-        ref = now if now is not None else made.get(pw_id, 0.0)
-        msg = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer_id, "key": key, "pw_id": pw_id}
-        if pw_id in made:
-            msg["age_s"] = _age_s(ref, made[pw_id])
-        older = []
-        for version, created in versions:
-            if version < pw_id and len(older) < OLDER_VERSIONS_MAX:
-                old_key = self.store.pair_key(peer_id, other_id, version)
-                if old_key is not None:
-                    older.append([version, old_key, _age_s(ref, created)])
+    def _key_msg(self, rid: int, peer_mac: bytes, peer_id: str, versions: list[tuple[int, float, bytes]],
+                 pw_id: int, now: float | None = None) -> dict:
+        """A ``key`` message naming the peer (``peer_mac``, ``peer_id``):
+        version ``pw_id`` with its age, and up to ``OLDER_VERSIONS_MAX`` older
+        versions still held with theirs, from ``versions`` (the pair's
+        (pw_id, created_at, key), newest first: ``store.pair_key_versions``,
+        one read), which hold ``pw_id``.  Ages count to ``now``; without it
+        (a push of the version just made), to ``pw_id``'s creation."""
+        held = [v for v in versions if v[0] <= pw_id]  # held[0] is pw_id: the callers check it is held
+        ref = now if now is not None else held[0][1]
+        msg = {"t": "key", "rid": rid, "peer_mac": peer_mac, "peer_id": peer_id, "key": held[0][2],
+               "pw_id": pw_id, "age_s": _age_s(ref, held[0][1])}
+        older = [[version, key, _age_s(ref, created)] for version, created, key in held[1:1 + OLDER_VERSIONS_MAX]]
         if older:
             msg["older"] = older
         return msg
@@ -449,18 +456,19 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
             self.rotations["data_volume"] += 1
             log.info("pair_key_rotated", extra=fields(host=session.identity, peer=peer.id, pw_id=new,
                                                       cause="data_volume"))
-        key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
-        return [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, session.identity, key, pw_id, now))]
+        versions = self.store.pair_key_versions(session.identity, peer.id, now)
+        return [("reply", self._key_msg(msg["rid"], peer.mac, peer.id, versions, versions[0][0], now))]
 
     def _on_key_report(self, session: Session, msg: dict, now: float) -> list[Action]:
         """The requester holds ``pw_id`` but its peer still sends with an older
         version.  If ``pw_id`` is the newest, push it again to both ends (the
         patent's race b); if it is older, the requester gets the newest."""
         peer = self._pair_peer(session, msg)
-        key, pw_id = self.store.get_or_create_pair_key(session.identity, peer.id, now)
+        versions = self.store.pair_key_versions(session.identity, peer.id, now)
+        pw_id = versions[0][0]
         if msg["pw_id"] > pw_id:
             raise RefusedError(f"pw_id {msg['pw_id']} does not exist (newest is {pw_id})", "bad_request")
-        answer = self._key_msg(msg["rid"], peer.mac, peer.id, session.identity, key, pw_id, now)
+        answer = self._key_msg(msg["rid"], peer.mac, peer.id, versions, pw_id, now)
         actions: list[Action] = [("reply", answer)]
         if msg["pw_id"] == pw_id:
             log.info("peer_lagging", extra=fields(host=session.identity, peer=peer.id, pw_id=pw_id))
@@ -477,15 +485,19 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
     def on_event(self, event: KeyEvent) -> list[Action]:
         """Pushes for one rotation or revocation event (see the module docstring)."""
         self.events[event.kind] += 1
+        if event.kind == "revoke":
+            self.hosts.forget(event.id1)
         return self._l2_pushes(event) + self.l3_pushes(event)
 
     def _l2_pushes(self, event: KeyEvent) -> list[Action]:
         if event.kind == "pair":
-            key = self.store.pair_key(event.id1, event.id2, event.pw_id)
-            a, b = self.store.get_host(event.id1), self.store.get_host(event.id2)
-            if key is None or a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
+            a, b = self.hosts.get_host(event.id1), self.hosts.get_host(event.id2)
+            if a is None or b is None or a.mac is None or b.mac is None or a.revoked or b.revoked:
                 return []
-            to_a = self._key_msg(PUSH_RID, b.mac, b.id, a.id, key, event.pw_id)  # the pair's versions read once
+            versions = self.store.pair_key_versions(a.id, b.id)
+            if event.pw_id not in {v[0] for v in versions}:
+                return []  # retired already
+            to_a = self._key_msg(PUSH_RID, b.mac, b.id, versions, event.pw_id)  # the pair's versions read once
             actions: list[Action] = [(("push", a.id), to_a), (("push", b.id), _renamed(to_a, PUSH_RID, a.mac, a.id))]
             for gw, other in ((a, b), (b, a)):  # the host holds the gateway's key under mapped MACs too
                 for mac, _ in self.macs.macs_of(gw.id) if gw.role == "gateway" else ():
@@ -514,7 +526,7 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
     def periodic(self, now: float) -> None:
         """Timed rotations and retirement.  Call every few seconds."""
         for id1, id2, _ in self.store.stale_pairs(now - self.rekey_after_s):
-            if self.store.is_revoked(id1) or self.store.is_revoked(id2):
+            if self.hosts.is_revoked(id1) or self.hosts.is_revoked(id2):
                 continue
             pw_id = self.store.rotate_pair_key(id1, id2, now, if_created_before=now - self.rekey_after_s)
             if pw_id is not None:

@@ -120,6 +120,16 @@ class KeyStore(Protocol):
         """(pw_id, created_at) of every version of the pair still held, newest
         first; no key bytes (read one with ``pair_key``)."""
 
+    def pair_key_versions(self, id_a: str, id_b: str, now: float | None = None) -> list[tuple[int, float, bytes]]:
+        """(pw_id, created_at, key) of every version of the pair still held,
+        newest first, in one read; with ``now``, version 1 is made first if
+        the pair has none (as ``get_or_create_pair_key``)."""
+
+    def hold_writers(self) -> bool:
+        """Inside ``group()``: begin its transaction now; True if no other
+        writer can commit before the group does (SQLite), so what is read
+        from now on stays current until the group's answers leave."""
+
     def pairs(self, host_id: str | None = None) -> list[tuple[str, str]]:
         """Every pair with a key (only those including ``host_id`` if given)."""
 

@@ -6,7 +6,10 @@
    row) is ``StoreUnavailable`` for the client and an error in the log, never
    its bytes.  New key material is drawn ahead, ``KEYS_DRAWN_AHEAD`` keys
    from the system's CSPRNG at once (``FreshKeys``), so a group of new pairs
-   costs one call; a key is used once and its slice dropped.
+   costs one call; a key is used once and its slice dropped.  Pair keys
+   opened are kept in memory (``OpenedPairKeys``), each with the sealed
+   value it came from, and served again only for a row just read with the
+   same bytes: a repeated key request costs no KEK open.
 2. ``reseal_key_rows`` seals every stored key under a new KEK in the caller's
    transaction: the migration of a clear database (old KEK None) and
    ``keyserverd kek rotate`` (``reseal``).  No PW_ID changes.
@@ -21,6 +24,7 @@ import fcntl
 import logging
 import os
 import secrets
+from collections import OrderedDict
 from pathlib import Path
 
 from l2crypt.core.errors import LocalError
@@ -34,6 +38,8 @@ log = logging.getLogger("keyserverd")
 KEY_BYTES = 32
 #: New keys drawn from the CSPRNG at once (``FreshKeys``).
 KEYS_DRAWN_AHEAD = 64
+#: Pairs whose opened keys a store keeps (``OpenedPairKeys``).
+OPENED_PAIRS_KEPT = 32768
 
 
 #: The tables that hold keys: (table, the columns naming a row, the row's AAD).
@@ -80,12 +86,68 @@ class FreshKeys:
         return self._drawn.pop()
 
 
+class OpenedPairKeys:
+    """Pair keys opened before, kept in memory so a repeated request does not
+    open the KEK-sealed row again: (id1, id2) -> {PW_ID: (the sealed value as
+    stored, the key)}, at most ``max_pairs`` pairs, the least recently used
+    dropped first.  A key is served only for a row just read from the store
+    with the same sealed bytes, so it never answers for a row the store no
+    longer holds, and a re-sealed row (KEK rotation) is opened again; the
+    versions a read of the pair's rows no longer shows (rotated out, retired)
+    are dropped then (``keep_only``)."""
+
+    def __init__(self, max_pairs: int = OPENED_PAIRS_KEPT):
+        self.max_pairs = max_pairs
+        self._pairs: OrderedDict[tuple[str, str], dict[int, tuple[bytes, bytes]]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, pair: tuple[str, str], pw_id: int, sealed: bytes) -> bytes | None:
+        versions = self._pairs.get(pair)
+        held = versions.get(pw_id) if versions is not None else None
+        if held is None or held[0] != sealed:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._pairs.move_to_end(pair)
+        return held[1]
+
+    def put(self, pair: tuple[str, str], pw_id: int, sealed: bytes, key: bytes) -> None:
+        versions = self._pairs.get(pair)
+        if versions is None:
+            versions = self._pairs[pair] = {}
+            if len(self._pairs) > self.max_pairs:
+                self._pairs.popitem(last=False)
+        versions[pw_id] = (sealed, key)
+
+    def keep_only(self, pair: tuple[str, str], pw_ids) -> None:
+        """The store holds only ``pw_ids`` of ``pair`` now: forget the others' keys."""
+        versions = self._pairs.get(pair)
+        if versions is not None:
+            for pw_id in [v for v in versions if v not in pw_ids]:
+                del versions[pw_id]
+
+    def clear(self) -> None:
+        self._pairs.clear()
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+
 class SealedKeys:
-    """Sealing and opening the key column (mixed into both stores, which set ``kek``)."""
+    """Sealing and opening the key column (mixed into both stores, which set
+    ``kek``); opened pair keys are kept (``OpenedPairKeys``, one per store)."""
 
     kek: Kek
     #: New key material, drawn ahead (one per process: see ``FreshKeys``).
     _fresh = FreshKeys()
+    _opened_keys: OpenedPairKeys | None = None
+
+    @property
+    def opened_pair_keys(self) -> OpenedPairKeys:
+        if self._opened_keys is None:
+            self._opened_keys = OpenedPairKeys()
+        return self._opened_keys
 
     def _new_pair_key(self, id1: str, id2: str, pw_id: int) -> bytes:
         return self._seal(pair_aad(id1, id2, pw_id), self._fresh.take())
@@ -101,7 +163,12 @@ class SealedKeys:
             raise StoreUnavailable("the key server cannot seal a new key") from None
 
     def _open_pair_key(self, id1: str, id2: str, pw_id: int, sealed) -> bytes:
-        return self._unseal(pair_aad(id1, id2, pw_id), sealed, f"pair key {id1}/{id2} pw_id {pw_id}")
+        sealed = bytes(sealed)
+        key = self.opened_pair_keys.get((id1, id2), pw_id, sealed)
+        if key is None:
+            key = self._unseal(pair_aad(id1, id2, pw_id), sealed, f"pair key {id1}/{id2} pw_id {pw_id}")
+            self.opened_pair_keys.put((id1, id2), pw_id, sealed, key)
+        return key
 
     def _open_multicast_key(self, pw_id: int, sealed) -> bytes:
         return self._unseal(multicast_aad(pw_id), sealed, f"multicast key pw_id {pw_id}")

@@ -89,6 +89,8 @@ class SqlStore(SealedKeys):
     migrations: tuple[str, ...]
     #: Appended to a SELECT whose rows the transaction goes on to change.
     FOR_UPDATE = ""
+    #: A group's open transaction keeps every other writer out until it commits.
+    GROUP_EXCLUDES_WRITERS = False
     #: The database, for messages and logs (a PostgreSQL URL without its password).
     shown: str
     kek: Kek
@@ -151,6 +153,7 @@ class SqlStore(SealedKeys):
                 counts = reseal_key_rows(self._q, self.kek, new)
                 self._q("UPDATE kek_check SET kek_id = ? WHERE id = 1", (new.kek_id,))
             self.kek = new
+            self.opened_pair_keys.clear()
             self._scrub()
             if then is not None:
                 then()
@@ -270,21 +273,28 @@ class SqlStore(SealedKeys):
 
     # --- ID-ID-KEY table and multicast key -------------------------------------
     def get_or_create_pair_key(self, id_a, id_b, now) -> tuple[bytes, int]:
+        pw_id, _, key = self.pair_key_versions(id_a, id_b, now)[0]
+        return key, pw_id
+
+    def pair_key_versions(self, id_a, id_b, now=None) -> list[tuple[int, float, bytes]]:
         if id_a == id_b:
             raise LocalError("a pair key needs two different host IDs")
         id1, id2 = sorted((id_a, id_b))
-        with self._write():
-            row = self._newest_pair_key(id1, id2)
-            if row is None:
+        versions = self._pair_rows(id1, id2)  # committed rows, or the open group's: nothing to lock
+        if not versions and now is not None:
+            with self._write():
                 self._q(NEW_PAIR_KEY + "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS "
                         "(SELECT 1 FROM pair_keys WHERE id1 = ? AND id2 = ?) ON CONFLICT DO NOTHING",
                         (id1, id2, FIRST_PW_ID, self._new_pair_key(id1, id2, FIRST_PW_ID), now, id1, id2))
-                row = self._newest_pair_key(id1, id2)
-        return self._open_pair_key(id1, id2, row[1], row[0]), row[1]
+                versions = self._pair_rows(id1, id2)
+        return versions
 
-    def _newest_pair_key(self, id1, id2):
-        return self._q("SELECT key, pw_id FROM pair_keys WHERE id1 = ? AND id2 = ? "
-                       "ORDER BY pw_id DESC LIMIT 1", (id1, id2)).fetchone()
+    def _pair_rows(self, id1, id2) -> list[tuple[int, float, bytes]]:
+        """Every version of the pair held, newest first, opened (through ``opened_pair_keys``)."""
+        rows = self._q("SELECT pw_id, created_at, key FROM pair_keys WHERE id1 = ? AND id2 = ? "
+                       "ORDER BY pw_id DESC", (id1, id2)).fetchall()
+        self.opened_pair_keys.keep_only((id1, id2), {r[0] for r in rows})
+        return [(r[0], r[1], self._open_pair_key(id1, id2, r[0], r[2])) for r in rows]
 
     def current_multicast_key(self) -> tuple[bytes, int]:
         row = self._q("SELECT key, pw_id FROM multicast_keys ORDER BY pw_id DESC LIMIT 1").fetchone()
@@ -408,6 +418,17 @@ class SqlStore(SealedKeys):
         """True if a ``group()`` may start now without waiting for another
         process's write; it then holds the turn until it ends.  False: ask again soon."""
         return self._take_turn()
+
+    def hold_writers(self) -> bool:
+        """Inside ``group()``: begin its transaction now.  True if no other
+        writer can commit before the group does (SQLite's write lock), so what
+        is read from now on stays current until the group's answers leave;
+        False (PostgreSQL, or outside a group): read again for each request."""
+        if self._group is None or not self.GROUP_EXCLUDES_WRITERS:
+            return False
+        with self._write():
+            pass
+        return True
 
     def group(self):
         """The writes inside are committed together, with one fsync, when the

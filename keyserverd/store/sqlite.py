@@ -49,6 +49,7 @@ class SqliteStore(SqlStore):
     event loop, or the CLI); other processes may open the same file."""
 
     migrations = MIGRATIONS
+    GROUP_EXCLUDES_WRITERS = True  # BEGIN IMMEDIATE: one writer at a time
 
     def __init__(self, db: sqlite3.Connection, path: Path, users: StoreUsers, default_kek_path: Path):
         self._db = db

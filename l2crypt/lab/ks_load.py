@@ -18,27 +18,38 @@ commands from the parent over a pipe.
    keys of its existing pairs again.  Reported: when each host was served
    again, the latency of each request, how many handshakes resumed.
 Times are ``time.monotonic()``, one clock for every process of the machine.
+
+The connections are ``ks_link.HostLink``s on one ``selectors`` loop, so the
+generator spends a small part of what keyserverd does on each request (it
+reports its CPU; see ``ks_link`` for why not asyncio).  Requests due
+together (the loop wakes at most every millisecond) leave together, each
+counted from its own scheduled time.
 """
 
 from __future__ import annotations
 
-import asyncio
+import heapq
 import random
 import resource
+import selectors
 import time
 from pathlib import Path
 
-from l2crypt.agent.keyclient import TlsSessions
 from l2crypt.core.failover import ReconnectSchedule
 
-from .ks_hosts import KsConnection, client_context, mac_of
+from .ks_hosts import client_context, mac_of
+from .ks_link import OPEN, HostLink
 
 CONNECTS_AT_ONCE = 64
 ANSWER_GRACE_S = 5.0
 #: A storm host that is not served again within this is counted as failed.
 STORM_DEADLINE_S = 120.0
 REQUEST_TIMEOUT_S = 30.0
-SERVER = "keyserverd"
+#: Requests sent before the loop reads answers again, at most.
+SEND_BATCH = 256
+#: How often links are checked for a handshake or answer past its deadline, seconds.
+DEADLINE_CHECK_S = 0.25
+INF = float("inf")
 
 
 def existing_peers(n: int, hosts: int, per_host: int) -> list[int]:
@@ -52,180 +63,268 @@ def cpu_s() -> float:
 
 
 class LoadProcess:
-    """The hosts ``mine`` of ``hosts``, their connections and what was measured."""
+    """The hosts ``mine`` of ``hosts``, their links and what was measured.
+
+    Every phase sets ``on_answer(link, info, msg, now)`` (``info``: what
+    ``link.waiting`` kept for the request) and ``on_lost(link, now)`` (the
+    link closed, or a deadline passed); ``_pump`` drives the selector."""
 
     def __init__(self, state: Path, port: int, mine: list[int], hosts: int, pairs_per_host: int, seed: int):
-        self.state, self.port, self.mine, self.hosts = state, port, mine, hosts
-        self.pairs_per_host = pairs_per_host
+        self.port, self.mine, self.hosts = port, mine, hosts
         self.rng = random.Random(seed)
         self.contexts = {n: client_context(state, n) for n in mine}
-        self.sessions = {n: TlsSessions() for n in mine}
-        for n in mine:
-            self.sessions[n].install(self.contexts[n])
-        self.conns: dict[int, KsConnection] = {}
+        self.peers = {n: existing_peers(n, hosts, pairs_per_host) for n in mine}
+        self.sel = selectors.DefaultSelector()
+        self.links = {n: HostLink(n, self.sel, self._answer) for n in mine}
         #: (me, peer) -> the newest PW_ID this process saw for the pair.
         self.pw: dict[tuple[int, int], int] = {}
+        self.on_answer = self.on_lost = None
+        #: Hosts whose handshake or hello is under way (their deadline is checked).
+        self.opening: set[int] = set()
+        self._checked = 0.0
 
-    async def _connect(self, n: int, resume: bool) -> bool:
-        """Open host ``n``'s connection and say hello; True if the handshake resumed a session."""
-        sessions = self.sessions[n]
-        if resume:
-            sessions.offer(SERVER)
-        conn = await KsConnection.open(self.port, self.contexts[n], timeout=REQUEST_TIMEOUT_S)
-        answer = await conn.call({"t": "hello", "mac": mac_of(n)}, REQUEST_TIMEOUT_S)
-        resumed = sessions.keep(SERVER, conn.writer)  # after an answer: the TLS 1.3 ticket came before it
-        if answer["t"] != "welcome":
-            conn.close()
-            raise ConnectionError(f"hello refused: {answer}")
-        self.conns[n] = conn
-        return resumed
+    # --- the loop ------------------------------------------------------------
+    def _answer(self, link: HostLink, rid: int, msg: dict, now: float) -> None:
+        info = link.waiting.pop(rid, None)
+        if info is not None:
+            self.on_answer(link, info, msg, now)
 
-    async def connect(self) -> dict:
-        gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+    def _pump(self, timeout: float) -> None:
+        events = self.sel.select(timeout)
+        now = time.monotonic()
+        for key, _ in events:
+            link: HostLink = key.data
+            if link.sock is None:
+                continue  # closed earlier in this round
+            was_open = link.state == OPEN
+            if not link.on_ready(now):
+                if link.state != OPEN:
+                    self.on_lost(link, now)
+                continue
+            if not was_open and link.state == OPEN and link.n in self.opening:
+                self._hello(link, now)
+        if now - self._checked >= DEADLINE_CHECK_S:
+            self._checked = now
+            for n in [n for n in self.opening if self.links[n].deadline < now]:
+                self.links[n].close("no answer in time")
+                self.on_lost(self.links[n], now)
 
-        async def one(n: int) -> None:
-            async with gate:
-                await self._connect(n, resume=False)
+    def _open(self, n: int, resume: bool, now: float) -> None:
+        """Start host ``n``'s connection; ``_hello`` follows when TLS is up."""
+        link = self.links[n]
+        link.close()
+        link.waiting.clear()
+        link.start(self.port, self.contexts[n], link.session if resume else None, now + REQUEST_TIMEOUT_S)
+        self.opening.add(n)
+        if link.sock is None:
+            self.on_lost(link, now)
 
-        results = await asyncio.gather(*(one(n) for n in self.mine), return_exceptions=True)
-        failed = [repr(r) for r in results if isinstance(r, BaseException)]
-        return {"connected": len(self.conns), "failed": len(failed), "first_error": failed[0] if failed else None}
+    def _hello(self, link: HostLink, now: float) -> None:
+        rid = link.request({"t": "hello", "mac": mac_of(link.n)})
+        if rid:
+            link.waiting[rid] = ("hello", link.deadline - REQUEST_TIMEOUT_S, None)
+        else:
+            self.on_lost(link, now)
 
-    # --- open loop -------------------------------------------------------------
-    def _request(self, n: int, mix: tuple[float, float, float]) -> tuple[str, dict]:
+    def _welcomed(self, link: HostLink, msg: dict) -> bool:
+        """After the answer to hello: True if it is a welcome (the link then leaves ``opening``)."""
+        self.opening.discard(link.n)
+        if msg.get("t") != "welcome":
+            link.close(f"hello refused: {msg}")
+            return False
+        link.keep_session()
+        return True
+
+    # --- 1: connect ------------------------------------------------------------
+    def connect(self) -> dict:
+        waiting = list(reversed(self.mine))
+        failed: list[str] = []
+
+        def on_answer(link: HostLink, info: tuple, msg: dict, now: float) -> None:
+            if not self._welcomed(link, msg):
+                failed.append(link.error)
+
+        def on_lost(link: HostLink, now: float) -> None:
+            if link.n in self.opening:
+                self.opening.discard(link.n)
+                failed.append(link.error or "closed")
+
+        self.on_answer, self.on_lost = on_answer, on_lost
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S + len(self.mine) / CONNECTS_AT_ONCE * REQUEST_TIMEOUT_S
+        while (waiting or self.opening) and time.monotonic() < deadline:
+            while waiting and len(self.opening) < CONNECTS_AT_ONCE:
+                self._open(waiting.pop(), False, time.monotonic())
+            self._pump(0.05)
+        connected = sum(1 for link in self.links.values() if link.state == OPEN and not link.waiting)
+        return {"connected": connected, "failed": len(self.mine) - connected,
+                "first_error": failed[0] if failed else None}
+
+    # --- 2: open loop ------------------------------------------------------------
+    def _request(self, n: int, mix: tuple[float, float, float]) -> tuple[str, dict, int]:
         roll = self.rng.random() * sum(mix)
         if roll < mix[0] or roll >= mix[0] + mix[1]:
-            peer = self.rng.choice(existing_peers(n, self.hosts, self.pairs_per_host))
+            peer = self.rng.choice(self.peers[n])
             if roll >= mix[0] + mix[1]:
-                return "rotate", {"t": "rekey_req", "peer_mac": mac_of(peer), "pw_id": self.pw.get((n, peer), 1)}
-            return "existing", {"t": "key_req", "peer_mac": mac_of(peer)}
+                return "rotate", {"t": "rekey_req", "peer_mac": mac_of(peer), "pw_id": self.pw.get((n, peer), 1)}, peer
+            return "existing", {"t": "key_req", "peer_mac": mac_of(peer)}, peer
         peer = self.rng.randrange(self.hosts - 1)
         peer += peer >= n
-        return "new", {"t": "key_req", "peer_mac": mac_of(peer)}
+        return "new", {"t": "key_req", "peer_mac": mac_of(peer)}, peer
 
-    async def run(self, start: float, seconds: float, rate: float, mix: tuple[float, float, float]) -> dict:
+    def run(self, start: float, seconds: float, rate: float, mix: tuple[float, float, float]) -> dict:
         latencies: list[float] = []
         kinds = {"existing": 0, "new": 0, "rotate": 0}
         errors: dict[str, int] = {}
-        pending: set[asyncio.Future] = set()
-        hosts = list(self.conns)
-        interval = 1.0 / rate if rate > 0 else float("inf")
+        outstanding = 0
+
+        def count(code: str, n: int = 1) -> None:
+            errors[code] = errors.get(code, 0) + n
+
+        def on_answer(link: HostLink, info: tuple, msg: dict, now: float) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            latencies.append(now - info[1])
+            t = msg.get("t")
+            if t == "key":
+                self.pw[(link.n, info[2])] = msg.get("pw_id")
+            elif t != "unknown":
+                count(str(msg.get("code", t)))
+
+        def on_lost(link: HostLink, now: float) -> None:
+            nonlocal outstanding
+            outstanding -= len(link.waiting)
+            count("lost", len(link.waiting))
+            latencies.extend([INF] * len(link.waiting))
+            link.waiting.clear()
+
+        self.on_answer, self.on_lost = on_answer, on_lost
+        links = self.links
+        hosts = [n for n in self.mine if links[n].state == OPEN]
+        interval = 1.0 / rate if rate > 0 else INF
         total = int(seconds * rate)
         behind = 0.0
-
-        def answered(fut: asyncio.Future, scheduled: float, n: int, peer_mac: bytes) -> None:
-            pending.discard(fut)
-            if fut.cancelled() or fut.exception() is not None:
-                errors["lost"] = errors.get("lost", 0) + 1
-                latencies.append(float("inf"))
-                return
-            latencies.append(time.monotonic() - scheduled)
-            msg = fut.result()
-            if msg["t"] == "key":
-                self.pw[(n, int.from_bytes(peer_mac[3:], "big"))] = msg["pw_id"]
-            elif msg["t"] != "unknown":
-                errors[msg.get("code", msg["t"])] = errors.get(msg.get("code", msg["t"]), 0) + 1
-
+        k = 0
         cpu0 = cpu_s()
-        await asyncio.sleep(max(0.0, start - time.monotonic()))
-        for k in range(total):
-            scheduled = start + k * interval
+        time.sleep(max(0.0, start - time.monotonic()))
+        while k < total:
             now = time.monotonic()
-            if scheduled > now:
-                await asyncio.sleep(scheduled - now)
-            else:
-                behind = max(behind, now - scheduled)
-                if k % 64 == 0:
-                    await asyncio.sleep(0)  # let answers in even when behind
-            n = self.rng.choice(hosts)
-            conn = self.conns[n]
-            if conn.closed:
-                errors["closed"] = errors.get("closed", 0) + 1
-                latencies.append(float("inf"))
-                continue
-            kind, msg = self._request(n, mix)
-            kinds[kind] += 1
-            fut = conn.send(msg)
-            pending.add(fut)
-            fut.add_done_callback(lambda f, s=scheduled, n=n, mac=msg["peer_mac"]: answered(f, s, n, mac))
+            due = min(total, k + SEND_BATCH, int((now - start) / interval) + 1)
+            if k < due:
+                behind = max(behind, now - (start + k * interval))
+            while k < due:
+                scheduled = start + k * interval
+                k += 1
+                n = self.rng.choice(hosts)
+                link = links[n]
+                if link.state != OPEN:
+                    count("closed")
+                    latencies.append(INF)
+                    continue
+                kind, msg, peer = self._request(n, mix)
+                kinds[kind] += 1
+                rid = link.request(msg)
+                if rid:
+                    link.waiting[rid] = (kind, scheduled, peer)
+                    outstanding += 1
+                else:
+                    count("closed")
+                    latencies.append(INF)
+                    on_lost(link, now)
+            if k < total:
+                self._pump(max(0.0, start + k * interval - time.monotonic()))
         end = time.monotonic()
-        if pending:
-            await asyncio.wait(set(pending), timeout=ANSWER_GRACE_S)
-        for fut in list(pending):
-            fut.cancel()
+        while outstanding > 0 and time.monotonic() < end + ANSWER_GRACE_S:
+            self._pump(0.05)
+        for link in links.values():
+            if link.waiting:
+                on_lost(link, end)
         return {"latencies": latencies, "kinds": kinds, "errors": errors, "cpu_s": cpu_s() - cpu0,
                 "sent_s": end - start, "max_behind_s": behind}
 
-    # --- storm -----------------------------------------------------------------
-    async def storm(self, at: float, jitter_s: float, resume: bool) -> dict:
-        await asyncio.sleep(max(0.0, at - time.monotonic()))
+    # --- 3: storm --------------------------------------------------------------
+    def storm(self, at: float, jitter_s: float, resume: bool) -> dict:
+        time.sleep(max(0.0, at - time.monotonic()))
         cpu0 = cpu_s()
-        for conn in self.conns.values():
-            conn.writer.transport.abort()
-        for conn in self.conns.values():
-            conn.close()
-        self.conns.clear()
+        for link in self.links.values():
+            link.close()
+            link.waiting.clear()
         latencies: list[float] = []
         served_after: list[float] = []
         resumed = failed = 0
+        schedules = {n: ReconnectSchedule(jitter_s, rand=self.rng.random) for n in self.mine}
+        due = [(at + schedules[n].after_session(), n) for n in self.mine]
+        heapq.heapify(due)
+        keys_left: dict[int, int] = {}
+        left = len(self.mine)
 
-        async def timed(conn: KsConnection, peer: int) -> dict:
-            sent = time.monotonic()
-            answer = await conn.call({"t": "key_req", "peer_mac": mac_of(peer)}, REQUEST_TIMEOUT_S)
-            latencies.append(time.monotonic() - sent)
-            return answer
+        def retry(link: HostLink, now: float) -> None:
+            nonlocal failed, left
+            self.opening.discard(link.n)
+            keys_left.pop(link.n, None)
+            link.close()
+            link.waiting.clear()
+            if now - at >= STORM_DEADLINE_S:
+                failed += 1
+                left -= 1
+            else:
+                heapq.heappush(due, (now + schedules[link.n].after_failure(), link.n))
 
-        async def host(n: int) -> None:
-            nonlocal resumed, failed
-            schedule = ReconnectSchedule(jitter_s, rand=self.rng.random)
-            await asyncio.sleep(schedule.after_session())
-            while time.monotonic() - at < STORM_DEADLINE_S:
-                sent = time.monotonic()
-                try:
-                    was_resumed = await self._connect(n, resume)  # (not "resumed += await": lost updates)
-                    resumed += was_resumed
-                    latencies.append(time.monotonic() - sent)  # TLS handshake and hello
-                    conn = self.conns[n]
-                    peers = existing_peers(n, self.hosts, self.pairs_per_host)
-                    answers = await asyncio.gather(*(timed(conn, p) for p in peers))
-                    if all(a["t"] == "key" for a in answers):
-                        served_after.append(time.monotonic() - at)
+        def on_answer(link: HostLink, info: tuple, msg: dict, now: float) -> None:
+            nonlocal resumed, left
+            latencies.append(now - info[1])  # hello: from the start of the TCP connection
+            if info[0] == "hello":
+                if not self._welcomed(link, msg):
+                    retry(link, now)
+                    return
+                resumed += link.resumed
+                keys_left[link.n] = len(self.peers[link.n])
+                self.opening.add(link.n)  # its deadline is watched until the keys came
+                link.deadline = now + REQUEST_TIMEOUT_S
+                for peer in self.peers[link.n]:
+                    rid = link.request({"t": "key_req", "peer_mac": mac_of(peer)})
+                    if not rid:
+                        retry(link, now)
                         return
-                except (OSError, EOFError, asyncio.TimeoutError, ConnectionError):
-                    pass
-                old = self.conns.pop(n, None)
-                if old is not None:
-                    old.close()
-                await asyncio.sleep(schedule.after_failure())
-            failed += 1
+                    link.waiting[rid] = ("key", now, peer)
+            elif msg.get("t") != "key":
+                retry(link, now)
+            else:
+                keys_left[link.n] -= 1
+                if keys_left[link.n] == 0:
+                    del keys_left[link.n]
+                    self.opening.discard(link.n)
+                    served_after.append(now - at)
+                    left -= 1
 
-        await asyncio.gather(*(host(n) for n in self.mine))
+        self.on_answer, self.on_lost = on_answer, retry
+        while left > 0 and time.monotonic() - at < STORM_DEADLINE_S + REQUEST_TIMEOUT_S:
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                self._open(heapq.heappop(due)[1], resume, now)
+            self._pump(max(0.0, min(due[0][0] - now, 0.05)) if due else 0.05)
+        failed += left  # neither served nor given up on when the time ran out
         return {"latencies": latencies, "served_after": served_after, "resumed": resumed, "failed": failed,
                 "cpu_s": cpu_s() - cpu0}
 
     def close(self) -> None:
-        for conn in self.conns.values():
-            conn.close()
+        for link in self.links.values():
+            link.close()
+        self.sel.close()
 
 
 def serve_commands(pipe, state: Path, port: int, mine: list[int], hosts: int, pairs_per_host: int,
                    seed: int) -> None:
     """The body of one generator process: obey the parent's commands until ``stop``."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-
-    async def main() -> None:
-        load = LoadProcess(state, port, mine, hosts, pairs_per_host, seed)
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                command, args = await loop.run_in_executor(None, pipe.recv)
-                if command == "stop":
-                    return
-                try:
-                    pipe.send(await getattr(load, command)(**args))
-                except Exception as exc:  # the parent reports it; the process goes on
-                    pipe.send({"error": repr(exc)})
-        finally:
-            load.close()
-
-    asyncio.run(main())
+    load = LoadProcess(state, port, mine, hosts, pairs_per_host, seed)
+    try:
+        while True:
+            command, args = pipe.recv()
+            if command == "stop":
+                return
+            try:
+                pipe.send(getattr(load, command)(**args))
+            except Exception as exc:  # the parent reports it; the process goes on
+                pipe.send({"error": repr(exc)})
+    finally:
+        load.close()

@@ -90,6 +90,7 @@ async def _run(config: KeyServerConfig, service: KeyService, ca: CertificateAuth
     server = KeyServer(service, ssl_context, config.listen_host, config.listen_port,
                        unauth_idle_s=config.unauth_idle_s, limits=limits,
                        event_cursor=EventCursor(config.state_dir / cursor), reuse_port=workers.count > 1)
+    server.runs_timers = workers.index == 0
     loop = asyncio.get_running_loop()
     workers.attach(loop, server)
     host, port = await server.start()

@@ -22,14 +22,13 @@
    bracket a group (``host_cache`` reads the event log once per group).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
-   pushes ``KeyService.on_event`` asks for; it also runs the service's timers.
-   It starts after the last event it pushed before (``event_cursor``), so what
-   was written while keyserverd was down is pushed when it starts.  A pair
+   pushes ``KeyService.on_event`` asks for; worker 0 also runs the service's
+   timers.  It starts after the last event it pushed (``event_cursor``), so
+   what was written while keyserverd was down is pushed when it starts.  A pair
    event of two hosts not connected here is only counted (its pushes are theirs).
-5. A malformed or oversized message, an unauthenticated client that does
-   not complete a message within ``unauth_idle_s`` (silent or trickling), a client that does not read its pushes, or any error in
-   one connection closes that connection only, with a logged reason.  The
-   server keeps serving everyone else.
+5. A malformed or oversized message, an unauthenticated client without a whole
+   message within ``unauth_idle_s`` (silent or trickling), a client that does
+   not read, or any error closes that connection only, with a logged reason.
 6. Caps (``ConnectionLimits``): at most ``max_connections`` open at once
    (handshakes included; checked at accept), ``max_unauthenticated_connections``
    without a client certificate and ``max_connections_per_host`` per
@@ -58,12 +57,12 @@ from dataclasses import dataclass
 from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.errors import LocalError, RemoteProtocolError
 from l2crypt.core.ks_messages import FrameReader, encode_message
+from l2crypt.io.aio_timeout import wait_for
 from l2crypt.ops.logs import RateLimiter, fields
 
 from .ca import CertificateAuthority
 from .event_cursor import EventCursor
 from .service import KeyService, Session
-from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("keyserverd")
 
@@ -77,8 +76,8 @@ MAX_WRITE_BUFFER_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
 #: How soon a worker asks again for its turn to write (``store.take_turn``).
 TURN_RETRY_S = 0.0005
-#: A client that leaves our replies unread this long is dropped.
-DRAIN_TIMEOUT_S = 30.0
+#: A client that leaves our replies unread this long (once over DRAIN_ABOVE_BYTES) is dropped.
+DRAIN_TIMEOUT_S, DRAIN_ABOVE_BYTES = 30.0, 64 * 1024
 #: How often the event log is read, and the rotation timers run.
 EVENT_POLL_S = 0.2
 PERIODIC_S = 5.0
@@ -140,9 +139,7 @@ def make_server_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
 
 def identity_of(peercert: dict | None) -> str | None:
     """The CN of a verified peer certificate (``SSLSocket.getpeercert()``), or None."""
-    if not peercert:
-        return None
-    for rdn in peercert.get("subject", ()):
+    for rdn in (peercert or {}).get("subject", ()):
         for name, value in rdn:
             if name == "commonName":
                 return value
@@ -218,6 +215,8 @@ class KeyServer:
         #: workers; ``siblings()`` their connection reports (worker 0).  Set by ``Workers.attach``.
         self.relay = None
         self.siblings = None
+        #: This worker runs ``service.periodic`` (one does: the others push its rotations from the log).
+        self.runs_timers = True
 
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
@@ -356,7 +355,8 @@ class KeyServer:
                 if identity is None and conn.session.identity is not None:
                     identity = conn.session.identity
                     keep_open = keep_open and self._promote(conn)
-                await wait_for(writer.drain(), DRAIN_TIMEOUT_S)
+                if writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:  # (a drain costs a timer)
+                    await wait_for(writer.drain(), DRAIN_TIMEOUT_S)
                 if not keep_open:
                     reason = "closed by server"
                     break
@@ -572,7 +572,7 @@ class KeyServer:
             await asyncio.sleep(EVENT_POLL_S)
             try:
                 now = time.time()
-                if now - last_periodic >= PERIODIC_S:
+                if self.runs_timers and now - last_periodic >= PERIODIC_S:
                     last_periodic = now
                     self.service.periodic(now)
                 events = store.events_since(seq)

@@ -4,6 +4,7 @@ run against both back-ends (see conftest.py)."""
 
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -417,3 +418,24 @@ def test_both_stores_are_the_one_implementation_of_the_protocol():
             assert list(inspect.signature(getattr(store, name)).parameters) == wanted, (store, name)
             if name != "close":
                 assert inspect.unwrap(getattr(store, name)) is getattr(SqlStore, name), (store, name)
+
+
+def test_retirement_with_nothing_to_retire_holds_no_writer_off(sqlite_store, db_path):
+    """keyserverd calls it every few seconds; with nothing to drop it must not
+    take the write lock (a worker's group of requests would wait for it)."""
+    store = sqlite_store
+    add(store, "a", MAC_A)
+    add(store, "b", MAC_B)
+    store.get_or_create_pair_key("a", "b", NOW)
+    store.rotate_pair_key("a", "b", NOW + 100)
+    other = sqlite3.connect(db_path, timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # another worker's group, writing
+    try:
+        started = time.monotonic()
+        assert store.retire_old_versions(NOW + 50) == 0  # version 1 was superseded after NOW + 50
+        assert time.monotonic() - started < 1.0
+    finally:
+        other.rollback()
+        other.close()
+    assert store.retire_old_versions(NOW + 200) == 1
+    assert [v[0] for v in store.pair_key_versions("a", "b", NOW + 200)] == [2]

@@ -132,6 +132,8 @@ class HostLink:
                 self.close("keyserverd closed the connection")
                 return
             buf += data
+            if not sock.pending():
+                break  # the next record, if any, is still in the socket: the selector says so (no failed read)
         start = 0
         while len(buf) - start >= 4:
             (size,) = LENGTH.unpack_from(buf, start)

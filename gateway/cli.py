@@ -58,7 +58,9 @@ def _run_options(fn):
             continue
         if name in ("tunnel_offload", "tunnel_spray"):
             flag = name.replace("_", "-")
-            opts.append(click.option(f"--{flag}/--no-{flag}", name, default=None, help=doc + " [default: off]"))
+            on = getattr(GatewayConfig(), name)
+            opts.append(click.option(f"--{flag}/--no-{flag}", name, default=None,
+                                     help=doc + f" [default: {'on' if on else 'off'}]"))
         elif name in _TYPES:
             opts.append(click.option("--" + name.replace("_", "-"), name, type=_TYPES[name], help=doc))
         else:

@@ -124,7 +124,7 @@ class GatewayConfig(FrameTuning, DaemonKeys):
                                             "a path taken out comes back after answering probes for this long")
     tunnel_reorder_ms: float = setting(30.0, check_seconds(1.0, 1000.0),
                                        "most a sprayed frame waits for an earlier one, milliseconds")
-    tunnel_offload: bool = setting(True, check_bool,
+    tunnel_offload: bool = setting(False, check_bool,
                                    "tunnel socket with UDP GSO (the datagrams of one batch to a peer in one send) "
                                    "and UDP GRO (many datagrams in one receive); falls back to one datagram per "
                                    "system call if the kernel refuses")

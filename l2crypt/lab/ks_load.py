@@ -256,9 +256,13 @@ class LoadProcess:
         heapq.heapify(due)
         keys_left: dict[int, int] = {}
         left = len(self.mine)
+        attempting: set[int] = set()  # a failed attempt is retried once, however many ways it failed
 
         def retry(link: HostLink, now: float) -> None:
             nonlocal failed, left
+            if link.n not in attempting:
+                return
+            attempting.discard(link.n)
             self.opening.discard(link.n)
             keys_left.pop(link.n, None)
             link.close()
@@ -293,6 +297,7 @@ class LoadProcess:
                 if keys_left[link.n] == 0:
                     del keys_left[link.n]
                     self.opening.discard(link.n)
+                    attempting.discard(link.n)
                     served_after.append(now - at)
                     left -= 1
 
@@ -300,7 +305,9 @@ class LoadProcess:
         while left > 0 and time.monotonic() - at < STORM_DEADLINE_S + REQUEST_TIMEOUT_S:
             now = time.monotonic()
             while due and due[0][0] <= now:
-                self._open(heapq.heappop(due)[1], resume, now)
+                n = heapq.heappop(due)[1]
+                attempting.add(n)
+                self._open(n, resume, now)
             self._pump(max(0.0, min(due[0][0] - now, 0.05)) if due else 0.05)
         failed += left  # neither served nor given up on when the time ran out
         return {"latencies": latencies, "served_after": served_after, "resumed": resumed, "failed": failed,

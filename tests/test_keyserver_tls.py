@@ -7,6 +7,7 @@ hello, key_req and the push to the peer; bad clients only hurt themselves.
 """
 
 import asyncio
+import socket
 import ssl
 
 import pytest
@@ -15,7 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from keyserverd import server as server_module
 from keyserverd.ca import CertificateAuthority, fingerprint_of
+from keyserverd.ratelimit import HostBuckets
 from keyserverd.server import KeyServer, make_server_ssl_context
 from keyserverd.service import KeyService
 from keyserverd.store.sqlite import SqliteStore
@@ -36,7 +39,7 @@ class Client:
         self.pending: list[dict] = []
 
     @classmethod
-    async def connect(cls, port, ca_pem=None, cert_files=None):
+    async def connect(cls, port, ca_pem=None, cert_files=None, rcvbuf=None):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         if ca_pem is None:
@@ -46,8 +49,15 @@ class Client:
             ctx.load_verify_locations(cadata=ca_pem.decode())
         if cert_files:
             ctx.load_cert_chain(*cert_files)
+        sock = None
+        if rcvbuf is not None:  # a small receive window: what the server sends piles up at the server
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), STEP_S)
+        where = {"sock": sock} if sock is not None else {"host": "127.0.0.1", "port": port}
         r, w = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME), STEP_S)
+            asyncio.open_connection(**where, ssl=ctx, server_hostname=KEYSERVER_TLS_NAME), STEP_S)
         return cls(r, w)
 
     async def send(self, msg):
@@ -200,6 +210,46 @@ def test_malformed_and_idle_clients_do_not_hurt_others(tmp_path, keyserver):
         fresh = await Client.connect(port)
         assert (await fresh.call({"t": "ca", "rid": 1}))["t"] == "ca_cert"
         for c in (good, garbage, huge, silent, fresh):
+            c.close()
+
+    run(body)
+
+
+def test_a_host_that_stops_reading_is_closed_and_the_others_are_served(tmp_path, keyserver, caplog, monkeypatch):
+    """b stops reading; the pushes a's key requests send it pile up at the
+    server only up to MAX_WRITE_BUFFER_BYTES (16 KiB here): then b's
+    connection is closed and logged, and a is answered throughout."""
+    monkeypatch.setattr(server_module, "MAX_WRITE_BUFFER_BYTES", 16 * 1024)
+    monkeypatch.setattr(HostBuckets, "take", lambda self, host, now: True)  # a's requests are not what is tested
+    keepalive = server_module.set_keepalive
+
+    def small_send_buffer(sock):  # the server's accepted sockets: the kernel holds little of what b leaves
+        keepalive(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    monkeypatch.setattr(server_module, "set_keepalive", small_send_buffer)
+    ca, store, tokens, run = keyserver
+
+    def closed_lines():
+        return [TextFormatter().format(r) for r in caplog.records if r.getMessage() == "connection_closed"]
+
+    async def body(port):
+        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
+        _, files_b = await enroll(tmp_path, port, "b", tokens["b"], ca.ca_fingerprint())
+        a = await Client.connect(port, ca_pem, files_a)
+        b = await Client.connect(port, ca_pem, files_b, rcvbuf=4096)
+        assert (await a.call({"t": "hello", "rid": 1, "mac": MAC_A}))["t"] == "welcome"
+        assert (await b.call({"t": "hello", "rid": 1, "mac": MAC_B}))["t"] == "welcome"
+        b.writer.transport.pause_reading()
+        for rid in range(2, 20_000):
+            answer = await a.call({"t": "key_req", "rid": rid, "peer_mac": MAC_B})
+            assert answer["t"] == "key" and answer["rid"] == rid, answer  # each one also pushes the key to b
+            if rid % 100 == 0 and any("does not read" in line for line in closed_lines()):
+                break
+        else:
+            pytest.fail("b was never closed for not reading")
+        assert any("host=b" in line for line in closed_lines()), closed_lines()
+        assert (await a.call({"t": "ping", "rid": 1})) == {"t": "pong", "rid": 1}
+        for c in (a, b):
             c.close()
 
     run(body)

@@ -403,10 +403,10 @@ class SqlStore(SealedKeys):
         events_before = superseded_before - EVENTS_KEPT_S
         oldest_event = self._q("SELECT created_at FROM key_events ORDER BY seq LIMIT 1").fetchone()
         drop_events = oldest_event is not None and oldest_event[0] < events_before
-        if not drop_events and self._q(
-                f"SELECT 1 FROM pair_keys WHERE {_SUPERSEDED_PAIR} LIMIT 1", (superseded_before,)).fetchone() is None \
-                and self._q(f"SELECT 1 FROM multicast_keys WHERE {_SUPERSEDED_MULTICAST} LIMIT 1",
-                            (superseded_before,)).fetchone() is None:
+        superseded = (("pair_keys", _SUPERSEDED_PAIR), ("multicast_keys", _SUPERSEDED_MULTICAST))
+        if not drop_events and not any(
+                self._q(f"SELECT 1 FROM {table} WHERE {where} LIMIT 1", (superseded_before,)).fetchone()
+                for table, where in superseded):
             return 0
         with self._write():
             pairs = self._q(f"DELETE FROM pair_keys WHERE {_SUPERSEDED_PAIR}", (superseded_before,)).rowcount

@@ -15,7 +15,7 @@ knows, and is counted under its type).
    with the link as its data.
 2. ``on_ready(now)`` on each selector event: it moves the handshake on, then
    reads every whole message; each answer is handed to ``on_answer(link, rid,
-   msg, now)``; pushes (rid 0) are only counted.  Returns False once the link
+   msg, now)``; pushes (rid 0) are skipped.  Returns False once the link
    is closed (an error, or keyserverd closed it).
 3. ``request(msg)`` sends a request with a fresh rid and returns the rid;
    output the socket cannot take at once waits in ``outbox`` (write interest).
@@ -42,7 +42,7 @@ CONNECTING, HANDSHAKE, OPEN, CLOSED = "connecting", "handshake", "open", "closed
 class HostLink:
     """Host ``n``'s connection (see the module docstring)."""
 
-    __slots__ = ("n", "sel", "sock", "state", "inbuf", "outbox", "rid", "on_answer", "pushes", "error",
+    __slots__ = ("n", "sel", "sock", "state", "inbuf", "outbox", "rid", "on_answer", "error",
                  "resumed", "session", "_events", "deadline", "waiting")
 
     def __init__(self, n: int, sel: selectors.BaseSelector, on_answer: Callable):
@@ -52,7 +52,6 @@ class HostLink:
         self.inbuf = bytearray()
         self.outbox = bytearray()
         self.rid = 0
-        self.pushes = 0
         self.error = ""
         self.resumed = False
         self.session: ssl.SSLSession | None = None
@@ -142,10 +141,8 @@ class HostLink:
             msg = msgpack.unpackb(bytes(buf[start + 4:start + 4 + size]))
             start += 4 + size
             rid = msg.get("rid", 0) if isinstance(msg, dict) else 0
-            if rid:
+            if rid:  # a push (rid 0) answers nothing the generator sent
                 self.on_answer(self, rid, msg, now)
-            else:
-                self.pushes += 1
         if start:
             del buf[:start]
 

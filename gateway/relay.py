@@ -30,6 +30,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .ports import BUFFER_BYTES
+
 #: The largest UDP payload over IPv4 (65,535 - 20 - 8): the limit of ``--max-datagram-bytes``.
 UDP_MAX_PAYLOAD = 65507
 #: Default of ``--max-datagram-bytes``: a tunnel datagram of a 9,000-byte inner frame fits, with room.
@@ -123,6 +125,8 @@ class RelayTable:
 def open_relay_socket(listen: Endpoint) -> socket.socket:
     """The relay's UDP socket, bound and non-blocking; OSError with a one-line reason."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # the gateways' tunnel sockets' size: a burst waits, not lost
+        sock.setsockopt(socket.SOL_SOCKET, opt, BUFFER_BYTES)
     try:
         sock.bind(listen)
     except OSError as exc:

@@ -36,6 +36,8 @@ NETKEY_REKEY_S = 12.0  # every path's key rotates under all these tests
 #: The usual TCP (this machine's default may be BBR, which fills a capped path until it
 #: drops many packets, and shrugs off random loss: neither is what these tests measure).
 CUBIC = ("-C", "cubic")
+#: 4 TCP streams for 6 s, the first 2 s (slow start, the first weights) left out of the figure.
+STEADY_STREAMS = ("-t", "6", "-O", "2", "-P", "4")
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +169,12 @@ def test_three_paths_carry_more_than_twice_what_one_does(mp, clean_paths):
     for k in (2, 3):
         mp.path_down(k)
     _wait_paths(mp, lambda p: p["state"] != "up", "paths 2 and 3 out", paths=(2, 3))
-    one = _mbit(_iperf3(mp, ("-t", "4", "-P", "4"), 5301))
+    one = _mbit(_iperf3(mp, STEADY_STREAMS, 5301))
     for k in (2, 3):
         mp.path_up(k)
     _wait_paths(mp, lambda p: p["state"] == "up", "paths 2 and 3 back", paths=(2, 3))
     before = _paths(mp)
-    three = _mbit(_iperf3(mp, ("-t", "4", "-P", "4"), 5302))
+    three = _mbit(_iperf3(mp, STEADY_STREAMS, 5302))
     after = _paths(mp)
     print(f"aggregation: one path {one:.1f} Mbit/s, three paths {three:.1f} Mbit/s ({three / one:.2f}x); "
           f"MB per path: {[round((after[k]['tx_bytes'] - before[k]['tx_bytes']) / 1e6, 1) for k in PATHS]}, "

@@ -1,16 +1,18 @@
 """The TLS 1.3 front of the key server: sockets in, ``KeyService`` calls out.
 
-1. ``make_server_ssl_context(ca)`` builds a TLS 1.3-only server context that
+1. ``tls_setup.make_server_ssl_context(ca)`` builds a TLS 1.3-only server context that
    presents ``server.crt`` and asks for (but does not require) a client
    certificate signed by our CA.
-2. ``KeyServer.start()`` listens on plain TCP; each connection first does the
-   TLS handshake (``start_tls``), so a refused handshake (a certificate of
-   another CA, an expired one, no TLS at all, too slow) is logged with its
-   reason (once per peer address and reason every ``CLOSE_LOG_S``).  Each
-   connection then gets a ``Session`` (identity = CN of the verified client
-   certificate, or None) and a ``FrameReader``.
+2. ``KeyServer.start()`` listens; each accepted connection is a ``TlsLink``
+   (``tls_link``: the handshake and the bytes, driven by loop callbacks, no
+   task per connection).  A refused handshake (a certificate of another CA,
+   an expired one, no TLS at all, too slow) is logged with its reason (once
+   per peer address and reason every ``CLOSE_LOG_S``).  Each connection then
+   gets a ``Session`` (identity = CN of the verified client certificate, or
+   None) and a ``FrameReader`` (``on_handshake``).
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
+   A connection is not read while its messages wait for their group.
    Group commit: the messages read in one turn of the event loop (or while
    another worker had the store's turn, ``store.take_turn``), from every
    connection, are handled together inside one ``store.group()``, so their
@@ -28,7 +30,9 @@
    event of two hosts not connected here is only counted (its pushes are theirs).
 5. A malformed or oversized message, an unauthenticated client without a whole
    message within ``unauth_idle_s`` (silent or trickling), a client that does
-   not read, or any error closes that connection only, with a logged reason.
+   not read (``MAX_WRITE_BUFFER_BYTES`` unsent, or ``DRAIN_ABOVE_BYTES`` for
+   ``DRAIN_TIMEOUT_S``), or any error closes that connection only, with a
+   logged reason.
 6. Caps (``ConnectionLimits``): at most ``max_connections`` open at once
    (handshakes included; checked at accept), ``max_unauthenticated_connections``
    without a client certificate and ``max_connections_per_host`` per
@@ -36,7 +40,7 @@
    ``too_many_connections``).  A connection without a certificate is closed
    ``unauth_deadline_s`` after it opened, however much it sends.  Refusals
    are counted in ``connections_refused`` and logged like closes.  TCP
-   keepalive finds dead peers within ``KEEPALIVE_IDLE_S`` + a minute.
+   keepalive finds dead peers within ``tls_setup.KEEPALIVE_IDLE_S`` + a minute.
 7. A second hello (or l3_hello) for a host ID takes over: the older session
    of the same kind is told ``session_replaced`` and closed (logged), so a
    host that reconnects after a network cut is never locked out by its own
@@ -57,20 +61,17 @@ from dataclasses import dataclass
 from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.errors import LocalError, RemoteProtocolError
 from l2crypt.core.ks_messages import FrameReader, encode_message
-from l2crypt.io.aio_timeout import wait_for
 from l2crypt.ops.logs import RateLimiter, fields
 
-from .ca import CertificateAuthority
 from .event_cursor import EventCursor
 from .service import KeyService, Session
+from .tls_link import TlsLink, listen_sockets
+from .tls_setup import identity_of, set_keepalive
 
 log = logging.getLogger("keyserverd")
 
-READ_CHUNK = 65536
-#: The read buffer of each TLS connection.  asyncio's default (256 KiB, made
-#: and zeroed per connection) was most of a connection's memory; a TLS record
-#: holds at most 16 KiB, so this costs no extra reads for our small messages.
-TLS_READ_BUFFER_BYTES = 32 * 1024
+#: Connections taken from the listening socket per wakeup (then the loop runs the others).
+ACCEPTS_PER_WAKEUP = 64
 #: A connection whose unsent output grows past this is closed (it is not reading).
 MAX_WRITE_BUFFER_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -83,11 +84,6 @@ EVENT_POLL_S = 0.2
 PERIODIC_S = 5.0
 #: A closed-connection warning is logged once per (client, reason) this often.
 CLOSE_LOG_S = 10.0
-#: TCP keepalive: first probe after this much silence, then every
-#: ``KEEPALIVE_INTERVAL_S``; ``KEEPALIVE_PROBES`` unanswered ones end the connection.
-KEEPALIVE_IDLE_S = 60
-KEEPALIVE_INTERVAL_S = 10
-KEEPALIVE_PROBES = 6
 #: Peer lookups (``peer_resolve``, ``peer_check``) running at once; more wait.
 PEER_LOOKUPS_AT_ONCE = 16
 
@@ -106,66 +102,43 @@ class ConnectionLimits:
     unauth_deadline_s: float = 30.0
 
 
-def shrink_tls_buffers(size: int = TLS_READ_BUFFER_BYTES) -> None:
-    """Make every TLS connection of this process read through a ``size`` buffer
-    (``asyncio.sslproto.SSLProtocol.max_size``; keyserverd calls it at start)."""
-    from asyncio import sslproto
-
-    if getattr(sslproto.SSLProtocol, "max_size", 0) > size:
-        sslproto.SSLProtocol.max_size = size
-
-
-def set_keepalive(sock) -> None:
-    """Turn on TCP keepalive with the short timers above (best effort)."""
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
-    except (OSError, AttributeError):
-        pass
-
-
-def make_server_ssl_context(ca: CertificateAuthority) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.load_cert_chain(ca.server_cert_path, ca.server_key_path)
-    ctx.load_verify_locations(cafile=str(ca.ca_cert_path))
-    return ctx
-
-
-def identity_of(peercert: dict | None) -> str | None:
-    """The CN of a verified peer certificate (``SSLSocket.getpeercert()``), or None."""
-    for rdn in (peercert or {}).get("subject", ()):
-        for name, value in rdn:
-            if name == "commonName":
-                return value
-    return None
-
-
 class _Conn:
-    """One client connection.  Owned by its ``KeyServer._serve`` task."""
+    """One client connection after its handshake.  Owned by ``KeyServer``."""
 
-    def __init__(self, session: Session, writer: asyncio.StreamWriter):
+    __slots__ = ("session", "link", "reader", "took_over", "counted_as", "busy", "timer", "drain_timer",
+                 "unauth_idle_until", "unauth_end", "reason")
+
+    def __init__(self, session: Session, link: TlsLink):
         self.session = session
-        self.writer = writer
+        self.link = link
         self.reader = FrameReader()
         #: Older sessions of this host were closed (``KeyServer._take_over``), after its hello.
         self.took_over = False
+        #: The identity this connection is counted under in ``_by_host`` (None: unauthenticated).
+        self.counted_as = session.identity
+        #: Batches of its messages waiting for a store group (reading pauses at a second one).
+        self.busy = 0
+        #: The unauthenticated deadlines' timer, and the wait for the client to read what waits.
+        self.timer = self.drain_timer = None
+        self.unauth_idle_until = self.unauth_end = 0.0
+        #: Why the server closed it (None: the client did, or an error).
+        self.reason: str | None = None
 
     def send(self, msg: dict) -> bool:
         """Queue one message; False (and the connection is closed) if it cannot be sent."""
-        if self.writer.is_closing():
+        if self.link.closing:
             return False
-        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER_BYTES:
+        if self.link.buffered > MAX_WRITE_BUFFER_BYTES:
             log.warning("connection_closed", extra=fields(host=self.session.who, reason="does not read"))
-            self.writer.close()
+            self.close("client does not read")
             return False
-        self.writer.write(encode_message(msg))
+        self.link.write(encode_message(msg))
         return True
+
+    def close(self, reason: str) -> None:
+        if not self.link.closing:
+            self.reason = reason
+            self.link.close(reason)
 
 
 class KeyServer:
@@ -181,14 +154,15 @@ class KeyServer:
         self._reuse_port = reuse_port
         self.unauth_idle_s = unauth_idle_s
         self.limits = limits
-        #: Accepted connections not yet closed (handshaking ones included); owned by ``_accept``.
-        self._open = 0
         #: Connections refused by a cap, by reason (status and metrics).
         self.connections_refused: Counter = Counter()
         self._peer_lookups = asyncio.Semaphore(PEER_LOOKUPS_AT_ONCE)
-        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[socket.socket] = []
+        #: Accepted links not yet lost (handshaking ones included); owned by ``_on_acceptable``/``on_lost``.
+        self._links: set[TlsLink] = set()
         self._conns: set[_Conn] = set()
-        #: host ID -> its live connections, for pushes.  Owned by ``_serve``.
+        #: host ID -> its live connections, for pushes.  Owned by ``on_handshake``/``_forget``.
         self._by_host: dict[str, set[_Conn]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._close_log = RateLimiter(CLOSE_LOG_S)
@@ -201,8 +175,8 @@ class KeyServer:
         self.observe_request = None
         #: ``peering.Peering`` when key servers are peered (set by the CLI), else None.
         self.peering = None
-        #: Messages waiting for the next store group: (connection, messages, future).
-        self._queued: list[tuple[_Conn, list[dict], asyncio.Future]] = []
+        #: Messages waiting for the next store group: (connection, messages).
+        self._queued: list[tuple[_Conn, list[dict]]] = []
         #: Store groups committed and failed, and the requests they held (status, metrics).
         self.group_commits = 0
         #: TLS handshakes that resumed a session (a client's ticket: no certificate exchange).
@@ -221,42 +195,93 @@ class KeyServer:
     async def start(self) -> tuple[str, int]:
         """Listen; return the bound (host, port) (useful with port 0)."""
         self.event_seq = self._cursor.start(self.service.store)
+        self._loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.start_server(
-                self._accept, self._host, self._port, reuse_address=True,
-                reuse_port=self._reuse_port or None,
-            )
+            self._listeners = listen_sockets(self._host, self._port, self._reuse_port)
         except OSError as exc:
             raise LocalError(f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}") from None
-        sockname = self._server.sockets[0].getsockname()
+        for sock in self._listeners:
+            self._loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+        sockname = self._listeners[0].getsockname()
         return sockname[0], sockname[1]
 
     async def close(self) -> None:
         """Stop listening and close every connection."""
-        if self._server is not None:
-            self._server.close()
+        for sock in self._listeners:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners = []
         for conn in list(self._conns):
-            conn.writer.close()
+            conn.close("server shutting down")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5.0)
-        if self._server is not None:
-            await self._server.wait_closed()
+        deadline = time.monotonic() + 2.0
+        while self._links and time.monotonic() < deadline:  # their close_notify, and the clients' answers
+            await asyncio.sleep(0.02)
+        for link in list(self._links):
+            link.abort("server shutting down")
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= self.limits.max_connections:
-            self._refuse_connection(writer, None, "max_connections", self.limits.max_connections)
+    # --- accepting and the handshake -------------------------------------------
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of file descriptors, say: the next wakeup tries again
+                self._log_limited(logging.WARNING, "accept_failed", ("accept", exc.errno), reason=str(exc))
+                return
+            if len(self._links) >= self.limits.max_connections:
+                self._refuse_tcp(sock, address)
+                continue
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                link = TlsLink(self._loop, sock, self._ssl, self, HANDSHAKE_TIMEOUT_S)
+            except OSError:
+                sock.close()
+                continue
+            self._links.add(link)
+            link.start()
+
+    def _refuse_tcp(self, sock: socket.socket, address) -> None:
+        """A connection over ``max_connections``: closed before its handshake, counted and logged."""
+        reason, limit = "max_connections", self.limits.max_connections
+        self.connections_refused[reason] += 1
+        self._log_limited(logging.WARNING, "connection_refused", ("cap", address[0], reason),
+                          peer=f"{address[0]}:{address[1]}", host="unauthenticated", reason=reason, limit=limit)
+        sock.close()
+
+    def on_handshake(self, link: TlsLink, error: BaseException | None) -> None:
+        """``TlsLink`` hook: the handshake ended; a refused one is logged (the link closes itself)."""
+        if error is not None:
+            reason = getattr(error, "verify_message", None) or getattr(error, "reason", None) or str(error)
+            reason = f"{type(error).__name__}: {reason or 'connection closed'}"
+            key = ("tls", link.peer_host, reason)
+            if self._close_log.allow(key):
+                log.warning("tls_handshake_refused", extra=fields(
+                    peer=link.peer, reason=reason, suppressed=self._close_log.take_suppressed(key)))
             return
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        self._open += 1
-        try:
-            if await self._handshake(writer):
-                await self._serve(reader, writer)
-        finally:
-            self._open -= 1
-            self._tasks.discard(task)
+        if link.resumed:
+            self.tls_resumed += 1
+        set_keepalive(link.sock)
+        identity = identity_of(link.peercert)
+        over = self._over_cap(identity)
+        if over is not None:
+            self._refuse_connection(link, identity, *over)
+            return
+        conn = link.conn = _Conn(Session(identity=identity, peer=link.peer), link)
+        self._conns.add(conn)
+        if identity is not None:
+            self._by_host.setdefault(identity, set()).add(conn)
+        else:  # it must complete a message within unauth_idle_s, and is gone after unauth_deadline_s
+            now = self._loop.time()
+            conn.unauth_idle_until, conn.unauth_end = now + self.unauth_idle_s, now + self.limits.unauth_deadline_s
+            self._arm_unauth(conn)
+        self.connections_total += 1
+        log.debug("connection_opened", extra=fields(peer=link.peer, host=identity or "unauthenticated"))
+        link.resume_reading()
 
     def _over_cap(self, identity: str | None) -> tuple[str, int] | None:
         """(reason, limit) if a connection of ``identity`` (None: no certificate) is one too many."""
@@ -268,136 +293,114 @@ class KeyServer:
             return "too_many_connections", self.limits.max_connections_per_host
         return None
 
-    def _refuse_connection(self, writer: asyncio.StreamWriter, identity: str | None, reason: str,
-                           limit: int) -> None:
+    def _refuse_connection(self, link: TlsLink, identity: str | None, reason: str, limit: int) -> None:
         """Close a connection over a cap: counted, logged once per (client, reason) every ``CLOSE_LOG_S``."""
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         self.connections_refused[reason] += 1
-        self._log_limited(logging.WARNING, "connection_refused",
-                          ("cap", identity or (peername[0] if peername else "?"), reason),
-                          peer=peer, host=identity or "unauthenticated", reason=reason, limit=limit)
+        self._log_limited(logging.WARNING, "connection_refused", ("cap", identity or link.peer_host, reason),
+                          peer=link.peer, host=identity or "unauthenticated", reason=reason, limit=limit)
         if identity is not None:  # a host is told why, so its operator sees it too
-            writer.write(encode_message({"t": "error", "rid": 0, "code": reason,
-                                         "msg": f"more than {limit} connections of host {identity!r}"}))
-            writer.close()
+            link.write(encode_message({"t": "error", "rid": 0, "code": reason,
+                                       "msg": f"more than {limit} connections of host {identity!r}"}))
+            link.close(reason)
         else:
-            writer.transport.abort()
+            link.abort(reason)
 
-    async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
-        """TLS on the accepted TCP connection; False (logged, closed) if it fails."""
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+    # --- reading, and the store group ------------------------------------------
+    def on_data(self, link: TlsLink, data: bytes) -> None:
+        """``TlsLink`` hook: bytes from a client; whole messages go to the next store group."""
+        conn = link.conn
         try:
-            await writer.start_tls(self._ssl, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
-            tls = writer.get_extra_info("ssl_object")
-            if tls is not None and tls.session_reused:
-                self.tls_resumed += 1
-            return True
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
-        except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError, EOFError) as exc:
-            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-            reason = f"{type(exc).__name__}: {reason or 'connection closed'}"
-            key = ("tls", peername[0] if peername else "?", reason)
-            if self._close_log.allow(key):
-                log.warning("tls_handshake_refused", extra=fields(
-                    peer=peer, reason=reason, suppressed=self._close_log.take_suppressed(key)))
-            writer.transport.abort()
-            return False
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        set_keepalive(writer.get_extra_info("socket"))
-        identity = identity_of(writer.get_extra_info("peercert"))
-        over = self._over_cap(identity)
-        if over is not None:
-            self._refuse_connection(writer, identity, *over)
+            msgs = conn.reader.feed(data)
+        except RemoteProtocolError as exc:
+            reason = f"{exc.code}: {exc}"
+            self._log_close(logging.WARNING, conn, exc.code, reason)
+            conn.close(reason)
             return
-        conn = _Conn(Session(identity=identity, peer=peer), writer)
-        self._conns.add(conn)
-        if identity is not None:
-            self._by_host.setdefault(identity, set()).add(conn)
-        self.connections_total += 1
-        log.debug("connection_opened", extra=fields(peer=peer, host=identity or "unauthenticated"))
-        reason = "closed by client"
-        loop = asyncio.get_running_loop()
-        # An unauthenticated client must complete a message within unauth_idle_s
-        # (trickling bytes does not keep it alive), and is gone after unauth_deadline_s.
-        unauth_deadline = loop.time() + self.unauth_idle_s
-        unauth_end = loop.time() + self.limits.unauth_deadline_s
-        try:
-            while True:
-                timeout = max(0.0, min(unauth_deadline, unauth_end) - loop.time()) if identity is None else None
-                try:
-                    data = await wait_for(reader.read(READ_CHUNK), timeout)
-                except asyncio.TimeoutError:
-                    if loop.time() >= unauth_end:
-                        reason = f"unauthenticated and open for {self.limits.unauth_deadline_s:g} s"
-                        self._log_close(logging.INFO, conn, "deadline", reason)
-                    else:
-                        reason = f"unauthenticated and no whole message within {self.unauth_idle_s:g} s"
-                        self._log_close(logging.INFO, conn, "idle", reason)
-                    break
-                if not data:
-                    break
-                try:
-                    msgs = conn.reader.feed(data)
-                except RemoteProtocolError as exc:
-                    reason = f"{exc.code}: {exc}"
-                    self._log_close(logging.WARNING, conn, exc.code, reason)
-                    break
-                if msgs:
-                    unauth_deadline = loop.time() + self.unauth_idle_s
-                keep_open = await self._submit(conn, msgs) if msgs else True
-                if identity is None and conn.session.identity is not None:
-                    identity = conn.session.identity
-                    keep_open = keep_open and self._promote(conn)
-                if writer.transport.get_write_buffer_size() > DRAIN_ABOVE_BYTES:  # (a drain costs a timer)
-                    await wait_for(writer.drain(), DRAIN_TIMEOUT_S)
-                if not keep_open:
-                    reason = "closed by server"
-                    break
-        except asyncio.CancelledError:
-            reason = "server shutting down"
-        except asyncio.TimeoutError:
-            reason = "client does not read"
-            self._log_close(logging.WARNING, conn, "no_read", reason)
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        except Exception:  # a bug must not take the server down
-            log.exception("connection_internal_error", extra=fields(host=conn.session.who))
-            reason = "internal error"
-        finally:
-            self._forget(conn)
-            writer.close()
-            try:
-                await wait_for(writer.wait_closed(), 2.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError, ConnectionError, ssl.SSLError, OSError):
-                pass
-            log.debug("connection_ended", extra=fields(host=conn.session.who, reason=reason))
+        if not msgs:
+            return
+        if conn.counted_as is None:
+            conn.unauth_idle_until = self._loop.time() + self.unauth_idle_s
+        conn.busy += 1
+        if conn.busy > 1:  # a client that does not wait for its answers: it waits for the group
+            link.pause_reading()
+        if not self._queued:
+            self._loop.call_soon(self._run_group)
+        self._queued.append((conn, msgs))
+
+    def _arm_unauth(self, conn: _Conn) -> None:
+        conn.timer = self._loop.call_at(min(conn.unauth_idle_until, conn.unauth_end), self._unauth_due, conn)
+
+    def _unauth_due(self, conn: _Conn) -> None:
+        conn.timer = None
+        if conn.counted_as is not None or conn.link.closing:
+            return
+        now = self._loop.time()
+        if now >= conn.unauth_end:
+            reason = f"unauthenticated and open for {self.limits.unauth_deadline_s:g} s"
+            self._log_close(logging.INFO, conn, "deadline", reason)
+        elif now >= conn.unauth_idle_until:
+            reason = f"unauthenticated and no whole message within {self.unauth_idle_s:g} s"
+            self._log_close(logging.INFO, conn, "idle", reason)
+        else:
+            self._arm_unauth(conn)
+            return
+        conn.close(reason)
+
+    def _requests_done(self, conn: _Conn, keep_open: bool) -> None:
+        """A group answered ``conn``'s messages: read on, wait for it to read, or close it."""
+        conn.busy -= 1
+        if conn.link.closing:
+            return
+        if conn.counted_as is None and conn.session.identity is not None:
+            keep_open = keep_open and self._promote(conn)
+        if not keep_open:
+            conn.close("closed by server")
+        elif conn.link.buffered > DRAIN_ABOVE_BYTES:  # read on once the client has read (on_drained)
+            conn.link.pause_reading()
+            if conn.drain_timer is None:
+                conn.drain_timer = self._loop.call_later(DRAIN_TIMEOUT_S, self._does_not_read, conn)
+        elif not conn.busy and conn.drain_timer is None:
+            conn.link.resume_reading()
+
+    def on_drained(self, link: TlsLink) -> None:
+        """``TlsLink`` hook: the client took everything written to it."""
+        conn = link.conn
+        if conn is not None and conn.drain_timer is not None:
+            conn.drain_timer.cancel()
+            conn.drain_timer = None
+        if conn is not None and not conn.busy:
+            link.resume_reading()
+
+    def _does_not_read(self, conn: _Conn) -> None:
+        conn.drain_timer = None
+        self._log_close(logging.WARNING, conn, "no_read", "client does not read")
+        conn.close("client does not read")
+
+    def on_lost(self, link: TlsLink, reason: str) -> None:
+        """``TlsLink`` hook: the connection is closed."""
+        self._links.discard(link)
+        conn = link.conn
+        if conn is None:
+            return
+        for timer in (conn.timer, conn.drain_timer):
+            if timer is not None:
+                timer.cancel()
+        conn.timer = conn.drain_timer = None
+        self._forget(conn)
+        log.debug("connection_ended", extra=fields(host=conn.session.who, reason=conn.reason or reason))
 
     def _promote(self, conn: _Conn) -> bool:
         """``conn`` answered a challenge: count it as its host's (False: over the per-host cap, closed)."""
-        identity = conn.session.identity
+        identity = conn.counted_as = conn.session.identity
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         over = self._over_cap(identity)
         if over is not None:
-            self._refuse_connection(conn.writer, identity, *over)
+            self._refuse_connection(conn.link, identity, *over)
             return False
         self._by_host.setdefault(identity, set()).add(conn)
         return True
-
-    def _submit(self, conn: _Conn, msgs: list[dict]) -> asyncio.Future:
-        """Queue ``msgs`` for the next group (``_run_group``); the future is
-        False when the connection must close."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        if not self._queued:
-            loop.call_soon(self._run_group)
-        self._queued.append((conn, msgs, done))
-        return done
 
     def _run_group(self) -> None:
         """Handle every queued message in one store group, then act (see the module docstring, 3)."""
@@ -405,28 +408,28 @@ class KeyServer:
             asyncio.get_running_loop().call_later(TURN_RETRY_S, self._run_group)
             return
         queued, self._queued = self._queued, []
-        handled = []
+        handled, closing = [], set()
         try:
             with self.service.store.group():
                 self.service.begin_group()
-                for conn, msgs, done in queued:
-                    handled.append((conn, self._handle(conn, msgs), done))
+                for conn, msgs in queued:
+                    answers = self._handle(conn, msgs) if conn not in closing else []
+                    if any(target == "close" for actions in answers for target, _ in actions):
+                        closing.add(conn)  # its later messages are not handled
+                    handled.append((conn, answers))
         except StoreUnavailable as exc:
             self.group_commits_failed += 1
-            for conn, msgs, done in queued:
+            for conn, msgs in queued:
                 for msg in msgs:
                     conn.send({"t": "error", "rid": msg.get("rid", 0), "code": exc.code, "msg": str(exc)})
-                if not done.done():
-                    done.set_result(False)
+                self._requests_done(conn, False)
             return
         finally:
             self.service.end_group()
         self.group_commits += 1
-        self.grouped_requests += sum(len(msgs) for _, msgs, _ in queued)
-        for conn, answers, done in handled:
-            keep_open = all(self._act(conn, actions) for actions in answers)
-            if not done.done():
-                done.set_result(keep_open)
+        self.grouped_requests += sum(len(msgs) for _, msgs in queued)
+        for conn, answers in handled:
+            self._requests_done(conn, all(self._act(conn, actions) for actions in answers))
 
     def _handle(self, conn: _Conn, msgs: list[dict]) -> list[list]:
         """The service's actions for each message, up to the first that closes the connection."""
@@ -524,7 +527,7 @@ class KeyServer:
             elif isinstance(target, tuple) and target[0] == "disconnect":
                 for other in list(self._by_host.get(target[1], ())):
                     log.info("revoked_host_disconnected", extra=fields(host=target[1]))
-                    other.writer.close()
+                    other.close("host revoked")
         return keep_open
 
     def _peer_resolve(self, conn: _Conn, req: dict) -> None:
@@ -543,7 +546,7 @@ class KeyServer:
             other.send({"t": "error", "rid": 0, "code": "session_replaced",
                         "msg": f"another connection ({conn.session.peer}) said hello as "
                                f"{conn.session.identity!r}; this one is closed"})
-            other.writer.close()
+            other.close("session replaced")
             self._forget(other)
 
     def _peer_lookup(self, conn: _Conn, mac: bytes, finish) -> None:

@@ -7,6 +7,8 @@ hello, key_req and the push to the peer; bad clients only hurt themselves.
 """
 
 import asyncio
+import fcntl
+import os
 import socket
 import ssl
 
@@ -19,9 +21,10 @@ from cryptography.x509.oid import NameOID
 from keyserverd import server as server_module
 from keyserverd.ca import CertificateAuthority, fingerprint_of
 from keyserverd.ratelimit import HostBuckets
-from keyserverd.server import KeyServer, make_server_ssl_context
+from keyserverd.server import KeyServer
 from keyserverd.service import KeyService
 from keyserverd.store.sqlite import SqliteStore
+from keyserverd.tls_setup import make_server_ssl_context
 from keyserverd.tokens import hash_token, new_token
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.core.ks_messages import LENGTH, FrameReader, encode_message
@@ -211,6 +214,34 @@ def test_malformed_and_idle_clients_do_not_hurt_others(tmp_path, keyserver):
         assert (await fresh.call({"t": "ca", "rid": 1}))["t"] == "ca_cert"
         for c in (good, garbage, huge, silent, fresh):
             c.close()
+
+    run(body)
+
+
+def test_requests_sent_without_waiting_are_all_answered_in_order(tmp_path, keyserver):
+    """A client sends 60 requests, each in its own TLS record, without waiting,
+    while another worker holds the store's turn: nothing is answered before the
+    turn is free, then every request is, in order (the connection stops being
+    read while two batches of it wait, and is read again after)."""
+    ca, store, tokens, run = keyserver
+
+    async def body(port):
+        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
+        a = await Client.connect(port, ca_pem, files_a)
+        assert (await a.call({"t": "hello", "rid": 1, "mac": MAC_A}))["t"] == "welcome"
+        turn = os.open(store.path.with_name(store.path.name + ".writer"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another worker's group holds
+            for rid in range(2, 62):
+                await a.send({"t": "ping", "rid": rid})
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(a.reader.read(65536), 0.3)
+        finally:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+            os.close(turn)
+        assert [(await a.recv())["rid"] for _ in range(60)] == list(range(2, 62))
+        assert (await a.call({"t": "ping", "rid": 99})) == {"t": "pong", "rid": 99}
+        a.close()
 
     run(body)
 

@@ -36,8 +36,8 @@ from .event_cursor import CURSOR_FILE, EventCursor
 from .metrics import KeyServerMetrics
 from .revocations import BOOK_FILE as REVOCATION_BOOK_FILE
 from .revocations import RevocationBook
-from .server import ConnectionLimits, KeyServer
-from .tls_setup import make_server_ssl_context, shrink_tls_buffers
+from .client_port import ConnectionLimits, make_server_ssl_context, shrink_tls_buffers
+from .server import KeyServer
 from .service import KeyService
 from .status import snapshot as status_snapshot
 from .store import open_configured_store

@@ -1,6 +1,6 @@
 """The TLS 1.3 front of the key server: sockets in, ``KeyService`` calls out.
 
-1. ``tls_setup.make_server_ssl_context(ca)`` builds a TLS 1.3-only server context that
+1. ``client_port.make_server_ssl_context(ca)`` builds a TLS 1.3-only server context that
    presents ``server.crt`` and asks for (but does not require) a client
    certificate signed by our CA.
 2. ``KeyServer.start()`` listens; each accepted connection is a ``TlsLink``
@@ -40,7 +40,7 @@
    ``too_many_connections``).  A connection without a certificate is closed
    ``unauth_deadline_s`` after it opened, however much it sends.  Refusals
    are counted in ``connections_refused`` and logged like closes.  TCP
-   keepalive finds dead peers within ``tls_setup.KEEPALIVE_IDLE_S`` + a minute.
+   keepalive finds dead peers within ``client_port.KEEPALIVE_IDLE_S`` + a minute.
 7. A second hello (or l3_hello) for a host ID takes over: the older session
    of the same kind is told ``session_replaced`` and closed (logged), so a
    host that reconnects after a network cut is never locked out by its own
@@ -56,7 +56,6 @@ import socket
 import ssl
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 from keyserverd.store.protocol import StoreUnavailable
 from l2crypt.core.errors import LocalError, RemoteProtocolError
@@ -66,7 +65,7 @@ from l2crypt.ops.logs import RateLimiter, fields
 from .event_cursor import EventCursor
 from .service import KeyService, Session
 from .tls_link import TlsLink, listen_sockets
-from .tls_setup import identity_of, set_keepalive
+from .client_port import ConnectionLimits, identity_of, set_keepalive
 
 log = logging.getLogger("keyserverd")
 
@@ -79,27 +78,19 @@ HANDSHAKE_TIMEOUT_S = 10.0
 TURN_RETRY_S = 0.0005
 #: A client that leaves our replies unread this long (once over DRAIN_ABOVE_BYTES) is dropped.
 DRAIN_TIMEOUT_S, DRAIN_ABOVE_BYTES = 30.0, 64 * 1024
-#: How often the event log is read, and the rotation timers run.
-EVENT_POLL_S = 0.2
+#: How often the event log is read (often: a poll's pushes hold up requests),
+#: and the rotation timers run.
+EVENT_POLL_S = 0.02
 PERIODIC_S = 5.0
+#: Events pushed before requests waiting meanwhile are served.
+EVENTS_PER_TURN = 16
+#: The event cursor is saved at most this often (an fsync; after a crash the
+#: events since are pushed once more, and pushes are idempotent).
+CURSOR_SAVE_S = 0.5
 #: A closed-connection warning is logged once per (client, reason) this often.
 CLOSE_LOG_S = 10.0
 #: Peer lookups (``peer_resolve``, ``peer_check``) running at once; more wait.
 PEER_LOOKUPS_AT_ONCE = 16
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """Caps on client connections (see the module docstring, 6)."""
-
-    #: Connections open at once, TLS handshakes included.
-    max_connections: int = 4096
-    #: Connections one certificate ID may hold at once.
-    max_connections_per_host: int = 8
-    #: Connections without a client certificate open at once (after the handshake).
-    max_unauthenticated_connections: int = 256
-    #: Seconds a connection without a client certificate may stay open in all.
-    unauth_deadline_s: float = 30.0
 
 
 class _Conn:
@@ -569,8 +560,8 @@ class KeyServer:
     async def run_events(self) -> None:
         """Push what the event log announces; run the rotation timers.  Runs until cancelled."""
         store = self.service.store
-        seq = self.event_seq
-        last_periodic = 0.0
+        seq = saved = self.event_seq
+        last_periodic = saved_at = 0.0
         while True:
             await asyncio.sleep(EVENT_POLL_S)
             try:
@@ -579,15 +570,18 @@ class KeyServer:
                     last_periodic = now
                     self.service.periodic(now)
                 events = store.events_since(seq)
-                for event in events:
+                for index, event in enumerate(events):
+                    if index and index % EVENTS_PER_TURN == 0:
+                        await asyncio.sleep(0)  # the requests waiting meanwhile are served
                     seq = self.event_seq = event.seq
                     if event.kind == "pair" and event.id1 not in self._by_host and event.id2 not in self._by_host:
                         self.service.events["pair"] += 1
                         self.events_skipped += 1
                         continue  # its pushes go to the pair's two hosts only, and none is connected here
                     self._act(None, self.service.on_event(event))
-                if events:
+                if seq != saved and now - saved_at >= CURSOR_SAVE_S:
                     self._cursor.save(seq)
+                    saved, saved_at = seq, now
             except StoreUnavailable:  # the store logs when it is lost and back; the next poll catches up
                 pass
             except Exception:  # a store hiccup must not stop the pushes for good

@@ -13,8 +13,8 @@ import ssl
 import pytest
 
 from keyserverd.ca import CertificateAuthority
+from keyserverd.client_port import make_server_ssl_context
 from keyserverd.server import KeyServer
-from keyserverd.tls_setup import make_server_ssl_context
 from keyserverd.service import KeyService
 from keyserverd.store.sqlite import SqliteStore
 from l2crypt.core.constants import KEYSERVER_TLS_NAME  # noqa: F401  (the name the client checks)

@@ -26,8 +26,8 @@ from store_kek import PG_KEK
 from keyserverd.ca import CertificateAuthority
 from keyserverd.cli import main
 from keyserverd.peering.netkey import NETKEY_FILE, NetkeyBook
+from keyserverd.client_port import make_server_ssl_context
 from keyserverd.server import KeyServer
-from keyserverd.tls_setup import make_server_ssl_context
 from keyserverd.service import KeyService
 from keyserverd.store import DB_FILE, open_store
 from keyserverd.store.kek import (

@@ -27,8 +27,8 @@ import pytest
 from keyserverd.ca import CertificateAuthority
 import keyserverd.peering.netkey as netkey_peering
 from keyserverd.peering.netkey import LENGTH, NetkeyPeering, encode
-from keyserverd.server import ConnectionLimits, KeyServer
-from keyserverd.tls_setup import make_server_ssl_context
+from keyserverd.client_port import ConnectionLimits, make_server_ssl_context
+from keyserverd.server import KeyServer
 from keyserverd.service import KeyService
 from keyserverd.store.kek import Kek
 from keyserverd.store.sqlite import SqliteStore

@@ -18,8 +18,8 @@ import asyncio
 import pytest
 
 from keyserverd.ca import CertificateAuthority
+from keyserverd.client_port import make_server_ssl_context
 from keyserverd.server import KeyServer
-from keyserverd.tls_setup import make_server_ssl_context
 from keyserverd.service import KeyService, Session
 from keyserverd.store.protocol import KeyEvent
 from keyserverd.store.sqlite import SqliteStore

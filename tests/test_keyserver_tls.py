@@ -20,11 +20,11 @@ from cryptography.x509.oid import NameOID
 
 from keyserverd import server as server_module
 from keyserverd.ca import CertificateAuthority, fingerprint_of
+from keyserverd.client_port import make_server_ssl_context
 from keyserverd.ratelimit import HostBuckets
 from keyserverd.server import KeyServer
 from keyserverd.service import KeyService
 from keyserverd.store.sqlite import SqliteStore
-from keyserverd.tls_setup import make_server_ssl_context
 from keyserverd.tokens import hash_token, new_token
 from l2crypt.core.constants import KEYSERVER_TLS_NAME
 from l2crypt.core.ks_messages import LENGTH, FrameReader, encode_message

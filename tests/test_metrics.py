@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from keyserverd.client_port import make_server_ssl_context
 from keyserverd.server import KeyServer
-from keyserverd.tls_setup import make_server_ssl_context
 from l2crypt.agent.keyclient import KeyClient
 from l2crypt.core.engine import FrameEngine
 from l2crypt.ops.logs import RateLimiter, TextFormatter

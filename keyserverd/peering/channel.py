@@ -52,7 +52,7 @@ from l2crypt.ops.logs import RateLimiter, fields
 from . import messages as pm
 from keyserverd.ca import CertificateAuthority, fingerprint_of, key_pem, new_key, write_private
 from .spec import PeerSpec, check_specs  # noqa: F401  (PeerSpec re-exported)
-from keyserverd.tls_setup import identity_of
+from keyserverd.client_port import identity_of
 from l2crypt.io.aio_timeout import wait_for
 
 log = logging.getLogger("keyserverd.peering")

@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keyserverd.tls_setup import set_keepalive
+from keyserverd.client_port import set_keepalive
 from keyserverd.store.kek import Kek, KekError, netkey_aad, shown_kek_id
 from l2crypt.agent.tls_files import fingerprint_of_pem
 from l2crypt.core.constants import KEYSERVER_TLS_NAME

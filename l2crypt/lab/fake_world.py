@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Callable
 
 from keyserverd.ca import CertificateAuthority
+from keyserverd.client_port import make_server_ssl_context
 from keyserverd.server import KeyServer
-from keyserverd.tls_setup import make_server_ssl_context
 from keyserverd.service import KeyService
 from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token, new_token

@@ -1,10 +1,12 @@
-"""TLS settings of the key server's client port: the server context, a
-client's identity, TCP keepalive, and asyncio's TLS read buffer (peering)."""
+"""Settings of the key server's client port: the TLS server context, a
+client's identity, TCP keepalive, the connection caps, and asyncio's TLS read
+buffer (peering)."""
 
 from __future__ import annotations
 
 import socket
 import ssl
+from dataclasses import dataclass
 
 from .ca import CertificateAuthority
 
@@ -17,6 +19,20 @@ TLS_READ_BUFFER_BYTES = 32 * 1024
 KEEPALIVE_IDLE_S = 60
 KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_PROBES = 6
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Caps on client connections (``server``'s module docstring, 6)."""
+
+    #: Connections open at once, TLS handshakes included.
+    max_connections: int = 4096
+    #: Connections one certificate ID may hold at once.
+    max_connections_per_host: int = 8
+    #: Connections without a client certificate open at once (after the handshake).
+    max_unauthenticated_connections: int = 256
+    #: Seconds a connection without a client certificate may stay open in all.
+    unauth_deadline_s: float = 30.0
 
 
 def shrink_tls_buffers(size: int = TLS_READ_BUFFER_BYTES) -> None:

@@ -377,6 +377,7 @@ class KeyServer:
             if timer is not None:
                 timer.cancel()
         conn.timer = conn.drain_timer = None
+        link.conn = None  # no reference cycle: both are freed now, not at the next full collection
         self._forget(conn)
         log.debug("connection_ended", extra=fields(host=conn.session.who, reason=conn.reason or reason))
 

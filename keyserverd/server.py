@@ -78,10 +78,8 @@ HANDSHAKE_TIMEOUT_S = 10.0
 TURN_RETRY_S = 0.0005
 #: A client that leaves our replies unread this long (once over DRAIN_ABOVE_BYTES) is dropped.
 DRAIN_TIMEOUT_S, DRAIN_ABOVE_BYTES = 30.0, 64 * 1024
-#: How often the event log is read (often: a poll's pushes hold up requests),
-#: and the rotation timers run.
+#: How often the event log is read (often: a poll's pushes hold up requests).
 EVENT_POLL_S = 0.02
-PERIODIC_S = 5.0
 #: Events pushed before requests waiting meanwhile are served.
 EVENTS_PER_TURN = 16
 #: The event cursor is saved at most this often (an fsync; after a crash the
@@ -567,7 +565,7 @@ class KeyServer:
             await asyncio.sleep(EVENT_POLL_S)
             try:
                 now = time.time()
-                if self.runs_timers and now - last_periodic >= PERIODIC_S:
+                if self.runs_timers and now - last_periodic >= self.service.periodic_every_s:
                     last_periodic = now
                     self.service.periodic(now)
                 events = store.events_since(seq)

@@ -123,3 +123,13 @@ def test_revocation_rotates_and_tells_everyone(env):
     assert not any(t[0] == "push" for t, _ in actions)              # nothing new goes to or about c
     assert store.current_multicast_key()[1] == 2
     assert reply(call(service, Session("c", bound_mac=MAC_C), {"t": "ping", "rid": 1}))["code"] == "revoked"
+
+
+def test_the_timers_run_at_a_tenth_of_the_shortest_interval_within_5_to_60_s(env):
+    """A full read of the pairs every 5 s held up requests at 10,000 hosts; the
+    defaults (rekey 3,600 s, retire 300 s) now run it every 30 s."""
+    service, _ = env
+    for rekey, multicast, retire, every in ((3600, 3600, 300, 30.0), (3600, 3600, 3600, 60.0),
+                                            (1, 3600, 300, 5.0), (3600, 120, 300, 12.0)):
+        service.rekey_after_s, service.multicast_rekey_after_s, service.retire_after_s = rekey, multicast, retire
+        assert service.periodic_every_s == every, (rekey, multicast, retire)

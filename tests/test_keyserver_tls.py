@@ -286,6 +286,50 @@ def test_a_host_that_stops_reading_is_closed_and_the_others_are_served(tmp_path,
     run(body)
 
 
+def test_a_host_that_asks_but_leaves_its_answers_unread_is_closed_after_the_drain_timeout(
+        tmp_path, keyserver, caplog, monkeypatch):
+    """b sends pings and stops reading: once DRAIN_ABOVE_BYTES (8 KiB here) of
+    answers wait at the server, b is not read any more, and DRAIN_TIMEOUT_S
+    (1 s here) later it is closed and logged; a is answered throughout."""
+    monkeypatch.setattr(server_module, "DRAIN_ABOVE_BYTES", 8 * 1024)
+    monkeypatch.setattr(server_module, "DRAIN_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(HostBuckets, "take", lambda self, host, now: True)
+    keepalive = server_module.set_keepalive
+
+    def small_send_buffer(sock):
+        keepalive(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    monkeypatch.setattr(server_module, "set_keepalive", small_send_buffer)
+    ca, store, tokens, run = keyserver
+
+    def closed_lines():
+        return [TextFormatter().format(r) for r in caplog.records if r.getMessage() == "connection_closed"]
+
+    async def body(port):
+        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
+        _, files_b = await enroll(tmp_path, port, "b", tokens["b"], ca.ca_fingerprint())
+        a = await Client.connect(port, ca_pem, files_a)
+        b = await Client.connect(port, ca_pem, files_b, rcvbuf=4096)
+        assert (await b.call({"t": "hello", "rid": 1, "mac": MAC_B}))["t"] == "welcome"
+        b.writer.transport.pause_reading()
+        # About 750 KB of answers, written without waiting: more than b's TLS
+        # layer takes in before it stops reading the socket (256 KiB) and the kernels hold.
+        for rid in range(2, 15_000):
+            b.writer.write(encode_message({"t": "ping", "rid": rid}))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not any("client does not read" in line for line in closed_lines()):
+            assert loop.time() - started < 10, "b was never closed"
+            assert (await a.call({"t": "ping", "rid": 1})) == {"t": "pong", "rid": 1}
+            await asyncio.sleep(0.1)
+        assert any("host=b" in line and "client does not read" in line for line in closed_lines())
+        assert loop.time() - started >= 0.9  # not before the drain timeout
+        for c in (a, b):
+            c.close()
+
+    run(body)
+
+
 def expired_cert(ca_dir, csr_pem, cn):
     """A client certificate signed by the CA key in ``ca_dir`` that expired yesterday."""
     import datetime

@@ -82,8 +82,8 @@ DRAIN_TIMEOUT_S, DRAIN_ABOVE_BYTES = 30.0, 64 * 1024
 EVENT_POLL_S = 0.02
 #: Events pushed before requests waiting meanwhile are served.
 EVENTS_PER_TURN = 16
-#: The event cursor is saved at most this often (an fsync; after a crash the
-#: events since are pushed once more, and pushes are idempotent).
+#: The event cursor is saved at most this often (an fsync, in a thread; after a
+#: crash the events since are pushed once more, and pushes are idempotent).
 CURSOR_SAVE_S = 0.5
 #: A closed-connection warning is logged once per (client, reason) this often.
 CLOSE_LOG_S = 10.0
@@ -579,7 +579,7 @@ class KeyServer:
                         continue  # its pushes go to the pair's two hosts only, and none is connected here
                     self._act(None, self.service.on_event(event))
                 if seq != saved and now - saved_at >= CURSOR_SAVE_S:
-                    self._cursor.save(seq)
+                    self._cursor.save_in_background(seq, asyncio.get_running_loop())
                     saved, saved_at = seq, now
             except StoreUnavailable:  # the store logs when it is lost and back; the next poll catches up
                 pass

@@ -5,6 +5,7 @@ The real ``keyserverd`` runs on 127.0.0.1 with a SQLite store; ``keyserverd
 host revoke`` writes the store while it is stopped; after the restart the
 server's own status counts the revocation event it pushed."""
 
+import asyncio
 import json
 import re
 import subprocess
@@ -101,3 +102,27 @@ def test_the_cursor_starts_at_the_newest_event_and_never_above_it(tmp_path):
             EventCursor(path).start(store)
     finally:
         store.close()
+
+
+def test_saving_in_the_background_leaves_the_loop_free_and_ends_with_the_newest(tmp_path, monkeypatch):
+    """The fsync of a save took up to 160 ms on a busy disk: the event loop
+    goes on meanwhile, and the seqs asked during a write end in the file."""
+    cursor = EventCursor(tmp_path / CURSOR_FILE)
+    slow_save = cursor.save
+
+    def save(seq):
+        time.sleep(0.2)
+        slow_save(seq)
+    monkeypatch.setattr(cursor, "save", save)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        for seq in (5, 6, 7):
+            cursor.save_in_background(seq, loop)
+        asked_s = time.monotonic() - started
+        await asyncio.wait_for(cursor._writing, 5)
+        return asked_s
+
+    assert asyncio.run(main()) < 0.1
+    assert (tmp_path / CURSOR_FILE).read_text().strip() == "7"

@@ -69,6 +69,8 @@ def serve_forever(config: KeyServerConfig) -> None:
     gc.freeze()  # what the start made lives on: no collection walks it again (nor copies it in a worker)
     workers = Workers.start(count)
     store = open_configured_store(config, time.time(), kek=kek)
+    checkpoints = getattr(store, "checkpoint_in_background", None)  # SQLite: not in the event loops
+    stop_checkpoints = checkpoints(run=workers.index == 0) if checkpoints is not None else None
     try:
         server_name = config.server_names[0] if config.server_names else socket.gethostname()
         service = KeyService(store, config.cipher, server_name, ca, cert_days=config.cert_days,
@@ -82,6 +84,8 @@ def serve_forever(config: KeyServerConfig) -> None:
                              revocation_book=RevocationBook(config.state_dir / REVOCATION_BOOK_FILE))
         asyncio.run(_run(config, service, ca, workers, ssl_context))
     finally:
+        if stop_checkpoints is not None:
+            stop_checkpoints()
         store.close()
         workers.stop()
 

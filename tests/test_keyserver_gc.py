@@ -17,9 +17,12 @@ def test_full_collections_run_on_the_timer_only(monkeypatch):
             assert gc.get_threshold()[:2] == saved[:2]  # the young generations are untouched
             assert gc.get_threshold()[2] >= 2**30       # CPython starts no full collection itself
             before = gc.get_stats()[2]["collections"]
-            await asyncio.sleep(0.3)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5.0
+            while gc.get_stats()[2]["collections"] - before < 2 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
             return gc.get_stats()[2]["collections"] - before
 
-        assert asyncio.run(main()) >= 3  # the timer's, every 0.05 s
+        assert asyncio.run(main()) >= 2  # the timer's (every 0.05 s), again and again
     finally:
         gc.set_threshold(*saved)

@@ -218,6 +218,30 @@ def test_malformed_and_idle_clients_do_not_hurt_others(tmp_path, keyserver):
     run(body)
 
 
+def small_server_buffers(monkeypatch, caplog):
+    """The server's accepted sockets get a 4 KiB send buffer (the kernel holds
+    little of what a client leaves unread), and no request is rate limited;
+    returns what gives the logged ``connection_closed`` lines."""
+    monkeypatch.setattr(HostBuckets, "take", lambda self, host, now: True)
+    keepalive = server_module.set_keepalive
+
+    def small_send_buffer(sock):
+        keepalive(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    monkeypatch.setattr(server_module, "set_keepalive", small_send_buffer)
+    return lambda: [TextFormatter().format(r) for r in caplog.records if r.getMessage() == "connection_closed"]
+
+
+async def a_and_slow_b(tmp_path, port, ca, tokens):
+    """Hosts a and b enrolled and connected, b with a 4 KiB receive buffer and its hello said."""
+    ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
+    _, files_b = await enroll(tmp_path, port, "b", tokens["b"], ca.ca_fingerprint())
+    a = await Client.connect(port, ca_pem, files_a)
+    b = await Client.connect(port, ca_pem, files_b, rcvbuf=4096)
+    assert (await b.call({"t": "hello", "rid": 1, "mac": MAC_B}))["t"] == "welcome"
+    return a, b
+
+
 def test_requests_sent_without_waiting_are_all_answered_in_order(tmp_path, keyserver):
     """A client sends 60 requests, each in its own TLS record, without waiting,
     while another worker holds the store's turn: nothing is answered before the
@@ -251,25 +275,12 @@ def test_a_host_that_stops_reading_is_closed_and_the_others_are_served(tmp_path,
     server only up to MAX_WRITE_BUFFER_BYTES (16 KiB here): then b's
     connection is closed and logged, and a is answered throughout."""
     monkeypatch.setattr(server_module, "MAX_WRITE_BUFFER_BYTES", 16 * 1024)
-    monkeypatch.setattr(HostBuckets, "take", lambda self, host, now: True)  # a's requests are not what is tested
-    keepalive = server_module.set_keepalive
-
-    def small_send_buffer(sock):  # the server's accepted sockets: the kernel holds little of what b leaves
-        keepalive(sock)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    monkeypatch.setattr(server_module, "set_keepalive", small_send_buffer)
+    closed_lines = small_server_buffers(monkeypatch, caplog)
     ca, store, tokens, run = keyserver
 
-    def closed_lines():
-        return [TextFormatter().format(r) for r in caplog.records if r.getMessage() == "connection_closed"]
-
     async def body(port):
-        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
-        _, files_b = await enroll(tmp_path, port, "b", tokens["b"], ca.ca_fingerprint())
-        a = await Client.connect(port, ca_pem, files_a)
-        b = await Client.connect(port, ca_pem, files_b, rcvbuf=4096)
+        a, b = await a_and_slow_b(tmp_path, port, ca, tokens)
         assert (await a.call({"t": "hello", "rid": 1, "mac": MAC_A}))["t"] == "welcome"
-        assert (await b.call({"t": "hello", "rid": 1, "mac": MAC_B}))["t"] == "welcome"
         b.writer.transport.pause_reading()
         for rid in range(2, 20_000):
             answer = await a.call({"t": "key_req", "rid": rid, "peer_mac": MAC_B})
@@ -293,24 +304,11 @@ def test_a_host_that_asks_but_leaves_its_answers_unread_is_closed_after_the_drai
     (1 s here) later it is closed and logged; a is answered throughout."""
     monkeypatch.setattr(server_module, "DRAIN_ABOVE_BYTES", 8 * 1024)
     monkeypatch.setattr(server_module, "DRAIN_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(HostBuckets, "take", lambda self, host, now: True)
-    keepalive = server_module.set_keepalive
-
-    def small_send_buffer(sock):
-        keepalive(sock)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    monkeypatch.setattr(server_module, "set_keepalive", small_send_buffer)
+    closed_lines = small_server_buffers(monkeypatch, caplog)
     ca, store, tokens, run = keyserver
 
-    def closed_lines():
-        return [TextFormatter().format(r) for r in caplog.records if r.getMessage() == "connection_closed"]
-
     async def body(port):
-        ca_pem, files_a = await enroll(tmp_path, port, "a", tokens["a"], ca.ca_fingerprint())
-        _, files_b = await enroll(tmp_path, port, "b", tokens["b"], ca.ca_fingerprint())
-        a = await Client.connect(port, ca_pem, files_a)
-        b = await Client.connect(port, ca_pem, files_b, rcvbuf=4096)
-        assert (await b.call({"t": "hello", "rid": 1, "mac": MAC_B}))["t"] == "welcome"
+        a, b = await a_and_slow_b(tmp_path, port, ca, tokens)
         b.writer.transport.pause_reading()
         # About 750 KB of answers, written without waiting: more than b's TLS
         # layer takes in before it stops reading the socket (256 KiB) and the kernels hold.

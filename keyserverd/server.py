@@ -62,10 +62,10 @@ from l2crypt.core.errors import LocalError, RemoteProtocolError
 from l2crypt.core.ks_messages import FrameReader, encode_message
 from l2crypt.ops.logs import RateLimiter, fields
 
+from .client_port import ConnectionLimits, identity_of, set_keepalive
 from .event_cursor import EventCursor
 from .service import KeyService, Session
 from .tls_link import TlsLink, listen_sockets
-from .client_port import ConnectionLimits, identity_of, set_keepalive
 
 log = logging.getLogger("keyserverd")
 

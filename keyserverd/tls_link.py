@@ -14,8 +14,10 @@ task per connection.
    error)`` (error: None, or the exception that refused it; the link then
    closes itself).
 3. ``resume_reading()``/``pause_reading()``: while reading, the plaintext of
-   each readiness goes to ``owner.on_data(link, data)``.  The client's EOF is
-   seen only while reading, so a request that came before it is answered.
+   each readiness goes to ``owner.on_data(link, data)``.  The client's EOF
+   (FIN or close_notify) ends the link once the bytes before it went to
+   ``on_data``: their requests are still handled, but their answers are not
+   sent (the client has gone).  While reading is paused, no EOF is seen.
 4. ``write(data)`` hands data to OpenSSL at once; what the socket cannot take
    waits (``buffered`` bytes, write interest) and leaves when it can;
    ``owner.on_drained(link)`` is called when that backlog is gone.

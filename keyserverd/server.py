@@ -95,7 +95,7 @@ class _Conn:
     """One client connection after its handshake.  Owned by ``KeyServer``."""
 
     __slots__ = ("session", "link", "reader", "took_over", "counted_as", "busy", "timer", "drain_timer",
-                 "unauth_idle_until", "unauth_end", "reason")
+                 "unauth_idle_until", "unauth_end")
 
     def __init__(self, session: Session, link: TlsLink):
         self.session = session
@@ -110,8 +110,6 @@ class _Conn:
         #: The unauthenticated deadlines' timer, and the wait for the client to read what waits.
         self.timer = self.drain_timer = None
         self.unauth_idle_until = self.unauth_end = 0.0
-        #: Why the server closed it (None: the client did, or an error).
-        self.reason: str | None = None
 
     def send(self, msg: dict) -> bool:
         """Queue one message; False (and the connection is closed) if it cannot be sent."""
@@ -125,9 +123,8 @@ class _Conn:
         return True
 
     def close(self, reason: str) -> None:
-        if not self.link.closing:
-            self.reason = reason
-            self.link.close(reason)
+        """Close it; ``reason`` is what ``on_lost`` logs (the link keeps the first one given)."""
+        self.link.close(reason)
 
 
 class KeyServer:
@@ -377,7 +374,7 @@ class KeyServer:
         conn.timer = conn.drain_timer = None
         link.conn = None  # no reference cycle: both are freed now, not at the next full collection
         self._forget(conn)
-        log.debug("connection_ended", extra=fields(host=conn.session.who, reason=conn.reason or reason))
+        log.debug("connection_ended", extra=fields(host=conn.session.who, reason=reason))
 
     def _promote(self, conn: _Conn) -> bool:
         """``conn`` answered a challenge: count it as its host's (False: over the per-host cap, closed)."""

@@ -22,8 +22,9 @@ port and one store.
    rotations and revocations come from the store's event log, which every
    worker reads (``KeyServer.run_events``); a push a request causes (the
    new pair key to its peer, ``unmapped`` to a gateway) goes to the local
-   connections and, as one datagram, to every other worker (``relay``),
-   which delivers it to its own (``KeyServer.deliver``).
+   connections and to every other worker (``relay``), which delivers it to
+   its own (``KeyServer.deliver``).  The pushes relayed in one turn of the
+   event loop travel together, in as few datagrams as fit.
 5. Every ``REPORT_S`` each worker sends worker 0 its connection counts, so
    ``keyserverd status`` and the metrics count every worker's connections
    (``KeyServer.siblings``).
@@ -48,8 +49,10 @@ log = logging.getLogger("keyserverd")
 REPORT_S = 1.0
 #: A report older than this is not counted (its worker is gone).
 REPORT_STALE_S = 5.0
-#: Largest relayed datagram (a push is far smaller).
+#: Largest datagram received (a push is far smaller).
 MAX_DATAGRAM = 1 << 16
+#: Relayed pushes are sent in datagrams of at most this many bytes (unless one push is larger).
+RELAY_DATAGRAM = 48 * 1024
 PR_SET_PDEATHSIG = 1
 
 
@@ -84,6 +87,9 @@ class Workers:
         #: index -> (time received, report), in worker 0.
         self._reports: dict[int, tuple[float, dict]] = {}
         self.relay_failures = 0
+        #: Pushes relayed in this turn of the event loop, sent by ``_flush``.
+        self._relayed: list[tuple[str, dict]] = []
+        self._loop = None
 
     @classmethod
     def single(cls) -> "Workers":
@@ -127,12 +133,31 @@ class Workers:
             return
         server.relay = self.relay
         server.siblings = self.sibling_reports
+        self._loop = loop
         for sock in self._links.values():
             loop.add_reader(sock.fileno(), self._receive, sock, server)
 
     def relay(self, host_id: str, msg: dict) -> None:
-        """Send a push for ``host_id`` to every other worker."""
-        self._send_all({"push": host_id, "msg": msg})
+        """Send a push for ``host_id`` to every other worker, with the others
+        relayed in this turn of the event loop (one datagram, ``_flush``)."""
+        if not self._relayed:
+            self._loop.call_soon(self._flush)
+        self._relayed.append((host_id, msg))
+
+    def _flush(self) -> None:
+        """Send the pushes relayed in this loop turn, as few datagrams as fit ``RELAY_DATAGRAM``."""
+        relayed, self._relayed = self._relayed, []
+        batches = [relayed]
+        while batches:
+            batch = batches.pop()
+            data = msgpack.packb({"pushes": batch}, use_bin_type=True)
+            if len(data) > RELAY_DATAGRAM and len(batch) > 1:
+                half = len(batch) // 2
+                batches += [batch[half:], batch[:half]]  # the first half is sent first
+                continue
+            for index in range(self.count):
+                if index != self.index:
+                    self._send(index, {}, data)
 
     def report(self, server) -> None:
         """Tell worker 0 this worker's connections (workers 1..N-1)."""
@@ -144,12 +169,6 @@ class Workers:
         """The fresh reports of the other workers (worker 0)."""
         now = time.monotonic()
         return [r for at, r in self._reports.values() if now - at < REPORT_STALE_S]
-
-    def _send_all(self, doc: dict) -> None:
-        data = msgpack.packb(doc, use_bin_type=True)
-        for index in range(self.count):
-            if index != self.index:
-                self._send(index, doc, data)
 
     def _send(self, index: int, doc: dict, data: bytes | None = None) -> None:
         try:
@@ -170,8 +189,9 @@ class Workers:
                 return
             try:
                 doc = msgpack.unpackb(data, raw=False)
-                if "push" in doc:
-                    server.deliver(doc["push"], doc["msg"])
+                if "pushes" in doc:
+                    for host_id, msg in doc["pushes"]:
+                        server.deliver(host_id, msg)
                 elif "report" in doc:
                     self._reports[int(doc["report"])] = (time.monotonic(), doc)
             except Exception:  # one bad datagram must not stop the others

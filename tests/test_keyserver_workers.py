@@ -6,6 +6,7 @@ status counts every worker's connections; worker 0 stops the other."""
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,3 +117,43 @@ def test_workers_count(tmp_path):
     with pytest.raises(Exception, match="workers: peer_listen runs in one process"):
         config(peer_listen="127.0.0.1:7790", workers=2)
     assert Workers.start(1).count == 1
+
+
+def test_pushes_relayed_in_one_loop_turn_all_arrive_in_order_in_few_datagrams():
+    """600 pushes relayed in one turn (more than one datagram holds) reach the
+    other worker over a real socket pair, every one, in order, in a handful
+    of datagrams instead of 600."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (mine, theirs):
+        sock.setblocking(False)
+    sender, receiver = Workers(0, 2, {1: mine}, []), Workers(1, 2, {0: theirs}, [])
+
+    class Counted:
+        """The receiving end, counting the datagrams read."""
+        datagrams = 0
+
+        def recv(self, size):
+            data = theirs.recv(size)
+            self.datagrams += 1
+            return data
+
+    class Server:
+        def __init__(self):
+            self.delivered = []
+
+        def deliver(self, host_id, msg):
+            self.delivered.append((host_id, msg["n"]))
+
+    async def relay_600():
+        sender.attach(asyncio.get_running_loop(), Server())
+        for n in range(600):
+            sender.relay(f"h{n % 7}", {"t": "key", "n": n, "key": bytes(128)})
+        await asyncio.sleep(0)  # the end of the loop turn
+
+    asyncio.run(relay_600())
+    server, counted = Server(), Counted()
+    receiver._receive(counted, server)
+    assert server.delivered == [(f"h{n % 7}", n) for n in range(600)]
+    assert 2 <= counted.datagrams <= 10 and sender.relay_failures == 0
+    mine.close()
+    theirs.close()

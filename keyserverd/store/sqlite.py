@@ -32,8 +32,9 @@ import logging
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from l2crypt.core.errors import LocalError
 from l2crypt.ops.logs import fields
@@ -134,6 +135,22 @@ class SqliteStore(SqlStore):
 
     def _transaction(self):
         return _Transaction(self._db)
+
+    @contextmanager
+    def _read_snapshot(self) -> Iterator[bool]:
+        try:
+            self._db.execute("BEGIN")  # deferred: the first read takes the snapshot, and no write lock
+        except sqlite3.Error:
+            yield False  # each read on its own, as outside the block
+            return
+        try:
+            yield True
+        finally:
+            try:
+                self._db.execute("COMMIT")  # nothing was written: no fsync
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
 
     def _take_turn(self) -> bool:
         if self._turn_fd is None:

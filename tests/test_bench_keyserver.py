@@ -17,6 +17,7 @@ def test_a_small_run_reports_every_figure(tmp_path, capsys):
     assert all(result["mix"][k] > 0 for k in ("existing", "new", "rotate"))
     assert 0 < result["p50_ms"] <= result["p99_ms"] <= result["p999_ms"]
     assert result["server_cpu_us_per_request"] > 0 and result["generator_cpu_cores"] > 0
+    assert 0 < result["machine_busy"] <= 1
     assert result["server_rss_mib_connected"] > 10
     storm = result["storm"]
     assert storm["served"] == 8 and storm["failed"] == 0 and storm["all_served_s"] < 10

@@ -12,8 +12,10 @@
 4. Open loop for ``--seconds`` at ``--rate`` requests/s in all, in the
    ``--mix`` of existing pairs, new pairs and rotations; latency runs from
    each request's scheduled time.  Reported: the rate achieved, p50, p99 and
-   p99.9, errors, keyserverd's CPU per request (all workers, from /proc) and
-   the generator's own CPU (so a generator at its limit shows).
+   p99.9, errors, keyserverd's CPU per request (all workers, from /proc), the
+   generator's own CPU (so a generator at its limit shows) and how busy the
+   whole machine was (``busy``: with the softirqs no process is charged for,
+   which carry the loopback TCP between them).
 5. ``--storm``: then every host drops its connection at once and comes back
    (after a random wait up to ``--storm-jitter``, resuming its TLS session
    unless ``--no-resume``), says hello and fetches its keys again.
@@ -69,6 +71,21 @@ def _processes(pid: int) -> list[int]:
     except OSError:
         children = []
     return [pid, *map(int, children)]
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core since boot, from /proc/stat.
+    Busy counts what no process is charged with too: the softirqs that carry
+    loopback TCP between the generator and keyserverd."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Share of the machine's CPU busy between two ``machine_cpu_ticks`` readings."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 2) if total > 0 else None
 
 
 def server_cpu_s(pids: list[int]) -> float:
@@ -171,10 +188,10 @@ def measure(store_name: str, store_url: str, args) -> dict:
         time.sleep(1.0)
         result["server_rss_mib_connected"] = server_rss_mib(pids)
 
-        cpu0, start = server_cpu_s(pids), time.monotonic() + 0.5
+        cpu0, start, machine0 = server_cpu_s(pids), time.monotonic() + 0.5, machine_cpu_ticks()
         runs = generators.ask("run", args.seconds + 120, start=start, seconds=args.seconds,
                               rate=args.rate / args.clients, mix=args.mix)
-        cpu = server_cpu_s(pids) - cpu0
+        cpu, machine = server_cpu_s(pids) - cpu0, machine_cpu_ticks()
         latencies = [x for r in runs for x in r["latencies"]]
         answered = sum(1 for x in latencies if math.isfinite(x))
         window = max(r["sent_s"] for r in runs)
@@ -191,6 +208,7 @@ def measure(store_name: str, store_url: str, args) -> dict:
             if answered else None,
             "generator_cpu_cores": round(sum(r["cpu_s"] for r in runs) / window, 2) if window else None,
             "generator_max_behind_ms": round(max(r["max_behind_s"] for r in runs) * 1000, 1),
+            "machine_busy": busy_share(machine0, machine),
             "server_rss_mib": server_rss_mib(pids),
         })
         if args.storm:
@@ -228,13 +246,17 @@ def _mix(text: str) -> tuple[float, float, float]:
     return tuple(parts)
 
 
+def _percent(share: float | None) -> str:
+    return "?" if share is None else f"{share:.0%}"
+
+
 def _print(results: list[dict]) -> None:
     print(f"{'store':<11}{'hosts':>7}{'wk':>3}{'offered':>9}{'achieved':>10}{'p50 ms':>8}{'p99 ms':>8}"
-          f"{'p99.9 ms':>9}{'srv us/req':>11}{'gen cores':>10}{'RSS MiB':>9}")
+          f"{'p99.9 ms':>9}{'srv us/req':>11}{'gen cores':>10}{'busy':>6}{'RSS MiB':>9}")
     for r in results:
         print(f"{r['store']:<11}{r['hosts']:>7}{r['workers']:>3}{r['offered_per_s']:>9}{r['achieved_per_s']:>10}"
               f"{r['p50_ms']:>8}{r['p99_ms']:>8}{r['p999_ms']:>9}{r['server_cpu_us_per_request']:>11}"
-              f"{r['generator_cpu_cores']:>10}{r['server_rss_mib_connected']:>9}")
+              f"{r['generator_cpu_cores']:>10}{_percent(r['machine_busy']):>6}{r['server_rss_mib_connected']:>9}")
         if r["errors"]:
             print(f"  errors: {r['errors']}")
         storm = r.get("storm")

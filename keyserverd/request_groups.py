@@ -4,24 +4,25 @@ are answered at once, the ones that write are committed together.
 1. ``add(conn, msgs)``: the whole messages read from a connection (a batch).
    The batches read in one turn of the event loop are handled at the end of
    it (``_run``), in order.
-2. First every batch is handled inside ``store.reads_only()``.  A request
-   that only reads (a pair key that exists, a ping: most of them) reads
-   committed rows and nothing else, so its answer goes out at once: it
-   waits for no commit and no other worker.
-3. A request that needs a write (a new pair, a rotation, a binding) stops
-   before it writes (``WritesDeferred``; the service takes back what it
-   counted).  It and the rest of its batch wait for a write group, and so do
-   later batches of its connection, so every connection is answered in the
-   order it asked.
-4. The write group (``_run_writes``): when the store gives this worker its
-   turn (``store.take_turn``; on SQLite the workers take turns, and a worker
-   whose turn it is not asks again ``TURN_RETRY_S`` later, reading on
-   meanwhile), every waiting request is handled again inside one
-   ``store.group()``, so their writes are committed with one fsync.  Only
-   then are their actions carried out: no answer leaves before the write it
-   reports is durable.  If the commit fails, each of those connections is
-   told ``store_unavailable`` and closed (its client reconnects and asks
-   again).  ``KeyService.begin_group``/``end_group`` bracket it.
+2. If the store's turn is free (``store.take_turn``: on SQLite the workers
+   take turns to write) and nothing waits for it, every batch is handled in
+   one store group (4): one snapshot, one commit for all.
+3. Else (another worker is writing, or this one waits for its turn) each
+   batch is first handled inside ``store.reads_only()``.  A request that
+   only reads (a pair key that exists, a ping: most of them) reads committed
+   rows and nothing else, so its answer goes out at once: it waits for no
+   commit and no other worker.  A request that needs a write (a new pair, a
+   rotation, a binding) stops before it writes (``WritesDeferred``; the
+   service takes back what it counted).  It and the rest of its batch wait
+   for a write group, and so do later batches of its connection, so every
+   connection is answered in the order it asked.  A worker whose turn it is
+   not asks again ``TURN_RETRY_S`` later, reading on meanwhile.
+4. A store group: every request is handled inside one ``store.group()``, so
+   the writes are committed with one fsync.  Only then are their actions
+   carried out: no answer leaves before the write it reports is durable.
+   If the commit fails, each of those connections is told
+   ``store_unavailable`` and closed (its client reconnects and asks again).
+   ``KeyService.begin_group``/``end_group`` bracket it.
 5. What a request does is ``KeyService.handle``'s actions; an exception in it
    other than the store's is an ``internal`` error answer, logged.
 This module owns no socket: the server carries the actions out (``act``)
@@ -74,8 +75,12 @@ class RequestGroups:
         self._queued.append((conn, msgs))
 
     def _run(self) -> None:
-        """Answer what only reads; leave the rest for a write group (module docstring, 2 and 3)."""
+        """One group if the store's turn is free; else answer what only reads and
+        leave the rest for a write group (module docstring, 2 to 4)."""
         queued, self._queued = self._queued, []
+        if not self._writes_due and self.service.store.take_turn():
+            self._group(queued)
+            return
         with self.service.store.reads_only():
             self.service.begin_group()
             try:
@@ -104,7 +109,7 @@ class RequestGroups:
             self._done(conn, keep_open)
 
     def _run_writes(self) -> None:
-        """Handle every waiting batch in one store group, then act (module docstring, 4)."""
+        """Handle every waiting batch in one store group once the turn is ours."""
         self._writes_due = False
         if not self.service.store.take_turn():  # another worker is writing: read on, try again
             self._writes_due = True
@@ -112,6 +117,10 @@ class RequestGroups:
             return
         writes, self._writes = self._writes, []
         self._writing.clear()
+        self._group(writes)
+
+    def _group(self, writes: list) -> None:
+        """With the store's turn: handle ``writes`` in one store group, then act (module docstring, 4)."""
         handled, closing = [], set()
         try:
             with self.service.store.group():

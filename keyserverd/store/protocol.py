@@ -134,12 +134,12 @@ class KeyStore(Protocol):
         """A block that only reads: a write inside raises ``WritesDeferred``
         before anything is written, so what it answers needs no commit."""
 
-    def snapshot_held(self) -> bool:
-        """True while what is read stays current until the answers of the
-        requests being handled have left: inside ``reads_only()`` when it reads
-        one snapshot (SQLite), or inside a ``group()`` whose open transaction
-        keeps every other writer out until it commits (SQLite, after its first
-        write)."""
+    def hold_snapshot(self) -> bool:
+        """Make what is read from now on stay current until the answers of the
+        requests being handled have left; True if the store can: inside
+        ``reads_only()`` when it reads one snapshot (SQLite), or inside a
+        ``group()`` whose transaction, begun now, keeps every other writer
+        out until it commits (SQLite)."""
 
     def pairs(self, host_id: str | None = None) -> list[tuple[str, str]]:
         """Every pair with a key (only those including ``host_id`` if given)."""

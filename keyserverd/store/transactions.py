@@ -16,9 +16,9 @@ dialect gives ``_q``, ``_transaction``, the turn and ``_read_snapshot``).
    inside is of committed rows (on SQLite, of one snapshot: a read
    transaction), and a write raises ``WritesDeferred`` before it begins (the
    caller handles that request again in a group).
-4. ``snapshot_held()`` says when what is read stays current until the
-   answers of the requests being handled have left (``host_cache`` reads
-   the event log once then).
+4. ``hold_snapshot()`` makes what is read stay current until the answers
+   of the requests being handled have left, where it can (``host_cache``
+   reads the event log once then).
 """
 
 from __future__ import annotations
@@ -51,17 +51,22 @@ class Transactions:
         process's write; it then holds the turn until it ends.  False: ask again soon."""
         return self._take_turn()
 
-    def snapshot_held(self) -> bool:
-        """True while what is read stays current until the answers of the
-        requests being handled have left (see the module docstring, 4):
-        inside ``reads_only()`` on SQLite (one read transaction: nothing
-        committed after it began becomes visible, and its answers leave
-        before it ends), or inside a ``group()`` that has begun its SQLite
-        write transaction (no other writer can commit before it does).  False
-        elsewhere: the next read may see another writer's commit."""
+    def hold_snapshot(self) -> bool:
+        """Make what is read from now on stay current until the answers of the
+        requests being handled have left, if this store can; True if so (see
+        the module docstring, 4).  Inside ``reads_only()`` on SQLite it is
+        already (one read transaction: nothing committed after it began
+        becomes visible, and its answers leave before it ends).  Inside a
+        ``group()`` on SQLite this begins its write transaction now: no other
+        writer can commit until the group does.  False elsewhere (PostgreSQL,
+        outside both): the next read may see another writer's commit."""
         if self._reads_only:
             return self._snapshot
-        return self.GROUP_EXCLUDES_WRITERS and self._group is not None and self._group.transaction is not None
+        if self._group is None or not self.GROUP_EXCLUDES_WRITERS:
+            return False
+        with self._write():
+            pass
+        return True
 
     def reads_only(self):
         """A block that only reads: a write inside raises ``WritesDeferred``

@@ -14,21 +14,15 @@ is refused for:
    last event it has seen (``events_since``: one indexed read that is almost
    always empty) and drops the host of every ``revoke`` event.  Events become
    visible in ``seq`` order (see ``sql_store``), so none is skipped.
-3. A lookup reads the log again unless the store holds a snapshot in which
-   nothing can change before the answers of the requests being handled
-   have left (``store.hold_snapshot``):
-   - SQLite, ``store.reads_only``: one read transaction, whose reads see
-     nothing committed after it began, and whose answers leave before it
-     ends;
-   - SQLite, a store group: its first lookup begins its write transaction,
-     and no other writer can commit a revocation until the group's answers
-     have left.
-   So one read serves the rest of the block, and a revocation committed
-   before it began is seen by every request in it.  Everywhere else
-   (PostgreSQL, where writers do not exclude each other and each statement
-   reads the newest rows; the event loop, peer answers) every lookup reads
-   the log first.  ``expire()`` (called when such a block begins and ends:
-   ``KeyService.begin_group``/``end_group``) makes the next lookup read it.
+3. When that read is done: ``expire()`` makes the next lookup read the log
+   first.  The server calls it when a store group begins and ends
+   (``KeyService.begin_group``/``end_group``).  Inside a group, the read
+   first begins the group's transaction (``store.hold_writers``): on SQLite
+   no other writer can commit a revocation until the group's answers have
+   left, so one read serves the whole group, and a revocation committed
+   before the group began is seen by every request of it.  Where writers do
+   not exclude each other (PostgreSQL), or outside a group (the event loop,
+   peer answers), every lookup reads the log first.
 4. The event loop, which reads every event in any case, drops a revoked
    host too (``forget``), so a worker that answered nothing for longer than
    the log keeps its events still learns every revocation.
@@ -103,7 +97,7 @@ class HostCache:
         """Drop the hosts revoked since the last read of the log (see the module docstring, 2 and 3)."""
         if self._current:
             return
-        held = self.store.hold_snapshot()
+        held = self.store.hold_writers()
         if self._seq is None:
             self._seq = self.store.last_event_seq()
         else:

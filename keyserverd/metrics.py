@@ -24,7 +24,7 @@ class KeyServerMetrics:
         self.handling = Histogram("keyserverd_request_duration_seconds",
                                   "Time to handle one request, by message type.", ["type"],
                                   registry=None, buckets=LATENCY_BUCKETS_S)
-        server.groups.observe_request = self._observe
+        server.observe_request = self._observe
         self.registry = new_registry()
         self.registry.register(FunctionCollector(self.collect))
 

@@ -2,7 +2,7 @@
 
 1. ``HostBuckets`` keeps one token bucket per host ID: ``rate_per_s`` tokens a
    second, at most ``burst`` saved up.  ``take(host_id, now)`` spends one token
-   or says no; ``give_back`` returns it.  Idle full buckets are forgotten, so the table stays as small
+   or says no.  Idle full buckets are forgotten, so the table stays as small
    as the set of busy hosts.
 (Log lines are rate-limited with ``l2crypt.ops.logs.RateLimiter``.)
 """
@@ -33,12 +33,6 @@ class HostBuckets:
             self._forget_full(now)
         self._buckets[host_id] = (tokens - 1.0, now)
         return True
-
-    def give_back(self, host_id: str) -> None:
-        """Return the token ``take`` spent on a request handled again later."""
-        bucket = self._buckets.get(host_id)
-        if bucket is not None:
-            self._buckets[host_id] = (min(self.burst, bucket[0] + 1.0), bucket[1])
 
     def _forget_full(self, now: float) -> None:
         for host_id, (tokens, at) in list(self._buckets.items()):

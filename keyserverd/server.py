@@ -12,10 +12,16 @@
    None) and a ``FrameReader`` (``on_handshake``).
 3. Every whole message goes to ``KeyService.handle``; its actions are a reply
    on this connection, a push to every live connection of a host, or a close.
-   ``request_groups`` decides when: a request that only reads is answered at
-   once; one that writes waits for a store group, whose writes are committed
-   with one fsync before any of its answers leaves.  A connection is not
-   read while two batches of its messages wait.
+   A connection is not read while its messages wait for their group.
+   Group commit: the messages read in one turn of the event loop (or while
+   another worker had the store's turn, ``store.take_turn``), from every
+   connection, are handled together inside one ``store.group()``, so their
+   writes (new pair keys, rotations, bindings) are committed with one fsync;
+   only then are their actions carried out.  No answer leaves before the
+   write it reports is durable.  If the commit fails, each of those
+   connections is told ``store_unavailable`` and closed (its client
+   reconnects and asks again).  ``KeyService.begin_group``/``end_group``
+   bracket a group (``host_cache`` reads the event log once per group).
 4. ``run_events`` polls the store's event log (rotations and revocations made
    by this server, another one on the same store, or the CLI) and sends the
    pushes ``KeyService.on_event`` asks for; worker 0 also runs the service's
@@ -58,7 +64,6 @@ from l2crypt.ops.logs import RateLimiter, fields
 
 from .client_port import ConnectionLimits, identity_of, set_keepalive
 from .event_cursor import EventCursor
-from .request_groups import RequestGroups
 from .service import KeyService, Session
 from .tls_link import TlsLink, listen_sockets
 
@@ -69,6 +74,8 @@ ACCEPTS_PER_WAKEUP = 64
 #: A connection whose unsent output grows past this is closed (it is not reading).
 MAX_WRITE_BUFFER_BYTES = 1 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
+#: How soon a worker asks again for its turn to write (``store.take_turn``).
+TURN_RETRY_S = 0.0005
 #: A client that leaves our replies unread this long (once over DRAIN_ABOVE_BYTES) is dropped.
 DRAIN_TIMEOUT_S, DRAIN_ABOVE_BYTES = 30.0, 64 * 1024
 #: How often the event log is read (often: a poll's pushes hold up requests).
@@ -150,12 +157,18 @@ class KeyServer:
         self.event_seq = 0
         self._cursor = event_cursor or EventCursor(None)
         self.started_at = time.time()
+        #: Seconds each request took in ``KeyService.handle`` (set by the metrics module).
+        self.observe_request = None
         #: ``peering.Peering`` when key servers are peered (set by the CLI), else None.
         self.peering = None
-        #: Messages waiting to be handled, and the store groups of those that write.
-        self.groups = RequestGroups(service, self._act, self._requests_done)
+        #: Messages waiting for the next store group: (connection, messages).
+        self._queued: list[tuple[_Conn, list[dict]]] = []
+        #: Store groups committed and failed, and the requests they held (status, metrics).
+        self.group_commits = 0
         #: TLS handshakes that resumed a session (a client's ticket: no certificate exchange).
         self.tls_resumed = 0
+        self.group_commits_failed = 0
+        self.grouped_requests = 0
         #: Pair events none of whose hosts is connected to this worker (nothing to push here).
         self.events_skipped = 0
         #: ``workers``: ``relay(host_id, msg)`` sends a request's push to the other
@@ -296,7 +309,9 @@ class KeyServer:
         conn.busy += 1
         if conn.busy > 1:  # a client that does not wait for its answers: it waits for the group
             link.pause_reading()
-        self.groups.add(conn, msgs)
+        if not self._queued:
+            self._loop.call_soon(self._run_group)
+        self._queued.append((conn, msgs))
 
     def _arm_unauth(self, conn: _Conn) -> None:
         conn.timer = self._loop.call_at(min(conn.unauth_idle_until, conn.unauth_end), self._unauth_due, conn)
@@ -374,6 +389,55 @@ class KeyServer:
         self._by_host.setdefault(identity, set()).add(conn)
         return True
 
+    def _run_group(self) -> None:
+        """Handle every queued message in one store group, then act (see the module docstring, 3)."""
+        if not self.service.store.take_turn():  # another worker is writing: read on, try again
+            asyncio.get_running_loop().call_later(TURN_RETRY_S, self._run_group)
+            return
+        queued, self._queued = self._queued, []
+        handled, closing = [], set()
+        try:
+            with self.service.store.group():
+                self.service.begin_group()
+                for conn, msgs in queued:
+                    answers = self._handle(conn, msgs) if conn not in closing else []
+                    if any(target == "close" for actions in answers for target, _ in actions):
+                        closing.add(conn)  # its later messages are not handled
+                    handled.append((conn, answers))
+        except StoreUnavailable as exc:
+            self.group_commits_failed += 1
+            for conn, msgs in queued:
+                for msg in msgs:
+                    conn.send({"t": "error", "rid": msg.get("rid", 0), "code": exc.code, "msg": str(exc)})
+                self._requests_done(conn, False)
+            return
+        finally:
+            self.service.end_group()
+        self.group_commits += 1
+        self.grouped_requests += sum(len(msgs) for _, msgs in queued)
+        for conn, answers in handled:
+            self._requests_done(conn, all(self._act(conn, actions) for actions in answers))
+
+    def _handle(self, conn: _Conn, msgs: list[dict]) -> list[list]:
+        """The service's actions for each message, up to the first that closes the connection."""
+        answers = []
+        for msg in msgs:
+            started = time.perf_counter()
+            try:
+                actions = self.service.handle(conn.session, msg, now=time.time())
+            except StoreUnavailable:
+                raise  # the group cannot commit
+            except Exception:
+                log.exception("request_internal_error", extra=fields(type=msg.get("t"), host=conn.session.who))
+                actions = [("reply", {"t": "error", "rid": msg.get("rid", 0), "code": "internal",
+                                      "msg": "internal error; see the key server log"})]
+            if self.observe_request is not None:
+                self.observe_request(msg.get("t"), time.perf_counter() - started)
+            answers.append(actions)
+            if any(target == "close" for target, _ in actions):
+                break
+        return answers
+
     def _log_close(self, level: int, conn: _Conn, code: str, reason: str) -> None:
         """A closed connection, logged once per (client, code) every ``CLOSE_LOG_S``."""
         who = conn.session.identity or conn.session.peer.rsplit(":", 1)[0]
@@ -414,10 +478,9 @@ class KeyServer:
         return dict(total)
 
     def local_counters(self) -> dict[str, int]:
-        groups = self.groups
-        return {"group_commits": groups.group_commits, "group_commits_failed": groups.group_commits_failed,
-                "grouped_requests": groups.grouped_requests, "answered_at_once": groups.answered_at_once,
-                "tls_resumed": self.tls_resumed, "connections_total": self.connections_total}
+        return {"group_commits": self.group_commits, "group_commits_failed": self.group_commits_failed,
+                "grouped_requests": self.grouped_requests, "tls_resumed": self.tls_resumed,
+                "connections_total": self.connections_total}
 
     def deliver(self, host_id: str, msg: dict) -> None:
         """A push relayed by another worker: send it on this process's connections of ``host_id``."""

@@ -82,7 +82,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 from keyserverd.peering.service import PeerHandlers
-from keyserverd.store.protocol import HostRecord, KeyEvent, KeyStore, WritesDeferred
+from keyserverd.store.protocol import HostRecord, KeyEvent, KeyStore
 from l2crypt.core.errors import RefusedError
 from l2crypt.core.frame_wire import format_mac, is_group_address
 from l2crypt.core.ks_messages import OLDER_VERSIONS_MAX
@@ -217,36 +217,28 @@ class KeyService(L3Handlers, PeerHandlers, ChallengeHandlers):
         kind = msg["t"]
         rid = msg.get("rid", 0)
         self.requests[kind] += 1
-        token_spent = False
         try:
             if session.identity is None and kind not in UNAUTHENTICATED_TYPES:
                 raise RefusedError(f"{kind} needs a client certificate", "unauthenticated")
             if session.identity is not None and kind not in UNAUTHENTICATED_TYPES:
                 if self.hosts.is_revoked(session.identity):
                     raise RefusedError(f"host {session.identity!r} is revoked", "revoked")
-                if kind in RATE_LIMITED_TYPES:
-                    if not self.key_requests.take(session.identity, now):
-                        raise RefusedError(f"too many key requests from {session.identity!r}; slow down",
-                                           "rate_limited")
-                    token_spent = True
+                if kind in RATE_LIMITED_TYPES and not self.key_requests.take(session.identity, now):
+                    raise RefusedError(f"too many key requests from {session.identity!r}; slow down",
+                                       "rate_limited")
             handler = getattr(self, f"_on_{kind}", None)
             if handler is None:
                 raise RefusedError(f"{kind} is not a request", "bad_request")
             return handler(session, msg, now)
         except RefusedError as exc:
             return self._refused(session, kind, rid, exc, now)
-        except WritesDeferred:  # handled again in a store group: counted and charged there
-            self.requests[kind] -= 1
-            if token_spent:
-                self.key_requests.give_back(session.identity)
-            raise
 
     def begin_group(self) -> None:
-        """The requests of one store group or ``reads_only`` block come next (``host_cache``, 3)."""
+        """The requests of one store group come next (``host_cache``, 3)."""
         self.hosts.expire()
 
     def end_group(self) -> None:
-        """The store group or ``reads_only`` block has ended: the next lookup reads the event log again."""
+        """The store group has ended: the next lookup reads the event log again."""
         self.hosts.expire()
 
     def _refused(self, session: Session, kind: str, rid: int, exc: RefusedError, now: float) -> list[Action]:

@@ -7,10 +7,8 @@ import secrets
 import pytest
 
 from keyserverd.ca import CertificateAuthority
-from keyserverd.ratelimit import HostBuckets
 from keyserverd.service import KeyService, Session
 from keyserverd.store.kek import pair_aad
-from keyserverd.store.protocol import WritesDeferred
 from keyserverd.store.sqlite import SqliteStore
 from keyserverd.tokens import hash_token
 
@@ -92,47 +90,6 @@ def test_a_group_holds_other_writers_off_until_its_answers_are_committed(env):
             other.revoke_host("a", NOW)
         service.end_group()
     assert other.revoke_host("a", NOW)
-
-
-def reads_only(service, store, session, msg):
-    """One request as the server first runs it: inside a reads_only block."""
-    with store.reads_only():
-        service.begin_group()
-        try:
-            return service.handle(session, msg, NOW)[0][1]
-        finally:
-            service.end_group()
-
-
-def test_requests_that_only_read_hold_no_writer_off_and_see_every_revocation_before_them(env):
-    """A reads_only block reads one snapshot: another handle's revocation
-    commits meanwhile (it is not held off), and the next block sees it."""
-    service, store, other = env
-    a = hello(service, store, "a", MAC_A)
-    hello(service, store, "b", MAC_B)
-    assert key_req(service, store, a, MAC_B)["t"] == "key"
-    other._db.execute("PRAGMA busy_timeout = 50")
-    with store.reads_only():
-        service.begin_group()
-        assert service.handle(a, {"t": "key_req", "rid": 3, "peer_mac": MAC_B}, NOW)[0][1]["t"] == "key"
-        assert other.revoke_host("b", NOW)  # not held off
-        service.end_group()
-    assert reads_only(service, store, a, {"t": "key_req", "rid": 4, "peer_mac": MAC_B})["t"] == "unknown"
-    assert other.revoke_host("a", NOW)
-    answer = reads_only(service, store, a, {"t": "key_req", "rid": 5, "peer_mac": MAC_B})
-    assert (answer["t"], answer["code"]) == ("error", "revoked")
-
-
-def test_a_request_that_would_write_leaves_reads_only_unwritten_and_uncharged(env):
-    service, store, other = env
-    service.key_requests = HostBuckets(0.001, 1)  # one key request, then none for a long time
-    a = hello(service, store, "a", MAC_A)
-    hello(service, store, "b", MAC_B)
-    with store.reads_only(), pytest.raises(WritesDeferred):
-        service.handle(a, {"t": "key_req", "rid": 3, "peer_mac": MAC_B}, NOW)  # a new pair
-    assert store.pairs() == [] and service.requests["key_req"] == 0
-    assert key_req(service, store, a, MAC_B)["t"] == "key"  # its token was given back
-    assert store.pairs() == [("a", "b")] and service.requests["key_req"] == 1
 
 
 def test_a_host_bound_elsewhere_after_a_miss_is_found(env):

@@ -24,11 +24,6 @@ class StoreUnavailable(RefusedError):
     code = "store_unavailable"
 
 
-class WritesDeferred(Exception):
-    """Inside ``KeyStore.reads_only()``: this request needs a write, so it waits
-    for a ``group()`` (nothing was written; the caller handles it again there)."""
-
-
 @dataclass(frozen=True)
 class HostRecord:
     """One row of the ID-MAC table.  Times are Unix seconds, None when unset."""
@@ -130,16 +125,10 @@ class KeyStore(Protocol):
         newest first, in one read; with ``now``, version 1 is made first if
         the pair has none (as ``get_or_create_pair_key``)."""
 
-    def reads_only(self) -> ContextManager[None]:
-        """A block that only reads: a write inside raises ``WritesDeferred``
-        before anything is written, so what it answers needs no commit."""
-
-    def hold_snapshot(self) -> bool:
-        """Make what is read from now on stay current until the answers of the
-        requests being handled have left; True if the store can: inside
-        ``reads_only()`` when it reads one snapshot (SQLite), or inside a
-        ``group()`` whose transaction, begun now, keeps every other writer
-        out until it commits (SQLite)."""
+    def hold_writers(self) -> bool:
+        """Inside ``group()``: begin its transaction now; True if no other
+        writer can commit before the group does (SQLite), so what is read
+        from now on stays current until the group's answers leave."""
 
     def pairs(self, host_id: str | None = None) -> list[tuple[str, str]]:
         """Every pair with a key (only those including ``host_id`` if given)."""

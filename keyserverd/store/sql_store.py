@@ -10,10 +10,15 @@ log and the ID-IP table.
    returns, so a caller that answers a client after the call never
    acknowledges something a crash could lose.  A write the database cannot
    take is ``StoreUnavailable``.
-   Group commit (``transactions``): inside ``with store.group():`` the
-   writes of several requests are committed together, with one fsync, and
-   none is answered before that; ``reads_only()`` blocks answer requests that
-   only read without waiting for any commit.
+   Group commit: inside ``with store.group():`` the writes of several
+   requests (``_write()`` blocks) are savepoints of one transaction, begun at
+   the first write and committed, with one fsync, when the block ends; a
+   write that raises rolls back to its savepoint only.  The caller answers
+   none of those requests before the block has returned (a failed commit is
+   ``StoreUnavailable``, and nothing of the group was stored).  Before a
+   group, ``take_turn()`` says whether it can start without waiting for
+   another process's write (SQLite: a lock file that keyserverd workers take
+   in turn, without blocking); the group gives the turn back when it ends.
 3. Several writers (processes on one SQLite file, keyserverd instances on one
    PostgreSQL database) are settled by the database, not by timing:
    - a row read to decide a write is read ``FOR UPDATE`` (PostgreSQL; a SQLite
@@ -43,6 +48,7 @@ from __future__ import annotations
 import hmac
 import logging
 from contextlib import contextmanager
+from typing import Iterator
 
 from l2crypt.core.errors import LocalError, RefusedError
 from l2crypt.core.frame_wire import format_mac
@@ -51,10 +57,9 @@ from l2crypt.core.l3_wire import format_ip
 from l2crypt.ops.logs import fields
 
 from .kek import Kek, check_kek
-from .protocol import HostRecord, KeyEvent
+from .protocol import HostRecord, KeyEvent, StoreUnavailable
 from .schema import SCHEMA_VERSION, SEALED_SCHEMA, statements
 from .sealing import KEY_BYTES, SealedKeys, reseal_key_rows
-from .transactions import Transactions
 
 log = logging.getLogger("keyserverd")
 
@@ -80,7 +85,7 @@ def host_record(row) -> HostRecord | None:
     return HostRecord(row[0], mac, row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
 
-class SqlStore(Transactions, SealedKeys):
+class SqlStore(SealedKeys):
     """``protocol.KeyStore`` on a SQL database; a dialect subclass provides
     the connection and the hooks at the end.  One connection, used from one
     thread (the event loop, or the CLI); other processes use their own."""
@@ -89,9 +94,13 @@ class SqlStore(Transactions, SealedKeys):
     migrations: tuple[str, ...]
     #: Appended to a SELECT whose rows the transaction goes on to change.
     FOR_UPDATE = ""
+    #: A group's open transaction keeps every other writer out until it commits.
+    GROUP_EXCLUDES_WRITERS = False
     #: The database, for messages and logs (a PostgreSQL URL without its password).
     shown: str
     kek: Kek
+    #: The open ``group()``, or None.
+    _group: "_Group | None" = None
 
     @property
     def where(self) -> str:
@@ -417,6 +426,95 @@ class SqlStore(Transactions, SealedKeys):
         return {"pairs": [tuple(r) for r in rows], "pair_versions": versions,
                 "multicast": tuple(mc) if mc else None}
 
+    # --- group commit ----------------------------------------------------------
+    def take_turn(self) -> bool:
+        """True if a ``group()`` may start now without waiting for another
+        process's write; it then holds the turn until it ends.  False: ask again soon."""
+        return self._take_turn()
+
+    def hold_writers(self) -> bool:
+        """Inside ``group()``: begin its transaction now.  True if no other
+        writer can commit before the group does (SQLite's write lock), so what
+        is read from now on stays current until the group's answers leave;
+        False (PostgreSQL, or outside a group): read again for each request."""
+        if self._group is None or not self.GROUP_EXCLUDES_WRITERS:
+            return False
+        with self._write():
+            pass
+        return True
+
+    def group(self):
+        """The writes inside are committed together, with one fsync, when the
+        block ends (see the module docstring, 2); ``StoreUnavailable`` if that
+        commit fails, and then nothing of the group is stored."""
+        return self._group_block()
+
+    @contextmanager
+    def _group_block(self) -> Iterator[None]:
+        if self._group is not None:
+            raise LocalError("store groups do not nest")
+        group = self._group = _Group()
+        try:
+            yield
+        except BaseException as exc:
+            self._group = None
+            group.abandon(exc)
+            self._give_turn()
+            raise
+        self._group = None
+        if group.transaction is None:
+            self._give_turn()
+            return  # nothing was written
+        try:
+            if group.broken:
+                raise StoreUnavailable("a write of the group left the transaction unusable")
+            group.transaction.__exit__(None, None, None)
+        except Exception as exc:
+            if group.broken:
+                group.abandon(exc)
+            log.warning("group_commit_failed", extra=fields(database=self.shown, writes=group.writes,
+                                                            reason=str(exc).splitlines()[0] if str(exc) else ""))
+            raise StoreUnavailable(f"the key server cannot write its database: {exc}") from None
+        finally:
+            self._give_turn()
+
+    def _write(self):
+        """One write: its own transaction, or a savepoint of the open ``group()``."""
+        if self._group is None:
+            return self._transaction()
+        return self._savepoint(self._group)
+
+    @contextmanager
+    def _savepoint(self, group: "_Group"):
+        if group.transaction is None:
+            transaction = self._transaction()
+            try:
+                transaction.__enter__()
+            except Exception as exc:
+                raise self._as_unavailable(exc) from None
+            group.transaction = transaction
+        group.writes += 1
+        name = f"w{group.writes}"
+        self._q(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                self._q(f"ROLLBACK TO SAVEPOINT {name}")
+                self._q(f"RELEASE SAVEPOINT {name}")
+            except Exception:
+                group.broken = True  # the database dropped the whole transaction (full disk, lost connection)
+            if isinstance(exc, Exception) and self._is_unavailable(exc):
+                group.broken = True
+                raise self._as_unavailable(exc) from None
+            raise
+        self._q(f"RELEASE SAVEPOINT {name}")
+
+    def _as_unavailable(self, exc: Exception) -> Exception:
+        if isinstance(exc, StoreUnavailable) or not self._is_unavailable(exc):
+            return exc
+        return StoreUnavailable(f"the key server cannot write its database: {exc}")
+
     @contextmanager
     def _unless_taken(self, refusal: Exception):
         """Raise ``refusal`` for a unique key another writer took after our check."""
@@ -475,3 +573,21 @@ class SqlStore(Transactions, SealedKeys):
     def _admit_others(self) -> None:
         """Undo ``_exclude_others``."""
         raise NotImplementedError
+
+
+class _Group:
+    """An open ``SqlStore.group()``: its transaction, once a write began it."""
+
+    def __init__(self):
+        self.transaction = None
+        self.writes = 0
+        #: A write failed in a way that may have ended the transaction: the commit must fail.
+        self.broken = False
+
+    def abandon(self, exc: BaseException) -> None:
+        """Roll the transaction back (if it began), whatever the database says."""
+        if self.transaction is not None:
+            try:
+                self.transaction.__exit__(type(exc), exc, exc.__traceback__)
+            except Exception:
+                pass  # the caller raises its own exception

@@ -2,10 +2,7 @@
 with what SQLite does its own way.
 
 1. ``SqliteStore.open(path)`` opens (or creates, mode 0600) the file in WAL
-   mode with ``synchronous=FULL`` and ``secure_delete``, read through a
-   memory map (``mmap_size``, up to 256 MiB: a read whose page is in the
-   file makes no system call; the other worker's commits kept emptying each
-   connection's page cache, and every read was a ``pread``), then migrates
+   mode with ``synchronous=FULL`` and ``secure_delete``, then migrates
    (``SqlStore._prepare``).  Without a configured KEK the keys are sealed
    under the KEK file beside it (``kek.default_kek``).
 2. A write is ``BEGIN IMMEDIATE`` ... ``COMMIT``: it holds the file's write
@@ -35,9 +32,8 @@ import logging
 import os
 import sqlite3
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from l2crypt.core.errors import LocalError
 from l2crypt.ops.logs import fields
@@ -52,8 +48,6 @@ log = logging.getLogger("keyserverd")
 
 #: ``schema.MIGRATIONS`` in SQLite's spelling.
 MIGRATIONS = migrations(SQLITE)
-#: How much of the file is read through a memory map (see the module docstring, 1).
-MMAP_BYTES = 256 << 20
 #: How often ``checkpoint_in_background``'s thread copies the WAL into the file.
 CHECKPOINT_EVERY_S = 1.0
 #: SQLite's names for a second row with the same unique key.
@@ -96,7 +90,7 @@ class SqliteStore(SqlStore):
             store = cls(sqlite3.connect(path, isolation_level=None, timeout=10.0), path, StoreUsers(path),
                         Path(default_kek) if default_kek else path.parent / DEFAULT_KEK_FILE)
             try:
-                for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON", f"mmap_size={MMAP_BYTES}",
+                for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
                                "secure_delete=ON"):  # secure_delete: a retired key's bytes leave the file
                     store._db.execute(f"PRAGMA {pragma}")
                 store._prepare(kek, now)
@@ -140,22 +134,6 @@ class SqliteStore(SqlStore):
 
     def _transaction(self):
         return _Transaction(self._db)
-
-    @contextmanager
-    def _read_snapshot(self) -> Iterator[bool]:
-        try:
-            self._db.execute("BEGIN")  # deferred: the first read takes the snapshot, and no write lock
-        except sqlite3.Error:
-            yield False  # each read on its own, as outside the block
-            return
-        try:
-            yield True
-        finally:
-            try:
-                self._db.execute("COMMIT")  # nothing was written: no fsync
-            except sqlite3.Error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
 
     def _take_turn(self) -> bool:
         if self._turn_fd is None:

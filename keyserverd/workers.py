@@ -157,22 +157,23 @@ class Workers:
                 continue
             for index in range(self.count):
                 if index != self.index:
-                    self._send(index, {}, data)
+                    self._send(index, data)
 
     def report(self, server) -> None:
         """Tell worker 0 this worker's connections (workers 1..N-1)."""
         if self._links and self.index != 0:
-            self._send(0, {"report": self.index, "connections": server.local_connections,
-                           "hosts": server.local_hosts(), "counters": server.local_counters()})
+            self._send(0, msgpack.packb({"report": self.index, "connections": server.local_connections,
+                                         "hosts": server.local_hosts(), "counters": server.local_counters()},
+                                        use_bin_type=True))
 
     def sibling_reports(self) -> list[dict]:
         """The fresh reports of the other workers (worker 0)."""
         now = time.monotonic()
         return [r for at, r in self._reports.values() if now - at < REPORT_STALE_S]
 
-    def _send(self, index: int, doc: dict, data: bytes | None = None) -> None:
+    def _send(self, index: int, data: bytes) -> None:
         try:
-            self._links[index].send(data or msgpack.packb(doc, use_bin_type=True))
+            self._links[index].send(data)
         except OSError as exc:  # a full queue or a worker gone: the agent asks again when it needs the key
             self.relay_failures += 1
             if self.relay_failures in (1, 10, 100) or self.relay_failures % 1000 == 0:
